@@ -1,0 +1,1 @@
+"""Experiments built on taylorshift (Long Range Arena style benchmarks)."""

@@ -1,0 +1,1 @@
+"""Long Range Arena tasks: data loaders, generators, models, training and summaries."""
