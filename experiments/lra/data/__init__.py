@@ -25,4 +25,4 @@ def load_task(task: str, data_root, **options) -> TaskData:
     return LOADERS[task](data_root, **options)
 
 
-__all__ = ["DataLayoutError", "TaskData", "TASKS", "load_task"]
+__all__ = ["TASKS", "DataLayoutError", "TaskData", "load_task"]

@@ -1,0 +1,87 @@
+"""Classification heads on the encoder: one sequence, or two documents through a shared encoder."""
+
+import torch
+from torch import nn
+
+from .encoder import Encoder
+
+
+class SequenceClassifier(nn.Module):
+    def __init__(self, encoder: Encoder, dim: int, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(tokens))
+
+
+class PairClassifier(nn.Module):
+    """LRA's two-tower matching model: both documents through one encoder, then classifier_head_dual.
+
+    interaction='concat' feeds [u, v] (LRA's code default); 'nli' feeds [u, v, u*v, u-v].
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        dim: int,
+        num_classes: int,
+        mlp_dim: int,
+        interaction: str = "concat",
+    ):
+        super().__init__()
+        if interaction not in ("concat", "nli"):
+            raise ValueError(f"interaction must be 'concat' or 'nli', got {interaction!r}")
+        self.encoder, self.interaction = encoder, interaction
+        features = 2 * dim if interaction == "concat" else 4 * dim
+        self.head = nn.Sequential(
+            nn.Linear(features, mlp_dim),
+            nn.ReLU(),
+            nn.Linear(mlp_dim, mlp_dim // 2),
+            nn.ReLU(),
+            nn.Linear(mlp_dim // 2, num_classes),
+        )
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        # One encoder pass over both documents: same weights, half the kernel launches.
+        both = self.encoder(_stack_padded(first, second))
+        u, v = both[: len(first)], both[len(first) :]
+        features = [u, v] if self.interaction == "concat" else [u, v, u * v, u - v]
+        return self.head(torch.cat(features, dim=-1))
+
+
+def _stack_padded(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    length = max(first.shape[1], second.shape[1])
+    pad = torch.nn.functional.pad
+    return torch.cat(
+        [pad(first, (0, length - first.shape[1])), pad(second, (0, length - second.shape[1]))]
+    )
+
+
+def build_model(
+    model_config: dict, vocab_size: int, max_len: int, num_classes: int, pads: bool, pair: bool
+):
+    """model_config: dim, depth, heads, mlp_ratio, dropout, pooling, attention, mode (+ mlp_dim, interaction)."""
+    encoder = Encoder(
+        vocab_size=vocab_size,
+        max_len=max_len,
+        dim=model_config["dim"],
+        depth=model_config["depth"],
+        heads=model_config["heads"],
+        mlp_ratio=model_config["mlp_ratio"],
+        dropout=model_config.get("dropout", 0.0),
+        attention=model_config.get("attention", "taylorshift"),
+        mode=model_config.get("mode", "auto"),
+        pooling=model_config.get("pooling", "cls"),
+        pads=pads,
+    )
+    if pair:
+        return PairClassifier(
+            encoder,
+            model_config["dim"],
+            num_classes,
+            mlp_dim=model_config.get("mlp_dim", 4 * model_config["dim"]),
+            interaction=model_config.get("interaction", "concat"),
+        )
+    return SequenceClassifier(encoder, model_config["dim"], num_classes)

@@ -1,0 +1,1 @@
+"""Pieces of the training script: config, distributed setup, sampling, checkpoints, metrics, the loop."""
