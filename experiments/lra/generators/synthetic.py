@@ -13,9 +13,27 @@ from pathlib import Path
 import numpy as np
 
 NOTICE = "SYNTHETIC smoke-test data written by experiments.lra.generators.synthetic; not the real dataset.\n"
-FILLER = "the a of film movie plot actor scene story and it was this that with for but".split()
-POSITIVE = "great wonderful superb moving brilliant delightful".split()
-NEGATIVE = "awful boring dull terrible weak tedious".split()
+FILLER = [
+    "the",
+    "a",
+    "of",
+    "film",
+    "movie",
+    "plot",
+    "actor",
+    "scene",
+    "story",
+    "and",
+    "it",
+    "was",
+    "this",
+    "that",
+    "with",
+    "for",
+    "but",
+]
+POSITIVE = ["great", "wonderful", "superb", "moving", "brilliant", "delightful"]
+NEGATIVE = ["awful", "boring", "dull", "terrible", "weak", "tedious"]
 
 
 def _review(rng: np.random.Generator, positive: bool, words: int) -> str:
