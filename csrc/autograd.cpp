@@ -1,0 +1,123 @@
+// Autograd for the algorithm operators: one torch::autograd::Function per
+// algorithm, registered for the Autograd key so that gradients flow to q, k
+// and v from Python and from C++ alike. The forward operators return what
+// the backward needs (den; the state for the efficient algorithm), so the
+// backward recomputes only what is cheaper to recompute than to store: the
+// direct algorithm's M x N weights.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "taylorshift.h"
+
+namespace taylorshift {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Options that are not tensors, kept in the context for the backward.
+void save_options(AutogradContext* ctx,
+                  const std::optional<at::Tensor>& key_padding_mask,
+                  bool output_scale, double a, double b, double c) {
+  ctx->saved_data["key_padding_mask"] = key_padding_mask;
+  ctx->saved_data["output_scale"] = output_scale;
+  ctx->saved_data["a"] = a;
+  ctx->saved_data["b"] = b;
+  ctx->saved_data["c"] = c;
+}
+
+std::optional<at::Tensor> saved_mask(AutogradContext* ctx, const char* name) {
+  return ctx->saved_data[name].toOptional<at::Tensor>();
+}
+
+class DirectAttention : public torch::autograd::Function<DirectAttention> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& key_padding_mask,
+                               const std::optional<at::Tensor>& attn_mask,
+                               bool causal, bool output_scale, double a,
+                               double b, double c) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, den] = direct_forward(q, k, v, key_padding_mask, attn_mask,
+                                     causal, output_scale, a, b, c);
+    ctx->save_for_backward({q, k, v, out, den});
+    save_options(ctx, key_padding_mask, output_scale, a, b, c);
+    ctx->saved_data["attn_mask"] = attn_mask;
+    ctx->saved_data["causal"] = causal;
+    ctx->mark_non_differentiable({den});
+    return {out, den};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_q, grad_k, grad_v] = direct_backward(
+        grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+        saved_mask(ctx, "key_padding_mask"), saved_mask(ctx, "attn_mask"),
+        ctx->saved_data["causal"].toBool(),
+        ctx->saved_data["output_scale"].toBool(),
+        ctx->saved_data["a"].toDouble(), ctx->saved_data["b"].toDouble(),
+        ctx->saved_data["c"].toDouble());
+    return {grad_q,       grad_k,       grad_v,       at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+class EfficientAttention
+    : public torch::autograd::Function<EfficientAttention> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& key_padding_mask,
+                               bool output_scale, double a, double b,
+                               double c) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, den, state] = efficient_forward(q, k, v, key_padding_mask,
+                                               output_scale, a, b, c);
+    ctx->save_for_backward({q, k, v, out, den, state});
+    save_options(ctx, key_padding_mask, output_scale, a, b, c);
+    ctx->mark_non_differentiable({den, state});
+    return {out, den, state};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_q, grad_k, grad_v] = efficient_backward(
+        grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+        saved_mask(ctx, "key_padding_mask"),
+        ctx->saved_data["output_scale"].toBool(),
+        ctx->saved_data["a"].toDouble(), ctx->saved_data["b"].toDouble(),
+        ctx->saved_data["c"].toDouble());
+    return {grad_q,       grad_k,       grad_v,       at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> direct_forward_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
+    double a, double b, double c) {
+  auto outs = DirectAttention::apply(q, k, v, key_padding_mask, attn_mask,
+                                     causal, output_scale, a, b, c);
+  return {outs[0], outs[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+    double a, double b, double c) {
+  auto outs = EfficientAttention::apply(q, k, v, key_padding_mask,
+                                        output_scale, a, b, c);
+  return {outs[0], outs[1], outs[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(taylorshift, Autograd, m) {
+  m.impl("direct_forward", TORCH_FN(direct_forward_autograd));
+  m.impl("efficient_forward", TORCH_FN(efficient_forward_autograd));
+}
+
+}  // namespace taylorshift

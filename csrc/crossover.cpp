@@ -1,0 +1,53 @@
+// When is the efficient algorithm cheaper than the direct one? A cost model
+// of this implementation: FLOPs of each algorithm (math.md §4, forward and
+// backward together), weighted by how fast each of our kernels runs per FLOP
+// on a device type, as measured by benchmarks/crossover.py.
+#include "features.h"
+#include "taylorshift.h"
+
+namespace taylorshift {
+namespace {
+
+// Time per FLOP of the efficient kernels over time per FLOP of the direct
+// kernels, forward + backward, float32 (benchmarks/crossover.py; the
+// measured tables are in benchmarks/README.md).
+double efficient_flop_cost(c10::DeviceType device) {
+  switch (device) {
+    case c10::DeviceType::CPU:
+      return 1.0;
+    default:
+      return 1.0;
+  }
+}
+
+}  // namespace
+
+bool prefer_efficient(int64_t queries, int64_t keys, int64_t head_dim,
+                      int64_t value_dim, c10::DeviceType device) {
+  // direct: Q K^T and W V, 2 (d + e) FLOPs per (query, key) pair.
+  const double direct = 2.0 * double(queries) * double(keys) *
+                        double(head_dim + value_dim);
+  // efficient: state build over keys and state apply over queries,
+  // 2 F (e + 1) FLOPs per token each.
+  const double efficient = 2.0 * double(queries + keys) *
+                           double(feature_count(head_dim)) *
+                           double(value_dim + 1);
+  return efficient * efficient_flop_cost(device) < direct;
+}
+
+int64_t crossover(int64_t head_dim, c10::DeviceType device) {
+  TORCH_CHECK_VALUE(head_dim > 0, "taylorshift: head_dim must be positive");
+  // prefer_efficient is monotone in the sequence length: bisect for the
+  // first length at which it holds.
+  int64_t low = 1, high = int64_t(1) << 40;
+  while (low < high) {
+    const int64_t mid = low + (high - low) / 2;
+    if (prefer_efficient(mid, mid, head_dim, head_dim, device))
+      high = mid;
+    else
+      low = mid + 1;
+  }
+  return low;
+}
+
+}  // namespace taylorshift

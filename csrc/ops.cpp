@@ -1,0 +1,150 @@
+// The `taylorshift::` operator schemas, their Meta kernels (shapes only, for
+// torch.compile and export) and the C++ API entry points that call them
+// through the dispatcher. Kernels live in cpu/ and cuda/, autograd in
+// autograd.cpp, the user-facing composite in attention.cpp.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "features.h"
+#include "kernel_checks.h"
+#include "taylorshift.h"
+
+namespace taylorshift {
+
+TORCH_LIBRARY(taylorshift, m) {
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? temperature=None, "
+      "Tensor? key_padding_mask=None, Tensor? attn_mask=None, "
+      "bool causal=False, str mode=\"auto\", bool normalize=True, "
+      "bool output_scale=True, float? scale=None, float a=0.5, float b=1.0, "
+      "float c=1.0) -> Tensor");
+  m.def(
+      "direct_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
+      "Tensor? attn_mask, bool causal, bool output_scale, float a, float b, "
+      "float c) -> (Tensor out, Tensor den)");
+  m.def(
+      "direct_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+      "Tensor out, Tensor den, Tensor? key_padding_mask, Tensor? attn_mask, "
+      "bool causal, bool output_scale, float a, float b, float c) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def(
+      "efficient_forward(Tensor q, Tensor k, Tensor v, "
+      "Tensor? key_padding_mask, bool output_scale, float a, float b, "
+      "float c) -> (Tensor out, Tensor den, Tensor state)");
+  m.def(
+      "efficient_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+      "Tensor out, Tensor den, Tensor state, Tensor? key_padding_mask, "
+      "bool output_scale, float a, float b, float c) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}
+
+namespace {
+
+// Meta kernels: the output shapes of math.md, in symbolic sizes so that
+// torch.compile with dynamic shapes can trace through them.
+at::Tensor empty_output(const at::Tensor& q, const at::Tensor& v) {
+  return at::empty_symint(
+      {q.sym_size(0), q.sym_size(1), q.sym_size(2), v.sym_size(3)},
+      q.options());
+}
+
+at::Tensor empty_den(const at::Tensor& q) {
+  return at::empty_symint({q.sym_size(0), q.sym_size(1), q.sym_size(2)},
+                          q.options().dtype(accumulate_dtype(q)));
+}
+
+std::tuple<at::Tensor, at::Tensor> direct_forward_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& attn_mask, bool, bool, double, double,
+    double) {
+  check_kernel_inputs(q, k, v, key_padding_mask, attn_mask);
+  return {empty_output(q, v), empty_den(q)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, bool, double, double,
+    double) {
+  check_kernel_inputs(q, k, v, key_padding_mask, std::nullopt);
+  const c10::SymInt d = q.sym_size(3);
+  const c10::SymInt features = d * (d + 1) / 2 + d + 1;
+  at::Tensor state = at::empty_symint(
+      {q.sym_size(0), q.sym_size(1), features, v.sym_size(3) + 1},
+      q.options().dtype(accumulate_dtype(q)));
+  return {empty_output(q, v), empty_den(q), state};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_meta(
+    const at::Tensor&, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
+    bool, double, double, double) {
+  return {at::empty_like(q), at::empty_like(k), at::empty_like(v)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_meta(
+    const at::Tensor&, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const std::optional<at::Tensor>&, bool, double, double,
+    double) {
+  return {at::empty_like(q), at::empty_like(k), at::empty_like(v)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(taylorshift, Meta, m) {
+  m.impl("direct_forward", TORCH_FN(direct_forward_meta));
+  m.impl("direct_backward", TORCH_FN(direct_backward_meta));
+  m.impl("efficient_forward", TORCH_FN(efficient_forward_meta));
+  m.impl("efficient_backward", TORCH_FN(efficient_backward_meta));
+}
+
+std::tuple<at::Tensor, at::Tensor> direct_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
+    double a, double b, double c) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("taylorshift::direct_forward", "")
+                       .typed<decltype(direct_forward)>();
+  return op.call(q, k, v, key_padding_mask, attn_mask, causal, output_scale, a,
+                 b, c);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
+    double a, double b, double c) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("taylorshift::direct_backward", "")
+                       .typed<decltype(direct_backward)>();
+  return op.call(grad_out, q, k, v, out, den, key_padding_mask, attn_mask,
+                 causal, output_scale, a, b, c);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+    double a, double b, double c) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("taylorshift::efficient_forward", "")
+                       .typed<decltype(efficient_forward)>();
+  return op.call(q, k, v, key_padding_mask, output_scale, a, b, c);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
+    const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
+    bool output_scale, double a, double b, double c) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("taylorshift::efficient_backward", "")
+                       .typed<decltype(efficient_backward)>();
+  return op.call(grad_out, q, k, v, out, den, state, key_padding_mask,
+                 output_scale, a, b, c);
+}
+
+}  // namespace taylorshift

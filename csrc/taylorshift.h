@@ -1,0 +1,76 @@
+// The C++ API of taylorshift: what a C++ user, the Python bindings and the
+// Catch2 tests call. Every function goes through the PyTorch dispatcher, so
+// the CPU, CUDA, Meta and Autograd kernels registered for the
+// `taylorshift::` operators are picked by device and autograd state.
+//
+// Conventions (as F.scaled_dot_product_attention and nn.MultiheadAttention):
+//   q (B, H, M, d), k (B, H, N, d), v (B, H, N, e)
+//   key_padding_mask (B, N) bool,   True = padding, ignored
+//   attn_mask broadcastable to (B, H, M, N) bool, True = not allowed to attend
+//   causal: query i attends keys j <= i (top-left aligned, as SDPA)
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace taylorshift {
+
+// The Taylor polynomial f(x) = a x^2 + b x + c that replaces exp.
+struct Coefficients {
+  double a = 0.5;
+  double b = 1.0;
+  double c = 1.0;
+};
+
+// TaylorShift attention with argument checks, logit normalisation,
+// temperature and the choice of algorithm. `mode` is "auto", "direct" or
+// "efficient". Differentiable in q, k, v and temperature.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v,
+                     const std::optional<at::Tensor>& temperature = {},
+                     const std::optional<at::Tensor>& key_padding_mask = {},
+                     const std::optional<at::Tensor>& attn_mask = {},
+                     bool causal = false, const std::string& mode = "auto",
+                     bool normalize = true, bool output_scale = true,
+                     std::optional<double> scale = {},
+                     Coefficients coefficients = {});
+
+// The algorithm kernels on already normalised logits' factors: logits are
+// x_ij = <q_i, k_j>. They return what their backward needs.
+//   den (B, H, M): sum_j w_ij, float32 (float64 for float64 inputs)
+//   state (B, H, F, e + 1): sum_j psi(k_j) [1 | v_j]^T, F = feature_count(d)
+std::tuple<at::Tensor, at::Tensor> direct_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
+    double a, double b, double c);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
+    double a, double b, double c);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+    double a, double b, double c);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
+    const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
+    bool output_scale, double a, double b, double c);
+
+// Cost model of this implementation (see csrc/crossover.cpp).
+// True when the efficient algorithm is expected to be faster.
+bool prefer_efficient(int64_t queries, int64_t keys, int64_t head_dim,
+                      int64_t value_dim, c10::DeviceType device);
+// Sequence length (M = N, e = d) where the two algorithms cost the same.
+int64_t crossover(int64_t head_dim, c10::DeviceType device);
+
+}  // namespace taylorshift

@@ -1,0 +1,18 @@
+"""TaylorShift attention (Nauen, Palacio, Dengel, arXiv 2403.02920) for PyTorch."""
+
+from taylorshift import reference
+from taylorshift._extension import available as extension_available
+from taylorshift.crossover import crossover, paper_thresholds
+from taylorshift.functional import taylor_shift_attention
+from taylorshift.modules import TaylorShiftAttention, replace_attention
+
+__all__ = [
+    "TaylorShiftAttention",
+    "crossover",
+    "extension_available",
+    "paper_thresholds",
+    "reference",
+    "replace_attention",
+    "taylor_shift_attention",
+]
+__version__ = "0.1.0"

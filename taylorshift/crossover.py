@@ -1,0 +1,29 @@
+"""Where the direct and the efficient algorithm cost the same.
+
+`crossover` is this implementation's own switch point, the one mode="auto" uses: it comes from
+the extension's cost model (csrc/crossover.cpp), whose per-device weights were measured by
+benchmarks/crossover.py. `paper_thresholds` gives the paper's formulas, for comparison only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from taylorshift import _extension
+
+
+def crossover(head_dim: int, device: str | torch.device = "cpu") -> int:
+    """Sequence length (M = N, value dim = head dim) from which mode="auto" picks "efficient"."""
+    if not _extension.available:
+        raise RuntimeError("taylorshift.crossover needs the compiled extension taylorshift._C")
+    return _extension._C.crossover(head_dim, torch.device(device).type)
+
+
+def paper_thresholds(head_dim: int) -> tuple[int, float]:
+    """The paper's (N0, N1): N0 = d^2 + d + 1 for speed, N1 for memory (full d^2 features)."""
+    d = head_dim
+    n0 = d * d + d + 1
+    n1 = (d * d + 2 * d + 1 + math.sqrt(d**4 + 12 * d**3 + 14 * d**2 + 4 * d + 1)) / 4
+    return n0, n1

@@ -1,0 +1,158 @@
+"""Readable pure-PyTorch TaylorShift: the test oracle, the benchmark baseline and the fallback.
+
+`direct` forms the full M x N weight matrix; `efficient` follows the paper's code: it materialises
+the N x d^2 tensor-product features k (x) k and q (x) q, scales q and k by d^(1/4) and divides
+[1 | V] by N, which keeps intermediates near 1 in half precision and cancels exactly. Both compute
+math.md §1 and are differentiated by autograd. The extension's kernels compute the same function
+without ever holding an M x N or an N x d^2 tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def logit_factors(
+    q: Tensor,
+    k: Tensor,
+    temperature: Tensor | None = None,
+    *,
+    normalize: bool = True,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """q_hat, k_hat with logits x_ij = q_hat_i . k_hat_j (math.md §1)."""
+    if normalize:
+        q_hat = torch.nn.functional.normalize(q, dim=-1, eps=1e-12)
+        k_hat = torch.nn.functional.normalize(k, dim=-1, eps=1e-12)
+    else:
+        q_hat = q * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+        k_hat = k
+    if temperature is not None:
+        q_hat = q_hat * temperature.to(q.dtype).view(1, -1, 1, 1)
+    return q_hat, k_hat
+
+
+def allowed_keys(
+    q: Tensor,
+    k: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    causal: bool = False,
+) -> Tensor:
+    """Bool (B, H, M, N), or broadcastable to it: True where query i may attend key j."""
+    batch, heads, queries, keys = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    allowed = torch.ones(1, 1, queries, keys, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed.tril()
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask.view(batch, 1, 1, keys)
+    if attn_mask is not None:
+        allowed = allowed & ~attn_mask
+    return allowed.expand(batch, heads, queries, keys)
+
+
+def output_scale_factor(allowed: Tensor, head_dim: int, dtype: torch.dtype) -> Tensor:
+    """sigma_i = sqrt(N_i / d), N_i the keys row i may attend to; shape (B, H, M, 1)."""
+    valid = allowed.sum(-1, keepdim=True).to(dtype)
+    return (valid / head_dim).sqrt()
+
+
+def taylor_softmax_weights(
+    q: Tensor,
+    k: Tensor,
+    temperature: Tensor | None = None,
+    *,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    causal: bool = False,
+    normalize: bool = True,
+    scale: float | None = None,
+    coefficients: tuple[float, float, float] = (0.5, 1.0, 1.0),
+) -> Tensor:
+    """The (B, H, M, N) attention weights P = W / den; all-masked rows are zero."""
+    a, b, c = coefficients
+    q_hat, k_hat = logit_factors(q, k, temperature, normalize=normalize, scale=scale)
+    x = q_hat @ k_hat.transpose(-1, -2)
+    allowed = allowed_keys(
+        q, k, key_padding_mask=key_padding_mask, attn_mask=attn_mask, causal=causal
+    )
+    weights = torch.where(allowed, (a * x + b) * x + c, torch.zeros_like(x))
+    den = weights.sum(-1, keepdim=True)
+    return weights / torch.where(den == 0, torch.ones_like(den), den)
+
+
+def direct(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    temperature: Tensor | None = None,
+    *,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    causal: bool = False,
+    normalize: bool = True,
+    output_scale: bool = True,
+    scale: float | None = None,
+    coefficients: tuple[float, float, float] = (0.5, 1.0, 1.0),
+) -> Tensor:
+    """Direct TaylorShift, O(M N d) time and O(M N) memory."""
+    probs = taylor_softmax_weights(
+        q,
+        k,
+        temperature,
+        key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
+        causal=causal,
+        normalize=normalize,
+        scale=scale,
+        coefficients=coefficients,
+    )
+    out = probs @ v
+    if output_scale:
+        allowed = allowed_keys(
+            q, k, key_padding_mask=key_padding_mask, attn_mask=attn_mask, causal=causal
+        )
+        out = out * output_scale_factor(allowed, q.shape[-1], out.dtype)
+    return out
+
+
+def efficient(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    temperature: Tensor | None = None,
+    *,
+    key_padding_mask: Tensor | None = None,
+    normalize: bool = True,
+    output_scale: bool = True,
+    scale: float | None = None,
+    coefficients: tuple[float, float, float] = (0.5, 1.0, 1.0),
+) -> Tensor:
+    """Efficient TaylorShift as in the paper's code: O(N d^3) time, O(N d^2) memory."""
+    a, b, c = coefficients
+    batch, heads, keys, head_dim = k.shape
+    q_hat, k_hat = logit_factors(q, k, temperature, normalize=normalize, scale=scale)
+    # Scaling q and k by d^(1/4) makes (q.k) = sqrt(d) x: the b and c terms are rescaled to match.
+    root = head_dim**0.25
+    q_s, k_s = q_hat * root, k_hat * root
+    keep = torch.ones(batch, keys, dtype=v.dtype, device=v.device)
+    if key_padding_mask is not None:
+        keep = keep * (~key_padding_mask).to(v.dtype)
+    valid = keep.sum(-1).view(batch, 1, 1, 1)
+    ones = torch.ones_like(v[..., :1])
+    v_aug = torch.cat([ones, v], dim=-1) * keep.view(batch, 1, keys, 1) / keys
+    k_sq = (k_s.unsqueeze(-1) * k_s.unsqueeze(-2)).flatten(-2)  # (B, H, N, d^2)
+    q_sq = (q_s.unsqueeze(-1) * q_s.unsqueeze(-2)).flatten(-2)  # (B, H, M, d^2)
+    state_2 = k_sq.transpose(-1, -2) @ v_aug
+    state_1 = k_s.transpose(-1, -2) @ v_aug
+    state_0 = v_aug.sum(-2, keepdim=True)
+    z = (a / head_dim) * (q_sq @ state_2) + (b / math.sqrt(head_dim)) * (q_s @ state_1) + c * state_0
+    den = z[..., :1]
+    out = z[..., 1:] / torch.where(den == 0, torch.ones_like(den), den)
+    if output_scale:
+        out = out * (valid / head_dim).sqrt()
+    return out
