@@ -1,0 +1,319 @@
+// CUDA-only building blocks shared by direct.cu and efficient.cu.
+//
+// Every kernel of this directory has the same shape: a block of kThreads
+// threads stages tiles of its operands in shared memory, multiplies them with
+// `block_mma` into float (double for float64) accumulators that also live in
+// shared memory, and applies the TaylorShift-specific elementwise steps
+// (masking, the polynomial, feature expansion, contractions) between the
+// products. Dimensions (head dims, tile sizes) are run-time values padded to
+// multiples of 16, so one instantiation per dtype covers every head dim up to
+// kMaxHeadDim, and the host picks the largest tile whose shared memory fits the
+// device.
+//
+// Operand types. A product runs on tensor cores when its operands are half or
+// bfloat16 (wmma 16x16x16, float accumulation, sm_80+); float and double
+// operands take a plain FMA path with the same semantics. Inputs keep their
+// dtype where they are multiplied directly (Q K^T and W V in the forward of the
+// direct kernel). Operands derived inside a kernel whose range depends on the
+// sequence length or on the gradient scale (states, dS, dz, dX, weights times
+// 1/den) are rounded to bfloat16 for both 16-bit dtypes: bfloat16 has the
+// float32 exponent range, so nothing overflows or flushes to zero whatever N
+// or the loss scale, at the price of bfloat16 mantissas for fp16 inputs there.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+
+#include "../features.h"
+
+namespace taylorshift::cuda_kernels {
+
+constexpr int kThreads = 128;  // 4 warps per block, every kernel
+constexpr int kMaxHeadDim = 128;
+
+TS_HOST_DEVICE int round16(int x) { return (x + 15) / 16 * 16; }
+
+// Leading dimensions of shared-memory tiles with `cols` (a multiple of 16)
+// logical columns. The padding keeps the rows of a 16x16 wmma tile in
+// different banks, and keeps every 16-row / 16-column tile start 32-byte
+// aligned as wmma requires (8 elements of 2 bytes; 4 floats).
+TS_HOST_DEVICE int operand_ld(int cols) { return cols + 8; }
+TS_HOST_DEVICE int accum_ld(int cols) { return cols + 4; }
+
+// c10 scalar types to the CUDA builtin types the intrinsics take.
+template <typename S>
+struct Native {
+  using type = S;
+};
+template <>
+struct Native<c10::Half> {
+  using type = __half;
+};
+template <>
+struct Native<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// Per-type arithmetic: the accumulation type, the operand type of derived
+// (range-sensitive) products, and the conversions.
+template <typename T>
+struct Num {
+  using acc = T;      // float -> float, double -> double
+  using derived = T;  // operand type for range-sensitive derived values
+  static __device__ __forceinline__ acc widen(T x) { return x; }
+  static __device__ __forceinline__ T narrow(acc x) { return x; }
+};
+template <>
+struct Num<__half> {
+  using acc = float;
+  using derived = __nv_bfloat16;
+  static __device__ __forceinline__ float widen(__half x) {
+    return __half2float(x);
+  }
+  static __device__ __forceinline__ __half narrow(float x) {
+    return __float2half_rn(x);
+  }
+};
+template <>
+struct Num<__nv_bfloat16> {
+  using acc = float;
+  using derived = __nv_bfloat16;
+  static __device__ __forceinline__ float widen(__nv_bfloat16 x) {
+    return __bfloat162float(x);
+  }
+  static __device__ __forceinline__ __nv_bfloat16 narrow(float x) {
+    return __float2bfloat16_rn(x);
+  }
+};
+
+template <typename T>
+constexpr bool kTensorCore =
+    std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+
+// Converts between any two of the four types through the accumulation type.
+template <typename To, typename From>
+__device__ __forceinline__ To convert(From x) {
+  return Num<To>::narrow(
+      static_cast<typename Num<To>::acc>(Num<From>::widen(x)));
+}
+
+// Shared-memory carving, computed identically on the host (to size the launch
+// and pick tiles) and on the device (to place the buffers). Every buffer
+// starts 128-byte aligned.
+struct SmemCarver {
+  size_t size = 0;
+  TS_HOST_DEVICE size_t take(size_t bytes) {
+    const size_t offset = size;
+    size = (size + bytes + 127) / 128 * 128;
+    return offset;
+  }
+};
+
+// C (+)= op(A) op(B) on shared-memory tiles, by the whole block.
+//   op(A) is m x k: A[i * lda + kk], or with kATrans A[kk * lda + i];
+//   op(B) is k x n: B[kk * ldb + j], or with kBTrans B[j * ldb + kk];
+//   C is m x n, row-major, in the accumulation type.
+// m, n, k are multiples of 16 (tiles are zero-padded). Callers synchronise
+// the block before and after: the product reads and writes shared memory.
+template <bool kATrans, bool kBTrans, typename Op, typename Acc>
+__device__ void block_mma(const Op* A, int lda, const Op* B, int ldb, Acc* C,
+                          int ldc, int m, int n, int k, bool accumulate) {
+  if constexpr (kTensorCore<Op>) {
+    static_assert(std::is_same_v<Acc, float>);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    namespace wmma = nvcuda::wmma;
+    using ALayout =
+        std::conditional_t<kATrans, wmma::col_major, wmma::row_major>;
+    using BLayout =
+        std::conditional_t<kBTrans, wmma::col_major, wmma::row_major>;
+    const int warp = threadIdx.x / 32;
+    const int warps = blockDim.x / 32;
+    const int tiles_n = n / 16;
+    const int tiles = (m / 16) * tiles_n;
+    for (int t = warp; t < tiles; t += warps) {
+      const int i0 = t / tiles_n * 16;
+      const int j0 = t % tiles_n * 16;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      if (accumulate) {
+        wmma::load_matrix_sync(acc, C + i0 * ldc + j0, ldc,
+                               wmma::mem_row_major);
+      } else {
+        wmma::fill_fragment(acc, 0.f);
+      }
+      for (int kk = 0; kk < k; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, Op, ALayout> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, Op, BLayout> fb;
+        wmma::load_matrix_sync(
+            fa, kATrans ? A + kk * lda + i0 : A + i0 * lda + kk, lda);
+        wmma::load_matrix_sync(
+            fb, kBTrans ? B + j0 * ldb + kk : B + kk * ldb + j0, ldb);
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync(C + i0 * ldc + j0, acc, ldc,
+                              wmma::mem_row_major);
+    }
+#else
+    __trap();  // tensor-core kernels are built for sm_80+ only
+#endif
+  } else {
+    // FMA path: each thread owns a 4 x 4 block of C, so every shared-memory
+    // load feeds four multiply-adds.
+    const int tiles_n = n / 4;
+    const int tiles = (m / 4) * tiles_n;
+    for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
+      const int i0 = t / tiles_n * 4;
+      const int j0 = t % tiles_n * 4;
+      Acc s[4][4];
+#pragma unroll
+      for (int ii = 0; ii < 4; ++ii)
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+          s[ii][jj] = accumulate ? C[(i0 + ii) * ldc + j0 + jj] : Acc(0);
+      for (int kk = 0; kk < k; ++kk) {
+        Acc av[4], bv[4];
+#pragma unroll
+        for (int ii = 0; ii < 4; ++ii)
+          av[ii] = Num<Op>::widen(kATrans ? A[kk * lda + i0 + ii]
+                                          : A[(i0 + ii) * lda + kk]);
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+          bv[jj] = Num<Op>::widen(kBTrans ? B[(j0 + jj) * ldb + kk]
+                                          : B[kk * ldb + j0 + jj]);
+#pragma unroll
+        for (int ii = 0; ii < 4; ++ii)
+#pragma unroll
+          for (int jj = 0; jj < 4; ++jj) s[ii][jj] += av[ii] * bv[jj];
+      }
+#pragma unroll
+      for (int ii = 0; ii < 4; ++ii)
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) C[(i0 + ii) * ldc + j0 + jj] = s[ii][jj];
+    }
+  }
+}
+
+// Copies rows [row0, row0 + rows) of a row-major (total_rows x cols) matrix
+// into a (rows x padded_cols) shared tile, converting the type and writing
+// zeros past the matrix (tail rows, padding columns): zeros, not garbage,
+// because padded entries are multiplied by masked zeros and 0 * NaN = NaN.
+template <typename Dst, typename Src>
+__device__ void load_tile(Dst* dst, int ld, const Src* src, int64_t total_rows,
+                          int cols, int64_t row0, int rows, int padded_cols) {
+  for (int idx = threadIdx.x; idx < rows * padded_cols; idx += blockDim.x) {
+    const int r = idx / padded_cols;
+    const int col = idx % padded_cols;
+    const int64_t row = row0 + r;
+    Dst value = Num<Dst>::narrow(typename Num<Dst>::acc(0));
+    if (row < total_rows && col < cols) {
+      value = convert<Dst>(src[row * cols + col]);
+    }
+    dst[r * ld + col] = value;
+  }
+}
+
+template <typename T>
+__device__ void zero_tile(T* dst, int ld, int rows, int cols) {
+  for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
+    dst[idx / cols * ld + idx % cols] = Num<T>::narrow(typename Num<T>::acc(0));
+  }
+}
+
+// The attention mask m_ij of math.md, read through strides so that an
+// expanded (stride-0) attn_mask is never materialised.
+struct Mask {
+  const bool* key_padding = nullptr;  // (B, N), True = padding
+  int64_t kp_stride_b = 0, kp_stride_n = 0;
+  const bool* attn = nullptr;  // (B, H, M, N), True = not allowed
+  int64_t am_stride_b = 0, am_stride_h = 0, am_stride_i = 0, am_stride_j = 0;
+  bool causal = false;
+
+  __device__ __forceinline__ bool key_valid(int64_t b, int64_t j) const {
+    return key_padding == nullptr ||
+           !key_padding[b * kp_stride_b + j * kp_stride_n];
+  }
+  __device__ __forceinline__ bool allowed(int64_t b, int64_t h, int64_t i,
+                                          int64_t j) const {
+    if (causal && j > i) return false;
+    if (!key_valid(b, j)) return false;
+    return attn == nullptr || !attn[b * am_stride_b + h * am_stride_h +
+                                    i * am_stride_i + j * am_stride_j];
+  }
+};
+
+Mask make_mask(const at::Tensor& q,
+               const std::optional<at::Tensor>& key_padding_mask,
+               const std::optional<at::Tensor>& attn_mask, bool causal);
+
+// Per-row values as a (B, H, M) view with arbitrary (possibly zero) strides.
+template <typename Acc>
+struct RowValues {
+  const Acc* data = nullptr;
+  int64_t stride_b = 0, stride_h = 0, stride_i = 0;
+  __device__ __forceinline__ Acc at(int64_t b, int64_t h, int64_t i) const {
+    return data[b * stride_b + h * stride_h + i * stride_i];
+  }
+};
+
+template <typename Acc>
+RowValues<Acc> row_values(const at::Tensor& t) {
+  return {t.data_ptr<Acc>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// sigma_i of math.md for every query row, (B, H, M) in the accumulation
+// dtype, expanded (stride 0) over the axes it does not depend on.
+at::Tensor output_scales(const at::Tensor& q, int64_t keys,
+                         const std::optional<at::Tensor>& key_padding_mask,
+                         const std::optional<at::Tensor>& attn_mask,
+                         bool causal, bool output_scale);
+
+// The per-row scalars of both backwards (math.md §2, §3), contiguous
+// (B, H, M, 2) in the accumulation dtype:
+//   [..., 0] = rs_i = sigma_i / den_i,  [..., 1] = dl_i = (gY_i . y_i) / den_i
+// with 1/den = 0 for all-masked rows, so their gradients vanish.
+at::Tensor backward_row_scalars(const at::Tensor& grad_out,
+                                const at::Tensor& out, const at::Tensor& den,
+                                const at::Tensor& sigma);
+
+// Checks shared by every CUDA operator: device placement, supported sizes.
+void check_cuda_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v,
+                       std::initializer_list<const at::Tensor*> others,
+                       const std::optional<at::Tensor>& key_padding_mask,
+                       const std::optional<at::Tensor>& attn_mask);
+
+// Raises the kernel's dynamic shared-memory limit to `bytes` (above the
+// 48 KB default) or fails with a message naming the sizes.
+template <typename Kernel>
+void allow_shared_memory(Kernel kernel, size_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      static_cast<int>(bytes)));
+}
+
+size_t max_shared_memory();
+
+// The largest tile in {64, 32, 16} whose shared memory (`bytes(tile)`) fits
+// the device; fails with the sizes when even 16 does not.
+template <typename Bytes>
+int pick_tile(const char* op, Bytes bytes) {
+  const size_t limit = max_shared_memory();
+  for (int tile : {64, 32, 16}) {
+    if (bytes(tile) <= limit) return tile;
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": needs ", bytes(16),
+                              " bytes of shared memory per block, the device "
+                              "allows ",
+                              limit);
+  return 0;
+}
+
+}  // namespace taylorshift::cuda_kernels
