@@ -1,0 +1,151 @@
+// The C++ kernels, called through the dispatcher as a C++ user would, against
+// the float64 ATen reference; and the feature-map helpers they share with
+// the CUDA kernels.
+#include "../../csrc/features.h"
+#include "../../csrc/taylorshift.h"
+#include "catch.h"
+
+using taylorshift::testing::allowed_by_padding;
+using taylorshift::testing::max_abs_diff;
+using taylorshift::testing::reference_attention;
+
+namespace {
+
+at::Tensor randn(std::vector<int64_t> shape) {
+  return at::randn(shape, at::TensorOptions().dtype(at::kDouble));
+}
+
+// float64 sums of a few hundred O(1) terms: 1e-12 leaves three orders of
+// magnitude above the rounding error while any formula error is O(1e-2).
+constexpr double kTolerance = 1e-12;
+
+}  // namespace
+
+TEST_CASE("pair indices enumerate l <= m row by row") {
+  const int64_t d = 7;
+  int64_t expected = 0;
+  for (int64_t l = 0; l < d; ++l)
+    for (int64_t m = l; m < d; ++m)
+      REQUIRE(taylorshift::pair_index(l, m, d) == expected++);
+  REQUIRE(expected == taylorshift::pair_count(d));
+  REQUIRE(taylorshift::feature_count(d) == 1 + d + d * (d + 1) / 2);
+}
+
+TEST_CASE("phi(q) . psi(k) equals the Taylor polynomial of q . k") {
+  const int64_t d = 5;
+  const double a = 0.7, b = -0.4, c = 1.3;
+  const at::Tensor q = randn({d}), k = randn({d});
+  std::vector<double> phi(taylorshift::feature_count(d)),
+      psi(taylorshift::feature_count(d));
+  taylorshift::write_query_features(q.data_ptr<double>(), d, a, b, c,
+                                    phi.data());
+  taylorshift::write_key_features(k.data_ptr<double>(), d, 1.0, psi.data());
+  double dot = 0;
+  for (size_t f = 0; f < phi.size(); ++f) dot += phi[f] * psi[f];
+  const double x = q.dot(k).item<double>();
+  REQUIRE(std::abs(dot - taylorshift::taylor_weight(x, a, b, c)) < 1e-12);
+}
+
+TEST_CASE("direct and efficient forward match the reference") {
+  const int64_t B = 2, H = 3, d = 6, e = 4;
+  // Sizes straddle the CPU block sizes (64 queries, 256 keys, 64-token chunks).
+  const int64_t M = GENERATE(1, 65, 130);
+  const int64_t N = GENERATE(1, 64, 300);
+  const at::Tensor q = randn({B, H, M, d}) * 0.3, k = randn({B, H, N, d}) * 0.3,
+                   v = randn({B, H, N, e});
+  at::Tensor padding = at::rand({B, N}).lt(0.3);
+  padding.select(1, 0).fill_(false);  // at least one valid key per batch
+  const at::Tensor allowed = allowed_by_padding(padding);
+  const at::Tensor expected =
+      reference_attention(q, k, v, allowed, true, 0.5, 1.0, 1.0);
+
+  auto [direct, den] = taylorshift::direct_forward(
+      q, k, v, padding, std::nullopt, false, true, 0.5, 1.0, 1.0);
+  auto [efficient, den_efficient, state] = taylorshift::efficient_forward(
+      q, k, v, padding, true, 0.5, 1.0, 1.0);
+  REQUIRE(max_abs_diff(direct, expected) < kTolerance);
+  REQUIRE(max_abs_diff(efficient, expected) < kTolerance);
+  REQUIRE(max_abs_diff(den, den_efficient) < kTolerance * N);
+  REQUIRE(state.sizes() ==
+          at::IntArrayRef({B, H, taylorshift::feature_count(d), e + 1}));
+}
+
+TEST_CASE("direct forward with attn_mask and causal matches the reference") {
+  const int64_t B = 2, H = 2, M = 70, N = 90, d = 8, e = 8;
+  const at::Tensor q = randn({B, H, M, d}), k = randn({B, H, N, d}),
+                   v = randn({B, H, N, e});
+  const at::Tensor attn_mask = at::rand({M, N}).lt(0.2);
+  const at::Tensor causal = at::ones({M, N}, at::kBool).tril();
+  const at::Tensor allowed = (~attn_mask) & causal;
+  auto [out, den] = taylorshift::direct_forward(
+      q, k, v, std::nullopt, attn_mask.expand({B, H, M, N}), true, true, 0.5,
+      1.0, 1.0);
+  REQUIRE(max_abs_diff(
+              out, reference_attention(q, k, v, allowed, true, 0.5, 1.0, 1.0)) <
+          kTolerance);
+}
+
+TEST_CASE("a row whose keys are all masked gives zeros") {
+  const int64_t B = 2, H = 1, M = 5, N = 7, d = 4;
+  const at::Tensor q = randn({B, H, M, d}), k = randn({B, H, N, d}),
+                   v = randn({B, H, N, d});
+  at::Tensor padding = at::zeros({B, N}, at::kBool);
+  padding.select(0, 1).fill_(true);
+  auto [direct, den] = taylorshift::direct_forward(
+      q, k, v, padding, std::nullopt, false, true, 0.5, 1.0, 1.0);
+  auto [efficient, den2, state] =
+      taylorshift::efficient_forward(q, k, v, padding, true, 0.5, 1.0, 1.0);
+  for (const at::Tensor& out : {direct, efficient}) {
+    REQUIRE(out.select(0, 1).abs().max().item<double>() == 0.0);
+    REQUIRE(out.isfinite().all().item<bool>());
+  }
+}
+
+TEST_CASE("float32 and bfloat16 compute with float32 accumulation") {
+  const int64_t B = 1, H = 2, M = 40, N = 600, d = 16, e = 16;
+  const at::Tensor q = randn({B, H, M, d}), k = randn({B, H, N, d}),
+                   v = randn({B, H, N, e});
+  const at::Tensor allowed = at::ones({1, 1, 1, N}, at::kBool);
+  const at::Tensor expected = reference_attention(
+      q / q.norm(2, -1, true), k / k.norm(2, -1, true), v, allowed, true, 0.5,
+      1.0, 1.0);
+  for (auto dtype : {at::kFloat, at::kBFloat16}) {
+    // The inputs' own rounding dominates: 2^-24 (float32) or 2^-8 (bfloat16)
+    // relative per element, a few units of it in y of norm ~sqrt(N/d).
+    const double tolerance = dtype == at::kFloat ? 1e-5 : 0.1;
+    for (const auto& algorithm : {"direct", "efficient"}) {
+      const at::Tensor out = taylorshift::attention(
+          q.to(dtype), k.to(dtype), v.to(dtype), {}, {}, {}, false, algorithm);
+      REQUIRE(out.scalar_type() == dtype);
+      REQUIRE(max_abs_diff(out.to(at::kDouble), expected) < tolerance);
+    }
+  }
+}
+
+TEST_CASE("bad input raises a ValueError naming the problem") {
+  const at::Tensor q = randn({1, 2, 3, 4}), k = randn({1, 2, 5, 4}),
+                   v = randn({1, 2, 5, 4});
+  REQUIRE_THROWS_AS(taylorshift::attention(q, k, v.narrow(2, 0, 4)),
+                    c10::ValueError);
+  REQUIRE_THROWS_AS(taylorshift::attention(q, k, v, {}, {}, {}, false, "fast"),
+                    c10::ValueError);
+  REQUIRE_THROWS_AS(
+      taylorshift::attention(q, k, v, {}, {}, {}, false, "auto", true, true,
+                             {}, taylorshift::Coefficients{0.5, 1.0, 0.4}),
+      c10::ValueError);
+  REQUIRE_THROWS_AS(taylorshift::attention(q, k, v, {}, {}, {}, true,
+                                           "efficient"),
+                    c10::NotImplementedError);
+  REQUIRE_THROWS_AS(
+      taylorshift::attention(q, k, v, {}, {}, at::zeros({3, 5})),
+      c10::TypeError);
+}
+
+TEST_CASE("the crossover is where the cost model switches") {
+  for (int64_t d : {16, 32, 64}) {
+    const int64_t n = taylorshift::crossover(d, c10::DeviceType::CPU);
+    REQUIRE(taylorshift::prefer_efficient(n, n, d, d, c10::DeviceType::CPU));
+    REQUIRE_FALSE(
+        taylorshift::prefer_efficient(n - 1, n - 1, d, d, c10::DeviceType::CPU));
+  }
+}
