@@ -1,0 +1,651 @@
+// Efficient TaylorShift attention (math.md §3) on CUDA, O(N d^3), with the
+// symmetric feature maps of features.h:
+//     psi(k) = [1 | k | k_l k_m (l <= m)],   phi(q) = [c | b q | a w_lm q_l q_m]
+// so that phi(q) . psi(k) = f(q . k). Neither feature map is ever written to
+// global memory: every kernel expands the features of one tile of tokens and
+// one tile of the feature axis in shared memory, straight from the q or k
+// tile, right before the tensor-core product that consumes them.
+//
+// Three kinds of kernel cover forward and backward:
+//   reduce   R = sum_t feat(x_t) y_t^T over tokens          (F x (e+1))
+//            forward:  state = sum_j psi(k_j) m_j [1 | v_j]^T
+//            backward: dS    = sum_i phi(q_i) dz_i^T,  dz_i = [-dl_i | rs_i gY_i]
+//            Grid: feature tiles x token splits x (batch, head); each split
+//            writes its own partial sum, and a second kernel adds the splits
+//            in a fixed order (deterministic, no atomics).
+//   apply    z_i = phi(q_i)^T state, den_i = z_i[0], y_i = sigma_i z_i[1:] / den_i
+//            Grid: query tiles x (batch, head), looping over feature tiles;
+//            a head's state is read by every query tile and stays in L2.
+//   contract dq_i = b g_lin + 2a Sym(g_pairs) q_i   with g_i = state dz_i
+//            dk_j = h_lin + 2 Half(h_pairs) k_j    with h_j = dS [1 | v_j]
+//            dv_j = (psi(k_j)^T dS)[1:]
+//            (masked keys get m_j = 0.) The products dz state^T and [1|v] dS^T
+//            give one value per (token, feature); multiplying by the matching
+//            q (or k) entries and summing per coordinate finishes the
+//            gradient inside the same feature-tile loop.
+// rs_i = sigma_i / den_i and dl_i = (gY_i . y_i) / den_i (common.cu).
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../kernel_checks.h"
+#include "common.cuh"
+
+namespace taylorshift::cuda_kernels {
+
+namespace {
+
+constexpr int kFeatureTile = 64;
+
+template <typename T, typename Acc>
+struct EfficientArgs {
+  const T* x;           // tokens whose features are expanded: k or q
+  const T* y;           // v (key side) or grad_out (query side)
+  const Acc* scalars;   // backward: (B, H, M, 2) = (rs, dl)
+  const Acc* state;     // apply / contract: state or dS, (B, H, F, e + 1)
+  int64_t heads, tokens, features;
+  int d, e, tile;
+  Mask mask;  // key padding only
+  RowValues<Acc> sigma;
+  Acc a, b, c;
+};
+
+// Feature f is coef_f * u_l * u_m with u = [x | 1] (u_d = 1): the constant
+// feature is (d, d), the linear ones (l, d), the pairs (l, m) with l <= m.
+// Features past the end get coef 0. Key-side features have coef 1; the
+// query side folds in the Taylor coefficients and the pair weight omega.
+template <typename Acc>
+__device__ void feature_table(int64_t f0, int d, int64_t features,
+                              bool query_side, Acc a, Acc b, Acc c, int* ls,
+                              int* ms, Acc* coef) {
+  for (int local = threadIdx.x; local < kFeatureTile; local += blockDim.x) {
+    const int64_t f = f0 + local;
+    int l = d, m = d;
+    Acc w = 0;
+    if (f < linear_feature_offset()) {
+      w = query_side ? c : Acc(1);
+    } else if (f < pair_feature_offset(d)) {
+      l = static_cast<int>(f - linear_feature_offset());
+      w = query_side ? b : Acc(1);
+    } else if (f < features) {
+      const int64_t pair = f - pair_feature_offset(d);
+      l = 0;
+      while (pair_row_start(l + 1, d) <= pair) ++l;
+      m = l + static_cast<int>(pair - pair_row_start(l, d));
+      w = query_side ? (l == m ? a : 2 * a) : Acc(1);
+    }
+    ls[local] = l;
+    ms[local] = m;
+    coef[local] = w;
+  }
+}
+
+// Rows [t0, t0 + rows) of x in the accumulation type with the constant 1
+// appended (ld = d + 1), zeros past `end`.
+template <typename T, typename Acc>
+__device__ void load_feature_source(Acc* xs, const T* x, int64_t end, int d,
+                                    int64_t t0, int rows) {
+  for (int idx = threadIdx.x; idx < rows * (d + 1); idx += blockDim.x) {
+    const int r = idx / (d + 1), col = idx % (d + 1);
+    const int64_t t = t0 + r;
+    xs[idx] = col == d ? Acc(1)
+                       : (t < end ? Num<T>::widen(x[t * d + col]) : Acc(0));
+  }
+}
+
+template <typename Acc>
+__device__ __forceinline__ Acc feature_value(const Acc* xs, int d, int t,
+                                             const int* ls, const int* ms,
+                                             const Acc* coef, int f) {
+  const Acc* row = xs + t * (d + 1);
+  return coef[f] * row[ls[f]] * row[ms[f]];
+}
+
+// One row of [1 | v_t] (key side) or dz_t = [-dl_t | rs_t gY_t] (query side),
+// zero for invalid tokens and padding columns.
+template <typename T, typename Acc, bool kQuery>
+__device__ Acc value_row_entry(const EfficientArgs<T, Acc>& p, int64_t bh,
+                               int64_t t, int col) {
+  if (col > p.e) return 0;
+  if constexpr (kQuery) {
+    const Acc* s = p.scalars + 2 * (bh * p.tokens + t);
+    return col == 0 ? -s[1]
+                    : s[0] * Num<T>::widen(p.y[(bh * p.tokens + t) * p.e +
+                                               col - 1]);
+  } else {
+    return col == 0 ? Acc(1)
+                    : Num<T>::widen(p.y[(bh * p.tokens + t) * p.e + col - 1]);
+  }
+}
+
+struct ReduceSmem {
+  size_t x, feat, y, r, ls, ms, coef, total;
+  TS_HOST_DEVICE ReduceSmem(int tile, int d, int e, int op_bytes,
+                            int acc_bytes) {
+    const int e1p = round16(e + 1);
+    SmemCarver carver;
+    x = carver.take(size_t(tile) * (d + 1) * acc_bytes);
+    feat = carver.take(size_t(kFeatureTile) * operand_ld(tile) * op_bytes);
+    y = carver.take(size_t(tile) * operand_ld(e1p) * op_bytes);
+    r = carver.take(size_t(kFeatureTile) * accum_ld(e1p) * acc_bytes);
+    ls = carver.take(kFeatureTile * sizeof(int));
+    ms = carver.take(kFeatureTile * sizeof(int));
+    coef = carver.take(size_t(kFeatureTile) * acc_bytes);
+    total = carver.size;
+  }
+};
+
+// out[split, bh, f, c] = sum over this split's tokens t of
+//     feat_f(x_t) * y_t[c]      for the block's tile of features f.
+template <typename T, typename Acc, bool kQuery>
+__global__ void __launch_bounds__(kThreads)
+    feature_reduce_kernel(EfficientArgs<T, Acc> p, int64_t chunk, Acc* out) {
+  using Op = typename Num<T>::derived;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tile = p.tile, d = p.d, e1 = p.e + 1, e1p = round16(p.e + 1);
+  const ReduceSmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc));
+  Acc* xs = reinterpret_cast<Acc*>(smem + plan.x);
+  Op* fs = reinterpret_cast<Op*>(smem + plan.feat);
+  Op* ys = reinterpret_cast<Op*>(smem + plan.y);
+  Acc* rs = reinterpret_cast<Acc*>(smem + plan.r);
+  int* ls = reinterpret_cast<int*>(smem + plan.ls);
+  int* ms = reinterpret_cast<int*>(smem + plan.ms);
+  Acc* coef = reinterpret_cast<Acc*>(smem + plan.coef);
+  const int ld_f = operand_ld(tile), ld_y = operand_ld(e1p),
+            ld_r = accum_ld(e1p);
+
+  const int64_t f0 = static_cast<int64_t>(blockIdx.x) * kFeatureTile;
+  const int64_t split = blockIdx.y;
+  const int64_t bh = blockIdx.z, b = bh / p.heads;
+  const int64_t begin = split * chunk;
+  const int64_t end = min(p.tokens, begin + chunk);
+  const T* x = p.x + bh * p.tokens * d;
+
+  feature_table(f0, d, p.features, kQuery, p.a, p.b, p.c, ls, ms, coef);
+  zero_tile(rs, ld_r, kFeatureTile, e1p);
+  for (int64_t t0 = begin; t0 < end; t0 += tile) {
+    __syncthreads();  // the previous product is done with fs, ys
+    load_feature_source(xs, x, end, d, t0, tile);
+    for (int idx = threadIdx.x; idx < tile * e1p; idx += blockDim.x) {
+      const int r = idx / e1p, col = idx % e1p;
+      const int64_t t = t0 + r;
+      const bool valid = t < end && (kQuery || p.mask.key_valid(b, t));
+      ys[r * ld_y + col] = Num<Op>::narrow(
+          valid ? value_row_entry<T, Acc, kQuery>(p, bh, t, col) : Acc(0));
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kFeatureTile * tile;
+         idx += blockDim.x) {
+      const int f = idx / tile, t = idx % tile;
+      fs[f * ld_f + t] =
+          Num<Op>::narrow(feature_value(xs, d, t, ls, ms, coef, f));
+    }
+    __syncthreads();
+    block_mma<false, false>(fs, ld_f, ys, ld_y, rs, ld_r, kFeatureTile, e1p,
+                            tile, true);
+  }
+  __syncthreads();
+  Acc* dst = out + (split * gridDim.z + bh) * p.features * e1;
+  for (int idx = threadIdx.x; idx < kFeatureTile * e1; idx += blockDim.x) {
+    const int f = idx / e1, col = idx % e1;
+    if (f0 + f < p.features) dst[(f0 + f) * e1 + col] = rs[f * ld_r + col];
+  }
+}
+
+// out[i] = sum_s partial[s, i], the splits added in a fixed order.
+template <typename Acc>
+__global__ void sum_splits_kernel(const Acc* partial, int64_t splits,
+                                  int64_t count, Acc* out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x +
+                   threadIdx.x;
+       i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    Acc sum = 0;
+    for (int64_t s = 0; s < splits; ++s) sum += partial[s * count + i];
+    out[i] = sum;
+  }
+}
+
+struct ApplySmem {
+  size_t x, feat, s, z, ls, ms, coef, total;
+  TS_HOST_DEVICE ApplySmem(int tile, int d, int e, int op_bytes,
+                           int acc_bytes) {
+    const int e1p = round16(e + 1);
+    SmemCarver carver;
+    x = carver.take(size_t(tile) * (d + 1) * acc_bytes);
+    feat = carver.take(size_t(tile) * operand_ld(kFeatureTile) * op_bytes);
+    s = carver.take(size_t(kFeatureTile) * operand_ld(e1p) * op_bytes);
+    z = carver.take(size_t(tile) * accum_ld(e1p) * acc_bytes);
+    ls = carver.take(kFeatureTile * sizeof(int));
+    ms = carver.take(kFeatureTile * sizeof(int));
+    coef = carver.take(size_t(kFeatureTile) * acc_bytes);
+    total = carver.size;
+  }
+};
+
+// z = phi(Q_I) state, one tile of queries; then den and the output.
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    efficient_apply_kernel(EfficientArgs<T, Acc> p, T* out, Acc* den) {
+  using Op = typename Num<T>::derived;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tile = p.tile, d = p.d, e1 = p.e + 1, e1p = round16(p.e + 1);
+  const ApplySmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc));
+  Acc* xs = reinterpret_cast<Acc*>(smem + plan.x);
+  Op* fs = reinterpret_cast<Op*>(smem + plan.feat);
+  Op* ss = reinterpret_cast<Op*>(smem + plan.s);
+  Acc* zs = reinterpret_cast<Acc*>(smem + plan.z);
+  int* ls = reinterpret_cast<int*>(smem + plan.ls);
+  int* ms = reinterpret_cast<int*>(smem + plan.ms);
+  Acc* coef = reinterpret_cast<Acc*>(smem + plan.coef);
+  const int ld_f = operand_ld(kFeatureTile), ld_s = operand_ld(e1p),
+            ld_z = accum_ld(e1p);
+
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * tile;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const Acc* state = p.state + bh * p.features * e1;
+  load_feature_source(xs, p.x + bh * p.tokens * d, p.tokens, d, i0, tile);
+  zero_tile(zs, ld_z, tile, e1p);
+  for (int64_t f0 = 0; f0 < p.features; f0 += kFeatureTile) {
+    __syncthreads();  // the previous product is done with fs, ss, the table
+    feature_table(f0, d, p.features, true, p.a, p.b, p.c, ls, ms, coef);
+    load_tile(ss, ld_s, state, p.features, e1, f0, kFeatureTile, e1p);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < tile * kFeatureTile;
+         idx += blockDim.x) {
+      const int t = idx / kFeatureTile, f = idx % kFeatureTile;
+      fs[t * ld_f + f] =
+          Num<Op>::narrow(feature_value(xs, d, t, ls, ms, coef, f));
+    }
+    __syncthreads();
+    block_mma<false, false>(fs, ld_f, ss, ld_s, zs, ld_z, tile, e1p,
+                            kFeatureTile, true);
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < tile * p.e; idx += blockDim.x) {
+    const int r = idx / p.e, col = idx % p.e;
+    const int64_t i = i0 + r;
+    if (i >= p.tokens) continue;
+    const Acc row_sum = zs[r * ld_z];
+    const Acc scale = p.sigma.at(b, h, i) * safe_reciprocal(row_sum);
+    const int64_t row = bh * p.tokens + i;
+    out[row * p.e + col] = Num<T>::narrow(zs[r * ld_z + 1 + col] * scale);
+    if (col == 0) den[row] = row_sum;
+  }
+}
+
+// Shared memory of both contraction kernels. The query side (dq) holds dz
+// as its product operand; the key side (dk, dv) holds [1 | v], the features
+// psi(k) and the dv accumulator.
+struct ContractSmem {
+  size_t x, rows, feat, s, g, acc_v, grad, ls, ms, coef, total;
+  TS_HOST_DEVICE ContractSmem(int tile, int d, int e, int op_bytes,
+                              int acc_bytes, bool key_side) {
+    const int e1p = round16(e + 1);
+    SmemCarver carver;
+    x = carver.take(size_t(tile) * (d + 1) * acc_bytes);
+    rows = carver.take(size_t(tile) * operand_ld(e1p) * op_bytes);
+    feat = key_side ? carver.take(size_t(tile) * operand_ld(kFeatureTile) *
+                                  op_bytes)
+                    : 0;
+    s = carver.take(size_t(kFeatureTile) * operand_ld(e1p) * op_bytes);
+    g = carver.take(size_t(tile) * accum_ld(kFeatureTile) * acc_bytes);
+    acc_v = key_side ? carver.take(size_t(tile) * accum_ld(e1p) * acc_bytes)
+                     : 0;
+    grad = carver.take(size_t(tile) * (d + 1) * acc_bytes);
+    ls = carver.take(kFeatureTile * sizeof(int));
+    ms = carver.take(kFeatureTile * sizeof(int));
+    coef = carver.take(size_t(kFeatureTile) * acc_bytes);
+    total = carver.size;
+  }
+};
+
+// grad[t] += sum_f g[t, f] d feat_f(x_t) / d x_t, for the block's tile of
+// features, with feat_f = coef_f u_l u_m (u = [x | 1]):
+//   linear (l, d):      coef g            -> grad_l
+//   pair l < m:         coef g x_m        -> grad_l,   coef g x_l -> grad_m
+//   diagonal (l, l):    2 coef g x_l      -> grad_l
+// On the query side coef is a (diagonal) or 2a (off it), so both become 2a:
+// dq = b g_lin + 2a Sym(g) q. On the key side coef is 1: dk = h_lin +
+// 2 Half(h) k. The threads of one token split the coordinates by residue
+// (l mod threads-per-token), so every grad entry has exactly one writer.
+template <typename Acc>
+__device__ void contract_features(const Acc* gs, int ld_g, const Acc* xs,
+                                  Acc* grad, int d, int tile, const int* ls,
+                                  const int* ms, const Acc* coef) {
+  const int per_token = blockDim.x / tile;
+  const int t = threadIdx.x / per_token, lane = threadIdx.x % per_token;
+  if (t >= tile) return;
+  const Acc* x = xs + t * (d + 1);
+  Acc* out = grad + t * (d + 1);
+  for (int f = 0; f < kFeatureTile; ++f) {
+    const int l = ls[f], m = ms[f];
+    if (l == d) continue;  // constant feature, or past the end
+    const Acc g = coef[f] * gs[t * ld_g + f];
+    if (m == d) {
+      if (l % per_token == lane) out[l] += g;
+    } else if (l == m) {
+      if (l % per_token == lane) out[l] += 2 * g * x[l];
+    } else {
+      if (l % per_token == lane) out[l] += g * x[m];
+      if (m % per_token == lane) out[m] += g * x[l];
+    }
+  }
+}
+
+// dq_i = d(phi(q_i) . g_i)/dq_i with g_i = state dz_i (F values per query).
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    efficient_backward_q_kernel(EfficientArgs<T, Acc> p, T* grad_q) {
+  using Op = typename Num<T>::derived;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tile = p.tile, d = p.d, e1 = p.e + 1, e1p = round16(p.e + 1);
+  const ContractSmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc), false);
+  Acc* xs = reinterpret_cast<Acc*>(smem + plan.x);
+  Op* dz = reinterpret_cast<Op*>(smem + plan.rows);
+  Op* ss = reinterpret_cast<Op*>(smem + plan.s);
+  Acc* gs = reinterpret_cast<Acc*>(smem + plan.g);
+  Acc* dq = reinterpret_cast<Acc*>(smem + plan.grad);
+  int* ls = reinterpret_cast<int*>(smem + plan.ls);
+  int* ms = reinterpret_cast<int*>(smem + plan.ms);
+  Acc* coef = reinterpret_cast<Acc*>(smem + plan.coef);
+  const int ld_z = operand_ld(e1p), ld_g = accum_ld(kFeatureTile);
+
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * tile;
+  const int64_t bh = blockIdx.y;
+  const Acc* state = p.state + bh * p.features * e1;
+  load_feature_source(xs, p.x + bh * p.tokens * d, p.tokens, d, i0, tile);
+  for (int idx = threadIdx.x; idx < tile * e1p; idx += blockDim.x) {
+    const int r = idx / e1p, col = idx % e1p;
+    const int64_t i = i0 + r;
+    dz[r * ld_z + col] = Num<Op>::narrow(
+        i < p.tokens ? value_row_entry<T, Acc, true>(p, bh, i, col) : Acc(0));
+  }
+  zero_tile(dq, d + 1, tile, d + 1);
+  for (int64_t f0 = 0; f0 < p.features; f0 += kFeatureTile) {
+    __syncthreads();  // the previous contraction is done with gs, the table
+    feature_table(f0, d, p.features, true, p.a, p.b, p.c, ls, ms, coef);
+    load_tile(ss, operand_ld(e1p), state, p.features, e1, f0, kFeatureTile,
+              e1p);
+    __syncthreads();
+    // g = dz state^T: (tile x e1p) times the transposed (features x e1p) tile
+    block_mma<false, true>(dz, ld_z, ss, operand_ld(e1p), gs, ld_g, tile,
+                           kFeatureTile, e1p, false);
+    __syncthreads();
+    contract_features(gs, ld_g, xs, dq, d, tile, ls, ms, coef);
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < tile * d; idx += blockDim.x) {
+    const int r = idx / d, col = idx % d;
+    const int64_t i = i0 + r;
+    if (i < p.tokens) {
+      grad_q[(bh * p.tokens + i) * d + col] =
+          Num<T>::narrow(dq[r * (d + 1) + col]);
+    }
+  }
+}
+
+// dk_j = m_j d(psi(k_j) . h_j)/dk_j with h_j = dS [1 | v_j], and
+// dv_j = m_j (psi(k_j)^T dS)[1:].
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    efficient_backward_kv_kernel(EfficientArgs<T, Acc> p, T* grad_k,
+                                 T* grad_v) {
+  using Op = typename Num<T>::derived;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tile = p.tile, d = p.d, e1 = p.e + 1, e1p = round16(p.e + 1);
+  const ContractSmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc), true);
+  Acc* xs = reinterpret_cast<Acc*>(smem + plan.x);
+  Op* vs = reinterpret_cast<Op*>(smem + plan.rows);
+  Op* fs = reinterpret_cast<Op*>(smem + plan.feat);
+  Op* ds = reinterpret_cast<Op*>(smem + plan.s);
+  Acc* hs = reinterpret_cast<Acc*>(smem + plan.g);
+  Acc* dv = reinterpret_cast<Acc*>(smem + plan.acc_v);
+  Acc* dk = reinterpret_cast<Acc*>(smem + plan.grad);
+  int* ls = reinterpret_cast<int*>(smem + plan.ls);
+  int* ms = reinterpret_cast<int*>(smem + plan.ms);
+  Acc* coef = reinterpret_cast<Acc*>(smem + plan.coef);
+  const int ld_v = operand_ld(e1p), ld_f = operand_ld(kFeatureTile),
+            ld_h = accum_ld(kFeatureTile), ld_dv = accum_ld(e1p);
+
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * tile;
+  const int64_t bh = blockIdx.y, b = bh / p.heads;
+  const Acc* dstate = p.state + bh * p.features * e1;
+  load_feature_source(xs, p.x + bh * p.tokens * d, p.tokens, d, j0, tile);
+  for (int idx = threadIdx.x; idx < tile * e1p; idx += blockDim.x) {
+    const int r = idx / e1p, col = idx % e1p;
+    const int64_t j = j0 + r;
+    vs[r * ld_v + col] = Num<Op>::narrow(
+        j < p.tokens ? value_row_entry<T, Acc, false>(p, bh, j, col) : Acc(0));
+  }
+  zero_tile(dv, ld_dv, tile, e1p);
+  zero_tile(dk, d + 1, tile, d + 1);
+  for (int64_t f0 = 0; f0 < p.features; f0 += kFeatureTile) {
+    __syncthreads();  // the previous products and contraction are done
+    feature_table(f0, d, p.features, false, p.a, p.b, p.c, ls, ms, coef);
+    load_tile(ds, ld_v, dstate, p.features, e1, f0, kFeatureTile, e1p);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < tile * kFeatureTile;
+         idx += blockDim.x) {
+      const int t = idx / kFeatureTile, f = idx % kFeatureTile;
+      fs[t * ld_f + f] =
+          Num<Op>::narrow(feature_value(xs, d, t, ls, ms, coef, f));
+    }
+    // h = [1 | v] dS^T needs only vs and ds, so it overlaps the expansion.
+    block_mma<false, true>(vs, ld_v, ds, ld_v, hs, ld_h, tile, kFeatureTile,
+                           e1p, false);
+    __syncthreads();
+    block_mma<false, false>(fs, ld_f, ds, ld_v, dv, ld_dv, tile, e1p,
+                            kFeatureTile, true);
+    contract_features(hs, ld_h, xs, dk, d, tile, ls, ms, coef);
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < tile * d; idx += blockDim.x) {
+    const int r = idx / d, col = idx % d;
+    const int64_t j = j0 + r;
+    if (j < p.tokens) {
+      const bool valid = p.mask.key_valid(b, j);
+      grad_k[(bh * p.tokens + j) * d + col] =
+          Num<T>::narrow(valid ? dk[r * (d + 1) + col] : Acc(0));
+    }
+  }
+  for (int idx = threadIdx.x; idx < tile * p.e; idx += blockDim.x) {
+    const int r = idx / p.e, col = idx % p.e;
+    const int64_t j = j0 + r;
+    if (j < p.tokens) {
+      const bool valid = p.mask.key_valid(b, j);
+      grad_v[(bh * p.tokens + j) * p.e + col] =
+          Num<T>::narrow(valid ? dv[r * ld_dv + 1 + col] : Acc(0));
+    }
+  }
+}
+
+template <typename T, typename Acc>
+EfficientArgs<T, Acc> make_args(const at::Tensor& x, const at::Tensor& y,
+                                const at::Tensor& v, const Mask& mask,
+                                double a, double b, double c) {
+  EfficientArgs<T, Acc> args{};
+  args.x = reinterpret_cast<const T*>(x.data_ptr());
+  args.y = reinterpret_cast<const T*>(y.data_ptr());
+  args.heads = x.size(1);
+  args.tokens = x.size(2);
+  args.d = static_cast<int>(x.size(3));
+  args.e = static_cast<int>(v.size(3));
+  args.features = feature_count(args.d);
+  args.mask = mask;
+  args.a = static_cast<Acc>(a);
+  args.b = static_cast<Acc>(b);
+  args.c = static_cast<Acc>(c);
+  return args;
+}
+
+// Runs the reduce phase into `out` (B, H, F, e + 1), splitting the tokens so
+// that the grid holds a few waves of blocks even for small batch * heads.
+template <typename T, typename Acc, bool kQuery>
+void feature_reduce(EfficientArgs<T, Acc> args, at::Tensor& out) {
+  using Op = typename Num<T>::derived;
+  const auto bytes = [&](int tile) {
+    return ReduceSmem(tile, args.d, args.e, sizeof(Op), sizeof(Acc)).total;
+  };
+  args.tile = pick_tile("taylorshift::efficient (state)", bytes);
+  const int64_t bh = out.size(0) * out.size(1);
+  const int64_t feature_tiles =
+      (args.features + kFeatureTile - 1) / kFeatureTile;
+  const int64_t token_tiles =
+      std::max<int64_t>(1, (args.tokens + args.tile - 1) / args.tile);
+  const int64_t wanted_blocks =
+      4 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t splits = std::clamp<int64_t>(
+      (wanted_blocks + feature_tiles * bh - 1) / (feature_tiles * bh), 1,
+      token_tiles);
+  const int64_t chunk_tiles = (token_tiles + splits - 1) / splits;
+  splits = (token_tiles + chunk_tiles - 1) / chunk_tiles;
+  at::Tensor partial = splits == 1 ? out : at::empty({splits, out.numel()},
+                                                     out.options());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto kernel = feature_reduce_kernel<T, Acc, kQuery>;
+  allow_shared_memory(kernel, bytes(args.tile));
+  kernel<<<dim3(feature_tiles, splits, bh), kThreads, bytes(args.tile),
+           stream>>>(args, chunk_tiles * args.tile, partial.data_ptr<Acc>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    const int64_t count = out.numel();
+    const int64_t blocks = std::min<int64_t>((count + 255) / 256, 4096);
+    sum_splits_kernel<Acc><<<blocks, 256, 0, stream>>>(
+        partial.data_ptr<Acc>(), splits, count, out.data_ptr<Acc>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+int64_t blocks_for(int64_t tokens, int tile) {
+  return (tokens + tile - 1) / tile;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+    double a, double b, double c) {
+  check_kernel_inputs(q, k, v, key_padding_mask, std::nullopt);
+  check_cuda_inputs("taylorshift::efficient_forward", q, k, v, {},
+                    key_padding_mask, std::nullopt);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
+                   vc = v.contiguous();
+  const auto acc_options = q.options().dtype(accumulate_dtype(q));
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)},
+                             q.options());
+  at::Tensor den = at::empty({q.size(0), q.size(1), q.size(2)}, acc_options);
+  at::Tensor state = at::empty(
+      {q.size(0), q.size(1), feature_count(q.size(3)), v.size(3) + 1},
+      acc_options);
+  if (state.numel() == 0) return {out, den, state};
+  const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
+                                         std::nullopt, false, output_scale);
+  const Mask mask = make_mask(q, key_padding_mask, std::nullopt, false);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, q.scalar_type(), "efficient_forward_cuda", [&] {
+        using T = typename Native<scalar_t>::type;
+        using Acc = typename Num<T>::acc;
+        using Op = typename Num<T>::derived;
+        feature_reduce<T, Acc, false>(
+            make_args<T, Acc>(kc, vc, vc, mask, a, b, c), state);
+        if (q.size(2) == 0) return;
+        auto args = make_args<T, Acc>(qc, vc, vc, mask, a, b, c);
+        args.state = state.data_ptr<Acc>();
+        args.sigma = row_values<Acc>(sigma);
+        const auto bytes = [&](int tile) {
+          return ApplySmem(tile, args.d, args.e, sizeof(Op), sizeof(Acc))
+              .total;
+        };
+        args.tile = pick_tile("taylorshift::efficient_forward", bytes);
+        const auto kernel = efficient_apply_kernel<T, Acc>;
+        allow_shared_memory(kernel, bytes(args.tile));
+        kernel<<<dim3(blocks_for(args.tokens, args.tile),
+                      q.size(0) * q.size(1)),
+                 kThreads, bytes(args.tile),
+                 at::cuda::getCurrentCUDAStream()>>>(
+            args, reinterpret_cast<T*>(out.data_ptr()), den.data_ptr<Acc>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return {out, den, state};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
+    const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
+    bool output_scale, double a, double b, double c) {
+  check_kernel_inputs(q, k, v, key_padding_mask, std::nullopt);
+  check_cuda_inputs("taylorshift::efficient_backward", q, k, v,
+                    {&grad_out, &out, &den, &state}, key_padding_mask,
+                    std::nullopt);
+  TORCH_CHECK(state.scalar_type() == accumulate_dtype(q) &&
+                  state.dim() == 4 &&
+                  state.size(2) == feature_count(q.size(3)) &&
+                  state.size(3) == v.size(3) + 1,
+              "taylorshift::efficient_backward: state must be (B, H, F, e + 1)"
+              " in the accumulation dtype");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
+                   vc = v.contiguous(), gc = grad_out.contiguous(),
+                   sc = state.contiguous();
+  at::Tensor grad_q = at::empty_like(qc), grad_k = at::empty_like(kc),
+             grad_v = at::empty_like(vc);
+  if (q.numel() == 0 || k.numel() == 0) {
+    return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
+  }
+  const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
+                                         std::nullopt, false, output_scale);
+  const at::Tensor scalars = backward_row_scalars(
+      gc, out.contiguous(), den.contiguous(), sigma);
+  at::Tensor dstate = at::empty_like(sc);
+  const Mask mask = make_mask(q, key_padding_mask, std::nullopt, false);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, q.scalar_type(), "efficient_backward_cuda",
+      [&] {
+        using T = typename Native<scalar_t>::type;
+        using Acc = typename Num<T>::acc;
+        using Op = typename Num<T>::derived;
+        const auto stream = at::cuda::getCurrentCUDAStream();
+        const int64_t bh = q.size(0) * q.size(1);
+        // dS = sum_i phi(q_i) dz_i^T
+        auto query_args = make_args<T, Acc>(qc, gc, vc, mask, a, b, c);
+        query_args.scalars = scalars.data_ptr<Acc>();
+        feature_reduce<T, Acc, true>(query_args, dstate);
+        for (bool key_side : {false, true}) {
+          auto args = key_side ? make_args<T, Acc>(kc, vc, vc, mask, a, b, c)
+                               : query_args;
+          args.state = key_side ? dstate.data_ptr<Acc>() : sc.data_ptr<Acc>();
+          const auto bytes = [&](int tile) {
+            return ContractSmem(tile, args.d, args.e, sizeof(Op), sizeof(Acc),
+                                key_side)
+                .total;
+          };
+          args.tile = pick_tile("taylorshift::efficient_backward", bytes);
+          const size_t smem = bytes(args.tile);
+          const dim3 grid(blocks_for(args.tokens, args.tile), bh);
+          if (key_side) {
+            const auto kernel = efficient_backward_kv_kernel<T, Acc>;
+            allow_shared_memory(kernel, smem);
+            kernel<<<grid, kThreads, smem, stream>>>(
+                args, reinterpret_cast<T*>(grad_k.data_ptr()),
+                reinterpret_cast<T*>(grad_v.data_ptr()));
+          } else {
+            const auto kernel = efficient_backward_q_kernel<T, Acc>;
+            allow_shared_memory(kernel, smem);
+            kernel<<<grid, kThreads, smem, stream>>>(
+                args, reinterpret_cast<T*>(grad_q.data_ptr()));
+          }
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(taylorshift, CUDA, m) {
+  m.impl("efficient_forward", TORCH_FN(efficient_forward_cuda));
+  m.impl("efficient_backward", TORCH_FN(efficient_backward_cuda));
+}
+
+}  // namespace taylorshift::cuda_kernels
