@@ -1,0 +1,126 @@
+"""Shared fixtures and helpers of the taylorshift test suite.
+
+The oracle everywhere is `taylorshift.reference.direct` evaluated in float64 on the CPU.
+
+Test modules import the helpers below as `from ts_testing import ...`: this conftest registers
+itself under that name, because a plain `from conftest import ...` can pick up another
+directory's conftest.py (tests/experiments has one).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import taylorshift
+from taylorshift import reference
+
+sys.modules.setdefault("ts_testing", sys.modules[__name__])
+
+# Every test that computes runs on each available device; results are compared on the CPU.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+MODES = ("direct", "efficient")
+LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+
+# float64 agreement with the float64 reference. Both sides evaluate the same function in
+# float64 (unit roundoff 1.1e-16); with O(100) terms per sum the error is ~1e-14, so 1e-10 has
+# ample room and still fails for any real mistake (which shows up at 1e-3 or more).
+F64_TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+def make_inputs(
+    batch: int,
+    heads: int,
+    queries: int,
+    keys: int,
+    head_dim: int,
+    value_dim: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: str = "cpu",
+    seed: int = 0,
+    requires_grad: bool = False,
+):
+    """q (B, H, M, d), k (B, H, N, d), v (B, H, N, e) standard normal and a temperature (H,)
+    in [0.5, 1.5], drawn in float64 on the CPU (reproducible everywhere), then converted."""
+    generator = torch.Generator().manual_seed(seed)
+    value_dim = head_dim if value_dim is None else value_dim
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    tensors = [
+        draw(batch, heads, queries, head_dim),
+        draw(batch, heads, keys, head_dim),
+        draw(batch, heads, keys, value_dim),
+        0.5 + torch.rand(heads, generator=generator, dtype=torch.float64),
+    ]
+    return [t.to(dtype=dtype, device=device).requires_grad_(requires_grad) for t in tensors]
+
+
+def random_key_padding_mask(batch: int, keys: int, *, seed: int = 1, device="cpu", p=0.3):
+    """(B, N) bool, True = padding, with key 0 of every batch left valid."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, keys, generator=generator) < p
+    mask[:, 0] = False
+    return mask.to(device)
+
+
+def random_attn_mask(*shape, seed: int = 2, device="cpu", p=0.3):
+    """Bool attn_mask, True = not allowed to attend."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(*shape, generator=generator) < p).to(device)
+
+
+def _cpu(x):
+    return x.detach().cpu() if isinstance(x, torch.Tensor) else x
+
+
+def reference64(q, k, v, temperature=None, **options) -> torch.Tensor:
+    """The oracle: reference.direct in float64 on the CPU, from the (already rounded) inputs."""
+
+    def up(x):
+        return None if x is None else _cpu(x).double()
+
+    options = {name: _cpu(value) for name, value in options.items()}
+    return reference.direct(up(q), up(k), up(v), up(temperature), **options)
+
+
+def max_error(x: torch.Tensor, exact: torch.Tensor) -> float:
+    return (_cpu(x).double() - exact).abs().max().item()
+
+
+def assert_matches_reference(out, q, k, v, temperature=None, **options) -> None:
+    """float64: agreement to F64_TOL. Lower precision, FlashAttention-style: the error of `out`
+    against the float64 oracle is at most 2x the error PyTorch makes computing reference.direct
+    in the same dtype on the same device, plus two units in the last place of the output's scale
+    (eps * max |y|). The floor is there because the reference's own max error is a noisy yardstick:
+    it can be exact by accident (N = 1, where y = sigma v) and, over a handful of outputs (M = 1),
+    it fluctuates by ~3x between seeds (measured on 20 seeds for every shape of test_forward:
+    with 2 ulp the direct kernel passes all of them in float32, with 1 ulp it fails 4 of 120)."""
+    exact = reference64(q, k, v, temperature, **options)
+    assert out.shape == exact.shape
+    assert out.dtype == q.dtype
+    assert out.device == q.device
+    if q.dtype == torch.float64:
+        torch.testing.assert_close(_cpu(out), exact, **F64_TOL)
+        return
+    ref_low = reference.direct(q.detach(), k.detach(), v.detach(), temperature, **options)
+    ulp = torch.finfo(q.dtype).eps * exact.abs().max().item()
+    bound = 2 * max_error(ref_low, exact) + 2 * ulp
+    error = max_error(out, exact)
+    assert error <= bound, (
+        f"{q.dtype}: max |ours - ref64| = {error:.3e} exceeds 2 x max |torch ref in dtype - ref64|"
+        f" + 2 ulp = {bound:.3e} ({error / max(bound, 1e-300):.1f}x)"
+    )
+
+
+def attention(q, k, v, temperature=None, **options):
+    return taylorshift.taylor_shift_attention(q, k, v, temperature, **options)
