@@ -1,0 +1,161 @@
+"""Gradients: gradcheck in float64 (q, k, v, temperature) for both algorithms and every option,
+float32 gradients against float64 reference gradients, and gradients through the module."""
+
+import pytest
+import torch
+from ts_testing import (
+    MODES,
+    make_inputs,
+    max_error,
+    random_attn_mask,
+    random_key_padding_mask,
+)
+
+import taylorshift
+from taylorshift import reference
+
+
+def _gradcheck(device, mode, shape, seed=0, fast_mode=True, **options):
+    q, k, v, t = make_inputs(*shape, device=device, seed=seed, requires_grad=True)
+
+    def fn(q, k, v, t):
+        return taylorshift.taylor_shift_attention(q, k, v, t, mode=mode, **options)
+
+    # Default finite-difference settings of gradcheck (eps 1e-6, atol 1e-5, rtol 1e-3) are
+    # loose for a smooth function in float64; tightened 100x in atol and rtol, which still
+    # leaves the O(eps^2) = 1e-12 central-difference error far below them. fast_mode compares
+    # random projections v^T J u instead of every Jacobian entry: one backward instead of one
+    # per output element; the plain tests below run the full Jacobian once per algorithm.
+    assert torch.autograd.gradcheck(
+        fn, (q, k, v, t), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=fast_mode
+    )
+
+
+# Small sizes: gradcheck perturbs every input element (here ~100) one at a time.
+SMALL = (2, 2, 4, 5, 3, 2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck(device, mode):
+    _gradcheck(device, mode, SMALL, fast_mode=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_cross_attention(device, mode):
+    _gradcheck(device, mode, (1, 2, 7, 3, 4, 5), seed=1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_key_padding_mask(device, mode):
+    mask = torch.tensor([[False, True, False, False, True], [True, True, True, True, True]])
+    # Batch 1 is all padding: its rows are zero and their gradients too.
+    _gradcheck(device, mode, SMALL, key_padding_mask=mask.to(device))
+
+
+def test_gradcheck_attn_mask_direct(device):
+    mask = random_attn_mask(2, 1, 4, 5, device=device, p=0.4)
+    mask[0, 0, 2] = True  # one all-masked row
+    _gradcheck(device, "direct", SMALL, attn_mask=mask)
+
+
+def test_gradcheck_causal_direct(device):
+    mask = torch.tensor([[False, False, True, False, False], [True, False, False, False, False]])
+    _gradcheck(device, "direct", SMALL, causal=True, key_padding_mask=mask.to(device))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_normalize_false(device, mode):
+    _gradcheck(device, mode, SMALL, normalize=False, scale=0.7)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_output_scale_false_and_coefficients(device, mode):
+    _gradcheck(device, mode, SMALL, output_scale=False, coefficients=(0.3, -0.4, 0.9))
+
+
+def _grads(q, k, v, t, fn, seed=0):
+    inputs = [x.detach().clone().requires_grad_() for x in (q, k, v, t)]
+    out = fn(*inputs)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    out.backward(grad_out.to(out))
+    return [x.grad for x in inputs]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "key_padding_mask"])
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_gradients_vs_float64_reference(device, mode, masked):
+    shape = (2, 2, 65, 70, 8, 6)
+    q, k, v, t = make_inputs(*shape, dtype=torch.float32, device=device, seed=4)
+    mask = random_key_padding_mask(2, 70, device=device) if masked else None
+
+    def ours(q, k, v, t):
+        return taylorshift.taylor_shift_attention(q, k, v, t, key_padding_mask=mask, mode=mode)
+
+    def ref(q, k, v, t):
+        return reference.direct(
+            q, k, v, t, key_padding_mask=None if mask is None else mask.to(q.device)
+        )
+
+    exact = _grads(*(x.cpu().double() for x in (q, k, v, t)), ref)
+    torch32 = _grads(q, k, v, t, ref)
+    mine = _grads(q, k, v, t, ours)
+    for name, g, g_ref, g_exact in zip("qkvt", mine, torch32, exact):
+        assert g.dtype == torch.float32
+        # As for the forward (conftest.assert_matches_reference): 2x PyTorch's own float32
+        # error, plus two float32 ulps of the gradient's scale.
+        bound = 2 * max_error(g_ref, g_exact) + 2 * 1.2e-7 * g_exact.abs().max().item()
+        error = max_error(g, g_exact)
+        assert error <= bound, f"grad {name}: {error:.3e} > {bound:.3e}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_match_reference_float64(device, mode):
+    q, k, v, t = make_inputs(2, 3, 65, 257, 8, 4, device=device, seed=6)
+    mask = random_key_padding_mask(2, 257, device=device)
+    mine = _grads(
+        q,
+        k,
+        v,
+        t,
+        lambda *x: taylorshift.taylor_shift_attention(*x, key_padding_mask=mask, mode=mode),
+    )
+    exact = _grads(q, k, v, t, lambda *x: reference.direct(*x, key_padding_mask=mask))
+    for g, g_exact in zip(mine, exact):
+        torch.testing.assert_close(g, g_exact, rtol=1e-9, atol=1e-10)
+
+
+def test_gradient_through_module(device):
+    torch.manual_seed(0)
+    embed, heads, batch, length = 12, 3, 2, 9
+    module = taylorshift.TaylorShiftAttention(
+        embed, heads, batch_first=True, dtype=torch.float64, device=device
+    )
+    with torch.no_grad():
+        module.temperature.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        module.in_proj_bias.normal_()
+        module.out_proj.bias.normal_()
+    x = torch.randn(batch, length, embed, dtype=torch.float64, device=device)
+    mask = random_key_padding_mask(batch, length, device=device)
+    out, _ = module(x, x, x, key_padding_mask=mask, need_weights=False)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+
+    # The same computation by hand, from copies of the parameters, through the reference.
+    params = {n: p.detach().clone().requires_grad_() for n, p in module.named_parameters()}
+    w_q, w_k, w_v = params["in_proj_weight"].chunk(3)
+    b_q, b_k, b_v = params["in_proj_bias"].chunk(3)
+
+    def heads_of(y):
+        return y.view(batch, length, heads, embed // heads).transpose(1, 2)
+
+    q = heads_of(x @ w_q.T + b_q)
+    k = heads_of(x @ w_k.T + b_k)
+    v = heads_of(x @ w_v.T + b_v)
+    y = reference.direct(q, k, v, params["temperature"], key_padding_mask=mask)
+    y = y.transpose(1, 2).reshape(batch, length, embed)
+    expected = y @ params["out_proj.weight"].T + params["out_proj.bias"]
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    expected.backward(grad_out)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-9, atol=1e-10, msg=name)
+    assert module.temperature.grad.abs().min() > 0
