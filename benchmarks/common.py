@@ -1,0 +1,61 @@
+"""Shared pieces of the benchmark scripts: inputs, one timed forward+backward, FLOP counts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils import benchmark
+
+import taylorshift
+from taylorshift import reference
+
+
+def make_inputs(batch, heads, tokens, head_dim, dtype=torch.float32, device="cpu", seed=0):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (batch, heads, tokens, head_dim)
+    return [
+        torch.randn(shape, generator=generator, dtype=dtype).to(device).requires_grad_(True)
+        for _ in range(3)
+    ]
+
+
+def attention_fn(implementation: str, mode: str):
+    """forward function of an (implementation, mode) pair: ours or the paper's reference."""
+    if implementation == "taylorshift":
+        return lambda q, k, v: taylorshift.taylor_shift_attention(q, k, v, mode=mode)
+    if implementation == "reference":
+        return getattr(reference, mode)
+    raise ValueError(f"unknown implementation {implementation!r}")
+
+
+def forward_backward(fn, q, k, v, grad_out):
+    out = fn(q, k, v)
+    out.backward(grad_out)
+    q.grad = k.grad = v.grad = None
+
+
+def time_forward_backward(fn, q, k, v, min_run_time=1.0) -> float:
+    """Median seconds of one forward+backward (torch.utils.benchmark)."""
+    grad_out = torch.randn_like(v)
+    timer = benchmark.Timer(
+        stmt="forward_backward(fn, q, k, v, grad_out)",
+        globals=dict(forward_backward=forward_backward, fn=fn, q=q, k=k, v=v, grad_out=grad_out),
+    )
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def flops(mode: str, batch, heads, tokens, head_dim, backward=True) -> float:
+    """math.md §4 counts, M = N, e = d; the backward counted as 2x (efficient) and 2.5x (direct)."""
+    if mode == "direct":
+        forward = 4 * tokens * tokens * head_dim
+        total = forward * (3.5 if backward else 1.0)
+    else:
+        pairs = head_dim * (head_dim + 1) // 2
+        forward = 4 * tokens * pairs * (head_dim + 1)
+        total = forward * (3.0 if backward else 1.0)
+    return batch * heads * total
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}" if math.isfinite(seconds) else "-"

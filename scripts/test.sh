@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite from a fresh machine: set up and build, then pytest
+# (Python API, kernels through the ops, experiments) and ctest (Catch2 tests
+# of the C++ kernels and C++ autograd, built by CMake against LibTorch).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/setup_env.sh
+
+python -m pytest tests -q -p no:cacheprovider
+
+torch_cmake=$(python -c "import torch; print(torch.utils.cmake_prefix_path)")
+cmake_args=(-DCMAKE_PREFIX_PATH="$torch_cmake" -DCMAKE_BUILD_TYPE=Release)
+if python -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)"; then
+  # A CUDA build of torch makes find_package(Torch) look for the CUDA toolkit
+  # and NVRTC, although this build compiles no CUDA. The pip wheels carry
+  # NVRTC next to torch; a system toolkit may lack it.
+  nvrtc=$(python -c "import glob, os, torch; print((glob.glob(os.path.join(os.path.dirname(torch.__file__), '..', 'nvidia', 'cu*', 'lib', 'libnvrtc.so*')) + [''])[0])")
+  [ -n "${CUDA_HOME:-}" ] && cmake_args+=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME")
+  [ -n "$nvrtc" ] && cmake_args+=(-DCUDA_nvrtc_LIBRARY="$nvrtc")
+fi
+cmake -S . -B build-cmake "${cmake_args[@]}" >/dev/null
+cmake --build build-cmake -j "$MAX_JOBS"
+ctest --test-dir build-cmake --output-on-failure
