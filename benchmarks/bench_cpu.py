@@ -46,6 +46,8 @@ def measure_one(implementation, mode, tokens, batch, heads, head_dim, min_run_ti
     q, k, v = make_inputs(batch, heads, tokens, head_dim)
     fn = attention_fn(implementation, mode)
     grad_out = torch.randn_like(v)
+    # A small call first, so that loading code (BLAS kernels, autograd threads) is not counted.
+    forward_backward(fn, *make_inputs(batch, heads, 64, head_dim), torch.randn(batch, heads, 64, head_dim))
     baseline = current_rss_bytes()
     forward_backward(fn, q, k, v, grad_out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

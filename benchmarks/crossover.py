@@ -1,0 +1,78 @@
+"""Measures where the direct and the efficient algorithm cross on this device, and the cost-model
+weight that csrc/crossover.cpp uses for it.
+
+For each head dim it times forward+backward of both algorithms over a sweep of N (M = N, e = d,
+B=1, H=8), prints the times, the measured crossover (first N where efficient is faster) and the
+ratio  (efficient seconds per model FLOP) / (direct seconds per model FLOP)  at each N, with model
+FLOPs as in csrc/crossover.cpp. The median ratio is the device's `efficient_flop_cost`.
+
+    python benchmarks/crossover.py --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import attention_fn, make_inputs, time_forward_backward  # noqa: E402
+
+import taylorshift  # noqa: E402
+
+
+def model_flops(mode: str, tokens: int, head_dim: int) -> float:
+    """The FLOPs of the cost model in csrc/crossover.cpp (M = N, e = d)."""
+    if mode == "direct":
+        return 2.0 * tokens * tokens * (2 * head_dim)
+    features = 1 + head_dim + head_dim * (head_dim + 1) // 2
+    return 2.0 * (2 * tokens) * features * (head_dim + 1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--head-dims", default="16,32,64")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--min-run-time", type=float, default=0.5)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    print(f"device {args.device}, {args.dtype}, forward+backward, B=1, H={args.heads}, torch {torch.__version__}\n")
+    print("| d | N | direct ms | efficient ms | cost ratio |")
+    print("|---|---|---|---|---|")
+    ratios, summary = [], []
+    for head_dim in (int(d) for d in args.head_dims.split(",")):
+        predicted = taylorshift.crossover(head_dim, args.device)
+        sweep = [n for n in (64, 128, 256, 512, 1024, 2048, 4096, 8192) if n <= 8 * predicted]
+        measured = None
+        for tokens in sweep:
+            q, k, v = make_inputs(1, args.heads, tokens, head_dim, dtype=dtype, device=args.device)
+            seconds = {
+                mode: time_forward_backward(attention_fn("taylorshift", mode), q, k, v, args.min_run_time)
+                for mode in ("direct", "efficient")
+            }
+            ratio = (seconds["efficient"] / model_flops("efficient", tokens, head_dim)) / (
+                seconds["direct"] / model_flops("direct", tokens, head_dim)
+            )
+            ratios.append(ratio)
+            if measured is None and seconds["efficient"] < seconds["direct"]:
+                measured = tokens
+            print(
+                f"| {head_dim} | {tokens} | {seconds['direct'] * 1e3:.2f} | "
+                f"{seconds['efficient'] * 1e3:.2f} | {ratio:.2f} |",
+                flush=True,
+            )
+        summary.append((head_dim, measured, predicted))
+    print("\n| d | measured crossover (first N in the sweep where efficient wins) | taylorshift.crossover(d) now |")
+    print("|---|---|---|")
+    for head_dim, measured, predicted in summary:
+        print(f"| {head_dim} | {measured} | {predicted} |")
+    print(f"\nmedian cost ratio (efficient_flop_cost for {args.device}): {statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
