@@ -32,6 +32,9 @@ class Progress:
     window_count: int = 0
     elapsed_s: float = 0.0
 
+    def reset_window(self) -> None:
+        self.window_loss, self.window_correct, self.window_count = 0.0, 0, 0
+
 
 @torch.no_grad()
 def evaluate(
@@ -169,11 +172,7 @@ class Trainer:
                 lr=lr,
                 elapsed_s=self.progress.elapsed_s,
             )
-        self.progress.window_loss, self.progress.window_correct, self.progress.window_count = (
-            0.0,
-            0,
-            0,
-        )
+        self.progress.reset_window()
 
     def validate(self, log: MetricsLog | None) -> float:
         loss, accuracy = evaluate(
@@ -262,7 +261,6 @@ class Trainer:
             bar.close()
             if log:
                 log.close()
-            barrier(self.context)
 
     def test(self) -> dict:
         """Evaluates the best checkpoint (by validation accuracy) on the test split."""
