@@ -39,7 +39,6 @@ def current_rss_bytes() -> int:
 def measure_one(implementation, mode, tokens, batch, heads, head_dim, min_run_time):
     """Runs in a child process: returns seconds and peak extra bytes of one forward+backward."""
     import torch
-
     from common import attention_fn, forward_backward, make_inputs, time_forward_backward
 
     torch.manual_seed(0)
@@ -47,7 +46,9 @@ def measure_one(implementation, mode, tokens, batch, heads, head_dim, min_run_ti
     fn = attention_fn(implementation, mode)
     grad_out = torch.randn_like(v)
     # A small call first, so that loading code (BLAS kernels, autograd threads) is not counted.
-    forward_backward(fn, *make_inputs(batch, heads, 64, head_dim), torch.randn(batch, heads, 64, head_dim))
+    forward_backward(
+        fn, *make_inputs(batch, heads, 64, head_dim), torch.randn(batch, heads, 64, head_dim)
+    )
     baseline = current_rss_bytes()
     forward_backward(fn, q, k, v, grad_out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -60,18 +61,24 @@ def run_case(implementation, mode, tokens, args):
         sys.executable,
         __file__,
         "--child",
-        json.dumps([implementation, mode, tokens, args.batch, args.heads, args.head_dim, args.min_run_time]),
+        json.dumps(
+            [implementation, mode, tokens, args.batch, args.heads, args.head_dim, args.min_run_time]
+        ),
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=32)
-    parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timing per case")
+    parser.add_argument(
+        "--min-run-time", type=float, default=2.0, help="seconds of timing per case"
+    )
     parser.add_argument("--cases", default=None, help="e.g. direct:1024,efficient:8192")
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

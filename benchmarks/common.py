@@ -40,7 +40,14 @@ def time_forward_backward(fn, q, k, v, min_run_time=1.0) -> float:
     grad_out = torch.randn_like(v)
     timer = benchmark.Timer(
         stmt="forward_backward(fn, q, k, v, grad_out)",
-        globals=dict(forward_backward=forward_backward, fn=fn, q=q, k=k, v=v, grad_out=grad_out),
+        globals={
+            "forward_backward": forward_backward,
+            "fn": fn,
+            "q": q,
+            "k": k,
+            "v": v,
+            "grad_out": grad_out,
+        },
     )
     return timer.blocked_autorange(min_run_time=min_run_time).median
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import attention_fn, make_inputs, time_forward_backward  # noqa: E402
+from common import attention_fn, make_inputs, time_forward_backward
 
-import taylorshift  # noqa: E402
+import taylorshift
 
 
 def model_flops(mode: str, tokens: int, head_dim: int) -> float:
@@ -33,7 +33,9 @@ def model_flops(mode: str, tokens: int, head_dim: int) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--head-dims", default="16,32,64")
@@ -41,7 +43,9 @@ def main():
     parser.add_argument("--min-run-time", type=float, default=0.5)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    print(f"device {args.device}, {args.dtype}, forward+backward, B=1, H={args.heads}, torch {torch.__version__}\n")
+    print(
+        f"device {args.device}, {args.dtype}, forward+backward, B=1, H={args.heads}, torch {torch.__version__}\n"
+    )
     print("| d | N | direct ms | efficient ms | cost ratio |")
     print("|---|---|---|---|---|")
     ratios, summary = [], []
@@ -52,7 +56,9 @@ def main():
         for tokens in sweep:
             q, k, v = make_inputs(1, args.heads, tokens, head_dim, dtype=dtype, device=args.device)
             seconds = {
-                mode: time_forward_backward(attention_fn("taylorshift", mode), q, k, v, args.min_run_time)
+                mode: time_forward_backward(
+                    attention_fn("taylorshift", mode), q, k, v, args.min_run_time
+                )
                 for mode in ("direct", "efficient")
             }
             ratio = (seconds["efficient"] / model_flops("efficient", tokens, head_dim)) / (
@@ -67,11 +73,15 @@ def main():
                 flush=True,
             )
         summary.append((head_dim, measured, predicted))
-    print("\n| d | measured crossover (first N in the sweep where efficient wins) | taylorshift.crossover(d) now |")
+    print(
+        "\n| d | measured crossover (first N in the sweep where efficient wins) | taylorshift.crossover(d) now |"
+    )
     print("|---|---|---|")
     for head_dim, measured, predicted in summary:
         print(f"| {head_dim} | {measured} | {predicted} |")
-    print(f"\nmedian cost ratio (efficient_flop_cost for {args.device}): {statistics.median(ratios):.2f}")
+    print(
+        f"\nmedian cost ratio (efficient_flop_cost for {args.device}): {statistics.median(ratios):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -21,9 +21,8 @@ std::string shape_string(const at::Tensor& t) {
 }
 
 void check_coefficients(double a, double b, double c) {
-  TORCH_CHECK_VALUE(a > 0,
-                    "taylorshift: coefficients (a, b, c) need a > 0, got a = ",
-                    a);
+  TORCH_CHECK_VALUE(
+      a > 0, "taylorshift: coefficients (a, b, c) need a > 0, got a = ", a);
   TORCH_CHECK_VALUE(
       c > b * b / (4 * a),
       "taylorshift: coefficients (a, b, c) need c > b^2 / (4a) so that the "
@@ -38,16 +37,15 @@ void check_tensors(const at::Tensor& q, const at::Tensor& k,
   for (const auto& [t, name] : named) {
     TORCH_CHECK_VALUE(t->dim() == 4, "taylorshift: ", name,
                       " must have 4 dimensions, got shape ", shape_string(*t));
-    TORCH_CHECK_TYPE(
-        at::isFloatingType(t->scalar_type()) && t->scalar_type() != at::kFloat8_e4m3fn,
-        "taylorshift: ", name, " must be a floating tensor, got ",
-        t->scalar_type());
+    TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()) &&
+                         t->scalar_type() != at::kFloat8_e4m3fn,
+                     "taylorshift: ", name, " must be a floating tensor, got ",
+                     t->scalar_type());
   }
-  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type() &&
-                       q.scalar_type() == v.scalar_type(),
-                   "taylorshift: q, k, v must have the same dtype, got ",
-                   q.scalar_type(), ", ", k.scalar_type(), ", ",
-                   v.scalar_type());
+  TORCH_CHECK_TYPE(
+      q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+      "taylorshift: q, k, v must have the same dtype, got ", q.scalar_type(),
+      ", ", k.scalar_type(), ", ", v.scalar_type());
   TORCH_CHECK_VALUE(q.device() == k.device() && q.device() == v.device(),
                     "taylorshift: q, k, v must be on the same device, got ",
                     q.device(), ", ", k.device(), ", ", v.device());
@@ -124,8 +122,9 @@ at::Tensor expand_attn_mask(const at::Tensor& mask, const at::Tensor& q,
                     "taylorshift: attn_mask must be broadcastable to (B, H, "
                     "M, N) = ",
                     c10::IntArrayRef(target), ", got ", shape_string(mask));
-  TORCH_CHECK_VALUE(mask.device() == q.device(), "taylorshift: attn_mask is on ",
-                    mask.device(), " but q is on ", q.device());
+  TORCH_CHECK_VALUE(mask.device() == q.device(),
+                    "taylorshift: attn_mask is on ", mask.device(),
+                    " but q is on ", q.device());
   return mask.expand(target);
 }
 
@@ -174,14 +173,13 @@ at::Tensor attention_composite(
   const bool efficient =
       mode == "efficient" ||
       (mode == "auto" && !needs_direct &&
-       prefer_efficient(q.size(2), k.size(2), d, v.size(3),
-                        q.device().type()));
+       prefer_efficient(q.size(2), k.size(2), d, v.size(3), q.device().type()));
   if (efficient)
     return std::get<0>(efficient_forward(q_hat, k_hat, v, key_padding_mask,
                                          output_scale, a, b, c));
   return std::get<0>(direct_forward(q_hat, k_hat, v, key_padding_mask,
-                                     full_attn_mask, causal, output_scale, a,
-                                     b, c));
+                                    full_attn_mask, causal, output_scale, a, b,
+                                    c));
 }
 
 }  // namespace
@@ -195,18 +193,17 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k,
                      const std::optional<at::Tensor>& temperature,
                      const std::optional<at::Tensor>& key_padding_mask,
                      const std::optional<at::Tensor>& attn_mask, bool causal,
-                     const std::string& mode, bool normalize,
-                     bool output_scale, std::optional<double> scale,
-                     Coefficients coefficients) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("taylorshift::attention", "")
-                       .typed<at::Tensor(
-                           const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&, bool,
-                           c10::string_view, bool, bool, std::optional<double>,
-                           double, double, double)>();
+                     const std::string& mode, bool normalize, bool output_scale,
+                     std::optional<double> scale, Coefficients coefficients) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("taylorshift::attention", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, bool,
+                            c10::string_view, bool, bool, std::optional<double>,
+                            double, double, double)>();
   return op.call(q, k, v, temperature, key_padding_mask, attn_mask, causal,
                  mode, normalize, output_scale, scale, coefficients.a,
                  coefficients.b, coefficients.c);

@@ -32,12 +32,11 @@ std::optional<at::Tensor> saved_mask(AutogradContext* ctx, const char* name) {
 
 class DirectAttention : public torch::autograd::Function<DirectAttention> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& q,
-                               const at::Tensor& k, const at::Tensor& v,
-                               const std::optional<at::Tensor>& key_padding_mask,
-                               const std::optional<at::Tensor>& attn_mask,
-                               bool causal, bool output_scale, double a,
-                               double b, double c) {
+  static variable_list forward(
+      AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+      const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
+      const std::optional<at::Tensor>& attn_mask, bool causal,
+      bool output_scale, double a, double b, double c) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, den] = direct_forward(q, k, v, key_padding_mask, attn_mask,
                                      causal, output_scale, a, b, c);
@@ -67,14 +66,13 @@ class DirectAttention : public torch::autograd::Function<DirectAttention> {
 class EfficientAttention
     : public torch::autograd::Function<EfficientAttention> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& q,
-                               const at::Tensor& k, const at::Tensor& v,
-                               const std::optional<at::Tensor>& key_padding_mask,
-                               bool output_scale, double a, double b,
-                               double c) {
+  static variable_list forward(
+      AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+      const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
+      bool output_scale, double a, double b, double c) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, den, state] = efficient_forward(q, k, v, key_padding_mask,
-                                               output_scale, a, b, c);
+    auto [out, den, state] =
+        efficient_forward(q, k, v, key_padding_mask, output_scale, a, b, c);
     ctx->save_for_backward({q, k, v, out, den, state});
     save_options(ctx, key_padding_mask, output_scale, a, b, c);
     ctx->mark_non_differentiable({den, state});
@@ -108,8 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
     double a, double b, double c) {
-  auto outs = EfficientAttention::apply(q, k, v, key_padding_mask,
-                                        output_scale, a, b, c);
+  auto outs = EfficientAttention::apply(q, k, v, key_padding_mask, output_scale,
+                                        a, b, c);
   return {outs[0], outs[1], outs[2]};
 }
 

@@ -39,8 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "prefer_efficient",
       [](int64_t queries, int64_t keys, int64_t head_dim, int64_t value_dim,
          const std::string& device) {
-        return taylorshift::prefer_efficient(queries, keys, head_dim,
-                                             value_dim, device_type(device));
+        return taylorshift::prefer_efficient(queries, keys, head_dim, value_dim,
+                                             device_type(device));
       },
       "Whether mode='auto' picks the efficient algorithm for these sizes",
       py::arg("queries"), py::arg("keys"), py::arg("head_dim"),

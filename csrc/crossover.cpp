@@ -22,8 +22,8 @@ double efficient_flop_cost(c10::DeviceType device) {
 bool prefer_efficient(int64_t queries, int64_t keys, int64_t head_dim,
                       int64_t value_dim, c10::DeviceType device) {
   // direct: Q K^T and W V, 2 (d + e) FLOPs per (query, key) pair.
-  const double direct = 2.0 * double(queries) * double(keys) *
-                        double(head_dim + value_dim);
+  const double direct =
+      2.0 * double(queries) * double(keys) * double(head_dim + value_dim);
   // efficient: state build over keys and state apply over queries,
   // 2 F (e + 1) FLOPs per token each.
   const double efficient = 2.0 * double(queries + keys) *

@@ -37,7 +37,9 @@ TS_HOST_DEVICE int64_t pair_index(int64_t l, int64_t m, int64_t d) {
 // Offsets of the three blocks inside a feature vector of size feature_count.
 TS_HOST_DEVICE int64_t linear_feature_offset() { return 1; }
 TS_HOST_DEVICE int64_t pair_feature_offset(int64_t d) { return 1 + d; }
-TS_HOST_DEVICE int64_t feature_count(int64_t d) { return 1 + d + pair_count(d); }
+TS_HOST_DEVICE int64_t feature_count(int64_t d) {
+  return 1 + d + pair_count(d);
+}
 
 // f(x) = a x^2 + b x + c, the 2nd-order Taylor polynomial of exp by default.
 template <typename T>
@@ -78,7 +80,8 @@ template <typename T>
 TS_HOST_DEVICE void write_key_features(const T* k, int64_t d, T weight,
                                        T* out) {
   out[0] = weight;
-  for (int64_t l = 0; l < d; ++l) out[linear_feature_offset() + l] = weight * k[l];
+  for (int64_t l = 0; l < d; ++l)
+    out[linear_feature_offset() + l] = weight * k[l];
   T* pairs = out + pair_feature_offset(d);
   for (int64_t l = 0; l < d; ++l) {
     const T wk = weight * k[l];

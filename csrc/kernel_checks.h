@@ -31,9 +31,9 @@ inline void check_kernel_inputs(
                   "taylorshift: k and v must have the same number of tokens");
   TORCH_SYM_CHECK(q.sym_size(3).sym_eq(k.sym_size(3)),
                   "taylorshift: q and k must have the same head dim");
-  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type() &&
-                       k.scalar_type() == v.scalar_type(),
-                   "taylorshift: q, k, v must have the same dtype");
+  TORCH_CHECK_TYPE(
+      q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+      "taylorshift: q, k, v must have the same dtype");
   if (key_padding_mask) {
     TORCH_CHECK_TYPE(key_padding_mask->scalar_type() == at::kBool,
                      "taylorshift: key_padding_mask must be bool");

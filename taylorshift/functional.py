@@ -70,8 +70,18 @@ def taylor_shift_attention(
             c,
         )
     return _reference_attention(
-        q, k, v, temperature, key_padding_mask, attn_mask, causal, mode, normalize,
-        output_scale, scale, (a, b, c),
+        q,
+        k,
+        v,
+        temperature,
+        key_padding_mask,
+        attn_mask,
+        causal,
+        mode,
+        normalize,
+        output_scale,
+        scale,
+        (a, b, c),
     )
 
 
@@ -80,16 +90,20 @@ def _reference_attention(
     scale, coefficients,
 ):  # fmt: skip
     """Fallback without the compiled extension: the reference, switching at the paper's N0."""
-    options = dict(
-        key_padding_mask=key_padding_mask,
-        normalize=normalize,
-        output_scale=output_scale,
-        scale=scale,
-        coefficients=coefficients,
-    )
+    options = {
+        "key_padding_mask": key_padding_mask,
+        "normalize": normalize,
+        "output_scale": output_scale,
+        "scale": scale,
+        "coefficients": coefficients,
+    }
     needs_direct = attn_mask is not None or causal
     if mode == "efficient" and needs_direct:
         raise NotImplementedError("taylorshift: attn_mask and causal need mode='direct'")
-    if mode == "direct" or needs_direct or (mode == "auto" and k.shape[2] < paper_thresholds(q.shape[-1])[0]):
+    if (
+        mode == "direct"
+        or needs_direct
+        or (mode == "auto" and k.shape[2] < paper_thresholds(q.shape[-1])[0])
+    ):
         return reference.direct(q, k, v, temperature, attn_mask=attn_mask, causal=causal, **options)
     return reference.efficient(q, k, v, temperature, **options)

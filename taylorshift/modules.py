@@ -133,7 +133,9 @@ class TaylorShiftAttention(nn.Module):
             self.temperature.fill_(1.0)
 
     @classmethod
-    def from_multihead_attention(cls, mha: nn.MultiheadAttention, **options) -> TaylorShiftAttention:
+    def from_multihead_attention(
+        cls, mha: nn.MultiheadAttention, **options
+    ) -> TaylorShiftAttention:
         """A TaylorShiftAttention with the configuration and weights of `mha`."""
         reference_weight = mha.out_proj.weight
         module = cls(
@@ -165,7 +167,9 @@ class TaylorShiftAttention(nn.Module):
         """q, k, v projections of batch-first inputs, (B, L, E) -> (B, L, E)."""
         e = self.embed_dim
         bias = self.in_proj_bias
-        b_q, b_k, b_v = (None, None, None) if bias is None else (bias[:e], bias[e : 2 * e], bias[2 * e :])
+        b_q, b_k, b_v = (
+            (None, None, None) if bias is None else (bias[:e], bias[e : 2 * e], bias[2 * e :])
+        )
         if self.in_proj_weight is not None:
             w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         else:
@@ -221,9 +225,11 @@ class TaylorShiftAttention(nn.Module):
             v = torch.cat([v, v.new_zeros(v.shape[:2] + (1, v.shape[3]))], dim=2)
             key_padding_mask, attn_mask = _append_unmasked_key(key_padding_mask, attn_mask)
 
-        options = dict(
-            key_padding_mask=key_padding_mask, attn_mask=attn_mask, causal=is_causal
-        )
+        options = {
+            "key_padding_mask": key_padding_mask,
+            "attn_mask": attn_mask,
+            "causal": is_causal,
+        }
         out = taylor_shift_attention(
             q,
             k,
@@ -274,7 +280,9 @@ def replace_attention(model: nn.Module, **options) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.MultiheadAttention):
-                setattr(parent, name, TaylorShiftAttention.from_multihead_attention(child, **options))
+                setattr(
+                    parent, name, TaylorShiftAttention.from_multihead_attention(child, **options)
+                )
         if isinstance(parent, nn.TransformerEncoder):
             # Decided at construction from the old attention; it would feed nested tensors.
             parent.use_nested_tensor = False

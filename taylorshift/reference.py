@@ -134,7 +134,7 @@ def efficient(
 ) -> Tensor:
     """Efficient TaylorShift as in the paper's code: O(N d^3) time, O(N d^2) memory."""
     a, b, c = coefficients
-    batch, heads, keys, head_dim = k.shape
+    batch, _heads, keys, head_dim = k.shape
     q_hat, k_hat = logit_factors(q, k, temperature, normalize=normalize, scale=scale)
     # Scaling q and k by d^(1/4) makes (q.k) = sqrt(d) x: the b and c terms are rescaled to match.
     root = head_dim**0.25
@@ -150,7 +150,11 @@ def efficient(
     state_2 = k_sq.transpose(-1, -2) @ v_aug
     state_1 = k_s.transpose(-1, -2) @ v_aug
     state_0 = v_aug.sum(-2, keepdim=True)
-    z = (a / head_dim) * (q_sq @ state_2) + (b / math.sqrt(head_dim)) * (q_s @ state_1) + c * state_0
+    z = (
+        (a / head_dim) * (q_sq @ state_2)
+        + (b / math.sqrt(head_dim)) * (q_s @ state_1)
+        + c * state_0
+    )
     den = z[..., :1]
     out = z[..., 1:] / torch.where(den == 0, torch.ones_like(den), den)
     if output_scale:

@@ -23,16 +23,16 @@ constexpr int64_t kFeatureChunk = 64;
 // The buffers are wrapped (not copied) as tensors so the product runs in
 // ATen's BLAS; inside at::parallel_for it runs on the calling thread.
 template <typename T>
-void matmul(bool transpose_a, bool transpose_b, int64_t m, int64_t n,
-            int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
-            int64_t ldc, bool accumulate) {
+void matmul(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k,
+            const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+            bool accumulate) {
   const auto options =
       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto wrap = [&](const T* data, int64_t rows, int64_t cols, int64_t ld,
                   bool transpose) {
-    at::Tensor t = at::from_blob(const_cast<T*>(data), {transpose ? cols : rows,
-                                                        transpose ? rows : cols},
-                                 {ld, 1}, options);
+    at::Tensor t = at::from_blob(
+        const_cast<T*>(data),
+        {transpose ? cols : rows, transpose ? rows : cols}, {ld, 1}, options);
     return transpose ? t.t() : t;
   };
   at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, options);
@@ -76,7 +76,7 @@ struct MaskView {
 // The masks of all heads, viewed per (batch, head).
 struct MaskSet {
   at::Tensor key_padding;  // (B, N) contiguous bool, or undefined
-  at::Tensor attn;         // (B, H, M, N) bool with its own strides, or undefined
+  at::Tensor attn;  // (B, H, M, N) bool with its own strides, or undefined
   bool causal = false;
 
   MaskSet(const std::optional<at::Tensor>& key_padding_mask,
@@ -115,8 +115,13 @@ template <typename T>
 HeadTensors<T> head(const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, int64_t bh) {
   const int64_t M = q.size(2), N = k.size(2), d = q.size(3), e = v.size(3);
-  return {q.data_ptr<T>() + bh * M * d, k.data_ptr<T>() + bh * N * d,
-          v.data_ptr<T>() + bh * N * e, M, N, d, e};
+  return {q.data_ptr<T>() + bh * M * d,
+          k.data_ptr<T>() + bh * N * d,
+          v.data_ptr<T>() + bh * N * e,
+          M,
+          N,
+          d,
+          e};
 }
 
 // float32 and float64 are computed in their own type; float16 and bfloat16

@@ -32,7 +32,8 @@ void direct_forward_head(const HeadTensors<T>& t, const MaskView& mask,
     const int64_t key_limit = mask.key_limit(i1, t.keys);
     for (int64_t j0 = 0; j0 < key_limit; j0 += kKeyBlock) {
       const int64_t j1 = block_end(j0, kKeyBlock, key_limit), cols = j1 - j0;
-      matmul<T>(false, true, rows, cols, d, t.q + i0 * d, d, t.k + j0 * d, d, weights.data(), cols, false);
+      matmul<T>(false, true, rows, cols, d, t.q + i0 * d, d, t.k + j0 * d, d,
+                weights.data(), cols, false);
       for (int64_t r = 0; r < rows; ++r) {
         T* w = weights.data() + r * cols;
         T row_sum = 0;
@@ -44,7 +45,8 @@ void direct_forward_head(const HeadTensors<T>& t, const MaskView& mask,
         }
         den[i0 + r] += row_sum;
       }
-      matmul<T>(false, false, rows, e, cols, weights.data(), cols, t.v + j0 * e, e, acc.data(), e, true);
+      matmul<T>(false, false, rows, e, cols, weights.data(), cols, t.v + j0 * e,
+                e, acc.data(), e, true);
     }
     for (int64_t r = 0; r < rows; ++r) {
       const T factor = output_scale_factor<T>(output_scale, valid[r], d) *
@@ -76,8 +78,8 @@ void direct_backward_head(const HeadTensors<T>& t, const T* grad_out,
     const int64_t key_limit = mask.key_limit(i1, t.keys);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
-      const T sigma = output_scale_factor<T>(
-          output_scale, mask.count_allowed(i, t.keys), d);
+      const T sigma = output_scale_factor<T>(output_scale,
+                                             mask.count_allowed(i, t.keys), d);
       inv_den[r] = safe_reciprocal(den[i]);
       T dot = 0;
       for (int64_t col = 0; col < e; ++col) {
@@ -88,7 +90,8 @@ void direct_backward_head(const HeadTensors<T>& t, const T* grad_out,
     }
     for (int64_t j0 = 0; j0 < key_limit; j0 += kKeyBlock) {
       const int64_t j1 = block_end(j0, kKeyBlock, key_limit), cols = j1 - j0;
-      matmul<T>(false, true, rows, cols, d, t.q + i0 * d, d, t.k + j0 * d, d, scores.data(), cols, false);
+      matmul<T>(false, true, rows, cols, d, t.q + i0 * d, d, t.k + j0 * d, d,
+                scores.data(), cols, false);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t col = 0; col < cols; ++col) {
           const T x = scores[r * cols + col];
@@ -99,15 +102,19 @@ void direct_backward_head(const HeadTensors<T>& t, const T* grad_out,
           scores[r * cols + col] =
               allowed ? taylor_weight_grad(x, a, b) * inv_den[r] : T(0);
         }
-      matmul<T>(true, false, cols, e, rows, probs.data(), cols, scaled_grad.data(), e, grad_v + j0 * e, e, true);
+      matmul<T>(true, false, cols, e, rows, probs.data(), cols,
+                scaled_grad.data(), e, grad_v + j0 * e, e, true);
       // probs is free again: reuse it for sigma gY V_b^T, then dX.
-      matmul<T>(false, true, rows, cols, e, scaled_grad.data(), e, t.v + j0 * e, e, probs.data(), cols, false);
+      matmul<T>(false, true, rows, cols, e, scaled_grad.data(), e, t.v + j0 * e,
+                e, probs.data(), cols, false);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t col = 0; col < cols; ++col)
-          probs[r * cols + col] =
-              (probs[r * cols + col] - grad_dot_out[r]) * scores[r * cols + col];
-      matmul<T>(false, false, rows, d, cols, probs.data(), cols, t.k + j0 * d, d, grad_q + i0 * d, d, true);
-      matmul<T>(true, false, cols, d, rows, probs.data(), cols, t.q + i0 * d, d, grad_k + j0 * d, d, true);
+          probs[r * cols + col] = (probs[r * cols + col] - grad_dot_out[r]) *
+                                  scores[r * cols + col];
+      matmul<T>(false, false, rows, d, cols, probs.data(), cols, t.k + j0 * d,
+                d, grad_q + i0 * d, d, true);
+      matmul<T>(true, false, cols, d, rows, probs.data(), cols, t.q + i0 * d, d,
+                grad_k + j0 * d, d, true);
     }
   }
 }

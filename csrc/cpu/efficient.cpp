@@ -44,7 +44,8 @@ int64_t accumulate_state(const HeadTensors<T>& t, const bool* key_padding,
                             features.data() + r * F);
     }
     write_augmented_values(t.v + j0 * e, rows, e, values.data());
-    matmul<T>(true, false, F, e + 1, rows, features.data(), F, values.data(), e + 1, state, e + 1, true);
+    matmul<T>(true, false, F, e + 1, rows, features.data(), F, values.data(),
+              e + 1, state, e + 1, true);
   }
   return valid;
 }
@@ -56,7 +57,8 @@ void efficient_forward_head(const HeadTensors<T>& t, const bool* key_padding,
   const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d);
   std::vector<T> features(kFeatureChunk * F);
   std::vector<T> values(kFeatureChunk * (e + 1));
-  const int64_t valid = accumulate_state(t, key_padding, state, features, values);
+  const int64_t valid =
+      accumulate_state(t, key_padding, state, features, values);
   const T sigma = output_scale_factor<T>(output_scale, valid, d);
   // Phase 2: z = phi(Q_chunk) S, independent per query.
   for (int64_t i0 = 0; i0 < t.queries; i0 += kFeatureChunk) {
@@ -64,7 +66,8 @@ void efficient_forward_head(const HeadTensors<T>& t, const bool* key_padding,
     for (int64_t r = 0; r < rows; ++r)
       write_query_features<T>(t.q + (i0 + r) * d, d, a, b, c,
                               features.data() + r * F);
-    matmul<T>(false, false, rows, e + 1, F, features.data(), F, state, e + 1, values.data(), e + 1, false);
+    matmul<T>(false, false, rows, e + 1, F, features.data(), F, state, e + 1,
+              values.data(), e + 1, false);
     for (int64_t r = 0; r < rows; ++r) {
       const T* z = values.data() + r * (e + 1);
       den[i0 + r] = z[0];
@@ -93,7 +96,8 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
   std::vector<T> rows_e1(kFeatureChunk * (e + 1));
   std::vector<T> grad_state(F * (e + 1), T(0));
   int64_t valid = 0;
-  for (int64_t j = 0; j < t.keys; ++j) valid += !(key_padding && key_padding[j]);
+  for (int64_t j = 0; j < t.keys; ++j)
+    valid += !(key_padding && key_padding[j]);
   const T sigma = output_scale_factor<T>(output_scale, valid, d);
 
   for (int64_t i0 = 0; i0 < t.queries; i0 += kFeatureChunk) {
@@ -110,13 +114,16 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
       }
       dz[0] = -dot * inv_den;
     }
-    matmul<T>(true, false, F, e + 1, rows, features.data(), F, rows_e1.data(), e + 1, grad_state.data(), e + 1, true);
+    matmul<T>(true, false, F, e + 1, rows, features.data(), F, rows_e1.data(),
+              e + 1, grad_state.data(), e + 1, true);
     // feature_grad = dZ S^T: row i holds S dz_i, one value per feature.
-    matmul<T>(false, true, rows, F, e + 1, rows_e1.data(), e + 1, state, e + 1, feature_grad.data(), F, false);
+    matmul<T>(false, true, rows, F, e + 1, rows_e1.data(), e + 1, state, e + 1,
+              feature_grad.data(), F, false);
     for (int64_t r = 0; r < rows; ++r) {
       const T* g = feature_grad.data() + r * F;
       T* dq = grad_q + (i0 + r) * d;
-      for (int64_t l = 0; l < d; ++l) dq[l] = b * g[linear_feature_offset() + l];
+      for (int64_t l = 0; l < d; ++l)
+        dq[l] = b * g[linear_feature_offset() + l];
       add_pair_gradient<T>(g + pairs, t.q + (i0 + r) * d, d, a, T(2) * a, dq);
     }
   }
@@ -130,7 +137,8 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
     }
     write_augmented_values(t.v + j0 * e, rows, e, rows_e1.data());
     // feature_grad = V' dS^T: row j holds dS v'_j.
-    matmul<T>(false, true, rows, F, e + 1, rows_e1.data(), e + 1, grad_state.data(), e + 1, feature_grad.data(), F, false);
+    matmul<T>(false, true, rows, F, e + 1, rows_e1.data(), e + 1,
+              grad_state.data(), e + 1, feature_grad.data(), F, false);
     for (int64_t r = 0; r < rows; ++r) {
       T* dk = grad_k + (j0 + r) * d;
       if (key_padding && key_padding[j0 + r]) continue;  // stays zero
@@ -139,7 +147,8 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
       add_pair_gradient<T>(h + pairs, t.k + (j0 + r) * d, d, T(1), T(1), dk);
     }
     // dV' = psi(K_chunk) dS; masked keys have psi = 0, hence dv = 0.
-    matmul<T>(false, false, rows, e + 1, F, features.data(), F, grad_state.data(), e + 1, rows_e1.data(), e + 1, false);
+    matmul<T>(false, false, rows, e + 1, F, features.data(), F,
+              grad_state.data(), e + 1, rows_e1.data(), e + 1, false);
     for (int64_t r = 0; r < rows; ++r)
       std::copy(rows_e1.data() + r * (e + 1) + 1,
                 rows_e1.data() + (r + 1) * (e + 1), grad_v + (j0 + r) * e);

@@ -21,7 +21,8 @@ at::Tensor leaf(std::vector<int64_t> shape) {
 at::Tensor reference(const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& temperature,
                      const at::Tensor& allowed) {
-  const at::Tensor q_hat = q / q.norm(2, -1, true) * temperature.view({1, -1, 1, 1});
+  const at::Tensor q_hat =
+      q / q.norm(2, -1, true) * temperature.view({1, -1, 1, 1});
   const at::Tensor k_hat = k / k.norm(2, -1, true);
   return reference_attention(q_hat, k_hat, v, allowed, true, 0.5, 1.0, 1.0);
 }
@@ -47,7 +48,8 @@ TEST_CASE("C++ autograd gradients match the reference") {
 
   const auto inputs = std::vector<at::Tensor>{q, k, v, temperature};
   const auto grads = torch::autograd::grad({out}, inputs, {grad_out});
-  const auto expected_grads = torch::autograd::grad({expected}, inputs, {grad_out});
+  const auto expected_grads =
+      torch::autograd::grad({expected}, inputs, {grad_out});
   for (size_t i = 0; i < inputs.size(); ++i) {
     INFO("input " << i);
     REQUIRE(max_abs_diff(grads[i], expected_grads[i]) < 1e-10);
@@ -58,7 +60,8 @@ TEST_CASE("C++ autograd through attn_mask and causal (direct)") {
   const int64_t B = 1, H = 2, M = 20, N = 20, d = 5;
   const at::Tensor q = leaf({B, H, M, d}), k = leaf({B, H, N, d}),
                    v = leaf({B, H, N, d});
-  const at::Tensor temperature = at::ones({H}, at::kDouble).requires_grad_(true);
+  const at::Tensor temperature =
+      at::ones({H}, at::kDouble).requires_grad_(true);
   const at::Tensor attn_mask = at::rand({M, N}).lt(0.3);
   const at::Tensor allowed = (~attn_mask) & at::ones({M, N}, at::kBool).tril();
   const at::Tensor out =

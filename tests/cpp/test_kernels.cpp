@@ -61,8 +61,8 @@ TEST_CASE("direct and efficient forward match the reference") {
 
   auto [direct, den] = taylorshift::direct_forward(
       q, k, v, padding, std::nullopt, false, true, 0.5, 1.0, 1.0);
-  auto [efficient, den_efficient, state] = taylorshift::efficient_forward(
-      q, k, v, padding, true, 0.5, 1.0, 1.0);
+  auto [efficient, den_efficient, state] =
+      taylorshift::efficient_forward(q, k, v, padding, true, 0.5, 1.0, 1.0);
   REQUIRE(max_abs_diff(direct, expected) < kTolerance);
   REQUIRE(max_abs_diff(efficient, expected) < kTolerance);
   REQUIRE(max_abs_diff(den, den_efficient) < kTolerance * N);
@@ -77,12 +77,11 @@ TEST_CASE("direct forward with attn_mask and causal matches the reference") {
   const at::Tensor attn_mask = at::rand({M, N}).lt(0.2);
   const at::Tensor causal = at::ones({M, N}, at::kBool).tril();
   const at::Tensor allowed = (~attn_mask) & causal;
-  auto [out, den] = taylorshift::direct_forward(
-      q, k, v, std::nullopt, attn_mask.expand({B, H, M, N}), true, true, 0.5,
-      1.0, 1.0);
-  REQUIRE(max_abs_diff(
-              out, reference_attention(q, k, v, allowed, true, 0.5, 1.0, 1.0)) <
-          kTolerance);
+  auto [out, den] = taylorshift::direct_forward(q, k, v, std::nullopt,
+                                                attn_mask.expand({B, H, M, N}),
+                                                true, true, 0.5, 1.0, 1.0);
+  REQUIRE(max_abs_diff(out, reference_attention(q, k, v, allowed, true, 0.5,
+                                                1.0, 1.0)) < kTolerance);
 }
 
 TEST_CASE("a row whose keys are all masked gives zeros") {
@@ -106,9 +105,9 @@ TEST_CASE("float32 and bfloat16 compute with float32 accumulation") {
   const at::Tensor q = randn({B, H, M, d}), k = randn({B, H, N, d}),
                    v = randn({B, H, N, e});
   const at::Tensor allowed = at::ones({1, 1, 1, N}, at::kBool);
-  const at::Tensor expected = reference_attention(
-      q / q.norm(2, -1, true), k / k.norm(2, -1, true), v, allowed, true, 0.5,
-      1.0, 1.0);
+  const at::Tensor expected =
+      reference_attention(q / q.norm(2, -1, true), k / k.norm(2, -1, true), v,
+                          allowed, true, 0.5, 1.0, 1.0);
   for (auto dtype : {at::kFloat, at::kBFloat16}) {
     // The inputs' own rounding dominates: 2^-24 (float32) or 2^-8 (bfloat16)
     // relative per element, a few units of it in y of norm ~sqrt(N/d).
@@ -130,22 +129,21 @@ TEST_CASE("bad input raises a ValueError naming the problem") {
   REQUIRE_THROWS_AS(taylorshift::attention(q, k, v, {}, {}, {}, false, "fast"),
                     c10::ValueError);
   REQUIRE_THROWS_AS(
-      taylorshift::attention(q, k, v, {}, {}, {}, false, "auto", true, true,
-                             {}, taylorshift::Coefficients{0.5, 1.0, 0.4}),
+      taylorshift::attention(q, k, v, {}, {}, {}, false, "auto", true, true, {},
+                             taylorshift::Coefficients{0.5, 1.0, 0.4}),
       c10::ValueError);
-  REQUIRE_THROWS_AS(taylorshift::attention(q, k, v, {}, {}, {}, true,
-                                           "efficient"),
-                    c10::NotImplementedError);
   REQUIRE_THROWS_AS(
-      taylorshift::attention(q, k, v, {}, {}, at::zeros({3, 5})),
-      c10::TypeError);
+      taylorshift::attention(q, k, v, {}, {}, {}, true, "efficient"),
+      c10::NotImplementedError);
+  REQUIRE_THROWS_AS(taylorshift::attention(q, k, v, {}, {}, at::zeros({3, 5})),
+                    c10::TypeError);
 }
 
 TEST_CASE("the crossover is where the cost model switches") {
   for (int64_t d : {16, 32, 64}) {
     const int64_t n = taylorshift::crossover(d, c10::DeviceType::CPU);
     REQUIRE(taylorshift::prefer_efficient(n, n, d, d, c10::DeviceType::CPU));
-    REQUIRE_FALSE(
-        taylorshift::prefer_efficient(n - 1, n - 1, d, d, c10::DeviceType::CPU));
+    REQUIRE_FALSE(taylorshift::prefer_efficient(n - 1, n - 1, d, d,
+                                                c10::DeviceType::CPU));
   }
 }
