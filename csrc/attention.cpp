@@ -37,10 +37,12 @@ void check_tensors(const at::Tensor& q, const at::Tensor& k,
   for (const auto& [t, name] : named) {
     TORCH_CHECK_VALUE(t->dim() == 4, "taylorshift: ", name,
                       " must have 4 dimensions, got shape ", shape_string(*t));
-    TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()) &&
-                         t->scalar_type() != at::kFloat8_e4m3fn,
-                     "taylorshift: ", name, " must be a floating tensor, got ",
-                     t->scalar_type());
+    const auto dtype = t->scalar_type();
+    TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 ||
+                         dtype == at::kFloat || dtype == at::kDouble,
+                     "taylorshift: ", name,
+                     " must be float16, bfloat16, float32 or float64, got ",
+                     dtype);
   }
   TORCH_CHECK_TYPE(
       q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
