@@ -27,7 +27,7 @@ LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 # float64 agreement with the float64 reference. Both sides evaluate the same function in
 # float64 (unit roundoff 1.1e-16); with O(100) terms per sum the error is ~1e-14, so 1e-10 has
 # ample room and still fails for any real mistake (which shows up at 1e-3 or more).
-F64_TOL = dict(rtol=1e-10, atol=1e-10)
+F64_TOL = {"rtol": 1e-10, "atol": 1e-10}
 
 
 @pytest.fixture(params=DEVICES)

@@ -71,7 +71,7 @@ def test_direct_equals_efficient_float64(device, shape, masked):
 def test_reference_efficient_equals_reference_direct(masked):
     q, k, v, t = make_inputs(2, 2, 33, 70, 8, 6, seed=7)
     mask = random_key_padding_mask(2, 70) if masked else None
-    for options in [{}, dict(normalize=False, scale=0.3), dict(coefficients=(0.3, -0.5, 1.0))]:
+    for options in [{}, {"normalize": False, "scale": 0.3}, {"coefficients": (0.3, -0.5, 1.0)}]:
         direct = reference.direct(q, k, v, t, key_padding_mask=mask, **options)
         efficient = reference.efficient(q, k, v, t, key_padding_mask=mask, **options)
         torch.testing.assert_close(efficient, direct, rtol=1e-12, atol=1e-12)
@@ -151,7 +151,7 @@ def test_zero_temperature_gives_scaled_mean_of_valid_values(device, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_normalize_false_with_scale(device, mode):
     q, k, v, t = make_inputs(2, 2, 21, 23, 8, 4, device=device)
-    options = dict(normalize=False, scale=0.2)
+    options = {"normalize": False, "scale": 0.2}
     out = attention(q, k, v, t, mode=mode, **options)
     assert_matches_reference(out, q, k, v, t, **options)
     # The logits are tau * scale * q.k: folding the scale into q must give the same numbers.

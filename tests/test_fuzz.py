@@ -83,7 +83,7 @@ def test_fuzz_matches_reference_float64(device, problem):
     assert not out.isnan().any()
     # normalize=False logits are unbounded (|x| up to ~|tau| scale |q| |k|), so weights reach
     # ~1e3 and cancellation in den costs a few digits: relative 1e-9 instead of 1e-10.
-    tolerance = F64_TOL if options.get("normalize", True) else dict(rtol=1e-9, atol=1e-9)
+    tolerance = F64_TOL if options.get("normalize", True) else {"rtol": 1e-9, "atol": 1e-9}
     torch.testing.assert_close(out.cpu(), exact, **tolerance)
 
 

@@ -61,11 +61,11 @@ def test_causal_is_top_left_aligned_lower_triangle(device):
 @pytest.mark.parametrize("mode", ["direct", "auto"])
 def test_all_masks_combined(device, mode, causal):
     q, k, v, t = make_inputs(B, H, M, N, D, E, device=device)
-    options = dict(
-        key_padding_mask=random_key_padding_mask(B, N, device=device),
-        attn_mask=random_attn_mask(B, 1, M, N, device=device),
-        causal=causal,
-    )
+    options = {
+        "key_padding_mask": random_key_padding_mask(B, N, device=device),
+        "attn_mask": random_attn_mask(B, 1, M, N, device=device),
+        "causal": causal,
+    }
     out = attention(q, k, v, t, mode=mode, **options)
     assert_matches_reference(out, q, k, v, t, **options)
 
@@ -79,7 +79,7 @@ def test_auto_picks_direct_with_attn_mask_or_causal(device):
     )
     # ...with attn_mask or causal it must compute exactly what direct computes.
     mask = random_attn_mask(300, 300, device=device)
-    for options in [dict(attn_mask=mask), dict(causal=True)]:
+    for options in [{"attn_mask": mask}, {"causal": True}]:
         auto = attention(q, k, v, t, **options)
         torch.testing.assert_close(
             auto, attention(q, k, v, t, mode="direct", **options), rtol=0, atol=0
@@ -139,12 +139,12 @@ def test_all_masked_row_gives_zeros_and_finite_gradients(device, how):
     if how == "attn_mask":
         mask = random_attn_mask(B, H, M, N, device=device)
         mask[0, 1, 5] = True  # query 5 of (batch 0, head 1) may attend nothing
-        options = dict(attn_mask=mask)
+        options = {"attn_mask": mask}
         rows = [(0, 1, 5)]
     else:  # causal row i sees keys <= i; padding key 0 of batch 1 empties row 0 there
         mask = torch.zeros(B, N, dtype=torch.bool, device=device)
         mask[1, 0] = True
-        options = dict(causal=True, key_padding_mask=mask)
+        options = {"causal": True, "key_padding_mask": mask}
         rows = [(1, h, 0) for h in range(H)]
     out = attention(q, k, v, t, mode="direct", **options)
     assert not out.isnan().any()

@@ -11,15 +11,15 @@ from ts_testing import F64_TOL, random_attn_mask, random_key_padding_mask
 from taylorshift import TaylorShiftAttention, reference
 
 E, H, L, S, B = 12, 3, 7, 9, 2
-F64 = dict(dtype=torch.float64)
+F64 = {"dtype": torch.float64}
 
 CONFIGS = {
-    "default": dict(),
-    "no_bias": dict(bias=False),
-    "kdim_vdim": dict(kdim=5, vdim=7),
-    "bias_kv": dict(add_bias_kv=True),
-    "zero_attn": dict(add_zero_attn=True),
-    "everything": dict(kdim=5, vdim=7, add_bias_kv=True, add_zero_attn=True),
+    "default": {},
+    "no_bias": {"bias": False},
+    "kdim_vdim": {"kdim": 5, "vdim": 7},
+    "bias_kv": {"add_bias_kv": True},
+    "zero_attn": {"add_zero_attn": True},
+    "everything": {"kdim": 5, "vdim": 7, "add_bias_kv": True, "add_zero_attn": True},
 }
 
 
@@ -303,7 +303,7 @@ def test_normalize_and_output_scale_options():
     plain = TaylorShiftAttention(E, H, batch_first=True, output_scale=False, **F64)
     plain.load_state_dict(module.state_dict())
     query, key, value = _inputs({})
-    out, weights = module(query, key, value, average_attn_weights=False)
+    _out, weights = module(query, key, value, average_attn_weights=False)
     sd = module.state_dict()
     w_q, w_k, w_v = sd["in_proj_weight"].chunk(3)
     b_q, b_k, b_v = sd["in_proj_bias"].chunk(3)
@@ -313,7 +313,7 @@ def test_normalize_and_output_scale_options():
 
     q, k, v = heads(query @ w_q.T + b_q), heads(key @ w_k.T + b_k), heads(value @ w_v.T + b_v)
     t = module.temperature.detach()
-    for mod, options in [(module, dict(normalize=False)), (plain, dict(output_scale=False))]:
+    for mod, options in [(module, {"normalize": False}), (plain, {"output_scale": False})]:
         y = reference.direct(q, k, v, t, **options).transpose(1, 2).reshape(B, L, E)
         expected = y @ sd["out_proj.weight"].T + sd["out_proj.bias"]
         torch.testing.assert_close(mod(query, key, value)[0], expected, **F64_TOL)

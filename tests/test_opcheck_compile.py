@@ -46,9 +46,15 @@ def test_opcheck_attention(device, dtype, masked):
     kpm, attn = _masks(device, masked)
     op = torch.ops.taylorshift.attention.default
     for kwargs in [
-        dict(key_padding_mask=kpm, mode="efficient"),
-        dict(key_padding_mask=kpm, attn_mask=attn, causal=masked, mode="direct"),
-        dict(key_padding_mask=kpm, mode="auto", normalize=False, scale=0.5, output_scale=False),
+        {"key_padding_mask": kpm, "mode": "efficient"},
+        {"key_padding_mask": kpm, "attn_mask": attn, "causal": masked, "mode": "direct"},
+        {
+            "key_padding_mask": kpm,
+            "mode": "auto",
+            "normalize": False,
+            "scale": 0.5,
+            "output_scale": False,
+        },
     ]:
         _assert_opcheck(op, (q, k, v, t), kwargs)
 
@@ -56,7 +62,7 @@ def test_opcheck_attention(device, dtype, masked):
 def test_opcheck_attention_transposed_inputs(device):
     q, k, v = _inputs(device, torch.float64, requires_grad=True, layout="transposed")
     for mode in ["direct", "efficient"]:
-        _assert_opcheck(torch.ops.taylorshift.attention.default, (q, k, v), dict(mode=mode))
+        _assert_opcheck(torch.ops.taylorshift.attention.default, (q, k, v), {"mode": mode})
 
 
 LAYOUTS = ["contiguous", "transposed"]
@@ -137,24 +143,26 @@ def test_compile_module_fullgraph_matches_eager(mode):
             torch.testing.assert_close(grads[name], grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
+def _loss_and_grads(fn, inputs, mask):
+    for x in inputs:
+        x.grad = None
+    loss = fn(*inputs, mask)
+    loss.backward()
+    return [loss.detach()] + [x.grad.clone() for x in inputs]
+
+
+def _attention_loss(q, k, v, t, mask):
+    y = taylorshift.taylor_shift_attention(q, k, v, t, attn_mask=mask, causal=True)
+    return (y * y).sum()
+
+
 def test_compile_function_fullgraph_inductor_matches_eager():
     for device in DEVICES:
         torch._dynamo.reset()
-        q, k, v, t = make_inputs(2, 2, 9, 11, 4, 3, device=device, requires_grad=True)
+        inputs = make_inputs(2, 2, 9, 11, 4, 3, device=device, requires_grad=True)
         mask = random_attn_mask(9, 11, device=device)
-
-        def fn(q, k, v, t):
-            y = taylorshift.taylor_shift_attention(q, k, v, t, attn_mask=mask, causal=True)
-            return (y * y).sum()
-
-        def grads(f):
-            for x in (q, k, v, t):
-                x.grad = None
-            loss = f(q, k, v, t)
-            loss.backward()
-            return [loss.detach()] + [x.grad.clone() for x in (q, k, v, t)]
-
-        expected = grads(fn)
-        got = grads(torch.compile(fn, fullgraph=True))
-        for g, e in zip(got, expected):
+        expected = _loss_and_grads(_attention_loss, inputs, mask)
+        compiled = torch.compile(_attention_loss, fullgraph=True)
+        got = _loss_and_grads(compiled, inputs, mask)
+        for g, e in zip(got, expected, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
