@@ -1,4 +1,4 @@
-"""The main job: generate a short ListOps set, train TaylorShift and softmax on it on the CPU, compare.
+"""The main job: generate short ListOps, train TaylorShift and softmax on the CPU, compare.
 
     python -m experiments.lra.main_job --out runs/main
 
@@ -17,9 +17,9 @@ from .training.config import CONFIG_DIR
 
 SMOKE_CONFIG = CONFIG_DIR / "listops_smoke.json"
 NOTICE = (
-    "SMOKE-SIZE RUN: generated ListOps with 20 < length < 128 tokens, a 64-dim 2-layer 4-head model,\n"
-    "CPU, fp32. It exercises the whole pipeline; accuracies are not comparable to LRA's (see\n"
-    "experiments/README.md for the full-size GPU runs)."
+    "SMOKE-SIZE RUN: generated ListOps with 20 < length < 128 tokens, a 64-dim 2-layer\n"
+    "4-head model, CPU, fp32. It exercises the whole pipeline; accuracies are not comparable\n"
+    "to LRA's (see experiments/README.md for the full-size GPU runs)."
 )
 
 

@@ -1,4 +1,4 @@
-"""Turn result folders into the accuracy table (test accuracy, %, per task and attention), as markdown.
+"""Turn result folders into the accuracy table (test %, per task and attention), as markdown.
 
 python -m experiments.lra.summary runs/            # every results.json below runs/
 python -m experiments.lra.summary runs/a runs/b --runs --out table.md
@@ -66,7 +66,8 @@ def runs_table(results: list[dict]) -> str:
     for r in sorted(results, key=lambda r: (r["task"], attention_label(r), r["seed"])):
         lines.append(
             f"| {r['task']} | {attention_label(r)} | {r['seed']} | {r['steps']} | "
-            f"{100 * r['best_val_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} | {r['parameters']:,} | "
+            f"{100 * r['best_val_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} | "
+            f"{r['parameters']:,} | "
             f"{r['train_seconds']:.0f} | {r['folder']} |"
         )
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Train one LRA task with TaylorShift or softmax attention.
 
-    python -m experiments.lra.train --task listops --data-root data --attention taylorshift --out runs/listops-ts
+    python -m experiments.lra.train --task listops --data-root data --attention taylorshift
     torchrun --nproc_per_node 8 -m experiments.lra.train --task text --data-root data ...
 
 Writes to --out: config.json, metrics.csv (and tensorboard/ when installed), last.pt and best.pt
@@ -78,7 +78,7 @@ def _first(dataset, count):
 
 
 def run(args) -> dict | None:
-    """Trains and tests; returns the results dict on rank 0 (None elsewhere or when stopped early)."""
+    """Trains and tests; the results on rank 0, None on other ranks or when stopped early."""
     config = load_config(args.task, args.config)
     config = with_overrides(config, "model", attention=args.attention, mode=args.mode)
     config = with_overrides(
@@ -152,7 +152,8 @@ def main(argv=None) -> None:
         teardown_process()
     if results:
         print(
-            f"{results['task']} {results['attention']}: test accuracy {results['test_accuracy']:.4f} "
+            f"{results['task']} {results['attention']}: "
+            f"test accuracy {results['test_accuracy']:.4f} "
             f"(best val {results['best_val_accuracy']:.4f} at step {results['best_step']})"
         )
 

@@ -102,13 +102,15 @@ def test_generated_files_round_trip_through_the_loader(tmp_path):
     )
     data = load_task("listops", tmp_path, max_len=40)
     rows = [line.split("\t") for line in paths["train"].read_text().splitlines()[1:]]
-    for (source, target), (tokens, label) in zip(rows, data.train):
+    for (source, target), (tokens, label) in zip(rows, data.train, strict=True):
         expected = [LISTOPS_IDS[t] for t in source.replace("(", " ").replace(")", " ").split()]
         assert tokens[: len(expected)].tolist() == expected
         assert torch.all(tokens[len(expected) :] == 0) and int(label) == int(target)
 
 
 def test_cli_writes_the_release_layout(tmp_path):
-    generator.main(["--data-root", str(tmp_path), "--num-train", "4", "--num-val", "2", "--num-test", "2",
-                    "--min-length", "5", "--max-length", "30"])  # fmt: skip
+    sizes = ["--num-train", "4", "--num-val", "2", "--num-test", "2"]
+    generator.main(
+        ["--data-root", str(tmp_path), *sizes, "--min-length", "5", "--max-length", "30"]
+    )
     assert len(load_task("listops", tmp_path).train) == 4

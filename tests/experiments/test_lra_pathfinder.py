@@ -1,4 +1,4 @@
-"""Pathfinder-32: the generator against its own ground truth, and the loader on both metadata forms."""
+"""Pathfinder-32: the generator against its ground truth, the loader on both metadata forms."""
 
 import itertools
 import math
@@ -41,7 +41,7 @@ def test_snakes_do_not_touch_each_other():
         for i in range(len(strokes)):
             for j in range(i + 1, len(strokes)):
                 assert not (strokes[i] & strokes[j]).any(), f"snakes {i} and {j} overlap"
-        # Consecutive dashes of one snake are separate: gaps of about 1-2 px (ceil rounding varies them).
+        # Consecutive dashes of a snake are separate: gaps of about 1-2 px (rounding varies them).
         for snake in sample.snakes:
             for before, after in itertools.pairwise(snake):
                 assert 0.4 <= math.dist(before.end, after.start) <= 3.5
@@ -54,7 +54,7 @@ def test_pngs_and_metadata_agree_with_ground_truth(pathfinder_samples):
     )
     rows += parse_metadata(directory / "metadata" / "2.npy")
     assert len(rows) == len(samples) == 12
-    for row, sample in zip(rows, samples):
+    for row, sample in zip(rows, samples, strict=True):
         assert len(row) == 11 and row[5] == "14" and int(row[3]) == sample.label
         with Image.open(directory / row[0] / row[1]) as image:
             assert image.mode == "L" and image.size == (32, 32)
@@ -90,7 +90,7 @@ def test_loader_round_trips_both_metadata_forms(tmp_path, metadata_format):
     assert not data.pads and data.vocab_size == 256
     loaded = {}
     for dataset in (data.train, data.val, data.test):
-        for path, (tokens, label) in zip(dataset.paths, dataset):
+        for path, (tokens, label) in zip(dataset.paths, dataset, strict=True):
             loaded[path.relative_to(directory).as_posix()] = (tokens, int(label))
     assert len(loaded) == 10
     for index, sample in enumerate(samples):

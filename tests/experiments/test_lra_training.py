@@ -111,9 +111,10 @@ def test_summary_table_per_task_and_attention(tmp_path, capsys):
         ("c", "text", "softmax", 0.655),
     ]:
         (tmp_path / folder).mkdir()
-        result = {"task": task, "attention": attention, "mode": "auto" if attention == "taylorshift" else None,
-                  "test_accuracy": accuracy, "best_val_accuracy": accuracy, "seed": 0, "steps": 1,
-                  "parameters": 10, "train_seconds": 1.0}  # fmt: skip
+        mode = "auto" if attention == "taylorshift" else None
+        result = {"task": task, "attention": attention, "mode": mode, "test_accuracy": accuracy,
+                  "best_val_accuracy": accuracy, "seed": 0, "steps": 1, "parameters": 10,
+                  "train_seconds": 1.0}  # fmt: skip
         (tmp_path / folder / "results.json").write_text(json.dumps(result))
     summary.main([str(tmp_path), "--out", str(tmp_path / "table.md")])
     table = (tmp_path / "table.md").read_text()

@@ -9,5 +9,5 @@ class DataLayoutError(FileNotFoundError):
         super().__init__(
             f"{problem}: {path}\n"
             f"Expected layout under the data root:\n{expected_layout}\n"
-            "Nothing is downloaded at run time; see experiments/README.md for where to get the files."
+            "Nothing is downloaded at run time; experiments/README.md says where to get it."
         )

@@ -1,4 +1,6 @@
-"""CIFAR-10 as grayscale pixel sequences (LRA Image): cifar-10-batches-py/ or cifar-10-python.tar.gz.
+"""CIFAR-10 as grayscale pixel sequences (LRA Image).
+
+Read from cifar-10-batches-py/ or cifar-10-python.tar.gz.
 
 Read with our own pickle reader: torchvision md5-checks the batch files and would reject fixtures.
 """
@@ -79,7 +81,7 @@ def _read_batches(data_root: Path) -> dict[str, bytes]:
 
 
 def load_image(data_root, split: str = "lra") -> TaskData:
-    """split='lra': train[:90%] / train[90%:] / test, as LRA. split='full': all 50k train, test as val."""
+    """split='lra': train[:90%] / train[90%:] / test, as LRA; 'full': 50k train, test as val."""
     raw = _read_batches(Path(data_root))
     parsed = [parse_batch(content, source) for source, content in raw.items()]
     train_pixels = np.concatenate([pixels for pixels, _ in parsed[:-1]])

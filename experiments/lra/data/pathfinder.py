@@ -1,7 +1,8 @@
-"""Pathfinder-32 from LRA's layout: pathfinder32/<difficulty>/{imgs/<batch>/sample_<n>.png, metadata/<batch>.npy}.
+"""Pathfinder-32 from LRA's layout.
 
-Metadata files are plain text rows in the LRA release but real .npy string arrays when written by the
-upstream generator; each file is sniffed and read either way.
+pathfinder32/<difficulty>/{imgs/<batch>/sample_<n>.png, metadata/<batch>.npy}. Metadata files are
+plain text rows in the LRA release but real .npy string arrays when written by the upstream
+generator; each file is sniffed and read either way.
 """
 
 import io
@@ -20,8 +21,8 @@ DIFFICULTIES = {6: "curv_baseline", 9: "curv_contour_length_9", 14: "curv_contou
 DEFAULT_DIFFICULTY = "curv_contour_length_14"
 LAYOUT = (
     "  pathfinder32/<difficulty>/imgs/<batch>/sample_<n>.png   (32x32 8-bit grayscale)\n"
-    "  pathfinder32/<difficulty>/metadata/<batch>.npy   (text rows or a .npy string array; fields:\n"
-    "    imgs/<batch> sample_<n>.png <n> <label> <continuity> <contour_length> ...)\n"
+    "  pathfinder32/<difficulty>/metadata/<batch>.npy   (text rows or a .npy string array;\n"
+    "    fields: imgs/<batch> sample_<n>.png <n> <label> <continuity> <contour_length> ...)\n"
     f"  with <difficulty> one of {', '.join(DIFFICULTIES.values())}"
 )
 SIDE = 32
@@ -70,7 +71,7 @@ def read_pathfinder_index(directory: Path):
 
 
 class PathfinderDataset(Dataset):
-    """Decodes PNGs lazily: the full set is 200k files. Items are (LongTensor[1024] pixels, label)."""
+    """Decodes PNGs lazily (the full set is 200k files); items are (LongTensor[1024], label)."""
 
     def __init__(self, paths: list[Path], labels: list[int]):
         self.paths = paths

@@ -1,4 +1,4 @@
-"""Byte-level AAN document matching (LRA Retrieval): tsv_data/new_aan_pairs.{train,eval,test}.tsv."""
+"""Byte-level AAN document matching (LRA Retrieval): tsv_data/new_aan_pairs.*.tsv."""
 
 from pathlib import Path
 
@@ -7,7 +7,9 @@ from .encoding import BYTE_VOCAB_SIZE, encode_bytes
 from .errors import DataLayoutError
 
 LAYOUT = (
-    "  tsv_data/new_aan_pairs.train.tsv\n  tsv_data/new_aan_pairs.eval.tsv\n  tsv_data/new_aan_pairs.test.tsv\n"
+    "  tsv_data/new_aan_pairs.train.tsv\n"
+    "  tsv_data/new_aan_pairs.eval.tsv\n"
+    "  tsv_data/new_aan_pairs.test.tsv\n"
     "  (no header; five tab-separated columns: label, id1, id2, text1, text2)"
 )
 MAX_LEN = 4000
@@ -36,9 +38,8 @@ def read_aan_tsv(path: Path, max_len: int = MAX_LEN):
                 if label not in (0, 1):
                     raise ValueError(f"label {label}")
             except ValueError as error:
-                raise DataLayoutError(
-                    f"Malformed Retrieval row at line {line_number} ({error})", path, LAYOUT
-                )
+                problem = f"Malformed Retrieval row at line {line_number} ({error})"
+                raise DataLayoutError(problem, path, LAYOUT) from error
             first.append(encode_bytes(fields[3][:max_len]))
             second.append(encode_bytes(fields[4][:max_len]))
             labels.append(label)

@@ -41,7 +41,7 @@ def _reviews_from_tar(archive: Path):
 
 
 def read_imdb(data_root, max_len: int = MAX_LEN):
-    """Returns {split: (byte-id arrays, labels)} for train and test; reviews keep only max_len bytes."""
+    """Returns {split: (byte-id arrays, labels)} for train and test, cut to max_len bytes."""
     root = Path(data_root)
     directory = root / "aclImdb"
     archives = [root / "aclImdb_v1.tar.gz", root / "aclImdb_v1.tar"]

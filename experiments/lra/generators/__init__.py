@@ -1,1 +1,1 @@
-"""Generators writing data in the released LRA formats (ListOps, Pathfinder) and synthetic stand-ins."""
+"""Generators writing the released LRA formats (ListOps, Pathfinder), and synthetic stand-ins."""

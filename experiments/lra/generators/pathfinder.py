@@ -1,12 +1,13 @@
 """Pathfinder-32 generator writing LRA's layout (lra.md section 3).
 
-    python -m experiments.lra.generators.pathfinder --data-root data --contour-length 14 --num-images 200000
+    python -m experiments.lra.generators.pathfinder --data-root data --contour-length 14
 
 writes <data-root>/pathfinder32/<difficulty>/imgs/<batch>/sample_<n>.png (32x32, mode L) and
 metadata/<batch>.npy with one row per image:
 imgs/<batch> sample_<n>.png <n> <label> <continuity> <contour_length> <distractor_length>
 <paddle_length> <paddle_thickness> <margin> <num_paddle_contrasts>
-as plain text (the LRA release's form, default) or as a real .npy string array (--metadata-format npy).
+as plain text (the LRA release's form, default) or as a real .npy string array
+(--metadata-format npy).
 Batch b draws from numpy's default_rng([seed, b]), so batches can be made in parallel and any one
 regenerated alone.
 """
@@ -55,7 +56,7 @@ def generate_batch(
     seed: int,
     metadata_format: str,
 ) -> list[PathfinderSample]:
-    """Writes one batch of PNGs and its metadata file; returns the samples with their ground truth."""
+    """Writes one batch of PNGs and its metadata; returns the samples with their ground truth."""
     rng = np.random.default_rng([seed, batch])
     image_dir = directory / "imgs" / str(batch)
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ def write_pathfinder(
     ]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            batches = list(pool.map(generate_batch, *zip(*jobs)))
+            batches = list(pool.map(generate_batch, *zip(*jobs, strict=True)))
     else:
         batches = [generate_batch(*job) for job in jobs]
     return directory, [sample for batch in batches for sample in batch]

@@ -1,4 +1,4 @@
-"""Paddles, snakes and occupancy for the Pathfinder generator (lra.md section 3.2), at 1x on a pixel grid.
+"""Paddles, snakes and occupancy for the Pathfinder generator (lra.md section 3.2), at 1x.
 
 Points are (y, x) floats; pixel (i, j) has its centre at (i, j). A paddle is a 2-px dash; its
 footprint (the dash dilated by the margin) is what other paddles may not overlap.
@@ -22,7 +22,7 @@ class Paddle:
 
 
 class Grid:
-    """Distance fields and occupancy on a size x size image with a blocked border of `padding` pixels."""
+    """Distance fields and occupancy on the image; a border of `padding` pixels is blocked."""
 
     def __init__(self, size: int, padding: int, margin: int, thickness: float):
         self.size, self.padding = size, padding
@@ -70,9 +70,9 @@ def dilate(mask: np.ndarray) -> np.ndarray:
 class Snake:
     """A contour under construction: its paddles, and the pivot and heading the next one grows from.
 
-    Paddles run along the snake (start towards end). `pending` is the footprint of the newest paddle:
-    it joins the shared occupancy only when the next paddle is placed, so consecutive dashes of one
-    snake do not block each other.
+    Paddles run along the snake (start towards end). `pending` is the footprint of the newest
+    paddle: it joins the shared occupancy only when the next paddle is placed, so consecutive
+    dashes of one snake do not block each other.
     """
 
     paddles: list[Paddle]

@@ -59,7 +59,7 @@ def _random_angle(rng: np.random.Generator) -> float:
 
 
 def _seed(settings: PathfinderSettings, grid: Grid, tail, angle: float, blocked: np.ndarray | None):
-    """A snake's first paddle from `tail` along `angle`, or None if it leaves the image or is blocked."""
+    """A first paddle from `tail` along `angle`; None if it leaves the image or is blocked."""
     length, margin = settings.paddle_length, settings.paddle_margin
     tail = np.asarray(tail, dtype=np.float64)
     head = tail + length * unit(angle)

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-NOTICE = "SYNTHETIC smoke-test data written by experiments.lra.generators.synthetic; not the real dataset.\n"
+NOTICE = (
+    "SYNTHETIC smoke-test data written by experiments.lra.generators.synthetic;"
+    " not the real dataset.\n"
+)
 FILLER = [
     "the",
     "a",
@@ -68,7 +71,7 @@ def _document(rng: np.random.Generator, key: str, length: int) -> str:
 
 
 def write_retrieval(data_root, rows: dict | None = None, length: int = 200, seed: int = 0) -> Path:
-    """tsv_data/new_aan_pairs.{train,eval,test}.tsv: label 1 iff both documents cite the same key."""
+    """tsv_data/new_aan_pairs.*.tsv: label 1 iff both documents cite the same key."""
     rng = np.random.default_rng(seed)
     rows = rows or {"train": 400, "eval": 100, "test": 100}
     directory = Path(data_root) / "tsv_data"
@@ -89,7 +92,7 @@ def write_retrieval(data_root, rows: dict | None = None, length: int = 200, seed
 
 
 def _pattern_images(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
-    """Class k is a grating at angle 18k degrees, with random phase, colour and noise; (N, 3072) uint8."""
+    """Class k: a grating at 18k degrees, random phase, colour and noise; (N, 3072) uint8."""
     rows, cols = np.mgrid[0:32, 0:32]
     angles = np.deg2rad(18 * labels)[:, None, None]
     phase = rng.uniform(0, 2 * np.pi, len(labels))[:, None, None]
@@ -100,7 +103,7 @@ def _pattern_images(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
 
 
 def write_image(data_root, per_batch: int = 100, test_size: int = 100, seed: int = 0) -> Path:
-    """cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} pickles (protocol 2, bytes keys)."""
+    """cifar-10-batches-py/ pickles (protocol 2, bytes keys), as the release."""
     rng = np.random.default_rng(seed)
     directory = Path(data_root) / "cifar-10-batches-py"
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """Multi-head self-attention with the attention function as the only moving part.
 
 Both kinds share projections and layout, so a comparison measures the attention function alone:
-TaylorShift through taylorshift.taylor_shift_attention, softmax through F.scaled_dot_product_attention.
+TaylorShift through taylorshift.taylor_shift_attention, softmax through
+F.scaled_dot_product_attention.
 """
 
 import torch

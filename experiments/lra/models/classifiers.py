@@ -17,7 +17,7 @@ class SequenceClassifier(nn.Module):
 
 
 class PairClassifier(nn.Module):
-    """LRA's two-tower matching model: both documents through one encoder, then classifier_head_dual.
+    """LRA's two-tower matching model: one shared encoder, then classifier_head_dual.
 
     interaction='concat' feeds [u, v] (LRA's code default); 'nli' feeds [u, v, u*v, u-v].
     """
@@ -62,7 +62,8 @@ def _stack_padded(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 def build_model(
     model_config: dict, vocab_size: int, max_len: int, num_classes: int, pads: bool, pair: bool
 ):
-    """model_config: dim, depth, heads, mlp_ratio, dropout, pooling, attention, mode (+ mlp_dim, interaction)."""
+    """model_config: dim, depth, heads, mlp_ratio, dropout, pooling, attention, mode;
+    for pairs also mlp_dim and interaction."""
     encoder = Encoder(
         vocab_size=vocab_size,
         max_len=max_len,

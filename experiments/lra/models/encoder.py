@@ -1,4 +1,4 @@
-"""A pre-norm Transformer encoder over token ids, with sinusoidal positions and CLS or mean pooling."""
+"""A pre-norm Transformer encoder over token ids: sinusoidal positions, CLS or mean pooling."""
 
 import math
 

@@ -1,1 +1,1 @@
-"""Pieces of the training script: config, distributed setup, sampling, checkpoints, metrics, the loop."""
+"""The training script's parts: config, processes, batches, checkpoints, metrics, the loop."""

@@ -9,7 +9,7 @@ from .distributed import ProcessContext
 
 
 def epoch_order(num_items: int, seed: int, epoch: int, context: ProcessContext) -> list[int]:
-    """This rank's share of a seeded shuffle; padded like DistributedSampler so ranks stay in step."""
+    """This rank's share of a seeded shuffle, padded (as DistributedSampler) to keep ranks in step."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(num_items, generator=generator).tolist()
     total = math.ceil(num_items / context.world_size) * context.world_size
@@ -25,7 +25,7 @@ def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
 
 def make_collate(pads: bool):
     def collate(items):
-        *token_tensors, labels = (torch.stack(column) for column in zip(*items))
+        *token_tensors, labels = (torch.stack(column) for column in zip(*items, strict=True))
         if pads:
             token_tensors = [trim_padding(tokens) for tokens in token_tensors]
         return (*token_tensors, labels)

@@ -28,7 +28,7 @@ def restore_rng(state: dict) -> None:
 
 
 def save_atomic(payload: dict, path: Path) -> None:
-    """Writes to a temporary file in the same directory, then renames: readers never see half a file."""
+    """Writes a temporary file in the same directory, then renames: no reader sees half a file."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(payload, temporary)

@@ -1,4 +1,4 @@
-"""The training loop: steps, periodic validation, best/last checkpoints, exact resume, final test."""
+"""The training loop: steps, validation, best/last checkpoints, exact resume, final test."""
 
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +26,7 @@ class Progress:
     batch_in_epoch: int = 0
     best_val_accuracy: float = -1.0
     best_step: int = 0
-    # Train loss and accuracy summed since the last log line, so a resumed run logs the same numbers.
+    # Train loss and accuracy summed since the last log row: a resumed run logs the same numbers.
     window_loss: float = 0.0
     window_correct: int = 0
     window_count: int = 0
@@ -120,7 +120,8 @@ class Trainer:
         checkpoint = load_checkpoint(self.last_path, self.context.device)
         if checkpoint["world_size"] != self.context.world_size:
             raise ValueError(
-                f"{self.last_path} was written by {checkpoint['world_size']} processes; resume with as many"
+                f"{self.last_path} was written by {checkpoint['world_size']} processes;"
+                " resume with as many"
             )
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])

@@ -1,4 +1,4 @@
-"""Mixed precision on GPU: bf16 autocast, or fp16 autocast with a gradient scaler. CPU runs in fp32."""
+"""Mixed precision on GPU: bf16 autocast, or fp16 autocast with a gradient scaler; CPU uses fp32."""
 
 import contextlib
 
