@@ -9,7 +9,7 @@ from .distributed import ProcessContext
 
 
 def epoch_order(num_items: int, seed: int, epoch: int, context: ProcessContext) -> list[int]:
-    """This rank's share of a seeded shuffle, padded (as DistributedSampler) to keep ranks in step."""
+    """This rank's share of a seeded shuffle, padded (as DistributedSampler) so ranks keep step."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(num_items, generator=generator).tolist()
     total = math.ceil(num_items / context.world_size) * context.world_size
