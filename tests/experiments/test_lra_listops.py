@@ -114,3 +114,12 @@ def test_cli_writes_the_release_layout(tmp_path):
         ["--data-root", str(tmp_path), *sizes, "--min-length", "5", "--max-length", "30"]
     )
     assert len(load_task("listops", tmp_path).train) == 4
+
+
+def test_default_lengths_and_labels_match_lra_statistics():
+    # lra.md reports mean ~1080 tokens and labels skewed to 0 and 9 (MIN and MAX) for LRA's defaults.
+    rows = generator.generate_dataset(300, min_length=500, max_length=2000, seed=0)
+    lengths = [len(source.replace("(", " ").replace(")", " ").split()) for source, _ in rows]
+    assert 950 < statistics.mean(lengths) < 1250 and 500 < min(lengths) and max(lengths) < 2000
+    counts = [sum(target == label for _, target in rows) for label in range(10)]
+    assert min(counts[0], counts[9]) > max(counts[1:9])
