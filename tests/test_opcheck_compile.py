@@ -124,7 +124,8 @@ def _grads_and_out(model, x, mask):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-# One compile per mode (compile takes ~10 s on two cores); the device loop stays inside.
+# One compile per test (an inductor compile takes ~10-15 s cold on two cores); the device loop
+# stays inside.
 @pytest.mark.parametrize("mode", ["direct", "efficient"])
 def test_compile_module_fullgraph_matches_eager(mode):
     for device in DEVICES:
@@ -136,7 +137,7 @@ def test_compile_module_fullgraph_matches_eager(mode):
         x = torch.randn(2, 9, 6, dtype=torch.float64, device=device)
         mask = random_key_padding_mask(2, 9, device=device)
         eager_out, eager_grads = _grads_and_out(model, x, mask)
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        compiled = torch.compile(model, fullgraph=True)
         out, grads = _grads_and_out(compiled, x, mask)
         torch.testing.assert_close(out, eager_out, rtol=1e-12, atol=1e-12)
         for name, grad in eager_grads.items():
@@ -166,3 +167,36 @@ def test_compile_function_fullgraph_inductor_matches_eager():
         got = _loss_and_grads(compiled, inputs, mask)
         for g, e in zip(got, expected, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_compile_module_forward_only_fullgraph_matches_eager():
+    # Inference only (no backward graph), so independent of the backward operators.
+    for device in DEVICES:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = TinyModel("auto").to(device=device, dtype=torch.float64).eval()
+        x = torch.randn(2, 9, 6, dtype=torch.float64, device=device)
+        mask = random_key_padding_mask(2, 9, device=device)
+        with torch.no_grad():
+            expected = model(x, mask)
+            got = torch.compile(model, fullgraph=True)(x, mask)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def _padded_loss(q, k, v, t, mask):
+    y = taylorshift.taylor_shift_attention(q, k, v, t, key_padding_mask=mask, mode="efficient")
+    return (y * y).sum()
+
+
+def test_compile_dynamic_shapes_fullgraph_matches_eager():
+    # The Meta kernels use symbolic sizes: one dynamic graph serves several sequence lengths.
+    for device in DEVICES:
+        torch._dynamo.reset()
+        compiled = torch.compile(_padded_loss, fullgraph=True, dynamic=True, backend="aot_eager")
+        for keys in (11, 17, 30):
+            inputs = make_inputs(2, 2, 5, keys, 4, 3, device=device, requires_grad=True)
+            mask = random_key_padding_mask(2, keys, device=device)
+            expected = _loss_and_grads(_padded_loss, inputs, mask)
+            got = _loss_and_grads(compiled, inputs, mask)
+            for g, e in zip(got, expected, strict=True):
+                torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
