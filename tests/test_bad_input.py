@@ -220,3 +220,24 @@ def test_algorithm_ops_check_their_inputs(qkv):
     with pytest.raises(ValueError, match=r"attn_mask must be \(B, H, M, N\)"):
         mask = torch.zeros(M, N, dtype=torch.bool, device=q.device)
         torch.ops.taylorshift.direct_forward(q, k, v, None, mask, False, True, 0.5, 1.0, 1.0)
+
+
+# The meta device stands in for "another device", so these run on CPU-only machines too.
+def test_tensors_on_different_devices(qkv):
+    q, k, v = qkv
+    with pytest.raises(ValueError, match="q, k, v must be on the same device"):
+        call(q, k.to("meta"), v.to("meta"))
+
+
+def test_temperature_on_other_device(qkv):
+    with pytest.raises(ValueError, match="temperature is on meta"):
+        call(*qkv, torch.ones(H, dtype=torch.float64, device="meta"))
+
+
+def test_masks_on_other_device(qkv):
+    kpm = torch.zeros(B, N, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="key_padding_mask is on meta"):
+        call(*qkv, key_padding_mask=kpm)
+    attn = torch.zeros(M, N, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="attn_mask is on meta"):
+        call(*qkv, attn_mask=attn, mode="direct")

@@ -4,6 +4,7 @@ float32 gradients against float64 reference gradients, and gradients through the
 import pytest
 import torch
 from ts_testing import (
+    LOW_PRECISION,
     MODES,
     make_inputs,
     max_error,
@@ -81,11 +82,12 @@ def _grads(q, k, v, t, fn, seed=0):
     return [x.grad for x in inputs]
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "key_padding_mask"])
 @pytest.mark.parametrize("mode", MODES)
-def test_float32_gradients_vs_float64_reference(device, mode, masked):
+def test_low_precision_gradients_vs_float64_reference(device, mode, masked, dtype):
     shape = (2, 2, 65, 70, 8, 6)
-    q, k, v, t = make_inputs(*shape, dtype=torch.float32, device=device, seed=4)
+    q, k, v, t = make_inputs(*shape, dtype=dtype, device=device, seed=4)
     mask = random_key_padding_mask(2, 70, device=device) if masked else None
 
     def ours(q, k, v, t):
@@ -97,13 +99,14 @@ def test_float32_gradients_vs_float64_reference(device, mode, masked):
         )
 
     exact = _grads(*(x.cpu().double() for x in (q, k, v, t)), ref)
-    torch32 = _grads(q, k, v, t, ref)
+    torch_low = _grads(q, k, v, t, ref)
     mine = _grads(q, k, v, t, ours)
-    for name, g, g_ref, g_exact in zip("qkvt", mine, torch32, exact):
-        assert g.dtype == torch.float32
-        # As for the forward (conftest.assert_matches_reference): 2x PyTorch's own float32
-        # error, plus two float32 ulps of the gradient's scale.
-        bound = 2 * max_error(g_ref, g_exact) + 2 * 1.2e-7 * g_exact.abs().max().item()
+    ulp = torch.finfo(dtype).eps
+    for name, g, g_ref, g_exact in zip("qkvt", mine, torch_low, exact, strict=True):
+        assert g.dtype == dtype
+        # As for the forward (conftest.assert_matches_reference): 2x PyTorch's own error in
+        # this dtype, plus two ulps of the gradient's scale.
+        bound = 2 * max_error(g_ref, g_exact) + 2 * ulp * g_exact.abs().max().item()
         error = max_error(g, g_exact)
         assert error <= bound, f"grad {name}: {error:.3e} > {bound:.3e}"
 

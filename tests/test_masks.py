@@ -5,6 +5,7 @@ import pytest
 import torch
 from ts_testing import (
     F64_TOL,
+    LOW_PRECISION,
     MODES,
     assert_matches_reference,
     attention,
@@ -156,3 +157,15 @@ def test_all_masked_row_gives_zeros_and_finite_gradients(device, how):
         assert grad.isfinite().all()
     for row in rows:
         assert (q.grad[row] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_masks_low_precision(device, dtype):
+    q, k, v, t = make_inputs(B, H, M, 257, D, E, dtype=dtype, device=device, seed=9)
+    options = {
+        "key_padding_mask": random_key_padding_mask(B, 257, device=device),
+        "attn_mask": random_attn_mask(B, H, M, 257, device=device),
+        "causal": True,
+    }
+    out = attention(q, k, v, t, mode="direct", **options)
+    assert_matches_reference(out, q, k, v, t, **options)
