@@ -166,20 +166,24 @@ __device__ void block_mma(const Op* A, int lda, const Op* B, int ldb, Acc* C,
 #endif
   } else {
     // FMA path: each thread owns a 4 x 4 block of C, so every shared-memory
-    // load feeds four multiply-adds.
+    // load feeds four multiply-adds. float32 operands are summed in double
+    // within a call: the call's k terms then cost one float rounding, not k,
+    // which keeps the long state sums of the efficient algorithm within the
+    // error of PyTorch's blocked float32 matrix products.
+    using Sum = std::conditional_t<std::is_same_v<Op, float>, double, Acc>;
     const int tiles_n = n / 4;
     const int tiles = (m / 4) * tiles_n;
     for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
       const int i0 = t / tiles_n * 4;
       const int j0 = t % tiles_n * 4;
-      Acc s[4][4];
+      Sum s[4][4];
 #pragma unroll
       for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj)
-          s[ii][jj] = accumulate ? C[(i0 + ii) * ldc + j0 + jj] : Acc(0);
+          s[ii][jj] = accumulate ? Sum(C[(i0 + ii) * ldc + j0 + jj]) : Sum(0);
       for (int kk = 0; kk < k; ++kk) {
-        Acc av[4], bv[4];
+        Sum av[4], bv[4];
 #pragma unroll
         for (int ii = 0; ii < 4; ++ii)
           av[ii] = Num<Op>::widen(kATrans ? A[kk * lda + i0 + ii]
@@ -196,7 +200,8 @@ __device__ void block_mma(const Op* A, int lda, const Op* B, int ldb, Acc* C,
 #pragma unroll
       for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
-        for (int jj = 0; jj < 4; ++jj) C[(i0 + ii) * ldc + j0 + jj] = s[ii][jj];
+        for (int jj = 0; jj < 4; ++jj)
+          C[(i0 + ii) * ldc + j0 + jj] = static_cast<Acc>(s[ii][jj]);
     }
   }
 }
@@ -300,6 +305,15 @@ void allow_shared_memory(Kernel kernel, size_t bytes) {
 }
 
 size_t max_shared_memory();
+
+// A gradient computed contiguous, returned with the strides of
+// at::empty_like(input), the layout the Meta kernels promise.
+inline at::Tensor like_input(const at::Tensor& input,
+                             const at::Tensor& computed) {
+  at::Tensor result = at::empty_like(input);
+  if (result.strides() == computed.strides()) return computed;
+  return result.copy_(computed);
+}
 
 // The largest tile in {64, 32, 16} whose shared memory (`bytes(tile)`) fits
 // the device; fails with the sizes when even 16 does not.

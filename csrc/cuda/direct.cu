@@ -392,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   at::Tensor grad_q = at::empty_like(qc), grad_k = at::empty_like(kc),
              grad_v = at::empty_like(vc);
   if (q.numel() == 0 || k.numel() == 0) {
-    return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
+    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
   }
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          attn_mask, causal, output_scale);
@@ -434,7 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
-  return {grad_q, grad_k, grad_v};
+  return {like_input(q, grad_q), like_input(k, grad_k), like_input(v, grad_v)};
 }
 
 }  // namespace

@@ -43,6 +43,7 @@ struct EfficientArgs {
   const T* y;           // v (key side) or grad_out (query side)
   const Acc* scalars;   // backward: (B, H, M, 2) = (rs, dl)
   const Acc* state;     // apply / contract: state or dS, (B, H, F, e + 1)
+  Acc state_scale;      // apply: 2^-ceil(log2 N), see efficient_apply_kernel
   int64_t heads, tokens, features;
   int d, e, tile;
   Mask mask;  // key padding only
@@ -118,6 +119,13 @@ __device__ Acc value_row_entry(const EfficientArgs<T, Acc>& p, int64_t bh,
   }
 }
 
+// The forward's products take their operands in the input dtype (psi(k), v
+// and phi(q) are bounded by the inputs; the state is scaled, see the apply
+// kernel), so fp16 keeps its 11-bit mantissa there. dz and dS in the
+// backward scale with 1/den and the loss: bfloat16 (common.cuh).
+template <typename T, bool kQuery>
+using ReduceOperand = std::conditional_t<kQuery, typename Num<T>::derived, T>;
+
 struct ReduceSmem {
   size_t x, feat, y, r, ls, ms, coef, total;
   TS_HOST_DEVICE ReduceSmem(int tile, int d, int e, int op_bytes,
@@ -140,7 +148,7 @@ struct ReduceSmem {
 template <typename T, typename Acc, bool kQuery>
 __global__ void __launch_bounds__(kThreads)
     feature_reduce_kernel(EfficientArgs<T, Acc> p, int64_t chunk, Acc* out) {
-  using Op = typename Num<T>::derived;
+  using Op = ReduceOperand<T, kQuery>;
   extern __shared__ __align__(128) unsigned char smem[];
   const int tile = p.tile, d = p.d, e1 = p.e + 1, e1p = round16(p.e + 1);
   const ReduceSmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc));
@@ -223,10 +231,14 @@ struct ApplySmem {
 };
 
 // z = phi(Q_I) state, one tile of queries; then den and the output.
+// The state holds sums over up to N keys, beyond fp16's range for long
+// sequences: it enters the product multiplied by state_scale = 2^-ceil(log2 N)
+// (a mean-like magnitude, exact in binary), which cancels in z[1:] / z[0] and
+// is divided out of den.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads)
     efficient_apply_kernel(EfficientArgs<T, Acc> p, T* out, Acc* den) {
-  using Op = typename Num<T>::derived;
+  using Op = T;
   extern __shared__ __align__(128) unsigned char smem[];
   const int tile = p.tile, d = p.d, e1 = p.e + 1, e1p = round16(p.e + 1);
   const ApplySmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc));
@@ -248,7 +260,13 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t f0 = 0; f0 < p.features; f0 += kFeatureTile) {
     __syncthreads();  // the previous product is done with fs, ss, the table
     feature_table(f0, d, p.features, true, p.a, p.b, p.c, ls, ms, coef);
-    load_tile(ss, ld_s, state, p.features, e1, f0, kFeatureTile, e1p);
+    for (int idx = threadIdx.x; idx < kFeatureTile * e1p; idx += blockDim.x) {
+      const int r = idx / e1p, col = idx % e1p;
+      const int64_t f = f0 + r;
+      ss[r * ld_s + col] = Num<Op>::narrow(
+          f < p.features && col < e1 ? state[f * e1 + col] * p.state_scale
+                                     : Acc(0));
+    }
     __syncthreads();
     for (int idx = threadIdx.x; idx < tile * kFeatureTile;
          idx += blockDim.x) {
@@ -269,7 +287,7 @@ __global__ void __launch_bounds__(kThreads)
     const Acc scale = p.sigma.at(b, h, i) * safe_reciprocal(row_sum);
     const int64_t row = bh * p.tokens + i;
     out[row * p.e + col] = Num<T>::narrow(zs[r * ld_z + 1 + col] * scale);
-    if (col == 0) den[row] = row_sum;
+    if (col == 0) den[row] = row_sum / p.state_scale;
   }
 }
 
@@ -482,7 +500,7 @@ EfficientArgs<T, Acc> make_args(const at::Tensor& x, const at::Tensor& y,
 // that the grid holds a few waves of blocks even for small batch * heads.
 template <typename T, typename Acc, bool kQuery>
 void feature_reduce(EfficientArgs<T, Acc> args, at::Tensor& out) {
-  using Op = typename Num<T>::derived;
+  using Op = ReduceOperand<T, kQuery>;
   const auto bytes = [&](int tile) {
     return ReduceSmem(tile, args.d, args.e, sizeof(Op), sizeof(Acc)).total;
   };
@@ -545,15 +563,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
       at::kHalf, at::kBFloat16, q.scalar_type(), "efficient_forward_cuda", [&] {
         using T = typename Native<scalar_t>::type;
         using Acc = typename Num<T>::acc;
-        using Op = typename Num<T>::derived;
         feature_reduce<T, Acc, false>(
             make_args<T, Acc>(kc, vc, vc, mask, a, b, c), state);
         if (q.size(2) == 0) return;
         auto args = make_args<T, Acc>(qc, vc, vc, mask, a, b, c);
         args.state = state.data_ptr<Acc>();
+        args.state_scale = static_cast<Acc>(std::ldexp(
+            1.0, -static_cast<int>(std::ceil(std::log2(std::max<double>(
+                     1.0, static_cast<double>(k.size(2))))))));
         args.sigma = row_values<Acc>(sigma);
         const auto bytes = [&](int tile) {
-          return ApplySmem(tile, args.d, args.e, sizeof(Op), sizeof(Acc))
+          return ApplySmem(tile, args.d, args.e, sizeof(T), sizeof(Acc))
               .total;
         };
         args.tile = pick_tile("taylorshift::efficient_forward", bytes);
@@ -591,7 +611,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
   at::Tensor grad_q = at::empty_like(qc), grad_k = at::empty_like(kc),
              grad_v = at::empty_like(vc);
   if (q.numel() == 0 || k.numel() == 0) {
-    return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
+    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
   }
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          std::nullopt, false, output_scale);
@@ -638,7 +658,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
-  return {grad_q, grad_k, grad_v};
+  return {like_input(q, grad_q), like_input(k, grad_k), like_input(v, grad_v)};
 }
 
 }  // namespace
