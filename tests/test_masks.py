@@ -169,3 +169,14 @@ def test_masks_low_precision(device, dtype):
     }
     out = attention(q, k, v, t, mode="direct", **options)
     assert_matches_reference(out, q, k, v, t, **options)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_padded_keys_get_exactly_zero_gradients(device, mode):
+    q, k, v, t = make_inputs(B, H, M, 257, D, E, device=device, requires_grad=True)
+    mask = random_key_padding_mask(B, 257, device=device)
+    out = attention(q, k, v, t, key_padding_mask=mask, mode=mode)
+    out.backward(torch.randn_like(out))
+    padded = mask.view(B, 1, 257).expand(B, H, 257)
+    assert (k.grad[padded] == 0).all() and (v.grad[padded] == 0).all()
+    assert (k.grad[~padded] != 0).any() and (v.grad[~padded] != 0).any()

@@ -319,3 +319,32 @@ def test_normalize_and_output_scale_options():
         torch.testing.assert_close(mod(query, key, value)[0], expected, **F64_TOL)
     expected_weights = reference.taylor_softmax_weights(q, k, t, normalize=False)
     torch.testing.assert_close(weights, expected_weights, **F64_TOL)
+
+
+def test_all_options_with_3d_attn_mask_and_key_padding(device):
+    config = CONFIGS["everything"]
+    module = _randomize(
+        TaylorShiftAttention(E, H, batch_first=True, device=device, **F64, **config)
+    )
+    query, key, value = _inputs(config, device)
+    kpm = random_key_padding_mask(B, S, device=device)
+    mask = random_attn_mask(B * H, L, S, device=device)
+    out, weights = module(
+        query, key, value, key_padding_mask=kpm, attn_mask=mask, average_attn_weights=False
+    )
+    expected, expected_weights = _hand(module, query, key, value, kpm=kpm, attn_mask=mask)
+    # bias_k and the zero key are appended after the S keys, and every query may attend them.
+    assert weights.shape == (B, H, L, S + 2)
+    torch.testing.assert_close(out, expected, **F64_TOL)
+    torch.testing.assert_close(weights, expected_weights, **F64_TOL)
+    assert (weights[..., S:] > 0).all()
+
+
+def test_causal_weights(device):
+    module = _randomize(TaylorShiftAttention(E, H, batch_first=True, device=device, **F64))
+    query = _inputs({}, device)[0]
+    _, weights = module(query, query, query, is_causal=True, average_attn_weights=False)
+    future = torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
+    assert (weights[..., future] == 0).all()
+    assert (weights[..., ~future] > 0).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)), **F64_TOL)

@@ -154,6 +154,56 @@ def test_decoder(device, training):
     assert (out - softmax_out).abs().max() > 1e-3
 
 
+def test_bare_encoder_layer_eval_fast_path(device):
+    # nn.TransformerEncoderLayer alone has the same eval fast path as inside the encoder.
+    original = _encoder(device).layers[0].eval()
+    layer = taylorshift.replace_attention(copy.deepcopy(original))
+    x = torch.randn(BATCH, SRC, D_MODEL, dtype=torch.float64, device=device)
+    kpm = random_key_padding_mask(BATCH, SRC, device=device)
+    with torch.no_grad():
+        out = layer(x, src_key_padding_mask=kpm)
+        expected = _norm(original.norm1, x + hand_attention(original.self_attn, x, x, kpm))
+        expected = _norm(original.norm2, expected + _feed_forward(original, expected))
+    torch.testing.assert_close(out, expected, **F64_TOL)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_full_transformer(device, training):
+    torch.manual_seed(2)
+    original = nn.Transformer(
+        D_MODEL,
+        HEADS,
+        num_encoder_layers=2,
+        num_decoder_layers=1,
+        dim_feedforward=FF,
+        dropout=0.0,
+        batch_first=True,
+        device=device,
+        dtype=torch.float64,
+    )
+    original = _randomize_biases(original).train(training)
+    model = taylorshift.replace_attention(copy.deepcopy(original))
+    _assert_no_softmax_attention_left(model)
+    src = torch.randn(BATCH, SRC, D_MODEL, dtype=torch.float64, device=device)
+    tgt = torch.randn(BATCH, TGT, D_MODEL, dtype=torch.float64, device=device)
+    kpm = random_key_padding_mask(BATCH, SRC, device=device)
+    tgt_mask = nn.Transformer.generate_square_subsequent_mask(
+        TGT, device=device, dtype=torch.float64
+    )
+    context = torch.no_grad() if not training else torch.enable_grad()
+    with context:
+        out = model(
+            src,
+            tgt,
+            tgt_mask=tgt_mask,
+            src_key_padding_mask=kpm,
+            memory_key_padding_mask=kpm,
+        )
+        memory = _norm(original.encoder.norm, hand_encoder(original.encoder, src, kpm))
+        expected = _norm(original.decoder.norm, hand_decoder(original.decoder, tgt, memory, kpm))
+    torch.testing.assert_close(out, expected, **F64_TOL)
+
+
 def test_replace_bare_multihead_attention_and_options():
     mha = nn.MultiheadAttention(8, 2, kdim=5, vdim=3)
     replaced = taylorshift.replace_attention(mha, mode="efficient", output_scale=False)
