@@ -241,3 +241,10 @@ def test_masks_on_other_device(qkv):
     attn = torch.zeros(M, N, dtype=torch.bool, device="meta")
     with pytest.raises(ValueError, match="attn_mask is on meta"):
         call(*qkv, attn_mask=attn, mode="direct")
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32])
+def test_integer_attn_mask(qkv, dtype):
+    mask = torch.zeros(M, N, dtype=dtype, device=qkv[0].device)
+    with pytest.raises(TypeError, match="attn_mask must be a bool tensor"):
+        call(*qkv, attn_mask=mask, mode="direct")

@@ -180,3 +180,32 @@ def test_padded_keys_get_exactly_zero_gradients(device, mode):
     padded = mask.view(B, 1, 257).expand(B, H, 257)
     assert (k.grad[padded] == 0).all() and (v.grad[padded] == 0).all()
     assert (k.grad[~padded] != 0).any() and (v.grad[~padded] != 0).any()
+
+
+@pytest.mark.parametrize("mode", ["direct", "efficient"])
+def test_non_contiguous_masks(device, mode):
+    q, k, v, t = make_inputs(B, H, M, N, D, E, device=device)
+    kpm = random_key_padding_mask(N, B, device=device).t()  # (B, N) view of an (N, B) tensor
+    assert not kpm.is_contiguous()
+    options = {"key_padding_mask": kpm}
+    if mode == "direct":
+        # (B, H, M, N) view of a (N, M, H, B) tensor: every stride differs from contiguous.
+        options["attn_mask"] = random_attn_mask(N, M, H, B, device=device).permute(3, 2, 1, 0)
+        assert not options["attn_mask"].is_contiguous()
+    out = attention(q, k, v, t, mode=mode, **options)
+    contiguous = {name: mask.contiguous() for name, mask in options.items()}
+    torch.testing.assert_close(out, attention(q, k, v, t, mode=mode, **contiguous), rtol=0, atol=0)
+    assert_matches_reference(out, q, k, v, t, **options)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_all_masked_rows_low_precision(device, dtype, mode):
+    q, k, v, t = make_inputs(B, H, M, N, D, E, dtype=dtype, device=device, requires_grad=True)
+    mask = torch.zeros(B, N, dtype=torch.bool, device=device)
+    mask[0] = True
+    out = attention(q, k, v, t, key_padding_mask=mask, mode=mode)
+    assert (out[0] == 0).all() and out[1].isfinite().all()
+    out.float().sum().backward()
+    assert all(x.grad.isfinite().all() for x in (q, k, v, t))
+    assert (q.grad[0] == 0).all()
