@@ -188,3 +188,24 @@ def test_double_backward_is_correct_or_refused(device, mode):
             raise
         return  # refused: acceptable
     assert ok, "double backward silently returns wrong second derivatives"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_vectors_follow_normalize_clamp(device, mode):
+    # A zero q_i or k_j: norms clamp at 1e-12 as in F.normalize, so q_hat = 0, the logits are
+    # 0 (weight c), and the gradient is that of the clamped map (finite, large: ~1/1e-12).
+    q, k, v, t = make_inputs(1, 2, 5, 6, 4, 3, device=device)
+    q[0, 0, 1] = 0
+    k[0, 1, 2] = 0
+
+    def ours(*x):
+        return taylorshift.taylor_shift_attention(*x, mode=mode)
+
+    mine = _grads(q, k, v, t, ours)
+    exact = _grads(q, k, v, t, reference.direct)
+    torch.testing.assert_close(
+        ours(q, k, v, t), reference.direct(q, k, v, t), rtol=1e-10, atol=1e-10
+    )
+    for g, g_exact in zip(mine, exact, strict=True):
+        assert g.isfinite().all()
+        torch.testing.assert_close(g, g_exact, rtol=1e-9, atol=1e-9)
