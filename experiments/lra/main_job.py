@@ -33,6 +33,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-eval", type=int, default=500, help="items in each of val and test")
     parser.add_argument("--max-steps", type=int, help="default: the smoke config's")
     parser.add_argument("--mode", default="auto", choices=("auto", "direct", "efficient"))
+    # One thread: with a model this small, spinning OpenMP threads slowed training several-fold
+    # whenever the machine was busy with anything else (measured: 11 s vs 72 s per 100 steps).
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per training run")
     return parser.parse_args(argv)
 
 
@@ -65,6 +68,7 @@ def main(argv=None) -> None:
             "--config", str(SMOKE_CONFIG),
             "--out", str(out / attention),
             "--seed", str(args.seed),
+            "--threads", str(args.threads),
         ]  # fmt: skip
         if args.max_steps:
             train_argv += ["--max-steps", str(args.max_steps)]

@@ -53,6 +53,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads for torch (default: torch's choice)"
+    )
     parser.add_argument("--max-train-samples", type=int, help="use only the first N training items")
     parser.add_argument(
         "--max-eval-samples", type=int, help="use only the first N val and test items"
@@ -89,6 +92,8 @@ def run(args) -> dict | None:
         lr=args.lr,
         eval_every=args.eval_every,
     )
+    if args.threads:
+        torch.set_num_threads(args.threads)
     context = setup_process(args.device)
     out_dir = Path(args.out or f"runs/{args.task}-{args.attention}")
     seed_everything(args.seed)
