@@ -32,7 +32,14 @@ F64_TOL = {"rtol": 1e-10, "atol": 1e-10}
 
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
+    """Parametrizes a test over every available device ("cpu", and "cuda" when present)."""
     return request.param
+
+
+@pytest.fixture
+def devices() -> list[str]:
+    """All available devices, for tests that loop over them themselves (e.g. to compile once)."""
+    return list(DEVICES)
 
 
 def make_inputs(

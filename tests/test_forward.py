@@ -235,3 +235,15 @@ def test_reference64_helper_is_float64_cpu():
     expected = math.sqrt(2.0) * (2.5 + 2.5) / 3.0
     assert reference64(q, k, v).item() == pytest.approx(expected, rel=1e-15)
     assert attention(q, k, v).item() == pytest.approx(expected, rel=1e-14)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_deterministic(device, mode):
+    q, k, v, t = make_inputs(2, 3, 130, 300, 8, 8, dtype=torch.float32, device=device)
+    mask = random_key_padding_mask(2, 300, device=device)
+    first = attention(q, k, v, t, key_padding_mask=mask, mode=mode)
+    second = attention(q, k, v, t, key_padding_mask=mask, mode=mode)
+    assert torch.equal(first, second)
+    # Each (batch, head) is computed independently: a batch of one gives the same numbers.
+    alone = attention(q[1:], k[1:], v[1:], t, key_padding_mask=mask[1:], mode=mode)
+    assert torch.equal(alone, first[1:])
