@@ -244,6 +244,8 @@ def test_deterministic(device, mode):
     first = attention(q, k, v, t, key_padding_mask=mask, mode=mode)
     second = attention(q, k, v, t, key_padding_mask=mask, mode=mode)
     assert torch.equal(first, second)
-    # Each (batch, head) is computed independently: a batch of one gives the same numbers.
+    # Each (batch, head) is computed independently: a batch of one gives the same numbers, up to
+    # float32 rounding (the efficient path differs in the last bit when the batch changes,
+    # measured 1.8e-7 = 1.5 ulp; a real indexing mistake would be off by O(1)).
     alone = attention(q[1:], k[1:], v[1:], t, key_padding_mask=mask[1:], mode=mode)
-    assert torch.equal(alone, first[1:])
+    torch.testing.assert_close(alone, first[1:], rtol=1e-6, atol=1e-6)
