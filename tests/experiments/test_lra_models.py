@@ -5,6 +5,7 @@ import torch
 
 from experiments.lra.models import build_model
 from experiments.lra.training.config import load_config
+from experiments.lra.training.precision import Precision
 
 SMALL = {"dim": 16, "depth": 2, "heads": 2, "mlp_ratio": 2, "dropout": 0.0}
 
@@ -75,3 +76,11 @@ def test_shipped_configs_hold_the_paper_and_lra_sizes():
     assert shape["pathfinder"] == (32, 4, 4, 1) and sizes["pathfinder"]["pooling"] == "mean"
     model = build_model(sizes["listops"], 19, 2000, 10, True, False)
     assert model.encoder.blocks[0].attention.temperature.shape == (8,)
+
+
+def test_cpu_precision_is_fp32_and_gpu_only_modes_are_refused():
+    assert Precision("auto", torch.device("cpu")).name == "fp32"
+    assert Precision("auto", torch.device("cpu")).scaler is None
+    for name in ("bf16", "fp16"):
+        with pytest.raises(ValueError, match="needs a GPU"):
+            Precision(name, torch.device("cpu"))
