@@ -80,6 +80,12 @@ def _first(dataset, count):
     return torch.utils.data.Subset(dataset, range(count))
 
 
+def _taylorshift_extension() -> bool:
+    import taylorshift
+
+    return bool(taylorshift.extension_available)
+
+
 def run(args) -> dict | None:
     """Trains and tests; the results on rank 0, None on other ranks or when stopped early."""
     config = load_config(args.task, args.config)
@@ -130,6 +136,8 @@ def run(args) -> dict | None:
         task=args.task,
         attention=args.attention,
         mode=args.mode if args.attention == "taylorshift" else None,
+        # The pure-PyTorch fallback is much slower: timings mean little without this fact.
+        taylorshift_extension=_taylorshift_extension() if args.attention == "taylorshift" else None,
         config=config["source"],
         seed=args.seed,
         steps=trainer.progress.step,

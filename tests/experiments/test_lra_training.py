@@ -36,6 +36,7 @@ def test_a_few_steps_per_task(all_tasks_root, tiny_configs, tmp_path, task, atte
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == task and results["attention"] == attention and results["steps"] == 6
     assert 0.0 <= results["test_accuracy"] <= 1.0 and results["best_step"] in (3, 6)
+    assert (results["taylorshift_extension"] is None) == (attention == "softmax")
     assert {path.name for path in out.iterdir()} >= {
         "best.pt",
         "last.pt",
