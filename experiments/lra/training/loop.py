@@ -66,13 +66,8 @@ class Trainer:
         self, model, data, train_config: dict, context: ProcessContext, out_dir: Path, options: dict
     ):
         """options: seed, precision, num_workers, log_every, stop_at_step, progress_bar."""
-        self.data, self.config, self.context, self.out_dir = (
-            data,
-            train_config,
-            context,
-            Path(out_dir),
-        )
-        self.options = options
+        self.data, self.config, self.context = data, train_config, context
+        self.out_dir, self.options = Path(out_dir), options
         self.model = model.to(context.device)
         self.precision = Precision(options["precision"], context.device)
         self.ddp_model = (
