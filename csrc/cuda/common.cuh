@@ -69,6 +69,9 @@ template <typename T>
 struct Num {
   using acc = T;      // float -> float, double -> double
   using derived = T;  // operand type for range-sensitive derived values
+  // Accumulators of sums over thousands of features (efficient algorithm):
+  // double for float32, so its error stays that of the inputs' rounding.
+  using wide = std::conditional_t<std::is_same_v<T, float>, double, T>;
   static __device__ __forceinline__ acc widen(T x) { return x; }
   static __device__ __forceinline__ T narrow(acc x) { return x; }
 };
@@ -76,6 +79,7 @@ template <>
 struct Num<__half> {
   using acc = float;
   using derived = __nv_bfloat16;
+  using wide = float;  // tensor-core accumulators are float
   static __device__ __forceinline__ float widen(__half x) {
     return __half2float(x);
   }
@@ -87,6 +91,7 @@ template <>
 struct Num<__nv_bfloat16> {
   using acc = float;
   using derived = __nv_bfloat16;
+  using wide = float;
   static __device__ __forceinline__ float widen(__nv_bfloat16 x) {
     return __bfloat162float(x);
   }

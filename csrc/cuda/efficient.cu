@@ -129,13 +129,13 @@ using ReduceOperand = std::conditional_t<kQuery, typename Num<T>::derived, T>;
 struct ReduceSmem {
   size_t x, feat, y, r, ls, ms, coef, total;
   TS_HOST_DEVICE ReduceSmem(int tile, int d, int e, int op_bytes,
-                            int acc_bytes) {
+                            int acc_bytes, int wide_bytes) {
     const int e1p = round16(e + 1);
     SmemCarver carver;
     x = carver.take(size_t(tile) * (d + 1) * acc_bytes);
     feat = carver.take(size_t(kFeatureTile) * operand_ld(tile) * op_bytes);
     y = carver.take(size_t(tile) * operand_ld(e1p) * op_bytes);
-    r = carver.take(size_t(kFeatureTile) * accum_ld(e1p) * acc_bytes);
+    r = carver.take(size_t(kFeatureTile) * accum_ld(e1p) * wide_bytes);
     ls = carver.take(kFeatureTile * sizeof(int));
     ms = carver.take(kFeatureTile * sizeof(int));
     coef = carver.take(size_t(kFeatureTile) * acc_bytes);
@@ -151,11 +151,12 @@ __global__ void __launch_bounds__(kThreads)
   using Op = ReduceOperand<T, kQuery>;
   extern __shared__ __align__(128) unsigned char smem[];
   const int tile = p.tile, d = p.d, e1 = p.e + 1, e1p = round16(p.e + 1);
-  const ReduceSmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc));
+  using Wide = typename Num<T>::wide;
+  const ReduceSmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc), sizeof(Wide));
   Acc* xs = reinterpret_cast<Acc*>(smem + plan.x);
   Op* fs = reinterpret_cast<Op*>(smem + plan.feat);
   Op* ys = reinterpret_cast<Op*>(smem + plan.y);
-  Acc* rs = reinterpret_cast<Acc*>(smem + plan.r);
+  Wide* rs = reinterpret_cast<Wide*>(smem + plan.r);
   int* ls = reinterpret_cast<int*>(smem + plan.ls);
   int* ms = reinterpret_cast<int*>(smem + plan.ms);
   Acc* coef = reinterpret_cast<Acc*>(smem + plan.coef);
@@ -196,7 +197,9 @@ __global__ void __launch_bounds__(kThreads)
   Acc* dst = out + (split * gridDim.z + bh) * p.features * e1;
   for (int idx = threadIdx.x; idx < kFeatureTile * e1; idx += blockDim.x) {
     const int f = idx / e1, col = idx % e1;
-    if (f0 + f < p.features) dst[(f0 + f) * e1 + col] = rs[f * ld_r + col];
+    if (f0 + f < p.features) {
+      dst[(f0 + f) * e1 + col] = static_cast<Acc>(rs[f * ld_r + col]);
+    }
   }
 }
 
@@ -216,13 +219,13 @@ __global__ void sum_splits_kernel(const Acc* partial, int64_t splits,
 struct ApplySmem {
   size_t x, feat, s, z, ls, ms, coef, total;
   TS_HOST_DEVICE ApplySmem(int tile, int d, int e, int op_bytes,
-                           int acc_bytes) {
+                           int acc_bytes, int wide_bytes) {
     const int e1p = round16(e + 1);
     SmemCarver carver;
     x = carver.take(size_t(tile) * (d + 1) * acc_bytes);
     feat = carver.take(size_t(tile) * operand_ld(kFeatureTile) * op_bytes);
     s = carver.take(size_t(kFeatureTile) * operand_ld(e1p) * op_bytes);
-    z = carver.take(size_t(tile) * accum_ld(e1p) * acc_bytes);
+    z = carver.take(size_t(tile) * accum_ld(e1p) * wide_bytes);
     ls = carver.take(kFeatureTile * sizeof(int));
     ms = carver.take(kFeatureTile * sizeof(int));
     coef = carver.take(size_t(kFeatureTile) * acc_bytes);
@@ -241,11 +244,12 @@ __global__ void __launch_bounds__(kThreads)
   using Op = T;
   extern __shared__ __align__(128) unsigned char smem[];
   const int tile = p.tile, d = p.d, e1 = p.e + 1, e1p = round16(p.e + 1);
-  const ApplySmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc));
+  using Wide = typename Num<T>::wide;
+  const ApplySmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc), sizeof(Wide));
   Acc* xs = reinterpret_cast<Acc*>(smem + plan.x);
   Op* fs = reinterpret_cast<Op*>(smem + plan.feat);
   Op* ss = reinterpret_cast<Op*>(smem + plan.s);
-  Acc* zs = reinterpret_cast<Acc*>(smem + plan.z);
+  Wide* zs = reinterpret_cast<Wide*>(smem + plan.z);
   int* ls = reinterpret_cast<int*>(smem + plan.ls);
   int* ms = reinterpret_cast<int*>(smem + plan.ms);
   Acc* coef = reinterpret_cast<Acc*>(smem + plan.coef);
@@ -283,11 +287,12 @@ __global__ void __launch_bounds__(kThreads)
     const int r = idx / p.e, col = idx % p.e;
     const int64_t i = i0 + r;
     if (i >= p.tokens) continue;
-    const Acc row_sum = zs[r * ld_z];
-    const Acc scale = p.sigma.at(b, h, i) * safe_reciprocal(row_sum);
+    const Wide row_sum = zs[r * ld_z];
+    const Wide scale = p.sigma.at(b, h, i) * safe_reciprocal(row_sum);
     const int64_t row = bh * p.tokens + i;
-    out[row * p.e + col] = Num<T>::narrow(zs[r * ld_z + 1 + col] * scale);
-    if (col == 0) den[row] = row_sum / p.state_scale;
+    out[row * p.e + col] =
+        Num<T>::narrow(static_cast<Acc>(zs[r * ld_z + 1 + col] * scale));
+    if (col == 0) den[row] = static_cast<Acc>(row_sum / p.state_scale);
   }
 }
 
@@ -297,7 +302,7 @@ __global__ void __launch_bounds__(kThreads)
 struct ContractSmem {
   size_t x, rows, feat, s, g, acc_v, grad, ls, ms, coef, total;
   TS_HOST_DEVICE ContractSmem(int tile, int d, int e, int op_bytes,
-                              int acc_bytes, bool key_side) {
+                              int acc_bytes, int wide_bytes, bool key_side) {
     const int e1p = round16(e + 1);
     SmemCarver carver;
     x = carver.take(size_t(tile) * (d + 1) * acc_bytes);
@@ -306,10 +311,10 @@ struct ContractSmem {
                                   op_bytes)
                     : 0;
     s = carver.take(size_t(kFeatureTile) * operand_ld(e1p) * op_bytes);
-    g = carver.take(size_t(tile) * accum_ld(kFeatureTile) * acc_bytes);
-    acc_v = key_side ? carver.take(size_t(tile) * accum_ld(e1p) * acc_bytes)
+    g = carver.take(size_t(tile) * accum_ld(kFeatureTile) * wide_bytes);
+    acc_v = key_side ? carver.take(size_t(tile) * accum_ld(e1p) * wide_bytes)
                      : 0;
-    grad = carver.take(size_t(tile) * (d + 1) * acc_bytes);
+    grad = carver.take(size_t(tile) * (d + 1) * wide_bytes);
     ls = carver.take(kFeatureTile * sizeof(int));
     ms = carver.take(kFeatureTile * sizeof(int));
     coef = carver.take(size_t(kFeatureTile) * acc_bytes);
@@ -326,19 +331,19 @@ struct ContractSmem {
 // dq = b g_lin + 2a Sym(g) q. On the key side coef is 1: dk = h_lin +
 // 2 Half(h) k. The threads of one token split the coordinates by residue
 // (l mod threads-per-token), so every grad entry has exactly one writer.
-template <typename Acc>
-__device__ void contract_features(const Acc* gs, int ld_g, const Acc* xs,
-                                  Acc* grad, int d, int tile, const int* ls,
+template <typename Acc, typename Wide>
+__device__ void contract_features(const Wide* gs, int ld_g, const Acc* xs,
+                                  Wide* grad, int d, int tile, const int* ls,
                                   const int* ms, const Acc* coef) {
   const int per_token = blockDim.x / tile;
   const int t = threadIdx.x / per_token, lane = threadIdx.x % per_token;
   if (t >= tile) return;
   const Acc* x = xs + t * (d + 1);
-  Acc* out = grad + t * (d + 1);
+  Wide* out = grad + t * (d + 1);
   for (int f = 0; f < kFeatureTile; ++f) {
     const int l = ls[f], m = ms[f];
     if (l == d) continue;  // constant feature, or past the end
-    const Acc g = coef[f] * gs[t * ld_g + f];
+    const Wide g = coef[f] * gs[t * ld_g + f];
     if (m == d) {
       if (l % per_token == lane) out[l] += g;
     } else if (l == m) {
@@ -357,12 +362,14 @@ __global__ void __launch_bounds__(kThreads)
   using Op = typename Num<T>::derived;
   extern __shared__ __align__(128) unsigned char smem[];
   const int tile = p.tile, d = p.d, e1 = p.e + 1, e1p = round16(p.e + 1);
-  const ContractSmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc), false);
+  using Wide = typename Num<T>::wide;
+  const ContractSmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc), sizeof(Wide),
+                          false);
   Acc* xs = reinterpret_cast<Acc*>(smem + plan.x);
   Op* dz = reinterpret_cast<Op*>(smem + plan.rows);
   Op* ss = reinterpret_cast<Op*>(smem + plan.s);
-  Acc* gs = reinterpret_cast<Acc*>(smem + plan.g);
-  Acc* dq = reinterpret_cast<Acc*>(smem + plan.grad);
+  Wide* gs = reinterpret_cast<Wide*>(smem + plan.g);
+  Wide* dq = reinterpret_cast<Wide*>(smem + plan.grad);
   int* ls = reinterpret_cast<int*>(smem + plan.ls);
   int* ms = reinterpret_cast<int*>(smem + plan.ms);
   Acc* coef = reinterpret_cast<Acc*>(smem + plan.coef);
@@ -397,7 +404,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t i = i0 + r;
     if (i < p.tokens) {
       grad_q[(bh * p.tokens + i) * d + col] =
-          Num<T>::narrow(dq[r * (d + 1) + col]);
+          Num<T>::narrow(static_cast<Acc>(dq[r * (d + 1) + col]));
     }
   }
 }
@@ -411,14 +418,16 @@ __global__ void __launch_bounds__(kThreads)
   using Op = typename Num<T>::derived;
   extern __shared__ __align__(128) unsigned char smem[];
   const int tile = p.tile, d = p.d, e1 = p.e + 1, e1p = round16(p.e + 1);
-  const ContractSmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc), true);
+  using Wide = typename Num<T>::wide;
+  const ContractSmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc), sizeof(Wide),
+                          true);
   Acc* xs = reinterpret_cast<Acc*>(smem + plan.x);
   Op* vs = reinterpret_cast<Op*>(smem + plan.rows);
   Op* fs = reinterpret_cast<Op*>(smem + plan.feat);
   Op* ds = reinterpret_cast<Op*>(smem + plan.s);
-  Acc* hs = reinterpret_cast<Acc*>(smem + plan.g);
-  Acc* dv = reinterpret_cast<Acc*>(smem + plan.acc_v);
-  Acc* dk = reinterpret_cast<Acc*>(smem + plan.grad);
+  Wide* hs = reinterpret_cast<Wide*>(smem + plan.g);
+  Wide* dv = reinterpret_cast<Wide*>(smem + plan.acc_v);
+  Wide* dk = reinterpret_cast<Wide*>(smem + plan.grad);
   int* ls = reinterpret_cast<int*>(smem + plan.ls);
   int* ms = reinterpret_cast<int*>(smem + plan.ms);
   Acc* coef = reinterpret_cast<Acc*>(smem + plan.coef);
@@ -463,7 +472,8 @@ __global__ void __launch_bounds__(kThreads)
     if (j < p.tokens) {
       const bool valid = p.mask.key_valid(b, j);
       grad_k[(bh * p.tokens + j) * d + col] =
-          Num<T>::narrow(valid ? dk[r * (d + 1) + col] : Acc(0));
+          Num<T>::narrow(valid ? static_cast<Acc>(dk[r * (d + 1) + col])
+                               : Acc(0));
     }
   }
   for (int idx = threadIdx.x; idx < tile * p.e; idx += blockDim.x) {
@@ -472,7 +482,8 @@ __global__ void __launch_bounds__(kThreads)
     if (j < p.tokens) {
       const bool valid = p.mask.key_valid(b, j);
       grad_v[(bh * p.tokens + j) * p.e + col] =
-          Num<T>::narrow(valid ? dv[r * ld_dv + 1 + col] : Acc(0));
+          Num<T>::narrow(valid ? static_cast<Acc>(dv[r * ld_dv + 1 + col])
+                               : Acc(0));
     }
   }
 }
@@ -502,7 +513,9 @@ template <typename T, typename Acc, bool kQuery>
 void feature_reduce(EfficientArgs<T, Acc> args, at::Tensor& out) {
   using Op = ReduceOperand<T, kQuery>;
   const auto bytes = [&](int tile) {
-    return ReduceSmem(tile, args.d, args.e, sizeof(Op), sizeof(Acc)).total;
+    return ReduceSmem(tile, args.d, args.e, sizeof(Op), sizeof(Acc),
+                      sizeof(typename Num<T>::wide))
+        .total;
   };
   args.tile = pick_tile("taylorshift::efficient (state)", bytes);
   const int64_t bh = out.size(0) * out.size(1);
@@ -573,7 +586,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
                      1.0, static_cast<double>(k.size(2))))))));
         args.sigma = row_values<Acc>(sigma);
         const auto bytes = [&](int tile) {
-          return ApplySmem(tile, args.d, args.e, sizeof(T), sizeof(Acc))
+          return ApplySmem(tile, args.d, args.e, sizeof(T), sizeof(Acc),
+                           sizeof(typename Num<T>::wide))
               .total;
         };
         args.tile = pick_tile("taylorshift::efficient_forward", bytes);
@@ -637,7 +651,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
           args.state = key_side ? dstate.data_ptr<Acc>() : sc.data_ptr<Acc>();
           const auto bytes = [&](int tile) {
             return ContractSmem(tile, args.d, args.e, sizeof(Op), sizeof(Acc),
-                                key_side)
+                                sizeof(typename Num<T>::wide), key_side)
                 .total;
           };
           args.tile = pick_tile("taylorshift::efficient_backward", bytes);

@@ -1,0 +1,307 @@
+"""CUDA-only tests of the taylorshift kernels: every dtype x head dim x mask case of the four operators
+against the float64 reference, plus what only a GPU has (streams, devices, huge N, determinism).
+
+The operator-level tests call torch.ops.taylorshift.* with already-normalised logit factors, as the
+composite op does. Error yardstick, as in conftest.assert_matches_reference: at most 2x the error
+PyTorch makes computing the same function (reference.direct, autograd for gradients) in the same
+dtype on the same GPU, plus 2 units in the last place of the result's scale.
+
+One documented exception: the backward kernels (and the efficient forward's dz/dS products) round
+range-sensitive intermediates (dz, dS, dX, P/den) to bfloat16 for float16 inputs too, so that
+nothing over- or underflows whatever N or the loss scale (csrc/cuda/common.cuh). float16 gradients
+are therefore held to the bfloat16 yardstick.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import taylorshift
+from taylorshift import reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+ops = torch.ops.taylorshift
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+HEAD_DIMS = (16, 32, 64, 128)
+COEFFICIENTS = (0.5, 1.0, 1.0)
+# Yardstick dtype of the gradients (module docstring).
+GRAD_YARDSTICK = {torch.float16: torch.bfloat16}
+DIRECT_MASKS = ("none", "key_padding", "attn_mask", "causal", "all")
+EFFICIENT_MASKS = ("none", "key_padding")
+
+
+def make_factors(batch, heads, queries, keys, d, e, dtype, seed=0, device="cuda"):
+    """Normalised q_hat, k_hat (|x| <= temperature, as the composite op produces) and v."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, queries, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(batch, heads, keys, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, heads, keys, e, generator=gen, dtype=torch.float64)
+    temperature = 0.5 + torch.rand(heads, generator=gen, dtype=torch.float64)
+    q, k = reference.logit_factors(q, k, temperature)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+
+
+def make_masks(case, batch, heads, queries, keys, device="cuda", seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    kpm = attn_mask = None
+    causal = case in ("causal", "all")
+    if case in ("key_padding", "all"):
+        kpm = torch.rand(batch, keys, generator=gen) < 0.3
+        kpm[:, 0] = False
+        if batch > 1:
+            kpm[-1, :] = True  # one fully padded batch: zero outputs and gradients
+        kpm = kpm.to(device)
+    if case in ("attn_mask", "all"):
+        # Expanded over batch and heads (stride 0), as users pass broadcast masks.
+        attn_mask = (torch.rand(1, 1, queries, keys, generator=gen) < 0.3).to(device)
+        attn_mask = attn_mask.expand(batch, heads, queries, keys)
+    return kpm, attn_mask, causal
+
+
+def reference_outputs(q, k, v, kpm, attn_mask, causal, output_scale=True):
+    """(out, den) of reference.direct on x = q . k, differentiable, in q's dtype and device."""
+    a, b, c = COEFFICIENTS
+    out = reference.direct(
+        q,
+        k,
+        v,
+        key_padding_mask=kpm,
+        attn_mask=attn_mask,
+        causal=causal,
+        normalize=False,
+        scale=1.0,
+        output_scale=output_scale,
+        coefficients=COEFFICIENTS,
+    )
+    x = q @ k.transpose(-1, -2)
+    allowed = reference.allowed_keys(
+        q, k, key_padding_mask=kpm, attn_mask=attn_mask, causal=causal
+    )
+    den = torch.where(allowed, (a * x + b) * x + c, torch.zeros_like(x)).sum(-1)
+    return out, den
+
+
+def reference_state(k, v, kpm):
+    """sum_j m_j psi(k_j) [1 | v_j]^T in float64, psi = [1 | k | k_l k_m (l <= m)]."""
+    k, v = k.double(), v.double()
+    d = k.shape[-1]
+    rows, cols = torch.triu_indices(d, d, device=k.device)
+    psi = torch.cat([torch.ones_like(k[..., :1]), k, k[..., rows] * k[..., cols]], -1)
+    values = torch.cat([torch.ones_like(v[..., :1]), v], -1)
+    if kpm is not None:
+        values = values * (~kpm).to(values.dtype)[:, None, :, None]
+    return psi.transpose(-1, -2) @ values
+
+
+def max_error(x, exact):
+    return (x.double() - exact.double()).abs().max().item()
+
+
+def assert_close_to_reference(name, got, exact, approx, dtype):
+    """got vs exact (float64): within 2 x |approx - exact| + 2 ulp of dtype at exact's scale."""
+    assert got.shape == exact.shape, name
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    if got.dtype == torch.float64:
+        torch.testing.assert_close(got, exact, rtol=1e-9, atol=1e-9, msg=name)
+        return
+    scale = exact.abs().max().item()
+    bound = 2 * max_error(approx, exact) + 2 * torch.finfo(dtype).eps * scale
+    error = max_error(got, exact)
+    assert error <= bound, f"{name} {dtype}: error {error:.3e} > bound {bound:.3e}"
+
+
+def check_operator(mode, dtype, d, mask_case, *, shape=(2, 2, 70, 130), e=None):
+    batch, heads, queries, keys = shape
+    e = d if e is None else e
+    q, k, v = make_factors(batch, heads, queries, keys, d, e, dtype)
+    kpm, attn_mask, causal = make_masks(mask_case, batch, heads, queries, keys)
+    a, b, c = COEFFICIENTS
+    if mode == "direct":
+        out, den = ops.direct_forward(q, k, v, kpm, attn_mask, causal, True, a, b, c)
+    else:
+        out, den, state = ops.efficient_forward(q, k, v, kpm, True, a, b, c)
+    assert out.dtype == dtype and den.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+    # float64 truth from the rounded inputs, and PyTorch's own error in the same dtype.
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    out64, den64 = reference_outputs(*leaves64, kpm, attn_mask, causal)
+    grad_dtype = GRAD_YARDSTICK.get(dtype, dtype)
+    leaves_low = [t.detach().to(grad_dtype).requires_grad_() for t in (q, k, v)]
+    out_low, den_low = reference_outputs(*leaves_low, kpm, attn_mask, causal)
+    approx_out = reference_outputs(q, k, v, kpm, attn_mask, causal)[0]
+    assert_close_to_reference(f"{mode} out", out, out64, approx_out, dtype)
+    den_rtol = max(8 * torch.finfo(dtype).eps, 1e-12)
+    torch.testing.assert_close(den.double(), den64.detach(), rtol=den_rtol, atol=0, msg="den")
+    if mode == "efficient":
+        exact_state = reference_state(k, v, kpm)
+        eps = torch.finfo(dtype).eps
+        assert max_error(state, exact_state) <= 4 * eps * exact_state.abs().max().item() + 1e-12
+
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grad_out = grad_out.to(device=q.device, dtype=dtype)
+    if mode == "direct":
+        grads = ops.direct_backward(grad_out, q, k, v, out, den, kpm, attn_mask, causal, True, a, b, c)
+    else:
+        grads = ops.efficient_backward(grad_out, q, k, v, out, den, state, kpm, True, a, b, c)
+    exact = torch.autograd.grad(out64, leaves64, grad_out.double())
+    approx = torch.autograd.grad(out_low, leaves_low, grad_out.to(grad_dtype))
+    for name, got, ex, ap in zip(("dq", "dk", "dv"), grads, exact, approx):
+        assert got.dtype == dtype
+        assert_close_to_reference(f"{mode} {name}", got, ex, ap, grad_dtype)
+    if kpm is not None and batch > 1:  # the fully padded batch: zero outputs, den, gradients
+        assert (out[-1] == 0).all() and (den[-1] == 0).all()
+        assert all((g[-1] == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("mask_case", DIRECT_MASKS)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_direct_operator(dtype, d, mask_case):
+    check_operator("direct", dtype, d, mask_case)
+
+
+@pytest.mark.parametrize("mask_case", EFFICIENT_MASKS)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_efficient_operator(dtype, d, mask_case):
+    check_operator("efficient", dtype, d, mask_case)
+
+
+@pytest.mark.parametrize("mode", ("direct", "efficient"))
+@pytest.mark.parametrize(
+    "shape,d,e",
+    [((1, 3, 1, 1), 16, 16), ((2, 1, 257, 63), 8, 5), ((1, 2, 65, 300), 3, 20), ((1, 1, 17, 19), 1, 1)],
+    ids=["one_token", "e_lt_d", "odd_dims", "d1"],
+)
+def test_odd_shapes(mode, shape, d, e):
+    check_operator(mode, torch.float32, d, "key_padding", shape=shape, e=e)
+
+
+@pytest.mark.parametrize("mode", ("direct", "efficient"))
+def test_head_dim_limit_is_a_clear_error(mode):
+    q, k, v = make_factors(1, 1, 4, 4, 129, 16, torch.float32)
+    with pytest.raises(NotImplementedError, match="head dims"):
+        if mode == "direct":
+            ops.direct_forward(q, k, v, None, None, False, True, *COEFFICIENTS)
+        else:
+            ops.efficient_forward(q, k, v, None, True, *COEFFICIENTS)
+
+
+@pytest.mark.parametrize("mode", ("direct", "efficient"))
+def test_composite_matches_cpu_float64_with_gradients(mode):
+    """taylor_shift_attention end to end (normalisation, temperature, autograd) on CUDA vs CPU."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 96, 32, generator=gen, dtype=torch.float64) for _ in range(3))
+    t = 0.5 + torch.rand(4, generator=gen, dtype=torch.float64)
+    mask = torch.rand(2, 96, generator=gen) < 0.2
+    results = {}
+    for device in ("cpu", "cuda"):
+        leaves = [x.to(device).requires_grad_() for x in (q, k, v, t)]
+        out = taylorshift.taylor_shift_attention(
+            *leaves[:3], leaves[3], key_padding_mask=mask.to(device), mode=mode
+        )
+        out.square().sum().backward()
+        results[device] = [out] + [x.grad for x in leaves]
+    for cpu, cuda in zip(results["cpu"], results["cuda"]):
+        torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ("direct", "efficient"))
+def test_non_contiguous_inputs_and_strided_masks(mode):
+    base_q, base_k, base_v = make_factors(2, 3, 50, 90, 32, 32, torch.bfloat16, seed=4)
+    # (B, M, H, d) storage viewed as (B, H, M, d), and a sliced value dim.
+    q = base_q.transpose(1, 2).contiguous().transpose(1, 2)
+    k = base_k.transpose(1, 2).contiguous().transpose(1, 2)
+    v = torch.cat([base_v, base_v], -1)[..., ::2]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    kpm = (torch.rand(90, 2) < 0.3).cuda().t()  # transposed (B, N) mask
+    args = (kpm, None, False, True) if mode == "direct" else (kpm, True)
+    op = ops.direct_forward if mode == "direct" else ops.efficient_forward
+    out = op(q, k, v, *args, *COEFFICIENTS)
+    want = op(q.contiguous(), k.contiguous(), v.contiguous(), kpm.contiguous(), *args[1:], *COEFFICIENTS)
+    for got, exp in zip(out, want):
+        torch.testing.assert_close(got, exp, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ("direct", "efficient"))
+def test_side_stream_and_determinism(mode):
+    q, k, v = make_factors(2, 2, 300, 500, 64, 64, torch.bfloat16, seed=5)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+
+    def run():
+        out = taylorshift.taylor_shift_attention(*leaves, mode=mode, normalize=False, scale=1.0)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        return [out.detach(), *grads]
+
+    default = run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        side = run()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    for a, b in zip(default, side):
+        assert torch.equal(a, b)  # same kernels, fixed reduction order: bitwise equal
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device():
+    q, k, v = make_factors(1, 2, 40, 40, 16, 16, torch.float32, device="cuda:1")
+    for op_args in (
+        (ops.direct_forward, (None, None, False, True)),
+        (ops.efficient_forward, (None, True)),
+    ):
+        out = op_args[0](q, k, v, *op_args[1], *COEFFICIENTS)[0]
+        assert out.device == torch.device("cuda:1")
+        exact = reference_outputs(q.double(), k.double(), v.double(), None, None, False)[0]
+        torch.testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-4)
+
+
+def chunked_reference(q, k, v, chunk=1 << 17):
+    """Exact (float64, on the GPU) output for few queries against many keys."""
+    q, k, v = q.double(), k.double(), v.double()
+    a, b, c = COEFFICIENTS
+    num = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=torch.float64, device=q.device)
+    den = torch.zeros(*q.shape[:-1], 1, dtype=torch.float64, device=q.device)
+    for j in range(0, k.shape[2], chunk):
+        x = q @ k[:, :, j : j + chunk].transpose(-1, -2)
+        w = (a * x + b) * x + c
+        num += w @ v[:, :, j : j + chunk]
+        den += w.sum(-1, keepdim=True)
+    sigma = (k.shape[2] / q.shape[-1]) ** 0.5
+    return sigma * num / den, den.squeeze(-1)
+
+
+@pytest.mark.parametrize("mode", ("direct", "efficient"))
+def test_one_million_keys_bfloat16_no_overflow(mode):
+    """N = 2^20 keys in bf16: sums of a million weights stay finite and accurate (float32 den)."""
+    keys = 1 << 20
+    q, k, v = make_factors(1, 2, 128, keys, 16, 16, torch.bfloat16, seed=6)
+    if mode == "direct":
+        out, den = ops.direct_forward(q, k, v, None, None, False, True, *COEFFICIENTS)
+    else:
+        out, den, state = ops.efficient_forward(q, k, v, None, True, *COEFFICIENTS)
+        assert torch.isfinite(state).all()
+    exact_out, exact_den = chunked_reference(q, k, v)
+    assert torch.isfinite(out).all() and torch.isfinite(den).all()
+    torch.testing.assert_close(den.double(), exact_den, rtol=1e-2, atol=0)
+    scale = exact_out.abs().max().item()
+    assert max_error(out, exact_out) <= 0.02 * scale
+
+
+def test_one_million_tokens_efficient_forward_backward_bfloat16():
+    """M = N = 2^20 through the composite op in bf16, forward and backward: finite everywhere."""
+    tokens = 1 << 20
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    q, k, v = (
+        torch.randn(1, 2, tokens, 16, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
+        for _ in range(3)
+    )
+    out = taylorshift.taylor_shift_attention(q, k, v, mode="efficient")
+    out.float().square().mean().backward()
+    for t in (out, q.grad, k.grad, v.grad):
+        assert torch.isfinite(t).all()
+    # With cosine logits and sigma = sqrt(N/d) the outputs stay O(sqrt(N/d) * |mean v|).
+    assert out.abs().max().item() < 1e4
