@@ -143,7 +143,7 @@ def tiny_configs(tmp_path_factory):
     for task in ("listops", "text", "retrieval", "image", "pathfinder"):
         config = load_config(task)
         config.pop("source")
-        config["model"].update(dim=16, depth=1, heads=2, mlp_ratio=2, dropout=0.1)
+        config["model"].update(dim=16, qkv_dim=8, depth=1, heads=2, mlp_ratio=2, dropout=0.1)
         if task == "retrieval":
             config["model"]["mlp_dim"] = 16
         if task in ("text", "retrieval"):

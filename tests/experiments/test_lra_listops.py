@@ -117,7 +117,7 @@ def test_cli_writes_the_release_layout(tmp_path):
 
 
 def test_default_lengths_and_labels_match_lra_statistics():
-    # lra.md reports mean ~1080 tokens and labels skewed to 0 and 9 (MIN and MAX) for LRA's defaults.
+    # lra.md: with LRA's defaults, mean ~1080 tokens and labels skewed to 0 and 9 (MIN and MAX).
     rows = generator.generate_dataset(300, min_length=500, max_length=2000, seed=0)
     lengths = [len(source.replace("(", " ").replace(")", " ").split()) for source, _ in rows]
     assert 950 < statistics.mean(lengths) < 1250 and 500 < min(lengths) and max(lengths) < 2000

@@ -74,6 +74,8 @@ def test_shipped_configs_hold_the_paper_and_lra_sizes():
     assert shape["image"] == (256, 1, 4, 1)
     assert shape["retrieval"] == (128, 4, 4, 4) and sizes["retrieval"]["mlp_dim"] == 512
     assert shape["pathfinder"] == (32, 4, 4, 1) and sizes["pathfinder"]["pooling"] == "mean"
+    pathfinder = build_model(sizes["pathfinder"], 256, 1024, 2, False, False)
+    assert pathfinder.encoder.blocks[0].attention.qkv.out_features == 3 * 16
     model = build_model(sizes["listops"], 19, 2000, 10, True, False)
     assert model.encoder.blocks[0].attention.temperature.shape == (8,)
 

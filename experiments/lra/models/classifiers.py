@@ -62,7 +62,7 @@ def _stack_padded(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 def build_model(
     model_config: dict, vocab_size: int, max_len: int, num_classes: int, pads: bool, pair: bool
 ):
-    """model_config: dim, depth, heads, mlp_ratio, dropout, pooling, attention, mode;
+    """model_config: dim, depth, heads, mlp_ratio, dropout, pooling, attention, mode, qkv_dim;
     for pairs also mlp_dim and interaction."""
     encoder = Encoder(
         vocab_size=vocab_size,
@@ -76,6 +76,7 @@ def build_model(
         mode=model_config.get("mode", "auto"),
         pooling=model_config.get("pooling", "cls"),
         pads=pads,
+        qkv_dim=model_config.get("qkv_dim"),
     )
     if pair:
         return PairClassifier(

@@ -20,12 +20,19 @@ def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
 
 class EncoderBlock(nn.Module):
     def __init__(
-        self, dim: int, heads: int, mlp_ratio: float, dropout: float, attention: str, mode: str
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float,
+        dropout: float,
+        attention: str,
+        mode: str,
+        qkv_dim: int | None = None,
     ):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.attention_norm = nn.LayerNorm(dim)
-        self.attention = SelfAttention(dim, heads, attention, mode)
+        self.attention = SelfAttention(dim, heads, attention, mode, qkv_dim)
         self.mlp_norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(
             nn.Linear(dim, hidden),
@@ -61,6 +68,7 @@ class Encoder(nn.Module):
         mode: str = "auto",
         pooling: str = "cls",
         pads: bool = True,
+        qkv_dim: int | None = None,
     ):
         super().__init__()
         if pooling not in ("cls", "mean"):
@@ -71,7 +79,8 @@ class Encoder(nn.Module):
         self.register_buffer("positions", sinusoidal_positions(max_len + 1, dim), persistent=False)
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            EncoderBlock(dim, heads, mlp_ratio, dropout, attention, mode) for _ in range(depth)
+            EncoderBlock(dim, heads, mlp_ratio, dropout, attention, mode, qkv_dim)
+            for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
         nn.init.normal_(self.embedding.weight, std=0.02)
