@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import flops  # noqa: E402
+from common import flops
 
-import taylorshift  # noqa: E402
-from taylorshift import reference  # noqa: E402
+import taylorshift
+from taylorshift import reference
 
 IMPLEMENTATIONS = ("direct", "efficient", "sdpa", "reference")
 PASSES = ("fwd", "fwd+bwd")
@@ -115,16 +115,24 @@ def run(args):
             for pass_ in PASSES:
                 last_ms = None
                 for tokens in args.tokens:
-                    row = dict(
-                        impl=implementation, pass_=pass_, d=head_dim, N=tokens, ms=math.nan,
-                        tflops=math.nan, peak_gb=math.nan, note="",
-                    )
+                    row = {
+                        "impl": implementation,
+                        "pass_": pass_,
+                        "d": head_dim,
+                        "N": tokens,
+                        "ms": math.nan,
+                        "tflops": math.nan,
+                        "peak_gb": math.nan,
+                        "note": "",
+                    }
                     rows.append(row)
                     # Predicted time of this call from the last one (quadratic methods grow 4x).
                     growth = 2 if implementation == "efficient" else 4
-                    if implementation == "reference" and reference_bytes(
-                        args.batch, args.heads, tokens, head_dim
-                    ) > args.reference_limit_gb * 1e9:
+                    if (
+                        implementation == "reference"
+                        and reference_bytes(args.batch, args.heads, tokens, head_dim)
+                        > args.reference_limit_gb * 1e9
+                    ):
                         row["note"] = f"skipped: memory > {args.reference_limit_gb:g} GB"
                         continue
                     if last_ms is not None and last_ms * growth > args.max_call_s * 1e3:
@@ -134,7 +142,9 @@ def run(args):
                         row["note"] = "skipped: time budget"
                         continue
                     try:
-                        ms, peak = measure(implementation, pass_, args.batch, args.heads, tokens, head_dim)
+                        ms, peak = measure(
+                            implementation, pass_, args.batch, args.heads, tokens, head_dim
+                        )
                     except torch.cuda.OutOfMemoryError:
                         row["note"] = "out of memory"
                         torch.cuda.empty_cache()
@@ -168,25 +178,39 @@ def summary(rows):
     if row:
         lines.append(f"efficient fwd+bwd d=64 N=65536: {row['tflops']:.1f} TFLOP/s (target >= 300)")
     for d, target in ((32, 1024), (64, 3000)):
-        ns = sorted({r["N"] for r in rows if r["d"] == d})
+        # The smallest N from which on the efficient kernel stays faster than SDPA.
         cross = None
-        for n in ns:
-            ours, sdpa = lookup(rows, "efficient", "fwd+bwd", d, n), lookup(rows, "sdpa", "fwd+bwd", d, n)
-            if ours and sdpa and ours["ms"] < sdpa["ms"]:
-                cross = n
+        for n in sorted({r["N"] for r in rows if r["d"] == d}, reverse=True):
+            ours, sdpa = (
+                lookup(rows, "efficient", "fwd+bwd", d, n),
+                lookup(rows, "sdpa", "fwd+bwd", d, n),
+            )
+            if not (ours and sdpa and ours["ms"] < sdpa["ms"]):
                 break
+            cross = n
         lines.append(f"crossover efficient vs SDPA fwd+bwd d={d}: N = {cross} (target <= {target})")
-    ours, ref = lookup(rows, "efficient", "fwd+bwd", 32, 16384), lookup(rows, "reference", "fwd+bwd", 32, 16384)
+    ours, ref = (
+        lookup(rows, "efficient", "fwd+bwd", 32, 16384),
+        lookup(rows, "reference", "fwd+bwd", 32, 16384),
+    )
     if ours and ref:
         lines.append(
             f"vs reference d=32 N=16384 fwd+bwd: {ref['ms'] / ours['ms']:.1f}x faster, "
             f"{ref['peak_gb'] / max(ours['peak_gb'], 1e-12):.1f}x less memory (target >= 10x, 10x)"
         )
-    ours, sdpa = lookup(rows, "direct", "fwd+bwd", 64, 1024), lookup(rows, "sdpa", "fwd+bwd", 64, 1024)
+    ours, sdpa = (
+        lookup(rows, "direct", "fwd+bwd", 64, 1024),
+        lookup(rows, "sdpa", "fwd+bwd", 64, 1024),
+    )
     if ours and sdpa:
-        lines.append(f"direct / SDPA fwd+bwd d=64 N=1024: {ours['ms'] / sdpa['ms']:.2f}x (target <= 1.3)")
+        lines.append(
+            f"direct / SDPA fwd+bwd d=64 N=1024: {ours['ms'] / sdpa['ms']:.2f}x (target <= 1.3)"
+        )
     for d in (32, 64):
-        big, half = lookup(rows, "efficient", "fwd+bwd", d, 131072), lookup(rows, "efficient", "fwd+bwd", d, 65536)
+        big, half = (
+            lookup(rows, "efficient", "fwd+bwd", d, 131072),
+            lookup(rows, "efficient", "fwd+bwd", d, 65536),
+        )
         if big and half:
             lines.append(
                 f"efficient time(131072)/time(65536) d={d}: {big['ms'] / half['ms']:.2f} (target 1.9-2.1)"
@@ -200,19 +224,23 @@ def write(rows, out_dir: Path, args):
     stamp = datetime.datetime.now(datetime.timezone.utc)
     name = f"gpu_{props.name.replace(' ', '_')}_{stamp:%Y%m%d_%H%M}"
     header = [
-        f"GPU: {props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
-        f"{props.total_memory / 2**30:.0f} GiB)",
+        (
+            f"GPU: {props.name} (sm_{props.major}{props.minor}, "
+            f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)"
+        ),
         f"torch {torch.__version__}, CUDA {torch.version.cuda}, date {stamp:%Y-%m-%d %H:%M} UTC",
-        f"B={args.batch}, H={args.heads}, bf16; ms = median of CUDA-event-timed calls; "
-        "TFLOP/s by math.md §4 counts (SDPA counted as direct); peak = max_memory_allocated "
-        "above the inputs.",
+        (
+            f"B={args.batch}, H={args.heads}, bf16; ms = median of CUDA-event-timed calls; "
+            "TFLOP/s by math.md §4 counts (SDPA counted as direct); peak = "
+            "max_memory_allocated above the inputs."
+        ),
     ]
     fields = ["impl", "pass_", "d", "N", "ms", "tflops", "peak_gb", "note"]
     with open(out_dir / f"{name}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"# taylorshift GPU benchmark\n", *[f"{h}  " for h in header], ""]
+    lines = ["# taylorshift GPU benchmark\n", *[f"{h}  " for h in header], ""]
     lines += ["| d | pass | N | " + " | ".join(IMPLEMENTATIONS) + " |"]
     lines += ["|---|---|---|" + "---|" * len(IMPLEMENTATIONS)]
     for d in args.head_dims:
@@ -224,7 +252,9 @@ def write(rows, out_dir: Path, args):
                     if row is None or math.isnan(row["ms"]):
                         cells.append(row["note"] if row else "-")
                     else:
-                        cells.append(f"{row['ms']:.2f} ms, {row['tflops']:.0f} TF/s, {row['peak_gb']:.2f} GB")
+                        cells.append(
+                            f"{row['ms']:.2f} ms, {row['tflops']:.0f} TF/s, {row['peak_gb']:.2f} GB"
+                        )
                 lines.append(f"| {d} | {pass_} | {n} | " + " | ".join(cells) + " |")
     lines += ["", "## Targets (issue 3)", "", *[f"- {s}" for s in summary(rows)]]
     text = "\n".join(lines) + "\n"
@@ -233,12 +263,17 @@ def write(rows, out_dir: Path, args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dims", type=int, nargs="+", default=[32, 64])
     parser.add_argument(
-        "--tokens", type=int, nargs="+", default=[256 << i for i in range(10)]  # 256 .. 131072
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=[256 << i for i in range(10)],  # 256 .. 131072
     )
     parser.add_argument("--max-call-s", type=float, default=1.5)
     parser.add_argument("--reference-limit-gb", type=float, default=100.0)

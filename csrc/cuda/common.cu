@@ -12,8 +12,8 @@ namespace {
 __global__ void count_allowed_keys_kernel(Mask mask, int64_t heads,
                                           int64_t queries, int64_t keys,
                                           int64_t rows, float* counts) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) +
-                      threadIdx.x / 32;
+  const int64_t row =
+      static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;
   const int lane = threadIdx.x % 32;
   const int64_t bh = row / queries;
@@ -36,8 +36,8 @@ __global__ void row_scalars_kernel(const T* grad_out, const T* out,
                                    const Acc* den, RowValues<Acc> sigma,
                                    int64_t heads, int64_t queries, int dim,
                                    int64_t rows, Acc* scalars) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) +
-                      threadIdx.x / 32;
+  const int64_t row =
+      static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;
   const int lane = threadIdx.x % 32;
   Acc dot = 0;
@@ -51,8 +51,7 @@ __global__ void row_scalars_kernel(const T* grad_out, const T* out,
   if (lane == 0) {
     const int64_t bh = row / queries;
     const Acc inv = safe_reciprocal(den[row]);
-    scalars[2 * row] =
-        sigma.at(bh / heads, bh % heads, row % queries) * inv;
+    scalars[2 * row] = sigma.at(bh / heads, bh % heads, row % queries) * inv;
     scalars[2 * row + 1] = dot * inv;
   }
 }
@@ -86,8 +85,8 @@ at::Tensor output_scales(const at::Tensor& q, int64_t keys,
                          const std::optional<at::Tensor>& attn_mask,
                          bool causal, bool output_scale) {
   const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2);
-  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble
-                                                        : at::kFloat;
+  const auto acc_dtype =
+      q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto options = q.options().dtype(acc_dtype);
   if (!output_scale) {
     return at::ones({1, 1, 1}, options).expand({batch, heads, queries});
@@ -114,8 +113,7 @@ at::Tensor output_scales(const at::Tensor& q, int64_t keys,
     if (causal) {
       // Row i sees keys j <= min(i, N - 1): a prefix count of valid keys.
       const at::Tensor last =
-          at::arange(queries, q.options().dtype(at::kLong))
-              .clamp_max(keys - 1);
+          at::arange(queries, q.options().dtype(at::kLong)).clamp_max(keys - 1);
       counts = valid.cumsum(1).index_select(1, last).unsqueeze(1);
     } else {
       counts = valid.sum(1).view({batch, 1, 1});
@@ -131,8 +129,8 @@ at::Tensor backward_row_scalars(const at::Tensor& grad_out,
                                 const at::Tensor& sigma) {
   const int64_t heads = out.size(1), queries = out.size(2);
   const int dim = static_cast<int>(out.size(3));
-  at::Tensor scalars = at::empty({out.size(0), heads, queries, 2},
-                                 den.options());
+  at::Tensor scalars =
+      at::empty({out.size(0), heads, queries, 2}, den.options());
   const int64_t rows = den.numel();
   if (rows == 0) return scalars;
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;

@@ -12,13 +12,13 @@
 //
 // Operand types. A product runs on tensor cores when its operands are half or
 // bfloat16 (wmma 16x16x16, float accumulation, sm_80+); float and double
-// operands take a plain FMA path with the same semantics. Inputs keep their
-// dtype where they are multiplied directly (Q K^T and W V in the forward of the
-// direct kernel). Operands derived inside a kernel whose range depends on the
-// sequence length or on the gradient scale (states, dS, dz, dX, weights times
-// 1/den) are rounded to bfloat16 for both 16-bit dtypes: bfloat16 has the
-// float32 exponent range, so nothing overflows or flushes to zero whatever N
-// or the loss scale, at the price of bfloat16 mantissas for fp16 inputs there.
+// operands take an FMA path with the same semantics. The forward products
+// take their operands in the input dtype: Q K^T and W [V | 1] (direct),
+// psi(K)^T [1 | V] and phi(Q) state (efficient, the state scaled by a power of
+// two so it fits fp16). Backward operands whose range depends on N or on the
+// loss scale (dz, dS, dX, W / den) are rounded to bfloat16 for both 16-bit
+// dtypes: bfloat16 has the float32 exponent range, so nothing overflows or
+// flushes to zero, at the price of bfloat16 mantissas in fp16 gradients.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -163,8 +163,7 @@ __device__ void block_mma(const Op* A, int lda, const Op* B, int ldb, Acc* C,
             fb, kBTrans ? B + j0 * ldb + kk : B + kk * ldb + j0, ldb);
         wmma::mma_sync(acc, fa, fb, acc);
       }
-      wmma::store_matrix_sync(C + i0 * ldc + j0, acc, ldc,
-                              wmma::mem_row_major);
+      wmma::store_matrix_sync(C + i0 * ldc + j0, acc, ldc, wmma::mem_row_major);
     }
 #else
     __trap();  // tensor-core kernels are built for sm_80+ only
@@ -304,9 +303,9 @@ void check_cuda_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
 // 48 KB default) or fails with a message naming the sizes.
 template <typename Kernel>
 void allow_shared_memory(Kernel kernel, size_t bytes) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      static_cast<int>(bytes)));
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(bytes)));
 }
 
 size_t max_shared_memory();

@@ -13,7 +13,8 @@
 //
 // Backward. With rs_i = sigma_i / den_i, dl_i = (gY_i . y_i) / den_i:
 //     dW_ij = rs_i (gY_i . v_j) - dl_i,    dX = m ⊙ dW ⊙ f'(X)
-//     dV_j  = sum_i w_ij rs_i gY_i,   dK_j = sum_i dX_ij q_i,   dQ_i = sum_j dX_ij k_j
+//     dV_j  = sum_i w_ij rs_i gY_i,   dK_j = sum_i dX_ij q_i,   dQ_i = sum_j
+//     dX_ij k_j
 // Two kernels recompute X (and G = gY V^T) tile by tile: one per key tile
 // accumulating dK, dV over query tiles, one per query tile accumulating dQ
 // over key tiles. Each output element is owned by one block: deterministic,
@@ -32,8 +33,8 @@ struct DirectArgs {
   const T* q;
   const T* k;
   const T* v;
-  const T* grad_out;    // backward only
-  const Acc* scalars;   // backward only: (B, H, M, 2) = (rs, dl)
+  const T* grad_out;   // backward only
+  const Acc* scalars;  // backward only: (B, H, M, 2) = (rs, dl)
   int64_t heads, queries, keys;
   int d, e, tile;
   Mask mask;
@@ -83,8 +84,7 @@ __global__ void __launch_bounds__(kThreads)
   load_tile(qs, ld_qk, q, p.queries, p.d, i0, tile, dp);
   zero_tile(os, ld_o, tile, ep);
   // Causal: keys j <= i < i0 + tile only.
-  const int64_t key_end =
-      p.mask.causal ? min(p.keys, i0 + tile) : p.keys;
+  const int64_t key_end = p.mask.causal ? min(p.keys, i0 + tile) : p.keys;
   for (int64_t j0 = 0; j0 < key_end; j0 += tile) {
     __syncthreads();  // the previous W V' product is done with ks, vs, ws
     load_tile(ks, ld_qk, k, p.keys, p.d, j0, tile, dp);
@@ -113,8 +113,7 @@ __global__ void __launch_bounds__(kThreads)
       ws[r * ld_w + col] = Num<Op>::narrow(w);
     }
     __syncthreads();
-    block_mma<false, false>(ws, ld_w, vs, ld_v, os, ld_o, tile, ep, tile,
-                            true);
+    block_mma<false, false>(ws, ld_w, vs, ld_v, os, ld_o, tile, ep, tile, true);
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < tile * p.e; idx += blockDim.x) {
@@ -158,8 +157,8 @@ template <typename T, typename Op, typename Acc>
 __device__ void load_query_side(const DirectArgs<T, Acc>& p, int64_t bh,
                                 int64_t i0, Op* qs, Op* gs, Acc* rs) {
   const int tile = p.tile;
-  load_tile(qs, operand_ld(round16(p.d)), p.q + bh * p.queries * p.d,
-            p.queries, p.d, i0, tile, round16(p.d));
+  load_tile(qs, operand_ld(round16(p.d)), p.q + bh * p.queries * p.d, p.queries,
+            p.d, i0, tile, round16(p.d));
   load_tile(gs, operand_ld(round16(p.e)), p.grad_out + bh * p.queries * p.e,
             p.queries, p.e, i0, tile, round16(p.e));
   for (int r = threadIdx.x; r < tile; r += blockDim.x) {
@@ -172,18 +171,18 @@ __device__ void load_query_side(const DirectArgs<T, Acc>& p, int64_t bh,
 }
 
 // X = Q K^T and G = gY V^T for one (query tile, key tile) pair, then
-//   P = m ⊙ f(X) ⊙ rs  (only when `ps` is given) and  dX = m ⊙ (rs G - dl) ⊙ f'(X).
+//   P = m ⊙ f(X) ⊙ rs  (only when `ps` is given) and  dX = m ⊙ (rs G - dl) ⊙
+//   f'(X).
 template <typename T, typename Op, typename Acc>
-__device__ void backward_tile(const DirectArgs<T, Acc>& p, int64_t b,
-                              int64_t h, int64_t i0, int64_t j0, const Op* qs,
-                              const Op* gs, const Op* ks, const Op* vs,
-                              Acc* xs, Acc* gvs, const Acc* rs, Op* ps,
-                              Op* dxs) {
+__device__ void backward_tile(const DirectArgs<T, Acc>& p, int64_t b, int64_t h,
+                              int64_t i0, int64_t j0, const Op* qs,
+                              const Op* gs, const Op* ks, const Op* vs, Acc* xs,
+                              Acc* gvs, const Acc* rs, Op* ps, Op* dxs) {
   const int tile = p.tile;
   const int dp = round16(p.d), ev = round16(p.e);
   const int ld_x = accum_ld(tile), ld_w = operand_ld(tile);
-  block_mma<false, true>(qs, operand_ld(dp), ks, operand_ld(dp), xs, ld_x,
-                         tile, tile, dp, false);
+  block_mma<false, true>(qs, operand_ld(dp), ks, operand_ld(dp), xs, ld_x, tile,
+                         tile, dp, false);
   block_mma<false, true>(gs, operand_ld(ev), vs, operand_ld(ev), gvs, ld_x,
                          tile, tile, ev, false);
   __syncthreads();
@@ -240,8 +239,8 @@ __global__ void __launch_bounds__(kThreads)
     backward_tile(p, b, h, i0, j0, qs, gs, ks, vs, xs, gvs, rs, ps, dxs);
     __syncthreads();
     // dV += P^T gY,  dK += dX^T Q  (P and dX stored query-major: transposed)
-    block_mma<true, false>(ps, ld_w, gs, operand_ld(ev), dv, accum_ld(ev),
-                           tile, ev, tile, true);
+    block_mma<true, false>(ps, ld_w, gs, operand_ld(ev), dv, accum_ld(ev), tile,
+                           ev, tile, true);
     block_mma<true, false>(dxs, ld_w, qs, operand_ld(dp), dk, accum_ld(dp),
                            tile, dp, tile, true);
   }
@@ -285,8 +284,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * tile;
   load_query_side(p, bh, i0, qs, gs, rs);
   zero_tile(dq, accum_ld(dp), tile, dp);
-  const int64_t key_end =
-      p.mask.causal ? min(p.keys, i0 + tile) : p.keys;
+  const int64_t key_end = p.mask.causal ? min(p.keys, i0 + tile) : p.keys;
   for (int64_t j0 = 0; j0 < key_end; j0 += tile) {
     __syncthreads();  // the previous dX K product is done with ks, dxs
     load_tile(ks, operand_ld(dp), p.k + bh * p.keys * p.d, p.keys, p.d, j0,
@@ -347,8 +345,8 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
                    vc = v.contiguous();
-  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)},
-                             q.options());
+  at::Tensor out =
+      at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor den = at::empty({q.size(0), q.size(1), q.size(2)},
                              q.options().dtype(accumulate_dtype(q)));
   if (den.numel() == 0) return {out, den};
@@ -396,8 +394,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   }
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          attn_mask, causal, output_scale);
-  const at::Tensor scalars = backward_row_scalars(
-      gc, out.contiguous(), den.contiguous(), sigma);
+  const at::Tensor scalars =
+      backward_row_scalars(gc, out.contiguous(), den.contiguous(), sigma);
   const Mask mask = make_mask(q, key_padding_mask, attn_mask, causal);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "direct_backward_cuda", [&] {
@@ -420,10 +418,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
           if (key_side) {
             const auto kernel = direct_backward_kv_kernel<T, Acc>;
             allow_shared_memory(kernel, smem);
-            kernel<<<dim3(blocks_for(args.keys, args.tile), bh), kThreads,
-                     smem, stream>>>(args,
-                                     reinterpret_cast<T*>(grad_k.data_ptr()),
-                                     reinterpret_cast<T*>(grad_v.data_ptr()));
+            kernel<<<dim3(blocks_for(args.keys, args.tile), bh), kThreads, smem,
+                     stream>>>(args, reinterpret_cast<T*>(grad_k.data_ptr()),
+                               reinterpret_cast<T*>(grad_v.data_ptr()));
           } else {
             const auto kernel = direct_backward_q_kernel<T, Acc>;
             allow_shared_memory(kernel, smem);

@@ -1,6 +1,7 @@
 // Efficient TaylorShift attention (math.md §3) on CUDA, O(N d^3), with the
 // symmetric feature maps of features.h:
-//     psi(k) = [1 | k | k_l k_m (l <= m)],   phi(q) = [c | b q | a w_lm q_l q_m]
+//     psi(k) = [1 | k | k_l k_m (l <= m)],   phi(q) = [c | b q | a w_lm q_l
+//     q_m]
 // so that phi(q) . psi(k) = f(q . k). Neither feature map is ever written to
 // global memory: every kernel expands the features of one tile of tokens and
 // one tile of the feature axis in shared memory, straight from the q or k
@@ -9,11 +10,12 @@
 // Three kinds of kernel cover forward and backward:
 //   reduce   R = sum_t feat(x_t) y_t^T over tokens          (F x (e+1))
 //            forward:  state = sum_j psi(k_j) m_j [1 | v_j]^T
-//            backward: dS    = sum_i phi(q_i) dz_i^T,  dz_i = [-dl_i | rs_i gY_i]
-//            Grid: feature tiles x token splits x (batch, head); each split
-//            writes its own partial sum, and a second kernel adds the splits
-//            in a fixed order (deterministic, no atomics).
-//   apply    z_i = phi(q_i)^T state, den_i = z_i[0], y_i = sigma_i z_i[1:] / den_i
+//            backward: dS    = sum_i phi(q_i) dz_i^T,  dz_i = [-dl_i | rs_i
+//            gY_i] Grid: feature tiles x token splits x (batch, head); each
+//            split writes its own partial sum, and a second kernel adds the
+//            splits in a fixed order (deterministic, no atomics).
+//   apply    z_i = phi(q_i)^T state, den_i = z_i[0], y_i = sigma_i z_i[1:] /
+//   den_i
 //            Grid: query tiles x (batch, head), looping over feature tiles;
 //            a head's state is read by every query tile and stays in L2.
 //   contract dq_i = b g_lin + 2a Sym(g_pairs) q_i   with g_i = state dz_i
@@ -39,11 +41,11 @@ constexpr int kFeatureTile = 64;
 
 template <typename T, typename Acc>
 struct EfficientArgs {
-  const T* x;           // tokens whose features are expanded: k or q
-  const T* y;           // v (key side) or grad_out (query side)
-  const Acc* scalars;   // backward: (B, H, M, 2) = (rs, dl)
-  const Acc* state;     // apply / contract: state or dS, (B, H, F, e + 1)
-  Acc state_scale;      // apply: 2^-ceil(log2 N), see efficient_apply_kernel
+  const T* x;          // tokens whose features are expanded: k or q
+  const T* y;          // v (key side) or grad_out (query side)
+  const Acc* scalars;  // backward: (B, H, M, 2) = (rs, dl)
+  const Acc* state;    // apply / contract: state or dS, (B, H, F, e + 1)
+  Acc state_scale;     // apply: 2^-ceil(log2 N), see efficient_apply_kernel
   int64_t heads, tokens, features;
   int d, e, tile;
   Mask mask;  // key padding only
@@ -89,8 +91,8 @@ __device__ void load_feature_source(Acc* xs, const T* x, int64_t end, int d,
   for (int idx = threadIdx.x; idx < rows * (d + 1); idx += blockDim.x) {
     const int r = idx / (d + 1), col = idx % (d + 1);
     const int64_t t = t0 + r;
-    xs[idx] = col == d ? Acc(1)
-                       : (t < end ? Num<T>::widen(x[t * d + col]) : Acc(0));
+    xs[idx] =
+        col == d ? Acc(1) : (t < end ? Num<T>::widen(x[t * d + col]) : Acc(0));
   }
 }
 
@@ -110,9 +112,9 @@ __device__ Acc value_row_entry(const EfficientArgs<T, Acc>& p, int64_t bh,
   if (col > p.e) return 0;
   if constexpr (kQuery) {
     const Acc* s = p.scalars + 2 * (bh * p.tokens + t);
-    return col == 0 ? -s[1]
-                    : s[0] * Num<T>::widen(p.y[(bh * p.tokens + t) * p.e +
-                                               col - 1]);
+    return col == 0
+               ? -s[1]
+               : s[0] * Num<T>::widen(p.y[(bh * p.tokens + t) * p.e + col - 1]);
   } else {
     return col == 0 ? Acc(1)
                     : Num<T>::widen(p.y[(bh * p.tokens + t) * p.e + col - 1]);
@@ -128,8 +130,8 @@ using ReduceOperand = std::conditional_t<kQuery, typename Num<T>::derived, T>;
 
 struct ReduceSmem {
   size_t x, feat, y, r, ls, ms, coef, total;
-  TS_HOST_DEVICE ReduceSmem(int tile, int d, int e, int op_bytes,
-                            int acc_bytes, int wide_bytes) {
+  TS_HOST_DEVICE ReduceSmem(int tile, int d, int e, int op_bytes, int acc_bytes,
+                            int wide_bytes) {
     const int e1p = round16(e + 1);
     SmemCarver carver;
     x = carver.take(size_t(tile) * (d + 1) * acc_bytes);
@@ -183,8 +185,7 @@ __global__ void __launch_bounds__(kThreads)
           valid ? value_row_entry<T, Acc, kQuery>(p, bh, t, col) : Acc(0));
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < kFeatureTile * tile;
-         idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < kFeatureTile * tile; idx += blockDim.x) {
       const int f = idx / tile, t = idx % tile;
       fs[f * ld_f + t] =
           Num<Op>::narrow(feature_value(xs, d, t, ls, ms, coef, f));
@@ -207,8 +208,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename Acc>
 __global__ void sum_splits_kernel(const Acc* partial, int64_t splits,
                                   int64_t count, Acc* out) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x +
-                   threadIdx.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
        i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     Acc sum = 0;
     for (int64_t s = 0; s < splits; ++s) sum += partial[s * count + i];
@@ -218,8 +218,8 @@ __global__ void sum_splits_kernel(const Acc* partial, int64_t splits,
 
 struct ApplySmem {
   size_t x, feat, s, z, ls, ms, coef, total;
-  TS_HOST_DEVICE ApplySmem(int tile, int d, int e, int op_bytes,
-                           int acc_bytes, int wide_bytes) {
+  TS_HOST_DEVICE ApplySmem(int tile, int d, int e, int op_bytes, int acc_bytes,
+                           int wide_bytes) {
     const int e1p = round16(e + 1);
     SmemCarver carver;
     x = carver.take(size_t(tile) * (d + 1) * acc_bytes);
@@ -272,8 +272,7 @@ __global__ void __launch_bounds__(kThreads)
                                      : Acc(0));
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < tile * kFeatureTile;
-         idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < tile * kFeatureTile; idx += blockDim.x) {
       const int t = idx / kFeatureTile, f = idx % kFeatureTile;
       fs[t * ld_f + f] =
           Num<Op>::narrow(feature_value(xs, d, t, ls, ms, coef, f));
@@ -307,13 +306,13 @@ struct ContractSmem {
     SmemCarver carver;
     x = carver.take(size_t(tile) * (d + 1) * acc_bytes);
     rows = carver.take(size_t(tile) * operand_ld(e1p) * op_bytes);
-    feat = key_side ? carver.take(size_t(tile) * operand_ld(kFeatureTile) *
-                                  op_bytes)
-                    : 0;
+    feat = key_side
+               ? carver.take(size_t(tile) * operand_ld(kFeatureTile) * op_bytes)
+               : 0;
     s = carver.take(size_t(kFeatureTile) * operand_ld(e1p) * op_bytes);
     g = carver.take(size_t(tile) * accum_ld(kFeatureTile) * wide_bytes);
-    acc_v = key_side ? carver.take(size_t(tile) * accum_ld(e1p) * wide_bytes)
-                     : 0;
+    acc_v =
+        key_side ? carver.take(size_t(tile) * accum_ld(e1p) * wide_bytes) : 0;
     grad = carver.take(size_t(tile) * (d + 1) * wide_bytes);
     ls = carver.take(kFeatureTile * sizeof(int));
     ms = carver.take(kFeatureTile * sizeof(int));
@@ -451,8 +450,7 @@ __global__ void __launch_bounds__(kThreads)
     feature_table(f0, d, p.features, false, p.a, p.b, p.c, ls, ms, coef);
     load_tile(ds, ld_v, dstate, p.features, e1, f0, kFeatureTile, e1p);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < tile * kFeatureTile;
-         idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < tile * kFeatureTile; idx += blockDim.x) {
       const int t = idx / kFeatureTile, f = idx % kFeatureTile;
       fs[t * ld_f + f] =
           Num<Op>::narrow(feature_value(xs, d, t, ls, ms, coef, f));
@@ -471,9 +469,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t j = j0 + r;
     if (j < p.tokens) {
       const bool valid = p.mask.key_valid(b, j);
-      grad_k[(bh * p.tokens + j) * d + col] =
-          Num<T>::narrow(valid ? static_cast<Acc>(dk[r * (d + 1) + col])
-                               : Acc(0));
+      grad_k[(bh * p.tokens + j) * d + col] = Num<T>::narrow(
+          valid ? static_cast<Acc>(dk[r * (d + 1) + col]) : Acc(0));
     }
   }
   for (int idx = threadIdx.x; idx < tile * p.e; idx += blockDim.x) {
@@ -481,17 +478,16 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t j = j0 + r;
     if (j < p.tokens) {
       const bool valid = p.mask.key_valid(b, j);
-      grad_v[(bh * p.tokens + j) * p.e + col] =
-          Num<T>::narrow(valid ? static_cast<Acc>(dv[r * ld_dv + 1 + col])
-                               : Acc(0));
+      grad_v[(bh * p.tokens + j) * p.e + col] = Num<T>::narrow(
+          valid ? static_cast<Acc>(dv[r * ld_dv + 1 + col]) : Acc(0));
     }
   }
 }
 
 template <typename T, typename Acc>
 EfficientArgs<T, Acc> make_args(const at::Tensor& x, const at::Tensor& y,
-                                const at::Tensor& v, const Mask& mask,
-                                double a, double b, double c) {
+                                const at::Tensor& v, const Mask& mask, double a,
+                                double b, double c) {
   EfficientArgs<T, Acc> args{};
   args.x = reinterpret_cast<const T*>(x.data_ptr());
   args.y = reinterpret_cast<const T*>(y.data_ptr());
@@ -530,8 +526,8 @@ void feature_reduce(EfficientArgs<T, Acc> args, at::Tensor& out) {
       token_tiles);
   const int64_t chunk_tiles = (token_tiles + splits - 1) / splits;
   splits = (token_tiles + chunk_tiles - 1) / chunk_tiles;
-  at::Tensor partial = splits == 1 ? out : at::empty({splits, out.numel()},
-                                                     out.options());
+  at::Tensor partial =
+      splits == 1 ? out : at::empty({splits, out.numel()}, out.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto kernel = feature_reduce_kernel<T, Acc, kQuery>;
   allow_shared_memory(kernel, bytes(args.tile));
@@ -562,12 +558,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
                    vc = v.contiguous();
   const auto acc_options = q.options().dtype(accumulate_dtype(q));
-  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)},
-                             q.options());
+  at::Tensor out =
+      at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor den = at::empty({q.size(0), q.size(1), q.size(2)}, acc_options);
-  at::Tensor state = at::empty(
-      {q.size(0), q.size(1), feature_count(q.size(3)), v.size(3) + 1},
-      acc_options);
+  at::Tensor state =
+      at::empty({q.size(0), q.size(1), feature_count(q.size(3)), v.size(3) + 1},
+                acc_options);
   if (state.numel() == 0) return {out, den, state};
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          std::nullopt, false, output_scale);
@@ -582,8 +578,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
         auto args = make_args<T, Acc>(qc, vc, vc, mask, a, b, c);
         args.state = state.data_ptr<Acc>();
         args.state_scale = static_cast<Acc>(std::ldexp(
-            1.0, -static_cast<int>(std::ceil(std::log2(std::max<double>(
-                     1.0, static_cast<double>(k.size(2))))))));
+            1.0, -static_cast<int>(std::ceil(std::log2(
+                     std::max<double>(1.0, static_cast<double>(k.size(2))))))));
         args.sigma = row_values<Acc>(sigma);
         const auto bytes = [&](int tile) {
           return ApplySmem(tile, args.d, args.e, sizeof(T), sizeof(Acc),
@@ -593,10 +589,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
         args.tile = pick_tile("taylorshift::efficient_forward", bytes);
         const auto kernel = efficient_apply_kernel<T, Acc>;
         allow_shared_memory(kernel, bytes(args.tile));
-        kernel<<<dim3(blocks_for(args.tokens, args.tile),
-                      q.size(0) * q.size(1)),
-                 kThreads, bytes(args.tile),
-                 at::cuda::getCurrentCUDAStream()>>>(
+        kernel<<<
+            dim3(blocks_for(args.tokens, args.tile), q.size(0) * q.size(1)),
+            kThreads, bytes(args.tile), at::cuda::getCurrentCUDAStream()>>>(
             args, reinterpret_cast<T*>(out.data_ptr()), den.data_ptr<Acc>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -612,8 +607,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
   check_cuda_inputs("taylorshift::efficient_backward", q, k, v,
                     {&grad_out, &out, &den, &state}, key_padding_mask,
                     std::nullopt);
-  TORCH_CHECK(state.scalar_type() == accumulate_dtype(q) &&
-                  state.dim() == 4 &&
+  TORCH_CHECK(state.scalar_type() == accumulate_dtype(q) && state.dim() == 4 &&
                   state.size(2) == feature_count(q.size(3)) &&
                   state.size(3) == v.size(3) + 1,
               "taylorshift::efficient_backward: state must be (B, H, F, e + 1)"
@@ -629,8 +623,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
   }
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          std::nullopt, false, output_scale);
-  const at::Tensor scalars = backward_row_scalars(
-      gc, out.contiguous(), den.contiguous(), sigma);
+  const at::Tensor scalars =
+      backward_row_scalars(gc, out.contiguous(), den.contiguous(), sigma);
   at::Tensor dstate = at::empty_like(sc);
   const Mask mask = make_mask(q, key_padding_mask, std::nullopt, false);
   AT_DISPATCH_FLOATING_TYPES_AND2(
