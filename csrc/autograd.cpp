@@ -92,6 +92,81 @@ class EfficientAttention
   }
 };
 
+// The backward operators have no derivative of their own. They are
+// registered for the Autograd key all the same, so that a second derivative
+// (create_graph=True, then differentiating the gradients) raises instead of
+// silently treating them as constants; first derivatives with
+// create_graph=True still work.
+[[noreturn]] void refuse_double_backward() {
+  TORCH_CHECK_NOT_IMPLEMENTED(false,
+                              "taylorshift: second derivatives (double "
+                              "backward) of TaylorShift attention are not "
+                              "implemented");
+}
+
+class DirectBackward : public torch::autograd::Function<DirectBackward> {
+ public:
+  static variable_list forward(
+      AutogradContext*, const at::Tensor& grad_out, const at::Tensor& q,
+      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+      const at::Tensor& den, const std::optional<at::Tensor>& key_padding_mask,
+      const std::optional<at::Tensor>& attn_mask, bool causal,
+      bool output_scale, double a, double b, double c) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_q, grad_k, grad_v] =
+        direct_backward(grad_out, q, k, v, out, den, key_padding_mask,
+                        attn_mask, causal, output_scale, a, b, c);
+    return {grad_q, grad_k, grad_v};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    refuse_double_backward();
+  }
+};
+
+class EfficientBackward : public torch::autograd::Function<EfficientBackward> {
+ public:
+  static variable_list forward(
+      AutogradContext*, const at::Tensor& grad_out, const at::Tensor& q,
+      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+      const at::Tensor& den, const at::Tensor& state,
+      const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+      double a, double b, double c) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_q, grad_k, grad_v] =
+        efficient_backward(grad_out, q, k, v, out, den, state, key_padding_mask,
+                           output_scale, a, b, c);
+    return {grad_q, grad_k, grad_v};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    refuse_double_backward();
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_autograd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
+    double a, double b, double c) {
+  auto grads =
+      DirectBackward::apply(grad_out, q, k, v, out, den, key_padding_mask,
+                            attn_mask, causal, output_scale, a, b, c);
+  return {grads[0], grads[1], grads[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_autograd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
+    const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
+    bool output_scale, double a, double b, double c) {
+  auto grads =
+      EfficientBackward::apply(grad_out, q, k, v, out, den, state,
+                               key_padding_mask, output_scale, a, b, c);
+  return {grads[0], grads[1], grads[2]};
+}
+
 std::tuple<at::Tensor, at::Tensor> direct_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask,
@@ -116,6 +191,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_autograd(
 TORCH_LIBRARY_IMPL(taylorshift, Autograd, m) {
   m.impl("direct_forward", TORCH_FN(direct_forward_autograd));
   m.impl("efficient_forward", TORCH_FN(efficient_forward_autograd));
+  m.impl("direct_backward", TORCH_FN(direct_backward_autograd));
+  m.impl("efficient_backward", TORCH_FN(efficient_backward_autograd));
 }
 
 }  // namespace taylorshift

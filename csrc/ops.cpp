@@ -75,12 +75,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_meta(
   return {empty_output(q, v), empty_den(q), state};
 }
 
+// Gradients are contiguous, whatever the inputs' strides, on every backend.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_gradients(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return {at::empty_symint(q.sym_sizes(), q.options()),
+          at::empty_symint(k.sym_sizes(), k.options()),
+          at::empty_symint(v.sym_sizes(), v.options())};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_meta(
     const at::Tensor&, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
     bool, double, double, double) {
-  return {at::empty_like(q), at::empty_like(k), at::empty_like(v)};
+  return empty_gradients(q, k, v);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_meta(
@@ -88,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_meta(
     const at::Tensor& v, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const std::optional<at::Tensor>&, bool, double, double,
     double) {
-  return {at::empty_like(q), at::empty_like(k), at::empty_like(v)};
+  return empty_gradients(q, k, v);
 }
 
 }  // namespace

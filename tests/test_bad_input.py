@@ -74,7 +74,7 @@ def test_mixed_dtypes(qkv):
 
 def test_integer_inputs(qkv):
     q, k, v = qkv
-    with pytest.raises(TypeError, match="must be a floating tensor"):
+    with pytest.raises(TypeError, match="must be float16, bfloat16, float32 or float64"):
         call(q.long(), k.long(), v.long())
 
 

@@ -37,7 +37,7 @@ SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_float64_matches_reference(device, mode, shape):
     q, k, v, t = make_inputs(*shape, device=device)
-    assert_matches_reference(attention(q, k, v, t, mode=mode), q, k, v, t)
+    assert_matches_reference(attention(q, k, v, t, mode=mode), q, k, v, t, mode=mode)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
@@ -45,7 +45,7 @@ def test_float64_matches_reference(device, mode, shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_low_precision_error_within_twice_torch_reference(device, dtype, mode, shape):
     q, k, v, t = make_inputs(*shape, dtype=dtype, device=device)
-    assert_matches_reference(attention(q, k, v, t, mode=mode), q, k, v, t)
+    assert_matches_reference(attention(q, k, v, t, mode=mode), q, k, v, t, mode=mode)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
@@ -54,7 +54,7 @@ def test_low_precision_with_key_padding_mask(device, dtype, mode):
     q, k, v, t = make_inputs(2, 2, 65, 257, 16, dtype=dtype, device=device, seed=3)
     mask = random_key_padding_mask(2, 257, device=device)
     out = attention(q, k, v, t, key_padding_mask=mask, mode=mode)
-    assert_matches_reference(out, q, k, v, t, key_padding_mask=mask)
+    assert_matches_reference(out, q, k, v, t, key_padding_mask=mask, mode=mode)
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "key_padding_mask"])
@@ -91,14 +91,14 @@ def test_temperature_none_means_ones(device, mode):
     q, k, v, _ = make_inputs(2, 3, 9, 11, 5, device=device)
     ones = torch.ones(3, dtype=q.dtype, device=device)
     torch.testing.assert_close(attention(q, k, v, mode=mode), attention(q, k, v, ones, mode=mode))
-    assert_matches_reference(attention(q, k, v, mode=mode), q, k, v)
+    assert_matches_reference(attention(q, k, v, mode=mode), q, k, v, mode=mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_negative_and_large_temperature(device, mode):
     q, k, v, _ = make_inputs(1, 3, 9, 11, 5, device=device)
     t = torch.tensor([-2.0, 0.1, 7.5], dtype=q.dtype, device=device)
-    assert_matches_reference(attention(q, k, v, t, mode=mode), q, k, v, t)
+    assert_matches_reference(attention(q, k, v, t, mode=mode), q, k, v, t, mode=mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -113,7 +113,7 @@ def test_non_contiguous_inputs(device, mode):
     )
     t = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64, device=device)
     assert not q.is_contiguous() and not k.is_contiguous() and not v.is_contiguous()
-    assert_matches_reference(attention(q, k, v, t, mode=mode), q, k, v, t)
+    assert_matches_reference(attention(q, k, v, t, mode=mode), q, k, v, t, mode=mode)
 
 
 # ---- math.md §5 properties -------------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_normalize_false_with_scale(device, mode):
     q, k, v, t = make_inputs(2, 2, 21, 23, 8, 4, device=device)
     options = {"normalize": False, "scale": 0.2}
     out = attention(q, k, v, t, mode=mode, **options)
-    assert_matches_reference(out, q, k, v, t, **options)
+    assert_matches_reference(out, q, k, v, t, **options, mode=mode)
     # The logits are tau * scale * q.k: folding the scale into q must give the same numbers.
     folded = attention(q * 0.2, k, v, t, mode=mode, normalize=False, scale=1.0)
     torch.testing.assert_close(out, folded, **F64_TOL)
@@ -172,7 +172,9 @@ def test_output_scale_false(device, mode):
     q, k, v, t = make_inputs(2, 2, 21, 50, 8, 4, device=device)
     mask = random_key_padding_mask(2, 50, device=device)
     plain = attention(q, k, v, t, key_padding_mask=mask, mode=mode, output_scale=False)
-    assert_matches_reference(plain, q, k, v, t, key_padding_mask=mask, output_scale=False)
+    assert_matches_reference(
+        plain, q, k, v, t, key_padding_mask=mask, output_scale=False, mode=mode
+    )
     scaled = attention(q, k, v, t, key_padding_mask=mask, mode=mode)
     sigma = ((~mask).sum(1).to(q.dtype) / 8).sqrt().view(2, 1, 1, 1)
     torch.testing.assert_close(scaled, plain * sigma, **F64_TOL)
@@ -183,7 +185,7 @@ def test_output_scale_false(device, mode):
 def test_non_default_coefficients(device, mode, coefficients):
     q, k, v, t = make_inputs(2, 2, 65, 67, 8, 4, device=device)
     out = attention(q, k, v, t, mode=mode, coefficients=coefficients)
-    assert_matches_reference(out, q, k, v, t, coefficients=coefficients)
+    assert_matches_reference(out, q, k, v, t, coefficients=coefficients, mode=mode)
     assert (out - attention(q, k, v, t, mode=mode)).abs().max() > 1e-3
 
 

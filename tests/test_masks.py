@@ -24,7 +24,7 @@ def test_key_padding_mask(device, mode):
     q, k, v, t = make_inputs(B, H, M, 257, D, E, device=device)
     mask = random_key_padding_mask(B, 257, device=device)
     out = attention(q, k, v, t, key_padding_mask=mask, mode=mode)
-    assert_matches_reference(out, q, k, v, t, key_padding_mask=mask)
+    assert_matches_reference(out, q, k, v, t, key_padding_mask=mask, mode=mode)
 
 
 ATTN_MASK_SHAPES = [(M, N), (1, N), (B, 1, M, N), (B, H, M, N), (1, H, 1, N), (H, M, N)]
@@ -36,7 +36,7 @@ def test_attn_mask_shapes(device, mode, shape):
     q, k, v, t = make_inputs(B, H, M, N, D, E, device=device)
     mask = random_attn_mask(*shape, device=device)
     out = attention(q, k, v, t, attn_mask=mask, mode=mode)
-    assert_matches_reference(out, q, k, v, t, attn_mask=mask)
+    assert_matches_reference(out, q, k, v, t, attn_mask=mask, mode=mode)
     # The mask did something.
     assert (out - attention(q, k, v, t, mode=mode)).abs().max() > 1e-3
 
@@ -68,7 +68,7 @@ def test_all_masks_combined(device, mode, causal):
         "causal": causal,
     }
     out = attention(q, k, v, t, mode=mode, **options)
-    assert_matches_reference(out, q, k, v, t, **options)
+    assert_matches_reference(out, q, k, v, t, **options, mode=mode)
 
 
 def test_auto_picks_direct_with_attn_mask_or_causal(device):
@@ -125,7 +125,7 @@ def test_all_masked_batch_gives_zeros_and_zero_gradients(device, mode):
     out = attention(q, k, v, t, key_padding_mask=mask, mode=mode)
     assert not out.isnan().any()
     assert (out[1] == 0).all()
-    assert_matches_reference(out, q, k, v, t, key_padding_mask=mask)
+    assert_matches_reference(out, q, k, v, t, key_padding_mask=mask, mode=mode)
     (out * torch.randn_like(out)).sum().backward()
     for grad in (q.grad, k.grad, v.grad, t.grad):
         assert grad.isfinite().all()
@@ -195,7 +195,7 @@ def test_non_contiguous_masks(device, mode):
     out = attention(q, k, v, t, mode=mode, **options)
     contiguous = {name: mask.contiguous() for name, mask in options.items()}
     torch.testing.assert_close(out, attention(q, k, v, t, mode=mode, **contiguous), rtol=0, atol=0)
-    assert_matches_reference(out, q, k, v, t, **options)
+    assert_matches_reference(out, q, k, v, t, **options, mode=mode)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)

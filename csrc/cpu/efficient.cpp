@@ -26,6 +26,46 @@ void write_augmented_values(const T* v, int64_t rows, int64_t e, T* out) {
   }
 }
 
+// A reduction over token chunks, sum_chunks X_chunk^T Y_chunk, kept in
+// float64: it takes N / kFeatureChunk steps, and a float32 running sum would
+// lose about log2 of that many bits. Each chunk's product is float32 BLAS.
+template <typename T>
+class ChunkSum {
+ public:
+  ChunkSum(int64_t rows, int64_t cols)
+      : rows_(rows),
+        cols_(cols),
+        sum_(rows * cols, 0.0),
+        product_(rows * cols) {}
+
+  // sum += x^T y, with x (tokens x rows) and y (tokens x cols).
+  void add(const T* x, const T* y, int64_t tokens) {
+    matmul<T>(true, false, rows_, cols_, tokens, x, rows_, y, cols_,
+              product_.data(), cols_, false);
+    for (size_t i = 0; i < sum_.size(); ++i) sum_[i] += product_[i];
+  }
+
+  void copy_to(T* out) const { std::copy(sum_.begin(), sum_.end(), out); }
+
+ private:
+  int64_t rows_, cols_;
+  std::vector<double> sum_;
+  std::vector<T> product_;
+};
+
+// out (rows x cols) = features (rows x F) state (F x cols), with the constant
+// feature 0 added last: its term (c S_0 ~ c N for queries) dominates, and
+// adding it first would round every other term at its magnitude.
+template <typename T>
+void apply_state(const T* features, int64_t rows, int64_t F, const T* state,
+                 int64_t cols, T* out) {
+  matmul<T>(false, false, rows, cols, F - 1, features + 1, F, state + cols,
+            cols, out, cols, false);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t col = 0; col < cols; ++col)
+      out[r * cols + col] += features[r * F] * state[col];
+}
+
 // Phase 1 of the forward: S = sum_j m_j psi(k_j) [1 | v_j]^T, a reduction
 // over key chunks. Returns the number of valid keys.
 template <typename T>
@@ -34,7 +74,7 @@ int64_t accumulate_state(const HeadTensors<T>& t, const bool* key_padding,
                          std::vector<T>& values) {
   const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d);
   int64_t valid = 0;
-  std::fill(state, state + F * (e + 1), T(0));
+  ChunkSum<T> sum(F, e + 1);
   for (int64_t j0 = 0; j0 < t.keys; j0 += kFeatureChunk) {
     const int64_t j1 = block_end(j0, kFeatureChunk, t.keys), rows = j1 - j0;
     for (int64_t r = 0; r < rows; ++r) {
@@ -44,9 +84,9 @@ int64_t accumulate_state(const HeadTensors<T>& t, const bool* key_padding,
                             features.data() + r * F);
     }
     write_augmented_values(t.v + j0 * e, rows, e, values.data());
-    matmul<T>(true, false, F, e + 1, rows, features.data(), F, values.data(),
-              e + 1, state, e + 1, true);
+    sum.add(features.data(), values.data(), rows);
   }
+  sum.copy_to(state);
   return valid;
 }
 
@@ -66,8 +106,7 @@ void efficient_forward_head(const HeadTensors<T>& t, const bool* key_padding,
     for (int64_t r = 0; r < rows; ++r)
       write_query_features<T>(t.q + (i0 + r) * d, d, a, b, c,
                               features.data() + r * F);
-    matmul<T>(false, false, rows, e + 1, F, features.data(), F, state, e + 1,
-              values.data(), e + 1, false);
+    apply_state(features.data(), rows, F, state, e + 1, values.data());
     for (int64_t r = 0; r < rows; ++r) {
       const T* z = values.data() + r * (e + 1);
       den[i0 + r] = z[0];
@@ -94,7 +133,7 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
   std::vector<T> features(kFeatureChunk * F);
   std::vector<T> feature_grad(kFeatureChunk * F);
   std::vector<T> rows_e1(kFeatureChunk * (e + 1));
-  std::vector<T> grad_state(F * (e + 1), T(0));
+  ChunkSum<T> grad_state_sum(F, e + 1);
   int64_t valid = 0;
   for (int64_t j = 0; j < t.keys; ++j)
     valid += !(key_padding && key_padding[j]);
@@ -114,8 +153,7 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
       }
       dz[0] = -dot * inv_den;
     }
-    matmul<T>(true, false, F, e + 1, rows, features.data(), F, rows_e1.data(),
-              e + 1, grad_state.data(), e + 1, true);
+    grad_state_sum.add(features.data(), rows_e1.data(), rows);
     // feature_grad = dZ S^T: row i holds S dz_i, one value per feature.
     matmul<T>(false, true, rows, F, e + 1, rows_e1.data(), e + 1, state, e + 1,
               feature_grad.data(), F, false);
@@ -128,6 +166,8 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
     }
   }
 
+  std::vector<T> grad_state(F * (e + 1));
+  grad_state_sum.copy_to(grad_state.data());
   for (int64_t j0 = 0; j0 < t.keys; j0 += kFeatureChunk) {
     const int64_t j1 = block_end(j0, kFeatureChunk, t.keys), rows = j1 - j0;
     for (int64_t r = 0; r < rows; ++r) {
@@ -147,8 +187,8 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
       add_pair_gradient<T>(h + pairs, t.k + (j0 + r) * d, d, T(1), T(1), dk);
     }
     // dV' = psi(K_chunk) dS; masked keys have psi = 0, hence dv = 0.
-    matmul<T>(false, false, rows, e + 1, F, features.data(), F,
-              grad_state.data(), e + 1, rows_e1.data(), e + 1, false);
+    apply_state(features.data(), rows, F, grad_state.data(), e + 1,
+                rows_e1.data());
     for (int64_t r = 0; r < rows; ++r)
       std::copy(rows_e1.data() + r * (e + 1) + 1,
                 rows_e1.data() + (r + 1) * (e + 1), grad_v + (j0 + r) * e);
