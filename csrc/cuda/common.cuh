@@ -10,15 +10,16 @@
 // kMaxHeadDim, and the host picks the largest tile whose shared memory fits the
 // device.
 //
-// Operand types. A product runs on tensor cores when its operands are half or
-// bfloat16 (wmma 16x16x16, float accumulation, sm_80+); float and double
-// operands take an FMA path with the same semantics. The forward products
-// take their operands in the input dtype: Q K^T and W [V | 1] (direct),
-// psi(K)^T [1 | V] and phi(Q) state (efficient, the state scaled by a power of
-// two so it fits fp16). Backward operands whose range depends on N or on the
-// loss scale (dz, dS, dX, W / den) are rounded to bfloat16 for both 16-bit
-// dtypes: bfloat16 has the float32 exponent range, so nothing overflows or
-// flushes to zero, at the price of bfloat16 mantissas in fp16 gradients.
+// Operand types. Products run on tensor cores for half, bfloat16 and TF32
+// operands (wmma, float accumulation, sm_80+); float and double operands take
+// an FMA path with the same semantics. The forward products take their
+// operands in the input dtype: Q K^T and W [V | 1] (direct), psi(K)^T [1 | V]
+// and phi(Q) state (efficient, the state scaled by a power of two so that it
+// fits fp16). Backward operands whose range depends on N or on the loss scale
+// (dz, dS, dX, W / den) need the float exponent range: for bfloat16 inputs
+// they stay bfloat16, for fp16 inputs every backward product runs in TF32,
+// whose 10-bit mantissa matches fp16's, so fp16 gradients keep fp16 accuracy
+// without overflowing or flushing to zero.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -75,10 +76,35 @@ struct Num {
   static __device__ __forceinline__ acc widen(T x) { return x; }
   static __device__ __forceinline__ T narrow(acc x) { return x; }
 };
+// A float rounded to TF32 (float exponent, 10-bit mantissa like fp16): the
+// operand type of fp16 backward products, see the header comment.
+struct Tf32 {
+  float value;
+};
+
+__device__ __forceinline__ float round_to_tf32(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return nvcuda::wmma::__float_to_tf32(x);
+#else
+  return x;
+#endif
+}
+
+template <>
+struct Num<Tf32> {
+  using acc = float;
+  using derived = Tf32;
+  using wide = float;
+  static __device__ __forceinline__ float widen(Tf32 x) { return x.value; }
+  static __device__ __forceinline__ Tf32 narrow(float x) {
+    return {round_to_tf32(x)};
+  }
+};
+
 template <>
 struct Num<__half> {
   using acc = float;
-  using derived = __nv_bfloat16;
+  using derived = Tf32;
   using wide = float;  // tensor-core accumulators are float
   static __device__ __forceinline__ float widen(__half x) {
     return __half2float(x);
@@ -90,7 +116,7 @@ struct Num<__half> {
 template <>
 struct Num<__nv_bfloat16> {
   using acc = float;
-  using derived = __nv_bfloat16;
+  using derived = __nv_bfloat16;  // same mantissa as the inputs, float range
   using wide = float;
   static __device__ __forceinline__ float widen(__nv_bfloat16 x) {
     return __bfloat162float(x);
@@ -102,7 +128,8 @@ struct Num<__nv_bfloat16> {
 
 template <typename T>
 constexpr bool kTensorCore =
-    std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+    std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16> ||
+    std::is_same_v<T, Tf32>;
 
 // Converts between any two of the four types through the accumulation type.
 template <typename To, typename From>
@@ -136,10 +163,17 @@ __device__ void block_mma(const Op* A, int lda, const Op* B, int ldb, Acc* C,
     static_assert(std::is_same_v<Acc, float>);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     namespace wmma = nvcuda::wmma;
+    // TF32 products are 16x16x8 on float storage; half/bf16 are 16x16x16.
+    constexpr bool kTf32 = std::is_same_v<Op, Tf32>;
+    constexpr int kK = kTf32 ? 8 : 16;
+    using Precision = std::conditional_t<kTf32, wmma::precision::tf32, Op>;
+    using Element = std::conditional_t<kTf32, float, Op>;
     using ALayout =
         std::conditional_t<kATrans, wmma::col_major, wmma::row_major>;
     using BLayout =
         std::conditional_t<kBTrans, wmma::col_major, wmma::row_major>;
+    const Element* a = reinterpret_cast<const Element*>(A);
+    const Element* b = reinterpret_cast<const Element*>(B);
     const int warp = threadIdx.x / 32;
     const int warps = blockDim.x / 32;
     const int tiles_n = n / 16;
@@ -147,20 +181,20 @@ __device__ void block_mma(const Op* A, int lda, const Op* B, int ldb, Acc* C,
     for (int t = warp; t < tiles; t += warps) {
       const int i0 = t / tiles_n * 16;
       const int j0 = t % tiles_n * 16;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc;
       if (accumulate) {
         wmma::load_matrix_sync(acc, C + i0 * ldc + j0, ldc,
                                wmma::mem_row_major);
       } else {
         wmma::fill_fragment(acc, 0.f);
       }
-      for (int kk = 0; kk < k; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, Op, ALayout> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, Op, BLayout> fb;
+      for (int kk = 0; kk < k; kk += kK) {
+        wmma::fragment<wmma::matrix_a, 16, 16, kK, Precision, ALayout> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, kK, Precision, BLayout> fb;
         wmma::load_matrix_sync(
-            fa, kATrans ? A + kk * lda + i0 : A + i0 * lda + kk, lda);
+            fa, kATrans ? a + kk * lda + i0 : a + i0 * lda + kk, lda);
         wmma::load_matrix_sync(
-            fb, kBTrans ? B + j0 * ldb + kk : B + kk * ldb + j0, ldb);
+            fb, kBTrans ? b + j0 * ldb + kk : b + kk * ldb + j0, ldb);
         wmma::mma_sync(acc, fa, fb, acc);
       }
       wmma::store_matrix_sync(C + i0 * ldc + j0, acc, ldc, wmma::mem_row_major);

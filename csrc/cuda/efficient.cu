@@ -124,7 +124,7 @@ __device__ Acc value_row_entry(const EfficientArgs<T, Acc>& p, int64_t bh,
 // The forward's products take their operands in the input dtype (psi(k), v
 // and phi(q) are bounded by the inputs; the state is scaled, see the apply
 // kernel), so fp16 keeps its 11-bit mantissa there. dz and dS in the
-// backward scale with 1/den and the loss: bfloat16 (common.cuh).
+// backward scale with 1/den and the loss: Num<T>::derived (common.cuh).
 template <typename T, bool kQuery>
 using ReduceOperand = std::conditional_t<kQuery, typename Num<T>::derived, T>;
 
