@@ -344,15 +344,6 @@ void allow_shared_memory(Kernel kernel, size_t bytes) {
 
 size_t max_shared_memory();
 
-// A gradient computed contiguous, returned with the strides of
-// at::empty_like(input), the layout the Meta kernels promise.
-inline at::Tensor like_input(const at::Tensor& input,
-                             const at::Tensor& computed) {
-  at::Tensor result = at::empty_like(input);
-  if (result.strides() == computed.strides()) return computed;
-  return result.copy_(computed);
-}
-
 // The largest tile in {64, 32, 16} whose shared memory (`bytes(tile)`) fits
 // the device; fails with the sizes when even 16 does not.
 template <typename Bytes>

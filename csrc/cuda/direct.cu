@@ -387,10 +387,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
                    vc = v.contiguous(), gc = grad_out.contiguous();
-  at::Tensor grad_q = at::empty_like(qc), grad_k = at::empty_like(kc),
-             grad_v = at::empty_like(vc);
+  // Contiguous gradients whatever the inputs' strides, as the Meta kernels.
+  at::Tensor grad_q = at::empty(q.sizes(), q.options()),
+             grad_k = at::empty(k.sizes(), k.options()),
+             grad_v = at::empty(v.sizes(), v.options());
   if (q.numel() == 0 || k.numel() == 0) {
-    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
+    return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
   }
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          attn_mask, causal, output_scale);
@@ -431,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
-  return {like_input(q, grad_q), like_input(k, grad_k), like_input(v, grad_v)};
+  return {grad_q, grad_k, grad_v};
 }
 
 }  // namespace

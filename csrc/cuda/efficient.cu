@@ -37,7 +37,14 @@ namespace taylorshift::cuda_kernels {
 
 namespace {
 
-constexpr int kFeatureTile = 64;
+// Features per tile of the feature axis. Larger tiles amortise the token
+// loads and barriers of each step over more tensor-core work; small head dims
+// keep 64 so that the padding past F = 1 + d + d(d+1)/2 stays small.
+// 128 only with 2-byte operands, whose tiles leave room for it in shared
+// memory.
+int feature_tile(int d, size_t operand_bytes) {
+  return d >= 48 && operand_bytes == 2 ? 128 : 64;
+}
 
 template <typename T, typename Acc>
 struct EfficientArgs {
@@ -47,8 +54,8 @@ struct EfficientArgs {
   const Acc* state;    // apply / contract: state or dS, (B, H, F, e + 1)
   Acc state_scale;     // apply: 2^-ceil(log2 N), see efficient_apply_kernel
   int64_t heads, tokens, features;
-  int d, e, tile;
-  Mask mask;  // key padding only
+  int d, e, tile, feature_tile;  // feature_tile: features per step
+  Mask mask;                     // key padding only
   RowValues<Acc> sigma;
   Acc a, b, c;
 };
@@ -58,10 +65,10 @@ struct EfficientArgs {
 // Features past the end get coef 0. Key-side features have coef 1; the
 // query side folds in the Taylor coefficients and the pair weight omega.
 template <typename Acc>
-__device__ void feature_table(int64_t f0, int d, int64_t features,
+__device__ void feature_table(int64_t f0, int ft, int d, int64_t features,
                               bool query_side, Acc a, Acc b, Acc c, int* ls,
                               int* ms, Acc* coef) {
-  for (int local = threadIdx.x; local < kFeatureTile; local += blockDim.x) {
+  for (int local = threadIdx.x; local < ft; local += blockDim.x) {
     const int64_t f = f0 + local;
     int l = d, m = d;
     Acc w = 0;
@@ -130,17 +137,17 @@ using ReduceOperand = std::conditional_t<kQuery, typename Num<T>::derived, T>;
 
 struct ReduceSmem {
   size_t x, feat, y, r, ls, ms, coef, total;
-  TS_HOST_DEVICE ReduceSmem(int tile, int d, int e, int op_bytes, int acc_bytes,
-                            int wide_bytes) {
+  TS_HOST_DEVICE ReduceSmem(int tile, int ft, int d, int e, int op_bytes,
+                            int acc_bytes, int wide_bytes) {
     const int e1p = round16(e + 1);
     SmemCarver carver;
     x = carver.take(size_t(tile) * (d + 1) * acc_bytes);
-    feat = carver.take(size_t(kFeatureTile) * operand_ld(tile) * op_bytes);
+    feat = carver.take(size_t(ft) * operand_ld(tile) * op_bytes);
     y = carver.take(size_t(tile) * operand_ld(e1p) * op_bytes);
-    r = carver.take(size_t(kFeatureTile) * accum_ld(e1p) * wide_bytes);
-    ls = carver.take(kFeatureTile * sizeof(int));
-    ms = carver.take(kFeatureTile * sizeof(int));
-    coef = carver.take(size_t(kFeatureTile) * acc_bytes);
+    r = carver.take(size_t(ft) * accum_ld(e1p) * wide_bytes);
+    ls = carver.take(ft * sizeof(int));
+    ms = carver.take(ft * sizeof(int));
+    coef = carver.take(size_t(ft) * acc_bytes);
     total = carver.size;
   }
 };
@@ -152,9 +159,11 @@ __global__ void __launch_bounds__(kThreads)
     feature_reduce_kernel(EfficientArgs<T, Acc> p, int64_t chunk, Acc* out) {
   using Op = ReduceOperand<T, kQuery>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const int tile = p.tile, d = p.d, e1 = p.e + 1, e1p = round16(p.e + 1);
+  const int tile = p.tile, ft = p.feature_tile, d = p.d, e1 = p.e + 1,
+            e1p = round16(p.e + 1);
   using Wide = typename Num<T>::wide;
-  const ReduceSmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc), sizeof(Wide));
+  const ReduceSmem plan(tile, ft, d, p.e, sizeof(Op), sizeof(Acc),
+                        sizeof(Wide));
   Acc* xs = reinterpret_cast<Acc*>(smem + plan.x);
   Op* fs = reinterpret_cast<Op*>(smem + plan.feat);
   Op* ys = reinterpret_cast<Op*>(smem + plan.y);
@@ -165,15 +174,15 @@ __global__ void __launch_bounds__(kThreads)
   const int ld_f = operand_ld(tile), ld_y = operand_ld(e1p),
             ld_r = accum_ld(e1p);
 
-  const int64_t f0 = static_cast<int64_t>(blockIdx.x) * kFeatureTile;
+  const int64_t f0 = static_cast<int64_t>(blockIdx.x) * ft;
   const int64_t split = blockIdx.y;
   const int64_t bh = blockIdx.z, b = bh / p.heads;
   const int64_t begin = split * chunk;
   const int64_t end = min(p.tokens, begin + chunk);
   const T* x = p.x + bh * p.tokens * d;
 
-  feature_table(f0, d, p.features, kQuery, p.a, p.b, p.c, ls, ms, coef);
-  zero_tile(rs, ld_r, kFeatureTile, e1p);
+  feature_table(f0, ft, d, p.features, kQuery, p.a, p.b, p.c, ls, ms, coef);
+  zero_tile(rs, ld_r, ft, e1p);
   for (int64_t t0 = begin; t0 < end; t0 += tile) {
     __syncthreads();  // the previous product is done with fs, ys
     load_feature_source(xs, x, end, d, t0, tile);
@@ -185,18 +194,17 @@ __global__ void __launch_bounds__(kThreads)
           valid ? value_row_entry<T, Acc, kQuery>(p, bh, t, col) : Acc(0));
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < kFeatureTile * tile; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < ft * tile; idx += blockDim.x) {
       const int f = idx / tile, t = idx % tile;
       fs[f * ld_f + t] =
           Num<Op>::narrow(feature_value(xs, d, t, ls, ms, coef, f));
     }
     __syncthreads();
-    block_mma<false, false>(fs, ld_f, ys, ld_y, rs, ld_r, kFeatureTile, e1p,
-                            tile, true);
+    block_mma<false, false>(fs, ld_f, ys, ld_y, rs, ld_r, ft, e1p, tile, true);
   }
   __syncthreads();
   Acc* dst = out + (split * gridDim.z + bh) * p.features * e1;
-  for (int idx = threadIdx.x; idx < kFeatureTile * e1; idx += blockDim.x) {
+  for (int idx = threadIdx.x; idx < ft * e1; idx += blockDim.x) {
     const int f = idx / e1, col = idx % e1;
     if (f0 + f < p.features) {
       dst[(f0 + f) * e1 + col] = static_cast<Acc>(rs[f * ld_r + col]);
@@ -218,17 +226,17 @@ __global__ void sum_splits_kernel(const Acc* partial, int64_t splits,
 
 struct ApplySmem {
   size_t x, feat, s, z, ls, ms, coef, total;
-  TS_HOST_DEVICE ApplySmem(int tile, int d, int e, int op_bytes, int acc_bytes,
-                           int wide_bytes) {
+  TS_HOST_DEVICE ApplySmem(int tile, int ft, int d, int e, int op_bytes,
+                           int acc_bytes, int wide_bytes) {
     const int e1p = round16(e + 1);
     SmemCarver carver;
     x = carver.take(size_t(tile) * (d + 1) * acc_bytes);
-    feat = carver.take(size_t(tile) * operand_ld(kFeatureTile) * op_bytes);
-    s = carver.take(size_t(kFeatureTile) * operand_ld(e1p) * op_bytes);
+    feat = carver.take(size_t(tile) * operand_ld(ft) * op_bytes);
+    s = carver.take(size_t(ft) * operand_ld(e1p) * op_bytes);
     z = carver.take(size_t(tile) * accum_ld(e1p) * wide_bytes);
-    ls = carver.take(kFeatureTile * sizeof(int));
-    ms = carver.take(kFeatureTile * sizeof(int));
-    coef = carver.take(size_t(kFeatureTile) * acc_bytes);
+    ls = carver.take(ft * sizeof(int));
+    ms = carver.take(ft * sizeof(int));
+    coef = carver.take(size_t(ft) * acc_bytes);
     total = carver.size;
   }
 };
@@ -243,9 +251,10 @@ __global__ void __launch_bounds__(kThreads)
     efficient_apply_kernel(EfficientArgs<T, Acc> p, T* out, Acc* den) {
   using Op = T;
   extern __shared__ __align__(128) unsigned char smem[];
-  const int tile = p.tile, d = p.d, e1 = p.e + 1, e1p = round16(p.e + 1);
+  const int tile = p.tile, ft = p.feature_tile, d = p.d, e1 = p.e + 1,
+            e1p = round16(p.e + 1);
   using Wide = typename Num<T>::wide;
-  const ApplySmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc), sizeof(Wide));
+  const ApplySmem plan(tile, ft, d, p.e, sizeof(Op), sizeof(Acc), sizeof(Wide));
   Acc* xs = reinterpret_cast<Acc*>(smem + plan.x);
   Op* fs = reinterpret_cast<Op*>(smem + plan.feat);
   Op* ss = reinterpret_cast<Op*>(smem + plan.s);
@@ -253,18 +262,17 @@ __global__ void __launch_bounds__(kThreads)
   int* ls = reinterpret_cast<int*>(smem + plan.ls);
   int* ms = reinterpret_cast<int*>(smem + plan.ms);
   Acc* coef = reinterpret_cast<Acc*>(smem + plan.coef);
-  const int ld_f = operand_ld(kFeatureTile), ld_s = operand_ld(e1p),
-            ld_z = accum_ld(e1p);
+  const int ld_f = operand_ld(ft), ld_s = operand_ld(e1p), ld_z = accum_ld(e1p);
 
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * tile;
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const Acc* state = p.state + bh * p.features * e1;
   load_feature_source(xs, p.x + bh * p.tokens * d, p.tokens, d, i0, tile);
   zero_tile(zs, ld_z, tile, e1p);
-  for (int64_t f0 = 0; f0 < p.features; f0 += kFeatureTile) {
+  for (int64_t f0 = 0; f0 < p.features; f0 += ft) {
     __syncthreads();  // the previous product is done with fs, ss, the table
-    feature_table(f0, d, p.features, true, p.a, p.b, p.c, ls, ms, coef);
-    for (int idx = threadIdx.x; idx < kFeatureTile * e1p; idx += blockDim.x) {
+    feature_table(f0, ft, d, p.features, true, p.a, p.b, p.c, ls, ms, coef);
+    for (int idx = threadIdx.x; idx < ft * e1p; idx += blockDim.x) {
       const int r = idx / e1p, col = idx % e1p;
       const int64_t f = f0 + r;
       ss[r * ld_s + col] = Num<Op>::narrow(
@@ -272,14 +280,13 @@ __global__ void __launch_bounds__(kThreads)
                                      : Acc(0));
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < tile * kFeatureTile; idx += blockDim.x) {
-      const int t = idx / kFeatureTile, f = idx % kFeatureTile;
+    for (int idx = threadIdx.x; idx < tile * ft; idx += blockDim.x) {
+      const int t = idx / ft, f = idx % ft;
       fs[t * ld_f + f] =
           Num<Op>::narrow(feature_value(xs, d, t, ls, ms, coef, f));
     }
     __syncthreads();
-    block_mma<false, false>(fs, ld_f, ss, ld_s, zs, ld_z, tile, e1p,
-                            kFeatureTile, true);
+    block_mma<false, false>(fs, ld_f, ss, ld_s, zs, ld_z, tile, e1p, ft, true);
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < tile * p.e; idx += blockDim.x) {
@@ -300,23 +307,21 @@ __global__ void __launch_bounds__(kThreads)
 // psi(k) and the dv accumulator.
 struct ContractSmem {
   size_t x, rows, feat, s, g, acc_v, grad, ls, ms, coef, total;
-  TS_HOST_DEVICE ContractSmem(int tile, int d, int e, int op_bytes,
+  TS_HOST_DEVICE ContractSmem(int tile, int ft, int d, int e, int op_bytes,
                               int acc_bytes, int wide_bytes, bool key_side) {
     const int e1p = round16(e + 1);
     SmemCarver carver;
     x = carver.take(size_t(tile) * (d + 1) * acc_bytes);
     rows = carver.take(size_t(tile) * operand_ld(e1p) * op_bytes);
-    feat = key_side
-               ? carver.take(size_t(tile) * operand_ld(kFeatureTile) * op_bytes)
-               : 0;
-    s = carver.take(size_t(kFeatureTile) * operand_ld(e1p) * op_bytes);
-    g = carver.take(size_t(tile) * accum_ld(kFeatureTile) * wide_bytes);
+    feat = key_side ? carver.take(size_t(tile) * operand_ld(ft) * op_bytes) : 0;
+    s = carver.take(size_t(ft) * operand_ld(e1p) * op_bytes);
+    g = carver.take(size_t(tile) * accum_ld(ft) * wide_bytes);
     acc_v =
         key_side ? carver.take(size_t(tile) * accum_ld(e1p) * wide_bytes) : 0;
     grad = carver.take(size_t(tile) * (d + 1) * wide_bytes);
-    ls = carver.take(kFeatureTile * sizeof(int));
-    ms = carver.take(kFeatureTile * sizeof(int));
-    coef = carver.take(size_t(kFeatureTile) * acc_bytes);
+    ls = carver.take(ft * sizeof(int));
+    ms = carver.take(ft * sizeof(int));
+    coef = carver.take(size_t(ft) * acc_bytes);
     total = carver.size;
   }
 };
@@ -332,14 +337,15 @@ struct ContractSmem {
 // (l mod threads-per-token), so every grad entry has exactly one writer.
 template <typename Acc, typename Wide>
 __device__ void contract_features(const Wide* gs, int ld_g, const Acc* xs,
-                                  Wide* grad, int d, int tile, const int* ls,
-                                  const int* ms, const Acc* coef) {
+                                  Wide* grad, int d, int tile, int ft,
+                                  const int* ls, const int* ms,
+                                  const Acc* coef) {
   const int per_token = blockDim.x / tile;
   const int t = threadIdx.x / per_token, lane = threadIdx.x % per_token;
   if (t >= tile) return;
   const Acc* x = xs + t * (d + 1);
   Wide* out = grad + t * (d + 1);
-  for (int f = 0; f < kFeatureTile; ++f) {
+  for (int f = 0; f < ft; ++f) {
     const int l = ls[f], m = ms[f];
     if (l == d) continue;  // constant feature, or past the end
     const Wide g = coef[f] * gs[t * ld_g + f];
@@ -360,10 +366,11 @@ __global__ void __launch_bounds__(kThreads)
     efficient_backward_q_kernel(EfficientArgs<T, Acc> p, T* grad_q) {
   using Op = typename Num<T>::derived;
   extern __shared__ __align__(128) unsigned char smem[];
-  const int tile = p.tile, d = p.d, e1 = p.e + 1, e1p = round16(p.e + 1);
+  const int tile = p.tile, ft = p.feature_tile, d = p.d, e1 = p.e + 1,
+            e1p = round16(p.e + 1);
   using Wide = typename Num<T>::wide;
-  const ContractSmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc), sizeof(Wide),
-                          false);
+  const ContractSmem plan(tile, ft, d, p.e, sizeof(Op), sizeof(Acc),
+                          sizeof(Wide), false);
   Acc* xs = reinterpret_cast<Acc*>(smem + plan.x);
   Op* dz = reinterpret_cast<Op*>(smem + plan.rows);
   Op* ss = reinterpret_cast<Op*>(smem + plan.s);
@@ -372,7 +379,7 @@ __global__ void __launch_bounds__(kThreads)
   int* ls = reinterpret_cast<int*>(smem + plan.ls);
   int* ms = reinterpret_cast<int*>(smem + plan.ms);
   Acc* coef = reinterpret_cast<Acc*>(smem + plan.coef);
-  const int ld_z = operand_ld(e1p), ld_g = accum_ld(kFeatureTile);
+  const int ld_z = operand_ld(e1p), ld_g = accum_ld(ft);
 
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * tile;
   const int64_t bh = blockIdx.y;
@@ -385,17 +392,16 @@ __global__ void __launch_bounds__(kThreads)
         i < p.tokens ? value_row_entry<T, Acc, true>(p, bh, i, col) : Acc(0));
   }
   zero_tile(dq, d + 1, tile, d + 1);
-  for (int64_t f0 = 0; f0 < p.features; f0 += kFeatureTile) {
+  for (int64_t f0 = 0; f0 < p.features; f0 += ft) {
     __syncthreads();  // the previous contraction is done with gs, the table
-    feature_table(f0, d, p.features, true, p.a, p.b, p.c, ls, ms, coef);
-    load_tile(ss, operand_ld(e1p), state, p.features, e1, f0, kFeatureTile,
-              e1p);
+    feature_table(f0, ft, d, p.features, true, p.a, p.b, p.c, ls, ms, coef);
+    load_tile(ss, operand_ld(e1p), state, p.features, e1, f0, ft, e1p);
     __syncthreads();
     // g = dz state^T: (tile x e1p) times the transposed (features x e1p) tile
-    block_mma<false, true>(dz, ld_z, ss, operand_ld(e1p), gs, ld_g, tile,
-                           kFeatureTile, e1p, false);
+    block_mma<false, true>(dz, ld_z, ss, operand_ld(e1p), gs, ld_g, tile, ft,
+                           e1p, false);
     __syncthreads();
-    contract_features(gs, ld_g, xs, dq, d, tile, ls, ms, coef);
+    contract_features(gs, ld_g, xs, dq, d, tile, ft, ls, ms, coef);
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < tile * d; idx += blockDim.x) {
@@ -416,10 +422,11 @@ __global__ void __launch_bounds__(kThreads)
                                  T* grad_v) {
   using Op = typename Num<T>::derived;
   extern __shared__ __align__(128) unsigned char smem[];
-  const int tile = p.tile, d = p.d, e1 = p.e + 1, e1p = round16(p.e + 1);
+  const int tile = p.tile, ft = p.feature_tile, d = p.d, e1 = p.e + 1,
+            e1p = round16(p.e + 1);
   using Wide = typename Num<T>::wide;
-  const ContractSmem plan(tile, d, p.e, sizeof(Op), sizeof(Acc), sizeof(Wide),
-                          true);
+  const ContractSmem plan(tile, ft, d, p.e, sizeof(Op), sizeof(Acc),
+                          sizeof(Wide), true);
   Acc* xs = reinterpret_cast<Acc*>(smem + plan.x);
   Op* vs = reinterpret_cast<Op*>(smem + plan.rows);
   Op* fs = reinterpret_cast<Op*>(smem + plan.feat);
@@ -430,8 +437,8 @@ __global__ void __launch_bounds__(kThreads)
   int* ls = reinterpret_cast<int*>(smem + plan.ls);
   int* ms = reinterpret_cast<int*>(smem + plan.ms);
   Acc* coef = reinterpret_cast<Acc*>(smem + plan.coef);
-  const int ld_v = operand_ld(e1p), ld_f = operand_ld(kFeatureTile),
-            ld_h = accum_ld(kFeatureTile), ld_dv = accum_ld(e1p);
+  const int ld_v = operand_ld(e1p), ld_f = operand_ld(ft), ld_h = accum_ld(ft),
+            ld_dv = accum_ld(e1p);
 
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * tile;
   const int64_t bh = blockIdx.y, b = bh / p.heads;
@@ -445,23 +452,21 @@ __global__ void __launch_bounds__(kThreads)
   }
   zero_tile(dv, ld_dv, tile, e1p);
   zero_tile(dk, d + 1, tile, d + 1);
-  for (int64_t f0 = 0; f0 < p.features; f0 += kFeatureTile) {
+  for (int64_t f0 = 0; f0 < p.features; f0 += ft) {
     __syncthreads();  // the previous products and contraction are done
-    feature_table(f0, d, p.features, false, p.a, p.b, p.c, ls, ms, coef);
-    load_tile(ds, ld_v, dstate, p.features, e1, f0, kFeatureTile, e1p);
+    feature_table(f0, ft, d, p.features, false, p.a, p.b, p.c, ls, ms, coef);
+    load_tile(ds, ld_v, dstate, p.features, e1, f0, ft, e1p);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < tile * kFeatureTile; idx += blockDim.x) {
-      const int t = idx / kFeatureTile, f = idx % kFeatureTile;
+    for (int idx = threadIdx.x; idx < tile * ft; idx += blockDim.x) {
+      const int t = idx / ft, f = idx % ft;
       fs[t * ld_f + f] =
           Num<Op>::narrow(feature_value(xs, d, t, ls, ms, coef, f));
     }
     // h = [1 | v] dS^T needs only vs and ds, so it overlaps the expansion.
-    block_mma<false, true>(vs, ld_v, ds, ld_v, hs, ld_h, tile, kFeatureTile,
-                           e1p, false);
+    block_mma<false, true>(vs, ld_v, ds, ld_v, hs, ld_h, tile, ft, e1p, false);
     __syncthreads();
-    block_mma<false, false>(fs, ld_f, ds, ld_v, dv, ld_dv, tile, e1p,
-                            kFeatureTile, true);
-    contract_features(hs, ld_h, xs, dk, d, tile, ls, ms, coef);
+    block_mma<false, false>(fs, ld_f, ds, ld_v, dv, ld_dv, tile, e1p, ft, true);
+    contract_features(hs, ld_h, xs, dk, d, tile, ft, ls, ms, coef);
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < tile * d; idx += blockDim.x) {
@@ -508,15 +513,16 @@ EfficientArgs<T, Acc> make_args(const at::Tensor& x, const at::Tensor& y,
 template <typename T, typename Acc, bool kQuery>
 void feature_reduce(EfficientArgs<T, Acc> args, at::Tensor& out) {
   using Op = ReduceOperand<T, kQuery>;
+  args.feature_tile = feature_tile(args.d, sizeof(Op));
   const auto bytes = [&](int tile) {
-    return ReduceSmem(tile, args.d, args.e, sizeof(Op), sizeof(Acc),
-                      sizeof(typename Num<T>::wide))
+    return ReduceSmem(tile, args.feature_tile, args.d, args.e, sizeof(Op),
+                      sizeof(Acc), sizeof(typename Num<T>::wide))
         .total;
   };
   args.tile = pick_tile("taylorshift::efficient (state)", bytes);
   const int64_t bh = out.size(0) * out.size(1);
   const int64_t feature_tiles =
-      (args.features + kFeatureTile - 1) / kFeatureTile;
+      (args.features + args.feature_tile - 1) / args.feature_tile;
   const int64_t token_tiles =
       std::max<int64_t>(1, (args.tokens + args.tile - 1) / args.tile);
   const int64_t wanted_blocks =
@@ -581,9 +587,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
             1.0, -static_cast<int>(std::ceil(std::log2(
                      std::max<double>(1.0, static_cast<double>(k.size(2))))))));
         args.sigma = row_values<Acc>(sigma);
+        args.feature_tile = feature_tile(args.d, sizeof(T));
         const auto bytes = [&](int tile) {
-          return ApplySmem(tile, args.d, args.e, sizeof(T), sizeof(Acc),
-                           sizeof(typename Num<T>::wide))
+          return ApplySmem(tile, args.feature_tile, args.d, args.e, sizeof(T),
+                           sizeof(Acc), sizeof(typename Num<T>::wide))
               .total;
         };
         args.tile = pick_tile("taylorshift::efficient_forward", bytes);
@@ -616,10 +623,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
                    vc = v.contiguous(), gc = grad_out.contiguous(),
                    sc = state.contiguous();
-  at::Tensor grad_q = at::empty_like(qc), grad_k = at::empty_like(kc),
-             grad_v = at::empty_like(vc);
+  // Contiguous gradients whatever the inputs' strides, as the Meta kernels.
+  at::Tensor grad_q = at::empty(q.sizes(), q.options()),
+             grad_k = at::empty(k.sizes(), k.options()),
+             grad_v = at::empty(v.sizes(), v.options());
   if (q.numel() == 0 || k.numel() == 0) {
-    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
+    return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
   }
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          std::nullopt, false, output_scale);
@@ -643,8 +652,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
           auto args = key_side ? make_args<T, Acc>(kc, vc, vc, mask, a, b, c)
                                : query_args;
           args.state = key_side ? dstate.data_ptr<Acc>() : sc.data_ptr<Acc>();
+          args.feature_tile = feature_tile(args.d, sizeof(Op));
           const auto bytes = [&](int tile) {
-            return ContractSmem(tile, args.d, args.e, sizeof(Op), sizeof(Acc),
+            return ContractSmem(tile, args.feature_tile, args.d, args.e,
+                                sizeof(Op), sizeof(Acc),
                                 sizeof(typename Num<T>::wide), key_side)
                 .total;
           };
@@ -666,7 +677,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
-  return {like_input(q, grad_q), like_input(k, grad_k), like_input(v, grad_v)};
+  return {grad_q, grad_k, grad_v};
 }
 
 }  // namespace
