@@ -35,6 +35,18 @@ def want_cuda() -> bool:
     return cuda_available and not force_cpu
 
 
+def add_wheel_cuda_headers() -> None:
+    """torch's CUDA headers include cusparse.h, cublas_v2.h and others. A minimal CUDA toolkit can
+    lack them while the nvidia-* wheels that a CUDA build of torch depends on carry them: append
+    those wheels' include folders to CPATH, which the compilers search after every -I folder, so
+    the toolkit's own headers still come first."""
+    if os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    wheel_dirs = sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    os.environ["CPATH"] = os.pathsep.join(filter(None, [os.environ.get("CPATH"), *wheel_dirs]))
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-fopenmp"]
@@ -47,6 +59,7 @@ def extension():
             extra_link_args=["-fopenmp"],
             define_macros=define_macros,
         )
+    add_wheel_cuda_headers()
     arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
     define_macros += [
         ("TAYLORSHIFT_WITH_CUDA", "1"),
