@@ -38,11 +38,12 @@ namespace taylorshift::cuda_kernels {
 namespace {
 
 // Features per tile of the feature axis. Larger tiles amortise the token
-// loads and barriers of each step over more tensor-core work; small head dims
-// keep 64 so that the padding past F = 1 + d + d(d+1)/2 stays small.
-// 128 only with 2-byte operands, whose tiles leave room for it in shared
-// memory.
+// loads and barriers of each step over more tensor-core work: 128 with 2-byte
+// operands from d = 48 on (below, the padding past F = 1 + d + d(d+1)/2
+// would cost more), 32 with double operands so that d = 128 fits the 163 KB
+// of shared memory an sm_80 block can have.
 int feature_tile(int d, size_t operand_bytes) {
+  if (operand_bytes == 8) return 32;
   return d >= 48 && operand_bytes == 2 ? 128 : 64;
 }
 
