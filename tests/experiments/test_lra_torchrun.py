@@ -1,4 +1,4 @@
-"""Data-parallel training through torchrun: two CPU processes over gloo."""
+"""Data-parallel training through torchrun: two CPU processes over gloo, straight and resumed."""
 
 import json
 import os
@@ -8,22 +8,31 @@ import sys
 import torch
 
 
-def test_two_process_gloo_run(all_tasks_root, tiny_configs, tmp_path):
-    out = tmp_path / "ddp"
+def torchrun_train(root, config, out, *extra):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "experiments.lra.train", "--task", "listops", "--data-root", str(all_tasks_root),
-        "--config", str(tiny_configs["listops"]), "--out", str(out), "--no-progress",
+        "-m", "experiments.lra.train", "--task", "listops", "--data-root", str(root),
+        "--config", str(config), "--out", str(out), "--no-progress", *extra,
     ]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
         command, check=False, capture_output=True, text=True, timeout=180, env=environment
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
+
+
+def test_two_process_gloo_run_and_resume(all_tasks_root, tiny_configs, tmp_path):
+    config = tiny_configs["listops"]
+    torchrun_train(all_tasks_root, config, tmp_path / "straight")
+    results = json.loads((tmp_path / "straight" / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 6
-    assert results["test_items"] == 8
-    # Evaluation shards the 8 test items across ranks without padding, so accuracy is k/8 exactly.
-    assert (results["test_accuracy"] * 8) == round(results["test_accuracy"] * 8)
-    checkpoint = torch.load(out / "last.pt", weights_only=False)
-    assert len(checkpoint["rng"]) == 2, "each rank's RNG state is saved for resume"
+    # Evaluation shards the 8 test items across ranks without padding: each counted once.
+    assert results["test_items"] == 8 and (results["test_accuracy"] * 8).is_integer()
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    assert len(straight["rng"]) == 2, "each rank's RNG state is saved for resume"
+
+    torchrun_train(all_tasks_root, config, tmp_path / "resumed", "--stop-at-step", "4")
+    torchrun_train(all_tasks_root, config, tmp_path / "resumed", "--resume")
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name

@@ -1,5 +1,6 @@
 """torchrun-aware process setup: one process per device, gloo on CPU, nccl on GPUs."""
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -55,4 +56,9 @@ def barrier(context: ProcessContext) -> None:
 
 def teardown_process() -> None:
     if dist.is_initialized():
+        # Leave together, and free the DDP reducer's pending work objects while the interpreter
+        # is whole: gloo threads that release them during interpreter shutdown abort the process
+        # ("terminate called without an active exception", pytorch/pytorch#179291).
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
