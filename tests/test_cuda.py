@@ -313,3 +313,23 @@ def test_one_million_tokens_efficient_forward_backward_bfloat16():
         assert torch.isfinite(t).all()
     # With cosine logits and sigma = sqrt(N/d) the outputs stay O(sqrt(N/d) * |mean v|).
     assert out.abs().max().item() < 1e4
+
+
+@pytest.mark.parametrize("mode", ("direct", "efficient"))
+def test_contiguous_views_at_unaligned_offsets(mode):
+    """A contiguous view may start at any element: the kernels' 16-byte loads must not assume."""
+    q, k, v = make_factors(2, 2, 40, 70, 64, 64, torch.bfloat16, seed=9)
+
+    def shifted(x):
+        storage = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+        view = storage[1:].view(x.shape)
+        view.copy_(x)
+        assert view.is_contiguous() and view.data_ptr() % 16 != 0
+        return view
+
+    op = ops.direct_forward if mode == "direct" else ops.efficient_forward
+    args = (None, None, False, True) if mode == "direct" else (None, True)
+    want = op(q, k, v, *args, *COEFFICIENTS)
+    got = op(shifted(q), shifted(k), shifted(v), *args, *COEFFICIENTS)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

@@ -251,6 +251,27 @@ __device__ void block_mma(const Op* A, int lda, const Op* B, int ldb, Acc* C,
 template <typename Dst, typename Src>
 __device__ void load_tile(Dst* dst, int ld, const Src* src, int64_t total_rows,
                           int cols, int64_t row0, int rows, int padded_cols) {
+  // Same type, no padding columns, rows a whole number of 16-byte vectors
+  // from a 16-byte aligned start (a contiguous view may start anywhere):
+  // copy 16 bytes per access (head dims 16, 32, 64, 128). Every row start is
+  // then aligned too, as cols * sizeof and ld * sizeof are multiples of 16.
+  constexpr int kVector = 16 / sizeof(Src);
+  if constexpr (std::is_same_v<Dst, Src> && sizeof(Src) == 2) {
+    if (cols == padded_cols && cols % kVector == 0 &&
+        reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+      const int vectors = cols / kVector;
+      for (int idx = threadIdx.x; idx < rows * vectors; idx += blockDim.x) {
+        const int r = idx / vectors, col = idx % vectors * kVector;
+        const int64_t row = row0 + r;
+        uint4 value = make_uint4(0, 0, 0, 0);
+        if (row < total_rows) {
+          value = *reinterpret_cast<const uint4*>(src + row * cols + col);
+        }
+        *reinterpret_cast<uint4*>(dst + r * ld + col) = value;
+      }
+      return;
+    }
+  }
   for (int idx = threadIdx.x; idx < rows * padded_cols; idx += blockDim.x) {
     const int r = idx / padded_cols;
     const int col = idx % padded_cols;
