@@ -110,9 +110,11 @@ def measure(implementation, pass_, batch, heads, tokens, head_dim):
 def run(args):
     rows = []
     deadline = time.monotonic() + args.budget_s
-    for head_dim in args.head_dims:
-        for implementation in IMPLEMENTATIONS:
-            for pass_ in PASSES:
+    # The targets first (efficient and SDPA, d = 64, forward+backward), so that a short
+    # --budget-s still measures them; the paper's reference last.
+    for implementation in ("efficient", "sdpa", "direct", "reference"):
+        for head_dim in sorted(args.head_dims, reverse=True):
+            for pass_ in reversed(PASSES):
                 last_ms = None
                 for tokens in args.tokens:
                     row = {
@@ -127,7 +129,7 @@ def run(args):
                     }
                     rows.append(row)
                     # Predicted time of this call from the last one (quadratic methods grow 4x).
-                    growth = 2 if implementation == "efficient" else 4
+                    growth = 4 if implementation in ("direct", "sdpa") else 2
                     if (
                         implementation == "reference"
                         and reference_bytes(args.batch, args.heads, tokens, head_dim)
