@@ -30,12 +30,6 @@ export TORCH_CUDA_ARCH_LIST="$arch" TAYLORSHIFT_FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
-# torch's CUDA headers include cusparse.h and friends; a minimal toolkit can
-# lack them while the nvidia-* wheels next to torch carry them.
-if [ ! -f "${CUDA_HOME:-/usr/local/cuda}/include/cusparse.h" ]; then
-  wheel_includes=$($python -c "import glob, os, torch; print(':'.join(glob.glob(os.path.join(os.path.dirname(torch.__file__), '..', 'nvidia', '*', 'include'))))")
-  export CPATH="${wheel_includes}${CPATH:+:$CPATH}"
-fi
 echo "gpu_check: building for sm_${arch/./} with $(command -v nvcc || echo "$CUDA_HOME/bin/nvcc")"
 if ! $python setup.py build_ext --inplace >"$results/gpu_build.log" 2>&1; then
   tail -n 40 "$results/gpu_build.log"
