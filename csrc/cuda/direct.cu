@@ -13,8 +13,8 @@
 //
 // Backward. With rs_i = sigma_i / den_i, dl_i = (gY_i . y_i) / den_i:
 //     dW_ij = rs_i (gY_i . v_j) - dl_i,    dX = m ⊙ dW ⊙ f'(X)
-//     dV_j  = sum_i w_ij rs_i gY_i,   dK_j = sum_i dX_ij q_i,   dQ_i = sum_j
-//     dX_ij k_j
+//     dV_j = sum_i w_ij rs_i gY_i
+//     dK_j = sum_i dX_ij q_i,   dQ_i = sum_j dX_ij k_j
 // Two kernels recompute X (and G = gY V^T) tile by tile: one per key tile
 // accumulating dK, dV over query tiles, one per query tile accumulating dQ
 // over key tiles. Each output element is owned by one block: deterministic,

@@ -1,30 +1,30 @@
 // Efficient TaylorShift attention (math.md §3) on CUDA, O(N d^3), with the
-// symmetric feature maps of features.h:
-//     psi(k) = [1 | k | k_l k_m (l <= m)],   phi(q) = [c | b q | a w_lm q_l
-//     q_m]
+// symmetric feature maps of features.h,
+//   psi(k) = [1 | k | k_l k_m (l <= m)]
+//   phi(q) = [c | b q | a w_lm q_l q_m]
 // so that phi(q) . psi(k) = f(q . k). Neither feature map is ever written to
 // global memory: every kernel expands the features of one tile of tokens and
 // one tile of the feature axis in shared memory, straight from the q or k
 // tile, right before the tensor-core product that consumes them.
 //
-// Three kinds of kernel cover forward and backward:
-//   reduce   R = sum_t feat(x_t) y_t^T over tokens          (F x (e+1))
-//            forward:  state = sum_j psi(k_j) m_j [1 | v_j]^T
-//            backward: dS    = sum_i phi(q_i) dz_i^T,  dz_i = [-dl_i | rs_i
-//            gY_i] Grid: feature tiles x token splits x (batch, head); each
-//            split writes its own partial sum, and a second kernel adds the
-//            splits in a fixed order (deterministic, no atomics).
-//   apply    z_i = phi(q_i)^T state, den_i = z_i[0], y_i = sigma_i z_i[1:] /
-//   den_i
-//            Grid: query tiles x (batch, head), looping over feature tiles;
-//            a head's state is read by every query tile and stays in L2.
-//   contract dq_i = b g_lin + 2a Sym(g_pairs) q_i   with g_i = state dz_i
-//            dk_j = h_lin + 2 Half(h_pairs) k_j    with h_j = dS [1 | v_j]
-//            dv_j = (psi(k_j)^T dS)[1:]
-//            (masked keys get m_j = 0.) The products dz state^T and [1|v] dS^T
-//            give one value per (token, feature); multiplying by the matching
-//            q (or k) entries and summing per coordinate finishes the
-//            gradient inside the same feature-tile loop.
+// Three kinds of kernel cover forward and backward.
+// * reduce: R = sum_t feat(x_t) y_t^T over tokens, F x (e+1).
+//     forward:  state = sum_j psi(k_j) m_j [1 | v_j]^T
+//     backward: dS = sum_i phi(q_i) dz_i^T, dz_i = [-dl_i | rs_i gY_i]
+//   Grid: feature tiles x token splits x (batch, head). Each split writes
+//   its own partial sum and a second kernel adds the splits in a fixed
+//   order: deterministic, no atomics.
+// * apply: z_i = phi(q_i)^T state, den_i = z_i[0],
+//   y_i = sigma_i z_i[1:] / den_i.
+//   Grid: query tiles x (batch, head), looping over feature tiles; a head's
+//   state is read by every query tile and stays in L2.
+// * contract: with g_i = state dz_i and h_j = dS [1 | v_j] (F values each),
+//     dq_i = b g_lin + 2a Sym(g_pairs) q_i
+//     dk_j = m_j (h_lin + 2 Half(h_pairs) k_j)
+//     dv_j = m_j (psi(k_j)^T dS)[1:]
+//   The products dz state^T and [1 | v] dS^T give one value per (token,
+//   feature); multiplying by the matching q (or k) entries and summing per
+//   coordinate finishes the gradient inside the same feature-tile loop.
 // rs_i = sigma_i / den_i and dl_i = (gY_i . y_i) / den_i (common.cu).
 #include <torch/library.h>
 
