@@ -253,10 +253,12 @@ __device__ void load_tile(Dst* dst, int ld, const Src* src, int64_t total_rows,
                           int cols, int64_t row0, int rows, int padded_cols) {
   // Same type, no padding columns, rows a whole number of 16-byte vectors
   // from a 16-byte aligned start (a contiguous view may start anywhere):
-  // copy 16 bytes per access (head dims 16, 32, 64, 128). Every row start is
-  // then aligned too, as cols * sizeof and ld * sizeof are multiples of 16.
+  // copy 16 bytes per access (2-byte inputs with head dims 16, 32, 64, 128;
+  // the prepared states). Every row start is then aligned too, as
+  // cols * sizeof and ld * sizeof are multiples of 16.
   constexpr int kVector = 16 / sizeof(Src);
-  if constexpr (std::is_same_v<Dst, Src> && sizeof(Src) == 2) {
+  if constexpr (std::is_same_v<Dst, Src> &&
+                (sizeof(Src) == 2 || sizeof(Src) == 4)) {
     if (cols == padded_cols && cols % kVector == 0 &&
         reinterpret_cast<uintptr_t>(src) % 16 == 0) {
       const int vectors = cols / kVector;

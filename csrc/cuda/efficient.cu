@@ -52,8 +52,10 @@ struct EfficientArgs {
   const T* x;          // tokens whose features are expanded: k or q
   const T* y;          // v (key side) or grad_out (query side)
   const Acc* scalars;  // backward: (B, H, M, 2) = (rs, dl)
-  const Acc* state;    // apply / contract: state or dS, (B, H, F, e + 1)
-  Acc state_scale;     // apply: 2^-ceil(log2 N), see efficient_apply_kernel
+  // apply / contract: the state or dS as product operand (prepare_state).
+  const void* state_operand;
+  int64_t padded_features;
+  Acc state_scale;  // apply: 2^-ceil(log2 N), see efficient_apply_kernel
   int64_t heads, tokens, features;
   int d, e, tile, feature_tile;  // feature_tile: features per step
   Mask mask;                     // key padding only
@@ -225,6 +227,27 @@ __global__ void sum_splits_kernel(const Acc* partial, int64_t splits,
   }
 }
 
+// The state (or dS) of every head as the operand of the apply and contract
+// products, (B H, padded_features, e1p): multiplied by `scale`, rounded once
+// to the operand type, zero-padded to whole feature tiles and to 16 columns.
+// Every query or key tile then loads its state tiles as plain 16-byte copies
+// instead of converting the float state again.
+template <typename Acc, typename Op>
+__global__ void prepare_state_kernel(const Acc* state, int64_t count,
+                                     int64_t features, int e1,
+                                     int64_t padded_features, int e1p,
+                                     Acc scale, Op* out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int col = static_cast<int>(i % e1p);
+    const int64_t f = i / e1p % padded_features;
+    const int64_t bh = i / (e1p * padded_features);
+    out[i] = Num<Op>::narrow(f < features && col < e1
+                                 ? state[(bh * features + f) * e1 + col] * scale
+                                 : Acc(0));
+  }
+}
+
 struct ApplySmem {
   size_t x, feat, s, z, ls, ms, coef, total;
   TS_HOST_DEVICE ApplySmem(int tile, int ft, int d, int e, int op_bytes,
@@ -244,9 +267,9 @@ struct ApplySmem {
 
 // z = phi(Q_I) state, one tile of queries; then den and the output.
 // The state holds sums over up to N keys, beyond fp16's range for long
-// sequences: it enters the product multiplied by state_scale = 2^-ceil(log2 N)
-// (a mean-like magnitude, exact in binary), which cancels in z[1:] / z[0] and
-// is divided out of den.
+// sequences: its operand is multiplied by state_scale = 2^-ceil(log2 N) (a
+// mean-like magnitude, exact in binary), which cancels in z[1:] / z[0] and is
+// divided out of den.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads)
     efficient_apply_kernel(EfficientArgs<T, Acc> p, T* out, Acc* den) {
@@ -267,19 +290,14 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * tile;
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
-  const Acc* state = p.state + bh * p.features * e1;
+  const Op* state =
+      static_cast<const Op*>(p.state_operand) + bh * p.padded_features * e1p;
   load_feature_source(xs, p.x + bh * p.tokens * d, p.tokens, d, i0, tile);
   zero_tile(zs, ld_z, tile, e1p);
   for (int64_t f0 = 0; f0 < p.features; f0 += ft) {
     __syncthreads();  // the previous product is done with fs, ss, the table
     feature_table(f0, ft, d, p.features, true, p.a, p.b, p.c, ls, ms, coef);
-    for (int idx = threadIdx.x; idx < ft * e1p; idx += blockDim.x) {
-      const int r = idx / e1p, col = idx % e1p;
-      const int64_t f = f0 + r;
-      ss[r * ld_s + col] = Num<Op>::narrow(
-          f < p.features && col < e1 ? state[f * e1 + col] * p.state_scale
-                                     : Acc(0));
-    }
+    load_tile(ss, ld_s, state, p.padded_features, e1p, f0, ft, e1p);
     __syncthreads();
     for (int idx = threadIdx.x; idx < tile * ft; idx += blockDim.x) {
       const int t = idx / ft, f = idx % ft;
@@ -384,7 +402,8 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * tile;
   const int64_t bh = blockIdx.y;
-  const Acc* state = p.state + bh * p.features * e1;
+  const Op* state =
+      static_cast<const Op*>(p.state_operand) + bh * p.padded_features * e1p;
   load_feature_source(xs, p.x + bh * p.tokens * d, p.tokens, d, i0, tile);
   for (int idx = threadIdx.x; idx < tile * e1p; idx += blockDim.x) {
     const int r = idx / e1p, col = idx % e1p;
@@ -396,7 +415,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t f0 = 0; f0 < p.features; f0 += ft) {
     __syncthreads();  // the previous contraction is done with gs, the table
     feature_table(f0, ft, d, p.features, true, p.a, p.b, p.c, ls, ms, coef);
-    load_tile(ss, operand_ld(e1p), state, p.features, e1, f0, ft, e1p);
+    load_tile(ss, operand_ld(e1p), state, p.padded_features, e1p, f0, ft, e1p);
     __syncthreads();
     // g = dz state^T: (tile x e1p) times the transposed (features x e1p) tile
     block_mma<false, true>(dz, ld_z, ss, operand_ld(e1p), gs, ld_g, tile, ft,
@@ -443,7 +462,8 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * tile;
   const int64_t bh = blockIdx.y, b = bh / p.heads;
-  const Acc* dstate = p.state + bh * p.features * e1;
+  const Op* dstate =
+      static_cast<const Op*>(p.state_operand) + bh * p.padded_features * e1p;
   load_feature_source(xs, p.x + bh * p.tokens * d, p.tokens, d, j0, tile);
   for (int idx = threadIdx.x; idx < tile * e1p; idx += blockDim.x) {
     const int r = idx / e1p, col = idx % e1p;
@@ -456,7 +476,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t f0 = 0; f0 < p.features; f0 += ft) {
     __syncthreads();  // the previous products and contraction are done
     feature_table(f0, ft, d, p.features, false, p.a, p.b, p.c, ls, ms, coef);
-    load_tile(ds, ld_v, dstate, p.features, e1, f0, ft, e1p);
+    load_tile(ds, ld_v, dstate, p.padded_features, e1p, f0, ft, e1p);
     __syncthreads();
     for (int idx = threadIdx.x; idx < tile * ft; idx += blockDim.x) {
       const int t = idx / ft, f = idx % ft;
@@ -509,6 +529,12 @@ EfficientArgs<T, Acc> make_args(const at::Tensor& x, const at::Tensor& y,
   return args;
 }
 
+// Blocks of 256 threads for the grid-stride elementwise kernels: eight per
+// multiprocessor keep the memory system busy.
+int64_t grid_stride_blocks() {
+  return 8 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
 // Runs the reduce phase into `out` (B, H, F, e + 1), splitting the tokens so
 // that the grid holds a few waves of blocks even for small batch * heads.
 template <typename T, typename Acc, bool kQuery>
@@ -543,11 +569,36 @@ void feature_reduce(EfficientArgs<T, Acc> args, at::Tensor& out) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
     const int64_t count = out.numel();
-    const int64_t blocks = std::min<int64_t>((count + 255) / 256, 4096);
+    const int64_t blocks =
+        std::min<int64_t>((count + 255) / 256, grid_stride_blocks());
     sum_splits_kernel<Acc><<<blocks, 256, 0, stream>>>(
         partial.data_ptr<Acc>(), splits, count, out.data_ptr<Acc>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+// Runs prepare_state_kernel for a consumer with feature tiles of args's
+// feature_tile; sets args's operand pointer and returns its storage.
+template <typename Op, typename T, typename Acc>
+at::Tensor prepare_state(const at::Tensor& state, EfficientArgs<T, Acc>& args,
+                         Acc scale) {
+  const int e1 = args.e + 1, e1p = round16(args.e + 1);
+  const int64_t tiles =
+      (args.features + args.feature_tile - 1) / args.feature_tile;
+  args.padded_features = tiles * args.feature_tile;
+  const int64_t heads = state.size(0) * state.size(1);
+  const int64_t count = heads * args.padded_features * e1p;
+  at::Tensor operand = at::empty({count * static_cast<int64_t>(sizeof(Op))},
+                                 state.options().dtype(at::kByte));
+  const int64_t blocks =
+      std::min<int64_t>((count + 255) / 256, grid_stride_blocks());
+  prepare_state_kernel<Acc, Op>
+      <<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+          state.data_ptr<Acc>(), count, args.features, e1, args.padded_features,
+          e1p, scale, reinterpret_cast<Op*>(operand.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  args.state_operand = operand.data_ptr();
+  return operand;
 }
 
 int64_t blocks_for(int64_t tokens, int tile) {
@@ -583,12 +634,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
             make_args<T, Acc>(kc, vc, vc, mask, a, b, c), state);
         if (q.size(2) == 0) return;
         auto args = make_args<T, Acc>(qc, vc, vc, mask, a, b, c);
-        args.state = state.data_ptr<Acc>();
         args.state_scale = static_cast<Acc>(std::ldexp(
             1.0, -static_cast<int>(std::ceil(std::log2(
                      std::max<double>(1.0, static_cast<double>(k.size(2))))))));
         args.sigma = row_values<Acc>(sigma);
         args.feature_tile = feature_tile(args.d, sizeof(T));
+        const at::Tensor operand =
+            prepare_state<T>(state, args, args.state_scale);
         const auto bytes = [&](int tile) {
           return ApplySmem(tile, args.feature_tile, args.d, args.e, sizeof(T),
                            sizeof(Acc), sizeof(typename Num<T>::wide))
@@ -652,8 +704,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
         for (bool key_side : {false, true}) {
           auto args = key_side ? make_args<T, Acc>(kc, vc, vc, mask, a, b, c)
                                : query_args;
-          args.state = key_side ? dstate.data_ptr<Acc>() : sc.data_ptr<Acc>();
           args.feature_tile = feature_tile(args.d, sizeof(Op));
+          const at::Tensor operand =
+              prepare_state<Op>(key_side ? dstate : sc, args, Acc(1));
           const auto bytes = [&](int tile) {
             return ContractSmem(tile, args.feature_tile, args.d, args.e,
                                 sizeof(Op), sizeof(Acc),
