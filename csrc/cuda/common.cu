@@ -169,6 +169,14 @@ void check_cuda_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
       op, ": the CUDA kernels support head dims 1..", kMaxHeadDim,
       " (16, 32, 64 and 128 are the tuned ones), got d = ", q.size(3),
       ", e = ", v.size(3));
+  const bool tensor_cores =
+      q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !tensor_cores ||
+          at::cuda::getDeviceProperties(q.get_device())->major >= 8,
+      op,
+      ": float16 and bfloat16 need a GPU of compute capability 8.0 or "
+      "newer (tensor-core bfloat16 and TF32); use float32 or float64 here");
   TORCH_CHECK_NOT_IMPLEMENTED(q.size(0) * q.size(1) <= 65535, op,
                               ": batch * heads must be at most 65535, got ",
                               q.size(0) * q.size(1));

@@ -45,6 +45,7 @@ def host_source(text: str) -> str:
     )
     text = text.replace("at::cuda::getCurrentCUDAStream()", "0")
     text = text.replace("at::cuda::getCurrentDeviceProperties()", "(&emu::props)")
+    text = text.replace("at::cuda::getDeviceProperties(q.get_device())", "(&emu::props)")
     text = re.sub(r"const c10::cuda::CUDAGuard guard\(.*?\)\);", "", text)
     text = text.replace(
         "TORCH_LIBRARY_IMPL(taylorshift, CUDA, m)", "TORCH_LIBRARY_IMPL(taylorshift, CPU, m)"

@@ -31,6 +31,7 @@ alignas(128) inline unsigned char smem[1 << 20];
 // What the host code reads off the device; set_props changes it to reach
 // other tile sizes and token splits.
 struct Props {
+  int major = 9;
   int multiProcessorCount = 2;
   size_t sharedMemPerBlockOptin = 232448;
 };
