@@ -38,7 +38,9 @@ def forward_backward(fn, q, k, v, grad_out):
 def time_forward_backward(fn, q, k, v, min_run_time=1.0) -> float:
     """Median seconds of one forward+backward (torch.utils.benchmark)."""
     grad_out = torch.randn_like(v)
+    # Timer runs on one thread unless told otherwise: give it the threads torch would use.
     timer = benchmark.Timer(
+        num_threads=torch.get_num_threads(),
         stmt="forward_backward(fn, q, k, v, grad_out)",
         globals={
             "forward_backward": forward_backward,

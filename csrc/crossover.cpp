@@ -11,10 +11,10 @@ namespace {
 // Time per FLOP of the efficient kernels over time per FLOP of the direct
 // kernels, forward + backward, float32, from `python benchmarks/crossover.py`
 // (median over d = 16, 32, 64 and N = 64 .. 8192; table in
-// benchmarks/README.md). CPU: 0.83 on 2 cores. CUDA has not been measured
+// benchmarks/README.md). CPU: 0.84 on 2 cores. CUDA has not been measured
 // yet: until it is, FLOP parity (1.0).
 double efficient_flop_cost(c10::DeviceType device) {
-  return device == c10::DeviceType::CPU ? 0.83 : 1.0;
+  return device == c10::DeviceType::CPU ? 0.84 : 1.0;
 }
 
 }  // namespace
