@@ -52,42 +52,17 @@ def taylor_shift_attention(
     if len(coefficients) != 3:
         raise ValueError(f"taylorshift: coefficients must be (a, b, c), got {coefficients!r}")
     a, b, c = (float(x) for x in coefficients)
+    # The positional order of the taylorshift::attention schema, shared with the fallback.
+    args = (q, k, v, temperature, key_padding_mask, attn_mask, causal, mode, normalize)
+    args += (output_scale, scale, a, b, c)
     if _extension.available:
-        return torch.ops.taylorshift.attention(
-            q,
-            k,
-            v,
-            temperature,
-            key_padding_mask,
-            attn_mask,
-            causal,
-            mode,
-            normalize,
-            output_scale,
-            scale,
-            a,
-            b,
-            c,
-        )
-    return _reference_attention(
-        q,
-        k,
-        v,
-        temperature,
-        key_padding_mask,
-        attn_mask,
-        causal,
-        mode,
-        normalize,
-        output_scale,
-        scale,
-        (a, b, c),
-    )
+        return torch.ops.taylorshift.attention(*args)
+    return _reference_attention(*args)
 
 
 def _reference_attention(
     q, k, v, temperature, key_padding_mask, attn_mask, causal, mode, normalize, output_scale,
-    scale, coefficients,
+    scale, a, b, c,
 ):  # fmt: skip
     """Fallback without the compiled extension: the reference, switching at the paper's N0."""
     options = {
@@ -95,7 +70,7 @@ def _reference_attention(
         "normalize": normalize,
         "output_scale": output_scale,
         "scale": scale,
-        "coefficients": coefficients,
+        "coefficients": (a, b, c),
     }
     needs_direct = attn_mask is not None or causal
     if mode == "efficient" and needs_direct:
