@@ -8,7 +8,6 @@
 
 #include <cmath>
 
-#include "features.h"
 #include "taylorshift.h"
 
 namespace taylorshift {
@@ -176,12 +175,12 @@ at::Tensor attention_composite(
       mode == "efficient" ||
       (mode == "auto" && !needs_direct &&
        prefer_efficient(q.size(2), k.size(2), d, v.size(3), q.device().type()));
+  const KernelOptions options = schema_options(causal, output_scale, a, b, c);
   if (efficient)
-    return std::get<0>(efficient_forward(q_hat, k_hat, v, key_padding_mask,
-                                         output_scale, a, b, c));
+    return std::get<0>(
+        efficient_forward(q_hat, k_hat, v, key_padding_mask, options));
   return std::get<0>(direct_forward(q_hat, k_hat, v, key_padding_mask,
-                                    full_attn_mask, causal, output_scale, a, b,
-                                    c));
+                                    full_attn_mask, options));
 }
 
 }  // namespace

@@ -15,19 +15,34 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Options that are not tensors, kept in the context for the backward.
-void save_options(AutogradContext* ctx,
-                  const std::optional<at::Tensor>& key_padding_mask,
-                  bool output_scale, double a, double b, double c) {
-  ctx->saved_data["key_padding_mask"] = key_padding_mask;
-  ctx->saved_data["output_scale"] = output_scale;
-  ctx->saved_data["a"] = a;
-  ctx->saved_data["b"] = b;
-  ctx->saved_data["c"] = c;
+// KernelOptions kept in the context for the backward (saved_data holds
+// IValues, not structs).
+void save_options(AutogradContext* ctx, const KernelOptions& options) {
+  ctx->saved_data["a"] = options.coefficients.a;
+  ctx->saved_data["b"] = options.coefficients.b;
+  ctx->saved_data["c"] = options.coefficients.c;
+  ctx->saved_data["causal"] = options.causal;
+  ctx->saved_data["output_scale"] = options.output_scale;
+}
+
+KernelOptions saved_options(AutogradContext* ctx) {
+  return schema_options(
+      ctx->saved_data["causal"].toBool(),
+      ctx->saved_data["output_scale"].toBool(), ctx->saved_data["a"].toDouble(),
+      ctx->saved_data["b"].toDouble(), ctx->saved_data["c"].toDouble());
 }
 
 std::optional<at::Tensor> saved_mask(AutogradContext* ctx, const char* name) {
   return ctx->saved_data[name].toOptional<at::Tensor>();
+}
+
+// Gradients for q, k, v; none for the masks and options that follow them.
+variable_list with_undefined(at::Tensor grad_q, at::Tensor grad_k,
+                             at::Tensor grad_v, size_t others) {
+  variable_list grads = {std::move(grad_q), std::move(grad_k),
+                         std::move(grad_v)};
+  grads.resize(3 + others);
+  return grads;
 }
 
 class DirectAttention : public torch::autograd::Function<DirectAttention> {
@@ -35,31 +50,26 @@ class DirectAttention : public torch::autograd::Function<DirectAttention> {
   static variable_list forward(
       AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
       const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
-      const std::optional<at::Tensor>& attn_mask, bool causal,
-      bool output_scale, double a, double b, double c) {
+      const std::optional<at::Tensor>& attn_mask,
+      const KernelOptions& options) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, den] = direct_forward(q, k, v, key_padding_mask, attn_mask,
-                                     causal, output_scale, a, b, c);
+    auto [out, den] =
+        direct_forward(q, k, v, key_padding_mask, attn_mask, options);
     ctx->save_for_backward({q, k, v, out, den});
-    save_options(ctx, key_padding_mask, output_scale, a, b, c);
+    save_options(ctx, options);
+    ctx->saved_data["key_padding_mask"] = key_padding_mask;
     ctx->saved_data["attn_mask"] = attn_mask;
-    ctx->saved_data["causal"] = causal;
     ctx->mark_non_differentiable({den});
     return {out, den};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    auto [grad_q, grad_k, grad_v] = direct_backward(
-        grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
-        saved_mask(ctx, "key_padding_mask"), saved_mask(ctx, "attn_mask"),
-        ctx->saved_data["causal"].toBool(),
-        ctx->saved_data["output_scale"].toBool(),
-        ctx->saved_data["a"].toDouble(), ctx->saved_data["b"].toDouble(),
-        ctx->saved_data["c"].toDouble());
-    return {grad_q,       grad_k,       grad_v,       at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+    auto [grad_q, grad_k, grad_v] =
+        direct_backward(grads[0], saved[0], saved[1], saved[2], saved[3],
+                        saved[4], saved_mask(ctx, "key_padding_mask"),
+                        saved_mask(ctx, "attn_mask"), saved_options(ctx));
+    return with_undefined(grad_q, grad_k, grad_v, 3);
   }
 };
 
@@ -69,12 +79,13 @@ class EfficientAttention
   static variable_list forward(
       AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
       const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
-      bool output_scale, double a, double b, double c) {
+      const KernelOptions& options) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, den, state] =
-        efficient_forward(q, k, v, key_padding_mask, output_scale, a, b, c);
+        efficient_forward(q, k, v, key_padding_mask, options);
     ctx->save_for_backward({q, k, v, out, den, state});
-    save_options(ctx, key_padding_mask, output_scale, a, b, c);
+    save_options(ctx, options);
+    ctx->saved_data["key_padding_mask"] = key_padding_mask;
     ctx->mark_non_differentiable({den, state});
     return {out, den, state};
   }
@@ -83,12 +94,8 @@ class EfficientAttention
     const auto saved = ctx->get_saved_variables();
     auto [grad_q, grad_k, grad_v] = efficient_backward(
         grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
-        saved_mask(ctx, "key_padding_mask"),
-        ctx->saved_data["output_scale"].toBool(),
-        ctx->saved_data["a"].toDouble(), ctx->saved_data["b"].toDouble(),
-        ctx->saved_data["c"].toDouble());
-    return {grad_q,       grad_k,       grad_v,       at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+        saved_mask(ctx, "key_padding_mask"), saved_options(ctx));
+    return with_undefined(grad_q, grad_k, grad_v, 2);
   }
 };
 
@@ -110,12 +117,11 @@ class DirectBackward : public torch::autograd::Function<DirectBackward> {
       AutogradContext*, const at::Tensor& grad_out, const at::Tensor& q,
       const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
       const at::Tensor& den, const std::optional<at::Tensor>& key_padding_mask,
-      const std::optional<at::Tensor>& attn_mask, bool causal,
-      bool output_scale, double a, double b, double c) {
+      const std::optional<at::Tensor>& attn_mask,
+      const KernelOptions& options) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [grad_q, grad_k, grad_v] =
-        direct_backward(grad_out, q, k, v, out, den, key_padding_mask,
-                        attn_mask, causal, output_scale, a, b, c);
+    auto [grad_q, grad_k, grad_v] = direct_backward(
+        grad_out, q, k, v, out, den, key_padding_mask, attn_mask, options);
     return {grad_q, grad_k, grad_v};
   }
 
@@ -130,12 +136,11 @@ class EfficientBackward : public torch::autograd::Function<EfficientBackward> {
       AutogradContext*, const at::Tensor& grad_out, const at::Tensor& q,
       const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
       const at::Tensor& den, const at::Tensor& state,
-      const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
-      double a, double b, double c) {
+      const std::optional<at::Tensor>& key_padding_mask,
+      const KernelOptions& options) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [grad_q, grad_k, grad_v] =
-        efficient_backward(grad_out, q, k, v, out, den, state, key_padding_mask,
-                           output_scale, a, b, c);
+    auto [grad_q, grad_k, grad_v] = efficient_backward(
+        grad_out, q, k, v, out, den, state, key_padding_mask, options);
     return {grad_q, grad_k, grad_v};
   }
 
@@ -144,16 +149,37 @@ class EfficientBackward : public torch::autograd::Function<EfficientBackward> {
   }
 };
 
+// The Autograd-key kernels: the schemas' flat options gathered once.
+std::tuple<at::Tensor, at::Tensor> direct_forward_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
+    double a, double b, double c) {
+  auto outs =
+      DirectAttention::apply(q, k, v, key_padding_mask, attn_mask,
+                             schema_options(causal, output_scale, a, b, c));
+  return {outs[0], outs[1]};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_autograd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
     double a, double b, double c) {
-  auto grads =
-      DirectBackward::apply(grad_out, q, k, v, out, den, key_padding_mask,
-                            attn_mask, causal, output_scale, a, b, c);
+  auto grads = DirectBackward::apply(
+      grad_out, q, k, v, out, den, key_padding_mask, attn_mask,
+      schema_options(causal, output_scale, a, b, c));
   return {grads[0], grads[1], grads[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+    double a, double b, double c) {
+  auto outs = EfficientAttention::apply(
+      q, k, v, key_padding_mask, schema_options(false, output_scale, a, b, c));
+  return {outs[0], outs[1], outs[2]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_autograd(
@@ -161,29 +187,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_autograd(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
     bool output_scale, double a, double b, double c) {
-  auto grads =
-      EfficientBackward::apply(grad_out, q, k, v, out, den, state,
-                               key_padding_mask, output_scale, a, b, c);
+  auto grads = EfficientBackward::apply(
+      grad_out, q, k, v, out, den, state, key_padding_mask,
+      schema_options(false, output_scale, a, b, c));
   return {grads[0], grads[1], grads[2]};
-}
-
-std::tuple<at::Tensor, at::Tensor> direct_forward_autograd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
-    double a, double b, double c) {
-  auto outs = DirectAttention::apply(q, k, v, key_padding_mask, attn_mask,
-                                     causal, output_scale, a, b, c);
-  return {outs[0], outs[1]};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_autograd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
-    double a, double b, double c) {
-  auto outs = EfficientAttention::apply(q, k, v, key_padding_mask, output_scale,
-                                        a, b, c);
-  return {outs[0], outs[1], outs[2]};
 }
 
 }  // namespace

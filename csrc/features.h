@@ -22,7 +22,11 @@
 namespace taylorshift {
 
 // Number of symmetric pairs (l, m) with l <= m.
-TS_HOST_DEVICE int64_t pair_count(int64_t d) { return d * (d + 1) / 2; }
+// Templates so that the Meta kernels count with symbolic sizes (c10::SymInt).
+template <typename Int>
+TS_HOST_DEVICE Int pair_count(Int d) {
+  return d * (d + 1) / 2;
+}
 
 // Position of pair (l, l): row l starts after the d + (d-1) + ... + (d-l+1)
 // pairs of the rows before it.
@@ -37,8 +41,9 @@ TS_HOST_DEVICE int64_t pair_index(int64_t l, int64_t m, int64_t d) {
 // Offsets of the three blocks inside a feature vector of size feature_count.
 TS_HOST_DEVICE int64_t linear_feature_offset() { return 1; }
 TS_HOST_DEVICE int64_t pair_feature_offset(int64_t d) { return 1 + d; }
-TS_HOST_DEVICE int64_t feature_count(int64_t d) {
-  return 1 + d + pair_count(d);
+template <typename Int>
+TS_HOST_DEVICE Int feature_count(Int d) {
+  return pair_count(d) + d + 1;
 }
 
 // f(x) = a x^2 + b x + c, the 2nd-order Taylor polynomial of exp by default.
@@ -51,22 +56,6 @@ TS_HOST_DEVICE T taylor_weight(T x, T a, T b, T c) {
 template <typename T>
 TS_HOST_DEVICE T taylor_weight_grad(T x, T a, T b) {
   return T(2) * a * x + b;
-}
-
-// sigma_i = sqrt(N_i / d): the paper's output scaling, with N_i the number of
-// keys row i may attend to. Without output scaling sigma_i = 1.
-template <typename T>
-TS_HOST_DEVICE T output_scale_factor(bool output_scale, int64_t valid_keys,
-                                     int64_t head_dim) {
-  return output_scale ? T(std::sqrt(double(valid_keys) / double(head_dim)))
-                      : T(1);
-}
-
-// 1/den, defined as 0 for a row whose keys are all masked (den == 0): such a
-// row has no defined output, and the kernels return zeros for it.
-template <typename T>
-TS_HOST_DEVICE T safe_reciprocal(T den) {
-  return den != T(0) ? T(1) / den : T(0);
 }
 
 // Blocked token loops: [begin, end) of block `block` of size `block_size`.

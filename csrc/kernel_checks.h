@@ -7,13 +7,9 @@
 
 #include <optional>
 
-namespace taylorshift {
+#include "kernel_blocks.h"
 
-// States, denominators and accumulators are kept in float32 for every
-// floating dtype but float64.
-inline at::ScalarType accumulate_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+namespace taylorshift {
 
 inline void check_kernel_inputs(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -5,7 +5,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include "features.h"
 #include "kernel_checks.h"
 #include "taylorshift.h"
 
@@ -67,11 +66,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_meta(
     const std::optional<at::Tensor>& key_padding_mask, bool, double, double,
     double) {
   check_kernel_inputs(q, k, v, key_padding_mask, std::nullopt);
-  const c10::SymInt d = q.sym_size(3);
-  const c10::SymInt features = d * (d + 1) / 2 + d + 1;
-  at::Tensor state = at::empty_symint(
-      {q.sym_size(0), q.sym_size(1), features, v.sym_size(3) + 1},
-      q.options().dtype(accumulate_dtype(q)));
+  at::Tensor state =
+      at::empty_symint({q.sym_size(0), q.sym_size(1),
+                        feature_count(q.sym_size(3)), v.sym_size(3) + 1},
+                       q.options().dtype(accumulate_dtype(q)));
   return {empty_output(q, v), empty_den(q), state};
 }
 
@@ -108,51 +106,77 @@ TORCH_LIBRARY_IMPL(taylorshift, Meta, m) {
   m.impl("efficient_backward", TORCH_FN(efficient_backward_meta));
 }
 
+// The C++ API: options unpacked into the schemas' flat argument lists.
 std::tuple<at::Tensor, at::Tensor> direct_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
-    double a, double b, double c) {
+    const std::optional<at::Tensor>& attn_mask, const KernelOptions& options) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("taylorshift::direct_forward", "")
-                       .typed<decltype(direct_forward)>();
-  return op.call(q, k, v, key_padding_mask, attn_mask, causal, output_scale, a,
-                 b, c);
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&, bool, bool, double,
+                           double, double)>();
+  const Coefficients& f = options.coefficients;
+  return op.call(q, k, v, key_padding_mask, attn_mask, options.causal,
+                 options.output_scale, f.a, f.b, f.c);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
-    double a, double b, double c) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("taylorshift::direct_backward", "")
-                       .typed<decltype(direct_backward)>();
+    const std::optional<at::Tensor>& attn_mask, const KernelOptions& options) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("taylorshift::direct_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, bool, bool, double, double,
+              double)>();
+  const Coefficients& f = options.coefficients;
   return op.call(grad_out, q, k, v, out, den, key_padding_mask, attn_mask,
-                 causal, output_scale, a, b, c);
+                 options.causal, options.output_scale, f.a, f.b, f.c);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
-    double a, double b, double c) {
+    const std::optional<at::Tensor>& key_padding_mask,
+    const KernelOptions& options) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !options.causal, "taylorshift: efficient_forward has no causal form");
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("taylorshift::efficient_forward", "")
-                       .typed<decltype(efficient_forward)>();
-  return op.call(q, k, v, key_padding_mask, output_scale, a, b, c);
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const std::optional<at::Tensor>&,
+                           bool, double, double, double)>();
+  const Coefficients& f = options.coefficients;
+  return op.call(q, k, v, key_padding_mask, options.output_scale, f.a, f.b,
+                 f.c);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
-    bool output_scale, double a, double b, double c) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("taylorshift::efficient_backward", "")
-                       .typed<decltype(efficient_backward)>();
+    const KernelOptions& options) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !options.causal, "taylorshift: efficient_backward has no causal form");
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("taylorshift::efficient_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const std::optional<at::Tensor>&, bool, double,
+              double, double)>();
+  const Coefficients& f = options.coefficients;
   return op.call(grad_out, q, k, v, out, den, state, key_padding_mask,
-                 output_scale, a, b, c);
+                 options.output_scale, f.a, f.b, f.c);
 }
 
 }  // namespace taylorshift

@@ -16,14 +16,9 @@
 #include <string>
 #include <tuple>
 
-namespace taylorshift {
+#include "kernel_blocks.h"
 
-// The Taylor polynomial f(x) = a x^2 + b x + c that replaces exp.
-struct Coefficients {
-  double a = 0.5;
-  double b = 1.0;
-  double c = 1.0;
-};
+namespace taylorshift {
 
 // TaylorShift attention with argument checks, logit normalisation,
 // temperature and the choice of algorithm. `mode` is "auto", "direct" or
@@ -45,26 +40,26 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k,
 std::tuple<at::Tensor, at::Tensor> direct_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
-    double a, double b, double c);
+    const std::optional<at::Tensor>& attn_mask, const KernelOptions& options);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
-    double a, double b, double c);
+    const std::optional<at::Tensor>& attn_mask, const KernelOptions& options);
 
+// The efficient operators have no attn_mask and no causal form: a `causal`
+// in `options` is rejected.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
-    double a, double b, double c);
+    const std::optional<at::Tensor>& key_padding_mask,
+    const KernelOptions& options);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
-    bool output_scale, double a, double b, double c);
+    const KernelOptions& options);
 
 // Cost model of this implementation (see csrc/crossover.cpp).
 // True when the efficient algorithm is expected to be faster.

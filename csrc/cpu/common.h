@@ -6,7 +6,7 @@
 
 #include <optional>
 
-#include "../features.h"
+#include "../kernel_blocks.h"
 
 namespace taylorshift::cpu {
 
@@ -44,64 +44,6 @@ void matmul(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k,
     at::mm_out(out, lhs, rhs);
 }
 
-// Which keys query i of one (batch, head) may attend to.
-struct MaskView {
-  const bool* key_padding = nullptr;  // (N,), true = padding
-  const bool* attn = nullptr;         // (M, N) by strides, true = masked
-  int64_t attn_stride_query = 0;
-  int64_t attn_stride_key = 0;
-  bool causal = false;
-
-  bool allowed(int64_t i, int64_t j) const {
-    if (causal && j > i) return false;
-    if (key_padding && key_padding[j]) return false;
-    if (attn && attn[i * attn_stride_query + j * attn_stride_key]) return false;
-    return true;
-  }
-
-  // N_i, the number of keys row i may attend to.
-  int64_t count_allowed(int64_t i, int64_t keys) const {
-    int64_t count = 0;
-    for (int64_t j = 0; j < keys; ++j) count += allowed(i, j);
-    return count;
-  }
-
-  // Keys past the last one any query of [begin, end) may see, for causal
-  // block skipping.
-  int64_t key_limit(int64_t query_end, int64_t keys) const {
-    return causal ? std::min(query_end, keys) : keys;
-  }
-};
-
-// The masks of all heads, viewed per (batch, head).
-struct MaskSet {
-  at::Tensor key_padding;  // (B, N) contiguous bool, or undefined
-  at::Tensor attn;  // (B, H, M, N) bool with its own strides, or undefined
-  bool causal = false;
-
-  MaskSet(const std::optional<at::Tensor>& key_padding_mask,
-          const std::optional<at::Tensor>& attn_mask, bool causal_)
-      : causal(causal_) {
-    if (key_padding_mask) key_padding = key_padding_mask->contiguous();
-    if (attn_mask) attn = *attn_mask;
-  }
-
-  MaskView view(int64_t batch, int64_t head) const {
-    MaskView view;
-    view.causal = causal;
-    if (key_padding.defined())
-      view.key_padding =
-          key_padding.data_ptr<bool>() + batch * key_padding.stride(0);
-    if (attn.defined()) {
-      view.attn = attn.data_ptr<bool>() + batch * attn.stride(0) +
-                  head * attn.stride(1);
-      view.attn_stride_query = attn.stride(2);
-      view.attn_stride_key = attn.stride(3);
-    }
-    return view;
-  }
-};
-
 // One (batch, head) of contiguous (B, H, tokens, dim) tensors, row-major.
 template <typename T>
 struct HeadTensors {
@@ -127,8 +69,7 @@ HeadTensors<T> head(const at::Tensor& q, const at::Tensor& k,
 // float32 and float64 are computed in their own type; float16 and bfloat16
 // are computed in float32, so every accumulation is at least float32.
 inline at::Tensor to_compute(const at::Tensor& t) {
-  const auto dtype = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return t.to(dtype).contiguous();
+  return t.to(accumulate_dtype(t)).contiguous();
 }
 
 }  // namespace taylorshift::cpu

@@ -18,9 +18,12 @@ namespace {
 // acc += W V_b and den += rowsum(W). With no running maximum to track
 // (f is a polynomial of bounded logits), the blocks combine by plain sums.
 template <typename T>
-void direct_forward_head(const HeadTensors<T>& t, const MaskView& mask,
-                         bool output_scale, T a, T b, T c, T* out, T* den) {
+void direct_forward_head(const HeadTensors<T>& t, const Mask& mask,
+                         int64_t batch, int64_t head_index,
+                         const KernelOptions& options, T* out, T* den) {
   const int64_t d = t.head_dim, e = t.value_dim;
+  const T a = options.coefficients.a, b = options.coefficients.b,
+          c = options.coefficients.c;
   std::vector<T> weights(kQueryBlock * kKeyBlock);
   std::vector<T> acc(kQueryBlock * e);
   std::vector<int64_t> valid(kQueryBlock);
@@ -38,7 +41,8 @@ void direct_forward_head(const HeadTensors<T>& t, const MaskView& mask,
         T* w = weights.data() + r * cols;
         T row_sum = 0;
         for (int64_t col = 0; col < cols; ++col) {
-          const bool allowed = mask.allowed(i0 + r, j0 + col);
+          const bool allowed =
+              mask.allowed(batch, head_index, i0 + r, j0 + col);
           w[col] = allowed ? taylor_weight(w[col], a, b, c) : T(0);
           row_sum += w[col];
           valid[r] += allowed;
@@ -49,8 +53,9 @@ void direct_forward_head(const HeadTensors<T>& t, const MaskView& mask,
                 e, acc.data(), e, true);
     }
     for (int64_t r = 0; r < rows; ++r) {
-      const T factor = output_scale_factor<T>(output_scale, valid[r], d) *
-                       safe_reciprocal(den[i0 + r]);
+      const T factor =
+          output_scale_factor<T>(options.output_scale, valid[r], d) *
+          safe_reciprocal(den[i0 + r]);
       for (int64_t col = 0; col < e; ++col)
         out[(i0 + r) * e + col] = factor * acc[r * e + col];
     }
@@ -64,10 +69,13 @@ void direct_forward_head(const HeadTensors<T>& t, const MaskView& mask,
 // A whole head is owned by one thread, so dK and dV need no reduction.
 template <typename T>
 void direct_backward_head(const HeadTensors<T>& t, const T* grad_out,
-                          const T* out, const T* den, const MaskView& mask,
-                          bool output_scale, T a, T b, T c, T* grad_q,
-                          T* grad_k, T* grad_v) {
+                          const T* out, const T* den, const Mask& mask,
+                          int64_t batch, int64_t head_index,
+                          const KernelOptions& options, T* grad_q, T* grad_k,
+                          T* grad_v) {
   const int64_t d = t.head_dim, e = t.value_dim;
+  const T a = options.coefficients.a, b = options.coefficients.b,
+          c = options.coefficients.c;
   std::vector<T> scores(kQueryBlock * kKeyBlock);
   std::vector<T> probs(kQueryBlock * kKeyBlock);
   std::vector<T> scaled_grad(kQueryBlock * e);  // sigma_i gY_i
@@ -78,8 +86,9 @@ void direct_backward_head(const HeadTensors<T>& t, const T* grad_out,
     const int64_t key_limit = mask.key_limit(i1, t.keys);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
-      const T sigma = output_scale_factor<T>(output_scale,
-                                             mask.count_allowed(i, t.keys), d);
+      const T sigma = output_scale_factor<T>(
+          options.output_scale,
+          mask.count_allowed(batch, head_index, i, t.keys), d);
       inv_den[r] = safe_reciprocal(den[i]);
       T dot = 0;
       for (int64_t col = 0; col < e; ++col) {
@@ -95,7 +104,8 @@ void direct_backward_head(const HeadTensors<T>& t, const T* grad_out,
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t col = 0; col < cols; ++col) {
           const T x = scores[r * cols + col];
-          const bool allowed = mask.allowed(i0 + r, j0 + col);
+          const bool allowed =
+              mask.allowed(batch, head_index, i0 + r, j0 + col);
           probs[r * cols + col] =
               allowed ? taylor_weight(x, a, b, c) * inv_den[r] : T(0);
           // Keep f'(x)/den_i (0 where masked) for dX below.
@@ -130,14 +140,15 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cpu(
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), e = v.size(3);
   at::Tensor out = at::empty({B, H, M, e}, q.options());
   at::Tensor den = at::empty({B, H, M}, q.options());
-  const MaskSet masks(key_padding_mask, attn_mask, causal);
+  const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
+  const KernelOptions options = schema_options(causal, output_scale, a, b, c);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "direct_forward_cpu", [&] {
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
-        direct_forward_head<scalar_t>(
-            head<scalar_t>(q, k, v, bh), masks.view(bh / H, bh % H),
-            output_scale, a, b, c, out.data_ptr<scalar_t>() + bh * M * e,
-            den.data_ptr<scalar_t>() + bh * M);
+        direct_forward_head<scalar_t>(head<scalar_t>(q, k, v, bh), mask, bh / H,
+                                      bh % H, options,
+                                      out.data_ptr<scalar_t>() + bh * M * e,
+                                      den.data_ptr<scalar_t>() + bh * M);
       }
     });
   });
@@ -158,7 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cpu(
                 d = q.size(3), e = v.size(3);
   at::Tensor grad_q = at::zeros_like(q), grad_k = at::zeros_like(k),
              grad_v = at::zeros_like(v);
-  const MaskSet masks(key_padding_mask, attn_mask, causal);
+  const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
+  const KernelOptions options = schema_options(causal, output_scale, a, b, c);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "direct_backward_cpu", [&] {
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
@@ -166,8 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cpu(
             head<scalar_t>(q, k, v, bh),
             grad_out.data_ptr<scalar_t>() + bh * M * e,
             out.data_ptr<scalar_t>() + bh * M * e,
-            den.data_ptr<scalar_t>() + bh * M, masks.view(bh / H, bh % H),
-            output_scale, a, b, c, grad_q.data_ptr<scalar_t>() + bh * M * d,
+            den.data_ptr<scalar_t>() + bh * M, mask, bh / H, bh % H, options,
+            grad_q.data_ptr<scalar_t>() + bh * M * d,
             grad_k.data_ptr<scalar_t>() + bh * N * d,
             grad_v.data_ptr<scalar_t>() + bh * N * e);
       }

@@ -69,8 +69,8 @@ void apply_state(const T* features, int64_t rows, int64_t F, const T* state,
 // Phase 1 of the forward: S = sum_j m_j psi(k_j) [1 | v_j]^T, a reduction
 // over key chunks. Returns the number of valid keys.
 template <typename T>
-int64_t accumulate_state(const HeadTensors<T>& t, const bool* key_padding,
-                         T* state, std::vector<T>& features,
+int64_t accumulate_state(const HeadTensors<T>& t, const Mask& mask,
+                         int64_t batch, T* state, std::vector<T>& features,
                          std::vector<T>& values) {
   const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d);
   int64_t valid = 0;
@@ -78,7 +78,7 @@ int64_t accumulate_state(const HeadTensors<T>& t, const bool* key_padding,
   for (int64_t j0 = 0; j0 < t.keys; j0 += kFeatureChunk) {
     const int64_t j1 = block_end(j0, kFeatureChunk, t.keys), rows = j1 - j0;
     for (int64_t r = 0; r < rows; ++r) {
-      const bool keep = !(key_padding && key_padding[j0 + r]);
+      const bool keep = mask.key_valid(batch, j0 + r);
       valid += keep;
       write_key_features<T>(t.k + (j0 + r) * d, d, keep ? T(1) : T(0),
                             features.data() + r * F);
@@ -91,15 +91,17 @@ int64_t accumulate_state(const HeadTensors<T>& t, const bool* key_padding,
 }
 
 template <typename T>
-void efficient_forward_head(const HeadTensors<T>& t, const bool* key_padding,
-                            bool output_scale, T a, T b, T c, T* out, T* den,
-                            T* state) {
+void efficient_forward_head(const HeadTensors<T>& t, const Mask& mask,
+                            int64_t batch, const KernelOptions& options, T* out,
+                            T* den, T* state) {
   const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d);
+  const T a = options.coefficients.a, b = options.coefficients.b,
+          c = options.coefficients.c;
   std::vector<T> features(kFeatureChunk * F);
   std::vector<T> values(kFeatureChunk * (e + 1));
   const int64_t valid =
-      accumulate_state(t, key_padding, state, features, values);
-  const T sigma = output_scale_factor<T>(output_scale, valid, d);
+      accumulate_state(t, mask, batch, state, features, values);
+  const T sigma = output_scale_factor<T>(options.output_scale, valid, d);
   // Phase 2: z = phi(Q_chunk) S, independent per query.
   for (int64_t i0 = 0; i0 < t.queries; i0 += kFeatureChunk) {
     const int64_t i1 = block_end(i0, kFeatureChunk, t.queries), rows = i1 - i0;
@@ -126,8 +128,11 @@ void efficient_forward_head(const HeadTensors<T>& t, const bool* key_padding,
 template <typename T>
 void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
                              const T* out, const T* den, const T* state,
-                             const bool* key_padding, bool output_scale, T a,
-                             T b, T c, T* grad_q, T* grad_k, T* grad_v) {
+                             const Mask& mask, int64_t batch,
+                             const KernelOptions& options, T* grad_q, T* grad_k,
+                             T* grad_v) {
+  const T a = options.coefficients.a, b = options.coefficients.b,
+          c = options.coefficients.c;
   const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d);
   const int64_t pairs = pair_feature_offset(d);
   std::vector<T> features(kFeatureChunk * F);
@@ -135,9 +140,8 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
   std::vector<T> rows_e1(kFeatureChunk * (e + 1));
   ChunkSum<T> grad_state_sum(F, e + 1);
   int64_t valid = 0;
-  for (int64_t j = 0; j < t.keys; ++j)
-    valid += !(key_padding && key_padding[j]);
-  const T sigma = output_scale_factor<T>(output_scale, valid, d);
+  for (int64_t j = 0; j < t.keys; ++j) valid += mask.key_valid(batch, j);
+  const T sigma = output_scale_factor<T>(options.output_scale, valid, d);
 
   for (int64_t i0 = 0; i0 < t.queries; i0 += kFeatureChunk) {
     const int64_t i1 = block_end(i0, kFeatureChunk, t.queries), rows = i1 - i0;
@@ -171,7 +175,7 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
   for (int64_t j0 = 0; j0 < t.keys; j0 += kFeatureChunk) {
     const int64_t j1 = block_end(j0, kFeatureChunk, t.keys), rows = j1 - j0;
     for (int64_t r = 0; r < rows; ++r) {
-      const bool keep = !(key_padding && key_padding[j0 + r]);
+      const bool keep = mask.key_valid(batch, j0 + r);
       write_key_features<T>(t.k + (j0 + r) * d, d, keep ? T(1) : T(0),
                             features.data() + r * F);
     }
@@ -181,7 +185,7 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
               grad_state.data(), e + 1, feature_grad.data(), F, false);
     for (int64_t r = 0; r < rows; ++r) {
       T* dk = grad_k + (j0 + r) * d;
-      if (key_padding && key_padding[j0 + r]) continue;  // stays zero
+      if (!mask.key_valid(batch, j0 + r)) continue;  // stays zero
       const T* h = feature_grad.data() + r * F;
       for (int64_t l = 0; l < d; ++l) dk[l] = h[linear_feature_offset() + l];
       add_pair_gradient<T>(h + pairs, t.k + (j0 + r) * d, d, T(1), T(1), dk);
@@ -193,16 +197,6 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
       std::copy(rows_e1.data() + r * (e + 1) + 1,
                 rows_e1.data() + (r + 1) * (e + 1), grad_v + (j0 + r) * e);
   }
-}
-
-const bool* key_padding_row(const at::Tensor& key_padding, int64_t batch) {
-  return key_padding.defined()
-             ? key_padding.data_ptr<bool>() + batch * key_padding.size(1)
-             : nullptr;
-}
-
-at::Tensor contiguous_mask(const std::optional<at::Tensor>& key_padding_mask) {
-  return key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cpu(
@@ -217,13 +211,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cpu(
   at::Tensor out = at::empty({B, H, M, e}, q.options());
   at::Tensor den = at::empty({B, H, M}, q.options());
   at::Tensor state = at::empty({B, H, F, e + 1}, q.options());
-  const at::Tensor key_padding = contiguous_mask(key_padding_mask);
+  const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
+  const KernelOptions options = schema_options(false, output_scale, a, b, c);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "efficient_forward_cpu", [&] {
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         efficient_forward_head<scalar_t>(
-            head<scalar_t>(q, k, v, bh), key_padding_row(key_padding, bh / H),
-            output_scale, a, b, c, out.data_ptr<scalar_t>() + bh * M * e,
+            head<scalar_t>(q, k, v, bh), mask, bh / H, options,
+            out.data_ptr<scalar_t>() + bh * M * e,
             den.data_ptr<scalar_t>() + bh * M,
             state.data_ptr<scalar_t>() + bh * F * (e + 1));
       }
@@ -249,7 +244,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cpu(
                     "taylorshift: state must be (B, H, F, e + 1)");
   at::Tensor grad_q = at::empty_like(q), grad_k = at::zeros_like(k),
              grad_v = at::empty_like(v);
-  const at::Tensor key_padding = contiguous_mask(key_padding_mask);
+  const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
+  const KernelOptions options = schema_options(false, output_scale, a, b, c);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "efficient_backward_cpu", [&] {
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
@@ -258,9 +254,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cpu(
             grad_out.data_ptr<scalar_t>() + bh * M * e,
             out.data_ptr<scalar_t>() + bh * M * e,
             den.data_ptr<scalar_t>() + bh * M,
-            state.data_ptr<scalar_t>() + bh * F * (e + 1),
-            key_padding_row(key_padding, bh / H), output_scale, a, b, c,
-            grad_q.data_ptr<scalar_t>() + bh * M * d,
+            state.data_ptr<scalar_t>() + bh * F * (e + 1), mask, bh / H,
+            options, grad_q.data_ptr<scalar_t>() + bh * M * d,
             grad_k.data_ptr<scalar_t>() + bh * N * d,
             grad_v.data_ptr<scalar_t>() + bh * N * e);
       }

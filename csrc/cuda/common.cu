@@ -60,26 +60,6 @@ constexpr int kRowsPerBlock = kThreads / 32;
 
 }  // namespace
 
-Mask make_mask(const at::Tensor& q,
-               const std::optional<at::Tensor>& key_padding_mask,
-               const std::optional<at::Tensor>& attn_mask, bool causal) {
-  Mask mask;
-  mask.causal = causal;
-  if (key_padding_mask) {
-    mask.key_padding = key_padding_mask->data_ptr<bool>();
-    mask.kp_stride_b = key_padding_mask->stride(0);
-    mask.kp_stride_n = key_padding_mask->stride(1);
-  }
-  if (attn_mask) {
-    mask.attn = attn_mask->data_ptr<bool>();
-    mask.am_stride_b = attn_mask->stride(0);
-    mask.am_stride_h = attn_mask->stride(1);
-    mask.am_stride_i = attn_mask->stride(2);
-    mask.am_stride_j = attn_mask->stride(3);
-  }
-  return mask;
-}
-
 at::Tensor output_scales(const at::Tensor& q, int64_t keys,
                          const std::optional<at::Tensor>& key_padding_mask,
                          const std::optional<at::Tensor>& attn_mask,

@@ -34,7 +34,7 @@
 #include <optional>
 #include <type_traits>
 
-#include "../features.h"
+#include "../kernel_blocks.h"
 
 namespace taylorshift::cuda_kernels {
 
@@ -292,32 +292,6 @@ __device__ void zero_tile(T* dst, int ld, int rows, int cols) {
     dst[idx / cols * ld + idx % cols] = Num<T>::narrow(typename Num<T>::acc(0));
   }
 }
-
-// The attention mask m_ij of math.md, read through strides so that an
-// expanded (stride-0) attn_mask is never materialised.
-struct Mask {
-  const bool* key_padding = nullptr;  // (B, N), True = padding
-  int64_t kp_stride_b = 0, kp_stride_n = 0;
-  const bool* attn = nullptr;  // (B, H, M, N), True = not allowed
-  int64_t am_stride_b = 0, am_stride_h = 0, am_stride_i = 0, am_stride_j = 0;
-  bool causal = false;
-
-  __device__ __forceinline__ bool key_valid(int64_t b, int64_t j) const {
-    return key_padding == nullptr ||
-           !key_padding[b * kp_stride_b + j * kp_stride_n];
-  }
-  __device__ __forceinline__ bool allowed(int64_t b, int64_t h, int64_t i,
-                                          int64_t j) const {
-    if (causal && j > i) return false;
-    if (!key_valid(b, j)) return false;
-    return attn == nullptr || !attn[b * am_stride_b + h * am_stride_h +
-                                    i * am_stride_i + j * am_stride_j];
-  }
-};
-
-Mask make_mask(const at::Tensor& q,
-               const std::optional<at::Tensor>& key_padding_mask,
-               const std::optional<at::Tensor>& attn_mask, bool causal);
 
 // Per-row values as a (B, H, M) view with arbitrary (possibly zero) strides.
 template <typename Acc>

@@ -352,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
   if (den.numel() == 0) return {out, den};
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          attn_mask, causal, output_scale);
-  const Mask mask = make_mask(q, key_padding_mask, attn_mask, causal);
+  const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "direct_forward_cuda", [&] {
         using T = typename Native<scalar_t>::type;
@@ -398,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
                                          attn_mask, causal, output_scale);
   const at::Tensor scalars =
       backward_row_scalars(gc, out.contiguous(), den.contiguous(), sigma);
-  const Mask mask = make_mask(q, key_padding_mask, attn_mask, causal);
+  const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "direct_backward_cuda", [&] {
         using T = typename Native<scalar_t>::type;

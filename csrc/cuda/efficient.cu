@@ -625,7 +625,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
   if (state.numel() == 0) return {out, den, state};
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          std::nullopt, false, output_scale);
-  const Mask mask = make_mask(q, key_padding_mask, std::nullopt, false);
+  const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "efficient_forward_cuda", [&] {
         using T = typename Native<scalar_t>::type;
@@ -688,7 +688,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
   const at::Tensor scalars =
       backward_row_scalars(gc, out.contiguous(), den.contiguous(), sigma);
   at::Tensor dstate = at::empty_like(sc);
-  const Mask mask = make_mask(q, key_padding_mask, std::nullopt, false);
+  const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "efficient_backward_cuda",
       [&] {

@@ -59,10 +59,10 @@ TEST_CASE("direct and efficient forward match the reference") {
   const at::Tensor expected =
       reference_attention(q, k, v, allowed, true, 0.5, 1.0, 1.0);
 
-  auto [direct, den] = taylorshift::direct_forward(
-      q, k, v, padding, std::nullopt, false, true, 0.5, 1.0, 1.0);
+  auto [direct, den] =
+      taylorshift::direct_forward(q, k, v, padding, std::nullopt, {});
   auto [efficient, den_efficient, state] =
-      taylorshift::efficient_forward(q, k, v, padding, true, 0.5, 1.0, 1.0);
+      taylorshift::efficient_forward(q, k, v, padding, {});
   REQUIRE(max_abs_diff(direct, expected) < kTolerance);
   REQUIRE(max_abs_diff(efficient, expected) < kTolerance);
   REQUIRE(max_abs_diff(den, den_efficient) < kTolerance * N);
@@ -77,9 +77,10 @@ TEST_CASE("direct forward with attn_mask and causal matches the reference") {
   const at::Tensor attn_mask = at::rand({M, N}).lt(0.2);
   const at::Tensor causal = at::ones({M, N}, at::kBool).tril();
   const at::Tensor allowed = (~attn_mask) & causal;
-  auto [out, den] = taylorshift::direct_forward(q, k, v, std::nullopt,
-                                                attn_mask.expand({B, H, M, N}),
-                                                true, true, 0.5, 1.0, 1.0);
+  taylorshift::KernelOptions options;
+  options.causal = true;
+  auto [out, den] = taylorshift::direct_forward(
+      q, k, v, std::nullopt, attn_mask.expand({B, H, M, N}), options);
   REQUIRE(max_abs_diff(out, reference_attention(q, k, v, allowed, true, 0.5,
                                                 1.0, 1.0)) < kTolerance);
 }
@@ -90,10 +91,10 @@ TEST_CASE("a row whose keys are all masked gives zeros") {
                    v = randn({B, H, N, d});
   at::Tensor padding = at::zeros({B, N}, at::kBool);
   padding.select(0, 1).fill_(true);
-  auto [direct, den] = taylorshift::direct_forward(
-      q, k, v, padding, std::nullopt, false, true, 0.5, 1.0, 1.0);
+  auto [direct, den] =
+      taylorshift::direct_forward(q, k, v, padding, std::nullopt, {});
   auto [efficient, den2, state] =
-      taylorshift::efficient_forward(q, k, v, padding, true, 0.5, 1.0, 1.0);
+      taylorshift::efficient_forward(q, k, v, padding, {});
   for (const at::Tensor& out : {direct, efficient}) {
     REQUIRE(out.select(0, 1).abs().max().item<double>() == 0.0);
     REQUIRE(out.isfinite().all().item<bool>());

@@ -36,7 +36,7 @@ def host_source(text: str) -> str:
     ):
         text = text.replace(f"#include {header}", "")
     text = text.replace('#include "common.cuh"', '#include "common.cuh.h"')
-    for header in ("features.h", "kernel_checks.h"):
+    for header in ("features.h", "kernel_blocks.h", "kernel_checks.h"):
         text = text.replace(f'"../{header}"', f'"{CUDA_DIR.parent / header}"')
     text = text.replace("#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800", "#if 1")
     text = text.replace(
