@@ -4,7 +4,8 @@ weight that csrc/crossover.cpp uses for it.
 For each head dim it times forward+backward of both algorithms over a sweep of N (M = N, e = d,
 B=1, H=8), prints the times, the measured crossover (first N where efficient is faster) and the
 ratio  (efficient seconds per model FLOP) / (direct seconds per model FLOP)  at each N, with model
-FLOPs as in csrc/crossover.cpp. The median ratio is the device's `efficient_flop_cost`.
+FLOPs the forward counts of taylorshift.flops (the cost model's own). The median ratio is the
+device's `efficient_flop_cost`.
 
     python benchmarks/crossover.py --device cpu
 """
@@ -22,14 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import attention_fn, make_inputs, time_forward_backward
 
 import taylorshift
-
-
-def model_flops(mode: str, tokens: int, head_dim: int) -> float:
-    """The FLOPs of the cost model in csrc/crossover.cpp (M = N, e = d)."""
-    if mode == "direct":
-        return 2.0 * tokens * tokens * (2 * head_dim)
-    features = 1 + head_dim + head_dim * (head_dim + 1) // 2
-    return 2.0 * (2 * tokens) * features * (head_dim + 1)
 
 
 def main():
@@ -61,8 +54,12 @@ def main():
                 )
                 for mode in ("direct", "efficient")
             }
-            ratio = (seconds["efficient"] / model_flops("efficient", tokens, head_dim)) / (
-                seconds["direct"] / model_flops("direct", tokens, head_dim)
+            model = {
+                mode: taylorshift.flops(mode, tokens, tokens, head_dim, backward=False)
+                for mode in seconds
+            }
+            ratio = (seconds["efficient"] / model["efficient"]) / (
+                seconds["direct"] / model["direct"]
             )
             ratios.append(ratio)
             if measured is None and seconds["efficient"] < seconds["direct"]:

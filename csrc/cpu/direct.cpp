@@ -62,7 +62,7 @@ void direct_forward_head(const HeadTensors<T>& t, const Mask& mask,
   }
 }
 
-// Backward of one head (math.md §2), recomputing the weights per tile:
+// Backward of one head (docs/math.md §2), recomputing the weights per tile:
 //   P = W / den,  dV += P^T (sigma gY),
 //   dW_ij = (sigma_i gY_i . v_j - gY_i . y_i) / den_i,
 //   dX = dW * f'(X) * m,  dQ += dX K_b,  dK_b += dX^T Q_b.
