@@ -266,6 +266,7 @@ class TaylorShiftAttention(nn.MultiheadAttention):
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
+        self_attention = query is key and key is value
         if not self.batch_first or not batched:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         key_padding_mask = _bool_mask(key_padding_mask, "key_padding_mask")
@@ -273,7 +274,7 @@ class TaylorShiftAttention(nn.MultiheadAttention):
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.view(batch, self.num_heads, target_len, source_len)
 
-        q, k, v = self._projections(query, key, value)
+        q, k, v = self._projections(query, key, value, self_attention)
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(batch, 1, -1)], dim=1)
             v = torch.cat([v, self.bias_v.expand(batch, 1, -1)], dim=1)
@@ -321,8 +322,12 @@ class TaylorShiftAttention(nn.MultiheadAttention):
                 weights = weights.squeeze(0)
         return out, weights
 
-    def _projections(self, query: Tensor, key: Tensor, value: Tensor):
-        """q, k, v projections of batch-first inputs, (B, L, E) -> (B, L, E)."""
+    def _projections(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool):
+        """q, k, v projections of batch-first inputs, (B, L, E) -> (B, L, E); one matmul when
+        query, key and value are the same tensor, as in nn.MultiheadAttention."""
+        if self_attention and self.in_proj_weight is not None:
+            packed = nn.functional.linear(query, self.in_proj_weight, self.in_proj_bias)
+            return packed.chunk(3, dim=-1)
         e = self.embed_dim
         bias = self.in_proj_bias
         b_q, b_k, b_v = (
