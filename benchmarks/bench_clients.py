@@ -6,7 +6,7 @@ fast paths where the model takes them) and after `taylorshift.replace_attention(
 default mode="auto". Times are the fastest of --repeats runs (see best_seconds), with all of
 torch's threads. Prints a markdown table.
 
-    PYTHONPATH=. python benchmarks/bench_clients.py [--only NAME ...] [--repeats R]
+    PYTHONPATH=. python benchmarks/bench_clients.py [--only NAME ...] [--repeats R] [--sizes natural|long|both]
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", help="substrings of the model names to run")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", choices=["natural", "long", "both"], default="both")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, batch 1, eval")
@@ -123,7 +124,8 @@ def main() -> None:
     for name, build, natural, long in MODELS:
         if args.only and not any(s in name for s in args.only):
             continue
-        for size in dict.fromkeys([natural, long]):
+        sizes = {"natural": [natural], "long": [long], "both": [natural, long]}[args.sizes]
+        for size in dict.fromkeys(sizes):
             original, run, label = build(size)
             original.eval()
             replaced = taylorshift.replace_attention(copy.deepcopy(original)).eval()
