@@ -131,7 +131,7 @@ def main() -> None:
             replaced = taylorshift.replace_attention(copy.deepcopy(original)).eval()
             before, after = best_seconds(run, [original, replaced], args.repeats)
             print(
-                f"| {name} | {label} | {before * 1e3:.0f} | {after * 1e3:.0f} "
+                f"| {name} | {label} | {before * 1e3:.1f} | {after * 1e3:.1f} "
                 f"| {before / after:.2f}x |",
                 flush=True,
             )
