@@ -609,7 +609,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
     double a, double b, double c) {
-  check_kernel_inputs(q, k, v, key_padding_mask, std::nullopt);
+  check_forward_arguments("taylorshift::efficient_forward", q, k, v,
+                          key_padding_mask, std::nullopt,
+                          schema_options(false, output_scale, a, b, c));
   check_cuda_inputs("taylorshift::efficient_forward", q, k, v, {},
                     key_padding_mask, std::nullopt);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -663,7 +665,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
     bool output_scale, double a, double b, double c) {
-  check_kernel_inputs(q, k, v, key_padding_mask, std::nullopt);
+  check_backward_arguments("taylorshift::efficient_backward", grad_out, q, k, v,
+                           out, den, state, key_padding_mask, std::nullopt,
+                           schema_options(false, output_scale, a, b, c));
   check_cuda_inputs("taylorshift::efficient_backward", q, k, v,
                     {&grad_out, &out, &den, &state}, key_padding_mask,
                     std::nullopt);
