@@ -28,13 +28,18 @@ def test_compile_dynamic_compiles_once_for_ten_lengths():
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(attend, backend=counter, fullgraph=True, dynamic=True)
+    compiles = []
     for length in LENGTHS:
         q, k, v, t, kpm = inputs(length, requires_grad=True)
         out = compiled(q, k, v, t, kpm)
         torch.testing.assert_close(out, reference64(q, k, v, t, key_padding_mask=kpm), **F64_TOL)
         out.sum().backward()  # the backward graph is traced symbolically too
         assert q.grad.isfinite().all()
-    assert counter.frame_count == 1
+        compiles.append(counter.frame_count)
+    # (The first compile may call the backend twice: dynamo restarts its analysis once to turn
+    # Python float arguments into tensors. A recompile would add one more per length.)
+    assert compiles[0] >= 1
+    assert compiles == compiles[:1] * len(LENGTHS)
 
 
 def test_export_with_dynamic_length():
@@ -67,8 +72,8 @@ def forward_graph_ops(length, minimum):
     compiled = torch.compile(attend, backend=aot_autograd(fw_compiler=record), fullgraph=True)
     q, k, v, t, kpm = inputs(length)
     for x in (q, k, v):
-        torch._dynamo.mark_dynamic(x, 2, min=minimum)
-    torch._dynamo.mark_dynamic(kpm, 1, min=minimum)
+        torch._dynamo.mark_dynamic(x, 2, min=minimum, max=1 << 20)
+    torch._dynamo.mark_dynamic(kpm, 1, min=minimum, max=1 << 20)
     compiled(q, k, v, t, kpm)
     return {op for op in ops if op.startswith("taylorshift.")}
 

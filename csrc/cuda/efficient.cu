@@ -197,10 +197,13 @@ __global__ void __launch_bounds__(kThreads)
           valid ? value_row_entry<T, Acc, kQuery>(p, bh, t, col) : Acc(0));
     }
     __syncthreads();
+    // Masked keys' features are zero by selection: a padded key may be NaN.
     for (int idx = threadIdx.x; idx < ft * tile; idx += blockDim.x) {
       const int f = idx / tile, t = idx % tile;
-      fs[f * ld_f + t] =
-          Num<Op>::narrow(feature_value(xs, d, t, ls, ms, coef, f));
+      const bool valid =
+          kQuery || (t0 + t < end && p.mask.key_valid(b, t0 + t));
+      fs[f * ld_f + t] = Num<Op>::narrow(
+          valid ? feature_value(xs, d, t, ls, ms, coef, f) : Acc(0));
     }
     __syncthreads();
     block_mma<false, false>(fs, ld_f, ys, ld_y, rs, ld_r, ft, e1p, tile, true);
