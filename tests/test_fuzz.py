@@ -145,7 +145,7 @@ def edge_problems(draw):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["direct", "efficient"])
-@settings(max_examples=30, deadline=None, derandomize=True)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(problem=edge_problems())
 def test_fuzz_edges_match_reference(device, mode, problem):
     q, k, v, mask, poison = problem
