@@ -339,7 +339,9 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
     double a, double b, double c) {
-  check_kernel_inputs(q, k, v, key_padding_mask, attn_mask);
+  check_forward_arguments("taylorshift::direct_forward", q, k, v,
+                          key_padding_mask, attn_mask,
+                          schema_options(causal, output_scale, a, b, c));
   check_cuda_inputs("taylorshift::direct_forward", q, k, v, {},
                     key_padding_mask, attn_mask);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -381,7 +383,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
     double a, double b, double c) {
-  check_kernel_inputs(q, k, v, key_padding_mask, attn_mask);
+  check_backward_arguments("taylorshift::direct_backward", grad_out, q, k, v,
+                           out, den, std::nullopt, key_padding_mask, attn_mask,
+                           schema_options(causal, output_scale, a, b, c));
   check_cuda_inputs("taylorshift::direct_backward", q, k, v,
                     {&grad_out, &out, &den}, key_padding_mask, attn_mask);
   const c10::cuda::CUDAGuard guard(q.device());
