@@ -7,8 +7,8 @@ its generator, then trains LRA's published models (the `lra` preset) with both a
 three seeds, one thread each, one run after another, and writes the table (test accuracy, mean ±
 std over seeds), the training curves and the exact commands.
 
-REDUCED SIZE, said plainly: ListOps lengths 100 < L < 500 (LRA: 500 < L < 2000), 3,000 training
-trees; models 2 layers deep (LRA: 4) and ListOps 64 wide (LRA: 512); 250 steps (LRA: 5,000 and
+REDUCED SIZE, said plainly: ListOps lengths 100 < L < 300 (LRA: 500 < L < 2000), 3,000 training
+trees; models 2 layers deep (LRA: 4) and ListOps 64 wide (LRA: 512); 150 steps (LRA: 5,000 and
 62,400); warmup shortened with the same peak learning rate; attention dropout off in both arms
 (on one CPU thread softmax's dropout on the L x L weights costs 8x its attention, and TaylorShift
 cannot drop weights at all); Pathfinder on the easy split (curv_baseline) from 1,600 images.
@@ -39,18 +39,18 @@ REDUCTIONS = {
     "listops": (
         {"dim": 64, "qkv_dim": 64, "mlp_dim": 128, "heads": 4, "depth": 2, "attention_dropout": 0.0},
         # LRA's peak rate 0.05 / sqrt(1000) reached after 50 warmup steps: constant 0.05 sqrt(50/1000).
-        {"lr": 0.05 * (50 / 1000) ** 0.5, "warmup_steps": 50, "max_steps": 250, "eval_every": 50,
+        {"lr": 0.05 * (50 / 1000) ** 0.5, "warmup_steps": 50, "max_steps": 150, "eval_every": 50,
          "eval_batch_size": 100},
     ),
     "pathfinder": (
         {"depth": 2, "attention_dropout": 0.0},
         # One epoch of warmup (1,280 images at batch 16), cosine over the run, as LRA's recipe.
-        {"batch_size": 16, "eval_batch_size": 80, "warmup_steps": 80, "max_steps": 250,
-         "steps_per_cycle": 250, "eval_every": 50},
+        {"batch_size": 16, "eval_batch_size": 80, "warmup_steps": 80, "max_steps": 150,
+         "steps_per_cycle": 150, "eval_every": 50},
     ),
 }  # fmt: skip
-LISTOPS_DATA = {"num_train": 3000, "num_val": 300, "num_test": 300, "min_length": 100,
-                "max_length": 500}  # fmt: skip
+LISTOPS_DATA = {"num_train": 3000, "num_val": 200, "num_test": 200, "min_length": 100,
+                "max_length": 300}  # fmt: skip
 PATHFINDER_DATA = {"num_images": 1600, "contour_length": 6}
 PATHFINDER_DIFFICULTY = "curv_baseline"
 

@@ -110,7 +110,11 @@ def run(args) -> dict | None:
     out_dir = Path(args.out or f"runs/{args.task}-{args.attention}")
     seed_everything(args.seed)
 
-    data = load_task(args.task, args.data_root, **config["data"])
+    data_options = dict(config["data"])
+    if data_options.get("variant") == "paper":
+        # The paper's ListOps generator makes whole batches, one tree length each.
+        data_options["batch_size"] = config["train"]["batch_size"]
+    data = load_task(args.task, args.data_root, **data_options)
     data.train = _first(data.train, args.max_train_samples)
     data.val, data.test = (
         _first(data.val, args.max_eval_samples),

@@ -178,7 +178,7 @@ class Trainer:
         loss, accuracy = evaluate(
             self.model,
             self.data.val,
-            self.config["eval_batch_size"],
+            None if self.data.prebatched else self.config["eval_batch_size"],
             self.context,
             self.collate,
             self.precision,
@@ -226,7 +226,7 @@ class Trainer:
         )
         batches = training_batches(
             self.data.train,
-            self.config["batch_size"],
+            None if self.data.prebatched else self.config["batch_size"],
             self.options["seed"],
             self.progress.epoch,
             self.progress.batch_in_epoch,
@@ -270,7 +270,7 @@ class Trainer:
         loss, accuracy = evaluate(
             self.model,
             self.data.test,
-            self.config["eval_batch_size"],
+            None if self.data.prebatched else self.config["eval_batch_size"],
             self.context,
             self.collate,
             self.precision,
