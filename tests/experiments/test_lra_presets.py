@@ -300,3 +300,14 @@ def test_paper_listops_batches_share_one_length_and_are_seeded():
     first = fixed[0][0]
     fixed.set_epoch(3)
     assert torch.equal(fixed[0][0], first)
+
+
+def test_summary_keeps_presets_apart():
+    from experiments.lra.summary import attention_label
+
+    assert attention_label({"attention": "softmax"}) == "softmax"
+    assert attention_label({"attention": "softmax", "preset": "lra"}) == "softmax, lra preset"
+    assert (
+        attention_label({"attention": "taylorshift", "mode": "auto", "preset": "paper"})
+        == "taylorshift (auto), paper preset"
+    )
