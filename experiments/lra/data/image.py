@@ -35,8 +35,8 @@ def grayscale_tokens(data: np.ndarray, rule: str = "round") -> np.ndarray:
       float32 (x * float32(1/255)), the weighted sum in float32, then back with x * 255.5 and a
       truncating cast. The 255.5 lifts the sum by sum/510, at most half a level, so the result
       is the truncation of (1 + 1/510) * gray: about a quarter of pixels are one below 'round'.
-      The float32 sum is taken left to right; for 47 of the 2^24 colours another summation order
-      (a fused multiply-add) would move the result by one.
+      The float32 sum is taken left to right; another order moves the result by one on 47 of the
+      2^24 colours (summing g and b first) or 48 (one rounding at the end, as fused multiply-adds).
     pil: PIL's convert('L') (torchvision's Grayscale, the paper's pipeline), in PIL's fixed
       point: (19595 R + 38470 G + 7471 B + 2^15) >> 16.
     """
