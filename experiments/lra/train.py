@@ -7,8 +7,9 @@
 --preset: project (this project's setting, the default), lra (LRA's published configuration) or
 paper (the TaylorShift paper's released code); see experiments/README.md.
 
-Writes to --out: config.json (the fully resolved configuration), metrics.csv (and tensorboard/ when installed), last.pt and best.pt
-(written atomically), and results.json with the test accuracy of the best-validation checkpoint.
+Writes to --out: config.json (the fully resolved configuration), metrics.csv (and tensorboard/
+when installed), last.pt and best.pt (written atomically), and results.json with the test accuracy
+of the best-validation checkpoint.
 """
 
 import argparse

@@ -63,13 +63,7 @@ def evaluate(
 
 class Trainer:
     def __init__(
-        self,
-        model,
-        data,
-        train_config: dict,
-        context: ProcessContext,
-        out_dir: Path,
-        options: dict,
+        self, model, data, train_config: dict, context: ProcessContext, out_dir: Path, options: dict
     ):
         """options: seed, precision, num_workers, log_every, stop_at_step, progress_bar."""
         self.data, self.config, self.context = data, train_config, context
