@@ -146,21 +146,6 @@ at::Tensor unit_rows(const at::Tensor& x) {
   return scaled / at::linalg_vector_norm(scaled, 2, -1, true).clamp_min(1);
 }
 
-// The smallest sequence length L with prefer_efficient(L, L, d, e): the cost
-// model is monotone in both lengths, so the efficient algorithm is the
-// cheaper one for every M, N >= L.
-int64_t efficient_from(int64_t d, int64_t e, c10::DeviceType device) {
-  int64_t low = 1, high = int64_t(1) << 40;
-  while (low < high) {
-    const int64_t mid = low + (high - low) / 2;
-    if (prefer_efficient(mid, mid, d, e, device))
-      high = mid;
-    else
-      low = mid + 1;
-  }
-  return low;
-}
-
 // mode="auto" without masks: the cost model's choice (crossover.cpp). Under
 // torch.compile(dynamic=True) or torch.export with a dynamic Dim the sizes
 // are symbols, and a choice read from their current values would either
@@ -176,7 +161,7 @@ bool auto_picks_efficient(const at::Tensor& q, const at::Tensor& k,
   const c10::DeviceType device = q.device().type();
   if (!d || !e) return false;
   if (M && N) return prefer_efficient(*M, *N, *d, *e, device);
-  const int64_t from = efficient_from(*d, *e, device);
+  const int64_t from = crossover(*d, *e, device);
   return TORCH_STATICALLY_KNOWN_TRUE(q.sym_size(2).sym_ge(from)) &&
          TORCH_STATICALLY_KNOWN_TRUE(k.sym_size(2).sym_ge(from));
 }
