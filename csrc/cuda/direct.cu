@@ -1,6 +1,10 @@
 // Direct TaylorShift attention (math.md §2) on CUDA: a fused tiled kernel in
 // the style of FlashAttention, and its recomputation backward.
 //
+// float16/bfloat16 forward: direct_forward_mma_kernel, register-resident on
+// mma.sync (warp.cuh), described at the kernel. float32/float64 forward and
+// every backward: shared-memory tiles and block_mma, as follows.
+//
 // Forward, for one (batch, head) and one tile of queries I:
 //     for each key tile J:   X = Q_I K_J^T              (tensor cores)
 //                            W = m ⊙ f(X)               (elementwise)
@@ -125,6 +129,211 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row = bh * p.queries + i;
     out[row * p.e + col] = Num<T>::narrow(os[r * ld_o + col] * scale);
     if (col == 0) den[row] = row_sum;
+  }
+}
+
+// The 16-bit forward on mma.sync, in the structure of FlashAttention-2.
+// A block of 4 warps owns kRows = 64 queries, 16 per warp, and walks the key
+// tiles of kKeys = 64. Each warp keeps everything of its 16 rows in registers:
+// its Q fragments (loaded once), S = Q K_J^T (16 x 64, float), W = m ⊙ f(S)
+// re-packed in place as the A operand of the next product (the C layout of
+// two adjacent n8 tiles is the A layout of one k16 step), the row sums of W
+// and O += W V_J (16 x kDim, float). Shared memory only stages Q and two
+// buffers of K_J, V_J, filled by cp.async one tile ahead of the products.
+// kDim is the head dim rounded up to 16, 32, 64 or 128 (zero-padded columns
+// add zeros to S and produce ignored columns of O); without a mask
+// (kMasked false) the only masking left is the key tail.
+constexpr int kRows = 64, kKeys = 64;
+
+template <typename T>
+struct MmaForwardArgs {
+  TokenRows<T> q, k, v;
+  int64_t heads, queries, keys;
+  int e;
+  Mask mask;
+  RowValues<float> sigma;
+  float a, b, c;
+};
+
+template <int kDim>
+constexpr size_t mma_forward_smem() {
+  return size_t(5) * kRows * (kDim + 8) * 2;  // Q, 2 x K, 2 x V
+}
+
+template <typename T, int kDim, bool kMasked>
+__global__ void __launch_bounds__(kThreads)
+    direct_forward_mma_kernel(MmaForwardArgs<T> p, T* out, float* den) {
+  static_assert(kRows == 16 * (kThreads / 32) && kRows == kKeys);
+  constexpr int ld = kDim + 8, kTile = kRows * ld;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* qs = reinterpret_cast<T*>(smem);
+  T* ks = qs + kTile;      // two stages
+  T* vs = ks + 2 * kTile;  // two stages
+  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16;
+  const int g = lane / 4, quad = lane % 4;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  // Causal: keys j <= i < i0 + kRows only.
+  const int64_t key_end = p.mask.key_limit(i0 + kRows, p.keys);
+  const int tiles = static_cast<int>((key_end + kKeys - 1) / kKeys);
+
+  load_rows<kDim, kRows>(qs, p.q, b, h, i0, p.queries);
+  if (tiles > 0) {
+    load_rows<kDim, kKeys>(ks, p.k, b, h, 0, p.keys);
+    load_rows<kDim, kKeys>(vs, p.v, b, h, 0, p.keys);
+  }
+  warp::cp_async_commit();
+
+  uint32_t qf[kDim / 16][4];      // A fragments of this warp's 16 query rows
+  float o[kDim / 8][4] = {};      // O, n8 tiles in the C layout
+  float row_sum[2] = {0.f, 0.f};  // rows g and g + 8 (this lane's columns)
+  for (int tile = 0; tile < tiles; ++tile) {
+    const T* kt = ks + tile % 2 * kTile;
+    const T* vt = vs + tile % 2 * kTile;
+    if (tile + 1 < tiles) {  // prefetch the next tile into the other stage
+      const int64_t next = static_cast<int64_t>(tile + 1) * kKeys;
+      load_rows<kDim, kKeys>(ks + (tile + 1) % 2 * kTile, p.k, b, h, next,
+                             p.keys);
+      load_rows<kDim, kKeys>(vs + (tile + 1) % 2 * kTile, p.v, b, h, next,
+                             p.keys);
+      warp::cp_async_commit();
+      warp::cp_async_wait<1>();
+    } else {
+      warp::cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (tile == 0) {
+#pragma unroll
+      for (int kk = 0; kk < kDim / 16; ++kk)
+        warp::ldmatrix<4>(
+            qf[kk], qs + (warp_row + lane % 16) * ld + kk * 16 + lane / 16 * 8);
+    }
+    // S = Q K^T. K_J is row-major (key, dim) = B^T: plain ldmatrix.x4 gives
+    // the B fragments of two n8 tiles of keys (matrices: keys +0/+8 x dims
+    // +0/+8, ordered so that registers {0, 1} and {2, 3} are one tile each).
+    float s[kKeys / 8][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < kDim / 16; ++kk) {
+#pragma unroll
+      for (int n = 0; n < kKeys / 16; ++n) {
+        uint32_t kf[4];
+        warp::ldmatrix<4>(kf, kt + (n * 16 + lane % 8 + lane / 16 * 8) * ld +
+                                  kk * 16 + lane / 8 % 2 * 8);
+        const uint32_t lo[2] = {kf[0], kf[1]}, hi[2] = {kf[2], kf[3]};
+        warp::mma_16816<T>(s[2 * n], qf[kk], lo);
+        warp::mma_16816<T>(s[2 * n + 1], qf[kk], hi);
+      }
+    }
+    // W = m ⊙ f(S) in place; element i of n8 tile n is (row g + 8 (i / 2),
+    // key 2 quad + i % 2 + 8 n).
+    const int64_t j0 = static_cast<int64_t>(tile) * kKeys;
+    const bool tail = j0 + kKeys > p.keys;
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t j = j0 + n * 8 + 2 * quad + i % 2;
+        float w = taylor_weight(s[n][i], p.a, p.b, p.c);
+        if constexpr (kMasked) {
+          const int64_t row = i0 + warp_row + g + 8 * (i / 2);
+          if (row >= p.queries || j >= p.keys || !p.mask.allowed(b, h, row, j))
+            w = 0.f;
+        } else {
+          if (tail && j >= p.keys) w = 0.f;
+        }
+        s[n][i] = w;
+        row_sum[i / 2] += w;
+      }
+    }
+    // O += W V. W's A fragment for keys 16 kk.. is n8 tiles 2 kk, 2 kk + 1;
+    // V_J is row-major (key, dim) = B: ldmatrix.x4.trans gives two n8 tiles
+    // of dims (matrices: keys +0/+8 x dims +0/+8).
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      const uint32_t wf[4] = {
+          warp::pack<T>(s[2 * kk][0], s[2 * kk][1]),
+          warp::pack<T>(s[2 * kk][2], s[2 * kk][3]),
+          warp::pack<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+          warp::pack<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int n = 0; n < kDim / 16; ++n) {
+        uint32_t vf[4];
+        warp::ldmatrix<4, true>(
+            vf, vt + (kk * 16 + lane % 8 + lane / 8 % 2 * 8) * ld + n * 16 +
+                    lane / 16 * 8);
+        const uint32_t lo[2] = {vf[0], vf[1]}, hi[2] = {vf[2], vf[3]};
+        warp::mma_16816<T>(o[2 * n], wf, lo);
+        warp::mma_16816<T>(o[2 * n + 1], wf, hi);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before its refill
+  }
+  // A row's sum is spread over the 4 lanes of its quad.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = i0 + warp_row + g + 8 * r;
+    if (row >= p.queries) continue;
+    const float scale = p.sigma.at(b, h, row) * safe_reciprocal(row_sum[r]);
+    T* dst = out + (bh * p.queries + row) * p.e;
+#pragma unroll
+    for (int n = 0; n < kDim / 8; ++n) {
+      const int col = n * 8 + 2 * quad;
+      if (col < p.e) dst[col] = Num<T>::narrow(o[n][2 * r] * scale);
+      if (col + 1 < p.e) dst[col + 1] = Num<T>::narrow(o[n][2 * r + 1] * scale);
+    }
+    if (quad == 0) den[bh * p.queries + row] = row_sum[r];
+  }
+}
+
+// Launches the 16-bit forward for the smallest compiled kDim >= d, e.
+template <typename T, int kDim>
+void launch_mma_forward(const MmaForwardArgs<T>& args, bool masked, int64_t bh,
+                        T* out, float* den) {
+  const auto kernel = masked ? direct_forward_mma_kernel<T, kDim, true>
+                             : direct_forward_mma_kernel<T, kDim, false>;
+  constexpr size_t bytes = mma_forward_smem<kDim>();
+  allow_shared_memory(kernel, bytes);
+  const dim3 grid((args.queries + kRows - 1) / kRows, bh);
+  kernel<<<grid, kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(args, out,
+                                                                      den);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const Mask& mask, bool masked, const at::Tensor& sigma,
+                 double a, double b, double c, at::Tensor& out,
+                 at::Tensor& den) {
+  MmaForwardArgs<T> args;
+  args.q = token_rows<T>(q);
+  args.k = token_rows<T>(k);
+  args.v = token_rows<T>(v);
+  args.heads = q.size(1);
+  args.queries = q.size(2);
+  args.keys = k.size(2);
+  args.e = static_cast<int>(v.size(3));
+  args.mask = mask;
+  args.sigma = row_values<float>(sigma);
+  args.a = static_cast<float>(a);
+  args.b = static_cast<float>(b);
+  args.c = static_cast<float>(c);
+  const int64_t dim = std::max(q.size(3), v.size(3));
+  const int64_t bh = q.size(0) * q.size(1);
+  T* o = reinterpret_cast<T*>(out.data_ptr());
+  float* dn = den.data_ptr<float>();
+  if (dim <= 16) {
+    launch_mma_forward<T, 16>(args, masked, bh, o, dn);
+  } else if (dim <= 32) {
+    launch_mma_forward<T, 32>(args, masked, bh, o, dn);
+  } else if (dim <= 64) {
+    launch_mma_forward<T, 64>(args, masked, bh, o, dn);
+  } else {
+    launch_mma_forward<T, 128>(args, masked, bh, o, dn);
   }
 }
 
@@ -343,8 +552,6 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
   check_cuda_inputs("taylorshift::direct_forward", q, k, v, {},
                     key_padding_mask, attn_mask);
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
-                   vc = v.contiguous();
   at::Tensor out =
       at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor den = at::empty({q.size(0), q.size(1), q.size(2)},
@@ -353,25 +560,36 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          attn_mask, causal, output_scale);
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, q.scalar_type(), "direct_forward_cuda", [&] {
-        using T = typename Native<scalar_t>::type;
-        using Acc = typename Num<T>::acc;
-        auto args = make_args<T, Acc>(qc, kc, vc, mask, sigma, a, b, c);
-        const auto bytes = [&](int tile) {
-          return ForwardSmem(tile, args.d, args.e, sizeof(T), sizeof(Acc))
-              .total;
-        };
-        args.tile = pick_tile("taylorshift::direct_forward", bytes);
-        const auto kernel = direct_forward_kernel<T, Acc>;
-        allow_shared_memory(kernel, bytes(args.tile));
-        const dim3 grid(blocks_for(args.queries, args.tile),
-                        q.size(0) * q.size(1));
-        kernel<<<grid, kThreads, bytes(args.tile),
-                 at::cuda::getCurrentCUDAStream()>>>(
-            args, reinterpret_cast<T*>(out.data_ptr()), den.data_ptr<Acc>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+  const bool masked = key_padding_mask || attn_mask || causal;
+  if (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) {
+    const at::Tensor qs = unit_last_stride(q), ks = unit_last_stride(k),
+                     vs = unit_last_stride(v);
+    if (q.scalar_type() == at::kHalf) {
+      mma_forward<__half>(qs, ks, vs, mask, masked, sigma, a, b, c, out, den);
+    } else {
+      mma_forward<__nv_bfloat16>(qs, ks, vs, mask, masked, sigma, a, b, c, out,
+                                 den);
+    }
+    return {out, den};
+  }
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
+                   vc = v.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "direct_forward_cuda", [&] {
+    using T = scalar_t;
+    using Acc = typename Num<T>::acc;
+    auto args = make_args<T, Acc>(qc, kc, vc, mask, sigma, a, b, c);
+    const auto bytes = [&](int tile) {
+      return ForwardSmem(tile, args.d, args.e, sizeof(T), sizeof(Acc)).total;
+    };
+    args.tile = pick_tile("taylorshift::direct_forward", bytes);
+    const auto kernel = direct_forward_kernel<T, Acc>;
+    allow_shared_memory(kernel, bytes(args.tile));
+    const dim3 grid(blocks_for(args.queries, args.tile), q.size(0) * q.size(1));
+    kernel<<<grid, kThreads, bytes(args.tile),
+             at::cuda::getCurrentCUDAStream()>>>(
+        args, reinterpret_cast<T*>(out.data_ptr()), den.data_ptr<Acc>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   return {out, den};
 }
 
