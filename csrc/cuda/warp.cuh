@@ -132,3 +132,80 @@ __device__ __forceinline__ void cp_async_wait() {
 
 }  // namespace taylorshift::cuda_kernels::warp
 #endif
+
+namespace taylorshift::cuda_kernels::warp {
+
+// Warp tiles on the primitives, shared by the register-resident kernels.
+// A warp owns 16 rows; shared tiles are row-major with leading dimension ld
+// (elements). `lane` is threadIdx.x % 32.
+
+// The A fragments of 16 rows x kDim columns at `rows`: ldmatrix.x4 with lane
+// l addressing row l % 16, column half l / 16 of each 16-column step.
+template <int kDim, int ld, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[kDim / 16][4],
+                                       const T* rows, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kDim / 16; ++kk)
+    ldmatrix<4>(a[kk], rows + (lane % 16) * ld + kk * 16 + lane / 16 * 8);
+}
+
+// acc (16 x kN) += A (16 x kDim) R^T for a shared tile R of kN rows x kDim
+// (so B[k][n] = R[n][k]): plain ldmatrix.x4 gives the B fragments of two n8
+// tiles (matrices: rows +0/+8 x columns +0/+8, registers {0, 1} one tile,
+// {2, 3} the other).
+template <typename T, int kDim, int kN, int ld>
+__device__ __forceinline__ void mma_abt(float (&acc)[kN / 8][4],
+                                        const uint32_t (&a)[kDim / 16][4],
+                                        const T* r, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kDim / 16; ++kk) {
+#pragma unroll
+    for (int n = 0; n < kN / 16; ++n) {
+      uint32_t f[4];
+      ldmatrix<4>(f, r + (n * 16 + lane % 8 + lane / 16 * 8) * ld + kk * 16 +
+                         lane / 8 % 2 * 8);
+      const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+      mma_16816<T>(acc[2 * n], a[kk], lo);
+      mma_16816<T>(acc[2 * n + 1], a[kk], hi);
+    }
+  }
+}
+
+// acc (16 x kN) += A (16 x kK) R for a shared tile R of kK rows x kN
+// (B = R): ldmatrix.x4.trans gives two n8 tiles (matrices: rows +0/+8 x
+// columns +0/+8).
+template <typename T, int kK, int kN, int ld>
+__device__ __forceinline__ void mma_ab(float (&acc)[kN / 8][4],
+                                       const uint32_t (&a)[kK / 16][4],
+                                       const T* r, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+#pragma unroll
+    for (int n = 0; n < kN / 16; ++n) {
+      uint32_t f[4];
+      ldmatrix<4, true>(f, r + (kk * 16 + lane % 8 + lane / 8 % 2 * 8) * ld +
+                               n * 16 + lane / 16 * 8);
+      const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+      mma_16816<T>(acc[2 * n], a[kk], lo);
+      mma_16816<T>(acc[2 * n + 1], a[kk], hi);
+    }
+  }
+}
+
+// A 16 x kN accumulator (C layout) rounded to T as the A operand of the next
+// product: the C elements of n8 tiles 2 kk and 2 kk + 1 sit exactly where the
+// A layout wants columns 16 kk .. 16 kk + 15 (rows g / g + 8, columns 2 q +
+// {0, 1} and 8 + 2 q + {0, 1}), so no data moves between lanes.
+template <typename T, int kN>
+__device__ __forceinline__ void to_a(uint32_t (&a)[kN / 16][4],
+                                     const float (&c)[kN / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk) {
+    a[kk][0] = pack<T>(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = pack<T>(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = pack<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = pack<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
+}  // namespace taylorshift::cuda_kernels::warp
