@@ -181,6 +181,20 @@ __device__ __forceinline__ void store_rows(T* dst,
   }
 }
 
+// Zeroes the columns >= `valid` of a warp's 16 x kN accumulator (C layout):
+// the padded keys of the last tile, outside the main path.
+template <int kN>
+__device__ __forceinline__ void zero_past_keys(float (&acc)[kN / 8][4],
+                                               int64_t valid, int lane) {
+#pragma unroll
+  for (int n = 0; n < kN / 8; ++n) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (8 * n + 2 * (lane % 4) + i % 2 >= valid) acc[n][i] = 0.f;
+    }
+  }
+}
+
 template <int kDim>
 constexpr size_t mma_forward_smem() {
   return size_t(5) * kRows * (kDim + 8) * 2;  // Q, 2 x K, 2 x V
@@ -204,13 +218,16 @@ __global__ void __launch_bounds__(kThreads)
   const int tiles = static_cast<int>((key_end + kKeys - 1) / kKeys);
 
   load_rows<kDim, kRows>(qs, p.q, b, h, i0, p.queries);
+  warp::cp_async_commit();
   if (tiles > 0) {
     load_rows<kDim, kKeys>(ks, p.k, b, h, 0, p.keys);
     load_rows<kDim, kKeys>(vs, p.v, b, h, 0, p.keys);
   }
   warp::cp_async_commit();
-
-  uint32_t qf[kDim / 16][4];      // A fragments of this warp's 16 query rows
+  warp::cp_async_wait<1>();  // Q has landed
+  __syncthreads();
+  uint32_t qf[kDim / 16][4];  // A fragments of this warp's 16 query rows
+  warp::load_a<kDim, ld>(qf, qs + warp_row * ld, lane);
   float o[kDim / 8][4] = {};      // O, n8 tiles in the C layout
   float row_sum[2] = {0.f, 0.f};  // rows g and g + 8 (this lane's columns)
   for (int tile = 0; tile < tiles; ++tile) {
@@ -228,7 +245,6 @@ __global__ void __launch_bounds__(kThreads)
       warp::cp_async_wait<0>();
     }
     __syncthreads();
-    if (tile == 0) warp::load_a<kDim, ld>(qf, qs + warp_row * ld, lane);
     float s[kKeys / 8][4] = {};  // S = Q K^T
     warp::mma_abt<T, kDim, kKeys, ld>(s, qf, kt, lane);
     // W = m ⊙ f(S) in place; element i of n8 tile n is (row g + 8 (i / 2),
@@ -245,12 +261,15 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t row = i0 + warp_row + g + 8 * (i / 2);
           if (row >= p.queries || j >= p.keys || !p.mask.allowed(b, h, row, j))
             w = 0.f;
-        } else {
-          if (tail && j >= p.keys) w = 0.f;
         }
         s[n][i] = w;
-        row_sum[i / 2] += w;
       }
+    }
+    if (!kMasked && tail) zero_past_keys<kKeys>(s, p.keys - j0, lane);
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) row_sum[i / 2] += s[n][i];
     }
     uint32_t wf[kKeys / 16][4];  // O += W V
     warp::to_a<T, kKeys>(wf, s);
@@ -279,17 +298,17 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 MmaArgs<T> mma_args(const at::Tensor& q, const at::Tensor& k,
-                    const at::Tensor& v, const Mask& mask, double a, double b,
-                    double c) {
+                    const at::Tensor& v, int64_t d, int64_t e, const Mask& mask,
+                    double a, double b, double c) {
   MmaArgs<T> args{};
-  args.q = token_rows<T>(q);
-  args.k = token_rows<T>(k);
-  args.v = token_rows<T>(v);
+  args.q = token_rows<T>(q, d);
+  args.k = token_rows<T>(k, d);
+  args.v = token_rows<T>(v, e);
   args.heads = q.size(1);
   args.queries = q.size(2);
   args.keys = k.size(2);
-  args.d = static_cast<int>(q.size(3));
-  args.e = static_cast<int>(v.size(3));
+  args.d = static_cast<int>(d);
+  args.e = static_cast<int>(e);
   args.mask = mask;
   args.a = static_cast<float>(a);
   args.b = static_cast<float>(b);
@@ -316,9 +335,12 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const Mask& mask, bool masked, const at::Tensor& sigma,
                  double a, double b, double c, at::Tensor& out,
                  at::Tensor& den) {
-  MmaArgs<T> args = mma_args<T>(q, k, v, mask, a, b, c);
+  const int64_t d = q.size(3), e = v.size(3), dim = std::max(d, e);
+  // Kept alive until the launches: the arguments point into them.
+  const at::Tensor qr = cp_async_rows(q), kr = cp_async_rows(k),
+                   vr = cp_async_rows(v);
+  MmaArgs<T> args = mma_args<T>(qr, kr, vr, d, e, mask, a, b, c);
   args.sigma = row_values<float>(sigma);
-  const int64_t dim = std::max(q.size(3), v.size(3));
   const int64_t bh = q.size(0) * q.size(1);
   T* o = reinterpret_cast<T*>(out.data_ptr());
   float* dn = den.data_ptr<float>();
@@ -393,6 +415,7 @@ __global__ void __launch_bounds__(kThreads)
 
   load_rows<kDim, kKeys>(ks, p.k, b, h, j0, p.keys);
   load_rows<kDim, kKeys>(vs, p.v, b, h, j0, p.keys);
+  warp::cp_async_commit();
   if (tiles > 0) {
     load_rows<kDim, kRows>(qs, p.q, b, h, first, p.queries);
     load_rows<kDim, kRows>(gs, p.grad_out, b, h, first, p.queries);
@@ -400,7 +423,11 @@ __global__ void __launch_bounds__(kThreads)
   }
   warp::cp_async_commit();
 
+  warp::cp_async_wait<1>();  // K and V have landed
+  __syncthreads();
   uint32_t kf[kDim / 16][4], vf[kDim / 16][4];  // this warp's 16 keys
+  warp::load_a<kDim, ld>(kf, ks + warp_row * ld, lane);
+  warp::load_a<kDim, ld>(vf, vs + warp_row * ld, lane);
   float dk[kDim / 8][4] = {}, dv[kDim / 8][4] = {};
   for (int tile = 0; tile < tiles; ++tile) {
     const int64_t i0 = first + static_cast<int64_t>(tile) * kRows;
@@ -421,10 +448,6 @@ __global__ void __launch_bounds__(kThreads)
       warp::cp_async_wait<0>();
     }
     __syncthreads();
-    if (tile == 0) {
-      warp::load_a<kDim, ld>(kf, ks + warp_row * ld, lane);
-      warp::load_a<kDim, ld>(vf, vs + warp_row * ld, lane);
-    }
     float st[kRows / 8][4] = {}, dxt[kRows / 8][4] = {};
     warp::mma_abt<T, kDim, kRows, ld>(st, kf, qt, lane);   // S^T
     warp::mma_abt<T, kDim, kRows, ld>(dxt, vf, gt, lane);  // G^T
@@ -485,6 +508,7 @@ __global__ void __launch_bounds__(kThreads)
 
   load_rows<kDim, kRows>(qs, p.q, b, h, i0, p.queries);
   load_rows<kDim, kRows>(gs, p.grad_out, b, h, i0, p.queries);
+  warp::cp_async_commit();
   if (tiles > 0) {
     load_rows<kDim, kKeys>(ks, p.k, b, h, 0, p.keys);
     load_rows<kDim, kKeys>(vs, p.v, b, h, 0, p.keys);
@@ -499,7 +523,11 @@ __global__ void __launch_bounds__(kThreads)
     dl[r] = valid ? p.scalars[2 * (bh * p.queries + row) + 1] : 0.f;
   }
 
+  warp::cp_async_wait<1>();  // Q and gY have landed
+  __syncthreads();
   uint32_t qf[kDim / 16][4], gf[kDim / 16][4];
+  warp::load_a<kDim, ld>(qf, qs + warp_row * ld, lane);
+  warp::load_a<kDim, ld>(gf, gs + warp_row * ld, lane);
   float dq[kDim / 8][4] = {};
   for (int tile = 0; tile < tiles; ++tile) {
     const T* kt = ks + tile % 2 * kTile;
@@ -516,10 +544,6 @@ __global__ void __launch_bounds__(kThreads)
       warp::cp_async_wait<0>();
     }
     __syncthreads();
-    if (tile == 0) {
-      warp::load_a<kDim, ld>(qf, qs + warp_row * ld, lane);
-      warp::load_a<kDim, ld>(gf, gs + warp_row * ld, lane);
-    }
     float s[kKeys / 8][4] = {}, dx[kKeys / 8][4] = {};
     warp::mma_abt<T, kDim, kKeys, ld>(s, qf, kt, lane);   // S = Q K^T
     warp::mma_abt<T, kDim, kKeys, ld>(dx, gf, vt, lane);  // G = gY V^T
@@ -538,12 +562,11 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t row = i0 + warp_row + g + 8 * r;
           if (row >= p.queries || j >= p.keys || !p.mask.allowed(b, h, row, j))
             value = 0.f;
-        } else {
-          if (tail && j >= p.keys) value = 0.f;
         }
         dx[n][i] = value;
       }
     }
+    if (!kMasked && tail) zero_past_keys<kKeys>(dx, p.keys - j0, lane);
     uint32_t af[kKeys / 16][4];
     warp::to_a<T, kKeys>(af, dx);
     warp::mma_ab<T, kKeys, kDim, ld>(dq, af, kt, lane);  // dQ += dX K
@@ -580,10 +603,14 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
                   const at::Tensor& scalars, const Mask& mask, bool masked,
                   double a, double b, double c, at::Tensor& grad_q,
                   at::Tensor& grad_k, at::Tensor& grad_v) {
-  MmaArgs<T> args = mma_args<T>(q, k, v, mask, a, b, c);
-  args.grad_out = token_rows<T>(grad_out);
+  const int64_t d = q.size(3), e = v.size(3), dim = std::max(d, e);
+  // Kept alive until the launches: the arguments point into them.
+  const at::Tensor qr = cp_async_rows(q), kr = cp_async_rows(k),
+                   vr = cp_async_rows(v);
+  MmaArgs<T> args = mma_args<T>(qr, kr, vr, d, e, mask, a, b, c);
+  const at::Tensor g = cp_async_rows(grad_out);
+  args.grad_out = token_rows<T>(g, e);
   args.scalars = scalars.data_ptr<float>();
-  const int64_t dim = std::max(q.size(3), v.size(3));
   const int64_t bh = q.size(0) * q.size(1);
   T* gq = reinterpret_cast<T*>(grad_q.data_ptr());
   T* gk = reinterpret_cast<T*>(grad_k.data_ptr());
@@ -822,12 +849,10 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   const bool masked = key_padding_mask || attn_mask || causal;
   if (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) {
-    const at::Tensor qs = unit_last_stride(q), ks = unit_last_stride(k),
-                     vs = unit_last_stride(v);
     if (q.scalar_type() == at::kHalf) {
-      mma_forward<__half>(qs, ks, vs, mask, masked, sigma, a, b, c, out, den);
+      mma_forward<__half>(q, k, v, mask, masked, sigma, a, b, c, out, den);
     } else {
-      mma_forward<__nv_bfloat16>(qs, ks, vs, mask, masked, sigma, a, b, c, out,
+      mma_forward<__nv_bfloat16>(q, k, v, mask, masked, sigma, a, b, c, out,
                                  den);
     }
     return {out, den};
@@ -878,9 +903,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   if (q.scalar_type() == at::kBFloat16 &&
       std::max(q.size(3), v.size(3)) <= kBackwardMaxDim) {
-    mma_backward<__nv_bfloat16>(unit_last_stride(grad_out), unit_last_stride(q),
-                                unit_last_stride(k), unit_last_stride(v),
-                                scalars, mask,
+    mma_backward<__nv_bfloat16>(grad_out, q, k, v, scalars, mask,
                                 key_padding_mask || attn_mask || causal, a, b,
                                 c, grad_q, grad_k, grad_v);
     return {grad_q, grad_k, grad_v};
