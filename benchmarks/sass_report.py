@@ -64,21 +64,35 @@ F = (D + 1) * (D + 2) // 2  # features of the efficient algorithm
 # backward = dS reduce + the two contraction kernels (2 products each): 12 N F (e + 1) flops.
 DIRECT_PRODUCT = N_DIRECT * N_DIRECT * D * BH
 EFFICIENT_PRODUCT = N_EFFICIENT * F * (D + 1) * BH
-# The bfloat16 instantiation each pass runs at those shapes (d = 64, no mask), by kernel name.
+# The bfloat16 kernels each pass runs at those shapes (d = 64, no mask), by kernel name: the
+# register-resident kernels where the build has them, else main's shared-memory ones (which stay
+# for other dtypes and head dims).
 BF16 = "__nv_bfloat16"
 WORK = {
-    f"direct_forward_kernel<{BF16}, float>": ("direct fwd", 2 * DIRECT_PRODUCT),
-    f"direct_backward_kv_kernel<{BF16}, float>": ("direct bwd", 4 * DIRECT_PRODUCT),
-    f"direct_backward_q_kernel<{BF16}, float>": ("direct bwd", 3 * DIRECT_PRODUCT),
     f"direct_forward_mma_kernel<{BF16}, {D}, false>": ("direct fwd", 2 * DIRECT_PRODUCT),
     f"direct_backward_kv_mma_kernel<{BF16}, {D}, false>": ("direct bwd", 4 * DIRECT_PRODUCT),
     f"direct_backward_q_mma_kernel<{BF16}, {D}, false>": ("direct bwd", 3 * DIRECT_PRODUCT),
+    f"direct_forward_kernel<{BF16}, float>": ("direct fwd", 2 * DIRECT_PRODUCT),
+    f"direct_backward_kv_kernel<{BF16}, float>": ("direct bwd", 4 * DIRECT_PRODUCT),
+    f"direct_backward_q_kernel<{BF16}, float>": ("direct bwd", 3 * DIRECT_PRODUCT),
     f"feature_reduce_kernel<{BF16}, float, true>": ("efficient bwd", EFFICIENT_PRODUCT),
     f"feature_reduce_kernel<{BF16}, float, false>": ("efficient fwd", EFFICIENT_PRODUCT),
     f"efficient_apply_kernel<{BF16}, float>": ("efficient fwd", EFFICIENT_PRODUCT),
     f"efficient_backward_kv_kernel<{BF16}, float>": ("efficient bwd", 2 * EFFICIENT_PRODUCT),
     f"efficient_backward_q_kernel<{BF16}, float>": ("efficient bwd", 2 * EFFICIENT_PRODUCT),
 }
+
+
+def kernels_run(names: set[str]) -> set[str]:
+    """The WORK kernels a pass runs: a pass with any *_mma_kernel in the build runs only those."""
+    run = set()
+    for group in {g for g, _ in WORK.values()}:
+        members = [n for n, (g, _) in WORK.items() if g == group and n in names]
+        mma = [n for n in members if "_mma_kernel" in n]
+        run.update(mma or members)
+    return run
+
+
 DTYPES = {"bf16": "__nv_bfloat16", "fp16": "__half", "fp32": "float", "fp64": "double"}
 
 
@@ -294,12 +308,13 @@ def report(
             )
             lines.append("|---|---|---|---|---|---|---|---|---|")
             totals: dict[str, list[float]] = {}
+            modelled = kernels_run({k.name for k in kernels.values()})
             for kernel in sorted(kernels.values(), key=lambda k: k.name):
                 if "<" in kernel.name and DTYPES[dtype] not in kernel.name:
                     continue
                 instructions, hmma = main_loop(kernel)
                 ratio = instructions / hmma if hmma else None
-                work = WORK.get(kernel.name)
+                work = WORK.get(kernel.name) if kernel.name in modelled else None
                 ms = tflops = "-"
                 if work and ratio and arch == 90:
                     seconds = modelled_seconds(work[1], ratio)
@@ -343,7 +358,10 @@ def main() -> None:
     parser.add_argument("--objects", type=Path, help="read the objects of a finished build here")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    text = report(args.arch, args.dtype, args.ref, args.files, args.objects)
+    command = " ".join(["python", "benchmarks/sass_report.py", *sys.argv[1:]])
+    text = f"# SASS report\n\n`{command}`\n" + report(
+        args.arch, args.dtype, args.ref, args.files, args.objects
+    )
     print(text)
     if args.out:
         args.out.write_text(text)
