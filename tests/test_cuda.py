@@ -24,6 +24,7 @@ import sys
 
 import pytest
 import torch
+from ts_testing import error_bound, max_error
 
 import taylorshift
 from taylorshift import reference
@@ -105,10 +106,6 @@ def reference_state(k, v, kpm):
     return psi.transpose(-1, -2) @ values
 
 
-def max_error(x, exact):
-    return (x.double() - exact.double()).abs().max().item()
-
-
 def assert_close_to_reference(name, got, exact, approx, dtype):
     """got vs exact (float64): within 2 x |approx - exact| + 2 ulp of dtype at exact's scale."""
     assert got.shape == exact.shape, name
@@ -116,8 +113,7 @@ def assert_close_to_reference(name, got, exact, approx, dtype):
     if got.dtype == torch.float64:
         torch.testing.assert_close(got, exact, rtol=1e-9, atol=1e-9, msg=name)
         return
-    scale = exact.abs().max().item()
-    bound = 2 * max_error(approx, exact) + 2 * torch.finfo(dtype).eps * scale
+    bound = error_bound(max_error(approx, exact), exact, dtype, ulps=2.0)
     error = max_error(got, exact)
     assert error <= bound, f"{name} {dtype}: error {error:.3e} > bound {bound:.3e}"
 
