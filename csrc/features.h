@@ -19,10 +19,20 @@
 #define TS_HOST_DEVICE inline
 #endif
 
+// Placed before a host-device template that the host also instantiates with
+// host-only types (c10::SymInt): nvcc would warn about the device code of
+// those instantiations, which it never emits.
+#if defined(__CUDACC__)
+#define TS_HOST_ONLY_TYPES_OK _Pragma("nv_exec_check_disable")
+#else
+#define TS_HOST_ONLY_TYPES_OK
+#endif
+
 namespace taylorshift {
 
 // Number of symmetric pairs (l, m) with l <= m.
 // Templates so that the Meta kernels count with symbolic sizes (c10::SymInt).
+TS_HOST_ONLY_TYPES_OK
 template <typename Int>
 TS_HOST_DEVICE Int pair_count(Int d) {
   return d * (d + 1) / 2;
@@ -41,6 +51,7 @@ TS_HOST_DEVICE int64_t pair_index(int64_t l, int64_t m, int64_t d) {
 // Offsets of the three blocks inside a feature vector of size feature_count.
 TS_HOST_DEVICE int64_t linear_feature_offset() { return 1; }
 TS_HOST_DEVICE int64_t pair_feature_offset(int64_t d) { return 1 + d; }
+TS_HOST_ONLY_TYPES_OK
 template <typename Int>
 TS_HOST_DEVICE Int feature_count(Int d) {
   return pair_count(d) + d + 1;
