@@ -62,6 +62,12 @@ void write_augmented_values(const HeadTensors<T>& t, int64_t j0, int64_t rows,
   }
 }
 
+// The state and its gradient have e + 1 columns: column 0 carries the
+// denominator (the ones column of [1 | v]), columns 1..e the values. Every
+// product below keeps column 0 apart, so that the large products have exactly
+// e columns: BLAS kernels block the columns in multiples of 16, and
+// e + 1 = 33 or 65 would spend a whole block on one column.
+
 // A reduction over token chunks, sum_chunks X_chunk^T Y_chunk. BLAS adds
 // kChunksPerFold chunks into a block sum in T (beta = 1, no extra pass over
 // the state per chunk); block sums are added in float64: a float32 running
@@ -76,10 +82,14 @@ class ChunkSum {
       : rows_(rows), cols_(cols), sum_(rows * cols, 0.0), block_(rows * cols) {}
 
   // sum += x^T y, with x (tokens x rows) and y (tokens x cols), both with
-  // leading dimensions rows and cols.
+  // leading dimensions rows and cols: columns 1.. in one product, column 0
+  // in a matrix-vector product.
   void add(const T* x, const T* y, int64_t tokens) {
-    gemm<T>(true, false, rows_, cols_, tokens, T(1), x, rows_, y, cols_,
-            pending_ == 0 ? T(0) : T(1), block_.data(), cols_);
+    const T beta = pending_ == 0 ? T(0) : T(1);
+    gemm<T>(true, false, rows_, cols_ - 1, tokens, T(1), x, rows_, y + 1, cols_,
+            beta, block_.data() + 1, cols_);
+    gemm<T>(true, false, rows_, 1, tokens, T(1), x, rows_, y, cols_, beta,
+            block_.data(), cols_);
     if (++pending_ == kChunksPerFold) fold();
   }
 
@@ -100,17 +110,22 @@ class ChunkSum {
   std::vector<T> block_;
 };
 
-// out (rows x cols) = features (rows x F) state (F x cols), with the constant
-// feature 0 added last: its term (c S_0 ~ c N for queries) dominates, and
+// out = features (rows x F) state[:, first_col:] (F x cols), row stride
+// out_stride; first_col is 0 (all columns) or 1 (values only). The constant
+// feature 0 is added last: its term (c S_0 ~ c N for queries) dominates, and
 // adding it first would round every other term at its magnitude.
 template <typename T>
 void apply_state(const T* features, int64_t rows, int64_t F, const T* state,
-                 int64_t cols, T* out) {
-  gemm<T>(false, false, rows, cols, F - 1, T(1), features + 1, F, state + cols,
-          cols, T(0), out, cols);
+                 int64_t cols, int64_t first_col, T* out, int64_t out_stride) {
+  T* values = out + (1 - first_col);
+  gemm<T>(false, false, rows, cols - 1, F - 1, T(1), features + 1, F,
+          state + cols + 1, cols, T(0), values, out_stride);
+  if (first_col == 0)
+    gemm<T>(false, false, rows, 1, F - 1, T(1), features + 1, F, state + cols,
+            cols, T(0), out, out_stride);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t col = 0; col < cols; ++col)
-      out[r * cols + col] += features[r * F] * state[col];
+    for (int64_t col = first_col; col < cols; ++col)
+      out[r * out_stride + col - first_col] += features[r * F] * state[col];
 }
 
 // Phase 1 of the forward: S = sum_j m_j psi(k_j) [1 | v_j]^T, a reduction
@@ -155,7 +170,8 @@ void efficient_forward_head(const HeadTensors<T>& t, const Mask& mask,
     for (int64_t r = 0; r < rows; ++r)
       write_query_features<T>(t.q_row(i0 + r), d, a, b, c,
                               features.data() + r * F);
-    apply_state(features.data(), rows, F, state, e + 1, values.data());
+    apply_state(features.data(), rows, F, state, e + 1, 0, values.data(),
+                e + 1);
     for (int64_t r = 0; r < rows; ++r) {
       const T* z = values.data() + r * (e + 1);
       den[i0 + r] = z[0];
@@ -238,12 +254,10 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
       for (int64_t l = 0; l < d; ++l) dk[l] = h[linear_feature_offset() + l];
       add_pair_gradient<T>(h + pairs, t.k_row(j0 + r), d, T(1), T(1), dk);
     }
-    // dV' = psi(K_chunk) dS; masked keys have psi = 0, hence dv = 0.
-    apply_state(features.data(), rows, F, grad_state.data(), e + 1,
-                rows_e1.data());
-    for (int64_t r = 0; r < rows; ++r)
-      std::copy(rows_e1.data() + r * (e + 1) + 1,
-                rows_e1.data() + (r + 1) * (e + 1), grad_v + (j0 + r) * e);
+    // dV'[1:] = psi(K_chunk) dS[:, 1:]; masked keys have psi = 0, hence
+    // dv = 0.
+    apply_state(features.data(), rows, F, grad_state.data(), e + 1, 1,
+                grad_v + j0 * e, e);
   }
 }
 
