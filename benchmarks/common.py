@@ -55,13 +55,15 @@ def time_forward_backward(fn, q, k, v, min_run_time=1.0) -> float:
 
 
 def flops(mode: str, batch, heads, tokens, head_dim, backward=True) -> float:
-    """math.md §4 counts, M = N, e = d; the backward counted as 2x (efficient) and 2.5x (direct)."""
+    """math.md §4 counts (efficient: all F features), M = N, e = d; the backward counted as 2x
+    (efficient) and 2.5x (direct)."""
     if mode == "direct":
         forward = 4 * tokens * tokens * head_dim
         total = forward * (3.5 if backward else 1.0)
     else:
-        pairs = head_dim * (head_dim + 1) // 2
-        forward = 4 * tokens * pairs * (head_dim + 1)
+        # F = 1 + d + d(d+1)/2 features per token, each against e + 1 state columns.
+        features = (head_dim + 1) * (head_dim + 2) // 2
+        forward = 4 * tokens * features * (head_dim + 1)
         total = forward * (3.0 if backward else 1.0)
     return batch * heads * total
 
