@@ -23,10 +23,8 @@ import csv
 import functools
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,17 +73,11 @@ SDPA_TOKENS = (256, 512, 1024, 1536, 2048, 4096, 8192, 16384)
 DIRECT_MAX_TOKENS = 4096
 
 
-def timed_ms(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
 def compare_with_sdpa(args):
     """The comparison table: ms per forward + backward and model GFLOP/s, interleaved rounds."""
     import torch
     import torch.nn.functional as F
-    from common import flops, forward_backward, make_inputs
+    from common import flops, forward_backward, interleaved_ms, make_inputs
 
     import taylorshift
 
@@ -109,13 +101,10 @@ def compare_with_sdpa(args):
             if tokens <= 4096:  # warm-up; the long runs are their own warm-up
                 for name in names:
                     forward_backward(methods[name], q, k, v, grad_out)
-            times = {name: [] for name in [*names, "mm"]}
-            for _ in range(rounds):
-                times["mm"].append(timed_ms(functools.partial(torch.mm, mm_a, mm_b)))
-                for name in names:
-                    run = functools.partial(forward_backward, methods[name], q, k, v, grad_out)
-                    times[name].append(timed_ms(run))
-            ms = {name: statistics.median(t) for name, t in times.items()}
+            runs = {"mm": functools.partial(torch.mm, mm_a, mm_b)}
+            for name in names:
+                runs[name] = functools.partial(forward_backward, methods[name], q, k, v, grad_out)
+            ms = interleaved_ms(runs, rounds)
             mm_rate = 2 * 1024**3 / (ms["mm"] * 1e-3) / 1e9
 
             work = {
