@@ -14,6 +14,12 @@ then the extra peak memory of a training loop (one warm-up and three forward + b
 N = 16384, d = 32), ours against the reference, each in its own process.
 
     python benchmarks/bench_cpu.py --sdpa --csv benchmarks/results/cpu_sdpa.csv
+
+--copies: the copies (aten::copy_ calls and bytes) made inside the algorithm operators when they
+are given the (B, H, L, d) views TaylorShiftAttention makes of its (B, L, H, d) projections,
+forward + backward of each mode, from torch.profiler.
+
+    python benchmarks/bench_cpu.py --copies
 """
 
 from __future__ import annotations
@@ -154,6 +160,50 @@ def compare_with_sdpa(args):
     return rows
 
 
+def copies_inside_operators(args, tokens=4096, head_dim=32):
+    """Table of aten::copy_ calls (and bytes) whose caller is a taylorshift:: operator."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import taylorshift
+
+    print(
+        f"(B, L, H, d) = ({args.batch}, {tokens}, {args.heads}, {head_dim}) float32 tensors, "
+        "passed as .transpose(1, 2) views, forward + backward\n"
+    )
+    print("| mode | operator | copies | MiB copied |")
+    print("|---|---|---|---|")
+    for mode in ("direct", "efficient"):
+        q, k, v = (
+            torch.randn(args.batch, tokens, args.heads, head_dim, requires_grad=True)
+            for _ in range(3)
+        )
+        # The gradient arrives as the module's out.transpose(1, 2).flatten(2) passes it back.
+        grad_out = torch.randn(args.batch, tokens, args.heads, head_dim).transpose(1, 2)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            out = taylorshift.taylor_shift_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mode=mode
+            )
+            out.backward(grad_out)
+        copies = {}
+        for event in prof.events():
+            if event.name != "aten::copy_":
+                continue
+            caller = event.cpu_parent
+            while caller is not None and not caller.name.startswith("taylorshift::"):
+                caller = caller.cpu_parent
+            if caller is None or caller.name == "taylorshift::attention":
+                continue
+            count, size = copies.get(caller.name, (0, 0))
+            elements = 1
+            for extent in event.input_shapes[0]:
+                elements *= extent
+            copies[caller.name] = (count + 1, size + elements * 4)
+        for operator in (f"taylorshift::{mode}_forward", f"taylorshift::{mode}_backward"):
+            count, size = copies.get(operator, (0, 0))
+            print(f"| {mode} | {operator} | {count} | {size / 2**20:.1f} |")
+
+
 def training_loop_peak(implementation, mode, tokens, batch, heads, head_dim):
     """Runs in a child process: peak extra bytes of one warm-up and three forward + backward."""
     import torch
@@ -207,6 +257,7 @@ def main():
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--sdpa", action="store_true", help="the comparison with SDPA")
     parser.add_argument("--rounds", type=int, default=5, help="--sdpa: interleaved rounds")
+    parser.add_argument("--copies", action="store_true", help="copies inside the operators")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-training", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,6 +266,9 @@ def main():
         return
     if args.child_training:
         print(json.dumps(training_loop_peak(*json.loads(args.child_training))))
+        return
+    if args.copies:
+        copies_inside_operators(args)
         return
     if args.sdpa:
         import torch
