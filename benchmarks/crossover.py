@@ -42,10 +42,12 @@ def main():
     parser.add_argument("--head-dims", default="16,32,64")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--statistic", choices=("median", "min"), default="median")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     print(
-        f"device {args.device}, {args.dtype}, forward+backward, B=1, H={args.heads}, torch {torch.__version__}\n"
+        f"device {args.device}, {args.dtype}, forward+backward, B=1, H={args.heads}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {args.statistic} of {args.rounds} interleaved rounds\n"
     )
     print("| d | N | direct ms | efficient ms | cost ratio |")
     print("|---|---|---|---|---|")
@@ -65,7 +67,10 @@ def main():
             }
             for run in runs.values():  # warm-up
                 run()
-            seconds = {mode: ms * 1e-3 for mode, ms in interleaved_ms(runs, args.rounds).items()}
+            seconds = {
+                mode: ms * 1e-3
+                for mode, ms in interleaved_ms(runs, args.rounds, args.statistic).items()
+            }
             ratio = (seconds["efficient"] / model_flops("efficient", tokens, head_dim)) / (
                 seconds["direct"] / model_flops("direct", tokens, head_dim)
             )
