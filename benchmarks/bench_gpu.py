@@ -2,7 +2,7 @@
 paper's formulation (taylorshift.reference.efficient under bf16 autocast).
 
 B=4, H=8, bf16, N from 256 to 131072, d in {32, 64}, forward and forward+backward. Milliseconds are
-the median of CUDA-event-timed calls; TFLOP/s use math.md §4 counts (benchmarks/common.flops, SDPA
+the median of CUDA-event-timed calls; TFLOP/s use docs/math.md §4 counts (benchmarks/common.flops, SDPA
 counted as the direct algorithm); peak memory is torch.cuda.max_memory_allocated above the inputs.
 A series stops growing N once one call would exceed --max-call-s (quadratic methods at large N),
 and the reference is skipped where its N x d^2 features would pass --reference-limit-gb; the table
@@ -233,7 +233,7 @@ def write(rows, out_dir: Path, args):
         f"torch {torch.__version__}, CUDA {torch.version.cuda}, date {stamp:%Y-%m-%d %H:%M} UTC",
         (
             f"B={args.batch}, H={args.heads}, bf16; ms = median of CUDA-event-timed calls; "
-            "TFLOP/s by math.md §4 counts (SDPA counted as direct); peak = "
+            "TFLOP/s by docs/math.md §4 counts (SDPA counted as direct); peak = "
             "max_memory_allocated above the inputs."
         ),
     ]

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: inputs, one timed forward+backward, FLOP counts."""
+"""Shared pieces of the benchmark scripts: inputs, one timed forward+backward, FLOP totals."""
 
 from __future__ import annotations
 
@@ -72,17 +72,8 @@ def interleaved_ms(runs: dict, rounds: int, statistic: str = "median") -> dict:
 
 
 def flops(mode: str, batch, heads, tokens, head_dim, backward=True) -> float:
-    """math.md §4 counts (efficient: all F features), M = N, e = d; the backward counted as 2x
-    (efficient) and 2.5x (direct)."""
-    if mode == "direct":
-        forward = 4 * tokens * tokens * head_dim
-        total = forward * (3.5 if backward else 1.0)
-    else:
-        # F = 1 + d + d(d+1)/2 features per token, each against e + 1 state columns.
-        features = (head_dim + 1) * (head_dim + 2) // 2
-        forward = 4 * tokens * features * (head_dim + 1)
-        total = forward * (3.0 if backward else 1.0)
-    return batch * heads * total
+    """All heads' FLOPs at M = N, e = d: taylorshift.flops, the cost model's own counts."""
+    return batch * heads * taylorshift.flops(mode, tokens, tokens, head_dim, backward=backward)
 
 
 def fmt_ms(seconds: float) -> str:

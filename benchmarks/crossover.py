@@ -4,7 +4,8 @@ weight that csrc/crossover.cpp uses for it.
 For each head dim it times forward+backward of both algorithms over a sweep of N (M = N, e = d,
 B=1, H=8), in interleaved rounds (medians), prints the times, the measured crossover (first N where efficient is faster) and the
 ratio  (efficient seconds per model FLOP) / (direct seconds per model FLOP)  at each N, with model
-FLOPs as in csrc/crossover.cpp. The median ratio is the device's `efficient_flop_cost`.
+FLOPs the forward counts of taylorshift.flops (the cost model's own). The median ratio is the
+device's `efficient_flop_cost`.
 
     python benchmarks/crossover.py --device cpu
 """
@@ -23,14 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import attention_fn, forward_backward, interleaved_ms, make_inputs
 
 import taylorshift
-
-
-def model_flops(mode: str, tokens: int, head_dim: int) -> float:
-    """The FLOPs of the cost model in csrc/crossover.cpp (M = N, e = d)."""
-    if mode == "direct":
-        return 2.0 * tokens * tokens * (2 * head_dim)
-    features = 1 + head_dim + head_dim * (head_dim + 1) // 2
-    return 2.0 * (2 * tokens) * features * (head_dim + 1)
 
 
 def main():
@@ -71,8 +64,12 @@ def main():
                 mode: ms * 1e-3
                 for mode, ms in interleaved_ms(runs, args.rounds, args.statistic).items()
             }
-            ratio = (seconds["efficient"] / model_flops("efficient", tokens, head_dim)) / (
-                seconds["direct"] / model_flops("direct", tokens, head_dim)
+            model = {
+                mode: taylorshift.flops(mode, tokens, tokens, head_dim, backward=False)
+                for mode in seconds
+            }
+            ratio = (seconds["efficient"] / model["efficient"]) / (
+                seconds["direct"] / model["direct"]
             )
             ratios.append(ratio)
             if measured is None and seconds["efficient"] < seconds["direct"]:

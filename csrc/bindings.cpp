@@ -36,6 +36,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "efficient algorithm on this device type",
       py::arg("head_dim"), py::arg("device") = "cpu");
   m.def(
+      "flops",
+      [](const std::string& mode, int64_t queries, int64_t keys,
+         int64_t head_dim, int64_t value_dim, bool backward) {
+        TORCH_CHECK_VALUE(mode == "direct" || mode == "efficient",
+                          "taylorshift: flops counts mode \"direct\" or "
+                          "\"efficient\", got \"",
+                          mode, "\"");
+        return taylorshift::flops(mode == "efficient", queries, keys, head_dim,
+                                  value_dim, backward);
+      },
+      "FLOPs of one (batch, head) of an algorithm (docs/math.md §4)",
+      py::arg("mode"), py::arg("queries"), py::arg("keys"), py::arg("head_dim"),
+      py::arg("value_dim"), py::arg("backward") = true);
+  m.def(
       "prefer_efficient",
       [](int64_t queries, int64_t keys, int64_t head_dim, int64_t value_dim,
          const std::string& device) {

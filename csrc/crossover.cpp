@@ -1,7 +1,9 @@
-// When is the efficient algorithm cheaper than the direct one? A cost model
-// of this implementation: FLOPs of each algorithm (math.md §4, forward and
-// backward together), weighted by how fast each of our kernels runs per FLOP
-// on a device type, as measured by benchmarks/crossover.py.
+// The FLOP counts of both algorithms (docs/math.md §4), the one definition
+// that the cost model, the Python API (taylorshift.flops) and every benchmark
+// use. When is the efficient algorithm cheaper than the direct one? A cost
+// model of this implementation: forward FLOPs of each algorithm, weighted by
+// how fast each of our kernels runs per FLOP on a device type, as measured by
+// benchmarks/crossover.py.
 #include "features.h"
 #include "taylorshift.h"
 
@@ -20,17 +22,28 @@ double efficient_flop_cost(c10::DeviceType device) {
 
 }  // namespace
 
+double flops(bool efficient, int64_t queries, int64_t keys, int64_t head_dim,
+             int64_t value_dim, bool backward) {
+  const double M = double(queries), N = double(keys), d = double(head_dim),
+               e = double(value_dim);
+  if (!efficient) {
+    // Forward: Q K^T and W V, 2 (d + e) per (query, key) pair. Backward:
+    // scores recomputed (d), dV (e), gY V^T (e), dQ (d), dK (d).
+    return 2.0 * M * N * (backward ? 4 * d + 3 * e : d + e);
+  }
+  // Forward: the state build over keys and its apply over queries,
+  // 2 F (e + 1) per token each. Backward: dS over queries, S dz per query,
+  // dS u and psi^T dS per key: twice the forward again.
+  const double F = double(feature_count(head_dim));
+  return 2.0 * (M + N) * F * (e + 1) * (backward ? 3.0 : 1.0);
+}
+
 bool prefer_efficient(int64_t queries, int64_t keys, int64_t head_dim,
                       int64_t value_dim, c10::DeviceType device) {
-  // direct: Q K^T and W V, 2 (d + e) FLOPs per (query, key) pair.
-  const double direct =
-      2.0 * double(queries) * double(keys) * double(head_dim + value_dim);
-  // efficient: state build over keys and state apply over queries,
-  // 2 F (e + 1) FLOPs per token each.
-  const double efficient = 2.0 * double(queries + keys) *
-                           double(feature_count(head_dim)) *
-                           double(value_dim + 1);
-  return efficient * efficient_flop_cost(device) < direct;
+  // The forward counts: efficient_flop_cost was measured against them.
+  return flops(true, queries, keys, head_dim, value_dim, false) *
+             efficient_flop_cost(device) <
+         flops(false, queries, keys, head_dim, value_dim, false);
 }
 
 int64_t crossover(int64_t head_dim, c10::DeviceType device) {

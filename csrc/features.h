@@ -1,6 +1,6 @@
 // Index arithmetic and scalar formulas shared by the CPU and CUDA kernels.
 //
-// The efficient algorithm (math.md §3) works with a feature map of size
+// The efficient algorithm (docs/math.md §3) works with a feature map of size
 // F = 1 + d + d(d+1)/2 per token. On the key side the features are
 //     psi(k) = [ 1 | k_0 .. k_{d-1} | k_l k_m for l <= m ]
 // and on the query side, with the Taylor coefficients and the symmetric-pair

@@ -50,8 +50,8 @@ inline at::ScalarType accumulate_dtype(const at::Tensor& t) {
   return accumulate_dtype(t.scalar_type());
 }
 
-// Which keys query i of (batch b, head h) may attend to: m_ij of math §1.
-// Key padding (B, N) and the bool attn_mask (B, H, M, N) are read through
+// Which keys query i of (batch b, head h) may attend to: m_ij of docs/math.md
+// §1. Key padding (B, N) and the bool attn_mask (B, H, M, N) are read through
 // their strides, so an expanded (stride-0) mask is never copied; causal is
 // top-left aligned (j <= i), as SDPA's is_causal. Trivially copyable, so a
 // CUDA kernel takes it by value.
@@ -111,8 +111,9 @@ inline Mask make_mask(const std::optional<at::Tensor>& key_padding_mask,
   return mask;
 }
 
-// sigma_i = sqrt(N_i / d): the paper's output scaling (math §1), with N_i the
-// number of keys row i may attend to. Without output scaling sigma_i = 1.
+// sigma_i = sqrt(N_i / d): the paper's output scaling (docs/math.md §1), with
+// N_i the number of keys row i may attend to. Without output scaling sigma_i
+// = 1.
 template <typename T>
 TS_HOST_DEVICE T output_scale_factor(bool output_scale, int64_t valid_keys,
                                      int64_t head_dim) {

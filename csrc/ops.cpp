@@ -39,7 +39,7 @@ TORCH_LIBRARY(taylorshift, m) {
 
 namespace {
 
-// Meta kernels: the output shapes of math.md, in symbolic sizes so that
+// Meta kernels: the output shapes of docs/math.md, in symbolic sizes so that
 // torch.compile with dynamic shapes can trace through them.
 at::Tensor empty_output(const at::Tensor& q, const at::Tensor& v) {
   return at::empty_symint(

@@ -61,6 +61,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward(
     const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
     const KernelOptions& options);
 
+// FLOPs of one (batch, head) of the direct or the efficient algorithm,
+// forward or forward + backward (docs/math.md §4; a multiply-add is 2).
+double flops(bool efficient, int64_t queries, int64_t keys, int64_t head_dim,
+             int64_t value_dim, bool backward);
+
 // Cost model of this implementation (see csrc/crossover.cpp).
 // True when the efficient algorithm is expected to be faster.
 bool prefer_efficient(int64_t queries, int64_t keys, int64_t head_dim,

@@ -2,7 +2,7 @@
 
 from taylorshift import reference
 from taylorshift._extension import available as extension_available
-from taylorshift.crossover import crossover, paper_thresholds
+from taylorshift.crossover import crossover, flops, paper_thresholds
 from taylorshift.functional import taylor_shift_attention
 from taylorshift.modules import TaylorShiftAttention, replace_attention
 
@@ -10,6 +10,7 @@ __all__ = [
     "TaylorShiftAttention",
     "crossover",
     "extension_available",
+    "flops",
     "paper_thresholds",
     "reference",
     "replace_attention",

@@ -1,6 +1,7 @@
 """Where the direct and the efficient algorithm cost the same.
 
-`crossover` is this implementation's own switch point, the one mode="auto" uses: it comes from
+`flops` counts the work of each algorithm, as the cost model does. `crossover` is this
+implementation's own switch point, the one mode="auto" uses: it comes from
 the extension's cost model (csrc/crossover.cpp), whose per-device weights were measured by
 benchmarks/crossover.py. `paper_thresholds` gives the paper's formulas, for comparison only.
 """
@@ -19,6 +20,23 @@ def crossover(head_dim: int, device: str | torch.device = "cpu") -> int:
     if not _extension.available:
         raise RuntimeError("taylorshift.crossover needs the compiled extension taylorshift._C")
     return _extension._C.crossover(head_dim, torch.device(device).type)
+
+
+def flops(
+    mode: str,
+    queries: int,
+    keys: int,
+    head_dim: int,
+    value_dim: int | None = None,
+    *,
+    backward: bool = True,
+) -> float:
+    """FLOPs of one (batch, head) of `mode` ("direct" or "efficient"), forward + backward or forward
+    only; a multiply-add counts 2 (docs/math.md §4). The counts of the extension's cost model."""
+    if not _extension.available:
+        raise RuntimeError("taylorshift.flops needs the compiled extension taylorshift._C")
+    value_dim = head_dim if value_dim is None else value_dim
+    return _extension._C.flops(mode, queries, keys, head_dim, value_dim, backward)
 
 
 def paper_thresholds(head_dim: int) -> tuple[int, float]:

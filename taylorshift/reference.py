@@ -3,7 +3,7 @@
 `direct` forms the full M x N weight matrix; `efficient` follows the paper's code: it materialises
 the N x d^2 tensor-product features k (x) k and q (x) q, scales q and k by d^(1/4) and divides
 [1 | V] by N, which keeps intermediates near 1 in half precision and cancels exactly. Both compute
-math.md §1 and are differentiated by autograd. The extension's kernels compute the same function
+docs/math.md §1 and are differentiated by autograd. The extension's kernels compute the same function
 without ever holding an M x N or an N x d^2 tensor.
 """
 
@@ -23,7 +23,7 @@ def logit_factors(
     normalize: bool = True,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """q_hat, k_hat with logits x_ij = q_hat_i . k_hat_j (math.md §1)."""
+    """q_hat, k_hat with logits x_ij = q_hat_i . k_hat_j (docs/math.md §1)."""
     if normalize:
         q_hat = torch.nn.functional.normalize(q, dim=-1, eps=1e-12)
         k_hat = torch.nn.functional.normalize(k, dim=-1, eps=1e-12)

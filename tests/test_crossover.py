@@ -69,3 +69,26 @@ def test_paper_thresholds():
         assert n1_value == pytest.approx(n1, abs=0.5)
     assert taylorshift.paper_thresholds(16)[0] == 273
     assert taylorshift.paper_thresholds(64)[0] == 4161
+
+
+@pytest.mark.parametrize("d, e", [(16, 16), (32, 32), (64, 64), (24, 40)])
+def test_flops_are_the_documented_counts(d, e):
+    # docs/math.md §4, written out independently: F = (d+1)(d+2)/2 features; efficient forward is a
+    # state build over N keys and an apply over M queries, 2 F (e+1) each per token, and its
+    # backward twice that again; direct forward is 2 M N (d+e), its backward 2 M N (3d+2e).
+    queries, keys = 300, 500
+    features = (d + 1) * (d + 2) // 2
+    efficient_forward = 2 * (queries + keys) * features * (e + 1)
+    assert taylorshift.flops("efficient", queries, keys, d, e, backward=False) == efficient_forward
+    assert taylorshift.flops("efficient", queries, keys, d, e) == 3 * efficient_forward
+    assert taylorshift.flops("direct", queries, keys, d, e, backward=False) == (
+        2 * queries * keys * (d + e)
+    )
+    assert taylorshift.flops("direct", queries, keys, d, e) == 2 * queries * keys * (4 * d + 3 * e)
+    # M = N, e = d: the issue tables' 12 N F (e+1) for efficient forward + backward.
+    assert taylorshift.flops("efficient", keys, keys, d) == 12 * keys * features * (d + 1)
+
+
+def test_flops_rejects_unknown_mode():
+    with pytest.raises(ValueError, match='flops counts mode "direct" or "efficient"'):
+        taylorshift.flops("fast", 10, 10, 8)

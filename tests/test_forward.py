@@ -1,4 +1,4 @@
-"""Forward values of both algorithms against the float64 reference, and math.md §5's properties."""
+"""Forward values of both algorithms against the float64 reference, and docs/math.md §5's properties."""
 
 import math
 
@@ -66,7 +66,7 @@ def test_direct_equals_efficient_float64(device, shape, masked):
     mask = random_key_padding_mask(shape[0], shape[3], device=device) if masked else None
     direct = attention(q, k, v, t, key_padding_mask=mask, mode="direct")
     efficient = attention(q, k, v, t, key_padding_mask=mask, mode="efficient")
-    # math.md §5: the two algorithms agree to ~1e-12 relative in float64.
+    # docs/math.md §5: the two algorithms agree to ~1e-12 relative in float64.
     torch.testing.assert_close(
         efficient, direct, rtol=1e-12, atol=1e-12 * direct.abs().max().item()
     )
@@ -118,7 +118,7 @@ def test_non_contiguous_inputs(device, mode):
     assert_matches_reference(attention(q, k, v, t, mode=mode), q, k, v, t, mode=mode)
 
 
-# ---- math.md §5 properties -------------------------------------------------------------------
+# ---- docs/math.md §5 properties -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,4 +1,4 @@
-// Direct TaylorShift on the CPU, O(M N d) (math.md §2): softmax-shaped
+// Direct TaylorShift on the CPU, O(M N d) (docs/math.md §2): softmax-shaped
 // attention with the polynomial f in place of exp, blocked as a CPU flash
 // attention so that no M x N matrix exists. For a query block against a key
 // block, one BLAS product writes the score tile X = Q_b K_b^T into a
@@ -140,7 +140,7 @@ void direct_forward_all(const DirectProblem<T>& p, int64_t batches, T* out,
   });
 }
 
-// Backward of one head over query rows [row_begin, row_end) (math.md §2),
+// Backward of one head over query rows [row_begin, row_end) (docs/math.md §2),
 // recomputing the weights per tile:
 //   P = W / den,  dV += P^T (sigma gY),
 //   dW_ij = (sigma_i gY_i . v_j - gY_i . y_i) / den_i,

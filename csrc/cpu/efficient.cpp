@@ -1,5 +1,5 @@
 // Efficient TaylorShift on the CPU, O((M + N) F e) with F = 1 + d + d(d+1)/2
-// (math.md §3). With the feature maps of features.h,
+// (docs/math.md §3). With the feature maps of features.h,
 //   f(q . k) = phi(q) . psi(k),
 // so every query sees the same state S = sum_j psi(k_j) [1 | v_j]^T and
 //   z_i = phi(q_i)^T S,   den_i = z_i[0],   y_i = sigma z_i[1:] / den_i.
@@ -182,7 +182,7 @@ void efficient_forward_head(const HeadTensors<T>& t, const Mask& mask,
   }
 }
 
-// Backward of one head (math.md §3). With z_i = phi(q_i)^T S:
+// Backward of one head (docs/math.md §3). With z_i = phi(q_i)^T S:
 //   dz_i = [ -(gY_i . y_i) / den_i | sigma gY_i / den_i ]
 //   dS   = sum_i phi(q_i) dz_i^T                 (reduction over queries)
 //   dq_i = d/dq [phi(q_i)]^T (S dz_i)            (pair gradient, features.h)

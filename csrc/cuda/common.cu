@@ -78,7 +78,7 @@ at::Tensor output_scales(const at::Tensor& q, int64_t keys,
     counts = at::empty({batch, heads, queries}, q.options().dtype(at::kFloat));
     const int64_t rows = counts.numel();
     if (rows > 0) {
-      const Mask mask = make_mask(q, key_padding_mask, attn_mask, causal);
+      const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
       const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
       count_allowed_keys_kernel<<<blocks, kThreads, 0,
                                   at::cuda::getCurrentCUDAStream()>>>(

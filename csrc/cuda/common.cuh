@@ -308,14 +308,14 @@ RowValues<Acc> row_values(const at::Tensor& t) {
   return {t.data_ptr<Acc>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// sigma_i of math.md for every query row, (B, H, M) in the accumulation
+// sigma_i of docs/math.md for every query row, (B, H, M) in the accumulation
 // dtype, expanded (stride 0) over the axes it does not depend on.
 at::Tensor output_scales(const at::Tensor& q, int64_t keys,
                          const std::optional<at::Tensor>& key_padding_mask,
                          const std::optional<at::Tensor>& attn_mask,
                          bool causal, bool output_scale);
 
-// The per-row scalars of both backwards (math.md §2, §3), contiguous
+// The per-row scalars of both backwards (docs/math.md §2, §3), contiguous
 // (B, H, M, 2) in the accumulation dtype:
 //   [..., 0] = rs_i = sigma_i / den_i,  [..., 1] = dl_i = (gY_i . y_i) / den_i
 // with 1/den = 0 for all-masked rows, so their gradients vanish.

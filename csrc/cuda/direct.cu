@@ -1,5 +1,5 @@
-// Direct TaylorShift attention (math.md §2) on CUDA: a fused tiled kernel in
-// the style of FlashAttention, and its recomputation backward.
+// Direct TaylorShift attention (docs/math.md §2) on CUDA: a fused tiled kernel
+// in the style of FlashAttention, and its recomputation backward.
 //
 // Forward, for one (batch, head) and one tile of queries I:
 //     for each key tile J:   X = Q_I K_J^T              (tensor cores)

@@ -1,4 +1,4 @@
-// Efficient TaylorShift attention (math.md §3) on CUDA, O(N d^3), with the
+// Efficient TaylorShift attention (docs/math.md §3) on CUDA, O(N d^3), with the
 // symmetric feature maps of features.h,
 //   psi(k) = [1 | k | k_l k_m (l <= m)]
 //   phi(q) = [c | b q | a w_lm q_l q_m]

@@ -15,7 +15,7 @@
 
 namespace taylorshift::testing {
 
-// math.md §1 on logits x = q k^T, with `allowed` (B, H, M, N) or
+// docs/math.md §1 on logits x = q k^T, with `allowed` (B, H, M, N) or
 // broadcastable: y = sigma * (W V) / rowsum(W), W = allowed * f(x).
 inline at::Tensor reference_attention(const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v,
