@@ -72,7 +72,6 @@ def measure_one(implementation, mode, tokens, batch, heads, head_dim, min_run_ti
     return {"seconds": seconds, "peak_extra_bytes": max(peak - baseline, 0)}
 
 
-SDPA_HEAD_DIMS = (32, 64)
 SDPA_TOKENS = (256, 512, 1024, 1536, 2048, 4096, 8192, 16384)
 # Past this N the direct kernel costs about as much as SDPA (both O(N^2 d)) and auto never picks
 # it; its runs would add minutes to each round.
@@ -98,7 +97,7 @@ def compare_with_sdpa(args):
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     rows = []
-    for head_dim in SDPA_HEAD_DIMS:
+    for head_dim in (int(d) for d in args.head_dims.split(",")):
         for tokens in SDPA_TOKENS:
             q, k, v = make_inputs(args.batch, args.heads, tokens, head_dim)
             grad_out = torch.randn_like(v)
@@ -260,6 +259,7 @@ def main():
     parser.add_argument(
         "--statistic", choices=("median", "min"), default="median", help="over --rounds"
     )
+    parser.add_argument("--head-dims", default="32,64", help="--sdpa: head dims")
     parser.add_argument("--copies", action="store_true", help="copies inside the operators")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-training", default=None, help=argparse.SUPPRESS)
