@@ -20,6 +20,17 @@ fi
 TORCH_SPEC="${TORCH_SPEC:-torch==2.14.1}"
 python -c "import torch" 2>/dev/null || python -m pip install -q "$TORCH_SPEC"
 python -m pip install -q -r requirements-dev.txt
+# Client libraries whose models tests/test_clients.py runs TaylorShift inside (random init, no
+# downloads). torchvision must be the build for the installed torch (its minor version is
+# torch's plus 15), and the constraint keeps pip from replacing torch while it resolves the
+# rest (open_clip_torch asks for any torchvision, whose newest wants a newer torch).
+torch_version=$(python -c "import torch; print(torch.__version__.split('+')[0])")
+torchvision_spec=$(python -c "v = '$torch_version'.split('.'); print(f'torchvision==0.{int(v[1]) + 15}.*')")
+client_constraints=$(mktemp)
+echo "torch==$torch_version" >"$client_constraints"
+python -m pip install -q -c "$client_constraints" "$torchvision_spec" open_clip_torch torch_geometric
+rm -f "$client_constraints"
+python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$torch_version')"
 if [ -f experiments/requirements.txt ]; then
   python -m pip install -q -r experiments/requirements.txt
 fi

@@ -4,7 +4,7 @@ from taylorshift import reference
 from taylorshift._extension import available as extension_available
 from taylorshift.crossover import crossover, flops, paper_thresholds
 from taylorshift.functional import taylor_shift_attention
-from taylorshift.modules import TaylorShiftAttention, replace_attention
+from taylorshift.modules import TaylorShiftAttention, replace_attention, restore_attention
 
 __all__ = [
     "TaylorShiftAttention",
@@ -14,6 +14,7 @@ __all__ = [
     "paper_thresholds",
     "reference",
     "replace_attention",
+    "restore_attention",
     "taylor_shift_attention",
 ]
 __version__ = "0.1.0"

@@ -1,6 +1,8 @@
-"""TaylorShiftAttention, a drop-in nn.MultiheadAttention, and replace_attention."""
+"""TaylorShiftAttention, a drop-in nn.MultiheadAttention, and replace_attention / restore_attention."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -11,45 +13,59 @@ from taylorshift.functional import taylor_shift_attention
 
 def _bool_mask(mask: Tensor | None, name: str) -> Tensor | None:
     """A bool mask with True = ignore. Float masks are accepted only in the additive form that
-    nn.Transformer* layers produce from bool masks (0 = keep, -inf = masked)."""
+    nn.Transformer* layers produce from bool masks (0 = keep, -inf = masked).
+
+    The conversion is `mask == -inf`, elementwise, so it traces. Checking that no other value
+    occurs reads the data: in eager mode it is an exception (one host synchronisation, none for
+    bool masks); under torch.compile / torch.export it is torch._assert_async, an operator in the
+    graph that fails at run time without a graph break or a synchronisation."""
     if mask is None or mask.dtype == torch.bool:
         return mask
     if not mask.is_floating_point():
         raise TypeError(f"taylorshift: {name} must be bool or float, got {mask.dtype}")
     masked = torch.isneginf(mask)
-    if not bool(((mask == 0) | masked).all()):
-        raise ValueError(
-            f"taylorshift: a float {name} may hold only 0 (keep) and -inf (masked). Other additive "
-            "biases do not apply: TaylorShift weights are the polynomial a x^2 + b x + c of the "
-            "logits, not exp(x). Pass a bool mask with True = masked."
-        )
+    valid = ((mask == 0) | masked).all()
+    message = (
+        f"taylorshift: a float {name} may hold only 0 (keep) and -inf (masked). Other additive "
+        "biases do not apply: TaylorShift weights are the polynomial a x^2 + b x + c of the "
+        "logits, not exp(x). Pass a bool mask with True = masked."
+    )
+    if torch.compiler.is_compiling():
+        torch._assert_async(valid, message)
+    elif not bool(valid):
+        raise ValueError(message)
     return masked
 
 
-class TaylorShiftAttention(nn.Module):
-    """Multi-head TaylorShift attention with the interface of nn.MultiheadAttention.
+class TaylorShiftAttention(nn.MultiheadAttention):
+    """Multi-head TaylorShift attention; an nn.MultiheadAttention whose forward is TaylorShift's.
 
-    The constructor, the parameter names (in_proj_weight, in_proj_bias, or q_proj_weight,
-    k_proj_weight, v_proj_weight when kdim/vdim differ from embed_dim; bias_k, bias_v, out_proj)
-    and forward's signature and return value are those of nn.MultiheadAttention. Added: a
+    The constructor, the parameters (in_proj_weight, in_proj_bias, or q_proj_weight,
+    k_proj_weight, v_proj_weight when kdim/vdim differ from embed_dim; bias_k, bias_v, out_proj),
+    the attributes and forward's signature and return value are those of nn.MultiheadAttention,
+    and `isinstance(module, nn.MultiheadAttention)` holds, so code that looks for attention by
+    type (PyG's GPSConv, open_clip's convert_weights_to_lp) keeps working. Added: a
     `temperature` parameter of shape (num_heads,) (init ones) and the keyword-only options
     `mode`, `normalize`, `output_scale` of taylorshift.taylor_shift_attention.
 
-    A state dict of an nn.MultiheadAttention loads directly, `load_state_dict(mha.state_dict())`:
-    when it holds no temperature, the temperature keeps its current value.
+    A state dict of an nn.MultiheadAttention loads directly (strict), `load_state_dict(
+    mha.state_dict())`: when it holds no temperature, the temperature keeps its current value.
+    `to_multihead_attention()` goes back (the temperature is dropped).
 
-    Differences, each forced by the algorithms: masks must be bool (True = ignore) or additive
-    float masks of only 0 / -inf; `dropout` is applied to the attention output of each head
-    (before out_proj) rather than to the weights, which neither fused algorithm forms;
-    `need_weights=True` computes the (B, [H,] L, S) Taylor-softmax weights separately, with
-    O(L S) memory, as nn.MultiheadAttention does.
+    Differences from nn.MultiheadAttention, each forced by the algorithms or a decision:
+    - masks are bool (True = ignore) or additive float masks of only 0 / -inf;
+    - in training with `need_weights=False`, `dropout` is applied to each head's attention
+      output (before out_proj), not to the weights, which neither fused algorithm forms; with
+      `need_weights=True` the weights are formed (O(L S) memory, as nn.MultiheadAttention does),
+      dropped, returned and applied, as nn.MultiheadAttention does;
+    - `is_causal=True` without attn_mask means causal attention (nn.MultiheadAttention raises);
+      with attn_mask it is combined with it (the same when attn_mask is causal, its hint);
+    - torch.jit.script raises (the Python operator dispatch is not TorchScript); torch.compile
+      and torch.export trace it;
+    - `_qkv_same_embed_dim` reads False: nn.TransformerEncoderLayer and nn.TransformerEncoder
+      (in eval mode) run a fused softmax kernel on this module's weights, without calling
+      forward, when it is True. Which projections exist is told by in_proj_weight being None.
     """
-
-    # nn.TransformerEncoderLayer and nn.TransformerEncoder read this flag (in eval mode) to decide
-    # whether to run a fused softmax kernel on this module's weights without calling forward.
-    # It reads False so that TaylorShift is never bypassed; which projections exist is told by
-    # in_proj_weight being None or not.
-    _qkv_same_embed_dim = False
 
     def __init__(
         self,
@@ -69,7 +85,6 @@ class TaylorShiftAttention(nn.Module):
         normalize: bool = True,
         output_scale: bool = True,
     ) -> None:
-        super().__init__()
         if embed_dim <= 0 or num_heads <= 0:
             raise ValueError(
                 f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}"
@@ -78,42 +93,27 @@ class TaylorShiftAttention(nn.Module):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if mode not in ("auto", "direct", "efficient"):
             raise ValueError(f"mode must be 'auto', 'direct' or 'efficient', got {mode!r}")
-        factory = {"device": device, "dtype": dtype}
-        self.embed_dim = embed_dim
-        self.kdim = kdim if kdim is not None else embed_dim
-        self.vdim = vdim if vdim is not None else embed_dim
-        self.num_heads = num_heads
-        self.head_dim = embed_dim // num_heads
-        self.dropout = dropout
-        self.batch_first = batch_first
-        self.add_zero_attn = add_zero_attn
+        super().__init__(
+            embed_dim,
+            num_heads,
+            dropout=dropout,
+            bias=bias,
+            add_bias_kv=add_bias_kv,
+            add_zero_attn=add_zero_attn,
+            kdim=kdim,
+            vdim=vdim,
+            batch_first=batch_first,
+            device=device,
+            dtype=dtype,
+        )
+        # Read by nn.TransformerEncoderLayer / nn.TransformerEncoder to decide on their fused
+        # softmax fast path (see the class docstring); nn.MultiheadAttention reads it only in
+        # __init__ and forward, both replaced here.
+        self._qkv_same_embed_dim = False
         self.mode = mode
         self.normalize = normalize
         self.output_scale = output_scale
-        if self.kdim == embed_dim and self.vdim == embed_dim:
-            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
-            self.register_parameter("q_proj_weight", None)
-            self.register_parameter("k_proj_weight", None)
-            self.register_parameter("v_proj_weight", None)
-        else:
-            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
-            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
-            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
-            self.register_parameter("in_proj_weight", None)
-        if bias:
-            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
-        else:
-            self.register_parameter("in_proj_bias", None)
-        self.out_proj = nn.modules.linear.NonDynamicallyQuantizableLinear(
-            embed_dim, embed_dim, bias=bias, **factory
-        )
-        if add_bias_kv:
-            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
-            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
-        else:
-            self.bias_k = self.bias_v = None
-        self.temperature = nn.Parameter(torch.ones(num_heads, **factory))
-        self._reset_parameters()
+        self.temperature = nn.Parameter(torch.ones(num_heads, device=device, dtype=dtype))
 
     def _reset_parameters(self) -> None:
         """nn.MultiheadAttention's initialisation; temperature starts at 1."""
@@ -129,32 +129,51 @@ class TaylorShiftAttention(nn.Module):
         if self.bias_k is not None:
             nn.init.xavier_normal_(self.bias_k)
             nn.init.xavier_normal_(self.bias_v)
-        with torch.no_grad():
-            self.temperature.fill_(1.0)
+        if "temperature" in self._parameters:  # nn.MultiheadAttention.__init__ calls this first
+            with torch.no_grad():
+                self.temperature.fill_(1.0)
+
+    def _configuration(self) -> dict:
+        """nn.MultiheadAttention's constructor arguments that rebuild this module's layout."""
+        weight = self.out_proj.weight
+        return {
+            "embed_dim": self.embed_dim,
+            "num_heads": self.num_heads,
+            "dropout": self.dropout,
+            "bias": self.in_proj_bias is not None,
+            "add_bias_kv": self.bias_k is not None,
+            "add_zero_attn": self.add_zero_attn,
+            "kdim": self.kdim,
+            "vdim": self.vdim,
+            "batch_first": self.batch_first,
+            "device": weight.device,
+            "dtype": weight.dtype,
+        }
 
     @classmethod
     def from_multihead_attention(
         cls, mha: nn.MultiheadAttention, **options
     ) -> TaylorShiftAttention:
         """A TaylorShiftAttention with the configuration and weights of `mha`."""
-        reference_weight = mha.out_proj.weight
-        module = cls(
-            mha.embed_dim,
-            mha.num_heads,
-            dropout=mha.dropout,
-            bias=mha.in_proj_bias is not None,
-            add_bias_kv=mha.bias_k is not None,
-            add_zero_attn=mha.add_zero_attn,
-            kdim=mha.kdim,
-            vdim=mha.vdim,
-            batch_first=mha.batch_first,
-            device=reference_weight.device,
-            dtype=reference_weight.dtype,
-            **options,
-        )
+        module = cls(**TaylorShiftAttention._configuration(mha), **options)
         module.load_state_dict(mha.state_dict())
         module.train(mha.training)
         return module
+
+    def to_multihead_attention(self) -> nn.MultiheadAttention:
+        """A plain nn.MultiheadAttention with this module's configuration and weights; softmax
+        attention has no temperature, so it is dropped (with a warning unless all ones)."""
+        if not bool((self.temperature == 1).all()):
+            warnings.warn(
+                "taylorshift: the temperature (values other than 1) is dropped in the "
+                "nn.MultiheadAttention, which has none",
+                stacklevel=2,
+            )
+        mha = nn.MultiheadAttention(**self._configuration())
+        state = {k: v for k, v in self.state_dict().items() if k != "temperature"}
+        mha.load_state_dict(state)
+        mha.train(self.training)
+        return mha
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *rest):
         # An nn.MultiheadAttention state dict has no temperature: keep the current one.
@@ -163,23 +182,64 @@ class TaylorShiftAttention(nn.Module):
             state_dict = {**state_dict, key: self.temperature.detach()}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, *rest)
 
-    def _projections(self, query: Tensor, key: Tensor, value: Tensor):
-        """q, k, v projections of batch-first inputs, (B, L, E) -> (B, L, E)."""
-        e = self.embed_dim
-        bias = self.in_proj_bias
-        b_q, b_k, b_v = (
-            (None, None, None) if bias is None else (bias[:e], bias[e : 2 * e], bias[2 * e :])
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it.
+        raise RuntimeError(
+            "taylorshift: TaylorShiftAttention cannot be compiled by torch.jit.script: its "
+            "forward dispatches through Python (mask validation, the mode choice, the "
+            "torch.ops.taylorshift operators' Python fallback), which TorchScript does not "
+            "support. Use torch.compile or torch.export (both trace it), or script the model "
+            "before replace_attention (for open_clip: create_model(..., jit=False))."
         )
-        if self.in_proj_weight is not None:
-            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        else:
-            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        linear = nn.functional.linear
-        return linear(query, w_q, b_q), linear(key, w_k, b_k), linear(value, w_v, b_v)
 
-    def _heads(self, x: Tensor) -> Tensor:
-        """(B, L, E) -> (B, H, L, E / H)."""
-        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+    def _check_shapes(
+        self, query, key, value, key_padding_mask, attn_mask
+    ) -> tuple[bool, int, int, int]:
+        """nn.MultiheadAttention's checks and messages; (batched, batch, target_len, source_len)."""
+        batched = nn.functional._mha_shape_check(
+            query, key, value, key_padding_mask, attn_mask, self.num_heads
+        )
+        for name, tensor, expected in [
+            ("query", query, self.embed_dim),
+            ("key", key, self.kdim),
+            ("value", value, self.vdim),
+        ]:
+            if tensor.shape[-1] != expected:
+                raise AssertionError(
+                    f"was expecting embedding dimension of {expected}, but got "
+                    f"{tensor.shape[-1]} ({name} of shape {tuple(tensor.shape)})"
+                )
+        if key.shape[:-1] != value.shape[:-1]:
+            raise AssertionError(
+                f"key's sequence and batch dims {tuple(key.shape[:-1])} do not match value's "
+                f"{tuple(value.shape[:-1])}"
+            )
+        seq_dim = 1 if self.batch_first and batched else 0
+        target_len, source_len = query.shape[seq_dim], key.shape[seq_dim]
+        batch = query.shape[1 - seq_dim] if batched else 1
+        if batched and key.shape[1 - seq_dim] != batch:
+            raise AssertionError(
+                f"query batch size {batch} does not match key's {key.shape[1 - seq_dim]}"
+            )
+        if key_padding_mask is not None:
+            expected = (batch, source_len) if batched else (source_len,)
+            if tuple(key_padding_mask.shape) != expected:
+                raise AssertionError(
+                    f"expecting key_padding_mask shape of {expected}, but got "
+                    f"{tuple(key_padding_mask.shape)}"
+                )
+        if attn_mask is not None:
+            if attn_mask.dim() == 2 and tuple(attn_mask.shape) != (target_len, source_len):
+                raise RuntimeError(
+                    f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be "
+                    f"{(target_len, source_len)}."
+                )
+            expected = (batch * self.num_heads, target_len, source_len)
+            if attn_mask.dim() == 3 and tuple(attn_mask.shape) != expected:
+                raise RuntimeError(
+                    f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be {expected}."
+                )
+        return batched, batch, target_len, source_len
 
     def forward(
         self,
@@ -199,22 +259,22 @@ class TaylorShiftAttention(nn.Module):
         (B * num_heads, L, S), True = not allowed; is_causal: causal attention (combined
         with attn_mask when both are given).
         """
-        batched = query.dim() == 3
+        batched, batch, target_len, source_len = self._check_shapes(
+            query, key, value, key_padding_mask, attn_mask
+        )
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-            if attn_mask is not None and attn_mask.dim() == 3:
-                attn_mask = attn_mask.unsqueeze(0)
+        self_attention = query is key and key is value
         if not self.batch_first or not batched:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-        batch, target_len = query.shape[0], query.shape[1]
         key_padding_mask = _bool_mask(key_padding_mask, "key_padding_mask")
         attn_mask = _bool_mask(attn_mask, "attn_mask")
         if attn_mask is not None and attn_mask.dim() == 3:
-            attn_mask = attn_mask.view(batch, self.num_heads, target_len, -1)
+            attn_mask = attn_mask.view(batch, self.num_heads, target_len, source_len)
 
-        q, k, v = self._projections(query, key, value)
+        q, k, v = self._projections(query, key, value, self_attention)
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(batch, 1, -1)], dim=1)
             v = torch.cat([v, self.bias_v.expand(batch, 1, -1)], dim=1)
@@ -225,30 +285,35 @@ class TaylorShiftAttention(nn.Module):
             v = torch.cat([v, v.new_zeros(v.shape[:2] + (1, v.shape[3]))], dim=2)
             key_padding_mask, attn_mask = _append_unmasked_key(key_padding_mask, attn_mask)
 
-        options = {
-            "key_padding_mask": key_padding_mask,
-            "attn_mask": attn_mask,
-            "causal": is_causal,
-        }
-        out = taylor_shift_attention(
-            q,
-            k,
-            v,
-            self.temperature,
-            mode=self.mode,
-            normalize=self.normalize,
-            output_scale=self.output_scale,
-            **options,
-        )
-        out = nn.functional.dropout(out, p=self.dropout, training=self.training)
-        out = self.out_proj(out.transpose(1, 2).flatten(2))
+        masks = {"key_padding_mask": key_padding_mask, "attn_mask": attn_mask, "causal": is_causal}
         weights = None
         if need_weights:
             weights = reference.taylor_softmax_weights(
-                q, k, self.temperature, normalize=self.normalize, **options
+                q, k, self.temperature, normalize=self.normalize, **masks
             )
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
+        if need_weights and self.training and self.dropout > 0:
+            # nn.MultiheadAttention drops attention weights, applies and returns the dropped
+            # ones; with the weights formed anyway, do the same (direct TaylorShift by hand).
+            weights = nn.functional.dropout(weights, p=self.dropout)
+            out = weights @ v
+            if self.output_scale:
+                allowed = reference.allowed_keys(q, k, **masks)
+                out = out * reference.output_scale_factor(allowed, self.head_dim, out.dtype)
+        else:
+            out = taylor_shift_attention(
+                q,
+                k,
+                v,
+                self.temperature,
+                mode=self.mode,
+                normalize=self.normalize,
+                output_scale=self.output_scale,
+                **masks,
+            )
+            out = nn.functional.dropout(out, p=self.dropout, training=self.training)
+        out = self.out_proj(out.transpose(1, 2).flatten(2))
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
         if not self.batch_first or not batched:
             out = out.transpose(0, 1)
         if not batched:
@@ -256,6 +321,28 @@ class TaylorShiftAttention(nn.Module):
             if weights is not None:
                 weights = weights.squeeze(0)
         return out, weights
+
+    def _projections(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool):
+        """q, k, v projections of batch-first inputs, (B, L, E) -> (B, L, E); one matmul when
+        query, key and value are the same tensor, as in nn.MultiheadAttention."""
+        if self_attention and self.in_proj_weight is not None:
+            packed = nn.functional.linear(query, self.in_proj_weight, self.in_proj_bias)
+            return packed.chunk(3, dim=-1)
+        e = self.embed_dim
+        bias = self.in_proj_bias
+        b_q, b_k, b_v = (
+            (None, None, None) if bias is None else (bias[:e], bias[e : 2 * e], bias[2 * e :])
+        )
+        if self.in_proj_weight is not None:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        linear = nn.functional.linear
+        return linear(query, w_q, b_q), linear(key, w_k, b_k), linear(value, w_v, b_v)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """(B, L, E) -> (B, H, L, E / H)."""
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
 
 def _append_unmasked_key(key_padding_mask: Tensor | None, attn_mask: Tensor | None):
@@ -267,6 +354,23 @@ def _append_unmasked_key(key_padding_mask: Tensor | None, attn_mask: Tensor | No
     return key_padding_mask, attn_mask
 
 
+def _swap_children(model: nn.Module, select, convert) -> int:
+    """Replace every direct or nested child for which `select(child)` with `convert(child)`."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if select(child):
+                setattr(parent, name, convert(child))
+                count += 1
+    return count
+
+
+def _is_softmax_attention(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) and not isinstance(
+        module, TaylorShiftAttention
+    )
+
+
 def replace_attention(model: nn.Module, **options) -> nn.Module:
     """Swap every nn.MultiheadAttention in `model` for a TaylorShiftAttention with its weights.
 
@@ -274,16 +378,47 @@ def replace_attention(model: nn.Module, **options) -> nn.Module:
     nn.TransformerEncoder/Decoder in train and eval mode: the encoder's fused fast paths, which
     would run softmax attention on the weights without calling the module, are switched off.
     Returns `model`, changed in place (a bare nn.MultiheadAttention is returned replaced).
+    `restore_attention` undoes it.
     """
-    if isinstance(model, nn.MultiheadAttention):
+    if _is_softmax_attention(model):
         return TaylorShiftAttention.from_multihead_attention(model, **options)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.MultiheadAttention):
-                setattr(
-                    parent, name, TaylorShiftAttention.from_multihead_attention(child, **options)
-                )
-        if isinstance(parent, nn.TransformerEncoder):
+    _swap_children(
+        model,
+        _is_softmax_attention,
+        lambda mha: TaylorShiftAttention.from_multihead_attention(mha, **options),
+    )
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder):
             # Decided at construction from the old attention; it would feed nested tensors.
-            parent.use_nested_tensor = False
+            module.use_nested_tensor = False
+    return model
+
+
+def restore_attention(model: nn.Module) -> nn.Module:
+    """Swap every TaylorShiftAttention in `model` for a plain nn.MultiheadAttention with its
+    weights (the way back from replace_attention, e.g. to compare checkpoints both ways).
+
+    Softmax attention has no temperature: it is dropped, with one warning when any differs
+    from 1. Returns `model`, changed in place (a bare TaylorShiftAttention is returned
+    converted). nn.TransformerEncoder's nested-tensor fast path stays off.
+    """
+    replaced = [m for m in model.modules() if isinstance(m, TaylorShiftAttention)]
+    tempered = sum(not bool((m.temperature == 1).all()) for m in replaced)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="taylorshift: the temperature")
+        if isinstance(model, TaylorShiftAttention):
+            model = model.to_multihead_attention()
+        else:
+            _swap_children(
+                model,
+                lambda m: isinstance(m, TaylorShiftAttention),
+                TaylorShiftAttention.to_multihead_attention,
+            )
+    if tempered:
+        warnings.warn(
+            f"taylorshift: the temperature of {tempered} of {len(replaced)} "
+            "TaylorShiftAttention modules (values other than 1) is dropped: "
+            "nn.MultiheadAttention has none",
+            stacklevel=2,
+        )
     return model

@@ -1,6 +1,7 @@
 """TaylorShiftAttention against the nn.MultiheadAttention API, and against a hand computation
 from the weights (projections written out here, attention by reference.direct in float64)."""
 
+import copy
 import inspect
 
 import pytest
@@ -348,3 +349,144 @@ def test_causal_weights(device):
     assert (weights[..., future] == 0).all()
     assert (weights[..., ~future] > 0).all()
     torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)), **F64_TOL)
+
+
+# ---- an nn.MultiheadAttention ----------------------------------------------------------------
+
+
+def test_is_a_multihead_attention_that_never_takes_the_softmax_fast_path():
+    module = _randomize(TaylorShiftAttention(E, H, batch_first=True, **F64)).eval()
+    assert isinstance(module, nn.MultiheadAttention)
+    # nn.TransformerEncoderLayer's eval fast path would run softmax on the weights when this
+    # flag is True, without calling forward.
+    assert module._qkv_same_embed_dim is False and module.in_proj_weight is not None
+    query = _inputs({})[0]
+    with torch.no_grad():
+        out, _ = module(query, query, query, need_weights=False)
+    torch.testing.assert_close(out, _hand(module, query, query, query)[0], **F64_TOL)
+
+
+def test_torch_jit_script_raises_naming_the_reason():
+    model = nn.Sequential(nn.Linear(E, E), TaylorShiftAttention(E, H))
+    with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script"):
+        torch.jit.script(model)
+
+
+# ---- parity with nn.MultiheadAttention's checks -----------------------------------------------
+
+
+def test_3d_attn_mask_of_wrong_shape_raises_where_multihead_attention_does():
+    # Issue 14 item 4: an (H, L, S) mask with B == S used to be viewed as (B, H, L, S / B) and
+    # broadcast over the keys.
+    module = TaylorShiftAttention(E, H, batch_first=True, **F64)
+    mha = nn.MultiheadAttention(E, H, batch_first=True, **F64)
+    query, key, value = _inputs({}, batch=S)
+    wrong = random_attn_mask(H, L, S)
+    for attention in (mha, module):
+        with pytest.raises(RuntimeError, match=r"3D attn_mask is .*\[3, 7, 9\].*\(27, 7, 9\)"):
+            attention(query, key, value, attn_mask=wrong)
+    with pytest.raises(RuntimeError, match=r"2D attn_mask is .*\[9, 7\].*\(7, 9\)"):
+        module(query, key, value, attn_mask=random_attn_mask(S, L))
+    with pytest.raises(AssertionError, match=r"key_padding_mask shape of \(9, 9\).*\(9, 7\)"):
+        module(query, key, value, key_padding_mask=random_key_padding_mask(S, L))
+
+
+def test_wrong_embedding_dimensions_raise_multihead_attention_messages():
+    module = TaylorShiftAttention(E, H, batch_first=True, kdim=5, vdim=7, **F64)
+    query, key, value = _inputs({"kdim": 5, "vdim": 7})
+    with pytest.raises(AssertionError, match=f"expecting embedding dimension of {E}, but got 4"):
+        module(query[..., :4], key, value)
+    with pytest.raises(AssertionError, match="embedding dimension of 5, but got 4.*key"):
+        module(query, key[..., :4], value)
+    with pytest.raises(AssertionError, match="embedding dimension of 7, but got 5.*value"):
+        module(query, key, value[..., :5])
+    with pytest.raises(AssertionError, match="sequence and batch dims"):
+        module(query, key, value[:, :3])
+    with pytest.raises(AssertionError, match="query should be unbatched 2D or batched 3D"):
+        module(query[0, 0], key, value)
+
+
+def test_need_weights_in_training_returns_the_dropped_weights_it_applies():
+    module = _randomize(TaylorShiftAttention(E, H, dropout=0.4, batch_first=True, **F64)).train()
+    query, key, value = _inputs({})
+    torch.manual_seed(5)
+    out, weights = module(query, key, value, average_attn_weights=False)
+    _, undropped = _hand(module, query, key, value)
+    dropped = weights == 0
+    assert 0.2 < dropped.double().mean() < 0.6
+    torch.testing.assert_close(weights[~dropped], undropped[~dropped] / 0.6, **F64_TOL)
+    # The output is formed from exactly these weights: direct TaylorShift with P replaced.
+    sd = module.state_dict()
+    values = value @ sd["in_proj_weight"].chunk(3)[2].T + sd["in_proj_bias"].chunk(3)[2]
+    values = values.view(B, S, H, E // H).transpose(1, 2)
+    heads = (weights @ values) * (S / (E // H)) ** 0.5
+    expected = heads.transpose(1, 2).reshape(B, L, E) @ sd["out_proj.weight"].T
+    torch.testing.assert_close(out, expected + sd["out_proj.bias"], **F64_TOL)
+
+
+# ---- compile --------------------------------------------------------------------------------
+
+
+def test_compile_fullgraph_with_float_padding_and_causal_masks():
+    # nn.Transformer* layers turn bool masks into 0 / -inf float masks and open_clip passes a
+    # float causal mask: their validation must trace without a graph break.
+    torch._dynamo.reset()
+    module = _randomize(TaylorShiftAttention(E, H, batch_first=True, **F64))
+    query = _inputs({})[0]
+    kpm = random_key_padding_mask(B, L)
+    kpm[:, 0] = False  # every query keeps a key under the causal mask
+    float_kpm = torch.zeros(B, L, **F64).masked_fill(kpm, float("-inf"))
+    causal = nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64)
+    compiled = torch.compile(module, fullgraph=True)
+    out, _ = compiled(
+        query, query, query, key_padding_mask=float_kpm, attn_mask=causal, need_weights=False
+    )
+    bool_causal = torch.ones(L, L, dtype=torch.bool).triu(1)
+    expected, _ = _hand(module, query, query, query, kpm=kpm, attn_mask=bool_causal)
+    torch.testing.assert_close(out, expected, **F64_TOL)
+    # The value check is in the graph: a bias that is not 0 / -inf still fails, at run time.
+    with pytest.raises(RuntimeError, match="may hold only 0 .keep. and -inf"):
+        compiled(query, query, query, key_padding_mask=float_kpm, attn_mask=causal - 1.0)
+
+
+# ---- the way back ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_to_multihead_attention_round_trips_the_weights(config):
+    original = _mha(**config).eval()
+    module = TaylorShiftAttention.from_multihead_attention(original)
+    back = module.to_multihead_attention()
+    assert type(back) is nn.MultiheadAttention and not back.training
+    assert back._qkv_same_embed_dim == original._qkv_same_embed_dim
+    assert set(back.state_dict()) == set(original.state_dict())
+    for name, p in original.named_parameters():
+        assert torch.equal(back.get_parameter(name), p), name
+    query, key, value = _inputs(config)
+    torch.testing.assert_close(back(query, key, value), original(query, key, value))
+
+
+def test_restore_attention_undoes_replace_attention_and_warns_about_temperature():
+    import warnings
+
+    import taylorshift
+
+    torch.manual_seed(3)
+    layer = nn.TransformerEncoderLayer(E, H, 24, dropout=0.0, batch_first=True, **F64)
+    original = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    model = taylorshift.replace_attention(copy.deepcopy(original))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # temperatures are all 1: nothing to warn about
+        restored = taylorshift.restore_attention(copy.deepcopy(model))
+    x = _inputs({})[0]
+    for m in restored.modules():
+        assert not isinstance(m, TaylorShiftAttention)
+    restored.load_state_dict(original.state_dict())  # strict: the same keys
+    torch.testing.assert_close(restored(x), original(x), **F64_TOL)
+    with torch.no_grad():
+        model.layers[1].self_attn.temperature.fill_(2.0)
+    with pytest.warns(UserWarning, match="temperature of 1 of 2 TaylorShiftAttention"):
+        taylorshift.restore_attention(model)
+    with pytest.warns(UserWarning, match="temperature"):
+        back = taylorshift.restore_attention(_randomize(TaylorShiftAttention(E, H)))
+    assert type(back) is nn.MultiheadAttention

@@ -272,7 +272,9 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cpu(
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
     double a, double b, double c) {
-  check_kernel_inputs(q_in, k_in, v_in, key_padding_mask, attn_mask);
+  check_forward_arguments("taylorshift::direct_forward", q_in, k_in, v_in,
+                          key_padding_mask, attn_mask,
+                          schema_options(causal, output_scale, a, b, c));
   const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
                    v = compute_operand(v_in);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), e = v.size(3);
@@ -297,7 +299,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cpu(
     const at::Tensor& den_in, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
     double a, double b, double c) {
-  check_kernel_inputs(q_in, k_in, v_in, key_padding_mask, attn_mask);
+  check_backward_arguments("taylorshift::direct_backward", grad_out_in, q_in,
+                           k_in, v_in, out_in, den_in, std::nullopt,
+                           key_padding_mask, attn_mask,
+                           schema_options(causal, output_scale, a, b, c));
   const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
                    v = compute_operand(v_in),
                    grad_out = compute_operand(grad_out_in);

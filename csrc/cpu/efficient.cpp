@@ -50,15 +50,20 @@ HeadTensors<T> head(const at::Tensor& q, const at::Tensor& k,
           v.size(3)};
 }
 
-// [1 | v_j] rows of keys [j0, j0 + rows), the value side of the state's
-// outer product.
+// m_j [1 | v_j] rows of keys [j0, j0 + rows), the value side of the state's
+// outer product; masked rows are zero by selection (see write_key_features).
 template <typename T>
 void write_augmented_values(const HeadTensors<T>& t, int64_t j0, int64_t rows,
-                            T* out) {
+                            const Mask& mask, int64_t batch, T* out) {
   const int64_t e = t.value_dim;
   for (int64_t r = 0; r < rows; ++r) {
-    out[r * (e + 1)] = T(1);
-    std::copy(t.v_row(j0 + r), t.v_row(j0 + r) + e, out + r * (e + 1) + 1);
+    T* row = out + r * (e + 1);
+    if (!mask.key_valid(batch, j0 + r)) {
+      std::fill(row, row + e + 1, T(0));
+      continue;
+    }
+    row[0] = T(1);
+    std::copy(t.v_row(j0 + r), t.v_row(j0 + r) + e, row + 1);
   }
 }
 
@@ -142,10 +147,9 @@ int64_t accumulate_state(const HeadTensors<T>& t, const Mask& mask,
     for (int64_t r = 0; r < rows; ++r) {
       const bool keep = mask.key_valid(batch, j0 + r);
       valid += keep;
-      write_key_features<T>(t.k_row(j0 + r), d, keep ? T(1) : T(0),
-                            features.data() + r * F);
+      write_key_features<T>(t.k_row(j0 + r), d, keep, features.data() + r * F);
     }
-    write_augmented_values(t, j0, rows, values.data());
+    write_augmented_values(t, j0, rows, mask, batch, values.data());
     sum.add(features.data(), values.data(), rows);
   }
   sum.copy_to(state);
@@ -240,10 +244,9 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
     const int64_t j1 = block_end(j0, kFeatureChunk, t.keys), rows = j1 - j0;
     for (int64_t r = 0; r < rows; ++r) {
       const bool keep = mask.key_valid(batch, j0 + r);
-      write_key_features<T>(t.k_row(j0 + r), d, keep ? T(1) : T(0),
-                            features.data() + r * F);
+      write_key_features<T>(t.k_row(j0 + r), d, keep, features.data() + r * F);
     }
-    write_augmented_values(t, j0, rows, rows_e1.data());
+    write_augmented_values(t, j0, rows, mask, batch, rows_e1.data());
     // feature_grad = V' dS^T: row j holds dS v'_j.
     gemm<T>(false, true, rows, F, e + 1, T(1), rows_e1.data(), e + 1,
             grad_state.data(), e + 1, T(0), feature_grad.data(), F);
@@ -265,7 +268,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
     double a, double b, double c) {
-  check_kernel_inputs(q_in, k_in, v_in, key_padding_mask, std::nullopt);
+  check_forward_arguments("taylorshift::efficient_forward", q_in, k_in, v_in,
+                          key_padding_mask, std::nullopt,
+                          schema_options(false, output_scale, a, b, c));
   const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
                    v = compute_operand(v_in);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), d = q.size(3),
@@ -296,7 +301,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cpu(
     const at::Tensor& den_in, const at::Tensor& state_in,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
     double a, double b, double c) {
-  check_kernel_inputs(q_in, k_in, v_in, key_padding_mask, std::nullopt);
+  check_backward_arguments("taylorshift::efficient_backward", grad_out_in, q_in,
+                           k_in, v_in, out_in, den_in, state_in,
+                           key_padding_mask, std::nullopt,
+                           schema_options(false, output_scale, a, b, c));
   const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
                    v = compute_operand(v_in),
                    grad_out = compute_operand(grad_out_in);
@@ -306,8 +314,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cpu(
                    state = state_in.to(compute).contiguous();
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), N = k.size(2),
                 d = q.size(3), e = v.size(3), F = feature_count(d);
-  TORCH_CHECK_VALUE(state.size(2) == F && state.size(3) == e + 1,
-                    "taylorshift: state must be (B, H, F, e + 1)");
   at::Tensor grad_q = at::empty({B, H, M, d}, compute),
              grad_k = at::zeros({B, H, N, d}, compute),
              grad_v = at::empty({B, H, N, e}, compute);
