@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import torch
 from torch.utils import benchmark
@@ -52,6 +54,21 @@ def time_forward_backward(fn, q, k, v, min_run_time=1.0) -> float:
         },
     )
     return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def interleaved_ms(runs: dict, rounds: int, statistic: str = "median") -> dict:
+    """Milliseconds of each callable in `runs`, timed in interleaved rounds (one call of each per
+    round), so that a change in machine load moves all of them alike; the median over rounds, or
+    the minimum (statistic="min"), the better estimate when other jobs share the cores: they only
+    ever add time."""
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    pick = min if statistic == "min" else statistics.median
+    return {name: pick(t) for name, t in times.items()}
 
 
 def flops(mode: str, batch, heads, tokens, head_dim, backward=True) -> float:

@@ -2,7 +2,7 @@
 weight that csrc/crossover.cpp uses for it.
 
 For each head dim it times forward+backward of both algorithms over a sweep of N (M = N, e = d,
-B=1, H=8), prints the times, the measured crossover (first N where efficient is faster) and the
+B=1, H=8), in interleaved rounds (medians), prints the times, the measured crossover (first N where efficient is faster) and the
 ratio  (efficient seconds per model FLOP) / (direct seconds per model FLOP)  at each N, with model
 FLOPs the forward counts of taylorshift.flops (the cost model's own). The median ratio is the
 device's `efficient_flop_cost`.
@@ -13,6 +13,7 @@ device's `efficient_flop_cost`.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import attention_fn, make_inputs, time_forward_backward
+from common import attention_fn, forward_backward, interleaved_ms, make_inputs
 
 import taylorshift
 
@@ -33,11 +34,13 @@ def main():
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--head-dims", default="16,32,64")
     parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--min-run-time", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--statistic", choices=("median", "min"), default="median")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     print(
-        f"device {args.device}, {args.dtype}, forward+backward, B=1, H={args.heads}, torch {torch.__version__}\n"
+        f"device {args.device}, {args.dtype}, forward+backward, B=1, H={args.heads}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {args.statistic} of {args.rounds} interleaved rounds\n"
     )
     print("| d | N | direct ms | efficient ms | cost ratio |")
     print("|---|---|---|---|---|")
@@ -48,11 +51,18 @@ def main():
         measured = None
         for tokens in sweep:
             q, k, v = make_inputs(1, args.heads, tokens, head_dim, dtype=dtype, device=args.device)
-            seconds = {
-                mode: time_forward_backward(
-                    attention_fn("taylorshift", mode), q, k, v, args.min_run_time
+            grad_out = torch.randn_like(v)
+            runs = {
+                mode: functools.partial(
+                    forward_backward, attention_fn("taylorshift", mode), q, k, v, grad_out
                 )
                 for mode in ("direct", "efficient")
+            }
+            for run in runs.values():  # warm-up
+                run()
+            seconds = {
+                mode: ms * 1e-3
+                for mode, ms in interleaved_ms(runs, args.rounds, args.statistic).items()
             }
             model = {
                 mode: taylorshift.flops(mode, tokens, tokens, head_dim, backward=False)

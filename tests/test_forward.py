@@ -17,9 +17,10 @@ from ts_testing import (
 
 from taylorshift import reference
 
-# (B, H, M, N, d, e). Blocks are 64 queries / 256 keys / 64-token feature chunks: the sizes
-# straddle them (63, 65, 257, 300), and include N = 1, M = 1, M != N, e != d, odd d, d = 64
-# (2145 features per token in the efficient algorithm) and a longer sequence.
+# (B, H, M, N, d, e). CPU blocks are 64 queries / 512 keys (direct) and 64-token feature chunks
+# (efficient): the sizes straddle them (63, 65, 257, 300, 600), and include N = 1, M = 1, M != N,
+# e != d, odd d, d = 64 (2145 features per token in the efficient algorithm) and a longer
+# sequence. With B H = 1 the direct backward splits one head's queries over the threads.
 SHAPES = [
     (2, 3, 63, 65, 8, 8),
     (1, 2, 65, 257, 16, 12),
@@ -29,6 +30,7 @@ SHAPES = [
     (2, 2, 17, 19, 3, 5),
     (1, 1, 70, 70, 64, 64),
     (1, 2, 64, 2048, 8, 8),
+    (1, 1, 130, 600, 8, 8),
 ]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 

@@ -49,6 +49,14 @@ def test_gradcheck_fast_mode_larger(device, mode):
     _gradcheck(device, mode, (1, 1, 65, 257, 3, 2), key_padding_mask=mask, fast_mode=True)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gradcheck_fast_mode_across_direct_tiles(device, causal):
+    # The CPU direct kernels tile 64 queries x 512 keys, and with one (batch, head) the backward
+    # splits the queries over threads and sums their dk, dv: 130 queries x 600 keys cross both
+    # tile edges with ragged tails.
+    _gradcheck(device, "direct", (1, 1, 130, 600, 3, 2), causal=causal, fast_mode=True)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_cross_attention(device, mode):
     _gradcheck(device, mode, (1, 2, 7, 3, 4, 5), seed=1)

@@ -1,31 +1,59 @@
-// Helpers of the CPU kernels: row-major matrix products on raw buffers, the
-// mask of one (batch, head), per-head views and the dtype policy.
+// Helpers of the CPU kernels: row-major matrix products straight into BLAS,
+// (B, H, tokens, dim) operands read through their strides, work splitting.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <limits>
 #include <optional>
+#include <type_traits>
 
 #include "../kernel_blocks.h"
 
+// The Fortran BLAS that torch itself links (MKL in the x86 wheels, OpenBLAS
+// elsewhere) exports sgemm_ / dgemm_, but torch exports no C++ entry to it
+// (at::native::cpublas::gemm is internal). The symbols are declared weak: on
+// a torch without them they resolve to null and products go through
+// at::mm_out instead. LP64 interface (32-bit sizes), as torch calls it.
+#if defined(__ELF__)
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+            const int* k, const float* alpha, const float* a, const int* lda,
+            const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
+            const int* k, const double* alpha, const double* a, const int* lda,
+            const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+#endif
+
 namespace taylorshift::cpu {
 
-// Token block sizes. A block of 64 queries against 256 keys keeps the score
-// tile (64 x 256) and the operand tiles in L2 while giving BLAS products of
-// useful size; efficient-path chunks of 64 tokens keep the feature tile
-// (64 x F, F = 2145 at d = 64) under 1.1 MB in float64.
-constexpr int64_t kQueryBlock = 64;
-constexpr int64_t kKeyBlock = 256;
-constexpr int64_t kFeatureChunk = 64;
+namespace detail {
 
-// C = op(A) op(B), or C += op(A) op(B) when `accumulate`, on raw row-major
-// buffers: op(A) is m x k, op(B) is k x n, leading dimensions lda, ldb, ldc.
-// The buffers are wrapped (not copied) as tensors so the product runs in
-// ATen's BLAS; inside at::parallel_for it runs on the calling thread.
 template <typename T>
-void matmul(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k,
-            const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
-            bool accumulate) {
+using FortranGemm = void (*)(const char*, const char*, const int*, const int*,
+                             const int*, const T*, const T*, const int*,
+                             const T*, const int*, const T*, T*, const int*);
+
+template <typename T>
+FortranGemm<T> fortran_gemm() {
+#if defined(__ELF__)
+  if constexpr (std::is_same_v<T, float>) return &::sgemm_;
+  if constexpr (std::is_same_v<T, double>) return &::dgemm_;
+#endif
+  return nullptr;
+}
+
+// The same product through ATen: the buffers wrapped (not copied) as
+// tensors, C^T = op(B)^T op(A)^T in column-major terms.
+template <typename T>
+void aten_gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n,
+               int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+               int64_t ldb, T beta, T* c, int64_t ldc) {
   const auto options =
       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto wrap = [&](const T* data, int64_t rows, int64_t cols, int64_t ld,
@@ -36,40 +64,84 @@ void matmul(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k,
     return transpose ? t.t() : t;
   };
   at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, options);
-  const at::Tensor lhs = wrap(a, m, k, lda, transpose_a);
-  const at::Tensor rhs = wrap(b, k, n, ldb, transpose_b);
-  if (accumulate)
-    out.addmm_(lhs, rhs);
+  at::Tensor product =
+      at::mm(wrap(a, m, k, lda, transpose_a), wrap(b, k, n, ldb, transpose_b));
+  if (beta == T(0))
+    out.copy_(product.mul_(alpha));
   else
-    at::mm_out(out, lhs, rhs);
+    out.mul_(beta).add_(product, alpha);
 }
 
-// One (batch, head) of contiguous (B, H, tokens, dim) tensors, row-major.
+}  // namespace detail
+
+// C = alpha op(A) op(B) + beta C on raw row-major buffers: op(A) is m x k,
+// op(B) is k x n, leading dimensions lda, ldb, ldc (a row stride, so a
+// (B, L, H, d) tensor seen as (B, H, L, d) is read in place with ld = H d).
+// BLAS is column-major: a row-major X is a column-major X^T, and
+// C^T = op(B)^T op(A)^T, so the operands swap places and keep their
+// transpose flags. Called inside at::parallel_for, BLAS runs on the calling
+// thread, as in PyTorch's own CPU flash attention; calling BLAS directly
+// spares the per-tile tensor wrapping and dispatch of at::mm_out (several
+// microseconds a call, thousands of calls per attention).
 template <typename T>
-struct HeadTensors {
-  const T* q;  // (M, d)
-  const T* k;  // (N, d)
-  const T* v;  // (N, e)
-  int64_t queries, keys, head_dim, value_dim;
+void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k,
+          T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta,
+          T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const auto blas = detail::fortran_gemm<T>();
+  const int64_t largest = std::max({m, n, k, lda, ldb, ldc});
+  if (blas == nullptr || largest > std::numeric_limits<int>::max()) {
+    detail::aten_gemm(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb,
+                      beta, c, ldc);
+    return;
+  }
+  const char ta = transpose_a ? 'T' : 'N', tb = transpose_b ? 'T' : 'N';
+  const int mi = int(m), ni = int(n), ki = int(k), lda_i = int(lda),
+            ldb_i = int(ldb), ldc_i = int(ldc);
+  blas(&tb, &ta, &ni, &mi, &ki, &alpha, b, &ldb_i, a, &lda_i, &beta, c, &ldc_i);
+}
+
+// One operand (q, k, v, out or grad_out) of shape (B, H, tokens, dim) whose
+// last dimension is contiguous: rows of a head are `row_stride` apart.
+template <typename T>
+struct TokenRows {
+  const T* data;
+  int64_t batch_stride, head_stride, row_stride;
+
+  const T* head(int64_t b, int64_t h) const {
+    return data + b * batch_stride + h * head_stride;
+  }
 };
 
-template <typename T>
-HeadTensors<T> head(const at::Tensor& q, const at::Tensor& k,
-                    const at::Tensor& v, int64_t bh) {
-  const int64_t M = q.size(2), N = k.size(2), d = q.size(3), e = v.size(3);
-  return {q.data_ptr<T>() + bh * M * d,
-          k.data_ptr<T>() + bh * N * d,
-          v.data_ptr<T>() + bh * N * e,
-          M,
-          N,
-          d,
-          e};
+// The kernels compute in accumulate_dtype (kernel_blocks.h) and read an
+// operand in place when BLAS can: that dtype, a contiguous last dimension and
+// rows at least a row apart. The (B, H, L, d) view the module makes of a
+// (B, L, H, d) projection, q.transpose(1, 2), qualifies; anything else (a
+// float16 input, a stride-0 token axis) is converted once.
+inline at::Tensor compute_operand(const at::Tensor& t) {
+  const bool readable = t.scalar_type() == accumulate_dtype(t) &&
+                        (t.size(3) == 1 || t.stride(3) == 1) &&
+                        (t.size(2) == 1 || t.stride(2) >= t.size(3));
+  return readable ? t : t.to(accumulate_dtype(t)).contiguous();
 }
 
-// float32 and float64 are computed in their own type; float16 and bfloat16
-// are computed in float32, so every accumulation is at least float32.
-inline at::Tensor to_compute(const at::Tensor& t) {
-  return t.to(accumulate_dtype(t)).contiguous();
+template <typename T>
+TokenRows<T> token_rows(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1),
+          t.size(2) == 1 ? t.size(3) : t.stride(2)};
+}
+
+// Split each of `heads` heads into this many contiguous query ranges so that
+// every thread has work even when B H is smaller than the thread count.
+inline int64_t splits_per_head(int64_t heads, int64_t query_blocks) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t wanted = (threads + heads - 1) / heads;
+  return std::max<int64_t>(1, std::min(wanted, query_blocks));
+}
+
+// Ceil division for block counts.
+inline int64_t blocks_of(int64_t total, int64_t block) {
+  return (total + block - 1) / block;
 }
 
 }  // namespace taylorshift::cpu

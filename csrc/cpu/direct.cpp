@@ -1,7 +1,17 @@
-// Direct TaylorShift on the CPU, O(M N d): softmax-shaped attention with the
-// polynomial f in place of exp, blocked so that no M x N matrix exists.
-// Parallel over (batch, head); inside a head, query blocks of kQueryBlock
-// against key blocks of kKeyBlock, products through BLAS.
+// Direct TaylorShift on the CPU, O(M N d) (docs/math.md §2): softmax-shaped
+// attention with the polynomial f in place of exp, blocked as a CPU flash
+// attention so that no M x N matrix exists. For a query block against a key
+// block, one BLAS product writes the score tile X = Q_b K_b^T into a
+// cache-resident buffer, one vectorised pass turns it into the weights
+// W = m f(X) and their row sums, and a second product accumulates W V_b.
+// f is a polynomial of bounded logits, so unlike softmax there is no running
+// maximum and no rescaling: the key blocks combine by plain sums.
+//
+// Work is split over (batch, head, query block) in the forward and over
+// (batch, head, query range) in the backward, so both cores work even for
+// one head. Masks are never materialised; without key padding or attn_mask
+// the per-element mask test is compiled out and causal is a per-row column
+// limit.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -13,120 +23,248 @@
 namespace taylorshift::cpu {
 namespace {
 
-// Forward of one head. For a query block and a key block the score tile
-// X = Q_b K_b^T is overwritten in place by the weights W = m * f(X); then
-// acc += W V_b and den += rowsum(W). With no running maximum to track
-// (f is a polynomial of bounded logits), the blocks combine by plain sums.
+// Query rows per block and keys per tile. A 64 x 512 float32 score tile is
+// 128 KB: with its companion tile in the backward and the Q, K, V slices of
+// one step it stays in L2, and every product is large enough for BLAS to run
+// near its peak. Measured at d = 64, N = 1024 against 32..256 x 128..512
+// (benchmarks/README.md).
+constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kKeyBlock = 512;
+
 template <typename T>
-void direct_forward_head(const HeadTensors<T>& t, const Mask& mask,
-                         int64_t batch, int64_t head_index,
-                         const KernelOptions& options, T* out, T* den) {
-  const int64_t d = t.head_dim, e = t.value_dim;
-  const T a = options.coefficients.a, b = options.coefficients.b,
-          c = options.coefficients.c;
-  std::vector<T> weights(kQueryBlock * kKeyBlock);
-  std::vector<T> acc(kQueryBlock * e);
-  std::vector<int64_t> valid(kQueryBlock);
-  for (int64_t i0 = 0; i0 < t.queries; i0 += kQueryBlock) {
-    const int64_t i1 = block_end(i0, kQueryBlock, t.queries), rows = i1 - i0;
-    std::fill(acc.begin(), acc.end(), T(0));
-    std::fill(den + i0, den + i1, T(0));
-    std::fill(valid.begin(), valid.end(), 0);
-    const int64_t key_limit = mask.key_limit(i1, t.keys);
-    for (int64_t j0 = 0; j0 < key_limit; j0 += kKeyBlock) {
-      const int64_t j1 = block_end(j0, kKeyBlock, key_limit), cols = j1 - j0;
-      matmul<T>(false, true, rows, cols, d, t.q + i0 * d, d, t.k + j0 * d, d,
-                weights.data(), cols, false);
-      for (int64_t r = 0; r < rows; ++r) {
-        T* w = weights.data() + r * cols;
-        T row_sum = 0;
-        for (int64_t col = 0; col < cols; ++col) {
-          const bool allowed =
-              mask.allowed(batch, head_index, i0 + r, j0 + col);
-          w[col] = allowed ? taylor_weight(w[col], a, b, c) : T(0);
-          row_sum += w[col];
+struct DirectProblem {
+  TokenRows<T> q, k, v;
+  int64_t heads, queries, keys, head_dim, value_dim;
+  Mask mask;
+  KernelOptions options;
+
+  // Keys [0, limit) of key tile starting at j0 that query i may see before
+  // the per-element mask: causal cuts the row at j = i.
+  int64_t row_limit(int64_t i, int64_t j0, int64_t cols) const {
+    if (!mask.causal) return cols;
+    return std::clamp<int64_t>(i - j0 + 1, 0, cols);
+  }
+
+  // N_i without counting: all keys, or i + 1 of them when causal.
+  int64_t unmasked_count(int64_t i) const {
+    return mask.causal ? std::min(i + 1, keys) : keys;
+  }
+};
+
+// The weights of one row of a score tile, in place: w = f(x) for the first
+// `limit` columns (0 after them); returns the row sum. Plain loops that the
+// compiler vectorises (omp simd for the reduction).
+template <typename T>
+T polynomial_row(T* w, int64_t limit, int64_t cols, T a, T b, T c) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t col = 0; col < limit; ++col) {
+    const T y = (a * w[col] + b) * w[col] + c;
+    w[col] = y;
+    sum += y;
+  }
+  std::fill(w + limit, w + cols, T(0));
+  return sum;
+}
+
+// One query block of one head: out = sigma W V / den, den = rowsum(W).
+template <typename T, bool kGeneralMask>
+void forward_block(const DirectProblem<T>& p, int64_t batch, int64_t head,
+                   int64_t i0, T* scores, T* acc, int64_t* valid, T* out,
+                   T* den) {
+  const int64_t d = p.head_dim, e = p.value_dim;
+  const T a = p.options.coefficients.a, b = p.options.coefficients.b,
+          c = p.options.coefficients.c;
+  const T* q = p.q.head(batch, head);
+  const T* k = p.k.head(batch, head);
+  const T* v = p.v.head(batch, head);
+  const int64_t i1 = block_end(i0, kQueryBlock, p.queries), rows = i1 - i0;
+  std::fill(den + i0, den + i1, T(0));
+  std::fill(valid, valid + rows, int64_t(0));
+  const int64_t key_limit = p.mask.key_limit(i1, p.keys);
+  for (int64_t j0 = 0; j0 < key_limit; j0 += kKeyBlock) {
+    const int64_t cols = block_end(j0, kKeyBlock, key_limit) - j0;
+    gemm<T>(false, true, rows, cols, d, T(1), q + i0 * p.q.row_stride,
+            p.q.row_stride, k + j0 * p.k.row_stride, p.k.row_stride, T(0),
+            scores, kKeyBlock);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      T* w = scores + r * kKeyBlock;
+      const int64_t limit = p.row_limit(i, j0, cols);
+      const T sum = polynomial_row(w, limit, cols, a, b, c);
+      if constexpr (kGeneralMask) {
+        // Key padding and attn_mask: zero what query i may not see, then sum.
+        T kept_sum = 0;
+        for (int64_t col = 0; col < limit; ++col) {
+          const bool allowed = p.mask.allowed(batch, head, i, j0 + col);
+          w[col] = allowed ? w[col] : T(0);
+          kept_sum += w[col];
           valid[r] += allowed;
         }
-        den[i0 + r] += row_sum;
+        den[i] += kept_sum;
+      } else {
+        den[i] += sum;
       }
-      matmul<T>(false, false, rows, e, cols, weights.data(), cols, t.v + j0 * e,
-                e, acc.data(), e, true);
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const T factor =
-          output_scale_factor<T>(options.output_scale, valid[r], d) *
-          safe_reciprocal(den[i0 + r]);
-      for (int64_t col = 0; col < e; ++col)
-        out[(i0 + r) * e + col] = factor * acc[r * e + col];
-    }
+    gemm<T>(false, false, rows, e, cols, T(1), scores, kKeyBlock,
+            v + j0 * p.v.row_stride, p.v.row_stride, j0 == 0 ? T(0) : T(1), acc,
+            e);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    const int64_t count = kGeneralMask ? valid[r] : p.unmasked_count(i);
+    const T factor = output_scale_factor<T>(p.options.output_scale, count, d) *
+                     safe_reciprocal(den[i]);
+    for (int64_t col = 0; col < e; ++col)
+      out[i * e + col] = factor * acc[r * e + col];
   }
 }
 
-// Backward of one head (docs/math.md §2), recomputing the weights per tile:
+template <typename T, bool kGeneralMask>
+void direct_forward_all(const DirectProblem<T>& p, int64_t batches, T* out,
+                        T* den) {
+  const int64_t query_blocks = blocks_of(p.queries, kQueryBlock);
+  const int64_t units = batches * p.heads * query_blocks;
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scores(kQueryBlock * kKeyBlock);
+    std::vector<T> acc(kQueryBlock * p.value_dim);
+    std::vector<int64_t> valid(kQueryBlock);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t bh = unit / query_blocks;
+      const int64_t i0 = (unit % query_blocks) * kQueryBlock;
+      forward_block<T, kGeneralMask>(p, bh / p.heads, bh % p.heads, i0,
+                                     scores.data(), acc.data(), valid.data(),
+                                     out + bh * p.queries * p.value_dim,
+                                     den + bh * p.queries);
+    }
+  });
+}
+
+// Backward of one head over query rows [row_begin, row_end) (docs/math.md §2),
+// recomputing the weights per tile:
 //   P = W / den,  dV += P^T (sigma gY),
 //   dW_ij = (sigma_i gY_i . v_j - gY_i . y_i) / den_i,
 //   dX = dW * f'(X) * m,  dQ += dX K_b,  dK_b += dX^T Q_b.
-// A whole head is owned by one thread, so dK and dV need no reduction.
-template <typename T>
-void direct_backward_head(const HeadTensors<T>& t, const T* grad_out,
-                          const T* out, const T* den, const Mask& mask,
-                          int64_t batch, int64_t head_index,
-                          const KernelOptions& options, T* grad_q, T* grad_k,
-                          T* grad_v) {
-  const int64_t d = t.head_dim, e = t.value_dim;
-  const T a = options.coefficients.a, b = options.coefficients.b,
-          c = options.coefficients.c;
-  std::vector<T> scores(kQueryBlock * kKeyBlock);
-  std::vector<T> probs(kQueryBlock * kKeyBlock);
-  std::vector<T> scaled_grad(kQueryBlock * e);  // sigma_i gY_i
-  std::vector<T> grad_dot_out(kQueryBlock);     // gY_i . y_i
-  std::vector<T> inv_den(kQueryBlock);
-  for (int64_t i0 = 0; i0 < t.queries; i0 += kQueryBlock) {
-    const int64_t i1 = block_end(i0, kQueryBlock, t.queries), rows = i1 - i0;
-    const int64_t key_limit = mask.key_limit(i1, t.keys);
+// grad_k and grad_v are this query range's own (a partial sum when a head is
+// split over threads).
+template <typename T, bool kGeneralMask>
+void backward_range(const DirectProblem<T>& p, int64_t batch, int64_t head,
+                    int64_t row_begin, int64_t row_end, const T* grad_out,
+                    int64_t grad_row_stride, const T* out, const T* den,
+                    T* grad_q, T* grad_k, T* grad_v, T* scores, T* probs,
+                    T* scaled_grad, T* grad_dot_out, T* inv_den) {
+  const int64_t d = p.head_dim, e = p.value_dim;
+  const T a = p.options.coefficients.a, b = p.options.coefficients.b,
+          c = p.options.coefficients.c;
+  const T* q = p.q.head(batch, head);
+  const T* k = p.k.head(batch, head);
+  const T* v = p.v.head(batch, head);
+  const int64_t qs = p.q.row_stride, ks = p.k.row_stride, vs = p.v.row_stride;
+  for (int64_t i0 = row_begin; i0 < row_end; i0 += kQueryBlock) {
+    const int64_t i1 = block_end(i0, kQueryBlock, row_end), rows = i1 - i0;
+    const int64_t key_limit = p.mask.key_limit(i1, p.keys);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
-      const T sigma = output_scale_factor<T>(
-          options.output_scale,
-          mask.count_allowed(batch, head_index, i, t.keys), d);
+      const int64_t count = kGeneralMask
+                                ? p.mask.count_allowed(batch, head, i, p.keys)
+                                : p.unmasked_count(i);
+      const T sigma = output_scale_factor<T>(p.options.output_scale, count, d);
       inv_den[r] = safe_reciprocal(den[i]);
+      const T* g = grad_out + i * grad_row_stride;
       T dot = 0;
       for (int64_t col = 0; col < e; ++col) {
-        scaled_grad[r * e + col] = sigma * grad_out[i * e + col];
-        dot += grad_out[i * e + col] * out[i * e + col];
+        scaled_grad[r * e + col] = sigma * g[col];
+        dot += g[col] * out[i * e + col];
       }
       grad_dot_out[r] = dot;
     }
     for (int64_t j0 = 0; j0 < key_limit; j0 += kKeyBlock) {
-      const int64_t j1 = block_end(j0, kKeyBlock, key_limit), cols = j1 - j0;
-      matmul<T>(false, true, rows, cols, d, t.q + i0 * d, d, t.k + j0 * d, d,
-                scores.data(), cols, false);
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t col = 0; col < cols; ++col) {
-          const T x = scores[r * cols + col];
-          const bool allowed =
-              mask.allowed(batch, head_index, i0 + r, j0 + col);
-          probs[r * cols + col] =
-              allowed ? taylor_weight(x, a, b, c) * inv_den[r] : T(0);
-          // Keep f'(x)/den_i (0 where masked) for dX below.
-          scores[r * cols + col] =
-              allowed ? taylor_weight_grad(x, a, b) * inv_den[r] : T(0);
+      const int64_t cols = block_end(j0, kKeyBlock, key_limit) - j0;
+      gemm<T>(false, true, rows, cols, d, T(1), q + i0 * qs, qs, k + j0 * ks,
+              ks, T(0), scores, kKeyBlock);
+      // probs = m f(x) / den_i; scores = m f'(x) / den_i, kept for dX.
+      for (int64_t r = 0; r < rows; ++r) {
+        T* x = scores + r * kKeyBlock;
+        T* w = probs + r * kKeyBlock;
+        const int64_t limit = p.row_limit(i0 + r, j0, cols);
+        const T ar = a * inv_den[r], br = b * inv_den[r], cr = c * inv_den[r];
+#pragma omp simd
+        for (int64_t col = 0; col < limit; ++col) {
+          const T xv = x[col];
+          w[col] = (ar * xv + br) * xv + cr;
+          x[col] = T(2) * ar * xv + br;
         }
-      matmul<T>(true, false, cols, e, rows, probs.data(), cols,
-                scaled_grad.data(), e, grad_v + j0 * e, e, true);
-      // probs is free again: reuse it for sigma gY V_b^T, then dX.
-      matmul<T>(false, true, rows, cols, e, scaled_grad.data(), e, t.v + j0 * e,
-                e, probs.data(), cols, false);
-      for (int64_t r = 0; r < rows; ++r)
+        std::fill(w + limit, w + cols, T(0));
+        std::fill(x + limit, x + cols, T(0));
+        if constexpr (kGeneralMask) {
+          for (int64_t col = 0; col < limit; ++col)
+            if (!p.mask.allowed(batch, head, i0 + r, j0 + col))
+              w[col] = x[col] = T(0);
+        }
+      }
+      gemm<T>(true, false, cols, e, rows, T(1), probs, kKeyBlock, scaled_grad,
+              e, T(1), grad_v + j0 * e, e);
+      // probs is free again: sigma gY V_b^T, then dX in place.
+      gemm<T>(false, true, rows, cols, e, T(1), scaled_grad, e, v + j0 * vs, vs,
+              T(0), probs, kKeyBlock);
+      for (int64_t r = 0; r < rows; ++r) {
+        T* dx = probs + r * kKeyBlock;
+        const T* fprime = scores + r * kKeyBlock;
+        const T shift = grad_dot_out[r];
+#pragma omp simd
         for (int64_t col = 0; col < cols; ++col)
-          probs[r * cols + col] = (probs[r * cols + col] - grad_dot_out[r]) *
-                                  scores[r * cols + col];
-      matmul<T>(false, false, rows, d, cols, probs.data(), cols, t.k + j0 * d,
-                d, grad_q + i0 * d, d, true);
-      matmul<T>(true, false, cols, d, rows, probs.data(), cols, t.q + i0 * d, d,
-                grad_k + j0 * d, d, true);
+          dx[col] = (dx[col] - shift) * fprime[col];
+      }
+      gemm<T>(false, false, rows, d, cols, T(1), probs, kKeyBlock, k + j0 * ks,
+              ks, j0 == 0 ? T(0) : T(1), grad_q + i0 * d, d);
+      gemm<T>(true, false, cols, d, rows, T(1), probs, kKeyBlock, q + i0 * qs,
+              qs, T(1), grad_k + j0 * d, d);
     }
   }
+}
+
+template <typename T, bool kGeneralMask>
+void direct_backward_all(const DirectProblem<T>& p, int64_t batches,
+                         const TokenRows<T>& grad_out, const T* out,
+                         const T* den, T* grad_q, T* grad_k, T* grad_v,
+                         T* partial_k, T* partial_v, int64_t splits) {
+  const int64_t M = p.queries, N = p.keys, d = p.head_dim, e = p.value_dim;
+  const int64_t heads_total = batches * p.heads;
+  const int64_t query_blocks = blocks_of(M, kQueryBlock);
+  at::parallel_for(0, heads_total * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scores(kQueryBlock * kKeyBlock),
+        probs(kQueryBlock * kKeyBlock);
+    std::vector<T> scaled_grad(kQueryBlock * e), grad_dot_out(kQueryBlock),
+        inv_den(kQueryBlock);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t bh = unit / splits, split = unit % splits;
+      const int64_t batch = bh / p.heads, head = bh % p.heads;
+      // Query range of this split, in whole blocks.
+      const int64_t row_begin =
+          std::min(M, split * query_blocks / splits * kQueryBlock);
+      const int64_t row_end =
+          std::min(M, (split + 1) * query_blocks / splits * kQueryBlock);
+      T* dk = splits == 1 ? grad_k + bh * N * d
+                          : partial_k + (split * heads_total + bh) * N * d;
+      T* dv = splits == 1 ? grad_v + bh * N * e
+                          : partial_v + (split * heads_total + bh) * N * e;
+      backward_range<T, kGeneralMask>(
+          p, batch, head, row_begin, row_end, grad_out.head(batch, head),
+          grad_out.row_stride, out + bh * M * e, den + bh * M,
+          grad_q + bh * M * d, dk, dv, scores.data(), probs.data(),
+          scaled_grad.data(), grad_dot_out.data(), inv_den.data());
+    }
+  });
+}
+
+template <typename T>
+DirectProblem<T> make_problem(const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const Mask& mask,
+                              const KernelOptions& options) {
+  return {token_rows<T>(q), token_rows<T>(k), token_rows<T>(v),
+          q.size(1),        q.size(2),        k.size(2),
+          q.size(3),        v.size(3),        mask,
+          options};
 }
 
 std::tuple<at::Tensor, at::Tensor> direct_forward_cpu(
@@ -137,22 +275,20 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cpu(
   check_forward_arguments("taylorshift::direct_forward", q_in, k_in, v_in,
                           key_padding_mask, attn_mask,
                           schema_options(causal, output_scale, a, b, c));
-  const at::Tensor q = to_compute(q_in), k = to_compute(k_in),
-                   v = to_compute(v_in);
+  const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
+                   v = compute_operand(v_in);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), e = v.size(3);
-  at::Tensor out = at::empty({B, H, M, e}, q.options());
-  at::Tensor den = at::empty({B, H, M}, q.options());
+  const auto compute = q.options().dtype(accumulate_dtype(q_in));
+  at::Tensor out = at::empty({B, H, M, e}, compute);
+  at::Tensor den = at::empty({B, H, M}, compute);
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
+  const bool general_mask = key_padding_mask || attn_mask;
   const KernelOptions options = schema_options(causal, output_scale, a, b, c);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "direct_forward_cpu", [&] {
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        direct_forward_head<scalar_t>(head<scalar_t>(q, k, v, bh), mask, bh / H,
-                                      bh % H, options,
-                                      out.data_ptr<scalar_t>() + bh * M * e,
-                                      den.data_ptr<scalar_t>() + bh * M);
-      }
-    });
+    const auto p = make_problem<scalar_t>(q, k, v, mask, options);
+    auto run = general_mask ? direct_forward_all<scalar_t, true>
+                            : direct_forward_all<scalar_t, false>;
+    run(p, B, out.data_ptr<scalar_t>(), den.data_ptr<scalar_t>());
   });
   return {out.to(q_in.scalar_type()), den};
 }
@@ -167,29 +303,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cpu(
                            k_in, v_in, out_in, den_in, std::nullopt,
                            key_padding_mask, attn_mask,
                            schema_options(causal, output_scale, a, b, c));
-  const at::Tensor q = to_compute(q_in), k = to_compute(k_in),
-                   v = to_compute(v_in), grad_out = to_compute(grad_out_in),
-                   out = to_compute(out_in), den = to_compute(den_in);
+  const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
+                   v = compute_operand(v_in),
+                   grad_out = compute_operand(grad_out_in);
+  const auto compute = q.options().dtype(accumulate_dtype(q_in));
+  const at::Tensor out = out_in.to(compute).contiguous(),
+                   den = den_in.to(compute).contiguous();
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), N = k.size(2),
                 d = q.size(3), e = v.size(3);
-  at::Tensor grad_q = at::zeros_like(q), grad_k = at::zeros_like(k),
-             grad_v = at::zeros_like(v);
+  const int64_t splits = splits_per_head(B * H, blocks_of(M, kQueryBlock));
+  at::Tensor grad_q = at::empty({B, H, M, d}, compute);
+  at::Tensor grad_k = at::empty({B, H, N, d}, compute);
+  at::Tensor grad_v = at::empty({B, H, N, e}, compute);
+  // A head split over threads sums its splits' dK, dV afterwards.
+  at::Tensor partial_k, partial_v;
+  if (splits == 1) {
+    grad_k.zero_();
+    grad_v.zero_();
+  } else {
+    partial_k = at::zeros({splits, B, H, N, d}, compute);
+    partial_v = at::zeros({splits, B, H, N, e}, compute);
+  }
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
+  const bool general_mask = key_padding_mask || attn_mask;
   const KernelOptions options = schema_options(causal, output_scale, a, b, c);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "direct_backward_cpu", [&] {
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        direct_backward_head<scalar_t>(
-            head<scalar_t>(q, k, v, bh),
-            grad_out.data_ptr<scalar_t>() + bh * M * e,
-            out.data_ptr<scalar_t>() + bh * M * e,
-            den.data_ptr<scalar_t>() + bh * M, mask, bh / H, bh % H, options,
-            grad_q.data_ptr<scalar_t>() + bh * M * d,
-            grad_k.data_ptr<scalar_t>() + bh * N * d,
-            grad_v.data_ptr<scalar_t>() + bh * N * e);
-      }
-    });
+    const auto p = make_problem<scalar_t>(q, k, v, mask, options);
+    auto run = general_mask ? direct_backward_all<scalar_t, true>
+                            : direct_backward_all<scalar_t, false>;
+    run(p, B, token_rows<scalar_t>(grad_out), out.data_ptr<scalar_t>(),
+        den.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(),
+        grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(),
+        splits > 1 ? partial_k.data_ptr<scalar_t>() : nullptr,
+        splits > 1 ? partial_v.data_ptr<scalar_t>() : nullptr, splits);
   });
+  if (splits > 1) {
+    at::sum_out(grad_k, partial_k, 0);
+    at::sum_out(grad_v, partial_v, 0);
+  }
   return {grad_q.to(q_in.scalar_type()), grad_k.to(k_in.scalar_type()),
           grad_v.to(v_in.scalar_type())};
 }

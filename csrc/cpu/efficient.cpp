@@ -17,12 +17,45 @@
 namespace taylorshift::cpu {
 namespace {
 
-// m_j [1 | v_j] rows of the key chunk starting at key j0, the value side of
-// the state's outer product; masked rows are zero by selection (see
-// write_key_features).
+// Token chunk of the feature tiles: 64 tokens keep a tile (64 x F,
+// F = 2145 at d = 64) at 550 KB in float32, inside L2 with the state.
+constexpr int64_t kFeatureChunk = 64;
+
+// One (batch, head): rows of q, k, v read in place through their strides.
 template <typename T>
-void write_augmented_values(const T* v, int64_t j0, int64_t rows, int64_t e,
+struct HeadTensors {
+  const T *q, *k, *v;
+  int64_t q_stride, k_stride, v_stride;
+  int64_t queries, keys, head_dim, value_dim;
+
+  const T* q_row(int64_t i) const { return q + i * q_stride; }
+  const T* k_row(int64_t j) const { return k + j * k_stride; }
+  const T* v_row(int64_t j) const { return v + j * v_stride; }
+};
+
+template <typename T>
+HeadTensors<T> head(const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, int64_t batch, int64_t head_index) {
+  const TokenRows<T> qr = token_rows<T>(q), kr = token_rows<T>(k),
+                     vr = token_rows<T>(v);
+  return {qr.head(batch, head_index),
+          kr.head(batch, head_index),
+          vr.head(batch, head_index),
+          qr.row_stride,
+          kr.row_stride,
+          vr.row_stride,
+          q.size(2),
+          k.size(2),
+          q.size(3),
+          v.size(3)};
+}
+
+// m_j [1 | v_j] rows of keys [j0, j0 + rows), the value side of the state's
+// outer product; masked rows are zero by selection (see write_key_features).
+template <typename T>
+void write_augmented_values(const HeadTensors<T>& t, int64_t j0, int64_t rows,
                             const Mask& mask, int64_t batch, T* out) {
+  const int64_t e = t.value_dim;
   for (int64_t r = 0; r < rows; ++r) {
     T* row = out + r * (e + 1);
     if (!mask.key_valid(batch, j0 + r)) {
@@ -30,48 +63,74 @@ void write_augmented_values(const T* v, int64_t j0, int64_t rows, int64_t e,
       continue;
     }
     row[0] = T(1);
-    std::copy(v + (j0 + r) * e, v + (j0 + r + 1) * e, row + 1);
+    std::copy(t.v_row(j0 + r), t.v_row(j0 + r) + e, row + 1);
   }
 }
 
-// A reduction over token chunks, sum_chunks X_chunk^T Y_chunk, kept in
-// float64: it takes N / kFeatureChunk steps, and a float32 running sum would
-// lose about log2 of that many bits. Each chunk's product is float32 BLAS.
+// The state and its gradient have e + 1 columns: column 0 carries the
+// denominator (the ones column of [1 | v]), columns 1..e the values. Every
+// product below keeps column 0 apart, so that the large products have exactly
+// e columns: BLAS kernels block the columns in multiples of 16, and
+// e + 1 = 33 or 65 would spend a whole block on one column.
+
+// A reduction over token chunks, sum_chunks X_chunk^T Y_chunk. BLAS adds
+// kChunksPerFold chunks into a block sum in T (beta = 1, no extra pass over
+// the state per chunk); block sums are added in float64: a float32 running
+// sum over all N / kFeatureChunk chunks would lose about log2 of that many
+// bits, one over kChunksPerFold chunks loses only log2(kChunksPerFold).
 template <typename T>
 class ChunkSum {
  public:
-  ChunkSum(int64_t rows, int64_t cols)
-      : rows_(rows),
-        cols_(cols),
-        sum_(rows * cols, 0.0),
-        product_(rows * cols) {}
+  static constexpr int64_t kChunksPerFold = 16;
 
-  // sum += x^T y, with x (tokens x rows) and y (tokens x cols).
+  ChunkSum(int64_t rows, int64_t cols)
+      : rows_(rows), cols_(cols), sum_(rows * cols, 0.0), block_(rows * cols) {}
+
+  // sum += x^T y, with x (tokens x rows) and y (tokens x cols), both with
+  // leading dimensions rows and cols: columns 1.. in one product, column 0
+  // in a matrix-vector product.
   void add(const T* x, const T* y, int64_t tokens) {
-    matmul<T>(true, false, rows_, cols_, tokens, x, rows_, y, cols_,
-              product_.data(), cols_, false);
-    for (size_t i = 0; i < sum_.size(); ++i) sum_[i] += product_[i];
+    const T beta = pending_ == 0 ? T(0) : T(1);
+    gemm<T>(true, false, rows_, cols_ - 1, tokens, T(1), x, rows_, y + 1, cols_,
+            beta, block_.data() + 1, cols_);
+    gemm<T>(true, false, rows_, 1, tokens, T(1), x, rows_, y, cols_, beta,
+            block_.data(), cols_);
+    if (++pending_ == kChunksPerFold) fold();
   }
 
-  void copy_to(T* out) const { std::copy(sum_.begin(), sum_.end(), out); }
+  void copy_to(T* out) {
+    fold();
+    std::copy(sum_.begin(), sum_.end(), out);
+  }
 
  private:
-  int64_t rows_, cols_;
+  void fold() {
+    if (pending_ == 0) return;
+    for (size_t i = 0; i < sum_.size(); ++i) sum_[i] += block_[i];
+    pending_ = 0;
+  }
+
+  int64_t rows_, cols_, pending_ = 0;
   std::vector<double> sum_;
-  std::vector<T> product_;
+  std::vector<T> block_;
 };
 
-// out (rows x cols) = features (rows x F) state (F x cols), with the constant
-// feature 0 added last: its term (c S_0 ~ c N for queries) dominates, and
+// out = features (rows x F) state[:, first_col:] (F x cols), row stride
+// out_stride; first_col is 0 (all columns) or 1 (values only). The constant
+// feature 0 is added last: its term (c S_0 ~ c N for queries) dominates, and
 // adding it first would round every other term at its magnitude.
 template <typename T>
 void apply_state(const T* features, int64_t rows, int64_t F, const T* state,
-                 int64_t cols, T* out) {
-  matmul<T>(false, false, rows, cols, F - 1, features + 1, F, state + cols,
-            cols, out, cols, false);
+                 int64_t cols, int64_t first_col, T* out, int64_t out_stride) {
+  T* values = out + (1 - first_col);
+  gemm<T>(false, false, rows, cols - 1, F - 1, T(1), features + 1, F,
+          state + cols + 1, cols, T(0), values, out_stride);
+  if (first_col == 0)
+    gemm<T>(false, false, rows, 1, F - 1, T(1), features + 1, F, state + cols,
+            cols, T(0), out, out_stride);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t col = 0; col < cols; ++col)
-      out[r * cols + col] += features[r * F] * state[col];
+    for (int64_t col = first_col; col < cols; ++col)
+      out[r * out_stride + col - first_col] += features[r * F] * state[col];
 }
 
 // Phase 1 of the forward: S = sum_j m_j psi(k_j) [1 | v_j]^T, a reduction
@@ -88,10 +147,9 @@ int64_t accumulate_state(const HeadTensors<T>& t, const Mask& mask,
     for (int64_t r = 0; r < rows; ++r) {
       const bool keep = mask.key_valid(batch, j0 + r);
       valid += keep;
-      write_key_features<T>(t.k + (j0 + r) * d, d, keep,
-                            features.data() + r * F);
+      write_key_features<T>(t.k_row(j0 + r), d, keep, features.data() + r * F);
     }
-    write_augmented_values(t.v, j0, rows, e, mask, batch, values.data());
+    write_augmented_values(t, j0, rows, mask, batch, values.data());
     sum.add(features.data(), values.data(), rows);
   }
   sum.copy_to(state);
@@ -114,9 +172,10 @@ void efficient_forward_head(const HeadTensors<T>& t, const Mask& mask,
   for (int64_t i0 = 0; i0 < t.queries; i0 += kFeatureChunk) {
     const int64_t i1 = block_end(i0, kFeatureChunk, t.queries), rows = i1 - i0;
     for (int64_t r = 0; r < rows; ++r)
-      write_query_features<T>(t.q + (i0 + r) * d, d, a, b, c,
+      write_query_features<T>(t.q_row(i0 + r), d, a, b, c,
                               features.data() + r * F);
-    apply_state(features.data(), rows, F, state, e + 1, values.data());
+    apply_state(features.data(), rows, F, state, e + 1, 0, values.data(),
+                e + 1);
     for (int64_t r = 0; r < rows; ++r) {
       const T* z = values.data() + r * (e + 1);
       den[i0 + r] = z[0];
@@ -135,10 +194,10 @@ void efficient_forward_head(const HeadTensors<T>& t, const Mask& mask,
 //   dk_j = d/dk [psi(k_j)]^T (dS v'_j),   dv_j = m_j (psi(k_j)^T dS)[1:].
 template <typename T>
 void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
-                             const T* out, const T* den, const T* state,
-                             const Mask& mask, int64_t batch,
-                             const KernelOptions& options, T* grad_q, T* grad_k,
-                             T* grad_v) {
+                             int64_t grad_row_stride, const T* out,
+                             const T* den, const T* state, const Mask& mask,
+                             int64_t batch, const KernelOptions& options,
+                             T* grad_q, T* grad_k, T* grad_v) {
   const T a = options.coefficients.a, b = options.coefficients.b,
           c = options.coefficients.c;
   const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d);
@@ -155,26 +214,27 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
     const int64_t i1 = block_end(i0, kFeatureChunk, t.queries), rows = i1 - i0;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
-      write_query_features<T>(t.q + i * d, d, a, b, c, features.data() + r * F);
+      write_query_features<T>(t.q_row(i), d, a, b, c, features.data() + r * F);
       const T inv_den = safe_reciprocal(den[i]);
       T* dz = rows_e1.data() + r * (e + 1);
+      const T* g = grad_out + i * grad_row_stride;
       T dot = 0;
       for (int64_t col = 0; col < e; ++col) {
-        dot += grad_out[i * e + col] * out[i * e + col];
-        dz[1 + col] = sigma * grad_out[i * e + col] * inv_den;
+        dot += g[col] * out[i * e + col];
+        dz[1 + col] = sigma * g[col] * inv_den;
       }
       dz[0] = -dot * inv_den;
     }
     grad_state_sum.add(features.data(), rows_e1.data(), rows);
     // feature_grad = dZ S^T: row i holds S dz_i, one value per feature.
-    matmul<T>(false, true, rows, F, e + 1, rows_e1.data(), e + 1, state, e + 1,
-              feature_grad.data(), F, false);
+    gemm<T>(false, true, rows, F, e + 1, T(1), rows_e1.data(), e + 1, state,
+            e + 1, T(0), feature_grad.data(), F);
     for (int64_t r = 0; r < rows; ++r) {
       const T* g = feature_grad.data() + r * F;
       T* dq = grad_q + (i0 + r) * d;
       for (int64_t l = 0; l < d; ++l)
         dq[l] = b * g[linear_feature_offset() + l];
-      add_pair_gradient<T>(g + pairs, t.q + (i0 + r) * d, d, a, T(2) * a, dq);
+      add_pair_gradient<T>(g + pairs, t.q_row(i0 + r), d, a, T(2) * a, dq);
     }
   }
 
@@ -184,26 +244,23 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
     const int64_t j1 = block_end(j0, kFeatureChunk, t.keys), rows = j1 - j0;
     for (int64_t r = 0; r < rows; ++r) {
       const bool keep = mask.key_valid(batch, j0 + r);
-      write_key_features<T>(t.k + (j0 + r) * d, d, keep,
-                            features.data() + r * F);
+      write_key_features<T>(t.k_row(j0 + r), d, keep, features.data() + r * F);
     }
-    write_augmented_values(t.v, j0, rows, e, mask, batch, rows_e1.data());
+    write_augmented_values(t, j0, rows, mask, batch, rows_e1.data());
     // feature_grad = V' dS^T: row j holds dS v'_j.
-    matmul<T>(false, true, rows, F, e + 1, rows_e1.data(), e + 1,
-              grad_state.data(), e + 1, feature_grad.data(), F, false);
+    gemm<T>(false, true, rows, F, e + 1, T(1), rows_e1.data(), e + 1,
+            grad_state.data(), e + 1, T(0), feature_grad.data(), F);
     for (int64_t r = 0; r < rows; ++r) {
       T* dk = grad_k + (j0 + r) * d;
       if (!mask.key_valid(batch, j0 + r)) continue;  // stays zero
       const T* h = feature_grad.data() + r * F;
       for (int64_t l = 0; l < d; ++l) dk[l] = h[linear_feature_offset() + l];
-      add_pair_gradient<T>(h + pairs, t.k + (j0 + r) * d, d, T(1), T(1), dk);
+      add_pair_gradient<T>(h + pairs, t.k_row(j0 + r), d, T(1), T(1), dk);
     }
-    // dV' = psi(K_chunk) dS; masked keys have psi = 0, hence dv = 0.
-    apply_state(features.data(), rows, F, grad_state.data(), e + 1,
-                rows_e1.data());
-    for (int64_t r = 0; r < rows; ++r)
-      std::copy(rows_e1.data() + r * (e + 1) + 1,
-                rows_e1.data() + (r + 1) * (e + 1), grad_v + (j0 + r) * e);
+    // dV'[1:] = psi(K_chunk) dS[:, 1:]; masked keys have psi = 0, hence
+    // dv = 0.
+    apply_state(features.data(), rows, F, grad_state.data(), e + 1, 1,
+                grad_v + j0 * e, e);
   }
 }
 
@@ -214,20 +271,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cpu(
   check_forward_arguments("taylorshift::efficient_forward", q_in, k_in, v_in,
                           key_padding_mask, std::nullopt,
                           schema_options(false, output_scale, a, b, c));
-  const at::Tensor q = to_compute(q_in), k = to_compute(k_in),
-                   v = to_compute(v_in);
+  const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
+                   v = compute_operand(v_in);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), d = q.size(3),
                 e = v.size(3), F = feature_count(d);
-  at::Tensor out = at::empty({B, H, M, e}, q.options());
-  at::Tensor den = at::empty({B, H, M}, q.options());
-  at::Tensor state = at::empty({B, H, F, e + 1}, q.options());
+  const auto compute = q.options().dtype(accumulate_dtype(q_in));
+  at::Tensor out = at::empty({B, H, M, e}, compute);
+  at::Tensor den = at::empty({B, H, M}, compute);
+  at::Tensor state = at::empty({B, H, F, e + 1}, compute);
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
   const KernelOptions options = schema_options(false, output_scale, a, b, c);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "efficient_forward_cpu", [&] {
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         efficient_forward_head<scalar_t>(
-            head<scalar_t>(q, k, v, bh), mask, bh / H, options,
+            head<scalar_t>(q, k, v, bh / H, bh % H), mask, bh / H, options,
             out.data_ptr<scalar_t>() + bh * M * e,
             den.data_ptr<scalar_t>() + bh * M,
             state.data_ptr<scalar_t>() + bh * F * (e + 1));
@@ -247,22 +305,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cpu(
                            k_in, v_in, out_in, den_in, state_in,
                            key_padding_mask, std::nullopt,
                            schema_options(false, output_scale, a, b, c));
-  const at::Tensor q = to_compute(q_in), k = to_compute(k_in),
-                   v = to_compute(v_in), grad_out = to_compute(grad_out_in),
-                   out = to_compute(out_in), den = to_compute(den_in),
-                   state = to_compute(state_in);
+  const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
+                   v = compute_operand(v_in),
+                   grad_out = compute_operand(grad_out_in);
+  const auto compute = q.options().dtype(accumulate_dtype(q_in));
+  const at::Tensor out = out_in.to(compute).contiguous(),
+                   den = den_in.to(compute).contiguous(),
+                   state = state_in.to(compute).contiguous();
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), N = k.size(2),
                 d = q.size(3), e = v.size(3), F = feature_count(d);
-  at::Tensor grad_q = at::empty_like(q), grad_k = at::zeros_like(k),
-             grad_v = at::empty_like(v);
+  at::Tensor grad_q = at::empty({B, H, M, d}, compute),
+             grad_k = at::zeros({B, H, N, d}, compute),
+             grad_v = at::empty({B, H, N, e}, compute);
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
   const KernelOptions options = schema_options(false, output_scale, a, b, c);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "efficient_backward_cpu", [&] {
+    const TokenRows<scalar_t> grad_rows = token_rows<scalar_t>(grad_out);
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         efficient_backward_head<scalar_t>(
-            head<scalar_t>(q, k, v, bh),
-            grad_out.data_ptr<scalar_t>() + bh * M * e,
+            head<scalar_t>(q, k, v, bh / H, bh % H),
+            grad_rows.head(bh / H, bh % H), grad_rows.row_stride,
             out.data_ptr<scalar_t>() + bh * M * e,
             den.data_ptr<scalar_t>() + bh * M,
             state.data_ptr<scalar_t>() + bh * F * (e + 1), mask, bh / H,
