@@ -38,6 +38,20 @@ from taylorshift.reference import logit_factors, output_scale_factor
 BLOCK_ELEMENTS = 1 << 22
 
 
+def check_mode(mode: str) -> None:
+    """The mode argument of taylor_shift_attention when a bias is given: "direct" or "auto"
+    (which then means direct)."""
+    if mode == "efficient":
+        raise NotImplementedError(
+            "taylorshift: an additive float attn_mask (a bias other than 0 / -inf) needs "
+            "mode='direct' or 'auto': efficient TaylorShift factorises f(q.k) through "
+            "tensor-product features of q and k alone, and a per-pair bias has no such "
+            "factorisation"
+        )
+    if mode not in ("auto", "direct"):
+        raise ValueError(f"taylorshift: mode must be 'auto', 'direct' or 'efficient', got {mode!r}")
+
+
 def biased_direct_attention(
     q: Tensor,
     k: Tensor,
@@ -110,7 +124,11 @@ def _check_bias(bias: Tensor, shape: tuple[int, int, int, int]) -> None:
     """Shape and dtype only: reading the values would cost a host synchronisation."""
     if not bias.is_floating_point():
         raise TypeError(f"taylorshift: the attention bias must be a float tensor, got {bias.dtype}")
-    if bias.dim() > 4 or torch.broadcast_shapes(bias.shape, shape) != torch.Size(shape):
+    try:
+        broadcasts = bias.dim() <= 4 and torch.broadcast_shapes(bias.shape, shape) == shape
+    except RuntimeError:
+        broadcasts = False
+    if not broadcasts:
         raise ValueError(
             f"taylorshift: the attention bias of shape {tuple(bias.shape)} does not broadcast "
             f"to (B, H, M, N) = {shape}"
@@ -167,6 +185,9 @@ def _block_output(
     )
     out = probs @ v
     if output_scale:
-        # output_scale_factor sums its first argument over the keys: here the multiplicities.
-        out = out * output_scale_factor(multiplicity, q_hat.shape[-1], out.dtype)
+        # N_i counts the keys with their multiplicities. A row with any allowed key counts its
+        # maximum once, so the clamp changes only rows with every key masked, whose output is
+        # 0 anyway, and keeps their gradient finite (sqrt'(0) = inf, times 0, is NaN).
+        counted = multiplicity.sum(-1, keepdim=True).clamp_min(1)
+        out = out * output_scale_factor(counted, q_hat.shape[-1], out.dtype)
     return out
