@@ -32,10 +32,10 @@ from torch.utils.checkpoint import checkpoint
 
 from taylorshift.reference import logit_factors, output_scale_factor
 
-# Elements of one block's (B, H, block, N) weight matrix: 2^22 float32 values are 16 MiB, a
-# handful of which (logits, multiplicities, weights and their gradients) stay well below the
-# M x N matrices of a dense computation once M N is large.
-BLOCK_ELEMENTS = 1 << 22
+# Elements of one block's (B, H, block, N) weight matrix: 2^20 float32 values are 4 MiB, and
+# the backward of a block holds about twenty such matrices (logits, multiplicities, weights and
+# their gradients), a fixed ~80 MiB instead of growing with M N.
+BLOCK_ELEMENTS = 1 << 20
 
 
 def check_mode(mode: str) -> None:
