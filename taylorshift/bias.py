@@ -43,7 +43,7 @@ def check_mode(mode: str) -> None:
     (which then means direct)."""
     if mode == "efficient":
         raise NotImplementedError(
-            "taylorshift: an additive float attn_mask (a bias other than 0 / -inf) needs "
+            "taylorshift: an additive float attn_mask (a bias) needs "
             "mode='direct' or 'auto': efficient TaylorShift factorises f(q.k) through "
             "tensor-product features of q and k alone, and a per-pair bias has no such "
             "factorisation"
@@ -72,6 +72,7 @@ def biased_direct_attention(
     taylor_shift_attention; `block_size` is the number of queries per block (default: as many
     as keep one block's weights near BLOCK_ELEMENTS elements). Returns (B, H, M, e); a query
     whose keys are all masked gets zeros."""
+    _check_inputs(q, k, v, key_padding_mask)
     batch, heads, queries, keys = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     _check_bias(bias, (batch, heads, queries, keys))
     # float16 / bfloat16 are computed in float32, as the extension's kernels accumulate.
@@ -118,6 +119,25 @@ def biased_weights(
         q_hat, k_hat, bias, key_padding_mask, 0, causal, coefficients
     )
     return probs.to(q.dtype), multiplicity.to(q.dtype)
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> None:
+    """What taylor_shift_attention's operator checks, for this path that does not reach it."""
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        raise ValueError("taylorshift: q, k, v must be 4-d (B, H, L, d)")
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"taylorshift: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+            "do not match (B, H, M, d), (B, H, N, d), (B, H, N, e)"
+        )
+    if key_padding_mask is not None and (
+        key_padding_mask.dtype != torch.bool
+        or tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2])
+    ):
+        raise ValueError(
+            f"taylorshift: key_padding_mask must be a bool tensor of shape (B, N) = "
+            f"{(k.shape[0], k.shape[2])}, got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+        )
 
 
 def _check_bias(bias: Tensor, shape: tuple[int, int, int, int]) -> None:

@@ -252,6 +252,13 @@ def test_bad_bias():
         biased_direct_attention(q, k, v, t, bias=torch.zeros(4, 5, dtype=torch.int64))
     with pytest.raises(ValueError, match="does not broadcast to"):
         biased_direct_attention(q, k, v, t, bias=torch.zeros(5, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="do not match"):
+        biased_direct_attention(q, k[..., :2], v, t, bias=torch.zeros(4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="key_padding_mask must be a bool tensor"):
+        biased_direct_attention(
+            q, k, v, t, bias=torch.zeros(4, 5, dtype=torch.float64),
+            key_padding_mask=torch.zeros(1, 5),
+        )  # fmt: skip
     with pytest.raises(NotImplementedError, match="mode='direct' or 'auto'.*per-pair bias"):
         check_mode("efficient")
     with pytest.raises(ValueError, match="mode must be"):
