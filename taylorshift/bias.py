@@ -136,7 +136,8 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | No
     ):
         raise ValueError(
             f"taylorshift: key_padding_mask must be a bool tensor of shape (B, N) = "
-            f"{(k.shape[0], k.shape[2])}, got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            f"{(k.shape[0], k.shape[2])}, got {key_padding_mask.dtype} "
+            f"{tuple(key_padding_mask.shape)}"
         )
 
 
