@@ -8,27 +8,15 @@
 
 #include <cmath>
 
+#include "kernel_checks.h"
 #include "taylorshift.h"
 
 namespace taylorshift {
 namespace {
 
-std::string shape_string(const at::Tensor& t) {
-  std::ostringstream out;
-  out << t.sizes();
-  return out.str();
-}
-
-void check_coefficients(double a, double b, double c) {
-  TORCH_CHECK_VALUE(
-      a > 0, "taylorshift: coefficients (a, b, c) need a > 0, got a = ", a);
-  TORCH_CHECK_VALUE(
-      c > b * b / (4 * a),
-      "taylorshift: coefficients (a, b, c) need c > b^2 / (4a) so that the "
-      "weights a x^2 + b x + c are positive for every x; got a = ",
-      a, ", b = ", b, ", c = ", c);
-}
-
+// Sizes are read as SymInts and compared with expect_true (a runtime
+// assertion, not a guard), so that torch.compile(dynamic=True) and
+// torch.export with a dynamic Dim trace one graph for every size.
 void check_tensors(const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v) {
   const std::pair<const at::Tensor*, const char*> named[] = {
@@ -41,47 +29,50 @@ void check_tensors(const at::Tensor& q, const at::Tensor& k,
                          dtype == at::kFloat || dtype == at::kDouble,
                      "taylorshift: ", name,
                      " must be float16, bfloat16, float32 or float64, got ",
-                     dtype);
+                     dtype_string(dtype));
   }
   TORCH_CHECK_TYPE(
       q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-      "taylorshift: q, k, v must have the same dtype, got ", q.scalar_type(),
-      ", ", k.scalar_type(), ", ", v.scalar_type());
+      "taylorshift: q, k, v must have the same dtype, got ",
+      dtype_string(q.scalar_type()), ", ", dtype_string(k.scalar_type()), ", ",
+      dtype_string(v.scalar_type()));
   TORCH_CHECK_VALUE(q.device() == k.device() && q.device() == v.device(),
                     "taylorshift: q, k, v must be on the same device, got ",
                     q.device(), ", ", k.device(), ", ", v.device());
-  TORCH_CHECK_VALUE(q.size(0) == k.size(0) && q.size(0) == v.size(0),
-                    "taylorshift: q, k, v must have the same batch size, got "
-                    "shapes ",
-                    shape_string(q), ", ", shape_string(k), ", ",
-                    shape_string(v));
-  TORCH_CHECK_VALUE(q.size(1) == k.size(1) && q.size(1) == v.size(1),
-                    "taylorshift: q, k, v must have the same number of heads, "
-                    "got shapes ",
-                    shape_string(q), ", ", shape_string(k), ", ",
-                    shape_string(v));
-  TORCH_CHECK_VALUE(k.size(2) == v.size(2),
-                    "taylorshift: k and v must have the same number of keys "
-                    "N, got shapes ",
-                    shape_string(k), ", ", shape_string(v));
-  TORCH_CHECK_VALUE(q.size(3) == k.size(3),
-                    "taylorshift: q and k must have the same head dim d, got "
-                    "shapes ",
-                    shape_string(q), ", ", shape_string(k));
-  TORCH_CHECK_VALUE(k.size(2) > 0,
-                    "taylorshift: there must be at least one key (N = 0)");
-  TORCH_CHECK_VALUE(q.size(3) > 0 && v.size(3) > 0,
-                    "taylorshift: head dims must be positive, got d = ",
-                    q.size(3), ", e = ", v.size(3));
+  const std::string shapes =
+      shape_string(q) + ", " + shape_string(k) + ", " + shape_string(v);
+  TS_SYM_CHECK_VALUE(
+      q.sym_size(0).sym_eq(k.sym_size(0)) & q.sym_size(0).sym_eq(v.sym_size(0)),
+      "taylorshift: q, k, v must have the same batch size, got shapes ",
+      shapes);
+  TS_SYM_CHECK_VALUE(
+      q.sym_size(1).sym_eq(k.sym_size(1)) & q.sym_size(1).sym_eq(v.sym_size(1)),
+      "taylorshift: q, k, v must have the same number of heads, got shapes ",
+      shapes);
+  TS_SYM_CHECK_VALUE(k.sym_size(2).sym_eq(v.sym_size(2)),
+                     "taylorshift: k and v must have the same number of keys "
+                     "N, got shapes ",
+                     shape_string(k), ", ", shape_string(v));
+  TS_SYM_CHECK_VALUE(q.sym_size(3).sym_eq(k.sym_size(3)),
+                     "taylorshift: q and k must have the same head dim d, got "
+                     "shapes ",
+                     shape_string(q), ", ", shape_string(k));
+  TS_SYM_CHECK_VALUE(k.sym_size(2).sym_gt(0),
+                     "taylorshift: there must be at least one key (N = 0)");
+  TS_SYM_CHECK_VALUE(q.sym_size(3).sym_gt(0) & v.sym_size(3).sym_gt(0),
+                     "taylorshift: head dims must be positive, got d = ",
+                     q.sym_size(3), ", e = ", v.sym_size(3));
 }
 
 void check_temperature(const at::Tensor& temperature, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(temperature.dim() == 1 && temperature.size(0) == q.size(1),
-                    "taylorshift: temperature must have shape (H,) = (",
-                    q.size(1), ",), got ", shape_string(temperature));
+  TS_SYM_CHECK_VALUE(temperature.dim() == 1
+                         ? temperature.sym_size(0).sym_eq(q.sym_size(1))
+                         : c10::SymBool(false),
+                     "taylorshift: temperature must have shape (H,) = (",
+                     q.sym_size(1), ",), got ", shape_string(temperature));
   TORCH_CHECK_TYPE(at::isFloatingType(temperature.scalar_type()),
                    "taylorshift: temperature must be floating, got ",
-                   temperature.scalar_type());
+                   dtype_string(temperature.scalar_type()));
   TORCH_CHECK_VALUE(temperature.device() == q.device(),
                     "taylorshift: temperature is on ", temperature.device(),
                     " but q is on ", q.device());
@@ -91,11 +82,13 @@ void check_key_padding_mask(const at::Tensor& mask, const at::Tensor& k) {
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool,
                    "taylorshift: key_padding_mask must be a bool tensor "
                    "(True = padding, ignored), got ",
-                   mask.scalar_type());
-  TORCH_CHECK_VALUE(
-      mask.dim() == 2 && mask.size(0) == k.size(0) && mask.size(1) == k.size(2),
-      "taylorshift: key_padding_mask must have shape (B, N) = (", k.size(0),
-      ", ", k.size(2), "), got ", shape_string(mask));
+                   dtype_string(mask.scalar_type()));
+  TS_SYM_CHECK_VALUE(
+      mask.dim() == 2 ? mask.sym_size(0).sym_eq(k.sym_size(0)) &
+                            mask.sym_size(1).sym_eq(k.sym_size(2))
+                      : c10::SymBool(false),
+      "taylorshift: key_padding_mask must have shape (B, N) = (", k.sym_size(0),
+      ", ", k.sym_size(2), "), got ", shape_string(mask));
   TORCH_CHECK_VALUE(mask.device() == k.device(),
                     "taylorshift: key_padding_mask is on ", mask.device(),
                     " but k is on ", k.device());
@@ -108,25 +101,69 @@ at::Tensor expand_attn_mask(const at::Tensor& mask, const at::Tensor& q,
       mask.scalar_type() == at::kBool,
       "taylorshift: attn_mask must be a bool tensor (True = not allowed to "
       "attend), got ",
-      mask.scalar_type(),
+      dtype_string(mask.scalar_type()),
       ". Additive float masks do not apply to TaylorShift: its weights are "
       "the polynomial a x^2 + b x + c of the logits, not exp(x), so adding "
       "-inf to a logit makes its weight +inf instead of 0.");
-  const std::vector<int64_t> target = {q.size(0), q.size(1), q.size(2),
-                                       k.size(2)};
-  bool broadcastable = mask.dim() <= 4;
-  for (int64_t i = 1; broadcastable && i <= mask.dim(); ++i) {
-    const int64_t size = mask.size(-i);
-    broadcastable = size == 1 || size == target[4 - i];
+  const std::vector<c10::SymInt> target = {q.sym_size(0), q.sym_size(1),
+                                           q.sym_size(2), k.sym_size(2)};
+  // A dimension broadcasts if it is 1 (size-oblivious: a dynamic size is
+  // taken as not 1, no guard) or equals the target.
+  c10::SymBool broadcastable = mask.dim() <= 4;
+  for (int64_t i = 1; i <= std::min<int64_t>(mask.dim(), 4); ++i) {
+    const c10::SymInt size = mask.sym_size(-i);
+    if (!TORCH_GUARD_SIZE_OBLIVIOUS(size.sym_eq(1)))
+      broadcastable = broadcastable & size.sym_eq(target[4 - i]);
   }
-  TORCH_CHECK_VALUE(broadcastable,
-                    "taylorshift: attn_mask must be broadcastable to (B, H, "
-                    "M, N) = ",
-                    c10::IntArrayRef(target), ", got ", shape_string(mask));
+  TS_SYM_CHECK_VALUE(broadcastable,
+                     "taylorshift: attn_mask must be broadcastable to (B, H, "
+                     "M, N) = ",
+                     c10::SymIntArrayRef(target), ", got ", shape_string(mask));
   TORCH_CHECK_VALUE(mask.device() == q.device(),
                     "taylorshift: attn_mask is on ", mask.device(),
                     " but q is on ", q.device());
-  return mask.expand(target);
+  return mask.expand_symint(target);
+}
+
+// x / |x| along the last dimension (the cosine-logit factors), exact for
+// every finite x of any dtype:
+// - in the accumulation dtype (float32 for float16/bfloat16), so the
+//   division is rounded once, when the result is cast back;
+// - after dividing by s = max_l |x_l|, so that the norm of x / s lies in
+//   [1, sqrt(d)]: |x|^2 itself overflows for |x| above ~1e19 in float32 and
+//   the float16 range (65504) is exceeded by |x|^2 already at 256, and a
+//   clamp like 1e-12 underflows to 0 in float16 (0/0 for a zero row).
+//   x / |x| does not depend on s, so s is detached: autograd then gives
+//   exactly the gradient of x / |x|.
+// A zero row gives zeros (s is taken as 1 and the norm clamped to 1, a bound
+// every non-zero row meets, as its largest entry is exactly 1 after the
+// division); the gradient at it is the identity.
+at::Tensor unit_rows(const at::Tensor& x) {
+  const at::Tensor wide = x.to(accumulate_dtype(x));
+  at::Tensor s = wide.detach().abs().amax(-1, true);
+  s = s.masked_fill(s == 0, 1);
+  const at::Tensor scaled = wide / s;
+  return scaled / at::linalg_vector_norm(scaled, 2, -1, true).clamp_min(1);
+}
+
+// mode="auto" without masks: the cost model's choice (crossover.cpp). Under
+// torch.compile(dynamic=True) or torch.export with a dynamic Dim the sizes
+// are symbols, and a choice read from their current values would either
+// specialise the graph to them (a recompile per length, an export error) or
+// guard on the crossover. Instead the choice must hold for every value the
+// symbols may take: the efficient algorithm when the symbols' known ranges
+// prove it cheaper (e.g. Dim("N", min=...) above the crossover), the direct
+// one otherwise. Pass mode="efficient" to pin it for long dynamic lengths.
+bool auto_picks_efficient(const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v) {
+  const auto M = q.sym_size(2).maybe_as_int(), N = k.sym_size(2).maybe_as_int(),
+             d = q.sym_size(3).maybe_as_int(), e = v.sym_size(3).maybe_as_int();
+  const c10::DeviceType device = q.device().type();
+  if (!d || !e) return false;
+  if (M && N) return prefer_efficient(*M, *N, *d, *e, device);
+  const int64_t from = crossover(*d, *e, device);
+  return TORCH_STATICALLY_KNOWN_TRUE(q.sym_size(2).sym_ge(from)) &&
+         TORCH_STATICALLY_KNOWN_TRUE(k.sym_size(2).sym_ge(from));
 }
 
 at::Tensor attention_composite(
@@ -137,7 +174,7 @@ at::Tensor attention_composite(
     c10::string_view mode, bool normalize, bool output_scale,
     std::optional<double> scale, double a, double b, double c) {
   check_tensors(q, k, v);
-  check_coefficients(a, b, c);
+  check_coefficients({a, b, c}, q.scalar_type());
   TORCH_CHECK_VALUE(mode == "auto" || mode == "direct" || mode == "efficient",
                     "taylorshift: mode must be \"auto\", \"direct\" or "
                     "\"efficient\", got \"",
@@ -159,22 +196,25 @@ at::Tensor attention_composite(
       "it)");
 
   // Logits x_ij = q_hat_i . k_hat_j: tau cos(q_i, k_j) when normalising,
-  // tau scale q_i . k_j otherwise. Norms are clamped as in F.normalize.
-  const int64_t d = q.size(3);
-  at::Tensor q_hat = q, k_hat = k;
+  // tau scale q_i . k_j otherwise; formed in the accumulation dtype and
+  // rounded to the input dtype once.
+  const auto acc = accumulate_dtype(q);
+  at::Tensor q_hat, k_hat = k;
   if (normalize) {
-    q_hat = q / q.norm(2, -1, true).clamp_min(1e-12);
-    k_hat = k / k.norm(2, -1, true).clamp_min(1e-12);
+    q_hat = unit_rows(q);
+    k_hat = unit_rows(k).to(k.scalar_type());
   } else {
-    q_hat = q * scale.value_or(1.0 / std::sqrt(double(d)));
+    const c10::SymFloat default_scale =
+        c10::SymFloat(1.0) / c10::SymFloat(q.sym_size(3)).sqrt();
+    q_hat =
+        q.to(acc) * (scale ? c10::Scalar(*scale) : c10::Scalar(default_scale));
   }
-  if (temperature)
-    q_hat = q_hat * temperature->to(q.scalar_type()).view({1, -1, 1, 1});
+  if (temperature) q_hat = q_hat * temperature->to(acc).view({1, -1, 1, 1});
+  q_hat = q_hat.to(q.scalar_type());
 
   const bool efficient =
       mode == "efficient" ||
-      (mode == "auto" && !needs_direct &&
-       prefer_efficient(q.size(2), k.size(2), d, v.size(3), q.device().type()));
+      (mode == "auto" && !needs_direct && auto_picks_efficient(q, k, v));
   const KernelOptions options = schema_options(causal, output_scale, a, b, c);
   if (efficient)
     return std::get<0>(

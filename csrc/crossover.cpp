@@ -45,19 +45,24 @@ bool prefer_efficient(int64_t queries, int64_t keys, int64_t head_dim,
          flops(false, queries, keys, head_dim, value_dim, false);
 }
 
-int64_t crossover(int64_t head_dim, c10::DeviceType device) {
-  TORCH_CHECK_VALUE(head_dim > 0, "taylorshift: head_dim must be positive");
+int64_t crossover(int64_t head_dim, int64_t value_dim, c10::DeviceType device) {
+  TORCH_CHECK_VALUE(head_dim > 0 && value_dim > 0,
+                    "taylorshift: head_dim must be positive");
   // prefer_efficient is monotone in the sequence length: bisect for the
   // first length at which it holds.
   int64_t low = 1, high = int64_t(1) << 40;
   while (low < high) {
     const int64_t mid = low + (high - low) / 2;
-    if (prefer_efficient(mid, mid, head_dim, head_dim, device))
+    if (prefer_efficient(mid, mid, head_dim, value_dim, device))
       high = mid;
     else
       low = mid + 1;
   }
   return low;
+}
+
+int64_t crossover(int64_t head_dim, c10::DeviceType device) {
+  return crossover(head_dim, head_dim, device);
 }
 
 }  // namespace taylorshift

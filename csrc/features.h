@@ -64,18 +64,22 @@ TS_HOST_DEVICE int64_t block_end(int64_t begin, int64_t block_size,
   return begin + block_size < total ? begin + block_size : total;
 }
 
-// psi(k) scaled by `weight` (the key's mask, 0 or 1): out[0 .. F).
+// m_j psi(k_j) for the key's mask m_j: psi(k) if the key is valid, zeros if
+// it is masked: out[0 .. F). Zero by selection, not by multiplying with m_j,
+// because a masked key may hold anything (padding is often uninitialised,
+// NaN or inf) and 0 * NaN = NaN would spread it into the whole state.
 template <typename T>
-TS_HOST_DEVICE void write_key_features(const T* k, int64_t d, T weight,
+TS_HOST_DEVICE void write_key_features(const T* k, int64_t d, bool valid,
                                        T* out) {
-  out[0] = weight;
-  for (int64_t l = 0; l < d; ++l)
-    out[linear_feature_offset() + l] = weight * k[l];
-  T* pairs = out + pair_feature_offset(d);
-  for (int64_t l = 0; l < d; ++l) {
-    const T wk = weight * k[l];
-    for (int64_t m = l; m < d; ++m) *pairs++ = wk * k[m];
+  if (!valid) {
+    for (int64_t f = 0; f < feature_count(d); ++f) out[f] = T(0);
+    return;
   }
+  out[0] = T(1);
+  for (int64_t l = 0; l < d; ++l) out[linear_feature_offset() + l] = k[l];
+  T* pairs = out + pair_feature_offset(d);
+  for (int64_t l = 0; l < d; ++l)
+    for (int64_t m = l; m < d; ++m) *pairs++ = k[l] * k[m];
 }
 
 // phi(q) with the Taylor coefficients and omega folded in: out[0 .. F).

@@ -55,17 +55,21 @@ at::Tensor empty_den(const at::Tensor& q) {
 std::tuple<at::Tensor, at::Tensor> direct_forward_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& attn_mask, bool, bool, double, double,
-    double) {
-  check_kernel_inputs(q, k, v, key_padding_mask, attn_mask);
+    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
+    double a, double b, double c) {
+  check_forward_arguments("taylorshift::direct_forward", q, k, v,
+                          key_padding_mask, attn_mask,
+                          schema_options(causal, output_scale, a, b, c));
   return {empty_output(q, v), empty_den(q)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& key_padding_mask, bool, double, double,
-    double) {
-  check_kernel_inputs(q, k, v, key_padding_mask, std::nullopt);
+    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+    double a, double b, double c) {
+  check_forward_arguments("taylorshift::efficient_forward", q, k, v,
+                          key_padding_mask, std::nullopt,
+                          schema_options(false, output_scale, a, b, c));
   at::Tensor state =
       at::empty_symint({q.sym_size(0), q.sym_size(1),
                         feature_count(q.sym_size(3)), v.sym_size(3) + 1},
@@ -82,18 +86,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_gradients(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_meta(
-    const at::Tensor&, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor&, const at::Tensor&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
-    bool, double, double, double) {
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
+    double a, double b, double c) {
+  check_backward_arguments("taylorshift::direct_backward", grad_out, q, k, v,
+                           out, den, std::nullopt, key_padding_mask, attn_mask,
+                           schema_options(causal, output_scale, a, b, c));
   return empty_gradients(q, k, v);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_meta(
-    const at::Tensor&, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const std::optional<at::Tensor>&, bool, double, double,
-    double) {
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
+    const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
+    bool output_scale, double a, double b, double c) {
+  check_backward_arguments("taylorshift::efficient_backward", grad_out, q, k, v,
+                           out, den, state, key_padding_mask, std::nullopt,
+                           schema_options(false, output_scale, a, b, c));
   return empty_gradients(q, k, v);
 }
 

@@ -72,5 +72,8 @@ bool prefer_efficient(int64_t queries, int64_t keys, int64_t head_dim,
                       int64_t value_dim, c10::DeviceType device);
 // Sequence length (M = N, e = d) where the two algorithms cost the same.
 int64_t crossover(int64_t head_dim, c10::DeviceType device);
+// The smallest length L with prefer_efficient(L, L, d, e): the cost model is
+// monotone in both lengths, so efficient is the cheaper one for all M, N >= L.
+int64_t crossover(int64_t head_dim, int64_t value_dim, c10::DeviceType device);
 
 }  // namespace taylorshift

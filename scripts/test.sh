@@ -29,5 +29,6 @@ ctest --test-dir build-cmake --output-on-failure
 # is the only check of those paths; with one, tests/test_cuda.py runs them.
 if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   PYTHONPATH=csrc/cuda/emulation python -m pytest -p emulate -q -p no:cacheprovider \
-    tests/test_forward.py tests/test_masks.py tests/test_gradients.py
+    tests/test_forward.py tests/test_masks.py tests/test_gradients.py tests/test_cuda.py \
+    tests/test_numerics_edge.py
 fi

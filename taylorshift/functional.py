@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -64,7 +66,11 @@ def _reference_attention(
     q, k, v, temperature, key_padding_mask, attn_mask, causal, mode, normalize, output_scale,
     scale, a, b, c,
 ):  # fmt: skip
-    """Fallback without the compiled extension: the reference, switching at the paper's N0."""
+    """Fallback without the compiled extension: the same checks as the operator, then the
+    reference, switching at the paper's N0."""
+    _check_arguments(
+        q, k, v, temperature, key_padding_mask, attn_mask, causal, mode, normalize, scale, a, b, c
+    )
     options = {
         "key_padding_mask": key_padding_mask,
         "normalize": normalize,
@@ -73,8 +79,6 @@ def _reference_attention(
         "coefficients": (a, b, c),
     }
     needs_direct = attn_mask is not None or causal
-    if mode == "efficient" and needs_direct:
-        raise NotImplementedError("taylorshift: attn_mask and causal need mode='direct'")
     if (
         mode == "direct"
         or needs_direct
@@ -82,3 +86,226 @@ def _reference_attention(
     ):
         return reference.direct(q, k, v, temperature, attn_mask=attn_mask, causal=causal, **options)
     return reference.efficient(q, k, v, temperature, **options)
+
+
+# The checks of the taylorshift::attention operator (csrc/attention.cpp and
+# csrc/kernel_checks.h), for the fallback: the same order, exception types and messages, so that
+# a program behaves the same with and without the extension (tests/test_fallback.py runs the
+# bad-input suite both ways and compares the messages).
+
+
+def _check(condition: bool, error: type[Exception], *message: object) -> None:
+    if not condition:
+        raise error("".join(str(part) for part in message))
+
+
+def _shape(t: Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _check_tensors(q: Tensor, k: Tensor, v: Tensor) -> None:
+    floating = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for t, name in ((q, "q (B, H, M, d)"), (k, "k (B, H, N, d)"), (v, "v (B, H, N, e)")):
+        _check(
+            t.dim() == 4,
+            ValueError,
+            "taylorshift: ",
+            name,
+            " must have 4 dimensions, got shape ",
+            _shape(t),
+        )
+        _check(
+            t.dtype in floating,
+            TypeError,
+            "taylorshift: ",
+            name,
+            " must be float16, bfloat16, float32 or float64, got ",
+            t.dtype,
+        )
+    _check(
+        q.dtype == k.dtype == v.dtype,
+        TypeError,
+        "taylorshift: q, k, v must have the same dtype, got ",
+        q.dtype,
+        ", ",
+        k.dtype,
+        ", ",
+        v.dtype,
+    )
+    _check(
+        q.device == k.device == v.device,
+        ValueError,
+        "taylorshift: q, k, v must be on the same device, got ",
+        q.device,
+        ", ",
+        k.device,
+        ", ",
+        v.device,
+    )
+    shapes = f"{_shape(q)}, {_shape(k)}, {_shape(v)}"
+    _check(
+        q.shape[0] == k.shape[0] == v.shape[0],
+        ValueError,
+        "taylorshift: q, k, v must have the same batch size, got shapes ",
+        shapes,
+    )
+    _check(
+        q.shape[1] == k.shape[1] == v.shape[1],
+        ValueError,
+        "taylorshift: q, k, v must have the same number of heads, got shapes ",
+        shapes,
+    )
+    _check(
+        k.shape[2] == v.shape[2],
+        ValueError,
+        "taylorshift: k and v must have the same number of keys N, got shapes ",
+        _shape(k),
+        ", ",
+        _shape(v),
+    )
+    _check(
+        q.shape[3] == k.shape[3],
+        ValueError,
+        "taylorshift: q and k must have the same head dim d, got shapes ",
+        _shape(q),
+        ", ",
+        _shape(k),
+    )
+    _check(k.shape[2] > 0, ValueError, "taylorshift: there must be at least one key (N = 0)")
+    _check(
+        q.shape[3] > 0 and v.shape[3] > 0,
+        ValueError,
+        "taylorshift: head dims must be positive, got d = ",
+        q.shape[3],
+        ", e = ",
+        v.shape[3],
+    )
+
+
+def _check_coefficients(a: float, b: float, c: float, dtype: torch.dtype) -> None:
+    wide = reference.accumulate_dtype(dtype)
+    got = f"a = {a:g}, b = {b:g}, c = {c:g}"
+    largest = torch.finfo(wide).max
+    representable = all(math.isfinite(x) and abs(x) <= largest for x in (a, b, c))
+    _check(
+        representable,
+        ValueError,
+        "taylorshift: coefficients (a, b, c) must be finite in ",
+        wide,
+        ", the dtype the kernels compute in; got ",
+        got,
+    )
+    a_t, b_t, c_t = (torch.tensor(x, dtype=wide) for x in (a, b, c))
+    _check(
+        bool(a_t > 0), ValueError, f"taylorshift: coefficients (a, b, c) need a > 0, got a = {a:g}"
+    )
+    minimum = c_t - b_t * b_t / (4 * a_t)
+    _check(
+        bool(minimum > 0),
+        ValueError,
+        "taylorshift: coefficients (a, b, c) need c > b^2 / (4a) so that the weights a x^2 + b x + c are positive for every x (checked in ",
+        wide,
+        ", the dtype the kernels compute in); got ",
+        got,
+    )
+
+
+def _check_masks(q: Tensor, k: Tensor, temperature, key_padding_mask, attn_mask) -> None:
+    heads = q.shape[1]
+    if temperature is not None:
+        t = temperature
+        _check(
+            t.dim() == 1 and t.shape[0] == heads,
+            ValueError,
+            f"taylorshift: temperature must have shape (H,) = ({heads},), got ",
+            _shape(t),
+        )
+        _check(
+            t.dtype.is_floating_point,
+            TypeError,
+            "taylorshift: temperature must be floating, got ",
+            t.dtype,
+        )
+        _check(
+            t.device == q.device,
+            ValueError,
+            "taylorshift: temperature is on ",
+            t.device,
+            " but q is on ",
+            q.device,
+        )
+    if key_padding_mask is not None:
+        m = key_padding_mask
+        _check(
+            m.dtype == torch.bool,
+            TypeError,
+            "taylorshift: key_padding_mask must be a bool tensor (True = padding, ignored), got ",
+            m.dtype,
+        )
+        _check(
+            m.dim() == 2 and tuple(m.shape) == (k.shape[0], k.shape[2]),
+            ValueError,
+            f"taylorshift: key_padding_mask must have shape (B, N) = ({k.shape[0]}, {k.shape[2]}), got ",
+            _shape(m),
+        )
+        _check(
+            m.device == k.device,
+            ValueError,
+            "taylorshift: key_padding_mask is on ",
+            m.device,
+            " but k is on ",
+            k.device,
+        )
+    if attn_mask is not None:
+        m = attn_mask
+        _check(
+            m.dtype == torch.bool,
+            TypeError,
+            "taylorshift: attn_mask must be a bool tensor (True = not allowed to attend), got ",
+            m.dtype,
+            ". Additive float masks do not apply to TaylorShift: its weights are the polynomial a x^2 + b x + c of the logits, not exp(x), so adding -inf to a logit makes its weight +inf instead of 0.",
+        )
+        target = [q.shape[0], heads, q.shape[2], k.shape[2]]
+        sizes = list(m.shape)
+        broadcastable = len(sizes) <= 4 and all(
+            size in (1, goal) for size, goal in zip(reversed(sizes), reversed(target))
+        )
+        _check(
+            broadcastable,
+            ValueError,
+            "taylorshift: attn_mask must be broadcastable to (B, H, M, N) = ",
+            target,
+            ", got ",
+            _shape(m),
+        )
+        _check(
+            m.device == q.device,
+            ValueError,
+            "taylorshift: attn_mask is on ",
+            m.device,
+            " but q is on ",
+            q.device,
+        )
+
+
+def _check_arguments(
+    q, k, v, temperature, key_padding_mask, attn_mask, causal, mode, normalize, scale, a, b, c
+):  # fmt: skip
+    _check_tensors(q, k, v)
+    _check_coefficients(a, b, c, q.dtype)
+    _check(
+        mode in ("auto", "direct", "efficient"),
+        ValueError,
+        f'taylorshift: mode must be "auto", "direct" or "efficient", got "{mode}"',
+    )
+    _check(
+        not (normalize and scale is not None),
+        ValueError,
+        "taylorshift: scale applies only with normalize=False (with normalize=True the logits are cosine similarities times temperature)",
+    )
+    _check_masks(q, k, temperature, key_padding_mask, attn_mask)
+    _check(
+        not (mode == "efficient" and (attn_mask is not None or causal)),
+        NotImplementedError,
+        'taylorshift: mode="efficient" supports key_padding_mask only; attn_mask and causal need mode="direct" (or "auto", which picks it)',
+    )

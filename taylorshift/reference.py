@@ -15,6 +15,23 @@ import torch
 from torch import Tensor
 
 
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def unit_rows(x: Tensor) -> Tensor:
+    """x / |x| along the last dimension, exact for every finite x: in float32 for float16 and
+    bfloat16, after dividing by the (detached) max |x_l| so that |x|^2 can neither overflow nor
+    underflow; zero rows stay zero. The extension's composite computes the same
+    (csrc/attention.cpp, unit_rows), which says why each step is there."""
+    wide = x.to(accumulate_dtype(x.dtype))
+    s = wide.detach().abs().amax(-1, keepdim=True)
+    s = s.masked_fill(s == 0, 1)
+    scaled = wide / s
+    return scaled / torch.linalg.vector_norm(scaled, dim=-1, keepdim=True).clamp_min(1)
+
+
 def logit_factors(
     q: Tensor,
     k: Tensor,
@@ -23,16 +40,17 @@ def logit_factors(
     normalize: bool = True,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """q_hat, k_hat with logits x_ij = q_hat_i . k_hat_j (docs/math.md §1)."""
+    """q_hat, k_hat with logits x_ij = q_hat_i . k_hat_j (docs/math.md §1), formed in the
+    accumulation dtype and rounded to the input dtype once."""
+    wide = accumulate_dtype(q.dtype)
     if normalize:
-        q_hat = torch.nn.functional.normalize(q, dim=-1, eps=1e-12)
-        k_hat = torch.nn.functional.normalize(k, dim=-1, eps=1e-12)
+        q_hat, k_hat = unit_rows(q), unit_rows(k).to(k.dtype)
     else:
-        q_hat = q * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+        q_hat = q.to(wide) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
         k_hat = k
     if temperature is not None:
-        q_hat = q_hat * temperature.to(q.dtype).view(1, -1, 1, 1)
-    return q_hat, k_hat
+        q_hat = q_hat * temperature.to(wide).view(1, -1, 1, 1)
+    return q_hat.to(q.dtype), k_hat
 
 
 def allowed_keys(
@@ -138,13 +156,15 @@ def efficient(
     q_hat, k_hat = logit_factors(q, k, temperature, normalize=normalize, scale=scale)
     # Scaling q and k by d^(1/4) makes (q.k) = sqrt(d) x: the b and c terms are rescaled to match.
     root = head_dim**0.25
-    q_s, k_s = q_hat * root, k_hat * root
-    keep = torch.ones(batch, keys, dtype=v.dtype, device=v.device)
+    keep = torch.ones(batch, 1, keys, 1, dtype=torch.bool, device=v.device)
     if key_padding_mask is not None:
-        keep = keep * (~key_padding_mask).to(v.dtype)
-    valid = keep.sum(-1).view(batch, 1, 1, 1)
+        keep = ~key_padding_mask.view(batch, 1, keys, 1)
+    valid = keep.sum(-2, keepdim=True).to(v.dtype)
+    # Masked keys and values are zeroed by selection: a padded key may hold NaN or inf, and
+    # multiplying it by a 0/1 mask would spread 0 * NaN = NaN into every output.
+    q_s, k_s = q_hat * root, torch.where(keep, k_hat * root, 0)
     ones = torch.ones_like(v[..., :1])
-    v_aug = torch.cat([ones, v], dim=-1) * keep.view(batch, 1, keys, 1) / keys
+    v_aug = torch.where(keep, torch.cat([ones, v], dim=-1), 0) / keys
     k_sq = (k_s.unsqueeze(-1) * k_s.unsqueeze(-2)).flatten(-2)  # (B, H, N, d^2)
     q_sq = (q_s.unsqueeze(-1) * q_s.unsqueeze(-2)).flatten(-2)  # (B, H, M, d^2)
     state_2 = k_sq.transpose(-1, -2) @ v_aug

@@ -36,6 +36,12 @@ def test_mismatched_batch(qkv):
         call(q, k[:1], v[:1])
 
 
+def test_batch_does_not_broadcast(qkv):
+    q, k, v = qkv
+    with pytest.raises(ValueError, match="same batch size"):
+        call(q[:1], k, v)
+
+
 def test_mismatched_heads(qkv):
     q, k, v = qkv
     with pytest.raises(ValueError, match="same number of heads"):
@@ -78,7 +84,8 @@ def test_integer_inputs(qkv):
         call(q.long(), k.long(), v.long())
 
 
-@pytest.mark.parametrize("shape", [(B, N + 1), (B + 1, N), (N,), (B, 1, N)])
+# (N, B): a transposed mask, whose B * N elements a view would silently reinterpret.
+@pytest.mark.parametrize("shape", [(B, N + 1), (B + 1, N), (N,), (B, 1, N), (N, B)])
 def test_key_padding_mask_wrong_shape(qkv, shape):
     mask = torch.zeros(shape, dtype=torch.bool, device=qkv[0].device)
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, N\)"):
@@ -129,6 +136,37 @@ def test_causal_with_efficient_mode(qkv):
 def test_invalid_coefficients(qkv, coefficients, message):
     with pytest.raises(ValueError, match=message):
         call(*qkv, coefficients=coefficients)
+
+
+@pytest.mark.parametrize(
+    "coefficients",
+    [
+        (0.5, 1.0, float("inf")),
+        (float("inf"), 1.0, 1.0),
+        (0.5, float("nan"), 1.0),
+        (1e300, 1.0, 1.0),
+    ],
+)
+def test_non_finite_coefficients(qkv, coefficients):
+    # 1e300 is finite in double but not in float32, the dtype the kernels compute float16 to
+    # float32 inputs in: every weight would be inf, every output NaN.
+    q, k, v = (x.float() for x in qkv)
+    with pytest.raises(ValueError, match="coefficients .* must be finite in torch.float32"):
+        call(q, k, v, coefficients=coefficients)
+
+
+def test_huge_coefficient_accepted_where_the_kernels_compute_in_float64(qkv):
+    out = call(*qkv, coefficients=(1e300, 1.0, 1.0))
+    assert out.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_coefficients_checked_in_the_dtype_the_kernels_compute_in(qkv, dtype):
+    # c - b^2 / 4a = 1e-9 > 0 in double, but c rounds to 0.5 in float32: f(-1) = 0 there.
+    q, k, v = (x.to(dtype) for x in qkv)
+    with pytest.raises(ValueError, match=r"need c > b\^2 / \(4a\).*checked in torch.float32"):
+        call(q, k, v, coefficients=(0.5, 1.0, 0.5 + 1e-9))
+    call(*qkv, coefficients=(0.5, 1.0, 0.5 + 1e-9))  # float64 inputs: positive there
 
 
 def test_coefficients_wrong_length(qkv):
@@ -207,20 +245,6 @@ def test_module_efficient_mode_with_attn_mask(module_and_input):
     module.mode = "efficient"
     with pytest.raises(NotImplementedError, match="need mode=.direct"):
         module(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.bool, device=x.device))
-
-
-def test_algorithm_ops_check_their_inputs(qkv):
-    q, k, v = qkv
-    with pytest.raises(ValueError, match="must be 4-d"):
-        torch.ops.taylorshift.direct_forward(q[0], k, v, None, None, False, True, 0.5, 1.0, 1.0)
-    with pytest.raises(RuntimeError, match="same head dim"):
-        torch.ops.taylorshift.efficient_forward(q[..., :2], k, v, None, True, 0.5, 1.0, 1.0)
-    with pytest.raises(TypeError, match="key_padding_mask must be bool"):
-        mask = torch.zeros(B, N, device=q.device)
-        torch.ops.taylorshift.efficient_forward(q, k, v, mask, True, 0.5, 1.0, 1.0)
-    with pytest.raises(ValueError, match=r"attn_mask must be \(B, H, M, N\)"):
-        mask = torch.zeros(M, N, dtype=torch.bool, device=q.device)
-        torch.ops.taylorshift.direct_forward(q, k, v, None, mask, False, True, 0.5, 1.0, 1.0)
 
 
 # The meta device stands in for "another device", so these run on CPU-only machines too.

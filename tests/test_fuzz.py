@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ts_testing import DEVICES, F64_TOL, reference64
+from ts_testing import DEVICES, F64_TOL, assert_matches_reference, reference64
 
 import taylorshift
 
@@ -104,3 +104,62 @@ def test_fuzz_direct_equals_efficient(device, problem):
     efficient = taylorshift.taylor_shift_attention(*args, mode="efficient", **options)
     scale = direct.abs().max().item() if direct.numel() else 1.0
     torch.testing.assert_close(efficient, direct, rtol=1e-9, atol=1e-12 * max(scale, 1.0))
+
+
+# ---- dtypes, layouts and magnitudes -----------------------------------------------------------
+
+
+@st.composite
+def edge_problems(draw):
+    """Both algorithms in every dtype, through transposed and strided views, with zero rows,
+    rows whose squared norm overflows the dtype, and NaN or inf in padded keys."""
+    dtype = draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]))
+    batch, heads = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    queries, keys = draw(st.integers(1, 40)), draw(st.integers(1, 80))
+    head_dim, value_dim = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    layout = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+    def tensor(tokens, width):
+        if layout == "transposed":  # (B, tokens, H, dim) memory, as the module's projections
+            x = torch.randn(batch, tokens, heads, width, generator=generator).transpose(1, 2)
+        elif layout == "strided":  # every other element of a wider tensor
+            x = torch.randn(batch, heads, tokens, 2 * width, generator=generator)[..., ::2]
+        else:
+            x = torch.randn(batch, heads, tokens, width, generator=generator)
+        return x.to(torch.float64)
+
+    q, k, v = tensor(queries, head_dim), tensor(keys, head_dim), tensor(keys, value_dim)
+    huge = 4 * torch.finfo(dtype).max ** 0.5  # its square overflows the dtype
+    for x, tokens in ((q, queries), (k, keys)):
+        rows = torch.rand(tokens, generator=generator)
+        x[:, :, rows < 0.15] = 0
+        x[:, :, rows > 0.85] *= huge
+    mask = None
+    if draw(st.booleans()):
+        mask = torch.rand(batch, keys, generator=generator) < 0.3
+        mask[:, 0] = False
+    poison = draw(st.sampled_from([None, float("nan"), float("inf")])) if mask is not None else None
+    return q.to(dtype), k.to(dtype), v.to(dtype), mask, poison
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["direct", "efficient"])
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(problem=edge_problems())
+def test_fuzz_edges_match_reference(device, mode, problem):
+    q, k, v, mask, poison = problem
+    clean = k
+    if poison is not None:
+        k = k.clone()
+        k[mask[:, None].expand(-1, k.shape[1], -1)] = poison
+    out = taylorshift.taylor_shift_attention(
+        q.to(device),
+        k.to(device),
+        v.to(device),
+        key_padding_mask=None if mask is None else mask.to(device),
+        mode=mode,
+    )
+    assert out.isfinite().all()
+    # The oracle sees the padded keys as the zeros they count as.
+    assert_matches_reference(out, q, clean, v, mode=mode, key_padding_mask=mask)

@@ -134,7 +134,9 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cpu(
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
     double a, double b, double c) {
-  check_kernel_inputs(q_in, k_in, v_in, key_padding_mask, attn_mask);
+  check_forward_arguments("taylorshift::direct_forward", q_in, k_in, v_in,
+                          key_padding_mask, attn_mask,
+                          schema_options(causal, output_scale, a, b, c));
   const at::Tensor q = to_compute(q_in), k = to_compute(k_in),
                    v = to_compute(v_in);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), e = v.size(3);
@@ -161,7 +163,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cpu(
     const at::Tensor& den_in, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
     double a, double b, double c) {
-  check_kernel_inputs(q_in, k_in, v_in, key_padding_mask, attn_mask);
+  check_backward_arguments("taylorshift::direct_backward", grad_out_in, q_in,
+                           k_in, v_in, out_in, den_in, std::nullopt,
+                           key_padding_mask, attn_mask,
+                           schema_options(causal, output_scale, a, b, c));
   const at::Tensor q = to_compute(q_in), k = to_compute(k_in),
                    v = to_compute(v_in), grad_out = to_compute(grad_out_in),
                    out = to_compute(out_in), den = to_compute(den_in);

@@ -17,12 +17,20 @@
 namespace taylorshift::cpu {
 namespace {
 
-// [1 | v_j] rows of a key chunk, the value side of the state's outer product.
+// m_j [1 | v_j] rows of the key chunk starting at key j0, the value side of
+// the state's outer product; masked rows are zero by selection (see
+// write_key_features).
 template <typename T>
-void write_augmented_values(const T* v, int64_t rows, int64_t e, T* out) {
+void write_augmented_values(const T* v, int64_t j0, int64_t rows, int64_t e,
+                            const Mask& mask, int64_t batch, T* out) {
   for (int64_t r = 0; r < rows; ++r) {
-    out[r * (e + 1)] = T(1);
-    std::copy(v + r * e, v + (r + 1) * e, out + r * (e + 1) + 1);
+    T* row = out + r * (e + 1);
+    if (!mask.key_valid(batch, j0 + r)) {
+      std::fill(row, row + e + 1, T(0));
+      continue;
+    }
+    row[0] = T(1);
+    std::copy(v + (j0 + r) * e, v + (j0 + r + 1) * e, row + 1);
   }
 }
 
@@ -80,10 +88,10 @@ int64_t accumulate_state(const HeadTensors<T>& t, const Mask& mask,
     for (int64_t r = 0; r < rows; ++r) {
       const bool keep = mask.key_valid(batch, j0 + r);
       valid += keep;
-      write_key_features<T>(t.k + (j0 + r) * d, d, keep ? T(1) : T(0),
+      write_key_features<T>(t.k + (j0 + r) * d, d, keep,
                             features.data() + r * F);
     }
-    write_augmented_values(t.v + j0 * e, rows, e, values.data());
+    write_augmented_values(t.v, j0, rows, e, mask, batch, values.data());
     sum.add(features.data(), values.data(), rows);
   }
   sum.copy_to(state);
@@ -176,10 +184,10 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
     const int64_t j1 = block_end(j0, kFeatureChunk, t.keys), rows = j1 - j0;
     for (int64_t r = 0; r < rows; ++r) {
       const bool keep = mask.key_valid(batch, j0 + r);
-      write_key_features<T>(t.k + (j0 + r) * d, d, keep ? T(1) : T(0),
+      write_key_features<T>(t.k + (j0 + r) * d, d, keep,
                             features.data() + r * F);
     }
-    write_augmented_values(t.v + j0 * e, rows, e, rows_e1.data());
+    write_augmented_values(t.v, j0, rows, e, mask, batch, rows_e1.data());
     // feature_grad = V' dS^T: row j holds dS v'_j.
     matmul<T>(false, true, rows, F, e + 1, rows_e1.data(), e + 1,
               grad_state.data(), e + 1, feature_grad.data(), F, false);
@@ -203,7 +211,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
     double a, double b, double c) {
-  check_kernel_inputs(q_in, k_in, v_in, key_padding_mask, std::nullopt);
+  check_forward_arguments("taylorshift::efficient_forward", q_in, k_in, v_in,
+                          key_padding_mask, std::nullopt,
+                          schema_options(false, output_scale, a, b, c));
   const at::Tensor q = to_compute(q_in), k = to_compute(k_in),
                    v = to_compute(v_in);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), d = q.size(3),
@@ -233,15 +243,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cpu(
     const at::Tensor& den_in, const at::Tensor& state_in,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
     double a, double b, double c) {
-  check_kernel_inputs(q_in, k_in, v_in, key_padding_mask, std::nullopt);
+  check_backward_arguments("taylorshift::efficient_backward", grad_out_in, q_in,
+                           k_in, v_in, out_in, den_in, state_in,
+                           key_padding_mask, std::nullopt,
+                           schema_options(false, output_scale, a, b, c));
   const at::Tensor q = to_compute(q_in), k = to_compute(k_in),
                    v = to_compute(v_in), grad_out = to_compute(grad_out_in),
                    out = to_compute(out_in), den = to_compute(den_in),
                    state = to_compute(state_in);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), N = k.size(2),
                 d = q.size(3), e = v.size(3), F = feature_count(d);
-  TORCH_CHECK_VALUE(state.size(2) == F && state.size(3) == e + 1,
-                    "taylorshift: state must be (B, H, F, e + 1)");
   at::Tensor grad_q = at::empty_like(q), grad_k = at::zeros_like(k),
              grad_v = at::empty_like(v);
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);

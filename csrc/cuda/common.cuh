@@ -1,6 +1,10 @@
 // CUDA-only building blocks shared by direct.cu and efficient.cu.
 //
-// Every kernel of this directory has the same shape: a block of kThreads
+// Two kinds of kernel. The register-resident ones (direct.cu's *_mma_kernel,
+// 16-bit inputs) keep every product's operands and accumulators in registers
+// as mma.sync fragments (warp.cuh) and use shared memory only for cp.async
+// staged token tiles (load_rows). The others (float32/float64, the efficient
+// algorithm, float16's backward) have this shape: a block of kThreads
 // threads stages tiles of its operands in shared memory, multiplies them with
 // `block_mma` into float (double for float64) accumulators that also live in
 // shared memory, and applies the TaylorShift-specific elementwise steps
@@ -35,6 +39,7 @@
 #include <type_traits>
 
 #include "../kernel_blocks.h"
+#include "warp.cuh"
 
 namespace taylorshift::cuda_kernels {
 
@@ -290,6 +295,73 @@ template <typename T>
 __device__ void zero_tile(T* dst, int ld, int rows, int cols) {
   for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
     dst[idx / cols * ld + idx % cols] = Num<T>::narrow(typename Num<T>::acc(0));
+  }
+}
+
+// A (B, H, L, cols) tensor of 2-byte elements read through its strides: the
+// (B, L, H, d)-transposed views of a model's projections are read in place.
+// Every row starts 16-byte aligned (see cp_async_rows), so rows move as
+// 16-byte cp.async chunks.
+template <typename T>
+struct TokenRows {
+  const T* data = nullptr;
+  int64_t stride_b = 0, stride_h = 0, stride_t = 0;
+  int cols = 0;
+  __device__ __forceinline__ const T* row(int64_t b, int64_t h,
+                                          int64_t t) const {
+    return data + b * stride_b + h * stride_h + t * stride_t;
+  }
+};
+
+// `t` itself when its rows are 16-byte vectors (unit last stride, other
+// strides, start and the row length multiples of 16 bytes); otherwise (odd
+// head dims, unaligned or column-strided views) a contiguous copy whose rows
+// are zero-padded to a multiple of 8 elements.
+inline at::Tensor cp_async_rows(const at::Tensor& t) {
+  constexpr int64_t kVector = 8;  // 2-byte elements per 16 bytes
+  const bool vectors = t.stride(3) == 1 && t.size(3) % kVector == 0 &&
+                       t.stride(0) % kVector == 0 &&
+                       t.stride(1) % kVector == 0 &&
+                       t.stride(2) % kVector == 0 &&
+                       reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  if (vectors) return t;
+  const int64_t pad = (kVector - t.size(3) % kVector) % kVector;
+  return at::constant_pad_nd(t, {0, pad}).contiguous();
+}
+
+// The view of a cp_async_rows tensor whose first `cols` columns are the data.
+template <typename T>
+TokenRows<T> token_rows(const at::Tensor& t, int64_t cols) {
+  TokenRows<T> rows;
+  rows.data = reinterpret_cast<const T*>(t.data_ptr());
+  rows.stride_b = t.stride(0);
+  rows.stride_h = t.stride(1);
+  rows.stride_t = t.stride(2);
+  rows.cols = static_cast<int>(cols);
+  return rows;
+}
+
+// Rows [t0, t0 + kRows) of `src` (b, h) into a kRows x kDim shared tile of
+// leading dimension kDim + 8 as 16-byte cp.async chunks, landing at the
+// caller's cp_async_wait; zeros past `total` rows and past src.cols: zeros,
+// not garbage, because padded entries meet masked zeros in the products and
+// 0 * NaN = NaN. The padding of the leading dimension puts the 8 rows an
+// ldmatrix reads in 8 different 16-byte bank groups: row stride
+// (kDim + 8) * 2 bytes.
+template <int kDim, int kRows, typename T>
+__device__ __forceinline__ void load_rows(T* dst, const TokenRows<T>& src,
+                                          int64_t b, int64_t h, int64_t t0,
+                                          int64_t total) {
+  constexpr int ld = kDim + 8, kChunks = kDim / 8;  // 16-byte chunks per row
+  static_assert(kRows * kChunks % kThreads == 0);
+  const T* base = src.row(b, h, t0);
+#pragma unroll
+  for (int step = 0; step < kRows * kChunks / kThreads; ++step) {
+    const int idx = threadIdx.x + step * kThreads;
+    const int r = idx / kChunks, col = idx % kChunks * 8;
+    const bool valid = t0 + r < total && col < src.cols;
+    warp::cp_async_16(dst + r * ld + col,
+                      valid ? base + r * src.stride_t + col : src.data, valid);
   }
 }
 

@@ -1,6 +1,10 @@
 // Direct TaylorShift attention (docs/math.md §2) on CUDA: a fused tiled kernel
 // in the style of FlashAttention, and its recomputation backward.
 //
+// float16/bfloat16 forward: direct_forward_mma_kernel, register-resident on
+// mma.sync (warp.cuh), described at the kernel. float32/float64 forward and
+// every backward: shared-memory tiles and block_mma, as follows.
+//
 // Forward, for one (batch, head) and one tile of queries I:
 //     for each key tile J:   X = Q_I K_J^T              (tensor cores)
 //                            W = m ⊙ f(X)               (elementwise)
@@ -125,6 +129,498 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row = bh * p.queries + i;
     out[row * p.e + col] = Num<T>::narrow(os[r * ld_o + col] * scale);
     if (col == 0) den[row] = row_sum;
+  }
+}
+
+// The 16-bit forward on mma.sync, in the structure of FlashAttention-2.
+// A block of 4 warps owns kRows = 64 queries, 16 per warp, and walks the key
+// tiles of kKeys = 64. Each warp keeps everything of its 16 rows in registers:
+// its Q fragments (loaded once), S = Q K_J^T (16 x 64, float), W = m ⊙ f(S)
+// re-packed in place as the A operand of the next product (the C layout of
+// two adjacent n8 tiles is the A layout of one k16 step), the row sums of W
+// and O += W V_J (16 x kDim, float). Shared memory only stages Q and two
+// buffers of K_J, V_J, filled by cp.async one tile ahead of the products.
+// kDim is the head dim rounded up to 16, 32, 64 or 128 (zero-padded columns
+// add zeros to S and produce ignored columns of O); without a mask
+// (kMasked false) the only masking left is the key tail.
+constexpr int kRows = 64, kKeys = 64;
+
+template <typename T>
+struct MmaArgs {
+  TokenRows<T> q, k, v;
+  TokenRows<T> grad_out;  // backward only
+  const float* scalars;   // backward only: (B, H, M, 2) = (rs, dl)
+  int64_t heads, queries, keys;
+  int d, e;
+  Mask mask;
+  RowValues<float> sigma;  // forward only
+  float a, b, c;
+};
+
+// Rows row0 + g, row0 + g + 8 of a warp's 16 x kDim accumulator (C layout),
+// times scale[0] / scale[1], into the first `cols` columns of the
+// contiguous (rows, cols) matrix `dst`.
+template <typename T, int kDim>
+__device__ __forceinline__ void store_rows(T* dst,
+                                           const float (&acc)[kDim / 8][4],
+                                           int64_t row0, int64_t rows, int cols,
+                                           const float (&scale)[2], int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = row0 + lane / 4 + 8 * r;
+    if (row >= rows) continue;
+#pragma unroll
+    for (int n = 0; n < kDim / 8; ++n) {
+      const int col = n * 8 + 2 * (lane % 4);
+      if (col < cols)
+        dst[row * cols + col] = Num<T>::narrow(acc[n][2 * r] * scale[r]);
+      if (col + 1 < cols)
+        dst[row * cols + col + 1] =
+            Num<T>::narrow(acc[n][2 * r + 1] * scale[r]);
+    }
+  }
+}
+
+// Zeroes the columns >= `valid` of a warp's 16 x kN accumulator (C layout):
+// the padded keys of the last tile, outside the main path.
+template <int kN>
+__device__ __forceinline__ void zero_past_keys(float (&acc)[kN / 8][4],
+                                               int64_t valid, int lane) {
+#pragma unroll
+  for (int n = 0; n < kN / 8; ++n) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (8 * n + 2 * (lane % 4) + i % 2 >= valid) acc[n][i] = 0.f;
+    }
+  }
+}
+
+template <int kDim>
+constexpr size_t mma_forward_smem() {
+  return size_t(5) * kRows * (kDim + 8) * 2;  // Q, 2 x K, 2 x V
+}
+
+template <typename T, int kDim, bool kMasked>
+__global__ void __launch_bounds__(kThreads)
+    direct_forward_mma_kernel(MmaArgs<T> p, T* out, float* den) {
+  static_assert(kRows == 16 * (kThreads / 32) && kRows == kKeys);
+  constexpr int ld = kDim + 8, kTile = kRows * ld;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* qs = reinterpret_cast<T*>(smem);
+  T* ks = qs + kTile;      // two stages
+  T* vs = ks + 2 * kTile;  // two stages
+  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16;
+  const int g = lane / 4, quad = lane % 4;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  // Causal: keys j <= i < i0 + kRows only.
+  const int64_t key_end = p.mask.key_limit(i0 + kRows, p.keys);
+  const int tiles = static_cast<int>((key_end + kKeys - 1) / kKeys);
+
+  load_rows<kDim, kRows>(qs, p.q, b, h, i0, p.queries);
+  warp::cp_async_commit();
+  if (tiles > 0) {
+    load_rows<kDim, kKeys>(ks, p.k, b, h, 0, p.keys);
+    load_rows<kDim, kKeys>(vs, p.v, b, h, 0, p.keys);
+  }
+  warp::cp_async_commit();
+  warp::cp_async_wait<1>();  // Q has landed
+  __syncthreads();
+  uint32_t qf[kDim / 16][4];  // A fragments of this warp's 16 query rows
+  warp::load_a<kDim, ld>(qf, qs + warp_row * ld, lane);
+  float o[kDim / 8][4] = {};      // O, n8 tiles in the C layout
+  float row_sum[2] = {0.f, 0.f};  // rows g and g + 8 (this lane's columns)
+  for (int tile = 0; tile < tiles; ++tile) {
+    const T* kt = ks + tile % 2 * kTile;
+    const T* vt = vs + tile % 2 * kTile;
+    if (tile + 1 < tiles) {  // prefetch the next tile into the other stage
+      const int64_t next = static_cast<int64_t>(tile + 1) * kKeys;
+      load_rows<kDim, kKeys>(ks + (tile + 1) % 2 * kTile, p.k, b, h, next,
+                             p.keys);
+      load_rows<kDim, kKeys>(vs + (tile + 1) % 2 * kTile, p.v, b, h, next,
+                             p.keys);
+      warp::cp_async_commit();
+      warp::cp_async_wait<1>();
+    } else {
+      warp::cp_async_wait<0>();
+    }
+    __syncthreads();
+    float s[kKeys / 8][4] = {};  // S = Q K^T
+    warp::mma_abt<T, kDim, kKeys, ld>(s, qf, kt, lane);
+    // W = m ⊙ f(S) in place; element i of n8 tile n is (row g + 8 (i / 2),
+    // key 2 quad + i % 2 + 8 n).
+    const int64_t j0 = static_cast<int64_t>(tile) * kKeys;
+    const bool tail = j0 + kKeys > p.keys;
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t j = j0 + n * 8 + 2 * quad + i % 2;
+        float w = taylor_weight(s[n][i], p.a, p.b, p.c);
+        if constexpr (kMasked) {
+          const int64_t row = i0 + warp_row + g + 8 * (i / 2);
+          if (row >= p.queries || j >= p.keys || !p.mask.allowed(b, h, row, j))
+            w = 0.f;
+        }
+        s[n][i] = w;
+      }
+    }
+    if (!kMasked && tail) zero_past_keys<kKeys>(s, p.keys - j0, lane);
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) row_sum[i / 2] += s[n][i];
+    }
+    uint32_t wf[kKeys / 16][4];  // O += W V
+    warp::to_a<T, kKeys>(wf, s);
+    warp::mma_ab<T, kKeys, kDim, ld>(o, wf, vt, lane);
+    __syncthreads();  // every warp is done with this stage before its refill
+  }
+  warp::cp_async_wait<0>();  // no copy outlives the block (keys == 0)
+  // A row's sum is spread over the 4 lanes of its quad.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+  }
+  float scale[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = i0 + warp_row + g + 8 * r;
+    scale[r] = row < p.queries
+                   ? p.sigma.at(b, h, row) * safe_reciprocal(row_sum[r])
+                   : 0.f;
+    if (quad == 0 && row < p.queries) den[bh * p.queries + row] = row_sum[r];
+  }
+  store_rows<T, kDim>(out + bh * p.queries * p.e, o, i0 + warp_row, p.queries,
+                      p.e, scale, lane);
+}
+
+template <typename T>
+MmaArgs<T> mma_args(const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, int64_t d, int64_t e, const Mask& mask,
+                    double a, double b, double c) {
+  MmaArgs<T> args{};
+  args.q = token_rows<T>(q, d);
+  args.k = token_rows<T>(k, d);
+  args.v = token_rows<T>(v, e);
+  args.heads = q.size(1);
+  args.queries = q.size(2);
+  args.keys = k.size(2);
+  args.d = static_cast<int>(d);
+  args.e = static_cast<int>(e);
+  args.mask = mask;
+  args.a = static_cast<float>(a);
+  args.b = static_cast<float>(b);
+  args.c = static_cast<float>(c);
+  return args;
+}
+
+// Launches the 16-bit forward for the smallest compiled kDim >= d, e.
+template <typename T, int kDim>
+void launch_mma_forward(const MmaArgs<T>& args, bool masked, int64_t bh, T* out,
+                        float* den) {
+  const auto kernel = masked ? direct_forward_mma_kernel<T, kDim, true>
+                             : direct_forward_mma_kernel<T, kDim, false>;
+  constexpr size_t bytes = mma_forward_smem<kDim>();
+  allow_shared_memory(kernel, bytes);
+  const dim3 grid((args.queries + kRows - 1) / kRows, bh);
+  kernel<<<grid, kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(args, out,
+                                                                      den);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const Mask& mask, bool masked, const at::Tensor& sigma,
+                 double a, double b, double c, at::Tensor& out,
+                 at::Tensor& den) {
+  const int64_t d = q.size(3), e = v.size(3), dim = std::max(d, e);
+  // Kept alive until the launches: the arguments point into them.
+  const at::Tensor qr = cp_async_rows(q), kr = cp_async_rows(k),
+                   vr = cp_async_rows(v);
+  MmaArgs<T> args = mma_args<T>(qr, kr, vr, d, e, mask, a, b, c);
+  args.sigma = row_values<float>(sigma);
+  const int64_t bh = q.size(0) * q.size(1);
+  T* o = reinterpret_cast<T*>(out.data_ptr());
+  float* dn = den.data_ptr<float>();
+  if (dim <= 16) {
+    launch_mma_forward<T, 16>(args, masked, bh, o, dn);
+  } else if (dim <= 32) {
+    launch_mma_forward<T, 32>(args, masked, bh, o, dn);
+  } else if (dim <= 64) {
+    launch_mma_forward<T, 64>(args, masked, bh, o, dn);
+  } else {
+    launch_mma_forward<T, 128>(args, masked, bh, o, dn);
+  }
+}
+
+// The bfloat16 backward on mma.sync (math.md §2 backward, the same
+// recomputation as the shared-memory kernels below), two kernels whose warps
+// own 16 rows each and keep every product in registers:
+// * key side, a block per 64 keys, looping over query tiles:
+//     S^T = K Q^T, G^T = V gY^T             (16 keys x 64 queries per warp)
+//     P^T = m ⊙ f(S^T) rs,  dX^T = m ⊙ (rs G^T - dl) ⊙ f'(S^T)
+//     dV += P^T gY,  dK += dX^T Q            (P^T, dX^T re-packed as A)
+// * query side, a block per 64 queries, looping over key tiles:
+//     S = Q K^T, G = gY V^T,  dX = m ⊙ (rs G - dl) ⊙ f'(S),  dQ += dX K.
+// Query tiles (Q, gY, rs, dl) or key tiles (K, V) are double-buffered by
+// cp.async. bfloat16 only, for d, e <= 64: float16's range cannot hold dX and
+// dS (common.cuh), and at 128 the key side's registers would spill; those
+// take the shared-memory kernels.
+constexpr int kBackwardMaxDim = 64;
+
+template <int kDim>
+constexpr size_t mma_backward_smem() {
+  // Six tiles (key side: K, V, 2 x Q, 2 x gY; query side: Q, gY, 2 x K,
+  // 2 x V) and two stages of rs, dl.
+  return size_t(6) * kRows * (kDim + 8) * 2 + 4 * kRows * sizeof(float);
+}
+
+// rs, dl of queries [i0, i0 + kRows) into dst[0..kRows), dst[kRows..2 kRows),
+// zeros past the queries (so that padded query rows contribute nothing).
+template <typename T>
+__device__ __forceinline__ void load_row_scalars(float* dst,
+                                                 const MmaArgs<T>& p,
+                                                 int64_t bh, int64_t i0) {
+  for (int r = threadIdx.x; r < kRows; r += kThreads) {
+    const int64_t i = i0 + r;
+    const bool valid = i < p.queries;
+    const float* s = p.scalars + 2 * (bh * p.queries + i);
+    dst[r] = valid ? s[0] : 0.f;
+    dst[kRows + r] = valid ? s[1] : 0.f;
+  }
+}
+
+template <typename T, int kDim, bool kMasked>
+__global__ void __launch_bounds__(kThreads)
+    direct_backward_kv_mma_kernel(MmaArgs<T> p, T* grad_k, T* grad_v) {
+  constexpr int ld = kDim + 8, kTile = kRows * ld;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* ks = reinterpret_cast<T*>(smem);
+  T* vs = ks + kTile;
+  T* qs = vs + kTile;                                         // two stages
+  T* gs = qs + 2 * kTile;                                     // two stages
+  float* scalars = reinterpret_cast<float*>(gs + 2 * kTile);  // two stages
+  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16;
+  const int g = lane / 4, quad = lane % 4;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kKeys;
+  // Causal: only queries i >= j >= j0 see these keys.
+  const int64_t first = p.mask.causal ? j0 : 0;
+  const int tiles =
+      p.queries > first
+          ? static_cast<int>((p.queries - first + kRows - 1) / kRows)
+          : 0;
+
+  load_rows<kDim, kKeys>(ks, p.k, b, h, j0, p.keys);
+  load_rows<kDim, kKeys>(vs, p.v, b, h, j0, p.keys);
+  warp::cp_async_commit();
+  if (tiles > 0) {
+    load_rows<kDim, kRows>(qs, p.q, b, h, first, p.queries);
+    load_rows<kDim, kRows>(gs, p.grad_out, b, h, first, p.queries);
+    load_row_scalars(scalars, p, bh, first);
+  }
+  warp::cp_async_commit();
+
+  warp::cp_async_wait<1>();  // K and V have landed
+  __syncthreads();
+  uint32_t kf[kDim / 16][4], vf[kDim / 16][4];  // this warp's 16 keys
+  warp::load_a<kDim, ld>(kf, ks + warp_row * ld, lane);
+  warp::load_a<kDim, ld>(vf, vs + warp_row * ld, lane);
+  float dk[kDim / 8][4] = {}, dv[kDim / 8][4] = {};
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int64_t i0 = first + static_cast<int64_t>(tile) * kRows;
+    const T* qt = qs + tile % 2 * kTile;
+    const T* gt = gs + tile % 2 * kTile;
+    const float* rs = scalars + tile % 2 * 2 * kRows;
+    const float* dl = rs + kRows;
+    if (tile + 1 < tiles) {
+      const int next = (tile + 1) % 2;
+      load_rows<kDim, kRows>(qs + next * kTile, p.q, b, h, i0 + kRows,
+                             p.queries);
+      load_rows<kDim, kRows>(gs + next * kTile, p.grad_out, b, h, i0 + kRows,
+                             p.queries);
+      load_row_scalars(scalars + next * 2 * kRows, p, bh, i0 + kRows);
+      warp::cp_async_commit();
+      warp::cp_async_wait<1>();
+    } else {
+      warp::cp_async_wait<0>();
+    }
+    __syncthreads();
+    float st[kRows / 8][4] = {}, dxt[kRows / 8][4] = {};
+    warp::mma_abt<T, kDim, kRows, ld>(st, kf, qt, lane);   // S^T
+    warp::mma_abt<T, kDim, kRows, ld>(dxt, vf, gt, lane);  // G^T
+    // Element i of n8 tile n: key j0 + warp_row + g + 8 (i / 2), query
+    // i0 + c with c = 8 n + 2 quad + i % 2. Padded queries have rs = dl = 0
+    // and padded keys are never stored, so only masks need a test.
+#pragma unroll
+    for (int n = 0; n < kRows / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int c = 8 * n + 2 * quad + i % 2;
+        const float x = st[n][i];
+        float weight = taylor_weight(x, p.a, p.b, p.c) * rs[c];
+        float dx =
+            (rs[c] * dxt[n][i] - dl[c]) * taylor_weight_grad(x, p.a, p.b);
+        if constexpr (kMasked) {
+          const int64_t j = j0 + warp_row + g + 8 * (i / 2), q_row = i0 + c;
+          if (j >= p.keys || q_row >= p.queries ||
+              !p.mask.allowed(b, h, q_row, j)) {
+            weight = 0.f;
+            dx = 0.f;
+          }
+        }
+        st[n][i] = weight;
+        dxt[n][i] = dx;
+      }
+    }
+    uint32_t af[kRows / 16][4];
+    warp::to_a<T, kRows>(af, st);
+    warp::mma_ab<T, kRows, kDim, ld>(dv, af, gt, lane);  // dV += P^T gY
+    warp::to_a<T, kRows>(af, dxt);
+    warp::mma_ab<T, kRows, kDim, ld>(dk, af, qt, lane);  // dK += dX^T Q
+    __syncthreads();  // every warp is done with this stage before its refill
+  }
+  warp::cp_async_wait<0>();  // no copy outlives the block (no query tiles)
+  const float one[2] = {1.f, 1.f};
+  store_rows<T, kDim>(grad_k + bh * p.keys * p.d, dk, j0 + warp_row, p.keys,
+                      p.d, one, lane);
+  store_rows<T, kDim>(grad_v + bh * p.keys * p.e, dv, j0 + warp_row, p.keys,
+                      p.e, one, lane);
+}
+
+template <typename T, int kDim, bool kMasked>
+__global__ void __launch_bounds__(kThreads)
+    direct_backward_q_mma_kernel(MmaArgs<T> p, T* grad_q) {
+  constexpr int ld = kDim + 8, kTile = kRows * ld;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* qs = reinterpret_cast<T*>(smem);
+  T* gs = qs + kTile;
+  T* ks = gs + kTile;      // two stages
+  T* vs = ks + 2 * kTile;  // two stages
+  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16;
+  const int g = lane / 4, quad = lane % 4;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t key_end = p.mask.key_limit(i0 + kRows, p.keys);
+  const int tiles = static_cast<int>((key_end + kKeys - 1) / kKeys);
+
+  load_rows<kDim, kRows>(qs, p.q, b, h, i0, p.queries);
+  load_rows<kDim, kRows>(gs, p.grad_out, b, h, i0, p.queries);
+  warp::cp_async_commit();
+  if (tiles > 0) {
+    load_rows<kDim, kKeys>(ks, p.k, b, h, 0, p.keys);
+    load_rows<kDim, kKeys>(vs, p.v, b, h, 0, p.keys);
+  }
+  warp::cp_async_commit();
+  float rs[2], dl[2];  // rows g and g + 8 of this warp
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = i0 + warp_row + g + 8 * r;
+    const bool valid = row < p.queries;
+    rs[r] = valid ? p.scalars[2 * (bh * p.queries + row)] : 0.f;
+    dl[r] = valid ? p.scalars[2 * (bh * p.queries + row) + 1] : 0.f;
+  }
+
+  warp::cp_async_wait<1>();  // Q and gY have landed
+  __syncthreads();
+  uint32_t qf[kDim / 16][4], gf[kDim / 16][4];
+  warp::load_a<kDim, ld>(qf, qs + warp_row * ld, lane);
+  warp::load_a<kDim, ld>(gf, gs + warp_row * ld, lane);
+  float dq[kDim / 8][4] = {};
+  for (int tile = 0; tile < tiles; ++tile) {
+    const T* kt = ks + tile % 2 * kTile;
+    const T* vt = vs + tile % 2 * kTile;
+    if (tile + 1 < tiles) {
+      const int64_t next = static_cast<int64_t>(tile + 1) * kKeys;
+      load_rows<kDim, kKeys>(ks + (tile + 1) % 2 * kTile, p.k, b, h, next,
+                             p.keys);
+      load_rows<kDim, kKeys>(vs + (tile + 1) % 2 * kTile, p.v, b, h, next,
+                             p.keys);
+      warp::cp_async_commit();
+      warp::cp_async_wait<1>();
+    } else {
+      warp::cp_async_wait<0>();
+    }
+    __syncthreads();
+    float s[kKeys / 8][4] = {}, dx[kKeys / 8][4] = {};
+    warp::mma_abt<T, kDim, kKeys, ld>(s, qf, kt, lane);   // S = Q K^T
+    warp::mma_abt<T, kDim, kKeys, ld>(dx, gf, vt, lane);  // G = gY V^T
+    // Padded keys (zero rows) would still give dX = -dl f'(0): masked.
+    const int64_t j0 = static_cast<int64_t>(tile) * kKeys;
+    const bool tail = j0 + kKeys > p.keys;
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = i / 2;
+        const int64_t j = j0 + 8 * n + 2 * quad + i % 2;
+        float value =
+            (rs[r] * dx[n][i] - dl[r]) * taylor_weight_grad(s[n][i], p.a, p.b);
+        if constexpr (kMasked) {
+          const int64_t row = i0 + warp_row + g + 8 * r;
+          if (row >= p.queries || j >= p.keys || !p.mask.allowed(b, h, row, j))
+            value = 0.f;
+        }
+        dx[n][i] = value;
+      }
+    }
+    if (!kMasked && tail) zero_past_keys<kKeys>(dx, p.keys - j0, lane);
+    uint32_t af[kKeys / 16][4];
+    warp::to_a<T, kKeys>(af, dx);
+    warp::mma_ab<T, kKeys, kDim, ld>(dq, af, kt, lane);  // dQ += dX K
+    __syncthreads();  // every warp is done with this stage before its refill
+  }
+  warp::cp_async_wait<0>();  // no copy outlives the block (keys == 0)
+  const float one[2] = {1.f, 1.f};
+  store_rows<T, kDim>(grad_q + bh * p.queries * p.d, dq, i0 + warp_row,
+                      p.queries, p.d, one, lane);
+}
+
+template <typename T, int kDim>
+void launch_mma_backward(const MmaArgs<T>& args, bool masked, int64_t bh,
+                         T* grad_q, T* grad_k, T* grad_v) {
+  constexpr size_t bytes = mma_backward_smem<kDim>();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto kv = masked ? direct_backward_kv_mma_kernel<T, kDim, true>
+                         : direct_backward_kv_mma_kernel<T, kDim, false>;
+  allow_shared_memory(kv, bytes);
+  kv<<<dim3((args.keys + kKeys - 1) / kKeys, bh), kThreads, bytes, stream>>>(
+      args, grad_k, grad_v);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto qk = masked ? direct_backward_q_mma_kernel<T, kDim, true>
+                         : direct_backward_q_mma_kernel<T, kDim, false>;
+  allow_shared_memory(qk, bytes);
+  qk<<<dim3((args.queries + kRows - 1) / kRows, bh), kThreads, bytes, stream>>>(
+      args, grad_q);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                  const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& scalars, const Mask& mask, bool masked,
+                  double a, double b, double c, at::Tensor& grad_q,
+                  at::Tensor& grad_k, at::Tensor& grad_v) {
+  const int64_t d = q.size(3), e = v.size(3), dim = std::max(d, e);
+  // Kept alive until the launches: the arguments point into them.
+  const at::Tensor qr = cp_async_rows(q), kr = cp_async_rows(k),
+                   vr = cp_async_rows(v);
+  MmaArgs<T> args = mma_args<T>(qr, kr, vr, d, e, mask, a, b, c);
+  const at::Tensor g = cp_async_rows(grad_out);
+  args.grad_out = token_rows<T>(g, e);
+  args.scalars = scalars.data_ptr<float>();
+  const int64_t bh = q.size(0) * q.size(1);
+  T* gq = reinterpret_cast<T*>(grad_q.data_ptr());
+  T* gk = reinterpret_cast<T*>(grad_k.data_ptr());
+  T* gv = reinterpret_cast<T*>(grad_v.data_ptr());
+  if (dim <= 16) {
+    launch_mma_backward<T, 16>(args, masked, bh, gq, gk, gv);
+  } else if (dim <= 32) {
+    launch_mma_backward<T, 32>(args, masked, bh, gq, gk, gv);
+  } else {
+    launch_mma_backward<T, 64>(args, masked, bh, gq, gk, gv);
   }
 }
 
@@ -339,12 +835,12 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
     double a, double b, double c) {
-  check_kernel_inputs(q, k, v, key_padding_mask, attn_mask);
+  check_forward_arguments("taylorshift::direct_forward", q, k, v,
+                          key_padding_mask, attn_mask,
+                          schema_options(causal, output_scale, a, b, c));
   check_cuda_inputs("taylorshift::direct_forward", q, k, v, {},
                     key_padding_mask, attn_mask);
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
-                   vc = v.contiguous();
   at::Tensor out =
       at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor den = at::empty({q.size(0), q.size(1), q.size(2)},
@@ -353,25 +849,34 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          attn_mask, causal, output_scale);
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, q.scalar_type(), "direct_forward_cuda", [&] {
-        using T = typename Native<scalar_t>::type;
-        using Acc = typename Num<T>::acc;
-        auto args = make_args<T, Acc>(qc, kc, vc, mask, sigma, a, b, c);
-        const auto bytes = [&](int tile) {
-          return ForwardSmem(tile, args.d, args.e, sizeof(T), sizeof(Acc))
-              .total;
-        };
-        args.tile = pick_tile("taylorshift::direct_forward", bytes);
-        const auto kernel = direct_forward_kernel<T, Acc>;
-        allow_shared_memory(kernel, bytes(args.tile));
-        const dim3 grid(blocks_for(args.queries, args.tile),
-                        q.size(0) * q.size(1));
-        kernel<<<grid, kThreads, bytes(args.tile),
-                 at::cuda::getCurrentCUDAStream()>>>(
-            args, reinterpret_cast<T*>(out.data_ptr()), den.data_ptr<Acc>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+  const bool masked = key_padding_mask || attn_mask || causal;
+  if (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) {
+    if (q.scalar_type() == at::kHalf) {
+      mma_forward<__half>(q, k, v, mask, masked, sigma, a, b, c, out, den);
+    } else {
+      mma_forward<__nv_bfloat16>(q, k, v, mask, masked, sigma, a, b, c, out,
+                                 den);
+    }
+    return {out, den};
+  }
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
+                   vc = v.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "direct_forward_cuda", [&] {
+    using T = scalar_t;
+    using Acc = typename Num<T>::acc;
+    auto args = make_args<T, Acc>(qc, kc, vc, mask, sigma, a, b, c);
+    const auto bytes = [&](int tile) {
+      return ForwardSmem(tile, args.d, args.e, sizeof(T), sizeof(Acc)).total;
+    };
+    args.tile = pick_tile("taylorshift::direct_forward", bytes);
+    const auto kernel = direct_forward_kernel<T, Acc>;
+    allow_shared_memory(kernel, bytes(args.tile));
+    const dim3 grid(blocks_for(args.queries, args.tile), q.size(0) * q.size(1));
+    kernel<<<grid, kThreads, bytes(args.tile),
+             at::cuda::getCurrentCUDAStream()>>>(
+        args, reinterpret_cast<T*>(out.data_ptr()), den.data_ptr<Acc>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   return {out, den};
 }
 
@@ -381,12 +886,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
     double a, double b, double c) {
-  check_kernel_inputs(q, k, v, key_padding_mask, attn_mask);
+  check_backward_arguments("taylorshift::direct_backward", grad_out, q, k, v,
+                           out, den, std::nullopt, key_padding_mask, attn_mask,
+                           schema_options(causal, output_scale, a, b, c));
   check_cuda_inputs("taylorshift::direct_backward", q, k, v,
                     {&grad_out, &out, &den}, key_padding_mask, attn_mask);
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
-                   vc = v.contiguous(), gc = grad_out.contiguous();
+  const at::Tensor gc = grad_out.contiguous();
   // Contiguous gradients whatever the inputs' strides, as the Meta kernels.
   at::Tensor grad_q = at::empty(q.sizes(), q.options()),
              grad_k = at::empty(k.sizes(), k.options()),
@@ -399,6 +905,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   const at::Tensor scalars =
       backward_row_scalars(gc, out.contiguous(), den.contiguous(), sigma);
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
+  if (q.scalar_type() == at::kBFloat16 &&
+      std::max(q.size(3), v.size(3)) <= kBackwardMaxDim) {
+    mma_backward<__nv_bfloat16>(grad_out, q, k, v, scalars, mask,
+                                key_padding_mask || attn_mask || causal, a, b,
+                                c, grad_q, grad_k, grad_v);
+    return {grad_q, grad_k, grad_v};
+  }
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
+                   vc = v.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "direct_backward_cuda", [&] {
         using T = typename Native<scalar_t>::type;

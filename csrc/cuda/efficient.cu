@@ -197,10 +197,13 @@ __global__ void __launch_bounds__(kThreads)
           valid ? value_row_entry<T, Acc, kQuery>(p, bh, t, col) : Acc(0));
     }
     __syncthreads();
+    // Masked keys' features are zero by selection: a padded key may be NaN.
     for (int idx = threadIdx.x; idx < ft * tile; idx += blockDim.x) {
       const int f = idx / tile, t = idx % tile;
-      fs[f * ld_f + t] =
-          Num<Op>::narrow(feature_value(xs, d, t, ls, ms, coef, f));
+      const bool valid =
+          kQuery || (t0 + t < end && p.mask.key_valid(b, t0 + t));
+      fs[f * ld_f + t] = Num<Op>::narrow(
+          valid ? feature_value(xs, d, t, ls, ms, coef, f) : Acc(0));
     }
     __syncthreads();
     block_mma<false, false>(fs, ld_f, ys, ld_y, rs, ld_r, ft, e1p, tile, true);
@@ -609,7 +612,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
     double a, double b, double c) {
-  check_kernel_inputs(q, k, v, key_padding_mask, std::nullopt);
+  check_forward_arguments("taylorshift::efficient_forward", q, k, v,
+                          key_padding_mask, std::nullopt,
+                          schema_options(false, output_scale, a, b, c));
   check_cuda_inputs("taylorshift::efficient_forward", q, k, v, {},
                     key_padding_mask, std::nullopt);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -663,7 +668,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
     bool output_scale, double a, double b, double c) {
-  check_kernel_inputs(q, k, v, key_padding_mask, std::nullopt);
+  check_backward_arguments("taylorshift::efficient_backward", grad_out, q, k, v,
+                           out, den, state, key_padding_mask, std::nullopt,
+                           schema_options(false, output_scale, a, b, c));
   check_cuda_inputs("taylorshift::efficient_backward", q, k, v,
                     {&grad_out, &out, &den, &state}, key_padding_mask,
                     std::nullopt);

@@ -24,9 +24,13 @@ def find_results(paths) -> list[dict]:
 
 
 def attention_label(result: dict) -> str:
-    if result["attention"] == "taylorshift":
-        return f"taylorshift ({result.get('mode') or 'auto'})"
-    return result["attention"]
+    """The row a run belongs to: its attention, and its preset when not the project's own
+    (results of different presets are different experiments and are never averaged together)."""
+    label = result["attention"]
+    if label == "taylorshift":
+        label = f"taylorshift ({result.get('mode') or 'auto'})"
+    preset = result.get("preset", "project")
+    return label if preset == "project" else f"{label}, {preset} preset"
 
 
 def _cell(accuracies: list[float]) -> str:

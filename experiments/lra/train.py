@@ -1,10 +1,15 @@
 """Train one LRA task with TaylorShift or softmax attention.
 
     python -m experiments.lra.train --task listops --data-root data --attention taylorshift
+    python -m experiments.lra.train --task image --preset lra --data-root data
     torchrun --nproc_per_node 8 -m experiments.lra.train --task text --data-root data ...
 
-Writes to --out: config.json, metrics.csv (and tensorboard/ when installed), last.pt and best.pt
-(written atomically), and results.json with the test accuracy of the best-validation checkpoint.
+--preset: project (this project's setting, the default), lra (LRA's published configuration) or
+paper (the TaylorShift paper's released code); see experiments/README.md.
+
+Writes to --out: config.json (the fully resolved configuration), metrics.csv (and tensorboard/
+when installed), last.pt and best.pt (written atomically), and results.json with the test accuracy
+of the best-validation checkpoint.
 """
 
 import argparse
@@ -18,8 +23,8 @@ import torch
 
 from .data import TASKS, load_task
 from .models import build_model
-from .models.attention import ATTENTION_KINDS, TAYLORSHIFT_MODES
-from .training.config import load_config, with_overrides
+from .models.encoder import ATTENTION_KINDS, TAYLORSHIFT_MODES
+from .training.config import PRESETS, load_config, resolve, with_overrides
 from .training.distributed import setup_process, teardown_process
 from .training.loop import Trainer
 from .training.precision import PRECISIONS
@@ -38,8 +43,9 @@ def parse_args(argv=None):
         "--mode", default="auto", choices=TAYLORSHIFT_MODES, help="TaylorShift algorithm"
     )
     parser.add_argument(
-        "--config", help="JSON config (default: experiments/lra/configs/<task>.json)"
+        "--preset", default="project", choices=PRESETS, help="which published setup to follow"
     )
+    parser.add_argument("--config", help="JSON config (default: the preset's file for the task)")
     parser.add_argument("--out", help="output directory (default: runs/<task>-<attention>)")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--batch-size", type=int, help="per process")
@@ -88,7 +94,7 @@ def _taylorshift_extension() -> bool:
 
 def run(args) -> dict | None:
     """Trains and tests; the results on rank 0, None on other ranks or when stopped early."""
-    config = load_config(args.task, args.config)
+    config = load_config(args.task, args.config, args.preset)
     config = with_overrides(config, "model", attention=args.attention, mode=args.mode)
     config = with_overrides(
         config,
@@ -98,13 +104,18 @@ def run(args) -> dict | None:
         lr=args.lr,
         eval_every=args.eval_every,
     )
+    config = resolve(config)
     if args.threads:
         torch.set_num_threads(args.threads)
     context = setup_process(args.device)
     out_dir = Path(args.out or f"runs/{args.task}-{args.attention}")
     seed_everything(args.seed)
 
-    data = load_task(args.task, args.data_root, **config["data"])
+    data_options = dict(config["data"])
+    if data_options.get("variant") == "paper":
+        # The paper's ListOps generator makes whole batches, one tree length each.
+        data_options["batch_size"] = config["train"]["batch_size"]
+    data = load_task(args.task, args.data_root, **data_options)
     data.train = _first(data.train, args.max_train_samples)
     data.val, data.test = (
         _first(data.val, args.max_eval_samples),
@@ -138,6 +149,7 @@ def run(args) -> dict | None:
         mode=args.mode if args.attention == "taylorshift" else None,
         # The pure-PyTorch fallback is much slower: timings mean little without this fact.
         taylorshift_extension=_taylorshift_extension() if args.attention == "taylorshift" else None,
+        preset=config["preset"],
         config=config["source"],
         seed=args.seed,
         steps=trainer.progress.step,

@@ -39,7 +39,7 @@ TEST_CASE("phi(q) . psi(k) equals the Taylor polynomial of q . k") {
       psi(taylorshift::feature_count(d));
   taylorshift::write_query_features(q.data_ptr<double>(), d, a, b, c,
                                     phi.data());
-  taylorshift::write_key_features(k.data_ptr<double>(), d, 1.0, psi.data());
+  taylorshift::write_key_features(k.data_ptr<double>(), d, true, psi.data());
   double dot = 0;
   for (size_t f = 0; f < phi.size(); ++f) dot += phi[f] * psi[f];
   const double x = q.dot(k).item<double>();

@@ -135,22 +135,31 @@ def all_tasks_root(tmp_path_factory, pathfinder_samples):
     return root
 
 
+def tiny_config(task: str, preset: str = "project") -> dict:
+    """A task's shipped config in a preset, with a tiny model and a six-step schedule."""
+    config = load_config(task, preset=preset)
+    config.pop("source")
+    config["model"].update(dim=16, qkv_dim=8, mlp_dim=16, depth=1, heads=2, dropout=0.1)
+    if task in ("text", "retrieval"):
+        config["data"]["max_len"] = 64
+    if task == "text":
+        config["data"]["val_fraction"] = 0.25  # one of the fixture's four training reviews
+    if config["data"].get("variant") == "paper":
+        config["data"].update(max_len=24, min_length=8, train_samples=24, eval_samples=8)
+    config["train"].update(
+        batch_size=4, eval_batch_size=8, warmup_steps=2, max_steps=6, eval_every=3
+    )
+    if config["train"].get("steps_per_cycle"):
+        config["train"]["steps_per_cycle"] = 6
+    return config
+
+
 @pytest.fixture(scope="session")
 def tiny_configs(tmp_path_factory):
-    """Each task's shipped config with a tiny model and a short schedule, written to JSON files."""
+    """Each task's project config, tiny (see tiny_config), written to JSON files."""
     directory = tmp_path_factory.mktemp("configs")
     paths = {}
     for task in ("listops", "text", "retrieval", "image", "pathfinder"):
-        config = load_config(task)
-        config.pop("source")
-        config["model"].update(dim=16, qkv_dim=8, depth=1, heads=2, mlp_ratio=2, dropout=0.1)
-        if task == "retrieval":
-            config["model"]["mlp_dim"] = 16
-        if task in ("text", "retrieval"):
-            config["data"]["max_len"] = 64
-        config["train"].update(
-            batch_size=4, eval_batch_size=8, warmup_steps=2, max_steps=6, eval_every=3
-        )
         paths[task] = directory / f"{task}.json"
-        paths[task].write_text(json.dumps(config))
+        paths[task].write_text(json.dumps(tiny_config(task)))
     return paths

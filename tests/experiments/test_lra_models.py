@@ -75,9 +75,10 @@ def test_shipped_configs_hold_the_paper_and_lra_sizes():
     assert shape["retrieval"] == (128, 4, 4, 4) and sizes["retrieval"]["mlp_dim"] == 512
     assert shape["pathfinder"] == (32, 4, 4, 1) and sizes["pathfinder"]["pooling"] == "mean"
     pathfinder = build_model(sizes["pathfinder"], 256, 1024, 2, False, False)
-    assert pathfinder.encoder.blocks[0].attention.qkv.out_features == 3 * 16
+    attention = pathfinder.encoder.blocks[0].attention.attention
+    assert (attention.embed_dim, attention.kdim) == (16, 32)
     model = build_model(sizes["listops"], 19, 2000, 10, True, False)
-    assert model.encoder.blocks[0].attention.temperature.shape == (8,)
+    assert model.encoder.blocks[0].attention.attention.temperature.shape == (8,)
 
 
 def test_cpu_precision_is_fp32_and_gpu_only_modes_are_refused():

@@ -1,7 +1,8 @@
 """Runs the CUDA kernels of csrc/cuda on the CPU, to test their logic where there is no GPU.
 
 The .cu sources are rewritten into host C++ (host_shim.h emulates blocks, threads, barriers and
-shuffles; wmma_emulation.h the tensor-core calls with their alignment rules) and compiled with
+shuffles; warp_emulation.h the warp-level primitives of warp.cuh, lane by lane; wmma_emulation.h
+the wmma calls with their alignment rules) and compiled with
 torch.utils.cpp_extension. Their operators are registered for the CPU dispatch key, replacing the CPU
 kernels, so the whole pytest suite exercises the CUDA code paths (tile loops, masks, tails, token
 splits, feature tables, contractions, dtype handling) on CPU tensors:
@@ -36,6 +37,7 @@ def host_source(text: str) -> str:
     ):
         text = text.replace(f"#include {header}", "")
     text = text.replace('#include "common.cuh"', '#include "common.cuh.h"')
+    text = text.replace('#include "warp.cuh"', f'#include "{CUDA_DIR / "warp.cuh"}"')
     for header in ("features.h", "kernel_blocks.h", "kernel_checks.h"):
         text = text.replace(f'"../{header}"', f'"{CUDA_DIR.parent / header}"')
     text = text.replace("#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800", "#if 1")

@@ -4,6 +4,8 @@
 // memory is one buffer, filled with 0xff (NaN) before every block so that
 // reads of unwritten shared memory show up.
 #pragma once
+// warp.cuh takes its host versions of the primitives (warp_emulation.h).
+#define TAYLORSHIFT_EMULATION 1
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <vector_types.h>
@@ -91,4 +93,5 @@ auto launch(K kernel, auto grid, auto block, size_t = 0, int = 0) {
 #include <cstdio>
 #include <cstring>
 
+#include "warp_emulation.h"
 #include "wmma_emulation.h"

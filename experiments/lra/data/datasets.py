@@ -64,3 +64,5 @@ class TaskData:
     pads: bool
     # Whether an item holds two documents (Retrieval's two-tower setting).
     pair: bool = False
+    # Whether each item is already a whole batch (the paper's ListOps: one length per batch).
+    prebatched: bool = False

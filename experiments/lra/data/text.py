@@ -4,8 +4,11 @@ import re
 import tarfile
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from .datasets import SequenceDataset, TaskData
-from .encoding import BYTE_VOCAB_SIZE, encode_bytes
+from .encoding import BYTE_VOCAB_SIZE, encode_bytes, pad_to
 from .errors import DataLayoutError
 
 LAYOUT = (
@@ -40,8 +43,9 @@ def _reviews_from_tar(archive: Path):
         raise DataLayoutError(f"Unreadable IMDb archive ({error})", archive, LAYOUT) from error
 
 
-def read_imdb(data_root, max_len: int = MAX_LEN):
-    """Returns {split: (byte-id arrays, labels)} for train and test, cut to max_len bytes."""
+def read_imdb(data_root, max_len: int | None = MAX_LEN):
+    """Returns {split: (byte-id arrays, labels)} for train and test, cut to max_len bytes
+    (None keeps whole reviews)."""
     root = Path(data_root)
     directory = root / "aclImdb"
     archives = [root / "aclImdb_v1.tar.gz", root / "aclImdb_v1.tar"]
@@ -68,15 +72,54 @@ def read_imdb(data_root, max_len: int = MAX_LEN):
     }
 
 
-def load_text(data_root, max_len: int = MAX_LEN) -> TaskData:
-    splits = read_imdb(data_root, max_len)
-    train = SequenceDataset(*splits["train"], max_len)
+class RandomCropDataset(SequenceDataset):
+    """Training items cut to a random max_len window when longer (the paper's ByteEncoder with
+    train=True); the window is drawn from torch's global generator, which runs are seeded with
+    and checkpoints restore."""
+
+    def __getitem__(self, index: int):
+        ids = self.sequences[index]
+        if len(ids) > self.max_len:
+            start = int(torch.randint(len(ids) - self.max_len + 1, ()))
+            ids = ids[start : start + self.max_len]
+        return pad_to(ids, self.max_len), self.labels[index]
+
+
+def load_text(
+    data_root,
+    max_len: int = MAX_LEN,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    train_crop: str = "head",
+) -> TaskData:
+    """val_fraction of the training reviews (a seeded draw) is held out for validation, so the
+    test split is read once, at the end. val_fraction=0 validates on test, as LRA and S4 do;
+    that selects the checkpoint on test and inflates the reported number.
+
+    train_crop: head keeps the first max_len bytes (LRA); random takes a random window of
+    longer training reviews (the paper); evaluation always keeps the head.
+    """
+    if train_crop not in ("head", "random"):
+        raise ValueError(f"train_crop must be 'head' or 'random', got {train_crop!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    splits = read_imdb(data_root, None if train_crop == "random" else max_len)
+    sequences, labels = splits["train"]
+    order = np.random.default_rng(split_seed).permutation(len(labels))
+    held_out = order[: round(len(labels) * val_fraction)]
+    kept = order[len(held_out) :] if len(held_out) else np.arange(len(labels))
+    train_type = RandomCropDataset if train_crop == "random" else SequenceDataset
+    train = train_type([sequences[i] for i in kept], [labels[i] for i in kept], max_len)
     test = SequenceDataset(*splits["test"], max_len)
-    # LRA (and S4) validate on the test set: IMDb has no separate validation split.
+    val = (
+        SequenceDataset([sequences[i] for i in held_out], [labels[i] for i in held_out], max_len)
+        if len(held_out)
+        else test
+    )
     return TaskData(
         "text",
         train,
-        test,
+        val,
         test,
         vocab_size=BYTE_VOCAB_SIZE,
         num_classes=2,

@@ -3,14 +3,21 @@
 import torch
 from torch import nn
 
-from .encoder import Encoder
+from .encoder import Encoder, resolve_model_config
+
+
+def classifier_head(config: dict, features: int, num_classes: int) -> nn.Module:
+    """linear, or LRA's classifier_head: Dense(head_dim) -> ReLU -> Dense(num_classes)."""
+    if config["head"] == "linear":
+        return nn.Linear(features, num_classes)
+    hidden = config["head_dim"]
+    return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
 
 class SequenceClassifier(nn.Module):
-    def __init__(self, encoder: Encoder, dim: int, num_classes: int):
+    def __init__(self, encoder: Encoder, head: nn.Module):
         super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(dim, num_classes)
+        self.encoder, self.head = encoder, head
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(tokens))
@@ -62,28 +69,16 @@ def _stack_padded(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 def build_model(
     model_config: dict, vocab_size: int, max_len: int, num_classes: int, pads: bool, pair: bool
 ):
-    """model_config: dim, depth, heads, mlp_ratio, dropout, pooling, attention, mode, qkv_dim;
-    for pairs also mlp_dim and interaction."""
-    encoder = Encoder(
-        vocab_size=vocab_size,
-        max_len=max_len,
-        dim=model_config["dim"],
-        depth=model_config["depth"],
-        heads=model_config["heads"],
-        mlp_ratio=model_config["mlp_ratio"],
-        dropout=model_config.get("dropout", 0.0),
-        attention=model_config.get("attention", "taylorshift"),
-        mode=model_config.get("mode", "auto"),
-        pooling=model_config.get("pooling", "cls"),
-        pads=pads,
-        qkv_dim=model_config.get("qkv_dim"),
-    )
+    """model_config: dim, depth, heads and any key of MODEL_DEFAULTS; for pairs also
+    interaction (the dual head's hidden width is head_dim)."""
+    config = resolve_model_config(model_config)
+    encoder = Encoder(config, vocab_size, max_len, pads)
     if pair:
         return PairClassifier(
             encoder,
-            model_config["dim"],
+            config["dim"],
             num_classes,
-            mlp_dim=model_config.get("mlp_dim", 4 * model_config["dim"]),
-            interaction=model_config.get("interaction", "concat"),
+            mlp_dim=config["head_dim"],
+            interaction=config.get("interaction", "concat"),
         )
-    return SequenceClassifier(encoder, model_config["dim"], num_classes)
+    return SequenceClassifier(encoder, classifier_head(config, config["dim"], num_classes))

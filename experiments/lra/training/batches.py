@@ -34,13 +34,14 @@ def make_collate(pads: bool):
 
 
 def _loader(dataset, indices, batch_size, collate, num_workers):
+    """batch_size None: each item is already a batch (collate is not applied)."""
     # A private generator: DataLoader would otherwise draw its worker seed from the global RNG,
     # which would make the dropout stream depend on where an epoch began.
     return DataLoader(
         dataset,
         sampler=indices,
         batch_size=batch_size,
-        collate_fn=collate,
+        collate_fn=collate if batch_size else None,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(0),
     )
@@ -49,9 +50,15 @@ def _loader(dataset, indices, batch_size, collate, num_workers):
 def training_batches(
     dataset, batch_size, seed, epoch, batch_in_epoch, context, collate, num_workers=0
 ):
-    """Yields (epoch, index of the batch within the epoch, batch) forever, from a saved position."""
+    """Yields (epoch, index of the batch within the epoch, batch) forever, from a saved position.
+
+    batch_size None: the dataset's items are whole batches."""
     while True:
-        order = epoch_order(len(dataset), seed, epoch, context)[batch_in_epoch * batch_size :]
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        order = epoch_order(len(dataset), seed, epoch, context)[
+            batch_in_epoch * (batch_size or 1) :
+        ]
         for offset, batch in enumerate(_loader(dataset, order, batch_size, collate, num_workers)):
             yield epoch, batch_in_epoch + offset, batch
         epoch, batch_in_epoch = epoch + 1, 0

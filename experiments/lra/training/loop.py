@@ -77,13 +77,11 @@ class Trainer:
             if context.world_size > 1
             else self.model
         )
-        self.optimizer = make_optimizer(
-            self.model, train_config["lr"], train_config["weight_decay"]
-        )
-        self.scheduler = make_scheduler(
-            self.optimizer, train_config["warmup_steps"], train_config["max_steps"]
-        )
-        self.collate = make_collate(data.pads)
+        self.optimizer = make_optimizer(self.model, train_config)
+        self.scheduler = make_scheduler(self.optimizer, train_config)
+        # Trailing all-padding columns may be cut only where padding is masked: unmasked, it is
+        # input the model sees (the paper's setup).
+        self.collate = make_collate(data.pads and model.encoder.masking != "none")
         self.progress = Progress()
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -132,14 +130,14 @@ class Trainer:
         with self.precision.autocast():
             logits = self.ddp_model(*inputs)
             loss = F.cross_entropy(
-                logits.float(), labels, label_smoothing=self.config.get("label_smoothing", 0.0)
+                logits.float(), labels, label_smoothing=self.config["label_smoothing"]
             )
         self.optimizer.zero_grad(set_to_none=True)
         scaler = self.precision.scaler
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(self.optimizer)
-        if self.config.get("grad_clip"):
+        if self.config["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config["grad_clip"])
         if scaler:
             scaler.step(self.optimizer)
@@ -174,7 +172,7 @@ class Trainer:
         loss, accuracy = evaluate(
             self.model,
             self.data.val,
-            self.config["eval_batch_size"],
+            None if self.data.prebatched else self.config["eval_batch_size"],
             self.context,
             self.collate,
             self.precision,
@@ -222,7 +220,7 @@ class Trainer:
         )
         batches = training_batches(
             self.data.train,
-            self.config["batch_size"],
+            None if self.data.prebatched else self.config["batch_size"],
             self.options["seed"],
             self.progress.epoch,
             self.progress.batch_in_epoch,
@@ -266,7 +264,7 @@ class Trainer:
         loss, accuracy = evaluate(
             self.model,
             self.data.test,
-            self.config["eval_batch_size"],
+            None if self.data.prebatched else self.config["eval_batch_size"],
             self.context,
             self.collate,
             self.precision,

@@ -1,0 +1,187 @@
+// Checks the host emulation of csrc/cuda/warp.cuh against an independent
+// definition of the PTX fragment layouts, CuTe's MMA_Traits / Copy_Traits
+// (nvidia-cutlass headers), and the emulated primitives against plain
+// arithmetic. Built and run by tests/test_warp_primitives.py; prints one
+// "check <name> <cases> <mismatches>" line per check.
+#include <atomic>
+#include <cute/atom/copy_traits_sm75.hpp>
+#include <cute/atom/mma_traits_sm80.hpp>
+
+#include "host_shim.h"
+
+using namespace cute;
+namespace warp = taylorshift::cuda_kernels::warp;
+
+namespace {
+
+int failures = 0;
+
+void report(const char* name, long cases, long mismatches) {
+  std::printf("check %s %ld %ld\n", name, cases, mismatches);
+  failures += mismatches > 0 || cases == 0;
+}
+
+// CuTe's (thread, value) -> column-major index in the M x K, N x K, M x N
+// operand, against the layout the emulation implements.
+template <typename Traits>
+void mma_layouts(const char* name) {
+  using MNK = typename Traits::Shape_MNK;
+  constexpr int M = size<0>(MNK{}), N = size<1>(MNK{});
+  long cases = 0, bad = 0;
+  for (int t = 0; t < 32; ++t) {
+    for (int v = 0; v < 8; ++v, ++cases) {
+      const int idx = typename Traits::ALayout{}(t, v);
+      const auto e = warp::layout::a(t, v);
+      bad += idx != e.row + M * e.col;
+    }
+    for (int v = 0; v < 4; ++v, ++cases) {
+      const int idx = typename Traits::BLayout{}(t, v);
+      const auto e = warp::layout::b(t, v);  // (k, n); CuTe indexes N x K
+      bad += idx != e.col + N * e.row;
+    }
+    for (int v = 0; v < 4; ++v, ++cases) {
+      const int idx = typename Traits::CLayout{}(t, v);
+      const auto e = warp::layout::c(t, v);
+      bad += idx != e.row + M * e.col;
+    }
+  }
+  report(name, cases, bad);
+}
+
+// One warp of 32 emulated lanes running `body(lane)`.
+template <typename Body>
+void run_warp(Body body) {
+  emu::launch([&] { body(int(emu::threadIdx_.x)); }, 1, 32)();
+}
+
+// ldmatrix on a reference of 32 rows x 8 16-bit elements whose element e has
+// the value e; row r lives at a scattered address (slot (7 r + 3) % 32, 32
+// bytes apart), so that every lane's address matters. Source lane s points at
+// the reference row holding bit SrcLayout(s, 0); lane t's destination bit v
+// must hold reference bit DstLayout(t, v).
+template <typename Op, int kCount, bool kTrans>
+void ldmatrix_layout(const char* name) {
+  using Traits = Copy_Traits<Op>;
+  uint16_t* base = reinterpret_cast<uint16_t*>(emu::smem);
+  uint32_t out[32][4] = {};
+  run_warp([&](int lane) {
+    if (lane == 0) {
+      std::memset(emu::smem, 0, 32 * 32);
+      for (int r = 0; r < 32; ++r)
+        for (int c = 0; c < 8; ++c) base[(7 * r + 3) % 32 * 16 + c] = r * 8 + c;
+    }
+    emu::sync();
+    const int ref_row = int(typename Traits::SrcLayout{}(lane, 0)) / 128;
+    uint32_t r[kCount];
+    warp::ldmatrix<kCount, kTrans>(r, base + (7 * ref_row + 3) % 32 * 16);
+    for (int m = 0; m < kCount; ++m) out[lane][m] = r[m];
+  });
+  long cases = 0, bad = 0;
+  for (int t = 0; t < 32; ++t)
+    for (int v = 0; v < 32 * kCount; v += 16, ++cases) {
+      const int ref_bit = typename Traits::DstLayout{}(t, v);
+      const uint32_t got = warp::detail::half_of(out[t][v / 32], v / 16 % 2);
+      bad += int(got) != ref_bit / 16;
+    }
+  report(name, cases, bad);
+}
+
+// D = A B + C through the kernels' load pattern: A row-major 16 x 16 by
+// ldmatrix.x4, B row-major 16 x 8 (k x n) by ldmatrix.x2.trans, C and D in
+// the accumulator layout; against a double-precision product.
+template <typename T>
+void mma_product(const char* name) {
+  float A[16][16], B[16][8], C[16][8];
+  for (int i = 0; i < 16; ++i)
+    for (int k = 0; k < 16; ++k)
+      A[i][k] = warp::detail::to_float<T>(
+          warp::detail::from_float<T>(float((i * 7 + k * 3) % 11) / 8 - 0.6f));
+  for (int k = 0; k < 16; ++k)
+    for (int j = 0; j < 8; ++j)
+      B[k][j] = warp::detail::to_float<T>(
+          warp::detail::from_float<T>(float((k * 5 + j * 9) % 13) / 4 - 1.4f));
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 8; ++j) C[i][j] = float(i - j) / 3;
+  float D[16][8] = {};
+  uint16_t* a_tile = reinterpret_cast<uint16_t*>(emu::smem);  // ld 24
+  uint16_t* b_tile = a_tile + 16 * 24;                        // ld 16
+  run_warp([&](int lane) {
+    if (lane == 0) {
+      for (int i = 0; i < 16; ++i)
+        for (int k = 0; k < 16; ++k)
+          a_tile[i * 24 + k] = warp::detail::from_float<T>(A[i][k]);
+      for (int k = 0; k < 16; ++k)
+        for (int j = 0; j < 8; ++j)
+          b_tile[k * 16 + j] = warp::detail::from_float<T>(B[k][j]);
+    }
+    emu::sync();
+    uint32_t a[4], b[2];
+    warp::ldmatrix<4>(a, a_tile + (lane % 16) * 24 + lane / 16 * 8);
+    warp::ldmatrix<2, true>(b, b_tile + (lane % 16) * 16);
+    float d[4];
+    for (int i = 0; i < 4; ++i) {
+      const auto e = warp::layout::c(lane, i);
+      d[i] = C[e.row][e.col];
+    }
+    warp::mma_16816<T>(d, a, b);
+    for (int i = 0; i < 4; ++i) {
+      const auto e = warp::layout::c(lane, i);
+      D[e.row][e.col] = d[i];
+    }
+  });
+  long cases = 0, bad = 0;
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 8; ++j, ++cases) {
+      double ref = C[i][j];
+      for (int k = 0; k < 16; ++k) ref += double(A[i][k]) * B[k][j];
+      bad += std::fabs(D[i][j] - ref) > 1e-5 * (1 + std::fabs(ref));
+    }
+  report(name, cases, bad);
+}
+
+// cp.async: the destination is untouched until the wait for its group, then
+// holds the source (or zeros for an invalid source).
+void cp_async() {
+  alignas(16) static uint32_t src[32][4];
+  for (int t = 0; t < 32; ++t)
+    for (int w = 0; w < 4; ++w) src[t][w] = 1000 * t + w;
+  long cases = 0, bad = 0;
+  run_warp([&](int lane) {
+    uint32_t* dst = reinterpret_cast<uint32_t*>(emu::smem) + 4 * lane;
+    std::memset(dst, 0xff, 16);
+    warp::cp_async_16(dst, src[lane], lane % 3 != 0);
+    warp::cp_async_commit();
+    const bool untouched = dst[0] == 0xffffffffu;
+    warp::cp_async_wait<0>();
+    bool ok = untouched;
+    for (int w = 0; w < 4; ++w)
+      ok = ok && dst[w] == (lane % 3 != 0 ? src[lane][w] : 0u);
+    static std::atomic<long> wrong{0};
+    if (!ok) ++wrong;
+    emu::sync();
+    if (lane == 0) {
+      cases = 32;
+      bad = wrong.exchange(0);
+    }
+  });
+  report("cp_async", cases, bad);
+}
+
+}  // namespace
+
+int main() {
+  mma_layouts<MMA_Traits<SM80_16x8x16_F32BF16BF16F32_TN>>(
+      "layout_SM80_16x8x16_F32BF16BF16F32_TN");
+  mma_layouts<MMA_Traits<SM80_16x8x16_F32F16F16F32_TN>>(
+      "layout_SM80_16x8x16_F32F16F16F32_TN");
+  ldmatrix_layout<SM75_U32x1_LDSM_N, 1, false>("ldmatrix_SM75_U32x1_LDSM_N");
+  ldmatrix_layout<SM75_U32x2_LDSM_N, 2, false>("ldmatrix_SM75_U32x2_LDSM_N");
+  ldmatrix_layout<SM75_U32x4_LDSM_N, 4, false>("ldmatrix_SM75_U32x4_LDSM_N");
+  ldmatrix_layout<SM75_U16x2_LDSM_T, 1, true>("ldmatrix_SM75_U16x2_LDSM_T");
+  ldmatrix_layout<SM75_U16x4_LDSM_T, 2, true>("ldmatrix_SM75_U16x4_LDSM_T");
+  ldmatrix_layout<SM75_U16x8_LDSM_T, 4, true>("ldmatrix_SM75_U16x8_LDSM_T");
+  mma_product<__nv_bfloat16>("mma_16816_bf16");
+  mma_product<__half>("mma_16816_f16");
+  cp_async();
+  return failures;
+}

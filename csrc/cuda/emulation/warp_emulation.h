@@ -1,0 +1,207 @@
+// csrc/cuda/warp.cuh on the host: each primitive is a collective over the 32
+// emulated lanes of a warp (std::threads of host_shim.h). Every lane posts
+// its operands (row addresses, fragment registers) to its slot, the warp
+// meets at a barrier, and every lane computes its own result registers from
+// the other lanes' slots through the per-lane fragment layouts of the PTX
+// ISA, stated once below (`layout`) and tested against CuTe's MMA_Traits /
+// Copy_Traits (tests/test_warp_primitives.py). Misuse the hardware would
+// punish aborts: unaligned or non-shared ldmatrix rows, unaligned cp.async,
+// reading a cp.async destination before its wait (the copy lands at the wait,
+// so an early read sees the 0xff fill of shared memory: NaN).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace taylorshift::cuda_kernels::warp {
+
+namespace layout {
+// mma.m16n8k16 fragments; g = lane / 4, q = lane % 4 (see warp.cuh).
+struct Coord {
+  int row, col;
+};
+inline Coord a(int lane, int i) {  // A 16x16, element i in 0..7
+  return {lane / 4 + 8 * ((i / 2) % 2), 2 * (lane % 4) + i % 2 + 8 * (i / 4)};
+}
+inline Coord b(int lane, int i) {  // B 16x8 (k x n), element i in 0..3
+  return {2 * (lane % 4) + i % 2 + 8 * (i / 2), lane / 4};
+}
+inline Coord c(int lane, int i) {  // C/D 16x8, element i in 0..3
+  return {lane / 4 + 8 * (i / 2), 2 * (lane % 4) + i % 2};
+}
+// ldmatrix: half h (0 low, 1 high) of a lane's register m is this element of
+// matrix m (whose rows lanes 8 m .. 8 m + 7 address).
+inline Coord ldmatrix(int lane, int h, bool trans) {
+  return trans ? Coord{2 * (lane % 4) + h, lane / 4}
+               : Coord{lane / 4, 2 * (lane % 4) + h};
+}
+}  // namespace layout
+
+namespace detail {
+// One slot per emulated thread; a collective writes, meets, reads, meets.
+struct alignas(16) Slot {
+  unsigned char bytes[64];
+};
+inline Slot slots[1024];
+
+template <typename V>
+std::array<V, 32> gather(const V& mine) {
+  static_assert(sizeof(V) <= sizeof(Slot) && std::is_trivially_copyable_v<V>);
+  const unsigned t = emu::threadIdx_.x, base = t / 32 * 32;
+  std::memcpy(slots[t].bytes, &mine, sizeof(V));
+  emu::warp_barriers[t / 32]->arrive_and_wait();
+  std::array<V, 32> all;
+  for (int lane = 0; lane < 32; ++lane)
+    std::memcpy(&all[lane], slots[base + lane].bytes, sizeof(V));
+  emu::warp_barriers[t / 32]->arrive_and_wait();
+  return all;
+}
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "warp emulation: %s\n", what);
+  std::abort();
+}
+
+inline bool in_shared(const void* p, size_t bytes) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  return c >= emu::smem && c + bytes <= emu::smem + sizeof(emu::smem);
+}
+
+template <typename T>
+float to_float(uint16_t bits) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const uint32_t wide = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &wide, 4);
+    return f;
+  } else {
+    __half_raw raw;
+    raw.x = bits;
+    return __half2float(__half(raw));
+  }
+}
+
+template <typename T>
+uint16_t from_float(float x) {
+  uint16_t bits;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat16 v = __float2bfloat16_rn(x);
+    std::memcpy(&bits, &v, 2);
+  } else {
+    const __half v = __float2half_rn(x);
+    std::memcpy(&bits, &v, 2);
+  }
+  return bits;
+}
+
+inline uint16_t half_of(uint32_t reg, int h) {
+  return static_cast<uint16_t>(h ? reg >> 16 : reg & 0xffffu);
+}
+
+// cp.async groups of this emulated thread: the copies land at the wait.
+struct Copy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+inline thread_local std::vector<Copy> open_group;
+inline thread_local std::vector<std::vector<Copy>> committed;
+}  // namespace detail
+
+template <typename T>
+uint32_t pack(float lo, float hi) {
+  return uint32_t(detail::from_float<T>(lo)) |
+         uint32_t(detail::from_float<T>(hi)) << 16;
+}
+
+template <int kCount, bool kTrans = false>
+void ldmatrix(uint32_t (&r)[kCount], const void* row) {
+  static_assert(kCount == 1 || kCount == 2 || kCount == 4);
+  const unsigned lane = emu::threadIdx_.x % 32;
+  // Lanes past 8 kCount give no address; the hardware ignores theirs.
+  if (lane < 8 * kCount) {
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0 ||
+        !detail::in_shared(row, 16))
+      detail::fail("ldmatrix row address not 16-byte aligned shared memory");
+  }
+  const auto rows = detail::gather(row);
+  for (int m = 0; m < kCount; ++m) {
+    uint32_t reg = 0;
+    for (int h = 0; h < 2; ++h) {
+      const layout::Coord e = layout::ldmatrix(lane, h, kTrans);
+      uint16_t bits;
+      std::memcpy(
+          &bits,
+          static_cast<const unsigned char*>(rows[8 * m + e.row]) + 2 * e.col,
+          2);
+      reg |= uint32_t(bits) << (16 * h);
+    }
+    r[m] = reg;
+  }
+}
+
+template <typename T>
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  struct Operands {
+    uint32_t a[4], b[2];
+  };
+  Operands mine;
+  std::memcpy(mine.a, a, sizeof(mine.a));
+  std::memcpy(mine.b, b, sizeof(mine.b));
+  const auto all = detail::gather(mine);
+  float A[16][16], B[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int i = 0; i < 8; ++i) {
+      const layout::Coord e = layout::a(lane, i);
+      A[e.row][e.col] =
+          detail::to_float<T>(detail::half_of(all[lane].a[i / 2], i % 2));
+    }
+    for (int i = 0; i < 4; ++i) {
+      const layout::Coord e = layout::b(lane, i);
+      B[e.row][e.col] =
+          detail::to_float<T>(detail::half_of(all[lane].b[i / 2], i % 2));
+    }
+  }
+  const int lane = emu::threadIdx_.x % 32;
+  for (int i = 0; i < 4; ++i) {
+    const layout::Coord e = layout::c(lane, i);
+    // Products of 16-bit operands are exact in float; the sum is float.
+    float s = d[i];
+    for (int k = 0; k < 16; ++k) s += A[e.row][k] * B[k][e.col];
+    d[i] = s;
+  }
+}
+
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 ||
+      !detail::in_shared(dst, 16) ||
+      (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0))
+    detail::fail(
+        "cp.async needs 16-byte aligned source and shared destination");
+  detail::open_group.push_back({dst, src, valid});
+}
+
+inline void cp_async_commit() {
+  detail::committed.push_back(std::move(detail::open_group));
+  detail::open_group.clear();
+}
+
+template <int kPending>
+void cp_async_wait() {
+  while (detail::committed.size() > size_t(kPending)) {
+    for (const detail::Copy& c : detail::committed.front()) {
+      if (c.valid)
+        std::memcpy(c.dst, c.src, 16);
+      else
+        std::memset(c.dst, 0, 16);
+    }
+    detail::committed.erase(detail::committed.begin());
+  }
+}
+
+}  // namespace taylorshift::cuda_kernels::warp

@@ -1,0 +1,211 @@
+// Warp-level primitives of the tensor-core kernels: ldmatrix, mma.sync
+// m16n8k16 with float accumulators, 16-byte cp.async with commit/wait.
+//
+// Register fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16"), per lane
+// with g = lane / 4 and q = lane % 4, each 32-bit register holding two 16-bit
+// elements (the lower-indexed one in the low half):
+//   A, 16 x 16 (row-major m x k), 4 registers, element i in 0..7:
+//       row g + 8 ((i / 2) % 2),  col 2 q + i % 2 + 8 (i / 4)
+//   B, 16 x 8 (k x n), 2 registers, element i in 0..3:
+//       row 2 q + i % 2 + 8 (i / 2),  col g
+//   C/D, 16 x 8 floats, 4 registers, element i in 0..3:
+//       row g + 8 (i / 2),  col 2 q + i % 2
+// ldmatrix .x1/.x2/.x4 loads 1, 2 or 4 8x8 matrices of 16-bit elements;
+// lanes 8 m .. 8 m + 7 give the addresses of the rows of matrix m (16-byte
+// aligned shared memory) and register m of every lane receives, of matrix m,
+//   row g, cols 2 q and 2 q + 1        (no .trans)
+//   rows 2 q and 2 q + 1, col g        (.trans)
+// so an x4 load whose lanes point at rows (lane % 16) and column half
+// (lane / 16) of a row-major 16x16 tile yields the A fragment, and the same
+// load with .trans of a row-major k x n tile yields two B fragments.
+//
+// On the host (csrc/cuda/emulation, which defines TAYLORSHIFT_EMULATION) the
+// same functions are collectives over the 32 emulated lanes of a warp that
+// move exactly these elements: emulation/warp_emulation.h.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#ifndef TAYLORSHIFT_EMULATION
+namespace taylorshift::cuda_kernels::warp {
+
+// Two floats as one register of 16-bit operands, `lo` in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+  uint32_t bits;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    bits = *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    bits = *reinterpret_cast<const uint32_t*>(&v);
+  }
+  return bits;
+}
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// kCount 8x8 matrices; `row` is this lane's row address (see above).
+template <int kCount, bool kTrans = false>
+__device__ __forceinline__ void ldmatrix(uint32_t (&r)[kCount],
+                                         const void* row) {
+  const uint32_t a = shared_address(row);
+  if constexpr (kCount == 1 && !kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n"
+                 : "=r"(r[0])
+                 : "r"(a));
+  } else if constexpr (kCount == 1) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n"
+                 : "=r"(r[0])
+                 : "r"(a));
+  } else if constexpr (kCount == 2 && !kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(a));
+  } else if constexpr (kCount == 2) {
+    asm volatile(
+        "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+        : "=r"(r[0]), "=r"(r[1])
+        : "r"(a));
+  } else if constexpr (!kTrans) {
+    static_assert(kCount == 4);
+    asm volatile(
+        "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+        : "r"(a));
+  } else {
+    static_assert(kCount == 4);
+    asm volatile(
+        "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, "
+        "[%4];\n"
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+        : "r"(a));
+  }
+}
+
+// d += a b for one 16x8x16 tile, T = __half or __nv_bfloat16.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    static_assert(std::is_same_v<T, __half>);
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+// 16 bytes global -> shared, asynchronously (both 16-byte aligned); with
+// `valid` false the destination is zero-filled and `src` is not read.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src,
+                                            bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                   shared_address(dst)),
+               "l"(src), "r"(valid ? 16 : 0));
+}
+
+// Closes the group of cp.async issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+
+// Waits until at most kPending committed groups are still in flight; the
+// block then still needs a barrier before other threads read the data.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+}  // namespace taylorshift::cuda_kernels::warp
+#endif
+
+namespace taylorshift::cuda_kernels::warp {
+
+// Warp tiles on the primitives, shared by the register-resident kernels.
+// A warp owns 16 rows; shared tiles are row-major with leading dimension ld
+// (elements). `lane` is threadIdx.x % 32.
+
+// The A fragments of 16 rows x kDim columns at `rows`: ldmatrix.x4 with lane
+// l addressing row l % 16, column half l / 16 of each 16-column step.
+template <int kDim, int ld, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[kDim / 16][4],
+                                       const T* rows, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kDim / 16; ++kk)
+    ldmatrix<4>(a[kk], rows + (lane % 16) * ld + kk * 16 + lane / 16 * 8);
+}
+
+// acc (16 x kN) += A (16 x kDim) R^T for a shared tile R of kN rows x kDim
+// (so B[k][n] = R[n][k]): plain ldmatrix.x4 gives the B fragments of two n8
+// tiles (matrices: rows +0/+8 x columns +0/+8, registers {0, 1} one tile,
+// {2, 3} the other).
+template <typename T, int kDim, int kN, int ld>
+__device__ __forceinline__ void mma_abt(float (&acc)[kN / 8][4],
+                                        const uint32_t (&a)[kDim / 16][4],
+                                        const T* r, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kDim / 16; ++kk) {
+#pragma unroll
+    for (int n = 0; n < kN / 16; ++n) {
+      uint32_t f[4];
+      ldmatrix<4>(f, r + (n * 16 + lane % 8 + lane / 16 * 8) * ld + kk * 16 +
+                         lane / 8 % 2 * 8);
+      const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+      mma_16816<T>(acc[2 * n], a[kk], lo);
+      mma_16816<T>(acc[2 * n + 1], a[kk], hi);
+    }
+  }
+}
+
+// acc (16 x kN) += A (16 x kK) R for a shared tile R of kK rows x kN
+// (B = R): ldmatrix.x4.trans gives two n8 tiles (matrices: rows +0/+8 x
+// columns +0/+8).
+template <typename T, int kK, int kN, int ld>
+__device__ __forceinline__ void mma_ab(float (&acc)[kN / 8][4],
+                                       const uint32_t (&a)[kK / 16][4],
+                                       const T* r, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+#pragma unroll
+    for (int n = 0; n < kN / 16; ++n) {
+      uint32_t f[4];
+      ldmatrix<4, true>(f, r + (kk * 16 + lane % 8 + lane / 8 % 2 * 8) * ld +
+                               n * 16 + lane / 16 * 8);
+      const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+      mma_16816<T>(acc[2 * n], a[kk], lo);
+      mma_16816<T>(acc[2 * n + 1], a[kk], hi);
+    }
+  }
+}
+
+// A 16 x kN accumulator (C layout) rounded to T as the A operand of the next
+// product: the C elements of n8 tiles 2 kk and 2 kk + 1 sit exactly where the
+// A layout wants columns 16 kk .. 16 kk + 15 (rows g / g + 8, columns 2 q +
+// {0, 1} and 8 + 2 q + {0, 1}), so no data moves between lanes.
+template <typename T, int kN>
+__device__ __forceinline__ void to_a(uint32_t (&a)[kN / 16][4],
+                                     const float (&c)[kN / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk) {
+    a[kk][0] = pack<T>(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = pack<T>(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = pack<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = pack<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
+}  // namespace taylorshift::cuda_kernels::warp
