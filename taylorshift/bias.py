@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from taylorshift.reference import logit_factors, output_scale_factor
+from taylorshift.reference import accumulate_dtype, logit_factors, output_scale_factor
 
 # Elements of one block's (B, H, block, N) weight matrix: 2^20 float32 values are 4 MiB, and
 # the backward of a block holds about twenty such matrices (logits, multiplicities, weights and
@@ -76,7 +76,7 @@ def biased_direct_attention(
     batch, heads, queries, keys = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     _check_bias(bias, (batch, heads, queries, keys))
     # float16 / bfloat16 are computed in float32, as the extension's kernels accumulate.
-    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    compute_dtype = accumulate_dtype(q.dtype)
     q_hat, k_hat = logit_factors(q, k, temperature, normalize=normalize, scale=scale)
     q_hat, k_hat, v_c = (x.to(compute_dtype) for x in (q_hat, k_hat, v))
     bias = bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))
