@@ -8,12 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from taylorshift import reference
+from taylorshift.bias import biased_direct_attention, biased_weights, check_mode
 from taylorshift.functional import taylor_shift_attention
 
 
 def _bool_mask(mask: Tensor | None, name: str) -> Tensor | None:
-    """A bool mask with True = ignore. Float masks are accepted only in the additive form that
-    nn.Transformer* layers produce from bool masks (0 = keep, -inf = masked).
+    """A bool mask with True = ignore, from a bool mask or an additive float one that holds
+    only 0 (keep) and -inf (masked), the form nn.Transformer* layers produce from bool masks.
 
     The conversion is `mask == -inf`, elementwise, so it traces. Checking that no other value
     occurs reads the data: in eager mode it is an exception (one host synchronisation, none for
@@ -26,15 +27,37 @@ def _bool_mask(mask: Tensor | None, name: str) -> Tensor | None:
     masked = torch.isneginf(mask)
     valid = ((mask == 0) | masked).all()
     message = (
-        f"taylorshift: a float {name} may hold only 0 (keep) and -inf (masked). Other additive "
-        "biases do not apply: TaylorShift weights are the polynomial a x^2 + b x + c of the "
-        "logits, not exp(x). Pass a bool mask with True = masked."
+        f"taylorshift: a float {name} may hold only 0 (keep) and -inf (masked). Pass an "
+        "additive bias (ALiBi, relative positions, -1e9 padding) as a float attn_mask."
     )
     if torch.compiler.is_compiling():
         torch._assert_async(valid, message)
     elif not bool(valid):
         raise ValueError(message)
     return masked
+
+
+def _attn_mask_or_bias(mask: Tensor | None, mode: str) -> Tensor | None:
+    """A bool attn_mask (True = not allowed) for the extension's kernels, or a float one kept as
+    an additive bias for biased_direct_attention (direct TaylorShift in PyTorch operations).
+
+    Eager: a float mask of only 0 / -inf (nn.Transformer*'s, open_clip's causal mask) becomes
+    bool, one host synchronisation to check. Under torch.compile / torch.export that choice would
+    be a data-dependent branch, so every float mask stays a bias: the biased path computes the
+    same function for 0 / -inf masks, without the fused kernel."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise TypeError(f"taylorshift: attn_mask must be bool or float, got {mask.dtype}")
+    if torch.compiler.is_compiling():
+        # mode="efficient" takes no attn_mask at all: keep the mask a mask, which the operator
+        # rejects with its message.
+        return _bool_mask(mask, "attn_mask") if mode == "efficient" else mask
+    masked = torch.isneginf(mask)
+    if bool(((mask == 0) | masked).all()):
+        return masked
+    check_mode(mode)
+    return mask
 
 
 class TaylorShiftAttention(nn.MultiheadAttention):
@@ -53,7 +76,9 @@ class TaylorShiftAttention(nn.MultiheadAttention):
     `to_multihead_attention()` goes back (the temperature is dropped).
 
     Differences from nn.MultiheadAttention, each forced by the algorithms or a decision:
-    - masks are bool (True = ignore) or additive float masks of only 0 / -inf;
+    - key_padding_mask is bool (True = ignore) or an additive float mask of only 0 / -inf;
+      attn_mask is bool (True = not allowed) or an additive float bias, which runs direct
+      TaylorShift with the bias as log multiplicities (taylorshift.bias; not mode="efficient");
     - in training with `need_weights=False`, `dropout` is applied to each head's attention
       output (before out_proj), not to the weights, which neither fused algorithm forms; with
       `need_weights=True` the weights are formed (O(L S) memory, as nn.MultiheadAttention does),
@@ -270,7 +295,7 @@ class TaylorShiftAttention(nn.MultiheadAttention):
         if not self.batch_first or not batched:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         key_padding_mask = _bool_mask(key_padding_mask, "key_padding_mask")
-        attn_mask = _bool_mask(attn_mask, "attn_mask")
+        attn_mask = _attn_mask_or_bias(attn_mask, self.mode)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.view(batch, self.num_heads, target_len, source_len)
 
@@ -285,31 +310,31 @@ class TaylorShiftAttention(nn.MultiheadAttention):
             v = torch.cat([v, v.new_zeros(v.shape[:2] + (1, v.shape[3]))], dim=2)
             key_padding_mask, attn_mask = _append_unmasked_key(key_padding_mask, attn_mask)
 
-        masks = {"key_padding_mask": key_padding_mask, "attn_mask": attn_mask, "causal": is_causal}
+        masks = {"key_padding_mask": key_padding_mask, "causal": is_causal}
+        biased = attn_mask is not None and attn_mask.is_floating_point()
+        masks["bias" if biased else "attn_mask"] = attn_mask
+        options = {"normalize": self.normalize}
         weights = None
-        if need_weights:
-            weights = reference.taylor_softmax_weights(
-                q, k, self.temperature, normalize=self.normalize, **masks
-            )
+        if need_weights and biased:
+            weights, multiplicity = biased_weights(q, k, self.temperature, **options, **masks)
+        elif need_weights:
+            weights = reference.taylor_softmax_weights(q, k, self.temperature, **options, **masks)
+        options["output_scale"] = self.output_scale
         if need_weights and self.training and self.dropout > 0:
             # nn.MultiheadAttention drops attention weights, applies and returns the dropped
             # ones; with the weights formed anyway, do the same (direct TaylorShift by hand).
             weights = nn.functional.dropout(weights, p=self.dropout)
             out = weights @ v
             if self.output_scale:
-                allowed = reference.allowed_keys(q, k, **masks)
-                out = out * reference.output_scale_factor(allowed, self.head_dim, out.dtype)
+                counted = multiplicity if biased else reference.allowed_keys(q, k, **masks)
+                out = out * reference.output_scale_factor(counted, self.head_dim, out.dtype)
         else:
-            out = taylor_shift_attention(
-                q,
-                k,
-                v,
-                self.temperature,
-                mode=self.mode,
-                normalize=self.normalize,
-                output_scale=self.output_scale,
-                **masks,
-            )
+            if biased:
+                out = biased_direct_attention(q, k, v, self.temperature, **options, **masks)
+            else:
+                out = taylor_shift_attention(
+                    q, k, v, self.temperature, mode=self.mode, **options, **masks
+                )
             out = nn.functional.dropout(out, p=self.dropout, training=self.training)
         out = self.out_proj(out.transpose(1, 2).flatten(2))
         if weights is not None and average_attn_weights:

@@ -216,10 +216,11 @@ def test_module_float_key_padding_mask_other_than_zero_or_minus_inf(module_and_i
         module(x, x, x, key_padding_mask=mask)
 
 
-def test_module_float_attn_mask_other_than_zero_or_minus_inf(module_and_input):
+def test_module_float_attn_mask_bias_in_efficient_mode(module_and_input):
     module, x = module_and_input
+    module.mode = "efficient"
     mask = torch.full((5, 5), -2.0, device=x.device)
-    with pytest.raises(ValueError, match="(?s)attn_mask may hold only 0.*not exp"):
+    with pytest.raises(NotImplementedError, match="(?s)needs mode='direct' or 'auto'.*per-pair"):
         module(x, x, x, attn_mask=mask)
 
 

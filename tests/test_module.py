@@ -444,9 +444,9 @@ def test_compile_fullgraph_with_float_padding_and_causal_masks():
     bool_causal = torch.ones(L, L, dtype=torch.bool).triu(1)
     expected, _ = _hand(module, query, query, query, kpm=kpm, attn_mask=bool_causal)
     torch.testing.assert_close(out, expected, **F64_TOL)
-    # The value check is in the graph: a bias that is not 0 / -inf still fails, at run time.
-    with pytest.raises(RuntimeError, match="may hold only 0 .keep. and -inf"):
-        compiled(query, query, query, key_padding_mask=float_kpm, attn_mask=causal - 1.0)
+    # The key_padding_mask's value check is in the graph: other values fail at run time.
+    with pytest.raises(RuntimeError, match="key_padding_mask may hold only 0 .keep. and -inf"):
+        compiled(query, query, query, key_padding_mask=float_kpm - 1.0, attn_mask=causal)
 
 
 # ---- the way back ---------------------------------------------------------------------------
