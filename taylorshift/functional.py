@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from taylorshift import _extension, reference
+from taylorshift.bias import biased_direct_attention, check_mode
 from taylorshift.crossover import paper_thresholds
 
 
@@ -38,8 +39,11 @@ def taylor_shift_attention(
         key_padding_mask: (B, N) bool, **True = padding (ignored)**, the nn.MultiheadAttention
             convention.
         attn_mask: bool, broadcastable to (B, H, M, N), **True = not allowed to attend** (the
-            nn.MultiheadAttention convention, the opposite of SDPA's). Additive float masks do
-            not apply: the weights are a polynomial of the logits, not exp. Direct mode only.
+            nn.MultiheadAttention convention, the opposite of SDPA's). Direct mode only. A float
+            attn_mask is an additive bias, as in softmax attention, where exp(x + bias) =
+            exp(bias) exp(x): the weights become exp(bias_ij - max_j bias_ij) f(x_ij), so 0/-inf
+            (and -1e9) masks mean what they mean for softmax and ALiBi decays with distance
+            (taylorshift/bias.py; PyTorch operations, blockwise with recomputation).
         causal: query i attends keys j <= i (top-left aligned, as SDPA). Direct mode only.
         mode: "direct", "efficient", or "auto", which picks the cheaper one for these sizes on
             this device (see taylorshift.crossover), and "direct" for attn_mask or causal.
@@ -54,6 +58,17 @@ def taylor_shift_attention(
     if len(coefficients) != 3:
         raise ValueError(f"taylorshift: coefficients must be (a, b, c), got {coefficients!r}")
     a, b, c = (float(x) for x in coefficients)
+    if attn_mask is not None and attn_mask.is_floating_point():
+        # An additive bias: direct TaylorShift in PyTorch operations (taylorshift/bias.py).
+        check_mode(mode)
+        _check_arguments(
+            q, k, v, temperature, key_padding_mask, None, causal, mode, normalize, scale, a, b, c
+        )
+        return biased_direct_attention(
+            q, k, v, temperature, bias=attn_mask, key_padding_mask=key_padding_mask,
+            causal=causal, normalize=normalize, output_scale=output_scale, scale=scale,
+            coefficients=(a, b, c),
+        )  # fmt: skip
     # The positional order of the taylorshift::attention schema, shared with the fallback.
     args = (q, k, v, temperature, key_padding_mask, attn_mask, causal, mode, normalize)
     args += (output_scale, scale, a, b, c)

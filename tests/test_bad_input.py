@@ -99,9 +99,15 @@ def test_key_padding_mask_wrong_dtype(qkv, dtype):
         call(*qkv, key_padding_mask=mask)
 
 
-def test_float_attn_mask_explains_additive_masks_do_not_apply(qkv):
+def test_float_attn_mask_is_a_bias_that_efficient_mode_refuses(qkv):
     mask = torch.zeros(M, N, device=qkv[0].device)
-    with pytest.raises(TypeError, match="(?s)attn_mask must be a bool.*Additive float masks"):
+    with pytest.raises(NotImplementedError, match="additive float attn_mask .a bias. needs"):
+        call(*qkv, attn_mask=mask, mode="efficient")
+
+
+def test_integer_attn_mask_is_refused(qkv):
+    mask = torch.zeros(M, N, dtype=torch.int64, device=qkv[0].device)
+    with pytest.raises(TypeError, match="attn_mask must be a bool tensor"):
         call(*qkv, attn_mask=mask, mode="direct")
 
 
