@@ -98,7 +98,7 @@ def compare_with_sdpa(args):
     print("|---" * (header.count("|") - 1) + "|")
     rows = []
     for head_dim in (int(d) for d in args.head_dims.split(",")):
-        for tokens in SDPA_TOKENS:
+        for tokens in (int(n) for n in args.tokens.split(",")):
             q, k, v = make_inputs(args.batch, args.heads, tokens, head_dim)
             grad_out = torch.randn_like(v)
             names = [m for m in methods if m != "direct" or tokens <= DIRECT_MAX_TOKENS]
@@ -260,6 +260,11 @@ def main():
         "--statistic", choices=("median", "min"), default="median", help="over --rounds"
     )
     parser.add_argument("--head-dims", default="32,64", help="--sdpa: head dims")
+    parser.add_argument(
+        "--tokens",
+        default=",".join(str(n) for n in SDPA_TOKENS),
+        help="--sdpa: sequence lengths N = M",
+    )
     parser.add_argument("--copies", action="store_true", help="copies inside the operators")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-training", default=None, help=argparse.SUPPRESS)
