@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
@@ -76,11 +75,10 @@ def measure_one(implementation, tokens, batch, heads, head_dim, min_run_time, th
 
 
 def run_case(implementation, tokens, args):
+    from common import run_child
+
     child = [implementation, tokens, args.batch, args.heads, args.head_dim, args.min_run_time]
-    child.append(args.threads)
-    command = [sys.executable, __file__, "--child", json.dumps(child)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(__file__, "--child", child + [args.threads])
 
 
 def main():

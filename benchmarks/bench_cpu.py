@@ -29,7 +29,6 @@ import csv
 import functools
 import json
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
@@ -219,27 +218,17 @@ def training_loop_peak(implementation, mode, tokens, batch, heads, head_dim):
 
 
 def run_training_loop(implementation, mode, args, tokens=16384, head_dim=32):
-    command = [
-        sys.executable,
-        __file__,
-        "--child-training",
-        json.dumps([implementation, mode, tokens, args.batch, args.heads, head_dim]),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_extra_bytes"] / 2**20
+    from common import run_child
+
+    payload = [implementation, mode, tokens, args.batch, args.heads, head_dim]
+    return run_child(__file__, "--child-training", payload)["peak_extra_bytes"] / 2**20
 
 
 def run_case(implementation, mode, tokens, args):
-    command = [
-        sys.executable,
-        __file__,
-        "--child",
-        json.dumps(
-            [implementation, mode, tokens, args.batch, args.heads, args.head_dim, args.min_run_time]
-        ),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    from common import run_child
+
+    payload = [implementation, mode, tokens, args.batch, args.heads, args.head_dim]
+    return run_child(__file__, "--child", payload + [args.min_run_time])
 
 
 def main():

@@ -1,9 +1,11 @@
-"""Shared pieces of the benchmark scripts: inputs, one timed forward+backward, FLOP totals."""
+"""Shared pieces of the benchmark scripts: inputs, timed forward+backward, FLOP totals, child runs."""
 
 from __future__ import annotations
 
-import math
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -76,5 +78,9 @@ def flops(mode: str, batch, heads, tokens, head_dim, backward=True) -> float:
     return batch * heads * taylorshift.flops(mode, tokens, tokens, head_dim, backward=backward)
 
 
-def fmt_ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f}" if math.isfinite(seconds) else "-"
+def run_child(script: str, flag: str, payload: list):
+    """Runs `script` in a fresh interpreter with `flag` and the JSON `payload` (so its peak memory
+    is its own) and returns the JSON value of its last output line."""
+    command = [sys.executable, script, flag, json.dumps(payload)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
