@@ -34,11 +34,9 @@ namespace {
 
 template <typename T, typename Acc>
 struct DirectArgs {
-  const T* q;
-  const T* k;
-  const T* v;
-  const T* grad_out;   // backward only
-  const Acc* scalars;  // backward only: (B, H, M, 2) = (rs, dl)
+  TokenRows<T> q, k, v;
+  TokenRows<T> grad_out;  // backward only
+  const Acc* scalars;     // backward only: (B, H, M, 2) = (rs, dl)
   int64_t heads, queries, keys;
   int d, e, tile;
   Mask mask;
@@ -81,23 +79,21 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * tile;
-  const T* q = p.q + bh * p.queries * p.d;
-  const T* k = p.k + bh * p.keys * p.d;
-  const T* v = p.v + bh * p.keys * p.e;
 
-  load_tile(qs, ld_qk, q, p.queries, p.d, i0, tile, dp);
+  load_tile(qs, ld_qk, p.q, b, h, p.queries, i0, tile, dp);
   zero_tile(os, ld_o, tile, ep);
   // Causal: keys j <= i < i0 + tile only.
   const int64_t key_end = p.mask.causal ? min(p.keys, i0 + tile) : p.keys;
   for (int64_t j0 = 0; j0 < key_end; j0 += tile) {
     __syncthreads();  // the previous W V' product is done with ks, vs, ws
-    load_tile(ks, ld_qk, k, p.keys, p.d, j0, tile, dp);
+    load_tile(ks, ld_qk, p.k, b, h, p.keys, j0, tile, dp);
     for (int idx = threadIdx.x; idx < tile * ep; idx += blockDim.x) {
       const int r = idx / ep, col = idx % ep;
       const int64_t j = j0 + r;
       Acc value = 0;
       if (col < p.e) {
-        value = j < p.keys ? Num<T>::widen(v[j * p.e + col]) : Acc(0);
+        value = j < p.keys ? Num<T>::widen(p.v.row(b, h, j)[col * p.v.stride_c])
+                           : Acc(0);
       } else if (col == p.e) {
         value = 1;  // V' = [V | 1]
       }
@@ -653,10 +649,11 @@ template <typename T, typename Op, typename Acc>
 __device__ void load_query_side(const DirectArgs<T, Acc>& p, int64_t bh,
                                 int64_t i0, Op* qs, Op* gs, Acc* rs) {
   const int tile = p.tile;
-  load_tile(qs, operand_ld(round16(p.d)), p.q + bh * p.queries * p.d, p.queries,
-            p.d, i0, tile, round16(p.d));
-  load_tile(gs, operand_ld(round16(p.e)), p.grad_out + bh * p.queries * p.e,
-            p.queries, p.e, i0, tile, round16(p.e));
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  load_tile(qs, operand_ld(round16(p.d)), p.q, b, h, p.queries, i0, tile,
+            round16(p.d));
+  load_tile(gs, operand_ld(round16(p.e)), p.grad_out, b, h, p.queries, i0, tile,
+            round16(p.e));
   for (int r = threadIdx.x; r < tile; r += blockDim.x) {
     const int64_t i = i0 + r;
     const bool valid = i < p.queries;
@@ -720,10 +717,8 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * tile;
-  load_tile(ks, operand_ld(dp), p.k + bh * p.keys * p.d, p.keys, p.d, j0, tile,
-            dp);
-  load_tile(vs, operand_ld(ev), p.v + bh * p.keys * p.e, p.keys, p.e, j0, tile,
-            ev);
+  load_tile(ks, operand_ld(dp), p.k, b, h, p.keys, j0, tile, dp);
+  load_tile(vs, operand_ld(ev), p.v, b, h, p.keys, j0, tile, ev);
   zero_tile(dk, accum_ld(dp), tile, dp);
   zero_tile(dv, accum_ld(ev), tile, ev);
   // Causal: only queries i >= j >= j0 see this key tile.
@@ -783,10 +778,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t key_end = p.mask.causal ? min(p.keys, i0 + tile) : p.keys;
   for (int64_t j0 = 0; j0 < key_end; j0 += tile) {
     __syncthreads();  // the previous dX K product is done with ks, dxs
-    load_tile(ks, operand_ld(dp), p.k + bh * p.keys * p.d, p.keys, p.d, j0,
-              tile, dp);
-    load_tile(vs, operand_ld(ev), p.v + bh * p.keys * p.e, p.keys, p.e, j0,
-              tile, ev);
+    load_tile(ks, operand_ld(dp), p.k, b, h, p.keys, j0, tile, dp);
+    load_tile(vs, operand_ld(ev), p.v, b, h, p.keys, j0, tile, ev);
     __syncthreads();
     backward_tile(p, b, h, i0, j0, qs, gs, ks, vs, xs, gvs, rs,
                   static_cast<Op*>(nullptr), dxs);
@@ -810,9 +803,9 @@ DirectArgs<T, Acc> make_args(const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& sigma, double a, double b,
                              double c) {
   DirectArgs<T, Acc> args{};
-  args.q = reinterpret_cast<const T*>(q.data_ptr());
-  args.k = reinterpret_cast<const T*>(k.data_ptr());
-  args.v = reinterpret_cast<const T*>(v.data_ptr());
+  args.q = token_rows<T>(q, q.size(3));
+  args.k = token_rows<T>(k, k.size(3));
+  args.v = token_rows<T>(v, v.size(3));
   args.heads = q.size(1);
   args.queries = q.size(2);
   args.keys = k.size(2);
@@ -859,12 +852,10 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
     }
     return {out, den};
   }
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
-                   vc = v.contiguous();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "direct_forward_cuda", [&] {
     using T = scalar_t;
     using Acc = typename Num<T>::acc;
-    auto args = make_args<T, Acc>(qc, kc, vc, mask, sigma, a, b, c);
+    auto args = make_args<T, Acc>(q, k, v, mask, sigma, a, b, c);
     const auto bytes = [&](int tile) {
       return ForwardSmem(tile, args.d, args.e, sizeof(T), sizeof(Acc)).total;
     };
@@ -892,7 +883,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   check_cuda_inputs("taylorshift::direct_backward", q, k, v,
                     {&grad_out, &out, &den}, key_padding_mask, attn_mask);
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor gc = grad_out.contiguous();
   // Contiguous gradients whatever the inputs' strides, as the Meta kernels.
   at::Tensor grad_q = at::empty(q.sizes(), q.options()),
              grad_k = at::empty(k.sizes(), k.options()),
@@ -902,8 +892,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   }
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          attn_mask, causal, output_scale);
-  const at::Tensor scalars =
-      backward_row_scalars(gc, out.contiguous(), den.contiguous(), sigma);
+  const at::Tensor scalars = backward_row_scalars(grad_out, out, den, sigma);
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   if (q.scalar_type() == at::kBFloat16 &&
       std::max(q.size(3), v.size(3)) <= kBackwardMaxDim) {
@@ -912,15 +901,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
                                 c, grad_q, grad_k, grad_v);
     return {grad_q, grad_k, grad_v};
   }
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
-                   vc = v.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "direct_backward_cuda", [&] {
         using T = typename Native<scalar_t>::type;
         using Acc = typename Num<T>::acc;
         using Op = typename Num<T>::derived;
-        auto args = make_args<T, Acc>(qc, kc, vc, mask, sigma, a, b, c);
-        args.grad_out = reinterpret_cast<const T*>(gc.data_ptr());
+        auto args = make_args<T, Acc>(q, k, v, mask, sigma, a, b, c);
+        args.grad_out = token_rows<T>(grad_out, grad_out.size(3));
         args.scalars = scalars.data_ptr<Acc>();
         const int64_t bh = q.size(0) * q.size(1);
         const auto stream = at::cuda::getCurrentCUDAStream();
