@@ -378,6 +378,42 @@ __device__ __forceinline__ void load_rows(T* dst, const TokenRows<T>& src,
   }
 }
 
+// Keys [t0, t0 + kRows) of K and V (both kDim wide after padding) into two
+// tiles as load_rows does, and with `padding` zero rows for padded keys too:
+// a zero K and V row is how the 16-bit kernels drop a key from every product
+// without a per-element test, and without reading its values (which may be
+// NaN or inf). Each row's validity is read once, by the thread that copies
+// its first chunk, which also writes the key weight m_j = [the key exists and
+// is not padding] to `weights` when given.
+template <int kDim, int kRows, typename T>
+__device__ __forceinline__ void load_key_rows(T* k_dst, T* v_dst, T* weights,
+                                              const TokenRows<T>& k,
+                                              const TokenRows<T>& v, int64_t b,
+                                              int64_t h, int64_t t0,
+                                              int64_t total,
+                                              const Mask* padding) {
+  constexpr int ld = kDim + 8, kChunks = kDim / 8;  // 16-byte chunks per row
+  static_assert(kRows * kChunks % kThreads == 0);
+  const T* k_base = k.row(b, h, t0);
+  const T* v_base = v.row(b, h, t0);
+#pragma unroll
+  for (int step = 0; step < kRows * kChunks / kThreads; ++step) {
+    const int idx = threadIdx.x + step * kThreads;
+    const int r = idx / kChunks, col = idx % kChunks * 8;
+    const bool key =
+        t0 + r < total && (padding == nullptr || padding->key_valid(b, t0 + r));
+    const bool k_valid = key && col < k.cols, v_valid = key && col < v.cols;
+    warp::cp_async_16(k_dst + r * ld + col,
+                      k_valid ? k_base + r * k.stride_t + col : k.data,
+                      k_valid);
+    warp::cp_async_16(v_dst + r * ld + col,
+                      v_valid ? v_base + r * v.stride_t + col : v.data,
+                      v_valid);
+    if (weights != nullptr && col == 0)
+      weights[r] = Num<T>::narrow(key ? 1.f : 0.f);
+  }
+}
+
 // Per-row values as a (B, H, M) view with arbitrary (possibly zero) strides.
 template <typename Acc>
 struct RowValues {
