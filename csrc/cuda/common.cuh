@@ -278,12 +278,18 @@ TokenRows<T> token_rows(const at::Tensor& t, int64_t cols) {
 
 // Copies rows [row0, row0 + rows) of head (b, h) of `src` into a
 // (rows x padded_cols) shared tile, converting the type and writing zeros
-// past the tensor (tail rows, padding columns): zeros, not garbage, because
-// padded entries are multiplied by masked zeros and 0 * NaN = NaN.
+// past the tensor (tail rows, padding columns) and, with `padding`, for the
+// rows of padded keys: zeros, not garbage, because those entries are
+// multiplied by masked zeros and 0 * NaN = NaN.
 template <typename Dst, typename Src>
 __device__ void load_tile(Dst* dst, int ld, const TokenRows<Src>& src,
                           int64_t b, int64_t h, int64_t total_rows,
-                          int64_t row0, int rows, int padded_cols) {
+                          int64_t row0, int rows, int padded_cols,
+                          const Mask* padding = nullptr) {
+  const auto row_valid = [&](int r) {
+    return row0 + r < total_rows &&
+           (padding == nullptr || padding->key_valid(b, row0 + r));
+  };
   const Src* base = src.row(b, h, row0);
   const int cols = src.cols;
   // Same type, no padding columns, unit column stride and every row a whole
@@ -300,7 +306,7 @@ __device__ void load_tile(Dst* dst, int ld, const TokenRows<Src>& src,
       for (int idx = threadIdx.x; idx < rows * vectors; idx += blockDim.x) {
         const int r = idx / vectors, col = idx % vectors * kVector;
         uint4 value = make_uint4(0, 0, 0, 0);
-        if (row0 + r < total_rows) {
+        if (row_valid(r)) {
           value =
               *reinterpret_cast<const uint4*>(base + r * src.stride_t + col);
         }
@@ -313,7 +319,7 @@ __device__ void load_tile(Dst* dst, int ld, const TokenRows<Src>& src,
     const int r = idx / padded_cols;
     const int col = idx % padded_cols;
     Dst value = Num<Dst>::narrow(typename Num<Dst>::acc(0));
-    if (row0 + r < total_rows && col < cols) {
+    if (col < cols && row_valid(r)) {
       value = convert<Dst>(base[r * src.stride_t + col * src.stride_c]);
     }
     dst[r * ld + col] = value;

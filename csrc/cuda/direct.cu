@@ -86,14 +86,15 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t key_end = p.mask.causal ? min(p.keys, i0 + tile) : p.keys;
   for (int64_t j0 = 0; j0 < key_end; j0 += tile) {
     __syncthreads();  // the previous W V' product is done with ks, vs, ws
-    load_tile(ks, ld_qk, p.k, b, h, p.keys, j0, tile, dp);
+    load_tile(ks, ld_qk, p.k, b, h, p.keys, j0, tile, dp, &p.mask);
     for (int idx = threadIdx.x; idx < tile * ep; idx += blockDim.x) {
       const int r = idx / ep, col = idx % ep;
       const int64_t j = j0 + r;
       Acc value = 0;
       if (col < p.e) {
-        value = j < p.keys ? Num<T>::widen(p.v.row(b, h, j)[col * p.v.stride_c])
-                           : Acc(0);
+        const bool key = j < p.keys && p.mask.key_valid(b, j);
+        value =
+            key ? Num<T>::widen(p.v.row(b, h, j)[col * p.v.stride_c]) : Acc(0);
       } else if (col == p.e) {
         value = 1;  // V' = [V | 1]
       }
@@ -791,8 +792,8 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * tile;
-  load_tile(ks, operand_ld(dp), p.k, b, h, p.keys, j0, tile, dp);
-  load_tile(vs, operand_ld(ev), p.v, b, h, p.keys, j0, tile, ev);
+  load_tile(ks, operand_ld(dp), p.k, b, h, p.keys, j0, tile, dp, &p.mask);
+  load_tile(vs, operand_ld(ev), p.v, b, h, p.keys, j0, tile, ev, &p.mask);
   zero_tile(dk, accum_ld(dp), tile, dp);
   zero_tile(dv, accum_ld(ev), tile, ev);
   // Causal: only queries i >= j >= j0 see this key tile.
@@ -852,8 +853,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t key_end = p.mask.causal ? min(p.keys, i0 + tile) : p.keys;
   for (int64_t j0 = 0; j0 < key_end; j0 += tile) {
     __syncthreads();  // the previous dX K product is done with ks, dxs
-    load_tile(ks, operand_ld(dp), p.k, b, h, p.keys, j0, tile, dp);
-    load_tile(vs, operand_ld(ev), p.v, b, h, p.keys, j0, tile, ev);
+    load_tile(ks, operand_ld(dp), p.k, b, h, p.keys, j0, tile, dp, &p.mask);
+    load_tile(vs, operand_ld(ev), p.v, b, h, p.keys, j0, tile, ev, &p.mask);
     __syncthreads();
     backward_tile(p, b, h, i0, j0, qs, gs, ks, vs, xs, gvs, rs,
                   static_cast<Op*>(nullptr), dxs);
