@@ -388,9 +388,8 @@ __device__ __forceinline__ void load_rows(T* dst, const TokenRows<T>& src,
 // tiles as load_rows does, and with `padding` zero rows for padded keys too:
 // a zero K and V row is how the 16-bit kernels drop a key from every product
 // without a per-element test, and without reading its values (which may be
-// NaN or inf). Each row's validity is read once, by the thread that copies
-// its first chunk, which also writes the key weight m_j = [the key exists and
-// is not padding] to `weights` when given.
+// NaN or inf). With `weights`, thread r < kRows also writes the key weight
+// m_j = [key j = t0 + r exists and is not padding] there.
 template <int kDim, int kRows, typename T>
 __device__ __forceinline__ void load_key_rows(T* k_dst, T* v_dst, T* weights,
                                               const TokenRows<T>& k,
@@ -415,8 +414,13 @@ __device__ __forceinline__ void load_key_rows(T* k_dst, T* v_dst, T* weights,
     warp::cp_async_16(v_dst + r * ld + col,
                       v_valid ? v_base + r * v.stride_t + col : v.data,
                       v_valid);
-    if (weights != nullptr && col == 0)
-      weights[r] = Num<T>::narrow(key ? 1.f : 0.f);
+  }
+  static_assert(kRows <= kThreads);
+  if (weights != nullptr && threadIdx.x < kRows) {
+    const int64_t j = t0 + threadIdx.x;
+    const bool key =
+        j < total && (padding == nullptr || padding->key_valid(b, j));
+    weights[threadIdx.x] = Num<T>::narrow(key ? 1.f : 0.f);
   }
 }
 
