@@ -200,6 +200,23 @@ __device__ __forceinline__ void store_rows(T* dst,
   }
 }
 
+// Runs step(tile, elementwise) over the `tiles` key tiles of a query block,
+// elementwise a std::bool_constant telling whether the tile tests the mask
+// per element. With causal and no attn_mask, every key of the tiles before
+// the last precedes every query of the block, so they run without tests; the
+// last holds the diagonal (kRows == kKeys) and runs with them, outside the
+// main loop.
+template <MaskMode kMode, typename T, typename Step>
+__device__ __forceinline__ void walk_key_tiles(const MmaArgs<T>& p, int tiles,
+                                               const Step& step) {
+  const bool diagonal =
+      kMode != MaskMode::kAttnMask && p.mask.causal && tiles > 0;
+  const int full_tiles = diagonal ? tiles - 1 : tiles;
+  for (int tile = 0; tile < full_tiles; ++tile)
+    step(tile, std::bool_constant<kMode == MaskMode::kAttnMask>());
+  if (diagonal) step(full_tiles, std::true_type());
+}
+
 template <int kDim>
 constexpr size_t mma_forward_smem() {
   // Q, 2 x K, 2 x V, 2 x m
@@ -282,14 +299,7 @@ __global__ void __launch_bounds__(kThreads)
     warp::mma_row_sums<T, kKeys>(row_sum, wf, ms + stage * kKeys, lane);
     __syncthreads();  // every warp is done with this stage before its refill
   };
-  // Causal without attn_mask: the last tile holds the diagonal (kRows ==
-  // kKeys), every key of the tiles before it precedes every query here.
-  const bool diagonal =
-      kMode != MaskMode::kAttnMask && p.mask.causal && tiles > 0;
-  const int full_tiles = diagonal ? tiles - 1 : tiles;
-  for (int tile = 0; tile < full_tiles; ++tile)
-    step(tile, std::bool_constant<kMode == MaskMode::kAttnMask>());
-  if (diagonal) step(full_tiles, std::true_type());
+  walk_key_tiles<kMode>(p, tiles, step);
   warp::cp_async_wait<0>();  // no copy outlives the block (keys == 0)
 
   float scale[2];
@@ -622,13 +632,7 @@ __global__ void __launch_bounds__(kThreads)
     warp::mma_ab<T, kKeys, kDim, ld>(dq, af, ks + stage * kTile, lane);
     __syncthreads();  // every warp is done with this stage before its refill
   };
-  // Causal without attn_mask: the last tile holds the diagonal.
-  const bool diagonal =
-      kMode != MaskMode::kAttnMask && p.mask.causal && tiles > 0;
-  const int full_tiles = diagonal ? tiles - 1 : tiles;
-  for (int tile = 0; tile < full_tiles; ++tile)
-    step(tile, std::bool_constant<kMode == MaskMode::kAttnMask>());
-  if (diagonal) step(full_tiles, std::true_type());
+  walk_key_tiles<kMode>(p, tiles, step);
   warp::cp_async_wait<0>();  // no copy outlives the block (keys == 0)
   const float one[2] = {1.f, 1.f};
   store_rows<T, kDim>(grad_q + bh * p.queries * p.d, dq, i0 + warp_row,
