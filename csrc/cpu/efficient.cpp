@@ -31,21 +31,69 @@ inline int64_t token_chunk(int64_t d) { return d <= 32 ? 256 : 128; }
 // xt is the chunk's q or k transposed (d x rows, row stride ld), the tile F x
 // rows with row stride ld.
 
-// psi of a chunk of keys: row 0 (m_j, the key's mask) is already in the tile;
-// rows 1..d are k_l, the pair rows k_l k_m. xt holds zeros for masked keys,
-// so their columns are zero throughout.
+// What the build of a tile also computes from each feature row f while the
+// row is in registers, instead of a second pass over the tile:
+// dots[f] = sum_r row[r] dot_with[r] (the state column that BLAS leaves out,
+// see ChunkSum), or weighted[r] += weights[f * weight_stride] row[r] for
+// f >= 1 (a state column applied to every token).
 template <typename T>
-TS_VECTOR_CLONES void key_feature_tile(const T* xt, int64_t d, int64_t rows,
-                                       int64_t ld, T* tile) {
-  T* out = tile + linear_feature_offset() * ld;
-  for (int64_t l = 0; l < d; ++l, out += ld)
-    std::copy(xt + l * ld, xt + l * ld + rows, out);
+struct RowExtras {
+  const T* dot_with = nullptr;
+  T* dots = nullptr;
+  const T* weights = nullptr;
+  int64_t weight_stride = 0;
+  T* weighted = nullptr;
+};
+
+// Row f of a tile: out[r] = value(r) for the chunk's tokens, and the extras.
+template <typename T, typename Value>
+inline void write_feature_row(T* out, int64_t rows, int64_t f,
+                              const RowExtras<T>& extras, Value value) {
+  if (extras.dots != nullptr) {
+    const T* y = extras.dot_with;
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T x = value(r);
+      out[r] = x;
+      sum += x * y[r];
+    }
+    extras.dots[f] = sum;
+  } else if (extras.weighted != nullptr && f > 0) {
+    const T w = extras.weights[f * extras.weight_stride];
+    T* acc = extras.weighted;
+#pragma omp simd
+    for (int64_t r = 0; r < rows; ++r) {
+      const T x = value(r);
+      out[r] = x;
+      acc[r] += w * x;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t r = 0; r < rows; ++r) out[r] = value(r);
+  }
+}
+
+// psi of a chunk of keys: row 0 m_j (the key's mask, 1 or 0), rows 1..d k_l,
+// the pair rows k_l k_m. xt holds zeros for masked keys, so their columns
+// are zero throughout.
+template <typename T>
+TS_VECTOR_CLONES void key_feature_tile(const T* xt, const T* valid, int64_t d,
+                                       int64_t rows, int64_t ld, T* tile,
+                                       RowExtras<T> extras) {
+  int64_t f = 0;
+  write_feature_row(tile, rows, f++, extras, [&](int64_t r) { return valid[r]; });
+  for (int64_t l = 0; l < d; ++l, ++f) {
+    const T* x = xt + l * ld;
+    write_feature_row(tile + f * ld, rows, f, extras,
+                      [&](int64_t r) { return x[r]; });
+  }
   for (int64_t l = 0; l < d; ++l) {
     const T* x = xt + l * ld;
-    for (int64_t m = l; m < d; ++m, out += ld) {
+    for (int64_t m = l; m < d; ++m, ++f) {
       const T* y = xt + m * ld;
-#pragma omp simd
-      for (int64_t r = 0; r < rows; ++r) out[r] = x[r] * y[r];
+      write_feature_row(tile + f * ld, rows, f, extras,
+                        [&](int64_t r) { return x[r] * y[r]; });
     }
   }
 }
@@ -54,53 +102,23 @@ TS_VECTOR_CLONES void key_feature_tile(const T* xt, int64_t d, int64_t rows,
 // a omega_lm q_l q_m (omega 1 on the diagonal, 2 off it).
 template <typename T>
 TS_VECTOR_CLONES void query_feature_tile(const T* xt, int64_t d, int64_t rows,
-                                         int64_t ld, T a, T b, T c, T* tile) {
-  std::fill(tile, tile + rows, c);
-  T* out = tile + linear_feature_offset() * ld;
-  for (int64_t l = 0; l < d; ++l, out += ld) {
+                                         int64_t ld, T a, T b, T c, T* tile,
+                                         RowExtras<T> extras) {
+  int64_t f = 0;
+  write_feature_row(tile, rows, f++, extras, [&](int64_t) { return c; });
+  for (int64_t l = 0; l < d; ++l, ++f) {
     const T* x = xt + l * ld;
-#pragma omp simd
-    for (int64_t r = 0; r < rows; ++r) out[r] = b * x[r];
+    write_feature_row(tile + f * ld, rows, f, extras,
+                      [&](int64_t r) { return b * x[r]; });
   }
   for (int64_t l = 0; l < d; ++l) {
     const T* x = xt + l * ld;
-    for (int64_t m = l; m < d; ++m, out += ld) {
+    for (int64_t m = l; m < d; ++m, ++f) {
       const T weight = m == l ? a : T(2) * a;
       const T* y = xt + m * ld;
-#pragma omp simd
-      for (int64_t r = 0; r < rows; ++r) out[r] = weight * x[r] * y[r];
+      write_feature_row(tile + f * ld, rows, f, extras,
+                        [&](int64_t r) { return weight * x[r] * y[r]; });
     }
-  }
-}
-
-// out[f * out_stride] (+)= sum_r tile[f][r] y[r] for the first `features`
-// rows: the column of a state product whose other columns BLAS computes (see
-// ChunkSum).
-template <typename T>
-TS_VECTOR_CLONES void row_dots(const T* tile, int64_t features, int64_t rows,
-                               int64_t ld, const T* y, bool accumulate, T* out,
-                               int64_t out_stride) {
-  for (int64_t f = 0; f < features; ++f) {
-    const T* x = tile + f * ld;
-    T sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t r = 0; r < rows; ++r) sum += x[r] * y[r];
-    out[f * out_stride] = accumulate ? out[f * out_stride] + sum : sum;
-  }
-}
-
-// out[r] = sum_f weights[f * weight_stride] tile[f][r]: a state column
-// applied to every token of the chunk.
-template <typename T>
-TS_VECTOR_CLONES void weighted_rows(const T* tile, int64_t features,
-                                    int64_t rows, int64_t ld, const T* weights,
-                                    int64_t weight_stride, T* out) {
-  std::fill(out, out + rows, T(0));
-  for (int64_t f = 0; f < features; ++f) {
-    const T* x = tile + f * ld;
-    const T w = weights[f * weight_stride];
-#pragma omp simd
-    for (int64_t r = 0; r < rows; ++r) out[r] += w * x[r];
   }
 }
 
@@ -111,33 +129,39 @@ TS_VECTOR_CLONES void weighted_rows(const T* tile, int64_t features,
 //   grad_l = linear g_l + 2 diagonal g_ll x_l + off_diagonal sum_(m != l)
 //            g_(min,max) x_m.
 // Queries use (linear, diagonal, off_diagonal) = (b, a, 2a), keys (1, 1, 1).
+// Tokens go in blocks of kGradientBlock, so that the block's slices of xt and
+// grad_t (d x 64 each) stay in L1 while every pair row streams past once.
 template <typename T>
 TS_VECTOR_CLONES void feature_gradient_tile(const T* g, const T* xt, int64_t d,
                                             int64_t rows, int64_t ld, T linear,
                                             T diagonal, T off_diagonal,
                                             T* grad_t) {
-  for (int64_t l = 0; l < d; ++l) {
-    const T* gl = g + l * ld;
-    T* out = grad_t + l * ld;
+  constexpr int64_t kGradientBlock = 64;
+  const T two_diagonal = T(2) * diagonal;
+  for (int64_t r0 = 0; r0 < rows; r0 += kGradientBlock) {
+    const int64_t n = std::min(kGradientBlock, rows - r0);
+    for (int64_t l = 0; l < d; ++l) {
+      const T* gl = g + l * ld + r0;
+      T* out = grad_t + l * ld + r0;
 #pragma omp simd
-    for (int64_t r = 0; r < rows; ++r) out[r] = linear * gl[r];
-  }
-  const T* gp = g + d * ld;
-  for (int64_t l = 0; l < d; ++l) {
-    const T* xl = xt + l * ld;
-    T* out_l = grad_t + l * ld;
-    const T two_diagonal = T(2) * diagonal;
+      for (int64_t r = 0; r < n; ++r) out[r] = linear * gl[r];
+    }
+    const T* gp = g + d * ld + r0;
+    for (int64_t l = 0; l < d; ++l) {
+      const T* xl = xt + l * ld + r0;
+      T* out_l = grad_t + l * ld + r0;
 #pragma omp simd
-    for (int64_t r = 0; r < rows; ++r) out_l[r] += two_diagonal * gp[r] * xl[r];
-    gp += ld;
-    for (int64_t m = l + 1; m < d; ++m, gp += ld) {
-      const T* xm = xt + m * ld;
-      T* out_m = grad_t + m * ld;
+      for (int64_t r = 0; r < n; ++r) out_l[r] += two_diagonal * gp[r] * xl[r];
+      gp += ld;
+      for (int64_t m = l + 1; m < d; ++m, gp += ld) {
+        const T* xm = xt + m * ld + r0;
+        T* out_m = grad_t + m * ld + r0;
 #pragma omp simd
-      for (int64_t r = 0; r < rows; ++r) {
-        const T scaled = off_diagonal * gp[r];
-        out_l[r] += scaled * xm[r];
-        out_m[r] += scaled * xl[r];
+        for (int64_t r = 0; r < n; ++r) {
+          const T scaled = off_diagonal * gp[r];
+          out_l[r] += scaled * xm[r];
+          out_m[r] += scaled * xl[r];
+        }
       }
     }
   }
@@ -145,14 +169,20 @@ TS_VECTOR_CLONES void feature_gradient_tile(const T* g, const T* xt, int64_t d,
 
 // xt[l][r] = x_r[l] (rows x d, row stride `stride`) where keep[r] != 0, zero
 // by selection where it is 0 (a masked key may hold NaN; 0 * NaN = NaN would
-// spread into the whole state); keep = nullptr keeps every row.
+// spread into the whole state); keep = nullptr keeps every row. Rows of xt
+// are written contiguously; the reads stay within the chunk's rows, in L1.
 template <typename T>
-void transpose_rows(const T* x, int64_t stride, int64_t rows, int64_t d,
-                    const T* keep, T* xt, int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* row = x + r * stride;
-    const bool kept = keep == nullptr || keep[r] != T(0);
-    for (int64_t l = 0; l < d; ++l) xt[l * ld + r] = kept ? row[l] : T(0);
+TS_VECTOR_CLONES void transpose_rows(const T* x, int64_t stride, int64_t rows,
+                                     int64_t d, const T* keep, T* xt,
+                                     int64_t ld) {
+  for (int64_t l = 0; l < d; ++l) {
+    T* out = xt + l * ld;
+    if (keep == nullptr) {
+      for (int64_t r = 0; r < rows; ++r) out[r] = x[r * stride + l];
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        out[r] = keep[r] != T(0) ? x[r * stride + l] : T(0);
+    }
   }
 }
 
@@ -201,6 +231,8 @@ struct Workspace {
   std::vector<T> tile;    // F x chunk: features, then feature gradients
   std::vector<T> rows;    // chunk x (e + 1): [m | m v] or dz
   std::vector<T> column;  // chunk: one column of `rows`, contiguous
+  std::vector<T> valid;   // chunk: m_j of the chunk's keys, 1 or 0
+  std::vector<T> dots;    // F: a chunk's share of a state's column 0
   std::vector<T> grad_t;  // d x chunk: dq or dk, transposed
 
   Workspace(int64_t d, int64_t e)
@@ -209,15 +241,17 @@ struct Workspace {
         tile(feature_count(d) * chunk),
         rows(chunk * (e + 1)),
         column(chunk),
+        valid(chunk),
+        dots(feature_count(d)),
         grad_t(d * chunk) {}
 };
 
-// Keys [j0, j0 + rows): tile row 0 = m_j (1 for a valid key, 0 for a masked
-// one) and xt = the keys transposed, zero where masked.
+// Keys [j0, j0 + rows): valid = m_j (1 for a valid key, 0 for a masked one)
+// and xt = the keys transposed, zero where masked.
 template <typename T>
 void load_keys(const HeadTensors<T>& t, int64_t j0, int64_t rows,
                const Mask& mask, int64_t batch, Workspace<T>& w) {
-  T* valid = w.tile.data();
+  T* valid = w.valid.data();
   for (int64_t r = 0; r < rows; ++r)
     valid[r] = mask.key_valid(batch, j0 + r) ? T(1) : T(0);
   transpose_rows(t.k_row(j0), t.k_stride, rows, t.head_dim,
@@ -245,8 +279,9 @@ void write_augmented_values(const HeadTensors<T>& t, int64_t j0, int64_t rows,
 // The state and its gradient have e + 1 columns: column 0 carries the
 // denominator (the ones column of [1 | v]), columns 1..e the values. The
 // reductions keep column 0 apart, so that their GEMMs have exactly e columns
-// (BLAS blocks columns in multiples of 16: e + 1 = 33 or 65 would spend a
-// whole block on one column); it is a row_dots pass over the tile instead.
+// (BLAS blocks columns in multiples of 16: e + 1 = 33 or 65 columns take 1.2
+// to 1.5 times as long as 32 or 64); the feature build computes column 0
+// instead (RowExtras), from each feature row while it is in registers.
 
 // A reduction over token chunks, sum_chunks X_chunk [y0 | Y]_chunk with X
 // the feature-major tile (F x tokens). BLAS adds kChunksPerFold chunks into
@@ -262,14 +297,16 @@ class ChunkSum {
   ChunkSum(int64_t rows, int64_t cols)
       : rows_(rows), cols_(cols), sum_(rows * cols, 0.0), block_(rows * cols) {}
 
-  // sum[:, 0] += X y0, sum[:, 1:] += X Y; X is rows x tokens (row stride
-  // ldx), Y tokens x (cols - 1) (row stride ldy), y0 a tokens-vector.
-  void add(const T* x, int64_t ldx, const T* y0, const T* y, int64_t ldy,
+  // sum[:, 0] += column0, sum[:, 1:] += X Y; X is rows x tokens (row
+  // stride ldx), Y tokens x (cols - 1) (row stride ldy), column0 the chunk's
+  // X y0 from the feature build.
+  void add(const T* x, int64_t ldx, const T* column0, const T* y, int64_t ldy,
            int64_t tokens) {
     const bool accumulate = pending_ > 0;
     gemm<T>(false, false, rows_, cols_ - 1, tokens, T(1), x, ldx, y, ldy,
             accumulate ? T(1) : T(0), block_.data() + 1, cols_);
-    row_dots(x, rows_, tokens, ldx, y0, accumulate, block_.data(), cols_);
+    for (int64_t f = 0; f < rows_; ++f)
+      block_[f * cols_] = (accumulate ? block_[f * cols_] : T(0)) + column0[f];
     if (++pending_ == kChunksPerFold) fold();
   }
 
@@ -297,14 +334,16 @@ int64_t accumulate_state(const HeadTensors<T>& t, const Mask& mask,
                          int64_t batch, T* state, Workspace<T>& w) {
   const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d);
   const int64_t ld = w.chunk;
-  const T* valid_row = w.tile.data();
+  const T* valid_row = w.valid.data();
   int64_t valid = 0;
   ChunkSum<T> sum(F, e + 1);
   for (int64_t j0 = 0; j0 < t.keys; j0 += ld) {
     const int64_t rows = block_end(j0, ld, t.keys) - j0;
     load_keys(t, j0, rows, mask, batch, w);
     for (int64_t r = 0; r < rows; ++r) valid += valid_row[r] != T(0);
-    key_feature_tile(w.xt.data(), d, rows, ld, w.tile.data());
+    // Column 0 of [m | m v] is m: the build sums psi(k_j) m_j.
+    key_feature_tile(w.xt.data(), valid_row, d, rows, ld, w.tile.data(),
+                     RowExtras<T>{valid_row, w.dots.data()});
     // Values in place, unless a key is masked: its row may hold NaN.
     const T* values = t.v_row(j0);
     int64_t values_stride = t.v_stride;
@@ -313,8 +352,7 @@ int64_t accumulate_state(const HeadTensors<T>& t, const Mask& mask,
       values = w.rows.data() + 1;
       values_stride = e + 1;
     }
-    // Column 0 of [m | m v] is m itself, tile row 0.
-    sum.add(w.tile.data(), ld, valid_row, values, values_stride, rows);
+    sum.add(w.tile.data(), ld, w.dots.data(), values, values_stride, rows);
   }
   sum.copy_to(state);
   return valid;
@@ -338,13 +376,17 @@ void efficient_forward_head(const HeadTensors<T>& t, const Mask& mask,
     const int64_t rows = block_end(i0, ld, t.queries) - i0;
     transpose_rows<T>(t.q_row(i0), t.q_stride, rows, d, nullptr, w.xt.data(),
                       ld);
-    query_feature_tile(w.xt.data(), d, rows, ld, a, b, c, w.tile.data());
-    const T* features = w.tile.data() + ld;
+    // The build also applies S[:, 0] (features 1..): the denominators.
+    std::fill(w.column.begin(), w.column.begin() + rows, T(0));
+    RowExtras<T> denominators;
+    denominators.weights = state;
+    denominators.weight_stride = e + 1;
+    denominators.weighted = w.column.data();
+    query_feature_tile(w.xt.data(), d, rows, ld, a, b, c, w.tile.data(),
+                       denominators);
     T* values = w.rows.data();  // rows x e
-    gemm<T>(true, false, rows, e, F - 1, T(1), features, ld,
+    gemm<T>(true, false, rows, e, F - 1, T(1), w.tile.data() + ld, ld,
             state + (e + 1) + 1, e + 1, T(0), values, e);
-    weighted_rows(features, F - 1, rows, ld, state + (e + 1), e + 1,
-                  w.column.data());
     for (int64_t r = 0; r < rows; ++r) {
       const T z0 = w.column[r] + c * state[0];
       den[i0 + r] = z0;
@@ -399,8 +441,10 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
       w.column[r] = dz[0];
     }
     transpose_rows<T>(t.q_row(i0), t.q_stride, rows, d, nullptr, xt, ld);
-    query_feature_tile(xt, d, rows, ld, a, b, c, tile);
-    grad_state_sum.add(tile, ld, w.column.data(), rows_e1 + 1, e + 1, rows);
+    // Column 0 of dS: the build sums phi(q_i) dz_i[0].
+    query_feature_tile(xt, d, rows, ld, a, b, c, tile,
+                       RowExtras<T>{w.column.data(), w.dots.data()});
+    grad_state_sum.add(tile, ld, w.dots.data(), rows_e1 + 1, e + 1, rows);
     // The tile is free again: S[1:] dZ^T, row f holding (S dz_i)_f.
     gemm<T>(false, true, F - 1, rows, e + 1, T(1), state + (e + 1), e + 1,
             rows_e1, e + 1, T(0), tile + ld, ld);
@@ -412,11 +456,11 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
   std::vector<T> grad_state(F * (e + 1));
   grad_state_sum.copy_to(grad_state.data());
   const T* dS = grad_state.data();
-  const T* valid_row = tile;
+  const T* valid_row = w.valid.data();
   for (int64_t j0 = 0; j0 < t.keys; j0 += ld) {
     const int64_t rows = block_end(j0, ld, t.keys) - j0;
     load_keys(t, j0, rows, mask, batch, w);
-    key_feature_tile(xt, d, rows, ld, tile);
+    key_feature_tile(xt, valid_row, d, rows, ld, tile, RowExtras<T>{});
     write_augmented_values(t, j0, rows, valid_row, rows_e1);
     // dv = psi(K)[1:]^T dS[1:, 1:] + m dS[0, 1:]: the constant feature last,
     // as in the forward; masked keys get zeros by selection.
