@@ -82,7 +82,8 @@ TS_VECTOR_CLONES void key_feature_tile(const T* xt, const T* valid, int64_t d,
                                        int64_t rows, int64_t ld, T* tile,
                                        RowExtras<T> extras) {
   int64_t f = 0;
-  write_feature_row(tile, rows, f++, extras, [&](int64_t r) { return valid[r]; });
+  write_feature_row(tile, rows, f++, extras,
+                    [&](int64_t r) { return valid[r]; });
   for (int64_t l = 0; l < d; ++l, ++f) {
     const T* x = xt + l * ld;
     write_feature_row(tile + f * ld, rows, f, extras,
@@ -473,8 +474,8 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
             valid_row[r] != T(0) ? dv[r * e + col] + dS[1 + col] : T(0);
     // The tile rows 1.. are free again: dS[1:] V'^T, row f holding
     // (dS v'_j)_f. Masked keys have v'_j = 0 and k_j = 0 (in xt): dk_j = 0.
-    gemm<T>(false, true, F - 1, rows, e + 1, T(1), dS + (e + 1), e + 1,
-            rows_e1, e + 1, T(0), tile + ld, ld);
+    gemm<T>(false, true, F - 1, rows, e + 1, T(1), dS + (e + 1), e + 1, rows_e1,
+            e + 1, T(0), tile + ld, ld);
     feature_gradient_tile(tile + ld, xt, d, rows, ld, T(1), T(1), T(1),
                           w.grad_t.data());
     untranspose_rows(w.grad_t.data(), ld, rows, d, grad_k + j0 * d);
