@@ -37,17 +37,32 @@
 namespace taylorshift::cpu {
 namespace {
 
-// Visits the rows [begin, end) of a (B, H, L, d) tensor in (b, h, l) order:
-// visit(row, b, h, l), row = (b H + h) L + l.
-template <typename F>
-void for_rows(int64_t begin, int64_t end, int64_t heads, int64_t length,
-              F&& visit) {
-  int64_t bh = begin / length, l = begin % length;
-  for (int64_t row = begin; row < end; ++row) {
-    visit(row, bh / heads, bh % heads, l);
-    if (++l == length) l = 0, ++bh;
+// Work is split into tasks of up to kRowsPerTask consecutive rows of one
+// (b, h): a task's rows share the factor f_h, and the backward sums their
+// u . g into one partial sum of df_h, so no per-row buffer is needed and the
+// sum's order does not depend on the thread count.
+constexpr int64_t kRowsPerTask = 512;
+
+struct RowTasks {
+  int64_t heads, length, per_head;
+
+  explicit RowTasks(const at::Tensor& x)
+      : heads(x.size(1)),
+        length(x.size(2)),
+        per_head((x.size(2) + kRowsPerTask - 1) / kRowsPerTask) {}
+
+  int64_t count(int64_t batch) const { return batch * heads * per_head; }
+
+  // Task -> (b, h) and its rows [first, last).
+  void unpack(int64_t task, int64_t& b, int64_t& h, int64_t& first,
+              int64_t& last) const {
+    const int64_t bh = task / per_head;
+    b = bh / heads;
+    h = bh % heads;
+    first = (task % per_head) * kRowsPerTask;
+    last = std::min(first + kRowsPerTask, length);
   }
-}
+};
 
 // Where row (b, h, l) of a (B, H, L, d) tensor starts, and the step between
 // its elements.
@@ -132,28 +147,32 @@ at::Tensor normalize_rows_cpu(const at::Tensor& x,
   at::Tensor y = at::empty(x.sizes(), x.options());
   if (y.numel() == 0) return y;
   const at::Tensor f = normalize_factors(factor, x);
-  const int64_t H = x.size(1), L = x.size(2), d = x.size(3),
-                rows = x.numel() / d;
+  const int64_t d = x.size(3);
+  const RowTasks tasks(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "normalize_rows_cpu", [&] {
         using A = at::opmath_type<scalar_t>;
         const StridedRows<scalar_t> x_rows(x);
-        scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
         const A* f_data = f.const_data_ptr<A>();
-        at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-          std::vector<A> row(d);
-          for_rows(
-              begin, end, H, L,
-              [&](int64_t index, int64_t b, int64_t h, int64_t token) {
-                load_row(x_rows.row(b, h, token), x_rows.step, d, row.data());
-                const A n =
-                    divide_and_norm(row.data(), row_scale(row.data(), d), d);
-                const A r = f_data[h] / n;
-                scalar_t* out = y_data + index * d;
-                for (int64_t l = 0; l < d; ++l)
-                  out[l] = static_cast<scalar_t>(row[l] * r);
-              });
-        });
+        at::parallel_for(
+            0, tasks.count(x.size(0)), 1, [&](int64_t begin, int64_t end) {
+              std::vector<A> row(d);
+              for (int64_t task = begin; task < end; ++task) {
+                int64_t b, h, first, last;
+                tasks.unpack(task, b, h, first, last);
+                scalar_t* out =
+                    y.mutable_data_ptr<scalar_t>() +
+                    ((b * tasks.heads + h) * tasks.length + first) * d;
+                for (int64_t l = first; l < last; ++l, out += d) {
+                  load_row(x_rows.row(b, h, l), x_rows.step, d, row.data());
+                  const A n =
+                      divide_and_norm(row.data(), row_scale(row.data(), d), d);
+                  const A r = f_data[h] / n;
+                  for (int64_t c = 0; c < d; ++c)
+                    out[c] = static_cast<scalar_t>(row[c] * r);
+                }
+              }
+            });
       });
   return y;
 }
@@ -163,61 +182,72 @@ std::tuple<at::Tensor, at::Tensor> normalize_rows_backward_cpu(
     const std::optional<at::Tensor>& factor) {
   check_normalize_backward_arguments("taylorshift::normalize_rows_backward",
                                      grad_y, x, factor);
-  const auto acc = x.options().dtype(accumulate_dtype(x));
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
-  // u . g of every row; summed over (b, l) per head into df after the
-  // parallel loop, so that the sum does not depend on the thread count.
-  at::Tensor dots = at::zeros({x.size(0), x.size(1), x.size(2)}, acc);
+  const RowTasks tasks(x);
+  // Per task: the sum of u . g over its rows, in double.
+  std::vector<double> partial(tasks.count(x.size(0)), 0.0);
   if (x.numel() > 0) {
     const at::Tensor f = normalize_factors(factor, x);
-    const int64_t H = x.size(1), L = x.size(2), d = x.size(3),
-                  rows = x.numel() / d;
+    const int64_t d = x.size(3);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, x.scalar_type(),
         "normalize_rows_backward_cpu", [&] {
           using A = at::opmath_type<scalar_t>;
           using Vec = at::vec::Vectorized<A>;
           const StridedRows<scalar_t> x_rows(x), g_rows(grad_y);
-          scalar_t* dx_data = grad_x.mutable_data_ptr<scalar_t>();
-          A* dot_data = dots.mutable_data_ptr<A>();
           const A* f_data = f.const_data_ptr<A>();
-          at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-            std::vector<A> u(d), g(d);
-            for_rows(
-                begin, end, H, L,
-                [&](int64_t index, int64_t b, int64_t h, int64_t token) {
-                  load_row(x_rows.row(b, h, token), x_rows.step, d, u.data());
-                  load_row(g_rows.row(b, h, token), g_rows.step, d, g.data());
-                  const A s = row_scale(u.data(), d);
-                  const A n = divide_and_norm(u.data(), s, d);
-                  // u = z / n, and dot = u . g.
-                  int64_t l = 0;
-                  A dot = 0;
-                  const Vec n_vec(n);
-                  if (d >= Vec::size()) {
-                    Vec sum(A(0));
-                    for (; l + Vec::size() <= d; l += Vec::size()) {
-                      const Vec u_l = Vec::loadu(u.data() + l) / n_vec;
-                      u_l.store(u.data() + l);
-                      sum = at::vec::fmadd(u_l, Vec::loadu(g.data() + l), sum);
+          at::parallel_for(
+              0, int64_t(partial.size()), 1, [&](int64_t begin, int64_t end) {
+                std::vector<A> u(d), g(d);
+                for (int64_t task = begin; task < end; ++task) {
+                  int64_t b, h, first, last;
+                  tasks.unpack(task, b, h, first, last);
+                  scalar_t* out =
+                      grad_x.mutable_data_ptr<scalar_t>() +
+                      ((b * tasks.heads + h) * tasks.length + first) * d;
+                  double task_sum = 0;
+                  for (int64_t l = first; l < last; ++l, out += d) {
+                    load_row(x_rows.row(b, h, l), x_rows.step, d, u.data());
+                    load_row(g_rows.row(b, h, l), g_rows.step, d, g.data());
+                    const A s = row_scale(u.data(), d);
+                    const A n = divide_and_norm(u.data(), s, d);
+                    // u = z / n, and dot = u . g.
+                    int64_t c = 0;
+                    A dot = 0;
+                    const Vec n_vec(n);
+                    if (d >= Vec::size()) {
+                      Vec sum(A(0));
+                      for (; c + Vec::size() <= d; c += Vec::size()) {
+                        const Vec u_c = Vec::loadu(u.data() + c) / n_vec;
+                        u_c.store(u.data() + c);
+                        sum =
+                            at::vec::fmadd(u_c, Vec::loadu(g.data() + c), sum);
+                      }
+                      dot = at::vec::vec_reduce_all<A>(
+                          [](Vec p, Vec q) { return p + q; }, sum);
                     }
-                    dot = at::vec::vec_reduce_all<A>(
-                        [](Vec a, Vec b) { return a + b; }, sum);
+                    for (; c < d; ++c) {
+                      u[c] /= n;
+                      dot += u[c] * g[c];
+                    }
+                    task_sum += dot;
+                    const A r = f_data[h] / n;
+                    for (c = 0; c < d; ++c)
+                      out[c] =
+                          static_cast<scalar_t>((g[c] - u[c] * dot) * r / s);
                   }
-                  for (; l < d; ++l) {
-                    u[l] /= n;
-                    dot += u[l] * g[l];
-                  }
-                  dot_data[index] = dot;
-                  const A r = f_data[h] / n;
-                  scalar_t* out = dx_data + index * d;
-                  for (l = 0; l < d; ++l)
-                    out[l] = static_cast<scalar_t>((g[l] - u[l] * dot) * r / s);
-                });
-          });
+                  partial[task] = task_sum;
+                }
+              });
         });
   }
-  return {grad_x, dots.sum({0, 2}).to(factor_grad_dtype(factor, x))};
+  // df_h: the partial sums of head h, in task order.
+  const int64_t H = x.size(1);
+  at::Tensor grad_factor = at::zeros({H}, x.options().dtype(at::kDouble));
+  double* df = grad_factor.mutable_data_ptr<double>();
+  for (int64_t task = 0; task < int64_t(partial.size()); ++task)
+    df[(task / tasks.per_head) % H] += partial[task];
+  return {grad_x, grad_factor.to(factor_grad_dtype(factor, x))};
 }
 
 }  // namespace
