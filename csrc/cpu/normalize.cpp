@@ -5,18 +5,22 @@
 // result (the ATen chain it replaces kept five of them for autograd).
 //
 // Forward, per row (docs: the comment of normalize_rows in csrc/ops.cpp):
-//   s = max_l |x_l|             (1 for a zero row)
-//   z = x / s                   max |z_l| = 1, so |z| lies in [1, sqrt(d)]
-//   n = max(|z|, 1)             = |z|; 1 for a zero row, whose y is then 0
-//   y = (f / n) z               = f x / |x|, rounded to x's dtype once
-// |x|^2 itself would overflow for |x| above ~1e19 in float32 (256 in
-// float16), and 1 / s overflows for subnormal s, so z is formed by division.
+//   s = 2^(k-1) for max_l |x_l| in [2^(k-1), 2^k)     (1 for a zero row)
+//   z = x / s        exact (a power-of-two scaling only moves exponents);
+//                    max |z_l| lies in [1, 2), so |z|^2 in [1, 4d] can
+//                    neither overflow nor underflow
+//   n = max(|z|, 1)  = |z|; 1 for a zero row, whose y is then 0
+//   y = z (f / n)    = f x / |x|, rounded to x's dtype once
+// |x|^2 itself overflows for |x| above ~1e19 in float32 (256 in float16),
+// and a clamp like 1e-12 underflows in float16. 1 / s is a power of two too,
+// so z = x (1 / s) is the same exact value wherever 1 / s is finite; below
+// s = 2^-127 (float32) it is not, and z is formed by division.
 //
 // Backward: with u = z / n = x / |x| and y = f u,
 //   dy / dx = (f / |x|) (I - u u^T),   dy / df = u
 // so dx = (f / n) (g - u (u . g)) / s and df = sum over rows of u . g. At a
 // zero row n = 1 and u = 0, which gives dx = f g: the identity gradient of the
-// composite it replaces (amax, divide, clamped norm, divide).
+// composite it replaced (amax, divide, clamped norm, divide).
 //
 // Rows are read through x's strides (the module passes (B, L, H, d) memory
 // viewed as (B, H, L, d)); y and dx are contiguous (B, H, L, d). Rows are
@@ -95,50 +99,41 @@ void load_row(const T* src, int64_t step, int64_t d, A* row) {
 }
 
 template <typename A>
-A abs_max(const A* row, int64_t d) {
-  using Vec = at::vec::Vectorized<A>;
-  int64_t l = 0;
-  A result = 0;
-  if (d >= Vec::size()) {
-    Vec m(A(0));
-    for (; l + Vec::size() <= d; l += Vec::size())
-      m = at::vec::maximum(m, Vec::loadu(row + l).abs());
-    result = at::vec::vec_reduce_all<A>(
-        [](Vec a, Vec b) { return at::vec::maximum(a, b); }, m);
+using Vec = at::vec::Vectorized<A>;
+
+// row /= s in place for a power of two s (exact either way, see above).
+template <typename A>
+void divide_by_power_of_two(A* row, A s, int64_t d) {
+  const A inverse = A(1) / s;
+  if (std::isfinite(inverse)) {
+    at::vec::map([inverse](Vec<A> x) { return x * Vec<A>(inverse); }, row, row,
+                 d);
+  } else {
+    at::vec::map([s](Vec<A> x) { return x / Vec<A>(s); }, row, row, d);
   }
-  for (; l < d; ++l) result = std::max(result, std::abs(row[l]));
-  return result;
 }
 
-// row /= s in place; returns n = max(|row|, 1) after the division.
+// Scales the row to z = x / s in place and returns s (see above).
 template <typename A>
-A divide_and_norm(A* row, A s, int64_t d) {
-  using Vec = at::vec::Vectorized<A>;
-  int64_t l = 0;
-  A squares = 0;
-  if (d >= Vec::size()) {
-    Vec sum(A(0));
-    const Vec s_vec(s);
-    for (; l + Vec::size() <= d; l += Vec::size()) {
-      const Vec z = Vec::loadu(row + l) / s_vec;
-      z.store(row + l);
-      sum = at::vec::fmadd(z, z, sum);
-    }
-    squares =
-        at::vec::vec_reduce_all<A>([](Vec a, Vec b) { return a + b; }, sum);
-  }
-  for (; l < d; ++l) {
-    row[l] /= s;
-    squares += row[l] * row[l];
-  }
+A scale_to_unit_range(A* row, int64_t d) {
+  const A largest = at::vec::map_reduce_all(
+      [](Vec<A> x) { return x.abs(); },
+      [](Vec<A> a, Vec<A> b) { return at::vec::maximum(a, b); }, row, d);
+  if (!(largest > A(0) && std::isfinite(largest))) return A(1);
+  int k;
+  std::frexp(largest, &k);
+  const A s = std::ldexp(A(1), k - 1);
+  divide_by_power_of_two(row, s, d);
+  return s;
+}
+
+// n = max(|z|, 1).
+template <typename A>
+A clamped_norm(const A* z, int64_t d) {
+  const A squares =
+      at::vec::map_reduce_all([](Vec<A> x) { return x * x; },
+                              [](Vec<A> a, Vec<A> b) { return a + b; }, z, d);
   return std::max(std::sqrt(squares), A(1));
-}
-
-// The scale s of a row: its largest magnitude, 1 for a zero row.
-template <typename A>
-A row_scale(const A* row, int64_t d) {
-  const A s = abs_max(row, d);
-  return s == A(0) ? A(1) : s;
 }
 
 at::Tensor normalize_rows_cpu(const at::Tensor& x,
@@ -165,9 +160,8 @@ at::Tensor normalize_rows_cpu(const at::Tensor& x,
                     ((b * tasks.heads + h) * tasks.length + first) * d;
                 for (int64_t l = first; l < last; ++l, out += d) {
                   load_row(x_rows.row(b, h, l), x_rows.step, d, row.data());
-                  const A n =
-                      divide_and_norm(row.data(), row_scale(row.data(), d), d);
-                  const A r = f_data[h] / n;
+                  scale_to_unit_range(row.data(), d);
+                  const A r = f_data[h] / clamped_norm(row.data(), d);
                   for (int64_t c = 0; c < d; ++c)
                     out[c] = static_cast<scalar_t>(row[c] * r);
                 }
@@ -193,7 +187,6 @@ std::tuple<at::Tensor, at::Tensor> normalize_rows_backward_cpu(
         at::kHalf, at::kBFloat16, x.scalar_type(),
         "normalize_rows_backward_cpu", [&] {
           using A = at::opmath_type<scalar_t>;
-          using Vec = at::vec::Vectorized<A>;
           const StridedRows<scalar_t> x_rows(x), g_rows(grad_y);
           const A* f_data = f.const_data_ptr<A>();
           at::parallel_for(
@@ -209,32 +202,29 @@ std::tuple<at::Tensor, at::Tensor> normalize_rows_backward_cpu(
                   for (int64_t l = first; l < last; ++l, out += d) {
                     load_row(x_rows.row(b, h, l), x_rows.step, d, u.data());
                     load_row(g_rows.row(b, h, l), g_rows.step, d, g.data());
-                    const A s = row_scale(u.data(), d);
-                    const A n = divide_and_norm(u.data(), s, d);
-                    // u = z / n, and dot = u . g.
-                    int64_t c = 0;
-                    A dot = 0;
-                    const Vec n_vec(n);
-                    if (d >= Vec::size()) {
-                      Vec sum(A(0));
-                      for (; c + Vec::size() <= d; c += Vec::size()) {
-                        const Vec u_c = Vec::loadu(u.data() + c) / n_vec;
-                        u_c.store(u.data() + c);
-                        sum =
-                            at::vec::fmadd(u_c, Vec::loadu(g.data() + c), sum);
-                      }
-                      dot = at::vec::vec_reduce_all<A>(
-                          [](Vec p, Vec q) { return p + q; }, sum);
-                    }
-                    for (; c < d; ++c) {
-                      u[c] /= n;
-                      dot += u[c] * g[c];
-                    }
+                    const A s = scale_to_unit_range(u.data(), d);
+                    const A n = clamped_norm(u.data(), d);
+                    // u = z / n (times 1 / n: n is in [1, 2 sqrt(d)]), and
+                    // dot = u . g.
+                    const A inverse_n = A(1) / n;
+                    at::vec::map(
+                        [inverse_n](Vec<A> z) { return z * Vec<A>(inverse_n); },
+                        u.data(), u.data(), d);
+                    const A dot = at::vec::map2_reduce_all(
+                        [](Vec<A> p, Vec<A> q) { return p * q; },
+                        [](Vec<A> p, Vec<A> q) { return p + q; }, u.data(),
+                        g.data(), d);
                     task_sum += dot;
+                    // dx = (f / n) (g - u dot) / s, formed in u.
                     const A r = f_data[h] / n;
-                    for (c = 0; c < d; ++c)
-                      out[c] =
-                          static_cast<scalar_t>((g[c] - u[c] * dot) * r / s);
+                    at::vec::map2(
+                        [dot, r](Vec<A> u_c, Vec<A> g_c) {
+                          return (g_c - u_c * Vec<A>(dot)) * Vec<A>(r);
+                        },
+                        u.data(), u.data(), g.data(), d);
+                    divide_by_power_of_two(u.data(), s, d);
+                    for (int64_t c = 0; c < d; ++c)
+                      out[c] = static_cast<scalar_t>(u[c]);
                   }
                   partial[task] = task_sum;
                 }
