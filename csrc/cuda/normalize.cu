@@ -2,12 +2,15 @@
 // (B, H, L, d) tensor, and its backward; the math (scaling by s = max |x_l|
 // so that nothing overflows, the zero-row convention, the gradient) is
 // derived in csrc/cpu/normalize.cpp, and the steps and their roundings are
-// the same here:
+// the same here (s = 2^(k-1) for max |x_l| in [2^(k-1), 2^k), so that z is
+// exact; 1 / s where it is finite, a division where it is not):
 //   z = x / s,  n = max(|z|, 1),  y = z (f / n)
-//   u = z / n,  dx = ((g - u (u . g)) (f / n)) / s,  df = sum_rows u . g
+//   u = z (1 / n),  dx = ((g - u (u . g)) (f / n)) / s,  df = sum_rows u . g
 // One warp per row: lane t reads elements t, t + 32, ... through x's strides
 // (the passes after the first re-read the row from L1/L2), and the row's
 // max, squared norm and dot are warp reductions.
+#include <torch/library.h>
+
 #include "../kernel_checks.h"
 #include "common.cuh"
 
@@ -61,11 +64,29 @@ StridedRows<T> strided_rows(const at::Tensor& t) {
           t.size(2)};
 }
 
-// s (1 for a zero row) and n of the row at x, in every lane.
+// x - x is NaN exactly for infinite and NaN x (a test that reads the same in
+// device code and under the host emulation, which have no common isfinite).
+template <typename Acc>
+__device__ __forceinline__ bool finite(Acc x) {
+  return x - x == Acc(0);
+}
+
+// The power of two s of a row (1 for a zero row) and 1 / s, or 0 where 1 / s
+// is not finite (then z = x / s by division).
+template <typename Acc>
+struct RowScale {
+  Acc s, inverse;
+
+  __device__ __forceinline__ Acc scale(Acc x) const {
+    return inverse != Acc(0) ? x * inverse : x / s;
+  }
+};
+
+// s and n of the row at x, in every lane.
 template <typename T, typename Acc>
 __device__ __forceinline__ void scale_and_norm(const T* x, int64_t step,
-                                               int dim, int lane, Acc& s,
-                                               Acc& n) {
+                                               int dim, int lane,
+                                               RowScale<Acc>& scale, Acc& n) {
   Acc largest = 0;
   for (int l = lane; l < dim; l += 32) {
     const Acc value = Num<T>::widen(x[l * step]);
@@ -73,10 +94,17 @@ __device__ __forceinline__ void scale_and_norm(const T* x, int64_t step,
     largest = magnitude > largest ? magnitude : largest;
   }
   largest = warp_max(largest);
-  s = largest == Acc(0) ? Acc(1) : largest;
+  scale = {Acc(1), Acc(1)};
+  if (largest > Acc(0) && finite(largest)) {
+    int k;
+    frexp(largest, &k);
+    scale.s = static_cast<Acc>(ldexp(Acc(1), k - 1));
+    const Acc inverse = Acc(1) / scale.s;
+    scale.inverse = finite(inverse) ? inverse : Acc(0);
+  }
   Acc squares = 0;
   for (int l = lane; l < dim; l += 32) {
-    const Acc z = Num<T>::widen(x[l * step]) / s;
+    const Acc z = scale.scale(Num<T>::widen(x[l * step]));
     squares += z * z;
   }
   n = sqrt(warp_sum(squares));
@@ -91,11 +119,13 @@ __global__ void normalize_rows_kernel(StridedRows<T> x, const Acc* factor,
   if (row >= rows) return;
   const int lane = threadIdx.x % 32;
   const T* x_row = x.row(row);
-  Acc s, n;
-  scale_and_norm(x_row, x.step, dim, lane, s, n);
+  RowScale<Acc> scale;
+  Acc n;
+  scale_and_norm(x_row, x.step, dim, lane, scale, n);
   const Acc r = factor[x.head(row)] / n;
   for (int l = lane; l < dim; l += 32)
-    y[row * dim + l] = Num<T>::narrow(Num<T>::widen(x_row[l * x.step]) / s * r);
+    y[row * dim + l] =
+        Num<T>::narrow(scale.scale(Num<T>::widen(x_row[l * x.step])) * r);
 }
 
 template <typename T, typename Acc>
@@ -110,20 +140,22 @@ __global__ void normalize_rows_backward_kernel(StridedRows<T> grad_y,
   const int lane = threadIdx.x % 32;
   const T* x_row = x.row(row);
   const T* g_row = grad_y.row(row);
-  Acc s, n;
-  scale_and_norm(x_row, x.step, dim, lane, s, n);
+  RowScale<Acc> scale;
+  Acc n;
+  scale_and_norm(x_row, x.step, dim, lane, scale, n);
+  const Acc inverse_n = Acc(1) / n;
   Acc dot = 0;
   for (int l = lane; l < dim; l += 32) {
-    const Acc u = Num<T>::widen(x_row[l * x.step]) / s / n;
+    const Acc u = scale.scale(Num<T>::widen(x_row[l * x.step])) * inverse_n;
     dot += u * Num<T>::widen(g_row[l * grad_y.step]);
   }
   dot = warp_sum(dot);
   if (lane == 0) dots[row] = dot;
   const Acc r = factor[x.head(row)] / n;
   for (int l = lane; l < dim; l += 32) {
-    const Acc u = Num<T>::widen(x_row[l * x.step]) / s / n;
+    const Acc u = scale.scale(Num<T>::widen(x_row[l * x.step])) * inverse_n;
     const Acc g = Num<T>::widen(g_row[l * grad_y.step]);
-    grad_x[row * dim + l] = Num<T>::narrow((g - u * dot) * r / s);
+    grad_x[row * dim + l] = Num<T>::narrow(scale.scale((g - u * dot) * r));
   }
 }
 
