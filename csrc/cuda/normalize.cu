@@ -1,14 +1,14 @@
 // taylorshift::normalize_rows on CUDA: y = f_h x / |x| for every row x of a
-// (B, H, L, d) tensor, and its backward; the math (scaling by s = max |x_l|
+// (B, H, L, d) tensor, and its backward; the math (scaling by s ~ max |x_l|
 // so that nothing overflows, the zero-row convention, the gradient) is
 // derived in csrc/cpu/normalize.cpp, and the steps and their roundings are
 // the same here (s = 2^(k-1) for max |x_l| in [2^(k-1), 2^k), so that z is
 // exact; 1 / s where it is finite, a division where it is not):
 //   z = x / s,  n = max(|z|, 1),  y = z (f / n)
 //   u = z (1 / n),  dx = ((g - u (u . g)) (f / n)) / s,  df = sum_rows u . g
-// One warp per row: lane t reads elements t, t + 32, ... through x's strides
-// (the passes after the first re-read the row from L1/L2), and the row's
-// max, squared norm and dot are warp reductions.
+// One warp per row at a time: lane t reads elements t, t + 32, ... through x's
+// strides (the passes after the first re-read the row from L1/L2), and the
+// row's max, squared norm and dot are warp reductions.
 #include <torch/library.h>
 
 #include "../kernel_checks.h"
@@ -18,7 +18,21 @@ namespace taylorshift::cuda_kernels {
 
 namespace {
 
-constexpr int kRowsPerBlock = kThreads / 32;
+// Each warp takes kRowsPerWarp consecutive rows, one after the other: still
+// thousands of warps for the lengths where the kernel's time matters
+// (131072 rows of (1, 8, 16384, d): 8192 warps), and 16 times fewer threads
+// for the small test shapes, which the host emulation runs as OS threads.
+constexpr int kRowsPerWarp = 16;
+constexpr int kRowsPerBlock = kThreads / 32 * kRowsPerWarp;
+
+// The rows [first, last) of this warp.
+__device__ __forceinline__ void warp_rows(int64_t rows, int64_t& first,
+                                          int64_t& last) {
+  first =
+      (static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32) *
+      kRowsPerWarp;
+  last = first + kRowsPerWarp < rows ? first + kRowsPerWarp : rows;
+}
 
 template <typename Acc>
 __device__ __forceinline__ Acc warp_max(Acc value) {
@@ -114,18 +128,19 @@ __device__ __forceinline__ void scale_and_norm(const T* x, int64_t step,
 template <typename T, typename Acc>
 __global__ void normalize_rows_kernel(StridedRows<T> x, const Acc* factor,
                                       int dim, int64_t rows, T* y) {
-  const int64_t row =
-      static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-  if (row >= rows) return;
   const int lane = threadIdx.x % 32;
-  const T* x_row = x.row(row);
-  RowScale<Acc> scale;
-  Acc n;
-  scale_and_norm(x_row, x.step, dim, lane, scale, n);
-  const Acc r = factor[x.head(row)] / n;
-  for (int l = lane; l < dim; l += 32)
-    y[row * dim + l] =
-        Num<T>::narrow(scale.scale(Num<T>::widen(x_row[l * x.step])) * r);
+  int64_t first, last;
+  warp_rows(rows, first, last);
+  for (int64_t row = first; row < last; ++row) {
+    const T* x_row = x.row(row);
+    RowScale<Acc> scale;
+    Acc n;
+    scale_and_norm(x_row, x.step, dim, lane, scale, n);
+    const Acc r = factor[x.head(row)] / n;
+    for (int l = lane; l < dim; l += 32)
+      y[row * dim + l] =
+          Num<T>::narrow(scale.scale(Num<T>::widen(x_row[l * x.step])) * r);
+  }
 }
 
 template <typename T, typename Acc>
@@ -134,28 +149,29 @@ __global__ void normalize_rows_backward_kernel(StridedRows<T> grad_y,
                                                const Acc* factor, int dim,
                                                int64_t rows, T* grad_x,
                                                Acc* dots) {
-  const int64_t row =
-      static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-  if (row >= rows) return;
   const int lane = threadIdx.x % 32;
-  const T* x_row = x.row(row);
-  const T* g_row = grad_y.row(row);
-  RowScale<Acc> scale;
-  Acc n;
-  scale_and_norm(x_row, x.step, dim, lane, scale, n);
-  const Acc inverse_n = Acc(1) / n;
-  Acc dot = 0;
-  for (int l = lane; l < dim; l += 32) {
-    const Acc u = scale.scale(Num<T>::widen(x_row[l * x.step])) * inverse_n;
-    dot += u * Num<T>::widen(g_row[l * grad_y.step]);
-  }
-  dot = warp_sum(dot);
-  if (lane == 0) dots[row] = dot;
-  const Acc r = factor[x.head(row)] / n;
-  for (int l = lane; l < dim; l += 32) {
-    const Acc u = scale.scale(Num<T>::widen(x_row[l * x.step])) * inverse_n;
-    const Acc g = Num<T>::widen(g_row[l * grad_y.step]);
-    grad_x[row * dim + l] = Num<T>::narrow(scale.scale((g - u * dot) * r));
+  int64_t first, last;
+  warp_rows(rows, first, last);
+  for (int64_t row = first; row < last; ++row) {
+    const T* x_row = x.row(row);
+    const T* g_row = grad_y.row(row);
+    RowScale<Acc> scale;
+    Acc n;
+    scale_and_norm(x_row, x.step, dim, lane, scale, n);
+    const Acc inverse_n = Acc(1) / n;
+    Acc dot = 0;
+    for (int l = lane; l < dim; l += 32) {
+      const Acc u = scale.scale(Num<T>::widen(x_row[l * x.step])) * inverse_n;
+      dot += u * Num<T>::widen(g_row[l * grad_y.step]);
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) dots[row] = dot;
+    const Acc r = factor[x.head(row)] / n;
+    for (int l = lane; l < dim; l += 32) {
+      const Acc u = scale.scale(Num<T>::widen(x_row[l * x.step])) * inverse_n;
+      const Acc g = Num<T>::widen(g_row[l * grad_y.step]);
+      grad_x[row * dim + l] = Num<T>::narrow(scale.scale((g - u * dot) * r));
+    }
   }
 }
 
