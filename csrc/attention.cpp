@@ -125,27 +125,6 @@ at::Tensor expand_attn_mask(const at::Tensor& mask, const at::Tensor& q,
   return mask.expand_symint(target);
 }
 
-// x / |x| along the last dimension (the cosine-logit factors), exact for
-// every finite x of any dtype:
-// - in the accumulation dtype (float32 for float16/bfloat16), so the
-//   division is rounded once, when the result is cast back;
-// - after dividing by s = max_l |x_l|, so that the norm of x / s lies in
-//   [1, sqrt(d)]: |x|^2 itself overflows for |x| above ~1e19 in float32 and
-//   the float16 range (65504) is exceeded by |x|^2 already at 256, and a
-//   clamp like 1e-12 underflows to 0 in float16 (0/0 for a zero row).
-//   x / |x| does not depend on s, so s is detached: autograd then gives
-//   exactly the gradient of x / |x|.
-// A zero row gives zeros (s is taken as 1 and the norm clamped to 1, a bound
-// every non-zero row meets, as its largest entry is exactly 1 after the
-// division); the gradient at it is the identity.
-at::Tensor unit_rows(const at::Tensor& x) {
-  const at::Tensor wide = x.to(accumulate_dtype(x));
-  at::Tensor s = wide.detach().abs().amax(-1, true);
-  s = s.masked_fill(s == 0, 1);
-  const at::Tensor scaled = wide / s;
-  return scaled / at::linalg_vector_norm(scaled, 2, -1, true).clamp_min(1);
-}
-
 // mode="auto" without masks: the cost model's choice (crossover.cpp). Under
 // torch.compile(dynamic=True) or torch.export with a dynamic Dim the sizes
 // are symbols, and a choice read from their current values would either
@@ -197,20 +176,28 @@ at::Tensor attention_composite(
 
   // Logits x_ij = q_hat_i . k_hat_j: tau cos(q_i, k_j) when normalising,
   // tau scale q_i . k_j otherwise; formed in the accumulation dtype and
-  // rounded to the input dtype once.
-  const auto acc = accumulate_dtype(q);
-  at::Tensor q_hat, k_hat = k;
+  // rounded to the input dtype once. normalize_rows (cpu/normalize.cpp) does
+  // it in one pass with its own backward, which saves no (B, H, L, d)
+  // temporary.
+  at::Tensor q_hat, k_hat;
   if (normalize) {
-    q_hat = unit_rows(q);
-    k_hat = unit_rows(k).to(k.scalar_type());
+    q_hat = normalize_rows(q, temperature);
+    k_hat = normalize_rows(k);
   } else {
+    const auto acc = accumulate_dtype(q);
     const c10::SymFloat default_scale =
         c10::SymFloat(1.0) / c10::SymFloat(q.sym_size(3)).sqrt();
-    q_hat =
-        q.to(acc) * (scale ? c10::Scalar(*scale) : c10::Scalar(default_scale));
+    const c10::Scalar logit_scale =
+        scale ? c10::Scalar(*scale) : c10::Scalar(default_scale);
+    // One product with the per-head factor scale tau_h: autograd saves q
+    // (the caller's) and the (H,) factor, not a scaled copy of q.
+    q_hat = temperature
+                ? q.to(acc) *
+                      (temperature->to(acc) * logit_scale).view({1, -1, 1, 1})
+                : q.to(acc) * logit_scale;
+    q_hat = q_hat.to(q.scalar_type());
+    k_hat = k;
   }
-  if (temperature) q_hat = q_hat * temperature->to(acc).view({1, -1, 1, 1});
-  q_hat = q_hat.to(q.scalar_type());
 
   const bool efficient =
       mode == "efficient" ||

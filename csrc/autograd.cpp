@@ -1,9 +1,9 @@
-// Autograd for the algorithm operators: one torch::autograd::Function per
-// algorithm, registered for the Autograd key so that gradients flow to q, k
-// and v from Python and from C++ alike. The forward operators return what
-// the backward needs (den; the state for the efficient algorithm), so the
-// backward recomputes only what is cheaper to recompute than to store: the
-// direct algorithm's M x N weights.
+// Autograd for the algorithm operators and normalize_rows: one
+// torch::autograd::Function per operator, registered for the Autograd key so
+// that gradients flow to q, k and v from Python and from C++ alike. The forward
+// operators return what the backward needs (den; the state for the efficient
+// algorithm), so the backward recomputes only what is cheaper to recompute than
+// to store: the direct algorithm's M x N weights.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -149,6 +149,46 @@ class EfficientBackward : public torch::autograd::Function<EfficientBackward> {
   }
 };
 
+// y = factor_h x / |x|: saves x (alive anyway as the caller's input) and the
+// (H,) factor, never a (B, H, L, d) temporary; the backward kernel recomputes
+// each row's norm from x, one pass over a row it reads anyway.
+class NormalizeRows : public torch::autograd::Function<NormalizeRows> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const std::optional<at::Tensor>& factor) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor y = normalize_rows(x, factor);
+    ctx->save_for_backward({x, factor.value_or(at::Tensor())});
+    return {y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    std::optional<at::Tensor> factor;
+    if (saved[1].defined()) factor = saved[1];
+    auto [grad_x, grad_factor] =
+        normalize_rows_backward(grads[0], saved[0], factor);
+    if (!factor) grad_factor = at::Tensor();
+    return {grad_x, grad_factor};
+  }
+};
+
+class NormalizeRowsBackward
+    : public torch::autograd::Function<NormalizeRowsBackward> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_y,
+                               const at::Tensor& x,
+                               const std::optional<at::Tensor>& factor) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_x, grad_factor] = normalize_rows_backward(grad_y, x, factor);
+    return {grad_x, grad_factor};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    refuse_double_backward();
+  }
+};
+
 // The Autograd-key kernels: the schemas' flat options gathered once.
 std::tuple<at::Tensor, at::Tensor> direct_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -193,6 +233,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_autograd(
   return {grads[0], grads[1], grads[2]};
 }
 
+at::Tensor normalize_rows_autograd(const at::Tensor& x,
+                                   const std::optional<at::Tensor>& factor) {
+  return NormalizeRows::apply(x, factor)[0];
+}
+
+std::tuple<at::Tensor, at::Tensor> normalize_rows_backward_autograd(
+    const at::Tensor& grad_y, const at::Tensor& x,
+    const std::optional<at::Tensor>& factor) {
+  auto grads = NormalizeRowsBackward::apply(grad_y, x, factor);
+  return {grads[0], grads[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(taylorshift, Autograd, m) {
@@ -200,6 +252,8 @@ TORCH_LIBRARY_IMPL(taylorshift, Autograd, m) {
   m.impl("efficient_forward", TORCH_FN(efficient_forward_autograd));
   m.impl("direct_backward", TORCH_FN(direct_backward_autograd));
   m.impl("efficient_backward", TORCH_FN(efficient_backward_autograd));
+  m.impl("normalize_rows", TORCH_FN(normalize_rows_autograd));
+  m.impl("normalize_rows_backward", TORCH_FN(normalize_rows_backward_autograd));
 }
 
 }  // namespace taylorshift

@@ -50,6 +50,19 @@ inline at::ScalarType accumulate_dtype(const at::Tensor& t) {
   return accumulate_dtype(t.scalar_type());
 }
 
+// normalize_rows' per-head factors f_h (H,) in x's accumulation dtype, all 1
+// without a factor; the gradient for them is returned in the factor's own
+// dtype (the accumulation dtype without one: the gradient at f_h = 1).
+inline at::Tensor normalize_factors(const std::optional<at::Tensor>& factor,
+                                    const at::Tensor& x) {
+  const auto acc = x.options().dtype(accumulate_dtype(x));
+  return factor ? factor->to(acc).contiguous() : at::ones({x.size(1)}, acc);
+}
+inline at::ScalarType factor_grad_dtype(const std::optional<at::Tensor>& factor,
+                                        const at::Tensor& x) {
+  return factor ? factor->scalar_type() : accumulate_dtype(x);
+}
+
 // Which keys query i of (batch b, head h) may attend to: m_ij of docs/math.md
 // §1. Key padding (B, N) and the bool attn_mask (B, H, M, N) are read through
 // their strides, so an expanded (stride-0) mask is never copied; causal is

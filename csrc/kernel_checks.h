@@ -153,4 +153,40 @@ inline void check_backward_arguments(
     check_operand(op, "state", *state, {B, H, feature_count(d), e + 1}, acc, q);
 }
 
+// normalize_rows: x (B, H, L, d) of a floating dtype; factor, if given,
+// (H,) floating on x's device (its dtype may differ: it is read in the
+// accumulation dtype, and its gradient is returned in its own dtype).
+inline void check_normalize_arguments(const char* op, const at::Tensor& x,
+                                      const std::optional<at::Tensor>& factor) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op,
+                    ": x must be 4-d (B, H, L, d), got shape ",
+                    shape_string(x));
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 ||
+                       dtype == at::kFloat || dtype == at::kDouble,
+                   op,
+                   ": x must be float16, bfloat16, float32 or float64, got ",
+                   dtype_string(dtype));
+  if (!factor) return;
+  TORCH_CHECK_VALUE(
+      (factor->dim() == 1 ? factor->sym_size(0).sym_eq(x.sym_size(1))
+                          : c10::SymBool(false))
+          .expect_true(__FILE__, __LINE__),
+      op, ": factor must have shape (H,) = (", x.sym_size(1), ",), got ",
+      shape_string(*factor));
+  TORCH_CHECK_TYPE(at::isFloatingType(factor->scalar_type()), op,
+                   ": factor must be floating, got ",
+                   dtype_string(factor->scalar_type()));
+  TORCH_CHECK_VALUE(factor->device() == x.device(), op, ": factor is on ",
+                    factor->device(), " but x is on ", x.device());
+}
+
+// normalize_rows_backward: the forward's arguments and grad_y shaped as x.
+inline void check_normalize_backward_arguments(
+    const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+    const std::optional<at::Tensor>& factor) {
+  check_normalize_arguments(op, x, factor);
+  check_operand(op, "grad_y", grad_y, x.sym_sizes(), x.scalar_type(), x);
+}
+
 }  // namespace taylorshift

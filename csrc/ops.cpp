@@ -35,6 +35,14 @@ TORCH_LIBRARY(taylorshift, m) {
       "Tensor out, Tensor den, Tensor state, Tensor? key_padding_mask, "
       "bool output_scale, float a, float b, float c) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // y = factor_h x / |x| along the last dimension of x (B, H, L, d), in x's
+  // dtype, computed in the accumulation dtype and rounded once; exact for
+  // every finite x, a zero row gives zeros (identity gradient). Without a
+  // factor, factor_h = 1.
+  m.def("normalize_rows(Tensor x, Tensor? factor=None) -> Tensor");
+  m.def(
+      "normalize_rows_backward(Tensor grad_y, Tensor x, Tensor? factor) -> "
+      "(Tensor grad_x, Tensor grad_factor)");
 }
 
 namespace {
@@ -108,6 +116,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_meta(
   return empty_gradients(q, k, v);
 }
 
+// y and grad_x are contiguous on every backend; grad_factor is (H,) in
+// factor's dtype (the accumulation dtype without a factor: the gradient for
+// factor_h = 1).
+at::Tensor normalize_rows_meta(const at::Tensor& x,
+                               const std::optional<at::Tensor>& factor) {
+  check_normalize_arguments("taylorshift::normalize_rows", x, factor);
+  return at::empty_symint(x.sym_sizes(), x.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> normalize_rows_backward_meta(
+    const at::Tensor& grad_y, const at::Tensor& x,
+    const std::optional<at::Tensor>& factor) {
+  check_normalize_backward_arguments("taylorshift::normalize_rows_backward",
+                                     grad_y, x, factor);
+  return {at::empty_symint(x.sym_sizes(), x.options()),
+          at::empty_symint({x.sym_size(1)},
+                           x.options().dtype(factor_grad_dtype(factor, x)))};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(taylorshift, Meta, m) {
@@ -115,6 +142,8 @@ TORCH_LIBRARY_IMPL(taylorshift, Meta, m) {
   m.impl("direct_backward", TORCH_FN(direct_backward_meta));
   m.impl("efficient_forward", TORCH_FN(efficient_forward_meta));
   m.impl("efficient_backward", TORCH_FN(efficient_backward_meta));
+  m.impl("normalize_rows", TORCH_FN(normalize_rows_meta));
+  m.impl("normalize_rows_backward", TORCH_FN(normalize_rows_backward_meta));
 }
 
 // The C++ API: options unpacked into the schemas' flat argument lists.
@@ -188,6 +217,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward(
   const Coefficients& f = options.coefficients;
   return op.call(grad_out, q, k, v, out, den, state, key_padding_mask,
                  options.output_scale, f.a, f.b, f.c);
+}
+
+at::Tensor normalize_rows(const at::Tensor& x,
+                          const std::optional<at::Tensor>& factor) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("taylorshift::normalize_rows", "")
+                       .typed<at::Tensor(const at::Tensor&,
+                                         const std::optional<at::Tensor>&)>();
+  return op.call(x, factor);
+}
+
+std::tuple<at::Tensor, at::Tensor> normalize_rows_backward(
+    const at::Tensor& grad_y, const at::Tensor& x,
+    const std::optional<at::Tensor>& factor) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("taylorshift::normalize_rows_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&)>();
+  return op.call(grad_y, x, factor);
 }
 
 }  // namespace taylorshift

@@ -61,6 +61,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward(
     const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
     const KernelOptions& options);
 
+// The logit factors of normalize=True: y = factor_h x / |x| along the last
+// dimension of x (B, H, L, d), in x's dtype (computed in the accumulation
+// dtype, rounded once), exact for every finite x; a zero row gives zeros.
+// factor (H,) is optional (1). Differentiable in x and factor. The backward
+// returns grad_x (x's dtype) and grad_factor (H,) in factor's dtype.
+at::Tensor normalize_rows(const at::Tensor& x,
+                          const std::optional<at::Tensor>& factor = {});
+
+std::tuple<at::Tensor, at::Tensor> normalize_rows_backward(
+    const at::Tensor& grad_y, const at::Tensor& x,
+    const std::optional<at::Tensor>& factor);
+
 // FLOPs of one (batch, head) of the direct or the efficient algorithm,
 // forward or forward + backward (docs/math.md §4; a multiply-add is 2).
 double flops(bool efficient, int64_t queries, int64_t keys, int64_t head_dim,

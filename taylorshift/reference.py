@@ -24,7 +24,8 @@ def unit_rows(x: Tensor) -> Tensor:
     """x / |x| along the last dimension, exact for every finite x: in float32 for float16 and
     bfloat16, after dividing by the (detached) max |x_l| so that |x|^2 can neither overflow nor
     underflow; zero rows stay zero. The extension's composite computes the same
-    (csrc/attention.cpp, unit_rows), which says why each step is there."""
+    (torch.ops.taylorshift.normalize_rows, csrc/cpu/normalize.cpp) in one pass; its comment says
+    why each step is there."""
     wide = x.to(accumulate_dtype(x.dtype))
     s = wide.detach().abs().amax(-1, keepdim=True)
     s = s.masked_fill(s == 0, 1)

@@ -1,5 +1,5 @@
 """The algorithm operators (torch.ops.taylorshift.direct_forward, direct_backward,
-efficient_forward, efficient_backward) are public: every argument's shape, dtype and device is
+efficient_forward, efficient_backward) and normalize_rows_backward are public: every argument's shape, dtype and device is
 checked, by the CPU, CUDA and Meta kernels alike, before a kernel reads it.
 
 A wrongly shaped argument used to be read out of bounds (a (1, 1, 1, 1) grad_out with a 4096-token
@@ -50,6 +50,7 @@ SWEEP = textwrap.dedent(
         "efficient_backward": (
             ops.efficient_backward, [grad, q, k, v, out, den, state, kpm, True, *coeffs]
         ),
+        "normalize_rows_backward": (ops.normalize_rows_backward, [q, q, q.new_ones(H)]),
     }
 
     def wrong_versions(x):
@@ -77,6 +78,8 @@ SWEEP = textwrap.dedent(
                 except Exception as error:
                     outcome = type(error).__name__
                 print("DONE " + json.dumps([case, outcome]), flush=True)
+        if name.startswith("normalize_rows"):
+            continue  # no coefficients
         broken = list(args)
         broken[-1] = float("nan")
         try:
@@ -110,8 +113,9 @@ def test_every_public_op_raises_for_every_wrong_argument(device):
         f"during: {last_call}\n{completed.stderr[-2000:]}"
     )
     outcomes = [json.loads(x[len("DONE ") :]) for x in lines if x.startswith("DONE ")]
-    # 4 wrong versions of each tensor argument (5 + 8 + 4 + 8 of them), one nan coefficient per op.
-    assert len(outcomes) == 4 * (5 + 8 + 4 + 8) + 4
+    # 4 wrong versions of each tensor argument (5 + 8 + 4 + 8 + 3 of them), one nan coefficient
+    # per algorithm operator.
+    assert len(outcomes) == 4 * (5 + 8 + 4 + 8 + 3) + 4
     wrong = [
         (case, outcome) for case, outcome in outcomes if outcome not in ("ValueError", "TypeError")
     ]

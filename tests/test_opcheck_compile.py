@@ -104,6 +104,20 @@ def test_opcheck_efficient_forward_and_backward(device, dtype, masked, layout):
     )
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck_normalize_rows_and_backward(device, dtype, layout):
+    q, _, _ = _inputs(device, dtype, requires_grad=True, layout=layout)
+    factor = torch.tensor([0.7, -1.3], dtype=dtype, device=device, requires_grad=True)
+    for args in [(q, factor), (q, None), (q.detach(), factor.detach().float())]:
+        _assert_opcheck(torch.ops.taylorshift.normalize_rows.default, args)
+    grad_y = torch.randn_like(q).detach()
+    for f in (factor.detach(), None):
+        _assert_opcheck(
+            torch.ops.taylorshift.normalize_rows_backward.default, (grad_y, q.detach(), f)
+        )
+
+
 class TinyModel(nn.Module):
     def __init__(self, mode):
         super().__init__()

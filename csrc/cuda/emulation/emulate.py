@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CUDA_DIR = HERE.parent
-SOURCES = ("common.cuh", "common.cu", "direct.cu", "efficient.cu")
+SOURCES = ("common.cuh", "common.cu", "direct.cu", "efficient.cu", "normalize.cu")
 
 
 def host_source(text: str) -> str:
