@@ -348,10 +348,12 @@ TokenRows<T> token_rows(const at::Tensor& t, int64_t cols) {
 // 0 * NaN = NaN. The padding of the leading dimension puts the 8 rows an
 // ldmatrix reads in 8 different 16-byte bank groups: row stride
 // (kDim + 8) * 2 bytes.
-template <int kDim, int kRows, typename T>
+// `row_valid(t)` false makes row t a zero row as well (masked keys: zero by
+// selection, since a padded key may hold NaN).
+template <int kDim, int kRows, typename T, typename RowValid>
 __device__ __forceinline__ void load_rows(T* dst, const TokenRows<T>& src,
                                           int64_t b, int64_t h, int64_t t0,
-                                          int64_t total) {
+                                          int64_t total, RowValid row_valid) {
   constexpr int ld = kDim + 8, kChunks = kDim / 8;  // 16-byte chunks per row
   static_assert(kRows * kChunks % kThreads == 0);
   const T* base = src.row(b, h, t0);
@@ -359,11 +361,44 @@ __device__ __forceinline__ void load_rows(T* dst, const TokenRows<T>& src,
   for (int step = 0; step < kRows * kChunks / kThreads; ++step) {
     const int idx = threadIdx.x + step * kThreads;
     const int r = idx / kChunks, col = idx % kChunks * 8;
-    const bool valid = t0 + r < total && col < src.cols;
+    const bool valid = t0 + r < total && col < src.cols && row_valid(t0 + r);
     warp::cp_async_16(dst + r * ld + col,
                       valid ? base + r * src.stride_t + col : src.data, valid);
   }
 }
+
+template <int kDim, int kRows, typename T>
+__device__ __forceinline__ void load_rows(T* dst, const TokenRows<T>& src,
+                                          int64_t b, int64_t h, int64_t t0,
+                                          int64_t total) {
+  load_rows<kDim, kRows>(dst, src, b, h, t0, total,
+                         [](int64_t) { return true; });
+}
+
+// Rows row0 + g, row0 + g + 8 of a warp's 16 x kDim accumulator (C layout),
+// times scale[0] / scale[1], into the first `cols` columns of the
+// contiguous (rows, cols) matrix `dst`.
+template <typename T, int kDim>
+__device__ __forceinline__ void store_rows(T* dst,
+                                           const float (&acc)[kDim / 8][4],
+                                           int64_t row0, int64_t rows, int cols,
+                                           const float (&scale)[2], int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = row0 + lane / 4 + 8 * r;
+    if (row >= rows) continue;
+#pragma unroll
+    for (int n = 0; n < kDim / 8; ++n) {
+      const int col = n * 8 + 2 * (lane % 4);
+      if (col < cols)
+        dst[row * cols + col] = Num<T>::narrow(acc[n][2 * r] * scale[r]);
+      if (col + 1 < cols)
+        dst[row * cols + col + 1] =
+            Num<T>::narrow(acc[n][2 * r + 1] * scale[r]);
+    }
+  }
+}
+
 
 // Per-row values as a (B, H, M) view with arbitrary (possibly zero) strides.
 template <typename Acc>

@@ -157,30 +157,6 @@ struct MmaArgs {
   float a, b, c;
 };
 
-// Rows row0 + g, row0 + g + 8 of a warp's 16 x kDim accumulator (C layout),
-// times scale[0] / scale[1], into the first `cols` columns of the
-// contiguous (rows, cols) matrix `dst`.
-template <typename T, int kDim>
-__device__ __forceinline__ void store_rows(T* dst,
-                                           const float (&acc)[kDim / 8][4],
-                                           int64_t row0, int64_t rows, int cols,
-                                           const float (&scale)[2], int lane) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = row0 + lane / 4 + 8 * r;
-    if (row >= rows) continue;
-#pragma unroll
-    for (int n = 0; n < kDim / 8; ++n) {
-      const int col = n * 8 + 2 * (lane % 4);
-      if (col < cols)
-        dst[row * cols + col] = Num<T>::narrow(acc[n][2 * r] * scale[r]);
-      if (col + 1 < cols)
-        dst[row * cols + col + 1] =
-            Num<T>::narrow(acc[n][2 * r + 1] * scale[r]);
-    }
-  }
-}
-
 // Zeroes the columns >= `valid` of a warp's 16 x kN accumulator (C layout):
 // the padded keys of the last tile, outside the main path.
 template <int kN>

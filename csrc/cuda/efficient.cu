@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../kernel_checks.h"
 #include "common.cuh"
@@ -538,6 +539,504 @@ int64_t grid_stride_blocks() {
   return 8 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
+// ---------------------------------------------------------------------------
+// float16/bfloat16 with d = e = kDim in {16, 32, 64, 128}: register-resident
+// kernels on mma.sync (warp.cuh), in place of the shared-memory ones above.
+//
+// Pair features in 16 x 16 blocks. With slices x[L] = x[16 L .. 16 L + 16),
+// the pair features (l, m), l <= m, are grouped by block pair (L, M), L <= M
+// (nb = kDim / 16 slices, nb (nb + 1) / 2 block pairs, numbered as the pairs
+// of features.h: pair_index(L, M, nb)). A block pair's 256 features
+// x_l x_m (l in L, m in M) are, for fixed l, the slice x[M] times the scalar
+// x_l: for 16 tokens an mma operand fragment is the fragment of the slice
+// x[M] (from ldmatrix) times x_l of each fragment row's token, one mul2 per
+// register. Features never exist outside registers. A diagonal block (L = M)
+// is used whole: (l, m) and (m, l) both appear, the state's l > m entries
+// mirror l < m, and the query side weights every entry by a (pairs l != m
+// then get a + a = 2a, as phi requires).
+//
+// Forward.
+// * state_reduce_mma_kernel, one CTA per (block pair, value tile of
+//   kValueTile columns, token split, head): for each 16 tokens t,
+//       S[(l, m), :] += sum_t k_tl k_tm v_t        (mma, A = k_l k[M], B = v)
+//   warp w owning l = 16 L + 4 w .. 16 L + 4 w + 3. The denominator column
+//   is not a ones column of v but separate small products of the same
+//   fragments: z[(l, m)] = sum_t k_tl k_tm = (K[M]^T K[L])_ml (warps 0, 1, one
+//   n8 tile each), and on diagonal block pairs the linear features
+//   S[l, :] = sum_t k_tl [1 | v_t] (warp 2, A = k[L]^T) and on block pair
+//   (0, 0) the constant one S[0, :] = sum_t m_t [1 | v_t] (warp 3, A = the
+//   mask m as one row). Masked keys are zero rows of the staged K, V tiles
+//   (cp.async zero fill), so they add nothing.
+//   Token splits write partial states; finalize_state_mma_kernel adds them in
+//   a fixed order (deterministic) into the (B, H, F, e + 1) float state and
+//   writes the apply's operand.
+// * The operand, per head, rows of kDim + 8 columns, [S_f[1:] | S_f[0] | 0]:
+//   256 rows per block pair (row 16 l' + m' for l = 16 L + l',
+//   m = 16 M + m'), then d linear rows, then the constant row, zero-padded
+//   to whole stages of kStageRows rows. Each row is multiplied by its query
+//   coefficient (c, b, a on diagonal blocks, 2a off them) and by
+//   state_scale (see efficient_apply_kernel) and rounded to T once.
+// * efficient_apply_mma_kernel, one CTA per 64 queries and head, 16 queries
+//   per warp: for each 16 operand rows, A = q_l q[M] (mul2 of the query
+//   slice fragment, kept in registers, and x_l of the fragment's rows), B =
+//   the rows' kDim value columns and the z column as one more n8 tile:
+//       o += A B_values,  den += A B_z
+//   then y = sigma o / den. Operand rows are staged by cp.async in two
+//   buffers of kStageRows rows, one stage ahead of the products.
+constexpr int kTokenTile = 64;   // keys per staged tile (reduce)
+constexpr int kQueryTile = 64;   // queries per CTA (apply), 16 per warp
+constexpr int kStageRows = 64;   // operand rows per stage (apply)
+
+template <int kDim>
+struct PairBlocks {
+  static constexpr int kSlices = kDim / 16;
+  static constexpr int kPairs = kSlices * (kSlices + 1) / 2;
+  // Accumulator columns per reduce CTA: 4 x kValueTile / 8 n8 tiles per warp
+  // must stay in registers, so d = 128 splits its values in two.
+  static constexpr int kValueTile = kDim < 64 ? kDim : 64;
+  static constexpr int kValueTiles = kDim / kValueTile;
+  static constexpr int kWidth = kDim + 8;  // operand row: values, z, padding
+  static constexpr int64_t kLinearRow = 256 * kPairs;
+  static constexpr int64_t kConstantRow = kLinearRow + kDim;
+  static constexpr int64_t kRows =  // the constant row's 16-row step too
+      (kConstantRow + 16 + kStageRows - 1) / kStageRows * kStageRows;
+};
+
+// Block pair p's slices (L, M), in the order of pair_index(L, M, nb).
+template <int kSlices>
+__device__ __forceinline__ void block_pair(int p, int& L, int& M) {
+  L = 0;
+  while (pair_row_start(L + 1, kSlices) <= p) ++L;
+  M = L + p - static_cast<int>(pair_row_start(L, kSlices));
+}
+
+template <typename T>
+struct StateMmaArgs {
+  TokenRows<T> k, v;
+  int64_t heads, tokens, features, chunk;  // chunk: tokens per split
+  Mask mask;
+  float* partial;  // (splits, B H, F, e + 1)
+};
+
+// dst = src[index] for a run-time index, without indexing a register array
+// (which would put it in local memory).
+template <int kCount>
+__device__ __forceinline__ void select_fragment(uint32_t (&dst)[4],
+                                                const uint32_t (&src)[kCount][4],
+                                                int index) {
+#pragma unroll
+  for (int s = 0; s < kCount; ++s) {
+    if (s == index) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) dst[r] = src[s][r];
+    }
+  }
+}
+
+template <typename T, int kDim, bool kMasked>
+__global__ void __launch_bounds__(kThreads)
+    state_reduce_mma_kernel(StateMmaArgs<T> p) {
+  using Blocks = PairBlocks<kDim>;
+  constexpr int kEv = Blocks::kValueTile, kN = kEv / 8;
+  constexpr int ld = kDim + 8, kTile = kTokenTile * ld;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* ks = reinterpret_cast<T*>(smem);  // two stages each
+  T* vs = ks + 2 * kTile;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, quad = lane % 4;
+  const int value_tile = blockIdx.x % Blocks::kValueTiles;
+  int L, M;
+  block_pair<Blocks::kSlices>(blockIdx.x / Blocks::kValueTiles, L, M);
+  const int64_t split = blockIdx.y, bh = blockIdx.z;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int64_t begin = split * p.chunk;
+  const int64_t end = min(p.tokens, begin + p.chunk);
+  const int tiles =
+      end > begin ? static_cast<int>((end - begin + kTokenTile - 1) / kTokenTile)
+                  : 0;
+  const auto key_valid = [&](int64_t t) {
+    return !kMasked || p.mask.key_valid(b, t);
+  };
+  // The warps' extra products (see above), uniform per warp and CTA.
+  const bool z_pairs = value_tile == 0 && warp < 2;
+  const bool linear = L == M && warp == 2;
+  const bool constant = L == 0 && M == 0 && warp == 3;
+  const int col0 = value_tile * kEv;
+
+  float acc[4][kN][4] = {};    // S rows (4 w + j, m) x kEv values
+  float extra[kN + 1][4] = {};  // z pairs, or a linear / constant row block
+  // B = ones in column 0: the z column of the linear and constant rows.
+  const uint32_t ones_b = g == 0 ? warp::pack<T>(1.f, 1.f) : 0u;
+  const uint32_t ones_bf[2] = {ones_b, ones_b};
+  if (tiles > 0) {
+    load_rows<kDim, kTokenTile>(ks, p.k, b, h, begin, end, key_valid);
+    load_rows<kDim, kTokenTile>(vs, p.v, b, h, begin, end, key_valid);
+  }
+  warp::cp_async_commit();
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int64_t t0 = begin + static_cast<int64_t>(tile) * kTokenTile;
+    if (tile + 1 < tiles) {  // prefetch the next tile into the other stage
+      load_rows<kDim, kTokenTile>(ks + (tile + 1) % 2 * kTile, p.k, b, h,
+                                  t0 + kTokenTile, end, key_valid);
+      load_rows<kDim, kTokenTile>(vs + (tile + 1) % 2 * kTile, p.v, b, h,
+                                  t0 + kTokenTile, end, key_valid);
+      warp::cp_async_commit();
+      warp::cp_async_wait<1>();
+    } else {
+      warp::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* kt = ks + tile % 2 * kTile;
+    const T* vt = vs + tile % 2 * kTile;
+#pragma unroll
+    for (int kk = 0; kk < kTokenTile / 16; ++kk) {
+      const T* krows = kt + kk * 16 * ld;
+      // A of K[M]^T (16 m x 16 tokens): .trans of the token-major tile.
+      uint32_t km[4];
+      warp::ldmatrix<4, true>(
+          km, krows + (lane % 8 + lane / 16 * 8) * ld + M * 16 + lane / 8 % 2 * 8);
+      // B of K[L] (16 tokens x 16 l), two n8 tiles: {0, 1} l < 8, {2, 3}.
+      uint32_t kl[4];
+      warp::ldmatrix<4, true>(
+          kl, krows + (lane % 8 + lane / 8 % 2 * 8) * ld + L * 16 + lane / 16 * 8);
+      uint32_t vb[kN][2];
+#pragma unroll
+      for (int n = 0; n < kN / 2; ++n) {
+        uint32_t f[4];
+        warp::ldmatrix<4, true>(f, vt + (kk * 16 + lane % 8 + lane / 8 % 2 * 8) * ld +
+                                       col0 + n * 16 + lane / 16 * 8);
+        vb[2 * n][0] = f[0];
+        vb[2 * n][1] = f[1];
+        vb[2 * n + 1][0] = f[2];
+        vb[2 * n + 1][1] = f[3];
+      }
+      // k_l of tokens 2 quad, 2 quad + 1 (lo) and + 8 (hi) for this warp's
+      // l = 4 warp + j: B register of lane 4 (l % 8) + quad in n8 tile l / 8.
+      const uint32_t kl_lo = warp < 2 ? kl[0] : kl[2];
+      const uint32_t kl_hi = warp < 2 ? kl[1] : kl[3];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int source = (4 * warp + j) % 8 * 4 + quad;
+        const uint32_t lo = __shfl_sync(0xffffffffu, kl_lo, source);
+        const uint32_t hi = __shfl_sync(0xffffffffu, kl_hi, source);
+        const uint32_t a[4] = {warp::mul2<T>(km[0], lo), warp::mul2<T>(km[1], lo),
+                               warp::mul2<T>(km[2], hi), warp::mul2<T>(km[3], hi)};
+#pragma unroll
+        for (int n = 0; n < kN; ++n) warp::mma_16816<T>(acc[j][n], a, vb[n]);
+      }
+      if (z_pairs) {  // z (m, l) += sum_t k_tm k_tl, l in n8 tile `warp`
+        const uint32_t kb[2] = {warp == 0 ? kl[0] : kl[2],
+                                warp == 0 ? kl[1] : kl[3]};
+        warp::mma_16816<T>(extra[0], km, kb);
+      } else if (linear || constant) {
+        // Linear: A = K[L]^T (= km, L = M). Constant: A = the mask as row 0
+        // (tokens 2 quad + {0, 1}, + 8), so z counts the valid keys.
+        uint32_t a[4] = {km[0], km[1], km[2], km[3]};
+        if (constant) {
+          const int64_t t = t0 + kk * 16 + 2 * quad;
+          const auto m = [&](int64_t u) {
+            return u < end && key_valid(u) ? 1.f : 0.f;
+          };
+          a[0] = g == 0 ? warp::pack<T>(m(t), m(t + 1)) : 0u;
+          a[2] = g == 0 ? warp::pack<T>(m(t + 8), m(t + 9)) : 0u;
+          a[1] = a[3] = 0u;
+        }
+#pragma unroll
+        for (int n = 0; n < kN; ++n) warp::mma_16816<T>(extra[n], a, vb[n]);
+        warp::mma_16816<T>(extra[kN], a, ones_bf);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before its refill
+  }
+  warp::cp_async_wait<0>();  // no copy outlives the block (empty splits)
+
+  // Partial state rows: feature f, columns [z | values] = [0 | 1 + c].
+  const int d = kDim, e1 = kDim + 1;
+  float* dst = p.partial + (split * gridDim.z + bh) * p.features * e1;
+  const auto pair_row = [&](int l, int m) {
+    return dst + (pair_feature_offset(d) + pair_index(l, m, d)) * e1;
+  };
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int m = M * 16 + g + 8 * (i / 2);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int l = L * 16 + 4 * warp + j;
+      if (l > m) continue;  // the mirrored half of a diagonal block
+#pragma unroll
+      for (int n = 0; n < kN; ++n)
+        pair_row(l, m)[1 + col0 + n * 8 + 2 * quad + i % 2] = acc[j][n][i];
+    }
+    if (z_pairs) {
+      const int l = L * 16 + 8 * warp + 2 * quad + i % 2;
+      if (l <= m) pair_row(l, m)[0] = extra[0][i];
+    } else if (linear || (constant && g == 0 && i < 2)) {
+      // Linear feature 1 + m, or the constant feature 0 (row 0 only).
+      float* row = dst + (linear ? linear_feature_offset() + m : 0) * e1;
+#pragma unroll
+      for (int n = 0; n < kN; ++n)
+        row[1 + col0 + n * 8 + 2 * quad + i % 2] = extra[n][i];
+      if (value_tile == 0 && quad == 0 && i % 2 == 0) row[0] = extra[kN][i];
+    }
+  }
+}
+
+// state = sum of the splits' partial states, in split order; and the apply's
+// operand (see above), every element written once: a pair (l, m) of a
+// diagonal block twice ((l, m) and (m, l)), weight a; off-diagonal 2a.
+template <typename T, int kDim>
+__global__ void finalize_state_mma_kernel(const float* partial, int64_t splits,
+                                          int64_t count, float* state,
+                                          T* operand, float a, float b, float c,
+                                          float scale) {
+  using Blocks = PairBlocks<kDim>;
+  constexpr int d = kDim, e1 = kDim + 1, width = Blocks::kWidth;
+  constexpr int64_t features = 1 + d + d * (d + 1) / 2;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = 0;
+    for (int64_t s = 0; s < splits; ++s) sum += partial[s * count + i];
+    state[i] = sum;
+    const int col = static_cast<int>(i % e1);
+    const int64_t f = i / e1 % features, bh = i / (e1 * features);
+    T* op = operand + bh * Blocks::kRows * width + (col == 0 ? d : col - 1);
+    if (f < linear_feature_offset()) {
+      op[Blocks::kConstantRow * width] = Num<T>::narrow(c * scale * sum);
+    } else if (f < pair_feature_offset(d)) {
+      op[(Blocks::kLinearRow + f - linear_feature_offset()) * width] =
+          Num<T>::narrow(b * scale * sum);
+    } else {
+      const int64_t pair = f - pair_feature_offset(d);
+      int l = 0;
+      while (pair_row_start(l + 1, d) <= pair) ++l;
+      const int m = l + static_cast<int>(pair - pair_row_start(l, d));
+      const int64_t block = pair_index(l / 16, m / 16, Blocks::kSlices) * 256;
+      const bool diagonal = l / 16 == m / 16;
+      const T value = Num<T>::narrow((diagonal ? a : 2 * a) * scale * sum);
+      op[(block + l % 16 * 16 + m % 16) * width] = value;
+      if (diagonal) op[(block + m % 16 * 16 + l % 16) * width] = value;
+    }
+  }
+}
+
+template <typename T>
+struct ApplyMmaArgs {
+  TokenRows<T> q;
+  const T* operand;  // (B H, rows, kDim + 8)
+  int64_t heads, tokens;
+  int e;
+  RowValues<float> sigma;
+  float state_scale;
+};
+
+template <int kDim>
+constexpr size_t apply_mma_smem() {
+  return size_t(kQueryTile + 2 * kStageRows) * (kDim + 8) * 2;
+}
+
+template <int kDim>
+constexpr size_t reduce_mma_smem() {
+  return size_t(4) * kTokenTile * (kDim + 8) * 2;  // 2 stages of K and V
+}
+
+template <typename T, int kDim>
+__global__ void __launch_bounds__(kThreads)
+    efficient_apply_mma_kernel(ApplyMmaArgs<T> p, T* out, float* den) {
+  using Blocks = PairBlocks<kDim>;
+  constexpr int width = Blocks::kWidth, kStage = kStageRows * width;
+  constexpr int kStages = Blocks::kRows / kStageRows;
+  constexpr int kSlices = Blocks::kSlices;
+  static_assert(kQueryTile == 16 * (kThreads / 32));
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* qs = reinterpret_cast<T*>(smem);
+  T* stages = qs + kQueryTile * width;
+  const uint16_t* q_bits = reinterpret_cast<const uint16_t*>(qs);
+  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16;
+  const int g = lane / 4, quad = lane % 4;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kQueryTile;
+  const T* operand = p.operand + bh * Blocks::kRows * width;
+  const auto load_stage = [&](int s) {
+    const T* src = operand + static_cast<int64_t>(s) * kStage;
+    T* dst = stages + s % 2 * kStage;
+#pragma unroll
+    for (int idx = threadIdx.x; idx < kStage / 8; idx += kThreads)
+      warp::cp_async_16(dst + idx * 8, src + idx * 8, true);
+  };
+  load_rows<kDim, kQueryTile>(qs, p.q, b, h, i0, p.tokens);
+  load_stage(0);
+  warp::cp_async_commit();
+  int stage = 0;
+  // Waits for stage `stage` while the next one is in flight.
+  const auto acquire = [&]() -> const T* {
+    if (stage + 1 < kStages) {
+      load_stage(stage + 1);
+      warp::cp_async_commit();
+      warp::cp_async_wait<1>();
+    } else {
+      warp::cp_async_wait<0>();
+    }
+    __syncthreads();
+    return stages + stage % 2 * kStage;
+  };
+  const auto release = [&] {
+    __syncthreads();  // every warp is done with the stage before its refill
+    ++stage;
+  };
+  float o[kDim / 8][4] = {};
+  float z[4] = {};
+  // 16 operand rows times the A fragment: o += A values, z += A z-column.
+  const auto product = [&](const uint32_t(&a)[4], const T* rows) {
+#pragma unroll
+    for (int n = 0; n < kDim / 16; ++n) {
+      uint32_t f[4];
+      warp::ldmatrix<4, true>(f, rows + (lane % 8 + lane / 8 % 2 * 8) * width +
+                                     n * 16 + lane / 16 * 8);
+      const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+      warp::mma_16816<T>(o[2 * n], a, lo);
+      warp::mma_16816<T>(o[2 * n + 1], a, hi);
+    }
+    uint32_t f[2];
+    warp::ldmatrix<2, true>(f, rows + (lane % 8 + lane / 8 % 2 * 8) * width + kDim);
+    warp::mma_16816<T>(z, a, f);
+  };
+
+  const T* st = acquire();  // stage 0; Q landed with it
+  uint32_t qf[kSlices][4];  // A fragments of this warp's 16 queries
+  warp::load_a<kDim, width>(qf, qs + warp_row * width, lane);
+  const uint16_t* q_g = q_bits + (warp_row + g) * width;
+  const uint16_t* q_g8 = q_g + 8 * width;
+  for (int L = 0; L < kSlices; ++L) {
+    for (int M = L; M < kSlices; ++M) {
+      uint32_t qm[4];
+      select_fragment<kSlices>(qm, qf, M);
+      for (int l0 = 0; l0 < 16; l0 += 4) {
+        if (L + M + l0 > 0) st = acquire();
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int l = 16 * L + l0 + j;
+          const uint32_t x_g = warp::splat(q_g[l]), x_g8 = warp::splat(q_g8[l]);
+          const uint32_t a[4] = {warp::mul2<T>(qm[0], x_g), warp::mul2<T>(qm[1], x_g8),
+                                 warp::mul2<T>(qm[2], x_g), warp::mul2<T>(qm[3], x_g8)};
+          product(a, st + j * 16 * width);
+        }
+        release();
+      }
+    }
+  }
+  // The linear rows (A = q[s]) and the constant row (A = ones in column 0).
+  constexpr int kUnits = kSlices + 1;
+#pragma unroll
+  for (int u0 = 0; u0 < kUnits; u0 += kStageRows / 16) {
+    st = acquire();
+#pragma unroll
+    for (int j = 0; j < kStageRows / 16; ++j) {
+      const int u = u0 + j;
+      if (u < kSlices) {
+        product(qf[u], st + j * 16 * width);
+      } else if (u == kSlices) {
+        const uint32_t one = quad == 0 ? warp::pack<T>(1.f, 0.f) : 0u;
+        const uint32_t a[4] = {one, one, 0u, 0u};
+        product(a, st + j * 16 * width);
+      }
+    }
+    release();
+  }
+  // den of rows g, g + 8 sits in column 0 of z: lane 4 g.
+  float scale[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float row_sum = __shfl_sync(0xffffffffu, z[2 * r], g * 4);
+    const int64_t row = i0 + warp_row + g + 8 * r;
+    scale[r] = row < p.tokens
+                   ? p.sigma.at(b, h, row) * safe_reciprocal(row_sum)
+                   : 0.f;
+    if (quad == 0 && row < p.tokens)
+      den[bh * p.tokens + row] = row_sum / p.state_scale;
+  }
+  store_rows<T, kDim>(out + bh * p.tokens * p.e, o, i0 + warp_row, p.tokens,
+                      p.e, scale, lane);
+}
+
+// Runs the register-resident forward for d = e = kDim (see above).
+template <typename T, int kDim>
+void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const Mask& mask, bool masked, const at::Tensor& sigma,
+                 double a, double b, double c, float state_scale,
+                 at::Tensor& out, at::Tensor& den, at::Tensor& state) {
+  using Blocks = PairBlocks<kDim>;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t bh = q.size(0) * q.size(1), keys = k.size(2);
+  // Kept alive until the launches: the arguments point into them.
+  const at::Tensor qr = cp_async_rows(q), kr = cp_async_rows(k),
+                   vr = cp_async_rows(v);
+  StateMmaArgs<T> args{};
+  args.k = token_rows<T>(kr, kDim);
+  args.v = token_rows<T>(vr, kDim);
+  args.heads = q.size(1);
+  args.tokens = keys;
+  args.features = feature_count<int64_t>(kDim);
+  args.mask = mask;
+  const auto reduce = masked ? state_reduce_mma_kernel<T, kDim, true>
+                             : state_reduce_mma_kernel<T, kDim, false>;
+  constexpr size_t reduce_bytes = reduce_mma_smem<kDim>();
+  allow_shared_memory(reduce, reduce_bytes);
+  // Token splits: as many as fill the resident CTAs of one whole wave.
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, reduce, kThreads, reduce_bytes));
+  const int64_t capacity = std::max(1, per_sm) *
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const int64_t base = Blocks::kPairs * Blocks::kValueTiles * bh;
+  const int64_t token_tiles = (keys + kTokenTile - 1) / kTokenTile;
+  int64_t splits = std::clamp<int64_t>(capacity / base, 1,
+                                       std::max<int64_t>(1, token_tiles));
+  const int64_t chunk_tiles = std::max<int64_t>(1, (token_tiles + splits - 1) / splits);
+  splits = std::max<int64_t>(1, (token_tiles + chunk_tiles - 1) / chunk_tiles);
+  args.chunk = chunk_tiles * kTokenTile;
+  at::Tensor partial =
+      splits == 1 ? state : at::empty({splits, state.numel()}, state.options());
+  args.partial = partial.data_ptr<float>();
+  reduce<<<dim3(Blocks::kPairs * Blocks::kValueTiles, splits, bh), kThreads,
+           reduce_bytes, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  at::Tensor operand = at::zeros({bh, Blocks::kRows, Blocks::kWidth}, q.options());
+  const int64_t count = state.numel();
+  finalize_state_mma_kernel<T, kDim>
+      <<<std::min<int64_t>((count + 255) / 256, grid_stride_blocks()), 256, 0,
+         stream>>>(partial.data_ptr<float>(), splits, count,
+                   state.data_ptr<float>(), reinterpret_cast<T*>(operand.data_ptr()),
+                   static_cast<float>(a), static_cast<float>(b),
+                   static_cast<float>(c), state_scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (q.size(2) == 0) return;
+
+  ApplyMmaArgs<T> apply_args{};
+  apply_args.q = token_rows<T>(qr, kDim);
+  apply_args.operand = reinterpret_cast<const T*>(operand.data_ptr());
+  apply_args.heads = q.size(1);
+  apply_args.tokens = q.size(2);
+  apply_args.e = kDim;
+  apply_args.sigma = row_values<float>(sigma);
+  apply_args.state_scale = state_scale;
+  const auto apply = efficient_apply_mma_kernel<T, kDim>;
+  constexpr size_t apply_bytes = apply_mma_smem<kDim>();
+  allow_shared_memory(apply, apply_bytes);
+  apply<<<dim3((q.size(2) + kQueryTile - 1) / kQueryTile, bh), kThreads,
+          apply_bytes, stream>>>(apply_args, reinterpret_cast<T*>(out.data_ptr()),
+                                 den.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether the register-resident kernels take these inputs: 16-bit, d = e
+// with a compiled kDim.
+template <typename T>
+bool mma_efficient(int64_t d, int64_t e) {
+  return (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) &&
+         d == e && (d == 16 || d == 32 || d == 64 || d == 128);
+}
+
 // Runs the reduce phase into `out` (B, H, F, e + 1), splitting the tokens so
 // that the grid holds a few waves of blocks even for small batch * heads.
 template <typename T, typename Acc, bool kQuery>
@@ -618,8 +1117,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
   check_cuda_inputs("taylorshift::efficient_forward", q, k, v, {},
                     key_padding_mask, std::nullopt);
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
-                   vc = v.contiguous();
   const auto acc_options = q.options().dtype(accumulate_dtype(q));
   at::Tensor out =
       at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
@@ -631,17 +1128,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          std::nullopt, false, output_scale);
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
+  // The apply's state operand is multiplied by 2^-ceil(log2 N), see
+  // efficient_apply_kernel.
+  const double state_scale = std::ldexp(
+      1.0, -static_cast<int>(std::ceil(
+               std::log2(std::max<double>(1.0, static_cast<double>(k.size(2)))))));
+  const int64_t d = q.size(3), e = v.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "efficient_forward_cuda", [&] {
         using T = typename Native<scalar_t>::type;
         using Acc = typename Num<T>::acc;
+        if constexpr (std::is_same_v<Acc, float> && sizeof(T) == 2) {
+          if (mma_efficient<T>(d, e)) {
+            const bool masked = key_padding_mask.has_value();
+            const auto run = [&](auto dim) {
+              mma_forward<T, decltype(dim)::value>(q, k, v, mask, masked, sigma,
+                                                   a, b, c, state_scale, out,
+                                                   den, state);
+            };
+            if (d == 16) run(std::integral_constant<int, 16>{});
+            if (d == 32) run(std::integral_constant<int, 32>{});
+            if (d == 64) run(std::integral_constant<int, 64>{});
+            if (d == 128) run(std::integral_constant<int, 128>{});
+            return;
+          }
+        }
+        // Other dtypes and head dims: the shared-memory kernels, on
+        // contiguous copies.
+        const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
+                         vc = v.contiguous();
         feature_reduce<T, Acc, false>(
             make_args<T, Acc>(kc, vc, vc, mask, a, b, c), state);
         if (q.size(2) == 0) return;
         auto args = make_args<T, Acc>(qc, vc, vc, mask, a, b, c);
-        args.state_scale = static_cast<Acc>(std::ldexp(
-            1.0, -static_cast<int>(std::ceil(std::log2(
-                     std::max<double>(1.0, static_cast<double>(k.size(2))))))));
+        args.state_scale = static_cast<Acc>(state_scale);
         args.sigma = row_values<Acc>(sigma);
         args.feature_tile = feature_tile(args.d, sizeof(T));
         const at::Tensor operand =
