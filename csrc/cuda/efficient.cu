@@ -610,9 +610,14 @@ __device__ __forceinline__ void block_pair(int p, int& L, int& M) {
   M = L + p - static_cast<int>(pair_row_start(L, kSlices));
 }
 
+// Key side (forward state): x = k, y = v, masked keys are zero rows.
+// Query side (backward dS): x = q, y = rs gY with the z-column weights
+// w = -dl (dz = [-dl | rs gY], dz_rows_kernel).
 template <typename T>
 struct StateMmaArgs {
-  TokenRows<T> k, v;
+  TokenRows<T> x, y;
+  const T* w;              // query side: (B H, w_stride) weights, zero-padded
+  int64_t w_stride;        // a multiple of 8 tokens
   int64_t heads, tokens, features, chunk;  // chunk: tokens per split
   Mask mask;
   float* partial;  // (splits, B H, F, e + 1)
@@ -633,15 +638,16 @@ __device__ __forceinline__ void select_fragment(uint32_t (&dst)[4],
   }
 }
 
-template <typename T, int kDim, bool kMasked>
+template <typename T, int kDim, bool kQuery, bool kMasked>
 __global__ void __launch_bounds__(kThreads)
     state_reduce_mma_kernel(StateMmaArgs<T> p) {
   using Blocks = PairBlocks<kDim>;
   constexpr int kEv = Blocks::kValueTile, kN = kEv / 8;
   constexpr int ld = kDim + 8, kTile = kTokenTile * ld;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* ks = reinterpret_cast<T*>(smem);  // two stages each
+  T* ks = reinterpret_cast<T*>(smem);  // two stages each: x, y, w
   T* vs = ks + 2 * kTile;
+  T* ws = vs + 2 * kTile;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, quad = lane % 4;
   const int value_tile = blockIdx.x % Blocks::kValueTiles;
@@ -658,28 +664,37 @@ __global__ void __launch_bounds__(kThreads)
     return !kMasked || p.mask.key_valid(b, t);
   };
   // The warps' extra products (see above), uniform per warp and CTA.
-  const bool z_pairs = value_tile == 0 && warp < 2;
+  const bool z_pairs = !kQuery && value_tile == 0 && warp < 2;
   const bool linear = L == M && warp == 2;
   const bool constant = L == 0 && M == 0 && warp == 3;
   const int col0 = value_tile * kEv;
 
   float acc[4][kN][4] = {};    // S rows (4 w + j, m) x kEv values
   float extra[kN + 1][4] = {};  // z pairs, or a linear / constant row block
-  // B = ones in column 0: the z column of the linear and constant rows.
+  float acc_z[kQuery ? 4 : 1][4] = {};  // query side: z of rows (4 w + j, m)
+  // B = ones in column 0: the z column of the key side's linear and
+  // constant rows.
   const uint32_t ones_b = g == 0 ? warp::pack<T>(1.f, 1.f) : 0u;
-  const uint32_t ones_bf[2] = {ones_b, ones_b};
-  if (tiles > 0) {
-    load_rows<kDim, kTokenTile>(ks, p.k, b, h, begin, end, key_valid);
-    load_rows<kDim, kTokenTile>(vs, p.v, b, h, begin, end, key_valid);
-  }
+  const auto load_tile = [&](int stage, int64_t t0) {
+    load_rows<kDim, kTokenTile>(ks + stage * kTile, p.x, b, h, t0, end,
+                                key_valid);
+    load_rows<kDim, kTokenTile>(vs + stage * kTile, p.y, b, h, t0, end,
+                                key_valid);
+    if constexpr (kQuery) {  // w of the tile's tokens, 8 per 16 bytes
+      if (threadIdx.x < kTokenTile / 8) {
+        const int64_t t = t0 + 8 * threadIdx.x;
+        const bool valid = t < p.w_stride;
+        warp::cp_async_16(ws + stage * kTokenTile + 8 * threadIdx.x,
+                          valid ? p.w + bh * p.w_stride + t : p.w, valid);
+      }
+    }
+  };
+  if (tiles > 0) load_tile(0, begin);
   warp::cp_async_commit();
   for (int tile = 0; tile < tiles; ++tile) {
     const int64_t t0 = begin + static_cast<int64_t>(tile) * kTokenTile;
     if (tile + 1 < tiles) {  // prefetch the next tile into the other stage
-      load_rows<kDim, kTokenTile>(ks + (tile + 1) % 2 * kTile, p.k, b, h,
-                                  t0 + kTokenTile, end, key_valid);
-      load_rows<kDim, kTokenTile>(vs + (tile + 1) % 2 * kTile, p.v, b, h,
-                                  t0 + kTokenTile, end, key_valid);
+      load_tile((tile + 1) % 2, t0 + kTokenTile);
       warp::cp_async_commit();
       warp::cp_async_wait<1>();
     } else {
@@ -714,6 +729,15 @@ __global__ void __launch_bounds__(kThreads)
       // l = 4 warp + j: B register of lane 4 (l % 8) + quad in n8 tile l / 8.
       const uint32_t kl_lo = warp < 2 ? kl[0] : kl[2];
       const uint32_t kl_hi = warp < 2 ? kl[1] : kl[3];
+      // The z column as B: query side w (rows 2 quad + {0, 1}, + 8 of
+      // column 0), key side ones.
+      uint32_t zb[2] = {ones_b, ones_b};
+      if constexpr (kQuery) {
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(
+            ws + tile % 2 * kTokenTile + kk * 16 + 2 * quad);
+        zb[0] = g == 0 ? w[0] : 0u;
+        zb[1] = g == 0 ? w[4] : 0u;
+      }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int source = (4 * warp + j) % 8 * 4 + quad;
@@ -723,6 +747,9 @@ __global__ void __launch_bounds__(kThreads)
                                warp::mul2<T>(km[2], hi), warp::mul2<T>(km[3], hi)};
 #pragma unroll
         for (int n = 0; n < kN; ++n) warp::mma_16816<T>(acc[j][n], a, vb[n]);
+        if constexpr (kQuery) {
+          if (value_tile == 0) warp::mma_16816<T>(acc_z[j], a, zb);
+        }
       }
       if (z_pairs) {  // z (m, l) += sum_t k_tm k_tl, l in n8 tile `warp`
         const uint32_t kb[2] = {warp == 0 ? kl[0] : kl[2],
@@ -743,7 +770,7 @@ __global__ void __launch_bounds__(kThreads)
         }
 #pragma unroll
         for (int n = 0; n < kN; ++n) warp::mma_16816<T>(extra[n], a, vb[n]);
-        warp::mma_16816<T>(extra[kN], a, ones_bf);
+        warp::mma_16816<T>(extra[kN], a, zb);
       }
     }
     __syncthreads();  // every warp is done with this stage before its refill
@@ -766,6 +793,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int n = 0; n < kN; ++n)
         pair_row(l, m)[1 + col0 + n * 8 + 2 * quad + i % 2] = acc[j][n][i];
+      if constexpr (kQuery) {
+        if (value_tile == 0 && quad == 0 && i % 2 == 0)
+          pair_row(l, m)[0] = acc_z[j][i];
+      }
     }
     if (z_pairs) {
       const int l = L * 16 + 8 * warp + 2 * quad + i % 2;
@@ -834,9 +865,11 @@ constexpr size_t apply_mma_smem() {
   return size_t(kQueryTile + 2 * kStageRows) * (kDim + 8) * 2;
 }
 
-template <int kDim>
+// Two stages of the x and y tiles, and of the query side's w.
+template <int kDim, bool kQuery>
 constexpr size_t reduce_mma_smem() {
-  return size_t(4) * kTokenTile * (kDim + 8) * 2;  // 2 stages of K and V
+  return (size_t(4) * kTokenTile * (kDim + 8) + (kQuery ? 2 * kTokenTile : 0)) *
+         2;
 }
 
 template <typename T, int kDim>
@@ -958,6 +991,132 @@ __global__ void __launch_bounds__(kThreads)
                       p.e, scale, lane);
 }
 
+// dS = the splits' sums times the query features' coefficients (c, b, and a
+// on the diagonal pairs, 2a off it): the reduce summed the plain q_l q_m.
+template <int kDim>
+__global__ void finalize_dstate_mma_kernel(const float* partial, int64_t splits,
+                                           int64_t count, float* dstate,
+                                           float a, float b, float c) {
+  constexpr int d = kDim, e1 = kDim + 1;
+  constexpr int64_t features = 1 + d + d * (d + 1) / 2;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = 0;
+    for (int64_t s = 0; s < splits; ++s) sum += partial[s * count + i];
+    const int64_t f = i / e1 % features;
+    float coef = 2 * a;
+    if (f < linear_feature_offset()) {
+      coef = c;
+    } else if (f < pair_feature_offset(d)) {
+      coef = b;
+    } else {
+      const int64_t pair = f - pair_feature_offset(d);
+      for (int l = 0; l < d && pair_row_start(l, d) <= pair; ++l)
+        if (pair_row_start(l, d) == pair) coef = a;  // pair (l, l)
+    }
+    dstate[i] = coef * sum;
+  }
+}
+
+// The query side's dz rows: y = rs gY (B H, M, cols) and w = -dl (B H,
+// w_stride, zero-padded), from the row scalars (rs, dl); gY is read through
+// its strides.
+template <typename T>
+__global__ void dz_rows_kernel(TokenRows<T> grad_out, const float* scalars,
+                               int64_t heads, int64_t tokens, int64_t w_stride,
+                               int64_t count, T* y, T* w) {
+  const int cols = grad_out.cols;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int col = static_cast<int>(i % cols);
+    const int64_t row = i / cols, t = row % tokens, bh = row / tokens;
+    const float* s = scalars + 2 * row;
+    y[i] = Num<T>::narrow(
+        s[0] * Num<T>::widen(grad_out.row(bh / heads, bh % heads, t)[col]));
+    if (col == 0) w[bh * w_stride + t] = Num<T>::narrow(-s[1]);
+  }
+}
+
+// Runs state_reduce_mma_kernel over `tokens`; returns the partial sums
+// (`out` itself when there is one split) and the number of splits.
+template <typename T, int kDim, bool kQuery>
+std::pair<at::Tensor, int64_t> mma_state_reduce(StateMmaArgs<T> args,
+                                                bool masked, int64_t bh,
+                                                at::Tensor& out) {
+  using Blocks = PairBlocks<kDim>;
+  args.features = feature_count<int64_t>(kDim);
+  const auto reduce =
+      kQuery   ? state_reduce_mma_kernel<T, kDim, kQuery, false>
+      : masked ? state_reduce_mma_kernel<T, kDim, kQuery, true>
+               : state_reduce_mma_kernel<T, kDim, kQuery, false>;
+  constexpr size_t bytes = reduce_mma_smem<kDim, kQuery>();
+  allow_shared_memory(reduce, bytes);
+  // Token splits: as many as fill the resident CTAs of one whole wave.
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, reduce, kThreads, bytes));
+  const int64_t capacity =
+      std::max(1, per_sm) *
+      static_cast<int64_t>(
+          at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const int64_t base = Blocks::kPairs * Blocks::kValueTiles * bh;
+  const int64_t token_tiles = (args.tokens + kTokenTile - 1) / kTokenTile;
+  int64_t splits = std::clamp<int64_t>(capacity / base, 1,
+                                       std::max<int64_t>(1, token_tiles));
+  const int64_t chunk_tiles =
+      std::max<int64_t>(1, (token_tiles + splits - 1) / splits);
+  splits = std::max<int64_t>(1, (token_tiles + chunk_tiles - 1) / chunk_tiles);
+  args.chunk = chunk_tiles * kTokenTile;
+  at::Tensor partial =
+      splits == 1 ? out : at::empty({splits, out.numel()}, out.options());
+  args.partial = partial.data_ptr<float>();
+  reduce<<<dim3(Blocks::kPairs * Blocks::kValueTiles, splits, bh), kThreads,
+           bytes, at::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {partial, splits};
+}
+
+// dS = sum_i phi(q_i) dz_i^T for d = e = kDim, bfloat16 (see above).
+template <typename T, int kDim>
+void mma_dstate(const at::Tensor& grad_out, const at::Tensor& q,
+                const at::Tensor& scalars, double a, double b, double c,
+                at::Tensor& dstate) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t bh = q.size(0) * q.size(1), tokens = q.size(2);
+  const at::Tensor qr = cp_async_rows(q);
+  at::Tensor y = at::empty({q.size(0), q.size(1), tokens, kDim}, q.options());
+  const int64_t w_stride = (tokens + 7) / 8 * 8;
+  at::Tensor w = at::zeros({bh, w_stride}, q.options());
+  const int64_t count = y.numel();
+  if (count > 0) {
+    dz_rows_kernel<T>
+        <<<std::min<int64_t>((count + 255) / 256, grid_stride_blocks()), 256, 0,
+           stream>>>(token_rows<T>(grad_out, kDim), scalars.data_ptr<float>(),
+                     q.size(1), tokens, w_stride, count,
+                     reinterpret_cast<T*>(y.data_ptr()),
+                     reinterpret_cast<T*>(w.data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  StateMmaArgs<T> args{};
+  args.x = token_rows<T>(qr, kDim);
+  args.y = token_rows<T>(y, kDim);
+  args.w = reinterpret_cast<const T*>(w.data_ptr());
+  args.w_stride = w_stride;
+  args.heads = q.size(1);
+  args.tokens = tokens;
+  const std::pair<at::Tensor, int64_t> reduced =
+      mma_state_reduce<T, kDim, true>(args, false, bh, dstate);
+  const at::Tensor& partial = reduced.first;
+  const int64_t splits = reduced.second;
+  const int64_t total = dstate.numel();
+  finalize_dstate_mma_kernel<kDim>
+      <<<std::min<int64_t>((total + 255) / 256, grid_stride_blocks()), 256, 0,
+         stream>>>(partial.data_ptr<float>(), splits, total,
+                   dstate.data_ptr<float>(), static_cast<float>(a),
+                   static_cast<float>(b), static_cast<float>(c));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Runs the register-resident forward for d = e = kDim (see above).
 template <typename T, int kDim>
 void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -966,40 +1125,20 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  at::Tensor& out, at::Tensor& den, at::Tensor& state) {
   using Blocks = PairBlocks<kDim>;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t bh = q.size(0) * q.size(1), keys = k.size(2);
+  const int64_t bh = q.size(0) * q.size(1);
   // Kept alive until the launches: the arguments point into them.
   const at::Tensor qr = cp_async_rows(q), kr = cp_async_rows(k),
                    vr = cp_async_rows(v);
   StateMmaArgs<T> args{};
-  args.k = token_rows<T>(kr, kDim);
-  args.v = token_rows<T>(vr, kDim);
+  args.x = token_rows<T>(kr, kDim);
+  args.y = token_rows<T>(vr, kDim);
   args.heads = q.size(1);
-  args.tokens = keys;
-  args.features = feature_count<int64_t>(kDim);
+  args.tokens = k.size(2);
   args.mask = mask;
-  const auto reduce = masked ? state_reduce_mma_kernel<T, kDim, true>
-                             : state_reduce_mma_kernel<T, kDim, false>;
-  constexpr size_t reduce_bytes = reduce_mma_smem<kDim>();
-  allow_shared_memory(reduce, reduce_bytes);
-  // Token splits: as many as fill the resident CTAs of one whole wave.
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &per_sm, reduce, kThreads, reduce_bytes));
-  const int64_t capacity = std::max(1, per_sm) *
-      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  const int64_t base = Blocks::kPairs * Blocks::kValueTiles * bh;
-  const int64_t token_tiles = (keys + kTokenTile - 1) / kTokenTile;
-  int64_t splits = std::clamp<int64_t>(capacity / base, 1,
-                                       std::max<int64_t>(1, token_tiles));
-  const int64_t chunk_tiles = std::max<int64_t>(1, (token_tiles + splits - 1) / splits);
-  splits = std::max<int64_t>(1, (token_tiles + chunk_tiles - 1) / chunk_tiles);
-  args.chunk = chunk_tiles * kTokenTile;
-  at::Tensor partial =
-      splits == 1 ? state : at::empty({splits, state.numel()}, state.options());
-  args.partial = partial.data_ptr<float>();
-  reduce<<<dim3(Blocks::kPairs * Blocks::kValueTiles, splits, bh), kThreads,
-           reduce_bytes, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const std::pair<at::Tensor, int64_t> reduced =
+      mma_state_reduce<T, kDim, false>(args, masked, bh, state);
+  const at::Tensor& partial = reduced.first;
+  const int64_t splits = reduced.second;
 
   at::Tensor operand = at::zeros({bh, Blocks::kRows, Blocks::kWidth}, q.options());
   const int64_t count = state.numel();
@@ -1029,12 +1168,53 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Whether the register-resident kernels take these inputs: 16-bit, d = e
-// with a compiled kDim.
+// Calls run(std::integral_constant<int, kDim>) and returns true where the
+// register-resident kernels take d = e = kDim; false for other head dims.
+template <typename Run>
+bool with_mma_dim(int64_t d, int64_t e, Run run) {
+  if (d != e) return false;
+  switch (d) {
+    case 16: run(std::integral_constant<int, 16>{}); return true;
+    case 32: run(std::integral_constant<int, 32>{}); return true;
+    case 64: run(std::integral_constant<int, 64>{}); return true;
+    case 128: run(std::integral_constant<int, 128>{}); return true;
+    default: return false;
+  }
+}
+
+// The forward on the register-resident kernels where they apply (16-bit
+// inputs, d = e in 16, 32, 64, 128); false where the caller must run the
+// shared-memory kernels.
 template <typename T>
-bool mma_efficient(int64_t d, int64_t e) {
-  return (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) &&
-         d == e && (d == 16 || d == 32 || d == 64 || d == 128);
+bool try_mma_forward(const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const Mask& mask, bool masked,
+                     const at::Tensor& sigma, double a, double b, double c,
+                     float state_scale, at::Tensor& out, at::Tensor& den,
+                     at::Tensor& state) {
+  if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
+    return with_mma_dim(q.size(3), v.size(3), [&](auto dim) {
+      mma_forward<T, decltype(dim)::value>(q, k, v, mask, masked, sigma, a, b,
+                                           c, state_scale, out, den, state);
+    });
+  } else {
+    return false;
+  }
+}
+
+// dS on the register-resident reduce where it applies: bfloat16 (float16
+// cannot hold dz, see common.cuh), d = e in 16, 32, 64, 128.
+template <typename T>
+bool try_mma_dstate(const at::Tensor& grad_out, const at::Tensor& q,
+                    const at::Tensor& v, const at::Tensor& scalars, double a,
+                    double b, double c, at::Tensor& dstate) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return with_mma_dim(q.size(3), v.size(3), [&](auto dim) {
+      mma_dstate<T, decltype(dim)::value>(grad_out, q, scalars, a, b, c,
+                                          dstate);
+    });
+  } else {
+    return false;
+  }
 }
 
 // Runs the reduce phase into `out` (B, H, F, e + 1), splitting the tokens so
@@ -1133,26 +1313,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
   const double state_scale = std::ldexp(
       1.0, -static_cast<int>(std::ceil(
                std::log2(std::max<double>(1.0, static_cast<double>(k.size(2)))))));
-  const int64_t d = q.size(3), e = v.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "efficient_forward_cuda", [&] {
         using T = typename Native<scalar_t>::type;
         using Acc = typename Num<T>::acc;
-        if constexpr (std::is_same_v<Acc, float> && sizeof(T) == 2) {
-          if (mma_efficient<T>(d, e)) {
-            const bool masked = key_padding_mask.has_value();
-            const auto run = [&](auto dim) {
-              mma_forward<T, decltype(dim)::value>(q, k, v, mask, masked, sigma,
-                                                   a, b, c, state_scale, out,
-                                                   den, state);
-            };
-            if (d == 16) run(std::integral_constant<int, 16>{});
-            if (d == 32) run(std::integral_constant<int, 32>{});
-            if (d == 64) run(std::integral_constant<int, 64>{});
-            if (d == 128) run(std::integral_constant<int, 128>{});
-            return;
-          }
-        }
+        if (try_mma_forward<T>(q, k, v, mask, key_padding_mask.has_value(),
+                               sigma, a, b, c, static_cast<float>(state_scale),
+                               out, den, state))
+          return;
         // Other dtypes and head dims: the shared-memory kernels, on
         // contiguous copies.
         const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
@@ -1227,7 +1395,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
         // dS = sum_i phi(q_i) dz_i^T
         auto query_args = make_args<T, Acc>(qc, gc, vc, mask, a, b, c);
         query_args.scalars = scalars.data_ptr<Acc>();
-        feature_reduce<T, Acc, true>(query_args, dstate);
+        if (!try_mma_dstate<T>(gc, qc, vc, scalars, a, b, c, dstate))
+          feature_reduce<T, Acc, true>(query_args, dstate);
         for (bool key_side : {false, true}) {
           auto args = key_side ? make_args<T, Acc>(kc, vc, vc, mask, a, b, c)
                                : query_args;
