@@ -812,13 +812,27 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// state = sum of the splits' partial states, in split order; and the apply's
-// operand (see above), every element written once: a pair (l, m) of a
-// diagonal block twice ((l, m) and (m, l)), weight a; off-diagonal 2a.
+// The weight of each feature in an operand (see above): the query side's
+// coefficients {c, b, a, a, 2a} (forward apply, dq), the key side's
+// {1, 1, 1, 1/2, 1} (dk, dv from dS: a diagonal block counts its pairs
+// l != m twice).
+struct FeatureWeights {
+  float constant, linear, square, same_block, other_block;
+};
+
+inline FeatureWeights query_weights(double a, double b, double c) {
+  return {float(c), float(b), float(a), float(a), float(2 * a)};
+}
+inline FeatureWeights key_weights() { return {1.f, 1.f, 1.f, 0.5f, 1.f}; }
+
+// The sum of `splits` partial states, in split order, into `state` (unless
+// null), and the operand of its products: weight * scale * sum, rounded to T
+// once. Every operand element is written once (a pair l != m of a diagonal
+// block twice, as (l, m) and (m, l)); padding stays zero.
 template <typename T, int kDim>
 __global__ void finalize_state_mma_kernel(const float* partial, int64_t splits,
                                           int64_t count, float* state,
-                                          T* operand, float a, float b, float c,
+                                          T* operand, FeatureWeights w,
                                           float scale) {
   using Blocks = PairBlocks<kDim>;
   constexpr int d = kDim, e1 = kDim + 1, width = Blocks::kWidth;
@@ -827,25 +841,28 @@ __global__ void finalize_state_mma_kernel(const float* partial, int64_t splits,
        i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float sum = 0;
     for (int64_t s = 0; s < splits; ++s) sum += partial[s * count + i];
-    state[i] = sum;
+    if (state != nullptr) state[i] = sum;
     const int col = static_cast<int>(i % e1);
     const int64_t f = i / e1 % features, bh = i / (e1 * features);
     T* op = operand + bh * Blocks::kRows * width + (col == 0 ? d : col - 1);
     if (f < linear_feature_offset()) {
-      op[Blocks::kConstantRow * width] = Num<T>::narrow(c * scale * sum);
+      op[Blocks::kConstantRow * width] = Num<T>::narrow(w.constant * scale * sum);
     } else if (f < pair_feature_offset(d)) {
       op[(Blocks::kLinearRow + f - linear_feature_offset()) * width] =
-          Num<T>::narrow(b * scale * sum);
+          Num<T>::narrow(w.linear * scale * sum);
     } else {
       const int64_t pair = f - pair_feature_offset(d);
       int l = 0;
       while (pair_row_start(l + 1, d) <= pair) ++l;
       const int m = l + static_cast<int>(pair - pair_row_start(l, d));
       const int64_t block = pair_index(l / 16, m / 16, Blocks::kSlices) * 256;
-      const bool diagonal = l / 16 == m / 16;
-      const T value = Num<T>::narrow((diagonal ? a : 2 * a) * scale * sum);
+      const float weight = l == m               ? w.square
+                           : l / 16 == m / 16 ? w.same_block
+                                              : w.other_block;
+      const T value = Num<T>::narrow(weight * scale * sum);
       op[(block + l % 16 * 16 + m % 16) * width] = value;
-      if (diagonal) op[(block + m % 16 * 16 + l % 16) * width] = value;
+      if (l != m && l / 16 == m / 16)
+        op[(block + m % 16 * 16 + l % 16) * width] = value;
     }
   }
 }
@@ -991,6 +1008,249 @@ __global__ void __launch_bounds__(kThreads)
                       p.e, scale, lane);
 }
 
+template <typename T>
+struct ContractMmaArgs {
+  TokenRows<T> x;   // q (query side) or k (key side)
+  TokenRows<T> y;   // query side: rs gY (dz_rows_kernel); key side: v
+  const T* w;       // query side: -dl, (B H, w_stride)
+  int64_t w_stride;
+  const T* operand;  // (B H, rows, kDim + 8): state (query), dS (key)
+  int64_t heads, tokens;
+  Mask mask;  // key side: key padding
+};
+
+template <int kDim>
+constexpr size_t contract_mma_smem() {
+  return (size_t(kQueryTile + kQueryTile + 2 * kStageRows) * (kDim + 8) +
+          kQueryTile) * 2;
+}
+
+// The gradients through the quadratic features (docs/math.md §3), 16 tokens
+// per warp, 64 per CTA, over the operand rows staged as in the apply kernel.
+// With y'_t = [y_t | z_t] (query side: y = rs gY, z = -dl; key side: y = v,
+// z = 1) and O the operand, for every 16 operand rows (l, m in M):
+//     G = y' O_l^T       (16 tokens x 16 m; mma, the z column one more k-step)
+//     dx_m += G_m x_l,   dx_l += sum_m G_m x_m
+// the second summed over m in registers (4 products per lane, then shuffles
+// across the lane quad that holds a row). This is d(x_l x_m O_lm . y')/dx
+// for both factors: the operand's weights make the diagonal blocks' (l, m)
+// and (m, l) add up. Linear rows give dx_l += G directly; the constant row
+// has no gradient. The key side also forms dv = sum_f feat_f(k) O_f as the
+// apply kernel forms o (A = k_l k[M]). dx and dv stay in registers (C layout)
+// across the whole loop; dx_m and dx_l of the current block pair are summed
+// in their own registers and added to dx when the pair ends.
+template <typename T, int kDim, bool kKeySide, bool kMasked>
+__global__ void __launch_bounds__(kThreads)
+    efficient_contract_mma_kernel(ContractMmaArgs<T> p, T* grad_x, T* grad_v) {
+  using Blocks = PairBlocks<kDim>;
+  constexpr int width = Blocks::kWidth, kStage = kStageRows * width;
+  constexpr int kStages = Blocks::kRows / kStageRows;
+  constexpr int kSlices = Blocks::kSlices, kN = kDim / 8;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* xs = reinterpret_cast<T*>(smem);
+  T* ys = xs + kQueryTile * width;
+  T* stages = ys + kQueryTile * width;
+  T* ws = stages + 2 * kStage;
+  const uint16_t* x_bits = reinterpret_cast<const uint16_t*>(xs);
+  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16;
+  const int g = lane / 4, quad = lane % 4;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kQueryTile;
+  const T* operand = p.operand + bh * Blocks::kRows * width;
+  const auto key_valid = [&](int64_t t) {
+    return !kMasked || p.mask.key_valid(b, t);
+  };
+  const auto load_stage = [&](int s) {
+    const T* src = operand + static_cast<int64_t>(s) * kStage;
+    T* dst = stages + s % 2 * kStage;
+#pragma unroll
+    for (int idx = threadIdx.x; idx < kStage / 8; idx += kThreads)
+      warp::cp_async_16(dst + idx * 8, src + idx * 8, true);
+  };
+  load_rows<kDim, kQueryTile>(xs, p.x, b, h, i0, p.tokens, key_valid);
+  load_rows<kDim, kQueryTile>(ys, p.y, b, h, i0, p.tokens, key_valid);
+  if constexpr (!kKeySide) {
+    if (threadIdx.x < kQueryTile / 8) {
+      const int64_t t = i0 + 8 * threadIdx.x;
+      const bool valid = t < p.w_stride;
+      warp::cp_async_16(ws + 8 * threadIdx.x,
+                        valid ? p.w + bh * p.w_stride + t : p.w, valid);
+    }
+  }
+  load_stage(0);
+  warp::cp_async_commit();
+  int stage = 0;
+  const auto acquire = [&]() -> const T* {
+    if (stage + 1 < kStages) {
+      load_stage(stage + 1);
+      warp::cp_async_commit();
+      warp::cp_async_wait<1>();
+    } else {
+      warp::cp_async_wait<0>();
+    }
+    __syncthreads();
+    return stages + stage % 2 * kStage;
+  };
+  const auto release = [&] {
+    __syncthreads();
+    ++stage;
+  };
+  const T* st = acquire();
+  uint32_t xf[kSlices][4], yf[kSlices][4];
+  warp::load_a<kDim, width>(xf, xs + warp_row * width, lane);
+  warp::load_a<kDim, width>(yf, ys + warp_row * width, lane);
+  // The z column of y' as the A fragment of one more k-step (column 0).
+  uint32_t yz[4] = {0u, 0u, 0u, 0u};
+  if (quad == 0) {
+    if constexpr (kKeySide) {
+      yz[0] = yz[1] = warp::pack<T>(1.f, 0.f);
+    } else {
+      const uint16_t* w_bits = reinterpret_cast<const uint16_t*>(ws);
+      yz[0] = w_bits[warp_row + g];
+      yz[1] = w_bits[warp_row + g + 8];
+    }
+  }
+  const uint16_t* x_g = x_bits + (warp_row + g) * width;
+  const uint16_t* x_g8 = x_g + 8 * width;
+  float dx[kN][4] = {};
+  float dv[kKeySide ? kN : 1][4] = {};
+  // G = y' O^T for 16 operand rows: two n8 tiles of m.
+  const auto g_product = [&](float (&gm)[2][4], const T* rows) {
+#pragma unroll
+    for (int s = 0; s < kSlices; ++s) {
+      uint32_t f[4];
+      warp::ldmatrix<4>(f, rows + (lane % 8 + lane / 16 * 8) * width + s * 16 +
+                               lane / 8 % 2 * 8);
+      const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+      warp::mma_16816<T>(gm[0], yf[s], lo);
+      warp::mma_16816<T>(gm[1], yf[s], hi);
+    }
+    uint32_t f[2];
+    warp::ldmatrix<2>(f, rows + (lane % 16) * width + kDim);
+    const uint32_t lo[2] = {f[0], 0u}, hi[2] = {f[1], 0u};
+    warp::mma_16816<T>(gm[0], yz, lo);
+    warp::mma_16816<T>(gm[1], yz, hi);
+  };
+  // dv += A O for 16 operand rows (key side).
+  const auto v_product = [&](const uint32_t(&a)[4], const T* rows) {
+    if constexpr (kKeySide) {
+#pragma unroll
+      for (int n = 0; n < kDim / 16; ++n) {
+        uint32_t f[4];
+        warp::ldmatrix<4, true>(f, rows + (lane % 8 + lane / 8 % 2 * 8) * width +
+                                       n * 16 + lane / 16 * 8);
+        const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+        warp::mma_16816<T>(dv[2 * n], a, lo);
+        warp::mma_16816<T>(dv[2 * n + 1], a, hi);
+      }
+    }
+  };
+  const T* x_row = xs + (warp_row + g) * width;  // and + 8 rows
+  for (int L = 0; L < kSlices; ++L) {
+    for (int M = L; M < kSlices; ++M) {
+      uint32_t xm[4];
+      select_fragment<kSlices>(xm, xf, M);
+      // x_m of the lane's G elements: element i of n8 tile n is row
+      // g + 8 (i / 2), m = 16 M + 8 n + 2 quad + i % 2.
+      float x_m[2][4];
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          x_m[n][i] = Num<T>::widen(x_row[i / 2 * 8 * width + 16 * M + 8 * n +
+                                          2 * quad + i % 2]);
+      float dx_m[2][4] = {}, dx_l[2][4] = {};
+      for (int l0 = 0; l0 < 16; l0 += 4) {
+        if (L + M + l0 > 0) st = acquire();
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int l = 16 * L + l0 + j;
+          const T* rows = st + j * 16 * width;
+          float gm[2][4] = {};
+          g_product(gm, rows);
+          const float xl[2] = {Num<T>::widen(x_row[l]),
+                               Num<T>::widen(x_row[8 * width + l])};
+          float part[2] = {0.f, 0.f};
+#pragma unroll
+          for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              dx_m[n][i] += gm[n][i] * xl[i / 2];
+              part[i / 2] += gm[n][i] * x_m[n][i];
+            }
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            part[r] += __shfl_xor_sync(0xffffffffu, part[r], 1);
+            part[r] += __shfl_xor_sync(0xffffffffu, part[r], 2);
+          }
+          // dx_l: row g (+ 8), column l % 16 = 8 n + 2 quad + i % 2.
+          const int lc = (l0 + j) % 8;
+          if (quad == lc / 2) {
+            dx_l[(l0 + j) / 8][lc % 2] += part[0];
+            dx_l[(l0 + j) / 8][2 + lc % 2] += part[1];
+          }
+          if constexpr (kKeySide) {
+            const uint32_t s_g = warp::splat(x_g[l]), s_g8 = warp::splat(x_g8[l]);
+            const uint32_t a[4] = {
+                warp::mul2<T>(xm[0], s_g), warp::mul2<T>(xm[1], s_g8),
+                warp::mul2<T>(xm[2], s_g), warp::mul2<T>(xm[3], s_g8)};
+            v_product(a, rows);
+          }
+        }
+        release();
+      }
+#pragma unroll
+      for (int s = 0; s < kSlices; ++s) {
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            if (s == M) dx[2 * s + n][i] += dx_m[n][i];
+            if (s == L) dx[2 * s + n][i] += dx_l[n][i];
+          }
+      }
+    }
+  }
+  // Linear rows: dx[s] += G; key side dv += k[s] O. Constant row: dv += O.
+  constexpr int kUnits = kSlices + 1;
+#pragma unroll
+  for (int u0 = 0; u0 < kUnits; u0 += kStageRows / 16) {
+    st = acquire();
+#pragma unroll
+    for (int j = 0; j < kStageRows / 16; ++j) {
+      const int u = u0 + j;
+      const T* rows = st + j * 16 * width;
+      if (u < kSlices) {
+        float gm[2][4] = {};
+        g_product(gm, rows);
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) dx[2 * u + n][i] += gm[n][i];
+        v_product(xf[u], rows);
+      } else if (u == kSlices && kKeySide) {
+        const uint32_t one = quad == 0 ? warp::pack<T>(1.f, 0.f) : 0u;
+        const uint32_t a[4] = {one, one, 0u, 0u};
+        v_product(a, rows);
+      }
+    }
+    release();
+  }
+  // Masked keys get zero gradients.
+  float scale[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = i0 + warp_row + g + 8 * r;
+    scale[r] = row < p.tokens && key_valid(row) ? 1.f : 0.f;
+  }
+  store_rows<T, kDim>(grad_x + bh * p.tokens * kDim, dx, i0 + warp_row,
+                      p.tokens, kDim, scale, lane);
+  if constexpr (kKeySide) {
+    store_rows<T, kDim>(grad_v + bh * p.tokens * kDim, dv, i0 + warp_row,
+                        p.tokens, kDim, scale, lane);
+  }
+}
+
 // dS = the splits' sums times the query features' coefficients (c, b, and a
 // on the diagonal pairs, 2a off it): the reduce summed the plain q_l q_m.
 template <int kDim>
@@ -1076,45 +1336,25 @@ std::pair<at::Tensor, int64_t> mma_state_reduce(StateMmaArgs<T> args,
   return {partial, splits};
 }
 
-// dS = sum_i phi(q_i) dz_i^T for d = e = kDim, bfloat16 (see above).
+// finalize_state_mma_kernel: the operand (B H, rows, kDim + 8) of the
+// `splits` partial states in `partial` (B, H, F, kDim + 1 each), whose sum
+// goes to `state` too unless it is null.
 template <typename T, int kDim>
-void mma_dstate(const at::Tensor& grad_out, const at::Tensor& q,
-                const at::Tensor& scalars, double a, double b, double c,
-                at::Tensor& dstate) {
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t bh = q.size(0) * q.size(1), tokens = q.size(2);
-  const at::Tensor qr = cp_async_rows(q);
-  at::Tensor y = at::empty({q.size(0), q.size(1), tokens, kDim}, q.options());
-  const int64_t w_stride = (tokens + 7) / 8 * 8;
-  at::Tensor w = at::zeros({bh, w_stride}, q.options());
-  const int64_t count = y.numel();
-  if (count > 0) {
-    dz_rows_kernel<T>
-        <<<std::min<int64_t>((count + 255) / 256, grid_stride_blocks()), 256, 0,
-           stream>>>(token_rows<T>(grad_out, kDim), scalars.data_ptr<float>(),
-                     q.size(1), tokens, w_stride, count,
-                     reinterpret_cast<T*>(y.data_ptr()),
-                     reinterpret_cast<T*>(w.data_ptr()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  StateMmaArgs<T> args{};
-  args.x = token_rows<T>(qr, kDim);
-  args.y = token_rows<T>(y, kDim);
-  args.w = reinterpret_cast<const T*>(w.data_ptr());
-  args.w_stride = w_stride;
-  args.heads = q.size(1);
-  args.tokens = tokens;
-  const std::pair<at::Tensor, int64_t> reduced =
-      mma_state_reduce<T, kDim, true>(args, false, bh, dstate);
-  const at::Tensor& partial = reduced.first;
-  const int64_t splits = reduced.second;
-  const int64_t total = dstate.numel();
-  finalize_dstate_mma_kernel<kDim>
-      <<<std::min<int64_t>((total + 255) / 256, grid_stride_blocks()), 256, 0,
-         stream>>>(partial.data_ptr<float>(), splits, total,
-                   dstate.data_ptr<float>(), static_cast<float>(a),
-                   static_cast<float>(b), static_cast<float>(c));
+at::Tensor state_operand(const at::Tensor& partial, int64_t splits,
+                         at::Tensor* state, FeatureWeights weights, float scale,
+                         const at::TensorOptions& options) {
+  using Blocks = PairBlocks<kDim>;
+  const int64_t count = partial.numel() / splits;
+  const int64_t bh = count / (feature_count<int64_t>(kDim) * (kDim + 1));
+  at::Tensor operand = at::zeros({bh, Blocks::kRows, Blocks::kWidth}, options);
+  finalize_state_mma_kernel<T, kDim>
+      <<<std::min<int64_t>((count + 255) / 256, grid_stride_blocks()), 256, 0,
+         at::cuda::getCurrentCUDAStream()>>>(
+          partial.data_ptr<float>(), splits, count,
+          state != nullptr ? state->data_ptr<float>() : nullptr,
+          reinterpret_cast<T*>(operand.data_ptr()), weights, scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return operand;
 }
 
 // Runs the register-resident forward for d = e = kDim (see above).
@@ -1140,15 +1380,9 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const at::Tensor& partial = reduced.first;
   const int64_t splits = reduced.second;
 
-  at::Tensor operand = at::zeros({bh, Blocks::kRows, Blocks::kWidth}, q.options());
-  const int64_t count = state.numel();
-  finalize_state_mma_kernel<T, kDim>
-      <<<std::min<int64_t>((count + 255) / 256, grid_stride_blocks()), 256, 0,
-         stream>>>(partial.data_ptr<float>(), splits, count,
-                   state.data_ptr<float>(), reinterpret_cast<T*>(operand.data_ptr()),
-                   static_cast<float>(a), static_cast<float>(b),
-                   static_cast<float>(c), state_scale);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor operand =
+      state_operand<T, kDim>(partial, splits, &state, query_weights(a, b, c),
+                             state_scale, q.options());
   if (q.size(2) == 0) return;
 
   ApplyMmaArgs<T> apply_args{};
@@ -1166,6 +1400,79 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           apply_bytes, stream>>>(apply_args, reinterpret_cast<T*>(out.data_ptr()),
                                  den.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The backward for d = e = kDim, bfloat16: dS on the query-side reduce,
+// then dq and (dk, dv) on the contraction kernel, from operands of the state
+// (query weights) and of dS (key weights), neither scaled (bfloat16 has
+// float's range).
+template <typename T, int kDim>
+void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                  const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& state, const at::Tensor& scalars,
+                  const Mask& mask, bool masked, double a, double b, double c,
+                  at::Tensor& dstate, at::Tensor& grad_q, at::Tensor& grad_k,
+                  at::Tensor& grad_v) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t bh = q.size(0) * q.size(1), queries = q.size(2),
+                keys = k.size(2);
+  const at::Tensor qr = cp_async_rows(q), kr = cp_async_rows(k),
+                   vr = cp_async_rows(v);
+  // dz rows: y = rs gY and w = -dl.
+  at::Tensor y = at::empty({q.size(0), q.size(1), queries, kDim}, q.options());
+  const int64_t w_stride = (queries + 7) / 8 * 8;
+  at::Tensor w = at::zeros({bh, w_stride}, q.options());
+  const int64_t count = y.numel();
+  dz_rows_kernel<T>
+      <<<std::min<int64_t>((count + 255) / 256, grid_stride_blocks()), 256, 0,
+         stream>>>(token_rows<T>(grad_out, kDim), scalars.data_ptr<float>(),
+                   q.size(1), queries, w_stride, count,
+                   reinterpret_cast<T*>(y.data_ptr()),
+                   reinterpret_cast<T*>(w.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  StateMmaArgs<T> args{};
+  args.x = token_rows<T>(qr, kDim);
+  args.y = token_rows<T>(y, kDim);
+  args.w = reinterpret_cast<const T*>(w.data_ptr());
+  args.w_stride = w_stride;
+  args.heads = q.size(1);
+  args.tokens = queries;
+  const std::pair<at::Tensor, int64_t> reduced =
+      mma_state_reduce<T, kDim, true>(args, false, bh, dstate);
+  const int64_t total = dstate.numel();
+  finalize_dstate_mma_kernel<kDim>
+      <<<std::min<int64_t>((total + 255) / 256, grid_stride_blocks()), 256, 0,
+         stream>>>(reduced.first.data_ptr<float>(), reduced.second, total,
+                   dstate.data_ptr<float>(), static_cast<float>(a),
+                   static_cast<float>(b), static_cast<float>(c));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  constexpr size_t bytes = contract_mma_smem<kDim>();
+  for (bool key_side : {false, true}) {
+    const at::Tensor operand = state_operand<T, kDim>(
+        key_side ? dstate : state, 1, nullptr,
+        key_side ? key_weights() : query_weights(a, b, c), 1.f, q.options());
+    ContractMmaArgs<T> contract{};
+    contract.x = token_rows<T>(key_side ? kr : qr, kDim);
+    contract.y = token_rows<T>(key_side ? vr : y, kDim);
+    contract.w = reinterpret_cast<const T*>(w.data_ptr());
+    contract.w_stride = w_stride;
+    contract.operand = reinterpret_cast<const T*>(operand.data_ptr());
+    contract.heads = q.size(1);
+    contract.tokens = key_side ? keys : queries;
+    contract.mask = mask;
+    const auto kernel =
+        !key_side ? efficient_contract_mma_kernel<T, kDim, false, false>
+        : masked  ? efficient_contract_mma_kernel<T, kDim, true, true>
+                  : efficient_contract_mma_kernel<T, kDim, true, false>;
+    allow_shared_memory(kernel, bytes);
+    kernel<<<dim3((contract.tokens + kQueryTile - 1) / kQueryTile, bh),
+             kThreads, bytes, stream>>>(
+        contract,
+        reinterpret_cast<T*>((key_side ? grad_k : grad_q).data_ptr()),
+        reinterpret_cast<T*>(grad_v.data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // Calls run(std::integral_constant<int, kDim>) and returns true where the
@@ -1201,16 +1508,21 @@ bool try_mma_forward(const at::Tensor& q, const at::Tensor& k,
   }
 }
 
-// dS on the register-resident reduce where it applies: bfloat16 (float16
-// cannot hold dz, see common.cuh), d = e in 16, 32, 64, 128.
+// The backward on the register-resident kernels where they apply:
+// bfloat16 (float16 cannot hold dz and dS, see common.cuh), d = e in 16, 32,
+// 64, 128.
 template <typename T>
-bool try_mma_dstate(const at::Tensor& grad_out, const at::Tensor& q,
-                    const at::Tensor& v, const at::Tensor& scalars, double a,
-                    double b, double c, at::Tensor& dstate) {
+bool try_mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                      const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& state, const at::Tensor& scalars,
+                      const Mask& mask, bool masked, double a, double b,
+                      double c, at::Tensor& dstate, at::Tensor& grad_q,
+                      at::Tensor& grad_k, at::Tensor& grad_v) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     return with_mma_dim(q.size(3), v.size(3), [&](auto dim) {
-      mma_dstate<T, decltype(dim)::value>(grad_out, q, scalars, a, b, c,
-                                          dstate);
+      mma_backward<T, decltype(dim)::value>(grad_out, q, k, v, state, scalars,
+                                            mask, masked, a, b, c, dstate,
+                                            grad_q, grad_k, grad_v);
     });
   } else {
     return false;
@@ -1368,9 +1680,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
               "taylorshift::efficient_backward: state must be (B, H, F, e + 1)"
               " in the accumulation dtype");
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
-                   vc = v.contiguous(), gc = grad_out.contiguous(),
-                   sc = state.contiguous();
+  const at::Tensor gc = grad_out.contiguous(), sc = state.contiguous();
   // Contiguous gradients whatever the inputs' strides, as the Meta kernels.
   at::Tensor grad_q = at::empty(q.sizes(), q.options()),
              grad_k = at::empty(k.sizes(), k.options()),
@@ -1390,13 +1700,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
         using T = typename Native<scalar_t>::type;
         using Acc = typename Num<T>::acc;
         using Op = typename Num<T>::derived;
+        if (try_mma_backward<T>(gc, q, k, v, sc, scalars, mask,
+                                key_padding_mask.has_value(), a, b, c, dstate,
+                                grad_q, grad_k, grad_v))
+          return;
+        // Other dtypes and head dims: the shared-memory kernels, on
+        // contiguous copies.
+        const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
+                         vc = v.contiguous();
         const auto stream = at::cuda::getCurrentCUDAStream();
         const int64_t bh = q.size(0) * q.size(1);
         // dS = sum_i phi(q_i) dz_i^T
         auto query_args = make_args<T, Acc>(qc, gc, vc, mask, a, b, c);
         query_args.scalars = scalars.data_ptr<Acc>();
-        if (!try_mma_dstate<T>(gc, qc, vc, scalars, a, b, c, dstate))
-          feature_reduce<T, Acc, true>(query_args, dstate);
+        feature_reduce<T, Acc, true>(query_args, dstate);
         for (bool key_side : {false, true}) {
           auto args = key_side ? make_args<T, Acc>(kc, vc, vc, mask, a, b, c)
                                : query_args;
