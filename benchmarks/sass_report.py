@@ -75,8 +75,17 @@ WORK = {
     f"direct_forward_kernel<{BF16}, float>": ("direct fwd", 2 * DIRECT_PRODUCT),
     f"direct_backward_kv_kernel<{BF16}, float>": ("direct bwd", 4 * DIRECT_PRODUCT),
     f"direct_backward_q_kernel<{BF16}, float>": ("direct bwd", 3 * DIRECT_PRODUCT),
-    f"state_reduce_mma_kernel<{BF16}, {D}, false>": ("efficient fwd", EFFICIENT_PRODUCT),
+    f"state_reduce_mma_kernel<{BF16}, {D}, false, false>": ("efficient fwd", EFFICIENT_PRODUCT),
     f"efficient_apply_mma_kernel<{BF16}, {D}>": ("efficient fwd", EFFICIENT_PRODUCT),
+    f"state_reduce_mma_kernel<{BF16}, {D}, true, false>": ("efficient bwd", EFFICIENT_PRODUCT),
+    f"efficient_contract_mma_kernel<{BF16}, {D}, false, false>": (
+        "efficient bwd",
+        2 * EFFICIENT_PRODUCT,
+    ),
+    f"efficient_contract_mma_kernel<{BF16}, {D}, true, false>": (
+        "efficient bwd",
+        2 * EFFICIENT_PRODUCT,
+    ),
     f"feature_reduce_kernel<{BF16}, float, true>": ("efficient bwd", EFFICIENT_PRODUCT),
     f"feature_reduce_kernel<{BF16}, float, false>": ("efficient fwd", EFFICIENT_PRODUCT),
     f"efficient_apply_kernel<{BF16}, float>": ("efficient fwd", EFFICIENT_PRODUCT),

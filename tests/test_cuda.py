@@ -262,6 +262,25 @@ def test_non_contiguous_inputs_and_strided_masks(mode):
         torch.testing.assert_close(got, exp, rtol=0, atol=0)
 
 
+def test_efficient_backward_reads_strided_inputs():
+    """q, k, v and grad_out as the (B, L, H, d) storage TaylorShiftAttention passes, viewed as
+    (B, H, L, d): the bfloat16 backward reads them through their strides and returns exactly the
+    gradients of contiguous copies."""
+    base = make_factors(2, 3, 50, 90, 32, 32, torch.bfloat16, seed=10)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in base)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    kpm = (torch.rand(2, 90, generator=torch.Generator().manual_seed(11)) < 0.3).to(DEVICE)
+    args = (kpm, True, *COEFFICIENTS)
+    out, den, state = ops.efficient_forward(q, k, v, *args)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(12))
+    grad_out = grad_out.to(DEVICE, torch.bfloat16).transpose(1, 2).contiguous().transpose(1, 2)
+    got = ops.efficient_backward(grad_out, q, k, v, out, den, state, *args)
+    plain = [x.contiguous() for x in (grad_out, q, k, v)]
+    want = ops.efficient_backward(*plain, out, den, state, *args)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 @gpu_only
 @pytest.mark.parametrize("mode", ("direct", "efficient"))
 def test_side_stream_and_determinism(mode):

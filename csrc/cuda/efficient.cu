@@ -645,9 +645,10 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kEv = Blocks::kValueTile, kN = kEv / 8;
   constexpr int ld = kDim + 8, kTile = kTokenTile * ld;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* ks = reinterpret_cast<T*>(smem);  // two stages each: x, y, w
+  T* ks = reinterpret_cast<T*>(smem);  // two stages each: x, y, flags, w
   T* vs = ks + 2 * kTile;
-  T* ws = vs + 2 * kTile;
+  T* flags = vs + 2 * kTile;  // 1 for the valid tokens of the chunk, else 0
+  T* ws = flags + 2 * kTokenTile;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, quad = lane % 4;
   const int value_tile = blockIdx.x % Blocks::kValueTiles;
@@ -680,6 +681,13 @@ __global__ void __launch_bounds__(kThreads)
                                 key_valid);
     load_rows<kDim, kTokenTile>(vs + stage * kTile, p.y, b, h, t0, end,
                                 key_valid);
+    // Read by the next tile's products, after the barrier that follows
+    // its copies; the previous reads of this stage ended at a barrier.
+    if (threadIdx.x < kTokenTile) {
+      const int64_t t = t0 + threadIdx.x;
+      flags[stage * kTokenTile + threadIdx.x] =
+          Num<T>::narrow(t < end && key_valid(t) ? 1.f : 0.f);
+    }
     if constexpr (kQuery) {  // w of the tile's tokens, 8 per 16 bytes
       if (threadIdx.x < kTokenTile / 8) {
         const int64_t t = t0 + 8 * threadIdx.x;
@@ -756,16 +764,15 @@ __global__ void __launch_bounds__(kThreads)
                                 warp == 0 ? kl[1] : kl[3]};
         warp::mma_16816<T>(extra[0], km, kb);
       } else if (linear || constant) {
-        // Linear: A = K[L]^T (= km, L = M). Constant: A = the mask as row 0
-        // (tokens 2 quad + {0, 1}, + 8), so z counts the valid keys.
+        // Linear: A = K[L]^T (= km, L = M). Constant: A = the token flags
+        // as row 0 (tokens 2 quad + {0, 1}, + 8), so z counts the valid
+        // keys.
         uint32_t a[4] = {km[0], km[1], km[2], km[3]};
         if (constant) {
-          const int64_t t = t0 + kk * 16 + 2 * quad;
-          const auto m = [&](int64_t u) {
-            return u < end && key_valid(u) ? 1.f : 0.f;
-          };
-          a[0] = g == 0 ? warp::pack<T>(m(t), m(t + 1)) : 0u;
-          a[2] = g == 0 ? warp::pack<T>(m(t + 8), m(t + 9)) : 0u;
+          const uint32_t* m = reinterpret_cast<const uint32_t*>(
+              flags + tile % 2 * kTokenTile + kk * 16 + 2 * quad);
+          a[0] = g == 0 ? m[0] : 0u;
+          a[2] = g == 0 ? m[4] : 0u;
           a[1] = a[3] = 0u;
         }
 #pragma unroll
@@ -867,6 +874,19 @@ __global__ void finalize_state_mma_kernel(const float* partial, int64_t splits,
   }
 }
 
+// Operand rows [s kStageRows, (s + 1) kStageRows) into a stage buffer, as
+// 16-byte cp.async chunks (kElements, the stage's size, is a multiple of 8).
+template <int kElements, typename T>
+__device__ __forceinline__ void load_operand_stage(T* dst, const T* src) {
+  constexpr int kChunks = kElements / 8;
+#pragma unroll
+  for (int step = 0; step < (kChunks + kThreads - 1) / kThreads; ++step) {
+    const int idx = threadIdx.x + step * kThreads;
+    if (kChunks % kThreads == 0 || idx < kChunks)
+      warp::cp_async_16(dst + idx * 8, src + idx * 8, true);
+  }
+}
+
 template <typename T>
 struct ApplyMmaArgs {
   TokenRows<T> q;
@@ -882,10 +902,12 @@ constexpr size_t apply_mma_smem() {
   return size_t(kQueryTile + 2 * kStageRows) * (kDim + 8) * 2;
 }
 
-// Two stages of the x and y tiles, and of the query side's w.
+// Two stages of the x and y tiles, of the token flags and of the query
+// side's w.
 template <int kDim, bool kQuery>
 constexpr size_t reduce_mma_smem() {
-  return (size_t(4) * kTokenTile * (kDim + 8) + (kQuery ? 2 * kTokenTile : 0)) *
+  return (size_t(4) * kTokenTile * (kDim + 8) +
+          (kQuery ? 4 : 2) * kTokenTile) *
          2;
 }
 
@@ -907,11 +929,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kQueryTile;
   const T* operand = p.operand + bh * Blocks::kRows * width;
   const auto load_stage = [&](int s) {
-    const T* src = operand + static_cast<int64_t>(s) * kStage;
-    T* dst = stages + s % 2 * kStage;
-#pragma unroll
-    for (int idx = threadIdx.x; idx < kStage / 8; idx += kThreads)
-      warp::cp_async_16(dst + idx * 8, src + idx * 8, true);
+    load_operand_stage<kStage>(stages + s % 2 * kStage,
+                               operand + static_cast<int64_t>(s) * kStage);
   };
   load_rows<kDim, kQueryTile>(qs, p.q, b, h, i0, p.tokens);
   load_stage(0);
@@ -1061,11 +1080,8 @@ __global__ void __launch_bounds__(kThreads)
     return !kMasked || p.mask.key_valid(b, t);
   };
   const auto load_stage = [&](int s) {
-    const T* src = operand + static_cast<int64_t>(s) * kStage;
-    T* dst = stages + s % 2 * kStage;
-#pragma unroll
-    for (int idx = threadIdx.x; idx < kStage / 8; idx += kThreads)
-      warp::cp_async_16(dst + idx * 8, src + idx * 8, true);
+    load_operand_stage<kStage>(stages + s % 2 * kStage,
+                               operand + static_cast<int64_t>(s) * kStage);
   };
   load_rows<kDim, kQueryTile>(xs, p.x, b, h, i0, p.tokens, key_valid);
   load_rows<kDim, kQueryTile>(ys, p.y, b, h, i0, p.tokens, key_valid);
@@ -1160,6 +1176,7 @@ __global__ void __launch_bounds__(kThreads)
           x_m[n][i] = Num<T>::widen(x_row[i / 2 * 8 * width + 16 * M + 8 * n +
                                           2 * quad + i % 2]);
       float dx_m[2][4] = {}, dx_l[2][4] = {};
+#pragma unroll  // static register indices of dx_l
       for (int l0 = 0; l0 < 16; l0 += 4) {
         if (L + M + l0 > 0) st = acquire();
 #pragma unroll
@@ -1185,10 +1202,9 @@ __global__ void __launch_bounds__(kThreads)
           }
           // dx_l: row g (+ 8), column l % 16 = 8 n + 2 quad + i % 2.
           const int lc = (l0 + j) % 8;
-          if (quad == lc / 2) {
-            dx_l[(l0 + j) / 8][lc % 2] += part[0];
-            dx_l[(l0 + j) / 8][2 + lc % 2] += part[1];
-          }
+          const bool mine = quad == lc / 2;
+          dx_l[(l0 + j) / 8][lc % 2] += mine ? part[0] : 0.f;
+          dx_l[(l0 + j) / 8][2 + lc % 2] += mine ? part[1] : 0.f;
           if constexpr (kKeySide) {
             const uint32_t s_g = warp::splat(x_g[l]), s_g8 = warp::splat(x_g8[l]);
             const uint32_t a[4] = {
