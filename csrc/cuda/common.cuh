@@ -1,10 +1,11 @@
 // CUDA-only building blocks shared by direct.cu and efficient.cu.
 //
-// Two kinds of kernel. The register-resident ones (direct.cu's *_mma_kernel,
-// 16-bit inputs) keep every product's operands and accumulators in registers
-// as mma.sync fragments (warp.cuh) and use shared memory only for cp.async
-// staged token tiles (load_rows). The others (float32/float64, the efficient
-// algorithm, float16's backward) have this shape: a block of kThreads
+// Two kinds of kernel. The register-resident ones (the *_mma_kernel of
+// direct.cu and efficient.cu, 16-bit inputs) keep every product's operands
+// and accumulators in registers as mma.sync fragments (warp.cuh) and use
+// shared memory only for cp.async staged tiles (load_rows). The others
+// (float32/float64, the efficient algorithm's other head dims, float16's
+// backward) have this shape: a block of kThreads
 // threads stages tiles of its operands in shared memory, multiplies them with
 // `block_mma` into float (double for float64) accumulators that also live in
 // shared memory, and applies the TaylorShift-specific elementwise steps
@@ -398,7 +399,6 @@ __device__ __forceinline__ void store_rows(T* dst,
     }
   }
 }
-
 
 // Per-row values as a (B, H, M) view with arbitrary (possibly zero) strides.
 template <typename Acc>

@@ -3,11 +3,17 @@
 //   psi(k) = [1 | k | k_l k_m (l <= m)]
 //   phi(q) = [c | b q | a w_lm q_l q_m]
 // so that phi(q) . psi(k) = f(q . k). Neither feature map is ever written to
-// global memory: every kernel expands the features of one tile of tokens and
-// one tile of the feature axis in shared memory, straight from the q or k
-// tile, right before the tensor-core product that consumes them.
+// global memory.
 //
-// Three kinds of kernel cover forward and backward.
+// float16/bfloat16 with d = e in {16, 32, 64, 128} (the forward; the backward
+// for bfloat16) runs on the register-resident kernels of the second half of
+// this file, which build feature fragments in registers; see there. Every
+// other case runs on the shared-memory kernels of the first half, which
+// expand the features of one tile of tokens and one tile of the feature axis
+// in shared memory, straight from the q or k tile, right before the
+// tensor-core product that consumes them.
+//
+// Three kinds of shared-memory kernel cover forward and backward.
 // * reduce: R = sum_t feat(x_t) y_t^T over tokens, F x (e+1).
 //     forward:  state = sum_j psi(k_j) m_j [1 | v_j]^T
 //     backward: dS = sum_i phi(q_i) dz_i^T, dz_i = [-dl_i | rs_i gY_i]
@@ -583,9 +589,9 @@ int64_t grid_stride_blocks() {
 //       o += A B_values,  den += A B_z
 //   then y = sigma o / den. Operand rows are staged by cp.async in two
 //   buffers of kStageRows rows, one stage ahead of the products.
-constexpr int kTokenTile = 64;   // keys per staged tile (reduce)
-constexpr int kQueryTile = 64;   // queries per CTA (apply), 16 per warp
-constexpr int kStageRows = 64;   // operand rows per stage (apply)
+constexpr int kTokenTile = 64;  // keys per staged tile (reduce)
+constexpr int kQueryTile = 64;  // queries per CTA (apply), 16 per warp
+constexpr int kStageRows = 64;  // operand rows per stage (apply)
 
 template <int kDim>
 struct PairBlocks {
@@ -616,8 +622,8 @@ __device__ __forceinline__ void block_pair(int p, int& L, int& M) {
 template <typename T>
 struct StateMmaArgs {
   TokenRows<T> x, y;
-  const T* w;              // query side: (B H, w_stride) weights, zero-padded
-  int64_t w_stride;        // a multiple of 8 tokens
+  const T* w;        // query side: (B H, w_stride) weights, zero-padded
+  int64_t w_stride;  // a multiple of 8 tokens
   int64_t heads, tokens, features, chunk;  // chunk: tokens per split
   Mask mask;
   float* partial;  // (splits, B H, F, e + 1)
@@ -626,9 +632,8 @@ struct StateMmaArgs {
 // dst = src[index] for a run-time index, without indexing a register array
 // (which would put it in local memory).
 template <int kCount>
-__device__ __forceinline__ void select_fragment(uint32_t (&dst)[4],
-                                                const uint32_t (&src)[kCount][4],
-                                                int index) {
+__device__ __forceinline__ void select_fragment(
+    uint32_t (&dst)[4], const uint32_t (&src)[kCount][4], int index) {
 #pragma unroll
   for (int s = 0; s < kCount; ++s) {
     if (s == index) {
@@ -659,8 +664,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = split * p.chunk;
   const int64_t end = min(p.tokens, begin + p.chunk);
   const int tiles =
-      end > begin ? static_cast<int>((end - begin + kTokenTile - 1) / kTokenTile)
-                  : 0;
+      end > begin
+          ? static_cast<int>((end - begin + kTokenTile - 1) / kTokenTile)
+          : 0;
   const auto key_valid = [&](int64_t t) {
     return !kMasked || p.mask.key_valid(b, t);
   };
@@ -670,7 +676,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool constant = L == 0 && M == 0 && warp == 3;
   const int col0 = value_tile * kEv;
 
-  float acc[4][kN][4] = {};    // S rows (4 w + j, m) x kEv values
+  float acc[4][kN][4] = {};     // S rows (4 w + j, m) x kEv values
   float extra[kN + 1][4] = {};  // z pairs, or a linear / constant row block
   float acc_z[kQuery ? 4 : 1][4] = {};  // query side: z of rows (4 w + j, m)
   // B = ones in column 0: the z column of the key side's linear and
@@ -716,18 +722,19 @@ __global__ void __launch_bounds__(kThreads)
       const T* krows = kt + kk * 16 * ld;
       // A of K[M]^T (16 m x 16 tokens): .trans of the token-major tile.
       uint32_t km[4];
-      warp::ldmatrix<4, true>(
-          km, krows + (lane % 8 + lane / 16 * 8) * ld + M * 16 + lane / 8 % 2 * 8);
+      warp::ldmatrix<4, true>(km, krows + (lane % 8 + lane / 16 * 8) * ld +
+                                      M * 16 + lane / 8 % 2 * 8);
       // B of K[L] (16 tokens x 16 l), two n8 tiles: {0, 1} l < 8, {2, 3}.
       uint32_t kl[4];
-      warp::ldmatrix<4, true>(
-          kl, krows + (lane % 8 + lane / 8 % 2 * 8) * ld + L * 16 + lane / 16 * 8);
+      warp::ldmatrix<4, true>(kl, krows + (lane % 8 + lane / 8 % 2 * 8) * ld +
+                                      L * 16 + lane / 16 * 8);
       uint32_t vb[kN][2];
 #pragma unroll
       for (int n = 0; n < kN / 2; ++n) {
         uint32_t f[4];
-        warp::ldmatrix<4, true>(f, vt + (kk * 16 + lane % 8 + lane / 8 % 2 * 8) * ld +
-                                       col0 + n * 16 + lane / 16 * 8);
+        warp::ldmatrix<4, true>(
+            f, vt + (kk * 16 + lane % 8 + lane / 8 % 2 * 8) * ld + col0 +
+                   n * 16 + lane / 16 * 8);
         vb[2 * n][0] = f[0];
         vb[2 * n][1] = f[1];
         vb[2 * n + 1][0] = f[2];
@@ -751,8 +758,9 @@ __global__ void __launch_bounds__(kThreads)
         const int source = (4 * warp + j) % 8 * 4 + quad;
         const uint32_t lo = __shfl_sync(0xffffffffu, kl_lo, source);
         const uint32_t hi = __shfl_sync(0xffffffffu, kl_hi, source);
-        const uint32_t a[4] = {warp::mul2<T>(km[0], lo), warp::mul2<T>(km[1], lo),
-                               warp::mul2<T>(km[2], hi), warp::mul2<T>(km[3], hi)};
+        const uint32_t a[4] = {
+            warp::mul2<T>(km[0], lo), warp::mul2<T>(km[1], lo),
+            warp::mul2<T>(km[2], hi), warp::mul2<T>(km[3], hi)};
 #pragma unroll
         for (int n = 0; n < kN; ++n) warp::mma_16816<T>(acc[j][n], a, vb[n]);
         if constexpr (kQuery) {
@@ -853,7 +861,8 @@ __global__ void finalize_state_mma_kernel(const float* partial, int64_t splits,
     const int64_t f = i / e1 % features, bh = i / (e1 * features);
     T* op = operand + bh * Blocks::kRows * width + (col == 0 ? d : col - 1);
     if (f < linear_feature_offset()) {
-      op[Blocks::kConstantRow * width] = Num<T>::narrow(w.constant * scale * sum);
+      op[Blocks::kConstantRow * width] =
+          Num<T>::narrow(w.constant * scale * sum);
     } else if (f < pair_feature_offset(d)) {
       op[(Blocks::kLinearRow + f - linear_feature_offset()) * width] =
           Num<T>::narrow(w.linear * scale * sum);
@@ -863,7 +872,7 @@ __global__ void finalize_state_mma_kernel(const float* partial, int64_t splits,
       while (pair_row_start(l + 1, d) <= pair) ++l;
       const int m = l + static_cast<int>(pair - pair_row_start(l, d));
       const int64_t block = pair_index(l / 16, m / 16, Blocks::kSlices) * 256;
-      const float weight = l == m               ? w.square
+      const float weight = l == m             ? w.square
                            : l / 16 == m / 16 ? w.same_block
                                               : w.other_block;
       const T value = Num<T>::narrow(weight * scale * sum);
@@ -906,8 +915,7 @@ constexpr size_t apply_mma_smem() {
 // side's w.
 template <int kDim, bool kQuery>
 constexpr size_t reduce_mma_smem() {
-  return (size_t(4) * kTokenTile * (kDim + 8) +
-          (kQuery ? 4 : 2) * kTokenTile) *
+  return (size_t(4) * kTokenTile * (kDim + 8) + (kQuery ? 4 : 2) * kTokenTile) *
          2;
 }
 
@@ -955,7 +963,7 @@ __global__ void __launch_bounds__(kThreads)
   float o[kDim / 8][4] = {};
   float z[4] = {};
   // 16 operand rows times the A fragment: o += A values, z += A z-column.
-  const auto product = [&](const uint32_t(&a)[4], const T* rows) {
+  const auto product = [&](const uint32_t (&a)[4], const T* rows) {
 #pragma unroll
     for (int n = 0; n < kDim / 16; ++n) {
       uint32_t f[4];
@@ -966,7 +974,8 @@ __global__ void __launch_bounds__(kThreads)
       warp::mma_16816<T>(o[2 * n + 1], a, hi);
     }
     uint32_t f[2];
-    warp::ldmatrix<2, true>(f, rows + (lane % 8 + lane / 8 % 2 * 8) * width + kDim);
+    warp::ldmatrix<2, true>(
+        f, rows + (lane % 8 + lane / 8 % 2 * 8) * width + kDim);
     warp::mma_16816<T>(z, a, f);
   };
 
@@ -985,8 +994,9 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < 4; ++j) {
           const int l = 16 * L + l0 + j;
           const uint32_t x_g = warp::splat(q_g[l]), x_g8 = warp::splat(q_g8[l]);
-          const uint32_t a[4] = {warp::mul2<T>(qm[0], x_g), warp::mul2<T>(qm[1], x_g8),
-                                 warp::mul2<T>(qm[2], x_g), warp::mul2<T>(qm[3], x_g8)};
+          const uint32_t a[4] = {
+              warp::mul2<T>(qm[0], x_g), warp::mul2<T>(qm[1], x_g8),
+              warp::mul2<T>(qm[2], x_g), warp::mul2<T>(qm[3], x_g8)};
           product(a, st + j * 16 * width);
         }
         release();
@@ -1017,9 +1027,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int r = 0; r < 2; ++r) {
     const float row_sum = __shfl_sync(0xffffffffu, z[2 * r], g * 4);
     const int64_t row = i0 + warp_row + g + 8 * r;
-    scale[r] = row < p.tokens
-                   ? p.sigma.at(b, h, row) * safe_reciprocal(row_sum)
-                   : 0.f;
+    scale[r] =
+        row < p.tokens ? p.sigma.at(b, h, row) * safe_reciprocal(row_sum) : 0.f;
     if (quad == 0 && row < p.tokens)
       den[bh * p.tokens + row] = row_sum / p.state_scale;
   }
@@ -1029,9 +1038,9 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 struct ContractMmaArgs {
-  TokenRows<T> x;   // q (query side) or k (key side)
-  TokenRows<T> y;   // query side: rs gY (dz_rows_kernel); key side: v
-  const T* w;       // query side: -dl, (B H, w_stride)
+  TokenRows<T> x;  // q (query side) or k (key side)
+  TokenRows<T> y;  // query side: rs gY (dz_rows_kernel); key side: v
+  const T* w;      // query side: -dl, (B H, w_stride)
   int64_t w_stride;
   const T* operand;  // (B H, rows, kDim + 8): state (query), dS (key)
   int64_t heads, tokens;
@@ -1041,7 +1050,8 @@ struct ContractMmaArgs {
 template <int kDim>
 constexpr size_t contract_mma_smem() {
   return (size_t(kQueryTile + kQueryTile + 2 * kStageRows) * (kDim + 8) +
-          kQueryTile) * 2;
+          kQueryTile) *
+         2;
 }
 
 // The gradients through the quadratic features (docs/math.md §3), 16 tokens
@@ -1148,12 +1158,13 @@ __global__ void __launch_bounds__(kThreads)
     warp::mma_16816<T>(gm[1], yz, hi);
   };
   // dv += A O for 16 operand rows (key side).
-  const auto v_product = [&](const uint32_t(&a)[4], const T* rows) {
+  const auto v_product = [&](const uint32_t (&a)[4], const T* rows) {
     if constexpr (kKeySide) {
 #pragma unroll
       for (int n = 0; n < kDim / 16; ++n) {
         uint32_t f[4];
-        warp::ldmatrix<4, true>(f, rows + (lane % 8 + lane / 8 % 2 * 8) * width +
+        warp::ldmatrix<4, true>(f, rows +
+                                       (lane % 8 + lane / 8 % 2 * 8) * width +
                                        n * 16 + lane / 16 * 8);
         const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
         warp::mma_16816<T>(dv[2 * n], a, lo);
@@ -1173,8 +1184,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int n = 0; n < 2; ++n)
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-          x_m[n][i] = Num<T>::widen(x_row[i / 2 * 8 * width + 16 * M + 8 * n +
-                                          2 * quad + i % 2]);
+          x_m[n][i] = Num<T>::widen(
+              x_row[i / 2 * 8 * width + 16 * M + 8 * n + 2 * quad + i % 2]);
       float dx_m[2][4] = {}, dx_l[2][4] = {};
 #pragma unroll  // static register indices of dx_l
       for (int l0 = 0; l0 < 16; l0 += 4) {
@@ -1206,7 +1217,8 @@ __global__ void __launch_bounds__(kThreads)
           dx_l[(l0 + j) / 8][lc % 2] += mine ? part[0] : 0.f;
           dx_l[(l0 + j) / 8][2 + lc % 2] += mine ? part[1] : 0.f;
           if constexpr (kKeySide) {
-            const uint32_t s_g = warp::splat(x_g[l]), s_g8 = warp::splat(x_g8[l]);
+            const uint32_t s_g = warp::splat(x_g[l]),
+                           s_g8 = warp::splat(x_g8[l]);
             const uint32_t a[4] = {
                 warp::mul2<T>(xm[0], s_g), warp::mul2<T>(xm[1], s_g8),
                 warp::mul2<T>(xm[2], s_g), warp::mul2<T>(xm[3], s_g8)};
@@ -1321,10 +1333,10 @@ std::pair<at::Tensor, int64_t> mma_state_reduce(StateMmaArgs<T> args,
                                                 at::Tensor& out) {
   using Blocks = PairBlocks<kDim>;
   args.features = feature_count<int64_t>(kDim);
-  const auto reduce =
-      kQuery   ? state_reduce_mma_kernel<T, kDim, kQuery, false>
-      : masked ? state_reduce_mma_kernel<T, kDim, kQuery, true>
-               : state_reduce_mma_kernel<T, kDim, kQuery, false>;
+  const auto reduce = kQuery ? state_reduce_mma_kernel<T, kDim, kQuery, false>
+                      : masked
+                          ? state_reduce_mma_kernel<T, kDim, kQuery, true>
+                          : state_reduce_mma_kernel<T, kDim, kQuery, false>;
   constexpr size_t bytes = reduce_mma_smem<kDim, kQuery>();
   allow_shared_memory(reduce, bytes);
   // Token splits: as many as fill the resident CTAs of one whole wave.
@@ -1413,8 +1425,8 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   constexpr size_t apply_bytes = apply_mma_smem<kDim>();
   allow_shared_memory(apply, apply_bytes);
   apply<<<dim3((q.size(2) + kQueryTile - 1) / kQueryTile, bh), kThreads,
-          apply_bytes, stream>>>(apply_args, reinterpret_cast<T*>(out.data_ptr()),
-                                 den.data_ptr<float>());
+          apply_bytes, stream>>>(
+      apply_args, reinterpret_cast<T*>(out.data_ptr()), den.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1484,8 +1496,7 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
     allow_shared_memory(kernel, bytes);
     kernel<<<dim3((contract.tokens + kQueryTile - 1) / kQueryTile, bh),
              kThreads, bytes, stream>>>(
-        contract,
-        reinterpret_cast<T*>((key_side ? grad_k : grad_q).data_ptr()),
+        contract, reinterpret_cast<T*>((key_side ? grad_k : grad_q).data_ptr()),
         reinterpret_cast<T*>(grad_v.data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -1497,11 +1508,20 @@ template <typename Run>
 bool with_mma_dim(int64_t d, int64_t e, Run run) {
   if (d != e) return false;
   switch (d) {
-    case 16: run(std::integral_constant<int, 16>{}); return true;
-    case 32: run(std::integral_constant<int, 32>{}); return true;
-    case 64: run(std::integral_constant<int, 64>{}); return true;
-    case 128: run(std::integral_constant<int, 128>{}); return true;
-    default: return false;
+    case 16:
+      run(std::integral_constant<int, 16>{});
+      return true;
+    case 32:
+      run(std::integral_constant<int, 32>{});
+      return true;
+    case 64:
+      run(std::integral_constant<int, 64>{});
+      return true;
+    case 128:
+      run(std::integral_constant<int, 128>{});
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -1638,9 +1658,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
   // The apply's state operand is multiplied by 2^-ceil(log2 N), see
   // efficient_apply_kernel.
-  const double state_scale = std::ldexp(
-      1.0, -static_cast<int>(std::ceil(
-               std::log2(std::max<double>(1.0, static_cast<double>(k.size(2)))))));
+  const double state_scale =
+      std::ldexp(1.0, -static_cast<int>(std::ceil(std::log2(std::max<double>(
+                          1.0, static_cast<double>(k.size(2)))))));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "efficient_forward_cuda", [&] {
         using T = typename Native<scalar_t>::type;

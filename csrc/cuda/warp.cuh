@@ -58,11 +58,11 @@ __device__ __forceinline__ uint32_t mul2(uint32_t x, uint32_t y) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     const __nv_bfloat162 v =
         __hmul2_rn(*reinterpret_cast<const __nv_bfloat162*>(&x),
-                *reinterpret_cast<const __nv_bfloat162*>(&y));
+                   *reinterpret_cast<const __nv_bfloat162*>(&y));
     bits = *reinterpret_cast<const uint32_t*>(&v);
   } else {
     const __half2 v = __hmul2_rn(*reinterpret_cast<const __half2*>(&x),
-                              *reinterpret_cast<const __half2*>(&y));
+                                 *reinterpret_cast<const __half2*>(&y));
     bits = *reinterpret_cast<const uint32_t*>(&v);
   }
   return bits;
