@@ -281,6 +281,31 @@ def test_efficient_backward_reads_strided_inputs():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_efficient_non_finite_padded_keys_change_nothing(dtype):
+    """NaN and inf in padded keys and values (d = e = 16: the register-resident kernels, whose staged
+    tiles zero masked keys by selection): the outputs, state and gradients equal those of zeroed
+    padding exactly."""
+    q, k, v = make_factors(2, 2, 20, 70, 16, 16, dtype, seed=13)
+    kpm = torch.zeros(2, 70, dtype=torch.bool)
+    kpm[0, 3] = kpm[1, -1] = True
+    kpm = kpm.to(DEVICE)
+    clean_k, clean_v = (x.masked_fill(kpm[:, None, :, None], 0) for x in (k, v))
+    poisoned_k, poisoned_v = clean_k.clone(), clean_v.clone()
+    poisoned_k[0, :, 3] = float("nan")
+    poisoned_v[1, 1, -1, 2] = float("inf")
+    args = (kpm, True, *COEFFICIENTS)
+    grad_out = torch.randn(2, 2, 20, 16, generator=torch.Generator().manual_seed(14))
+    grad_out = grad_out.to(DEVICE, dtype)
+    results = []
+    for kk, vv in ((clean_k, clean_v), (poisoned_k, poisoned_v)):
+        out, den, state = ops.efficient_forward(q, kk, vv, *args)
+        grads = ops.efficient_backward(grad_out, q, kk, vv, out, den, state, *args)
+        results.append((out, den, state, *grads))
+    for name, want, got in zip(("out", "den", "state", "dq", "dk", "dv"), *results):
+        assert torch.equal(got, want), name
+
+
 @gpu_only
 @pytest.mark.parametrize("mode", ("direct", "efficient"))
 def test_side_stream_and_determinism(mode):
