@@ -243,23 +243,55 @@ def test_composite_matches_cpu_float64_with_gradients(mode):
         torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ("direct", "efficient"))
-def test_non_contiguous_inputs_and_strided_masks(mode):
-    base_q, base_k, base_v = make_factors(2, 3, 50, 90, 32, 32, torch.bfloat16, seed=4)
+def test_non_contiguous_inputs_and_strided_masks(mode, dtype):
+    """Strided q, k, v, grad_out (a model's (B, L, H, d) views, a sliced value dim) and a
+    transposed mask give bit for bit the results of their contiguous copies, forward and backward."""
+    base_q, base_k, base_v = make_factors(2, 3, 50, 90, 32, 32, dtype, seed=4)
     # (B, M, H, d) storage viewed as (B, H, M, d), and a sliced value dim.
     q = base_q.transpose(1, 2).contiguous().transpose(1, 2)
     k = base_k.transpose(1, 2).contiguous().transpose(1, 2)
     v = torch.cat([base_v, base_v], -1)[..., ::2]
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     kpm = (torch.rand(90, 2) < 0.3).to(DEVICE).t()  # transposed (B, N) mask
-    args = (kpm, None, False, True) if mode == "direct" else (kpm, True)
-    op = ops.direct_forward if mode == "direct" else ops.efficient_forward
-    out = op(q, k, v, *args, *COEFFICIENTS)
-    want = op(
-        q.contiguous(), k.contiguous(), v.contiguous(), kpm.contiguous(), *args[1:], *COEFFICIENTS
+    options = (kpm, None, False, True) if mode == "direct" else (kpm, True)
+    forward = ops.direct_forward if mode == "direct" else ops.efficient_forward
+    backward = ops.direct_backward if mode == "direct" else ops.efficient_backward
+    grad_out = torch.randn(2, 50, 3, 32, dtype=torch.float64).to(DEVICE, dtype).transpose(1, 2)
+
+    def forward_backward(q, k, v, grad_out, mask):
+        args = (mask, *options[1:])
+        saved = forward(q, k, v, *args, *COEFFICIENTS)
+        grads = backward(grad_out, q, k, v, *saved, *args, *COEFFICIENTS)
+        return [*saved, *grads]
+
+    got = forward_backward(q, k, v, grad_out, kpm)
+    want = forward_backward(*(t.contiguous() for t in (q, k, v, grad_out)), kpm.contiguous())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_direct_reads_strided_inputs_in_place(dtype):
+    """The module's (B, L, H, d) views reach the direct kernels without a copy: no aten::copy_
+    of a (B, H, L, d) tensor runs inside the forward or backward operator."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v, grad_out = (
+        torch.randn(2, 40, 3, 32, dtype=torch.float64).to(DEVICE, dtype).transpose(1, 2)
+        for _ in range(4)
     )
-    for got, exp in zip(out, want):
-        torch.testing.assert_close(got, exp, rtol=0, atol=0)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        out, den = ops.direct_forward(q, k, v, None, None, False, True, *COEFFICIENTS)
+        ops.direct_backward(grad_out, q, k, v, out, den, None, None, False, True, *COEFFICIENTS)
+    # Only the per-row scalars (sigma: (B, 1, 1) here) may be converted inside.
+    copies = [
+        event.input_shapes
+        for event in prof.events()
+        if event.name == "aten::copy_" and any(len(shape) == 4 for shape in event.input_shapes)
+    ]
+    assert copies == []
 
 
 def test_efficient_backward_reads_strided_inputs():

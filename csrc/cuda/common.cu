@@ -31,27 +31,31 @@ __global__ void count_allowed_keys_kernel(Mask mask, int64_t heads,
 }
 
 // rs_i = sigma_i / den_i and dl_i = (gY_i . y_i) / den_i, one warp per row.
+// grad_out and out are read through their strides.
 template <typename T, typename Acc>
-__global__ void row_scalars_kernel(const T* grad_out, const T* out,
+__global__ void row_scalars_kernel(TokenRows<T> grad_out, TokenRows<T> out,
                                    const Acc* den, RowValues<Acc> sigma,
-                                   int64_t heads, int64_t queries, int dim,
-                                   int64_t rows, Acc* scalars) {
+                                   int64_t heads, int64_t queries, int64_t rows,
+                                   Acc* scalars) {
   const int64_t row =
       static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;
   const int lane = threadIdx.x % 32;
+  const int64_t bh = row / queries, b = bh / heads, h = bh % heads,
+                i = row % queries;
+  const T* g = grad_out.row(b, h, i);
+  const T* y = out.row(b, h, i);
   Acc dot = 0;
-  for (int c = lane; c < dim; c += 32) {
-    dot += Num<T>::widen(grad_out[row * dim + c]) *
-           Num<T>::widen(out[row * dim + c]);
+  for (int c = lane; c < out.cols; c += 32) {
+    dot += Num<T>::widen(g[c * grad_out.stride_c]) *
+           Num<T>::widen(y[c * out.stride_c]);
   }
   for (int offset = 16; offset > 0; offset /= 2) {
     dot += __shfl_xor_sync(0xffffffffu, dot, offset);
   }
   if (lane == 0) {
-    const int64_t bh = row / queries;
     const Acc inv = safe_reciprocal(den[row]);
-    scalars[2 * row] = sigma.at(bh / heads, bh % heads, row % queries) * inv;
+    scalars[2 * row] = sigma.at(b, h, i) * inv;
     scalars[2 * row + 1] = dot * inv;
   }
 }
@@ -108,7 +112,7 @@ at::Tensor backward_row_scalars(const at::Tensor& grad_out,
                                 const at::Tensor& out, const at::Tensor& den,
                                 const at::Tensor& sigma) {
   const int64_t heads = out.size(1), queries = out.size(2);
-  const int dim = static_cast<int>(out.size(3));
+  const at::Tensor den_rows = den.contiguous();  // no copy: ours, contiguous
   at::Tensor scalars =
       at::empty({out.size(0), heads, queries, 2}, den.options());
   const int64_t rows = den.numel();
@@ -120,10 +124,10 @@ at::Tensor backward_row_scalars(const at::Tensor& grad_out,
         using Acc = typename Num<T>::acc;
         row_scalars_kernel<T, Acc>
             <<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                reinterpret_cast<const T*>(grad_out.data_ptr<scalar_t>()),
-                reinterpret_cast<const T*>(out.data_ptr<scalar_t>()),
-                den.data_ptr<Acc>(), row_values<Acc>(sigma), heads, queries,
-                dim, rows, scalars.data_ptr<Acc>());
+                token_rows<T>(grad_out, out.size(3)),
+                token_rows<T>(out, out.size(3)), den_rows.data_ptr<Acc>(),
+                row_values<Acc>(sigma), heads, queries, rows,
+                scalars.data_ptr<Acc>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return scalars;

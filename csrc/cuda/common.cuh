@@ -250,30 +250,60 @@ __device__ void block_mma(const Op* A, int lda, const Op* B, int ldb, Acc* C,
   }
 }
 
-// Copies rows [row0, row0 + rows) of a row-major (total_rows x cols) matrix
-// into a (rows x padded_cols) shared tile, converting the type and writing
-// zeros past the matrix (tail rows, padding columns): zeros, not garbage,
-// because padded entries are multiplied by masked zeros and 0 * NaN = NaN.
+// A (B, H, L, cols) tensor read through its four strides: the
+// (B, L, H, d)-transposed views of a model's projections, sliced value dims,
+// gradients of any layout are read in place. A contiguous (rows, cols)
+// matrix is the view with b = h = 0, stride_t = cols, stride_c = 1.
+template <typename T>
+struct TokenRows {
+  const T* data = nullptr;
+  int64_t stride_b = 0, stride_h = 0, stride_t = 0, stride_c = 1;
+  int cols = 0;
+  __device__ __forceinline__ const T* row(int64_t b, int64_t h,
+                                          int64_t t) const {
+    return data + b * stride_b + h * stride_h + t * stride_t;
+  }
+};
+
+template <typename T>
+TokenRows<T> token_rows(const at::Tensor& t, int64_t cols) {
+  TokenRows<T> rows;
+  rows.data = reinterpret_cast<const T*>(t.data_ptr());
+  rows.stride_b = t.stride(0);
+  rows.stride_h = t.stride(1);
+  rows.stride_t = t.stride(2);
+  rows.stride_c = t.stride(3);
+  rows.cols = static_cast<int>(cols);
+  return rows;
+}
+
+// Copies rows [row0, row0 + rows) of head (b, h) of `src` into a
+// (rows x padded_cols) shared tile, converting the type and writing zeros
+// past the tensor (tail rows, padding columns): zeros, not garbage, because
+// padded entries are multiplied by masked zeros and 0 * NaN = NaN.
 template <typename Dst, typename Src>
-__device__ void load_tile(Dst* dst, int ld, const Src* src, int64_t total_rows,
-                          int cols, int64_t row0, int rows, int padded_cols) {
-  // Same type, no padding columns, rows a whole number of 16-byte vectors
-  // from a 16-byte aligned start (a contiguous view may start anywhere):
-  // copy 16 bytes per access (2-byte inputs with head dims 16, 32, 64, 128;
-  // the prepared states). Every row start is then aligned too, as
-  // cols * sizeof and ld * sizeof are multiples of 16.
+__device__ void load_tile(Dst* dst, int ld, const TokenRows<Src>& src,
+                          int64_t b, int64_t h, int64_t total_rows,
+                          int64_t row0, int rows, int padded_cols) {
+  const Src* base = src.row(b, h, row0);
+  const int cols = src.cols;
+  // Same type, no padding columns, unit column stride and every row a whole
+  // number of 16-byte vectors from a 16-byte aligned start (a view may start
+  // anywhere): copy 16 bytes per access (2-byte inputs with head dims 16,
+  // 32, 64, 128; the prepared states; transposed (B, L, H, d) views).
   constexpr int kVector = 16 / sizeof(Src);
   if constexpr (std::is_same_v<Dst, Src> &&
                 (sizeof(Src) == 2 || sizeof(Src) == 4)) {
-    if (cols == padded_cols && cols % kVector == 0 &&
-        reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+    if (cols == padded_cols && cols % kVector == 0 && src.stride_c == 1 &&
+        src.stride_t % kVector == 0 &&
+        reinterpret_cast<uintptr_t>(base) % 16 == 0) {
       const int vectors = cols / kVector;
       for (int idx = threadIdx.x; idx < rows * vectors; idx += blockDim.x) {
         const int r = idx / vectors, col = idx % vectors * kVector;
-        const int64_t row = row0 + r;
         uint4 value = make_uint4(0, 0, 0, 0);
-        if (row < total_rows) {
-          value = *reinterpret_cast<const uint4*>(src + row * cols + col);
+        if (row0 + r < total_rows) {
+          value =
+              *reinterpret_cast<const uint4*>(base + r * src.stride_t + col);
         }
         *reinterpret_cast<uint4*>(dst + r * ld + col) = value;
       }
@@ -283,13 +313,23 @@ __device__ void load_tile(Dst* dst, int ld, const Src* src, int64_t total_rows,
   for (int idx = threadIdx.x; idx < rows * padded_cols; idx += blockDim.x) {
     const int r = idx / padded_cols;
     const int col = idx % padded_cols;
-    const int64_t row = row0 + r;
     Dst value = Num<Dst>::narrow(typename Num<Dst>::acc(0));
-    if (row < total_rows && col < cols) {
-      value = convert<Dst>(src[row * cols + col]);
+    if (row0 + r < total_rows && col < cols) {
+      value = convert<Dst>(base[r * src.stride_t + col * src.stride_c]);
     }
     dst[r * ld + col] = value;
   }
+}
+
+// The same for a contiguous row-major (total_rows x cols) matrix.
+template <typename Dst, typename Src>
+__device__ void load_tile(Dst* dst, int ld, const Src* src, int64_t total_rows,
+                          int cols, int64_t row0, int rows, int padded_cols) {
+  TokenRows<Src> matrix;
+  matrix.data = src;
+  matrix.stride_t = cols;
+  matrix.cols = cols;
+  load_tile(dst, ld, matrix, 0, 0, total_rows, row0, rows, padded_cols);
 }
 
 template <typename T>
@@ -298,21 +338,6 @@ __device__ void zero_tile(T* dst, int ld, int rows, int cols) {
     dst[idx / cols * ld + idx % cols] = Num<T>::narrow(typename Num<T>::acc(0));
   }
 }
-
-// A (B, H, L, cols) tensor of 2-byte elements read through its strides: the
-// (B, L, H, d)-transposed views of a model's projections are read in place.
-// Every row starts 16-byte aligned (see cp_async_rows), so rows move as
-// 16-byte cp.async chunks.
-template <typename T>
-struct TokenRows {
-  const T* data = nullptr;
-  int64_t stride_b = 0, stride_h = 0, stride_t = 0;
-  int cols = 0;
-  __device__ __forceinline__ const T* row(int64_t b, int64_t h,
-                                          int64_t t) const {
-    return data + b * stride_b + h * stride_h + t * stride_t;
-  }
-};
 
 // `t` itself when its rows are 16-byte vectors (unit last stride, other
 // strides, start and the row length multiples of 16 bytes); otherwise (odd
@@ -330,18 +355,6 @@ inline at::Tensor cp_async_rows(const at::Tensor& t) {
   return at::constant_pad_nd(t, {0, pad}).contiguous();
 }
 
-// The view of a cp_async_rows tensor whose first `cols` columns are the data.
-template <typename T>
-TokenRows<T> token_rows(const at::Tensor& t, int64_t cols) {
-  TokenRows<T> rows;
-  rows.data = reinterpret_cast<const T*>(t.data_ptr());
-  rows.stride_b = t.stride(0);
-  rows.stride_h = t.stride(1);
-  rows.stride_t = t.stride(2);
-  rows.cols = static_cast<int>(cols);
-  return rows;
-}
-
 // Rows [t0, t0 + kRows) of `src` (b, h) into a kRows x kDim shared tile of
 // leading dimension kDim + 8 as 16-byte cp.async chunks, landing at the
 // caller's cp_async_wait; zeros past `total` rows and past src.cols: zeros,
@@ -349,12 +362,10 @@ TokenRows<T> token_rows(const at::Tensor& t, int64_t cols) {
 // 0 * NaN = NaN. The padding of the leading dimension puts the 8 rows an
 // ldmatrix reads in 8 different 16-byte bank groups: row stride
 // (kDim + 8) * 2 bytes.
-// `row_valid(t)` false makes row t a zero row as well (masked keys: zero by
-// selection, since a padded key may hold NaN).
-template <int kDim, int kRows, typename T, typename RowValid>
+template <int kDim, int kRows, typename T>
 __device__ __forceinline__ void load_rows(T* dst, const TokenRows<T>& src,
                                           int64_t b, int64_t h, int64_t t0,
-                                          int64_t total, RowValid row_valid) {
+                                          int64_t total) {
   constexpr int ld = kDim + 8, kChunks = kDim / 8;  // 16-byte chunks per row
   static_assert(kRows * kChunks % kThreads == 0);
   const T* base = src.row(b, h, t0);
@@ -362,18 +373,46 @@ __device__ __forceinline__ void load_rows(T* dst, const TokenRows<T>& src,
   for (int step = 0; step < kRows * kChunks / kThreads; ++step) {
     const int idx = threadIdx.x + step * kThreads;
     const int r = idx / kChunks, col = idx % kChunks * 8;
-    const bool valid = t0 + r < total && col < src.cols && row_valid(t0 + r);
+    const bool valid = t0 + r < total && col < src.cols;
     warp::cp_async_16(dst + r * ld + col,
                       valid ? base + r * src.stride_t + col : src.data, valid);
   }
 }
 
+// Keys [t0, t0 + kRows) of K and V (both kDim wide after padding) into two
+// tiles as load_rows does, and with `padding` zero rows for padded keys too:
+// a zero K and V row is how the 16-bit kernels drop a key from every product
+// without a per-element test, and without reading its values (which may be
+// NaN or inf). Each row's validity is read once, by the thread that copies
+// its first chunk, which also writes the key weight m_j = [the key exists and
+// is not padding] to `weights` when given.
 template <int kDim, int kRows, typename T>
-__device__ __forceinline__ void load_rows(T* dst, const TokenRows<T>& src,
-                                          int64_t b, int64_t h, int64_t t0,
-                                          int64_t total) {
-  load_rows<kDim, kRows>(dst, src, b, h, t0, total,
-                         [](int64_t) { return true; });
+__device__ __forceinline__ void load_key_rows(T* k_dst, T* v_dst, T* weights,
+                                              const TokenRows<T>& k,
+                                              const TokenRows<T>& v, int64_t b,
+                                              int64_t h, int64_t t0,
+                                              int64_t total,
+                                              const Mask* padding) {
+  constexpr int ld = kDim + 8, kChunks = kDim / 8;  // 16-byte chunks per row
+  static_assert(kRows * kChunks % kThreads == 0);
+  const T* k_base = k.row(b, h, t0);
+  const T* v_base = v.row(b, h, t0);
+#pragma unroll
+  for (int step = 0; step < kRows * kChunks / kThreads; ++step) {
+    const int idx = threadIdx.x + step * kThreads;
+    const int r = idx / kChunks, col = idx % kChunks * 8;
+    const bool key =
+        t0 + r < total && (padding == nullptr || padding->key_valid(b, t0 + r));
+    const bool k_valid = key && col < k.cols, v_valid = key && col < v.cols;
+    warp::cp_async_16(k_dst + r * ld + col,
+                      k_valid ? k_base + r * k.stride_t + col : k.data,
+                      k_valid);
+    warp::cp_async_16(v_dst + r * ld + col,
+                      v_valid ? v_base + r * v.stride_t + col : v.data,
+                      v_valid);
+    if (weights != nullptr && col == 0)
+      weights[r] = Num<T>::narrow(key ? 1.f : 0.f);
+  }
 }
 
 // Rows row0 + g, row0 + g + 8 of a warp's 16 x kDim accumulator (C layout),

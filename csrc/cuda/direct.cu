@@ -34,11 +34,9 @@ namespace {
 
 template <typename T, typename Acc>
 struct DirectArgs {
-  const T* q;
-  const T* k;
-  const T* v;
-  const T* grad_out;   // backward only
-  const Acc* scalars;  // backward only: (B, H, M, 2) = (rs, dl)
+  TokenRows<T> q, k, v;
+  TokenRows<T> grad_out;  // backward only
+  const Acc* scalars;     // backward only: (B, H, M, 2) = (rs, dl)
   int64_t heads, queries, keys;
   int d, e, tile;
   Mask mask;
@@ -81,23 +79,21 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * tile;
-  const T* q = p.q + bh * p.queries * p.d;
-  const T* k = p.k + bh * p.keys * p.d;
-  const T* v = p.v + bh * p.keys * p.e;
 
-  load_tile(qs, ld_qk, q, p.queries, p.d, i0, tile, dp);
+  load_tile(qs, ld_qk, p.q, b, h, p.queries, i0, tile, dp);
   zero_tile(os, ld_o, tile, ep);
   // Causal: keys j <= i < i0 + tile only.
   const int64_t key_end = p.mask.causal ? min(p.keys, i0 + tile) : p.keys;
   for (int64_t j0 = 0; j0 < key_end; j0 += tile) {
     __syncthreads();  // the previous W V' product is done with ks, vs, ws
-    load_tile(ks, ld_qk, k, p.keys, p.d, j0, tile, dp);
+    load_tile(ks, ld_qk, p.k, b, h, p.keys, j0, tile, dp);
     for (int idx = threadIdx.x; idx < tile * ep; idx += blockDim.x) {
       const int r = idx / ep, col = idx % ep;
       const int64_t j = j0 + r;
       Acc value = 0;
       if (col < p.e) {
-        value = j < p.keys ? Num<T>::widen(v[j * p.e + col]) : Acc(0);
+        value = j < p.keys ? Num<T>::widen(p.v.row(b, h, j)[col * p.v.stride_c])
+                           : Acc(0);
       } else if (col == p.e) {
         value = 1;  // V' = [V | 1]
       }
@@ -135,15 +131,31 @@ __global__ void __launch_bounds__(kThreads)
 // The 16-bit forward on mma.sync, in the structure of FlashAttention-2.
 // A block of 4 warps owns kRows = 64 queries, 16 per warp, and walks the key
 // tiles of kKeys = 64. Each warp keeps everything of its 16 rows in registers:
-// its Q fragments (loaded once), S = Q K_J^T (16 x 64, float), W = m ⊙ f(S)
-// re-packed in place as the A operand of the next product (the C layout of
-// two adjacent n8 tiles is the A layout of one k16 step), the row sums of W
-// and O += W V_J (16 x kDim, float). Shared memory only stages Q and two
-// buffers of K_J, V_J, filled by cp.async one tile ahead of the products.
-// kDim is the head dim rounded up to 16, 32, 64 or 128 (zero-padded columns
-// add zeros to S and produce ignored columns of O); without a mask
-// (kMasked false) the only masking left is the key tail.
+// its Q fragments (loaded once), S = Q K_J^T (16 x 64, float), W = f(S)
+// re-packed in place as the A operand of the next products (the C layout of
+// two adjacent n8 tiles is the A layout of one k16 step), O += W V_J
+// (16 x kDim, float) and the row sums W m_J (one more n8 tile, m_j = 1 for a
+// key that exists and is not padding, else 0). Shared memory only stages Q
+// and two buffers of K_J, V_J, m_J, filled by cp.async one tile ahead of the
+// products. kDim is the head dim rounded up to 16, 32, 64 or 128
+// (zero-padded columns add zeros to S and produce ignored columns of O).
 constexpr int kRows = 64, kKeys = 64;
+
+// How the 16-bit kernels apply the mask, fixed at compile time so that the
+// main loop of the common cases holds no per-element test:
+// - kNoPadding, kKeyPadding: the key tail and (kKeyPadding) padded keys get
+//   zero K and V rows (load_key_rows) and m_j = 0, so they add nothing to
+//   any product, even if their inputs are NaN or inf. A causal mask needs a
+//   per-element test only on the one tile that holds the diagonal, which runs
+//   outside the main loop.
+// - kAttnMask: an explicit attn_mask is tested per element in every tile.
+enum class MaskMode { kNoPadding, kKeyPadding, kAttnMask };
+
+MaskMode mask_mode(const std::optional<at::Tensor>& key_padding_mask,
+                   const std::optional<at::Tensor>& attn_mask) {
+  if (attn_mask) return MaskMode::kAttnMask;
+  return key_padding_mask ? MaskMode::kKeyPadding : MaskMode::kNoPadding;
+}
 
 template <typename T>
 struct MmaArgs {
@@ -157,26 +169,19 @@ struct MmaArgs {
   float a, b, c;
 };
 
-// Zeroes the columns >= `valid` of a warp's 16 x kN accumulator (C layout):
-// the padded keys of the last tile, outside the main path.
-template <int kN>
-__device__ __forceinline__ void zero_past_keys(float (&acc)[kN / 8][4],
-                                               int64_t valid, int lane) {
-#pragma unroll
-  for (int n = 0; n < kN / 8; ++n) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if (8 * n + 2 * (lane % 4) + i % 2 >= valid) acc[n][i] = 0.f;
-    }
-  }
+// The mask view with which load_key_rows zeroes padded keys' rows.
+template <MaskMode kMode, typename T>
+__device__ __forceinline__ const Mask* padding(const MmaArgs<T>& p) {
+  return kMode == MaskMode::kNoPadding ? nullptr : &p.mask;
 }
 
 template <int kDim>
 constexpr size_t mma_forward_smem() {
-  return size_t(5) * kRows * (kDim + 8) * 2;  // Q, 2 x K, 2 x V
+  // Q, 2 x K, 2 x V, 2 x m
+  return size_t(5) * kRows * (kDim + 8) * 2 + 2 * kKeys * 2;
 }
 
-template <typename T, int kDim, bool kMasked>
+template <typename T, int kDim, MaskMode kMode>
 __global__ void __launch_bounds__(kThreads)
     direct_forward_mma_kernel(MmaArgs<T> p, T* out, float* den) {
   static_assert(kRows == 16 * (kThreads / 32) && kRows == kKeys);
@@ -185,6 +190,7 @@ __global__ void __launch_bounds__(kThreads)
   T* qs = reinterpret_cast<T*>(smem);
   T* ks = qs + kTile;      // two stages
   T* vs = ks + 2 * kTile;  // two stages
+  T* ms = vs + 2 * kTile;  // two stages of m_j
   const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16;
   const int g = lane / 4, quad = lane % 4;
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
@@ -193,28 +199,32 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t key_end = p.mask.key_limit(i0 + kRows, p.keys);
   const int tiles = static_cast<int>((key_end + kKeys - 1) / kKeys);
 
+  // Stage `stage` <- the key tile at j0: K, V and m.
+  const auto load_keys = [&](int stage, int64_t j0) {
+    load_key_rows<kDim, kKeys>(ks + stage * kTile, vs + stage * kTile,
+                               ms + stage * kKeys, p.k, p.v, b, h, j0, p.keys,
+                               padding<kMode>(p));
+  };
   load_rows<kDim, kRows>(qs, p.q, b, h, i0, p.queries);
   warp::cp_async_commit();
-  if (tiles > 0) {
-    load_rows<kDim, kKeys>(ks, p.k, b, h, 0, p.keys);
-    load_rows<kDim, kKeys>(vs, p.v, b, h, 0, p.keys);
-  }
+  if (tiles > 0) load_keys(0, 0);
   warp::cp_async_commit();
   warp::cp_async_wait<1>();  // Q has landed
   __syncthreads();
   uint32_t qf[kDim / 16][4];  // A fragments of this warp's 16 query rows
   warp::load_a<kDim, ld>(qf, qs + warp_row * ld, lane);
-  float o[kDim / 8][4] = {};      // O, n8 tiles in the C layout
-  float row_sum[2] = {0.f, 0.f};  // rows g and g + 8 (this lane's columns)
-  for (int tile = 0; tile < tiles; ++tile) {
-    const T* kt = ks + tile % 2 * kTile;
-    const T* vt = vs + tile % 2 * kTile;
+  float o[kDim / 8][4] = {};  // O, n8 tiles in the C layout
+  // W m: every column holds the sums of rows g ([0], [1]) and g + 8 ([2], [3])
+  float row_sum[4] = {};
+
+  // One key tile. Element i of n8 tile n of S is (row g + 8 (i / 2), key
+  // 2 quad + i % 2 + 8 n). Only kElementwise tiles test the mask per element:
+  // every tile with an attn_mask, otherwise the causal diagonal only.
+  const auto step = [&](int tile, auto elementwise) {
+    constexpr bool kElementwise = decltype(elementwise)::value;
+    const int stage = tile % 2;
     if (tile + 1 < tiles) {  // prefetch the next tile into the other stage
-      const int64_t next = static_cast<int64_t>(tile + 1) * kKeys;
-      load_rows<kDim, kKeys>(ks + (tile + 1) % 2 * kTile, p.k, b, h, next,
-                             p.keys);
-      load_rows<kDim, kKeys>(vs + (tile + 1) % 2 * kTile, p.v, b, h, next,
-                             p.keys);
+      load_keys(1 - stage, static_cast<int64_t>(tile + 1) * kKeys);
       warp::cp_async_commit();
       warp::cp_async_wait<1>();
     } else {
@@ -222,51 +232,49 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     float s[kKeys / 8][4] = {};  // S = Q K^T
-    warp::mma_abt<T, kDim, kKeys, ld>(s, qf, kt, lane);
-    // W = m ⊙ f(S) in place; element i of n8 tile n is (row g + 8 (i / 2),
-    // key 2 quad + i % 2 + 8 n).
+    warp::mma_abt<T, kDim, kKeys, ld>(s, qf, ks + stage * kTile, lane);
     const int64_t j0 = static_cast<int64_t>(tile) * kKeys;
-    const bool tail = j0 + kKeys > p.keys;
 #pragma unroll
     for (int n = 0; n < kKeys / 8; ++n) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int64_t j = j0 + n * 8 + 2 * quad + i % 2;
         float w = taylor_weight(s[n][i], p.a, p.b, p.c);
-        if constexpr (kMasked) {
+        if constexpr (kElementwise) {
           const int64_t row = i0 + warp_row + g + 8 * (i / 2);
-          if (row >= p.queries || j >= p.keys || !p.mask.allowed(b, h, row, j))
-            w = 0.f;
+          const int64_t j = j0 + n * 8 + 2 * quad + i % 2;
+          const bool allowed = kMode == MaskMode::kAttnMask
+                                   ? row < p.queries && j < p.keys &&
+                                         p.mask.allowed(b, h, row, j)
+                                   : j <= row;
+          if (!allowed) w = 0.f;
         }
         s[n][i] = w;
       }
     }
-    if (!kMasked && tail) zero_past_keys<kKeys>(s, p.keys - j0, lane);
-#pragma unroll
-    for (int n = 0; n < kKeys / 8; ++n) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) row_sum[i / 2] += s[n][i];
-    }
-    uint32_t wf[kKeys / 16][4];  // O += W V
+    uint32_t wf[kKeys / 16][4];
     warp::to_a<T, kKeys>(wf, s);
-    warp::mma_ab<T, kKeys, kDim, ld>(o, wf, vt, lane);
+    warp::mma_ab<T, kKeys, kDim, ld>(o, wf, vs + stage * kTile, lane);
+    warp::mma_row_sums<T, kKeys>(row_sum, wf, ms + stage * kKeys, lane);
     __syncthreads();  // every warp is done with this stage before its refill
-  }
+  };
+  // Causal without attn_mask: the last tile holds the diagonal (kRows ==
+  // kKeys), every key of the tiles before it precedes every query here.
+  const bool diagonal =
+      kMode != MaskMode::kAttnMask && p.mask.causal && tiles > 0;
+  const int full_tiles = diagonal ? tiles - 1 : tiles;
+  for (int tile = 0; tile < full_tiles; ++tile)
+    step(tile, std::bool_constant<kMode == MaskMode::kAttnMask>());
+  if (diagonal) step(full_tiles, std::true_type());
   warp::cp_async_wait<0>();  // no copy outlives the block (keys == 0)
-  // A row's sum is spread over the 4 lanes of its quad.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-  }
+
   float scale[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t row = i0 + warp_row + g + 8 * r;
-    scale[r] = row < p.queries
-                   ? p.sigma.at(b, h, row) * safe_reciprocal(row_sum[r])
-                   : 0.f;
-    if (quad == 0 && row < p.queries) den[bh * p.queries + row] = row_sum[r];
+    const float sum = row_sum[2 * r];
+    scale[r] =
+        row < p.queries ? p.sigma.at(b, h, row) * safe_reciprocal(sum) : 0.f;
+    if (quad == 0 && row < p.queries) den[bh * p.queries + row] = sum;
   }
   store_rows<T, kDim>(out + bh * p.queries * p.e, o, i0 + warp_row, p.queries,
                       p.e, scale, lane);
@@ -293,11 +301,10 @@ MmaArgs<T> mma_args(const at::Tensor& q, const at::Tensor& k,
 }
 
 // Launches the 16-bit forward for the smallest compiled kDim >= d, e.
-template <typename T, int kDim>
-void launch_mma_forward(const MmaArgs<T>& args, bool masked, int64_t bh, T* out,
+template <typename T, int kDim, MaskMode kMode>
+void launch_mma_forward(const MmaArgs<T>& args, int64_t bh, T* out,
                         float* den) {
-  const auto kernel = masked ? direct_forward_mma_kernel<T, kDim, true>
-                             : direct_forward_mma_kernel<T, kDim, false>;
+  const auto kernel = direct_forward_mma_kernel<T, kDim, kMode>;
   constexpr size_t bytes = mma_forward_smem<kDim>();
   allow_shared_memory(kernel, bytes);
   const dim3 grid((args.queries + kRows - 1) / kRows, bh);
@@ -306,9 +313,25 @@ void launch_mma_forward(const MmaArgs<T>& args, bool masked, int64_t bh, T* out,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, int kDim>
+void launch_mma_forward(const MmaArgs<T>& args, MaskMode mode, int64_t bh,
+                        T* out, float* den) {
+  switch (mode) {
+    case MaskMode::kNoPadding:
+      return launch_mma_forward<T, kDim, MaskMode::kNoPadding>(args, bh, out,
+                                                               den);
+    case MaskMode::kKeyPadding:
+      return launch_mma_forward<T, kDim, MaskMode::kKeyPadding>(args, bh, out,
+                                                                den);
+    case MaskMode::kAttnMask:
+      return launch_mma_forward<T, kDim, MaskMode::kAttnMask>(args, bh, out,
+                                                              den);
+  }
+}
+
 template <typename T>
 void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const Mask& mask, bool masked, const at::Tensor& sigma,
+                 const Mask& mask, MaskMode mode, const at::Tensor& sigma,
                  double a, double b, double c, at::Tensor& out,
                  at::Tensor& den) {
   const int64_t d = q.size(3), e = v.size(3), dim = std::max(d, e);
@@ -321,13 +344,13 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   T* o = reinterpret_cast<T*>(out.data_ptr());
   float* dn = den.data_ptr<float>();
   if (dim <= 16) {
-    launch_mma_forward<T, 16>(args, masked, bh, o, dn);
+    launch_mma_forward<T, 16>(args, mode, bh, o, dn);
   } else if (dim <= 32) {
-    launch_mma_forward<T, 32>(args, masked, bh, o, dn);
+    launch_mma_forward<T, 32>(args, mode, bh, o, dn);
   } else if (dim <= 64) {
-    launch_mma_forward<T, 64>(args, masked, bh, o, dn);
+    launch_mma_forward<T, 64>(args, mode, bh, o, dn);
   } else {
-    launch_mma_forward<T, 128>(args, masked, bh, o, dn);
+    launch_mma_forward<T, 128>(args, mode, bh, o, dn);
   }
 }
 
@@ -359,16 +382,20 @@ template <typename T>
 __device__ __forceinline__ void load_row_scalars(float* dst,
                                                  const MmaArgs<T>& p,
                                                  int64_t bh, int64_t i0) {
-  for (int r = threadIdx.x; r < kRows; r += kThreads) {
-    const int64_t i = i0 + r;
+  static_assert(kRows <= kThreads);
+  if (threadIdx.x < kRows) {
+    const int64_t i = i0 + threadIdx.x;
     const bool valid = i < p.queries;
     const float* s = p.scalars + 2 * (bh * p.queries + i);
-    dst[r] = valid ? s[0] : 0.f;
-    dst[kRows + r] = valid ? s[1] : 0.f;
+    dst[threadIdx.x] = valid ? s[0] : 0.f;
+    dst[kRows + threadIdx.x] = valid ? s[1] : 0.f;
   }
 }
 
-template <typename T, int kDim, bool kMasked>
+// Key side. Padded keys' K and V rows load as zeros (no NaN or inf from
+// them) and their dK, dV rows are stored as zeros; padded query rows have
+// zero Q, gY, rs and dl, so they contribute nothing.
+template <typename T, int kDim, MaskMode kMode>
 __global__ void __launch_bounds__(kThreads)
     direct_backward_kv_mma_kernel(MmaArgs<T> p, T* grad_k, T* grad_v) {
   constexpr int ld = kDim + 8, kTile = kRows * ld;
@@ -389,8 +416,8 @@ __global__ void __launch_bounds__(kThreads)
           ? static_cast<int>((p.queries - first + kRows - 1) / kRows)
           : 0;
 
-  load_rows<kDim, kKeys>(ks, p.k, b, h, j0, p.keys);
-  load_rows<kDim, kKeys>(vs, p.v, b, h, j0, p.keys);
+  load_key_rows<kDim, kKeys>(ks, vs, static_cast<T*>(nullptr), p.k, p.v, b, h,
+                             j0, p.keys, padding<kMode>(p));
   warp::cp_async_commit();
   if (tiles > 0) {
     load_rows<kDim, kRows>(qs, p.q, b, h, first, p.queries);
@@ -405,14 +432,19 @@ __global__ void __launch_bounds__(kThreads)
   warp::load_a<kDim, ld>(kf, ks + warp_row * ld, lane);
   warp::load_a<kDim, ld>(vf, vs + warp_row * ld, lane);
   float dk[kDim / 8][4] = {}, dv[kDim / 8][4] = {};
-  for (int tile = 0; tile < tiles; ++tile) {
+
+  // One query tile. Element i of n8 tile n: key j0 + warp_row + g +
+  // 8 (i / 2), query i0 + c with c = 8 n + 2 quad + i % 2.
+  const auto step = [&](int tile, auto elementwise) {
+    constexpr bool kElementwise = decltype(elementwise)::value;
     const int64_t i0 = first + static_cast<int64_t>(tile) * kRows;
-    const T* qt = qs + tile % 2 * kTile;
-    const T* gt = gs + tile % 2 * kTile;
-    const float* rs = scalars + tile % 2 * 2 * kRows;
+    const int stage = tile % 2;
+    const T* qt = qs + stage * kTile;
+    const T* gt = gs + stage * kTile;
+    const float* rs = scalars + stage * 2 * kRows;
     const float* dl = rs + kRows;
     if (tile + 1 < tiles) {
-      const int next = (tile + 1) % 2;
+      const int next = 1 - stage;
       load_rows<kDim, kRows>(qs + next * kTile, p.q, b, h, i0 + kRows,
                              p.queries);
       load_rows<kDim, kRows>(gs + next * kTile, p.grad_out, b, h, i0 + kRows,
@@ -427,9 +459,6 @@ __global__ void __launch_bounds__(kThreads)
     float st[kRows / 8][4] = {}, dxt[kRows / 8][4] = {};
     warp::mma_abt<T, kDim, kRows, ld>(st, kf, qt, lane);   // S^T
     warp::mma_abt<T, kDim, kRows, ld>(dxt, vf, gt, lane);  // G^T
-    // Element i of n8 tile n: key j0 + warp_row + g + 8 (i / 2), query
-    // i0 + c with c = 8 n + 2 quad + i % 2. Padded queries have rs = dl = 0
-    // and padded keys are never stored, so only masks need a test.
 #pragma unroll
     for (int n = 0; n < kRows / 8; ++n) {
 #pragma unroll
@@ -439,10 +468,13 @@ __global__ void __launch_bounds__(kThreads)
         float weight = taylor_weight(x, p.a, p.b, p.c) * rs[c];
         float dx =
             (rs[c] * dxt[n][i] - dl[c]) * taylor_weight_grad(x, p.a, p.b);
-        if constexpr (kMasked) {
+        if constexpr (kElementwise) {
           const int64_t j = j0 + warp_row + g + 8 * (i / 2), q_row = i0 + c;
-          if (j >= p.keys || q_row >= p.queries ||
-              !p.mask.allowed(b, h, q_row, j)) {
+          const bool allowed = kMode == MaskMode::kAttnMask
+                                   ? j < p.keys && q_row < p.queries &&
+                                         p.mask.allowed(b, h, q_row, j)
+                                   : q_row >= j;
+          if (!allowed) {
             weight = 0.f;
             dx = 0.f;
           }
@@ -457,16 +489,34 @@ __global__ void __launch_bounds__(kThreads)
     warp::to_a<T, kRows>(af, dxt);
     warp::mma_ab<T, kRows, kDim, ld>(dk, af, qt, lane);  // dK += dX^T Q
     __syncthreads();  // every warp is done with this stage before its refill
-  }
+  };
+  // Causal without attn_mask: the first query tile (i0 = j0) holds the
+  // diagonal; every query of the later tiles follows every key here.
+  const bool diagonal =
+      kMode != MaskMode::kAttnMask && p.mask.causal && tiles > 0;
+  if (diagonal) step(0, std::true_type());
+  for (int tile = diagonal ? 1 : 0; tile < tiles; ++tile)
+    step(tile, std::bool_constant<kMode == MaskMode::kAttnMask>());
   warp::cp_async_wait<0>();  // no copy outlives the block (no query tiles)
-  const float one[2] = {1.f, 1.f};
+
+  float keep[2];  // 0 for padded keys: their gradients are zero
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t j = j0 + warp_row + g + 8 * r;
+    keep[r] =
+        kMode == MaskMode::kNoPadding || j >= p.keys || p.mask.key_valid(b, j)
+            ? 1.f
+            : 0.f;
+  }
   store_rows<T, kDim>(grad_k + bh * p.keys * p.d, dk, j0 + warp_row, p.keys,
-                      p.d, one, lane);
+                      p.d, keep, lane);
   store_rows<T, kDim>(grad_v + bh * p.keys * p.e, dv, j0 + warp_row, p.keys,
-                      p.e, one, lane);
+                      p.e, keep, lane);
 }
 
-template <typename T, int kDim, bool kMasked>
+// Query side. Padded keys and the key tail load as zero K and V rows, so
+// their dX (= -dl f'(0), finite) meets a zero row of K in dQ += dX K.
+template <typename T, int kDim, MaskMode kMode>
 __global__ void __launch_bounds__(kThreads)
     direct_backward_q_mma_kernel(MmaArgs<T> p, T* grad_q) {
   constexpr int ld = kDim + 8, kTile = kRows * ld;
@@ -482,13 +532,15 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t key_end = p.mask.key_limit(i0 + kRows, p.keys);
   const int tiles = static_cast<int>((key_end + kKeys - 1) / kKeys);
 
+  const auto load_keys = [&](int stage, int64_t j0) {
+    load_key_rows<kDim, kKeys>(ks + stage * kTile, vs + stage * kTile,
+                               static_cast<T*>(nullptr), p.k, p.v, b, h, j0,
+                               p.keys, padding<kMode>(p));
+  };
   load_rows<kDim, kRows>(qs, p.q, b, h, i0, p.queries);
   load_rows<kDim, kRows>(gs, p.grad_out, b, h, i0, p.queries);
   warp::cp_async_commit();
-  if (tiles > 0) {
-    load_rows<kDim, kKeys>(ks, p.k, b, h, 0, p.keys);
-    load_rows<kDim, kKeys>(vs, p.v, b, h, 0, p.keys);
-  }
+  if (tiles > 0) load_keys(0, 0);
   warp::cp_async_commit();
   float rs[2], dl[2];  // rows g and g + 8 of this warp
 #pragma unroll
@@ -505,15 +557,12 @@ __global__ void __launch_bounds__(kThreads)
   warp::load_a<kDim, ld>(qf, qs + warp_row * ld, lane);
   warp::load_a<kDim, ld>(gf, gs + warp_row * ld, lane);
   float dq[kDim / 8][4] = {};
-  for (int tile = 0; tile < tiles; ++tile) {
-    const T* kt = ks + tile % 2 * kTile;
-    const T* vt = vs + tile % 2 * kTile;
+
+  const auto step = [&](int tile, auto elementwise) {
+    constexpr bool kElementwise = decltype(elementwise)::value;
+    const int stage = tile % 2;
     if (tile + 1 < tiles) {
-      const int64_t next = static_cast<int64_t>(tile + 1) * kKeys;
-      load_rows<kDim, kKeys>(ks + (tile + 1) % 2 * kTile, p.k, b, h, next,
-                             p.keys);
-      load_rows<kDim, kKeys>(vs + (tile + 1) % 2 * kTile, p.v, b, h, next,
-                             p.keys);
+      load_keys(1 - stage, static_cast<int64_t>(tile + 1) * kKeys);
       warp::cp_async_commit();
       warp::cp_async_wait<1>();
     } else {
@@ -521,62 +570,83 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     float s[kKeys / 8][4] = {}, dx[kKeys / 8][4] = {};
-    warp::mma_abt<T, kDim, kKeys, ld>(s, qf, kt, lane);   // S = Q K^T
-    warp::mma_abt<T, kDim, kKeys, ld>(dx, gf, vt, lane);  // G = gY V^T
-    // Padded keys (zero rows) would still give dX = -dl f'(0): masked.
+    warp::mma_abt<T, kDim, kKeys, ld>(s, qf, ks + stage * kTile, lane);
+    warp::mma_abt<T, kDim, kKeys, ld>(dx, gf, vs + stage * kTile, lane);
     const int64_t j0 = static_cast<int64_t>(tile) * kKeys;
-    const bool tail = j0 + kKeys > p.keys;
 #pragma unroll
     for (int n = 0; n < kKeys / 8; ++n) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int r = i / 2;
-        const int64_t j = j0 + 8 * n + 2 * quad + i % 2;
         float value =
             (rs[r] * dx[n][i] - dl[r]) * taylor_weight_grad(s[n][i], p.a, p.b);
-        if constexpr (kMasked) {
+        if constexpr (kElementwise) {
           const int64_t row = i0 + warp_row + g + 8 * r;
-          if (row >= p.queries || j >= p.keys || !p.mask.allowed(b, h, row, j))
-            value = 0.f;
+          const int64_t j = j0 + 8 * n + 2 * quad + i % 2;
+          const bool allowed = kMode == MaskMode::kAttnMask
+                                   ? row < p.queries && j < p.keys &&
+                                         p.mask.allowed(b, h, row, j)
+                                   : j <= row;
+          if (!allowed) value = 0.f;
         }
         dx[n][i] = value;
       }
     }
-    if (!kMasked && tail) zero_past_keys<kKeys>(dx, p.keys - j0, lane);
     uint32_t af[kKeys / 16][4];
     warp::to_a<T, kKeys>(af, dx);
-    warp::mma_ab<T, kKeys, kDim, ld>(dq, af, kt, lane);  // dQ += dX K
+    warp::mma_ab<T, kKeys, kDim, ld>(dq, af, ks + stage * kTile, lane);
     __syncthreads();  // every warp is done with this stage before its refill
-  }
+  };
+  // Causal without attn_mask: the last tile holds the diagonal.
+  const bool diagonal =
+      kMode != MaskMode::kAttnMask && p.mask.causal && tiles > 0;
+  const int full_tiles = diagonal ? tiles - 1 : tiles;
+  for (int tile = 0; tile < full_tiles; ++tile)
+    step(tile, std::bool_constant<kMode == MaskMode::kAttnMask>());
+  if (diagonal) step(full_tiles, std::true_type());
   warp::cp_async_wait<0>();  // no copy outlives the block (keys == 0)
   const float one[2] = {1.f, 1.f};
   store_rows<T, kDim>(grad_q + bh * p.queries * p.d, dq, i0 + warp_row,
                       p.queries, p.d, one, lane);
 }
 
-template <typename T, int kDim>
-void launch_mma_backward(const MmaArgs<T>& args, bool masked, int64_t bh,
-                         T* grad_q, T* grad_k, T* grad_v) {
+template <typename T, int kDim, MaskMode kMode>
+void launch_mma_backward(const MmaArgs<T>& args, int64_t bh, T* grad_q,
+                         T* grad_k, T* grad_v) {
   constexpr size_t bytes = mma_backward_smem<kDim>();
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const auto kv = masked ? direct_backward_kv_mma_kernel<T, kDim, true>
-                         : direct_backward_kv_mma_kernel<T, kDim, false>;
+  const auto kv = direct_backward_kv_mma_kernel<T, kDim, kMode>;
   allow_shared_memory(kv, bytes);
   kv<<<dim3((args.keys + kKeys - 1) / kKeys, bh), kThreads, bytes, stream>>>(
       args, grad_k, grad_v);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const auto qk = masked ? direct_backward_q_mma_kernel<T, kDim, true>
-                         : direct_backward_q_mma_kernel<T, kDim, false>;
+  const auto qk = direct_backward_q_mma_kernel<T, kDim, kMode>;
   allow_shared_memory(qk, bytes);
   qk<<<dim3((args.queries + kRows - 1) / kRows, bh), kThreads, bytes, stream>>>(
       args, grad_q);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, int kDim>
+void launch_mma_backward(const MmaArgs<T>& args, MaskMode mode, int64_t bh,
+                         T* grad_q, T* grad_k, T* grad_v) {
+  switch (mode) {
+    case MaskMode::kNoPadding:
+      return launch_mma_backward<T, kDim, MaskMode::kNoPadding>(
+          args, bh, grad_q, grad_k, grad_v);
+    case MaskMode::kKeyPadding:
+      return launch_mma_backward<T, kDim, MaskMode::kKeyPadding>(
+          args, bh, grad_q, grad_k, grad_v);
+    case MaskMode::kAttnMask:
+      return launch_mma_backward<T, kDim, MaskMode::kAttnMask>(args, bh, grad_q,
+                                                               grad_k, grad_v);
+  }
+}
+
 template <typename T>
 void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& scalars, const Mask& mask, bool masked,
+                  const at::Tensor& scalars, const Mask& mask, MaskMode mode,
                   double a, double b, double c, at::Tensor& grad_q,
                   at::Tensor& grad_k, at::Tensor& grad_v) {
   const int64_t d = q.size(3), e = v.size(3), dim = std::max(d, e);
@@ -592,11 +662,11 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
   T* gk = reinterpret_cast<T*>(grad_k.data_ptr());
   T* gv = reinterpret_cast<T*>(grad_v.data_ptr());
   if (dim <= 16) {
-    launch_mma_backward<T, 16>(args, masked, bh, gq, gk, gv);
+    launch_mma_backward<T, 16>(args, mode, bh, gq, gk, gv);
   } else if (dim <= 32) {
-    launch_mma_backward<T, 32>(args, masked, bh, gq, gk, gv);
+    launch_mma_backward<T, 32>(args, mode, bh, gq, gk, gv);
   } else {
-    launch_mma_backward<T, 64>(args, masked, bh, gq, gk, gv);
+    launch_mma_backward<T, 64>(args, mode, bh, gq, gk, gv);
   }
 }
 
@@ -629,10 +699,11 @@ template <typename T, typename Op, typename Acc>
 __device__ void load_query_side(const DirectArgs<T, Acc>& p, int64_t bh,
                                 int64_t i0, Op* qs, Op* gs, Acc* rs) {
   const int tile = p.tile;
-  load_tile(qs, operand_ld(round16(p.d)), p.q + bh * p.queries * p.d, p.queries,
-            p.d, i0, tile, round16(p.d));
-  load_tile(gs, operand_ld(round16(p.e)), p.grad_out + bh * p.queries * p.e,
-            p.queries, p.e, i0, tile, round16(p.e));
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  load_tile(qs, operand_ld(round16(p.d)), p.q, b, h, p.queries, i0, tile,
+            round16(p.d));
+  load_tile(gs, operand_ld(round16(p.e)), p.grad_out, b, h, p.queries, i0, tile,
+            round16(p.e));
   for (int r = threadIdx.x; r < tile; r += blockDim.x) {
     const int64_t i = i0 + r;
     const bool valid = i < p.queries;
@@ -696,10 +767,8 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * tile;
-  load_tile(ks, operand_ld(dp), p.k + bh * p.keys * p.d, p.keys, p.d, j0, tile,
-            dp);
-  load_tile(vs, operand_ld(ev), p.v + bh * p.keys * p.e, p.keys, p.e, j0, tile,
-            ev);
+  load_tile(ks, operand_ld(dp), p.k, b, h, p.keys, j0, tile, dp);
+  load_tile(vs, operand_ld(ev), p.v, b, h, p.keys, j0, tile, ev);
   zero_tile(dk, accum_ld(dp), tile, dp);
   zero_tile(dv, accum_ld(ev), tile, ev);
   // Causal: only queries i >= j >= j0 see this key tile.
@@ -759,10 +828,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t key_end = p.mask.causal ? min(p.keys, i0 + tile) : p.keys;
   for (int64_t j0 = 0; j0 < key_end; j0 += tile) {
     __syncthreads();  // the previous dX K product is done with ks, dxs
-    load_tile(ks, operand_ld(dp), p.k + bh * p.keys * p.d, p.keys, p.d, j0,
-              tile, dp);
-    load_tile(vs, operand_ld(ev), p.v + bh * p.keys * p.e, p.keys, p.e, j0,
-              tile, ev);
+    load_tile(ks, operand_ld(dp), p.k, b, h, p.keys, j0, tile, dp);
+    load_tile(vs, operand_ld(ev), p.v, b, h, p.keys, j0, tile, ev);
     __syncthreads();
     backward_tile(p, b, h, i0, j0, qs, gs, ks, vs, xs, gvs, rs,
                   static_cast<Op*>(nullptr), dxs);
@@ -786,9 +853,9 @@ DirectArgs<T, Acc> make_args(const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& sigma, double a, double b,
                              double c) {
   DirectArgs<T, Acc> args{};
-  args.q = reinterpret_cast<const T*>(q.data_ptr());
-  args.k = reinterpret_cast<const T*>(k.data_ptr());
-  args.v = reinterpret_cast<const T*>(v.data_ptr());
+  args.q = token_rows<T>(q, q.size(3));
+  args.k = token_rows<T>(k, k.size(3));
+  args.v = token_rows<T>(v, v.size(3));
   args.heads = q.size(1);
   args.queries = q.size(2);
   args.keys = k.size(2);
@@ -825,22 +892,19 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          attn_mask, causal, output_scale);
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
-  const bool masked = key_padding_mask || attn_mask || causal;
+  const MaskMode mode = mask_mode(key_padding_mask, attn_mask);
   if (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) {
     if (q.scalar_type() == at::kHalf) {
-      mma_forward<__half>(q, k, v, mask, masked, sigma, a, b, c, out, den);
+      mma_forward<__half>(q, k, v, mask, mode, sigma, a, b, c, out, den);
     } else {
-      mma_forward<__nv_bfloat16>(q, k, v, mask, masked, sigma, a, b, c, out,
-                                 den);
+      mma_forward<__nv_bfloat16>(q, k, v, mask, mode, sigma, a, b, c, out, den);
     }
     return {out, den};
   }
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
-                   vc = v.contiguous();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "direct_forward_cuda", [&] {
     using T = scalar_t;
     using Acc = typename Num<T>::acc;
-    auto args = make_args<T, Acc>(qc, kc, vc, mask, sigma, a, b, c);
+    auto args = make_args<T, Acc>(q, k, v, mask, sigma, a, b, c);
     const auto bytes = [&](int tile) {
       return ForwardSmem(tile, args.d, args.e, sizeof(T), sizeof(Acc)).total;
     };
@@ -868,7 +932,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   check_cuda_inputs("taylorshift::direct_backward", q, k, v,
                     {&grad_out, &out, &den}, key_padding_mask, attn_mask);
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor gc = grad_out.contiguous();
   // Contiguous gradients whatever the inputs' strides, as the Meta kernels.
   at::Tensor grad_q = at::empty(q.sizes(), q.options()),
              grad_k = at::empty(k.sizes(), k.options()),
@@ -878,25 +941,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   }
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          attn_mask, causal, output_scale);
-  const at::Tensor scalars =
-      backward_row_scalars(gc, out.contiguous(), den.contiguous(), sigma);
+  const at::Tensor scalars = backward_row_scalars(grad_out, out, den, sigma);
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   if (q.scalar_type() == at::kBFloat16 &&
       std::max(q.size(3), v.size(3)) <= kBackwardMaxDim) {
     mma_backward<__nv_bfloat16>(grad_out, q, k, v, scalars, mask,
-                                key_padding_mask || attn_mask || causal, a, b,
-                                c, grad_q, grad_k, grad_v);
+                                mask_mode(key_padding_mask, attn_mask), a, b, c,
+                                grad_q, grad_k, grad_v);
     return {grad_q, grad_k, grad_v};
   }
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
-                   vc = v.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "direct_backward_cuda", [&] {
         using T = typename Native<scalar_t>::type;
         using Acc = typename Num<T>::acc;
         using Op = typename Num<T>::derived;
-        auto args = make_args<T, Acc>(qc, kc, vc, mask, sigma, a, b, c);
-        args.grad_out = reinterpret_cast<const T*>(gc.data_ptr());
+        auto args = make_args<T, Acc>(q, k, v, mask, sigma, a, b, c);
+        args.grad_out = token_rows<T>(grad_out, grad_out.size(3));
         args.scalars = scalars.data_ptr<Acc>();
         const int64_t bh = q.size(0) * q.size(1);
         const auto stream = at::cuda::getCurrentCUDAStream();

@@ -667,9 +667,6 @@ __global__ void __launch_bounds__(kThreads)
       end > begin
           ? static_cast<int>((end - begin + kTokenTile - 1) / kTokenTile)
           : 0;
-  const auto key_valid = [&](int64_t t) {
-    return !kMasked || p.mask.key_valid(b, t);
-  };
   // The warps' extra products (see above), uniform per warp and CTA.
   const bool z_pairs = !kQuery && value_tile == 0 && warp < 2;
   const bool linear = L == M && warp == 2;
@@ -683,17 +680,12 @@ __global__ void __launch_bounds__(kThreads)
   // constant rows.
   const uint32_t ones_b = g == 0 ? warp::pack<T>(1.f, 1.f) : 0u;
   const auto load_tile = [&](int stage, int64_t t0) {
-    load_rows<kDim, kTokenTile>(ks + stage * kTile, p.x, b, h, t0, end,
-                                key_valid);
-    load_rows<kDim, kTokenTile>(vs + stage * kTile, p.y, b, h, t0, end,
-                                key_valid);
-    // Read by the next tile's products, after the barrier that follows
-    // its copies; the previous reads of this stage ended at a barrier.
-    if (threadIdx.x < kTokenTile) {
-      const int64_t t = t0 + threadIdx.x;
-      flags[stage * kTokenTile + threadIdx.x] =
-          Num<T>::narrow(t < end && key_valid(t) ? 1.f : 0.f);
-    }
+    // The flags are read by the next tile's products, after the barrier
+    // that follows its copies; the previous reads of this stage ended at a
+    // barrier.
+    load_key_rows<kDim, kTokenTile>(ks + stage * kTile, vs + stage * kTile,
+                                    flags + stage * kTokenTile, p.x, p.y, b, h,
+                                    t0, end, kMasked ? &p.mask : nullptr);
     if constexpr (kQuery) {  // w of the tile's tokens, 8 per 16 bytes
       if (threadIdx.x < kTokenTile / 8) {
         const int64_t t = t0 + 8 * threadIdx.x;
@@ -1093,8 +1085,8 @@ __global__ void __launch_bounds__(kThreads)
     load_operand_stage<kStage>(stages + s % 2 * kStage,
                                operand + static_cast<int64_t>(s) * kStage);
   };
-  load_rows<kDim, kQueryTile>(xs, p.x, b, h, i0, p.tokens, key_valid);
-  load_rows<kDim, kQueryTile>(ys, p.y, b, h, i0, p.tokens, key_valid);
+  load_key_rows<kDim, kQueryTile>(xs, ys, static_cast<T*>(nullptr), p.x, p.y, b,
+                                  h, i0, p.tokens, kMasked ? &p.mask : nullptr);
   if constexpr (!kKeySide) {
     if (threadIdx.x < kQueryTile / 8) {
       const int64_t t = i0 + 8 * threadIdx.x;

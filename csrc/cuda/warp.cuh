@@ -218,6 +218,25 @@ __device__ __forceinline__ uint32_t splat(uint16_t bits) {
   return uint32_t(bits) * 0x10001u;
 }
 
+// acc (16 x 8) += A (16 x kK) M where every column of M is the vector m of
+// kK 16-bit values at `m` (shared memory): every column of acc receives the
+// m-weighted row sums of A, so each lane holds the sums of its own two rows
+// and no shuffle is needed. As every column of M is the same, lane l's B
+// registers of step kk are the pairs m[16 kk + 2 q, +1] and
+// m[16 kk + 8 + 2 q, +1] (q = l % 4) whatever its column g.
+template <typename T, int kK>
+__device__ __forceinline__ void mma_row_sums(float (&acc)[4],
+                                             const uint32_t (&a)[kK / 16][4],
+                                             const T* m, int lane) {
+  const uint32_t* pairs = reinterpret_cast<const uint32_t*>(m);
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    const uint32_t b[2] = {pairs[8 * kk + lane % 4],
+                           pairs[8 * kk + 4 + lane % 4]};
+    mma_16816<T>(acc, a[kk], b);
+  }
+}
+
 // A 16 x kN accumulator (C layout) rounded to T as the A operand of the next
 // product: the C elements of n8 tiles 2 kk and 2 kk + 1 sit exactly where the
 // A layout wants columns 16 kk .. 16 kk + 15 (rows g / g + 8, columns 2 q +
