@@ -182,8 +182,10 @@ def operator_grid(masks, emulation_dtypes):
     ]
 
 
-# Under the emulation the direct sample covers the 16-bit kernels (direct_forward_mma_kernel);
-# the efficient kernels' float paths are exercised by tests/test_forward.py there.
+# Under the emulation the direct sample covers the 16-bit kernels (direct_forward_mma_kernel), the
+# efficient sample the register-resident bfloat16 kernels (d = 16 and 128; float16's forward at
+# d = 16 in test_efficient_non_finite_padded_keys_change_nothing); the efficient kernels' float
+# paths are exercised by tests/test_forward.py there.
 @pytest.mark.parametrize(
     "dtype,d,mask_case", operator_grid(DIRECT_MASKS, (torch.bfloat16, torch.float16)), ids=str
 )
