@@ -1312,7 +1312,8 @@ __global__ void dz_rows_kernel(TokenRows<T> grad_out, const float* scalars,
     const int64_t row = i / cols, t = row % tokens, bh = row / tokens;
     const float* s = scalars + 2 * row;
     y[i] = Num<T>::narrow(
-        s[0] * Num<T>::widen(grad_out.row(bh / heads, bh % heads, t)[col]));
+        s[0] * Num<T>::widen(grad_out.row(bh / heads, bh % heads,
+                                          t)[col * grad_out.stride_c]));
     if (col == 0) w[bh * w_stride + t] = Num<T>::narrow(-s[1]);
   }
 }
@@ -1708,7 +1709,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
               "taylorshift::efficient_backward: state must be (B, H, F, e + 1)"
               " in the accumulation dtype");
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor gc = grad_out.contiguous(), sc = state.contiguous();
+  const at::Tensor sc = state.contiguous();
   // Contiguous gradients whatever the inputs' strides, as the Meta kernels.
   at::Tensor grad_q = at::empty(q.sizes(), q.options()),
              grad_k = at::empty(k.sizes(), k.options()),
@@ -1718,8 +1719,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
   }
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          std::nullopt, false, output_scale);
-  const at::Tensor scalars =
-      backward_row_scalars(gc, out.contiguous(), den.contiguous(), sigma);
+  const at::Tensor scalars = backward_row_scalars(grad_out, out, den, sigma);
   at::Tensor dstate = at::empty_like(sc);
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -1728,14 +1728,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
         using T = typename Native<scalar_t>::type;
         using Acc = typename Num<T>::acc;
         using Op = typename Num<T>::derived;
-        if (try_mma_backward<T>(gc, q, k, v, sc, scalars, mask,
+        if (try_mma_backward<T>(grad_out, q, k, v, sc, scalars, mask,
                                 key_padding_mask.has_value(), a, b, c, dstate,
                                 grad_q, grad_k, grad_v))
           return;
         // Other dtypes and head dims: the shared-memory kernels, on
         // contiguous copies.
         const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
-                         vc = v.contiguous();
+                         vc = v.contiguous(), gc = grad_out.contiguous();
         const auto stream = at::cuda::getCurrentCUDAStream();
         const int64_t bh = q.size(0) * q.size(1);
         // dS = sum_i phi(q_i) dz_i^T
