@@ -108,7 +108,7 @@ def compare_with_sdpa(args):
             runs = {"mm": functools.partial(torch.mm, mm_a, mm_b)}
             for name in names:
                 runs[name] = functools.partial(forward_backward, methods[name], q, k, v, grad_out)
-            ms = interleaved_ms(runs, rounds, args.statistic)
+            ms = interleaved_ms(runs, rounds, args.statistic, args.clock)
             mm_rate = 2 * 1024**3 / (ms["mm"] * 1e-3) / 1e9
 
             work = {
@@ -248,6 +248,9 @@ def main():
     parser.add_argument(
         "--statistic", choices=("median", "min"), default="median", help="over --rounds"
     )
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="--sdpa: see common.interleaved_ms"
+    )
     parser.add_argument("--head-dims", default="32,64", help="--sdpa: head dims")
     parser.add_argument(
         "--tokens",
@@ -273,7 +276,8 @@ def main():
         print(
             f"CPU forward+backward, float32, B={args.batch}, H={args.heads}, torch "
             f"{torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} "
-            f"interleaved rounds (half as many for N > 4096), {args.statistic} over rounds\n"
+            f"interleaved rounds (half as many for N > 4096), {args.statistic} over rounds, "
+            f"{args.clock} clock\n"
         )
         rows = compare_with_sdpa(args)
         ours = run_training_loop("taylorshift", "auto", args)

@@ -36,11 +36,15 @@ def main():
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--statistic", choices=("median", "min"), default="median")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="see common.interleaved_ms"
+    )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     print(
         f"device {args.device}, {args.dtype}, forward+backward, B=1, H={args.heads}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {args.statistic} of {args.rounds} interleaved rounds\n"
+        f"{torch.get_num_threads()} threads, {args.statistic} of {args.rounds} interleaved rounds, "
+        f"{args.clock} clock\n"
     )
     print("| d | N | direct ms | efficient ms | cost ratio |")
     print("|---|---|---|---|---|")
@@ -62,7 +66,9 @@ def main():
                 run()
             seconds = {
                 mode: ms * 1e-3
-                for mode, ms in interleaved_ms(runs, args.rounds, args.statistic).items()
+                for mode, ms in interleaved_ms(
+                    runs, args.rounds, args.statistic, args.clock
+                ).items()
             }
             model = {
                 mode: taylorshift.flops(mode, tokens, tokens, head_dim, backward=False)

@@ -71,9 +71,9 @@ EFFICIENT_PRODUCT = N_EFFICIENT * F * (D + 1) * BH
 # for other dtypes and head dims).
 BF16 = "__nv_bfloat16"
 WORK = {
-    f"direct_forward_mma_kernel<{BF16}, {D}, false>": ("direct fwd", 2 * DIRECT_PRODUCT),
-    f"direct_backward_kv_mma_kernel<{BF16}, {D}, false>": ("direct bwd", 4 * DIRECT_PRODUCT),
-    f"direct_backward_q_mma_kernel<{BF16}, {D}, false>": ("direct bwd", 3 * DIRECT_PRODUCT),
+    f"direct_forward_mma_kernel<{BF16}, {D}, kNoPadding>": ("direct fwd", 2 * DIRECT_PRODUCT),
+    f"direct_backward_kv_mma_kernel<{BF16}, {D}, kNoPadding>": ("direct bwd", 4 * DIRECT_PRODUCT),
+    f"direct_backward_q_mma_kernel<{BF16}, {D}, kNoPadding>": ("direct bwd", 3 * DIRECT_PRODUCT),
     f"direct_forward_kernel<{BF16}, float>": ("direct fwd", 2 * DIRECT_PRODUCT),
     f"direct_backward_kv_kernel<{BF16}, float>": ("direct bwd", 4 * DIRECT_PRODUCT),
     f"direct_backward_q_kernel<{BF16}, float>": ("direct bwd", 3 * DIRECT_PRODUCT),
@@ -266,11 +266,16 @@ def demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, out.stdout.splitlines(), strict=True))
 
 
+MASK_MODES = ("kNoPadding", "kKeyPadding", "kAttnMask")  # csrc/cuda/direct.cu's MaskMode
+
+
 def short_name(demangled: str) -> str:
     """`void ns::(anonymous namespace)::direct_forward_kernel<__nv_bfloat16, float>(...)` ->
     `direct_forward_kernel<__nv_bfloat16, float>`."""
     name = demangled.removeprefix("void ").replace("(anonymous namespace)::", "")
     name = name.replace("taylorshift::cuda_kernels::", "")
+    # Enum template arguments demangle as casts: (MaskMode)1 -> kKeyPadding.
+    name = re.sub(r"\(MaskMode\)(\d)", lambda m: MASK_MODES[int(m.group(1))], name)
     return name.split("(", 1)[0]
 
 

@@ -7,7 +7,9 @@
 // weight omega (1 on the diagonal, 2 off it) folded in,
 //     phi(q) = [ c | b q_0 .. b q_{d-1} | a omega_lm q_l q_m for l <= m ]
 // so that phi(q) . psi(k) = a (q.k)^2 + b (q.k) + c = f(q.k). The pairs are
-// ordered row by row: (0,0) (0,1) .. (0,d-1) (1,1) .. (d-1,d-1).
+// ordered row by row: (0,0) (0,1) .. (0,d-1) (1,1) .. (d-1,d-1). The CPU
+// kernels build these maps for a chunk of tokens at once
+// (cpu/feature_tiles.h); the CUDA kernels for a tile of features.
 #pragma once
 
 #include <cmath>
@@ -73,57 +75,6 @@ TS_HOST_DEVICE T taylor_weight_grad(T x, T a, T b) {
 TS_HOST_DEVICE int64_t block_end(int64_t begin, int64_t block_size,
                                  int64_t total) {
   return begin + block_size < total ? begin + block_size : total;
-}
-
-// m_j psi(k_j) for the key's mask m_j: psi(k) if the key is valid, zeros if
-// it is masked: out[0 .. F). Zero by selection, not by multiplying with m_j,
-// because a masked key may hold anything (padding is often uninitialised,
-// NaN or inf) and 0 * NaN = NaN would spread it into the whole state.
-template <typename T>
-TS_HOST_DEVICE void write_key_features(const T* k, int64_t d, bool valid,
-                                       T* out) {
-  if (!valid) {
-    for (int64_t f = 0; f < feature_count(d); ++f) out[f] = T(0);
-    return;
-  }
-  out[0] = T(1);
-  for (int64_t l = 0; l < d; ++l) out[linear_feature_offset() + l] = k[l];
-  T* pairs = out + pair_feature_offset(d);
-  for (int64_t l = 0; l < d; ++l)
-    for (int64_t m = l; m < d; ++m) *pairs++ = k[l] * k[m];
-}
-
-// phi(q) with the Taylor coefficients and omega folded in: out[0 .. F).
-template <typename T>
-TS_HOST_DEVICE void write_query_features(const T* q, int64_t d, T a, T b, T c,
-                                         T* out) {
-  out[0] = c;
-  for (int64_t l = 0; l < d; ++l) out[linear_feature_offset() + l] = b * q[l];
-  T* pairs = out + pair_feature_offset(d);
-  for (int64_t l = 0; l < d; ++l) {
-    *pairs++ = a * q[l] * q[l];
-    const T two_a_q = T(2) * a * q[l];
-    for (int64_t m = l + 1; m < d; ++m) *pairs++ = two_a_q * q[m];
-  }
-}
-
-// Gradient of sum_(l<=m) g_lm * s_lm * x_l x_m with respect to x, where the
-// pair weight s_lm is `diagonal` for l = m and `off_diagonal` otherwise:
-//   d/dx_l = 2 diagonal g_ll x_l + off_diagonal sum_(m != l) g_(min,max) x_m.
-// Queries use s = a omega (diagonal a, off-diagonal 2a), keys s = 1.
-template <typename T>
-TS_HOST_DEVICE void add_pair_gradient(const T* g_pairs, const T* x, int64_t d,
-                                      T diagonal, T off_diagonal, T* grad_x) {
-  for (int64_t l = 0; l < d; ++l) {
-    T grad_l = T(2) * diagonal * (*g_pairs++) * x[l];
-    const T off_x_l = off_diagonal * x[l];
-    for (int64_t m = l + 1; m < d; ++m) {
-      const T g = *g_pairs++;
-      grad_l += off_diagonal * g * x[m];
-      grad_x[m] += g * off_x_l;
-    }
-    grad_x[l] += grad_l;
-  }
 }
 
 }  // namespace taylorshift

@@ -340,6 +340,36 @@ def test_efficient_non_finite_padded_keys_change_nothing(dtype):
         assert torch.equal(got, want), name
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+def test_direct_padded_keys_are_never_read(dtype, causal):
+    """The direct kernels load padded keys as zero rows of K and V, never reading their values:
+    NaN and inf there give bit for bit the result of zeros, forward and backward."""
+    q, k, v = make_factors(2, 2, 150, 150, 64, 64, dtype, seed=5)
+    kpm = torch.zeros(2, 150, dtype=torch.bool, device=DEVICE)
+    kpm[0, 3] = kpm[0, 64:80] = kpm[1, -1] = True  # inside, across and at the end of key tiles
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k[0, :, 3] = float("nan")
+    poisoned_k[0, :, 64:80] = float("inf")
+    poisoned_v[0, :, 70] = float("nan")
+    poisoned_v[1, :, -1] = float("-inf")
+    clean_k, clean_v = (x.masked_fill(kpm[:, None, :, None], 0) for x in (k, v))
+    grad_out = torch.randn(2, 2, 150, 64, dtype=torch.float64).to(DEVICE, dtype)
+    results = []
+    for key, value in ((poisoned_k, poisoned_v), (clean_k, clean_v)):
+        out, den = ops.direct_forward(q, key, value, kpm, None, causal, True, *COEFFICIENTS)
+        grads = ops.direct_backward(
+            grad_out, q, key, value, out, den, kpm, None, causal, True, *COEFFICIENTS
+        )
+        results.append([out, den, *grads])
+    for got, want in zip(*results):
+        assert got.isfinite().all()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # Padded keys get zero gradients.
+    for grad in results[0][3:]:
+        assert (grad[kpm[:, None, :, None].expand_as(grad)] == 0).all()
+
+
 @gpu_only
 @pytest.mark.parametrize("mode", ("direct", "efficient"))
 def test_side_stream_and_determinism(mode):

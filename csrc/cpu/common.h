@@ -30,6 +30,21 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
 }
 #endif
 
+// The element-wise loops of the CPU kernels (feature tiles, contractions,
+// the polynomial) are compiled once per x86 level and picked when the library
+// loads (GCC function multi-versioning, an ifunc): the extension is built
+// without -march, and at the x86-64 baseline (SSE2) these loops run at a
+// quarter of AVX-512's width. Each such function does a whole tile's work per
+// call, so the indirect call costs nothing measurable. Elsewhere (other
+// compilers or architectures) one plain build.
+#if defined(__x86_64__) && defined(__ELF__) && defined(__GNUC__) && \
+    !defined(__clang__)
+#define TS_VECTOR_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TS_VECTOR_CLONES
+#endif
+
 namespace taylorshift::cpu {
 
 namespace detail {

@@ -23,12 +23,13 @@
 namespace taylorshift::cpu {
 namespace {
 
-// Query rows per block and keys per tile. A 64 x 512 float32 score tile is
-// 128 KB: with its companion tile in the backward and the Q, K, V slices of
+// Query rows per block and keys per tile. A 128 x 512 float32 score tile is
+// 256 KB: with its companion tile in the backward and the Q, K, V slices of
 // one step it stays in L2, and every product is large enough for BLAS to run
-// near its peak. Measured at d = 64, N = 1024 against 32..256 x 128..512
-// (benchmarks/README.md).
-constexpr int64_t kQueryBlock = 64;
+// near its peak. Measured at d = 32, 64 and N = 512, 1024 against 64 and 256
+// query rows (fwd + bwd per SDPA's time, interleaved, CPU time of one
+// thread: 64 rows 0.79-0.92, 128 rows 0.77-0.85, 256 rows 0.77-0.86).
+constexpr int64_t kQueryBlock = 128;
 constexpr int64_t kKeyBlock = 512;
 
 template <typename T>
@@ -38,40 +39,86 @@ struct DirectProblem {
   Mask mask;
   KernelOptions options;
 
-  // Keys [0, limit) of key tile starting at j0 that query i may see before
-  // the per-element mask: causal cuts the row at j = i.
-  int64_t row_limit(int64_t i, int64_t j0, int64_t cols) const {
-    if (!mask.causal) return cols;
-    return std::clamp<int64_t>(i - j0 + 1, 0, cols);
-  }
-
   // N_i without counting: all keys, or i + 1 of them when causal.
   int64_t unmasked_count(int64_t i) const {
     return mask.causal ? std::min(i + 1, keys) : keys;
   }
 };
 
-// The weights of one row of a score tile, in place: w = f(x) for the first
-// `limit` columns (0 after them); returns the row sum. Plain loops that the
-// compiler vectorises (omp simd for the reduction).
+// Keys [0, limit) of a key tile starting at j0 that query i may see before
+// the per-element mask: causal cuts the row at j = i.
+inline int64_t causal_limit(bool causal, int64_t i, int64_t j0, int64_t cols) {
+  return causal ? std::clamp<int64_t>(i - j0 + 1, 0, cols) : cols;
+}
+
+// The element-wise passes over a score tile (rows x cols, row stride ld; row
+// r is query i0 + r, column c key j0 + c), one call per tile so that the
+// vectorised clones (TS_VECTOR_CLONES) are entered once per tile.
+
+// In place: w = f(x) on the keys each row may see (0 after them), and the
+// row sums added to row_sums.
 template <typename T>
-T polynomial_row(T* w, int64_t limit, int64_t cols, T a, T b, T c) {
-  T sum = 0;
+TS_VECTOR_CLONES void polynomial_tile(T* tile, int64_t rows, int64_t cols,
+                                      int64_t ld, bool causal, int64_t i0,
+                                      int64_t j0, T a, T b, T c, T* row_sums) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* w = tile + r * ld;
+    const int64_t limit = causal_limit(causal, i0 + r, j0, cols);
+    T sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t col = 0; col < limit; ++col) {
-    const T y = (a * w[col] + b) * w[col] + c;
-    w[col] = y;
-    sum += y;
+    for (int64_t col = 0; col < limit; ++col) {
+      const T y = (a * w[col] + b) * w[col] + c;
+      w[col] = y;
+      sum += y;
+    }
+    std::fill(w + limit, w + cols, T(0));
+    row_sums[r] += sum;
   }
-  std::fill(w + limit, w + cols, T(0));
-  return sum;
+}
+
+// From the score tile x: probs = f(x) / den_i and, in place of x, the slope
+// f'(x) / den_i, both 0 after the keys each row may see.
+template <typename T>
+TS_VECTOR_CLONES void weight_and_slope_tile(T* x_tile, T* probs, int64_t rows,
+                                            int64_t cols, int64_t ld,
+                                            bool causal, int64_t i0, int64_t j0,
+                                            T a, T b, T c, const T* inv_den) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* x = x_tile + r * ld;
+    T* w = probs + r * ld;
+    const int64_t limit = causal_limit(causal, i0 + r, j0, cols);
+    const T ar = a * inv_den[r], br = b * inv_den[r], cr = c * inv_den[r];
+#pragma omp simd
+    for (int64_t col = 0; col < limit; ++col) {
+      const T xv = x[col];
+      w[col] = (ar * xv + br) * xv + cr;
+      x[col] = T(2) * ar * xv + br;
+    }
+    std::fill(w + limit, w + cols, T(0));
+    std::fill(x + limit, x + cols, T(0));
+  }
+}
+
+// In place: dX = (gY V^T - (gY . y)) * slope, row by row.
+template <typename T>
+TS_VECTOR_CLONES void score_gradient_tile(T* dx_tile, const T* slope,
+                                          int64_t rows, int64_t cols,
+                                          int64_t ld, const T* shift) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* dx = dx_tile + r * ld;
+    const T* fprime = slope + r * ld;
+    const T s = shift[r];
+#pragma omp simd
+    for (int64_t col = 0; col < cols; ++col)
+      dx[col] = (dx[col] - s) * fprime[col];
+  }
 }
 
 // One query block of one head: out = sigma W V / den, den = rowsum(W).
 template <typename T, bool kGeneralMask>
 void forward_block(const DirectProblem<T>& p, int64_t batch, int64_t head,
-                   int64_t i0, T* scores, T* acc, int64_t* valid, T* out,
-                   T* den) {
+                   int64_t i0, T* scores, T* acc, int64_t* valid,
+                   T* unmasked_sums, T* out, T* den) {
   const int64_t d = p.head_dim, e = p.value_dim;
   const T a = p.options.coefficients.a, b = p.options.coefficients.b,
           c = p.options.coefficients.c;
@@ -87,13 +134,15 @@ void forward_block(const DirectProblem<T>& p, int64_t batch, int64_t head,
     gemm<T>(false, true, rows, cols, d, T(1), q + i0 * p.q.row_stride,
             p.q.row_stride, k + j0 * p.k.row_stride, p.k.row_stride, T(0),
             scores, kKeyBlock);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
-      T* w = scores + r * kKeyBlock;
-      const int64_t limit = p.row_limit(i, j0, cols);
-      const T sum = polynomial_row(w, limit, cols, a, b, c);
-      if constexpr (kGeneralMask) {
-        // Key padding and attn_mask: zero what query i may not see, then sum.
+    if constexpr (kGeneralMask) {
+      // Key padding and attn_mask: the weights, then zero what query i may
+      // not see, and sum what is left.
+      polynomial_tile(scores, rows, cols, kKeyBlock, p.mask.causal, i0, j0, a,
+                      b, c, unmasked_sums);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        T* w = scores + r * kKeyBlock;
+        const int64_t limit = causal_limit(p.mask.causal, i, j0, cols);
         T kept_sum = 0;
         for (int64_t col = 0; col < limit; ++col) {
           const bool allowed = p.mask.allowed(batch, head, i, j0 + col);
@@ -102,9 +151,10 @@ void forward_block(const DirectProblem<T>& p, int64_t batch, int64_t head,
           valid[r] += allowed;
         }
         den[i] += kept_sum;
-      } else {
-        den[i] += sum;
       }
+    } else {
+      polynomial_tile(scores, rows, cols, kKeyBlock, p.mask.causal, i0, j0, a,
+                      b, c, den + i0);
     }
     gemm<T>(false, false, rows, e, cols, T(1), scores, kKeyBlock,
             v + j0 * p.v.row_stride, p.v.row_stride, j0 == 0 ? T(0) : T(1), acc,
@@ -129,13 +179,14 @@ void direct_forward_all(const DirectProblem<T>& p, int64_t batches, T* out,
     std::vector<T> scores(kQueryBlock * kKeyBlock);
     std::vector<T> acc(kQueryBlock * p.value_dim);
     std::vector<int64_t> valid(kQueryBlock);
+    std::vector<T> unmasked_sums(kQueryBlock);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t bh = unit / query_blocks;
       const int64_t i0 = (unit % query_blocks) * kQueryBlock;
-      forward_block<T, kGeneralMask>(p, bh / p.heads, bh % p.heads, i0,
-                                     scores.data(), acc.data(), valid.data(),
-                                     out + bh * p.queries * p.value_dim,
-                                     den + bh * p.queries);
+      forward_block<T, kGeneralMask>(
+          p, bh / p.heads, bh % p.heads, i0, scores.data(), acc.data(),
+          valid.data(), unmasked_sums.data(),
+          out + bh * p.queries * p.value_dim, den + bh * p.queries);
     }
   });
 }
@@ -183,23 +234,14 @@ void backward_range(const DirectProblem<T>& p, int64_t batch, int64_t head,
       gemm<T>(false, true, rows, cols, d, T(1), q + i0 * qs, qs, k + j0 * ks,
               ks, T(0), scores, kKeyBlock);
       // probs = m f(x) / den_i; scores = m f'(x) / den_i, kept for dX.
-      for (int64_t r = 0; r < rows; ++r) {
-        T* x = scores + r * kKeyBlock;
-        T* w = probs + r * kKeyBlock;
-        const int64_t limit = p.row_limit(i0 + r, j0, cols);
-        const T ar = a * inv_den[r], br = b * inv_den[r], cr = c * inv_den[r];
-#pragma omp simd
-        for (int64_t col = 0; col < limit; ++col) {
-          const T xv = x[col];
-          w[col] = (ar * xv + br) * xv + cr;
-          x[col] = T(2) * ar * xv + br;
-        }
-        std::fill(w + limit, w + cols, T(0));
-        std::fill(x + limit, x + cols, T(0));
-        if constexpr (kGeneralMask) {
+      weight_and_slope_tile(scores, probs, rows, cols, kKeyBlock, p.mask.causal,
+                            i0, j0, a, b, c, inv_den);
+      if constexpr (kGeneralMask) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t limit = causal_limit(p.mask.causal, i0 + r, j0, cols);
           for (int64_t col = 0; col < limit; ++col)
             if (!p.mask.allowed(batch, head, i0 + r, j0 + col))
-              w[col] = x[col] = T(0);
+              probs[r * kKeyBlock + col] = scores[r * kKeyBlock + col] = T(0);
         }
       }
       gemm<T>(true, false, cols, e, rows, T(1), probs, kKeyBlock, scaled_grad,
@@ -207,14 +249,7 @@ void backward_range(const DirectProblem<T>& p, int64_t batch, int64_t head,
       // probs is free again: sigma gY V_b^T, then dX in place.
       gemm<T>(false, true, rows, cols, e, T(1), scaled_grad, e, v + j0 * vs, vs,
               T(0), probs, kKeyBlock);
-      for (int64_t r = 0; r < rows; ++r) {
-        T* dx = probs + r * kKeyBlock;
-        const T* fprime = scores + r * kKeyBlock;
-        const T shift = grad_dot_out[r];
-#pragma omp simd
-        for (int64_t col = 0; col < cols; ++col)
-          dx[col] = (dx[col] - shift) * fprime[col];
-      }
+      score_gradient_tile(probs, scores, rows, cols, kKeyBlock, grad_dot_out);
       gemm<T>(false, false, rows, d, cols, T(1), probs, kKeyBlock, k + j0 * ks,
               ks, j0 == 0 ? T(0) : T(1), grad_q + i0 * d, d);
       gemm<T>(true, false, cols, d, rows, T(1), probs, kKeyBlock, q + i0 * qs,

@@ -3,9 +3,13 @@
 //   f(q . k) = phi(q) . psi(k),
 // so every query sees the same state S = sum_j psi(k_j) [1 | v_j]^T and
 //   z_i = phi(q_i)^T S,   den_i = z_i[0],   y_i = sigma z_i[1:] / den_i.
-// Features exist only for one chunk of kFeatureChunk tokens at a time: the
-// chunk's feature tile is built, multiplied into (or by) the state through
-// BLAS, and overwritten by the next chunk. Parallel over (batch, head).
+// Features exist only for one chunk of tokens at a time, in a feature-major
+// tile X (F x chunk: row f holds feature f of every token of the chunk). Built
+// that way, every feature row is a product of two token rows of the chunk's
+// transposed q or k, a contiguous loop the compiler vectorises fully; the
+// state products are then single large GEMMs over the chunk (X V, X^T S,
+// S dZ^T), and the backward's contractions through the quadratic features
+// run over token rows too. Parallel over (batch, head).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -13,13 +17,43 @@
 
 #include "../kernel_checks.h"
 #include "common.h"
+#include "feature_tiles.h"
 
 namespace taylorshift::cpu {
 namespace {
 
-// Token chunk of the feature tiles: 64 tokens keep a tile (64 x F,
-// F = 2145 at d = 64) at 550 KB in float32, inside L2 with the state.
-constexpr int64_t kFeatureChunk = 64;
+// Tokens per chunk, the k of the reductions X V (X is F x chunk): large
+// enough for BLAS to run near its peak, small enough that the tile (F x chunk
+// float32: 574 KB at d = 32, 1.1 MB at d = 64) stays in L2 between its build,
+// its products and the contraction that reads it back.
+inline int64_t token_chunk(int64_t d) { return d <= 32 ? 256 : 128; }
+
+// xt[l][r] = x_r[l] (rows x d, row stride `stride`) where keep[r] != 0, zero
+// by selection where it is 0 (a masked key may hold NaN; 0 * NaN = NaN would
+// spread into the whole state); keep = nullptr keeps every row. Rows of xt
+// are written contiguously; the reads stay within the chunk's rows, in L1.
+template <typename T>
+TS_VECTOR_CLONES void transpose_rows(const T* x, int64_t stride, int64_t rows,
+                                     int64_t d, const T* keep, T* xt,
+                                     int64_t ld) {
+  for (int64_t l = 0; l < d; ++l) {
+    T* out = xt + l * ld;
+    if (keep == nullptr) {
+      for (int64_t r = 0; r < rows; ++r) out[r] = x[r * stride + l];
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        out[r] = keep[r] != T(0) ? x[r * stride + l] : T(0);
+    }
+  }
+}
+
+// out rows (rows x d, row stride d) = xt^T.
+template <typename T>
+void untranspose_rows(const T* xt, int64_t ld, int64_t rows, int64_t d,
+                      T* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t l = 0; l < d; ++l) out[r * d + l] = xt[l * ld + r];
+}
 
 // One (batch, head): rows of q, k, v read in place through their strides.
 template <typename T>
@@ -50,15 +84,51 @@ HeadTensors<T> head(const at::Tensor& q, const at::Tensor& k,
           v.size(3)};
 }
 
-// m_j [1 | v_j] rows of keys [j0, j0 + rows), the value side of the state's
-// outer product; masked rows are zero by selection (see write_key_features).
+// Per-thread buffers, allocated once per parallel task.
+template <typename T>
+struct Workspace {
+  int64_t chunk;
+  std::vector<T> xt;      // d x chunk: the chunk's q or k, transposed
+  std::vector<T> tile;    // F x chunk: features, then feature gradients
+  std::vector<T> rows;    // chunk x (e + 1): [m | m v] or dz
+  std::vector<T> column;  // chunk: one column of `rows`, contiguous
+  std::vector<T> valid;   // chunk: m_j of the chunk's keys, 1 or 0
+  std::vector<T> dots;    // F: a chunk's share of a state's column 0
+  std::vector<T> grad_t;  // d x chunk: dq or dk, transposed
+
+  Workspace(int64_t d, int64_t e)
+      : chunk(token_chunk(d)),
+        xt(d * chunk),
+        tile(feature_count(d) * chunk),
+        rows(chunk * (e + 1)),
+        column(chunk),
+        valid(chunk),
+        dots(feature_count(d)),
+        grad_t(d * chunk) {}
+};
+
+// Keys [j0, j0 + rows): valid = m_j (1 for a valid key, 0 for a masked one)
+// and xt = the keys transposed, zero where masked.
+template <typename T>
+void load_keys(const HeadTensors<T>& t, int64_t j0, int64_t rows,
+               const Mask& mask, int64_t batch, Workspace<T>& w) {
+  T* valid = w.valid.data();
+  for (int64_t r = 0; r < rows; ++r)
+    valid[r] = mask.key_valid(batch, j0 + r) ? T(1) : T(0);
+  transpose_rows(t.k_row(j0), t.k_stride, rows, t.head_dim,
+                 mask.key_padding != nullptr ? valid : nullptr, w.xt.data(),
+                 w.chunk);
+}
+
+// m_j [1 | v_j] rows of keys [j0, j0 + rows) (row stride e + 1), the value
+// side of the state's outer product, zero by selection for masked keys.
 template <typename T>
 void write_augmented_values(const HeadTensors<T>& t, int64_t j0, int64_t rows,
-                            const Mask& mask, int64_t batch, T* out) {
+                            const T* valid, T* out) {
   const int64_t e = t.value_dim;
   for (int64_t r = 0; r < rows; ++r) {
     T* row = out + r * (e + 1);
-    if (!mask.key_valid(batch, j0 + r)) {
+    if (valid[r] == T(0)) {
       std::fill(row, row + e + 1, T(0));
       continue;
     }
@@ -68,16 +138,18 @@ void write_augmented_values(const HeadTensors<T>& t, int64_t j0, int64_t rows,
 }
 
 // The state and its gradient have e + 1 columns: column 0 carries the
-// denominator (the ones column of [1 | v]), columns 1..e the values. Every
-// product below keeps column 0 apart, so that the large products have exactly
-// e columns: BLAS kernels block the columns in multiples of 16, and
-// e + 1 = 33 or 65 would spend a whole block on one column.
+// denominator (the ones column of [1 | v]), columns 1..e the values. The
+// reductions keep column 0 apart, so that their GEMMs have exactly e columns
+// (BLAS blocks columns in multiples of 16: e + 1 = 33 or 65 columns take 1.2
+// to 1.5 times as long as 32 or 64); the feature build computes column 0
+// instead (RowExtras), from each feature row while it is in registers.
 
-// A reduction over token chunks, sum_chunks X_chunk^T Y_chunk. BLAS adds
-// kChunksPerFold chunks into a block sum in T (beta = 1, no extra pass over
-// the state per chunk); block sums are added in float64: a float32 running
-// sum over all N / kFeatureChunk chunks would lose about log2 of that many
-// bits, one over kChunksPerFold chunks loses only log2(kChunksPerFold).
+// A reduction over token chunks, sum_chunks X_chunk [y0 | Y]_chunk with X
+// the feature-major tile (F x tokens). BLAS adds kChunksPerFold chunks into
+// a block sum in T (beta = 1, no extra pass over the state per chunk); block
+// sums are added in float64: a float32 running sum over all N / chunk chunks
+// would lose about log2 of that many bits, one over kChunksPerFold chunks
+// loses only log2(kChunksPerFold).
 template <typename T>
 class ChunkSum {
  public:
@@ -86,15 +158,16 @@ class ChunkSum {
   ChunkSum(int64_t rows, int64_t cols)
       : rows_(rows), cols_(cols), sum_(rows * cols, 0.0), block_(rows * cols) {}
 
-  // sum += x^T y, with x (tokens x rows) and y (tokens x cols), both with
-  // leading dimensions rows and cols: columns 1.. in one product, column 0
-  // in a matrix-vector product.
-  void add(const T* x, const T* y, int64_t tokens) {
-    const T beta = pending_ == 0 ? T(0) : T(1);
-    gemm<T>(true, false, rows_, cols_ - 1, tokens, T(1), x, rows_, y + 1, cols_,
-            beta, block_.data() + 1, cols_);
-    gemm<T>(true, false, rows_, 1, tokens, T(1), x, rows_, y, cols_, beta,
-            block_.data(), cols_);
+  // sum[:, 0] += column0, sum[:, 1:] += X Y; X is rows x tokens (row
+  // stride ldx), Y tokens x (cols - 1) (row stride ldy), column0 the chunk's
+  // X y0 from the feature build.
+  void add(const T* x, int64_t ldx, const T* column0, const T* y, int64_t ldy,
+           int64_t tokens) {
+    const bool accumulate = pending_ > 0;
+    gemm<T>(false, false, rows_, cols_ - 1, tokens, T(1), x, ldx, y, ldy,
+            accumulate ? T(1) : T(0), block_.data() + 1, cols_);
+    for (int64_t f = 0; f < rows_; ++f)
+      block_[f * cols_] = (accumulate ? block_[f * cols_] : T(0)) + column0[f];
     if (++pending_ == kChunksPerFold) fold();
   }
 
@@ -115,42 +188,32 @@ class ChunkSum {
   std::vector<T> block_;
 };
 
-// out = features (rows x F) state[:, first_col:] (F x cols), row stride
-// out_stride; first_col is 0 (all columns) or 1 (values only). The constant
-// feature 0 is added last: its term (c S_0 ~ c N for queries) dominates, and
-// adding it first would round every other term at its magnitude.
-template <typename T>
-void apply_state(const T* features, int64_t rows, int64_t F, const T* state,
-                 int64_t cols, int64_t first_col, T* out, int64_t out_stride) {
-  T* values = out + (1 - first_col);
-  gemm<T>(false, false, rows, cols - 1, F - 1, T(1), features + 1, F,
-          state + cols + 1, cols, T(0), values, out_stride);
-  if (first_col == 0)
-    gemm<T>(false, false, rows, 1, F - 1, T(1), features + 1, F, state + cols,
-            cols, T(0), out, out_stride);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t col = first_col; col < cols; ++col)
-      out[r * out_stride + col - first_col] += features[r * F] * state[col];
-}
-
-// Phase 1 of the forward: S = sum_j m_j psi(k_j) [1 | v_j]^T, a reduction
+// Phase 1 of the forward: S = sum_j psi(k_j) [m_j | m_j v_j]^T, a reduction
 // over key chunks. Returns the number of valid keys.
 template <typename T>
 int64_t accumulate_state(const HeadTensors<T>& t, const Mask& mask,
-                         int64_t batch, T* state, std::vector<T>& features,
-                         std::vector<T>& values) {
+                         int64_t batch, T* state, Workspace<T>& w) {
   const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d);
+  const int64_t ld = w.chunk;
+  const T* valid_row = w.valid.data();
   int64_t valid = 0;
   ChunkSum<T> sum(F, e + 1);
-  for (int64_t j0 = 0; j0 < t.keys; j0 += kFeatureChunk) {
-    const int64_t j1 = block_end(j0, kFeatureChunk, t.keys), rows = j1 - j0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const bool keep = mask.key_valid(batch, j0 + r);
-      valid += keep;
-      write_key_features<T>(t.k_row(j0 + r), d, keep, features.data() + r * F);
+  for (int64_t j0 = 0; j0 < t.keys; j0 += ld) {
+    const int64_t rows = block_end(j0, ld, t.keys) - j0;
+    load_keys(t, j0, rows, mask, batch, w);
+    for (int64_t r = 0; r < rows; ++r) valid += valid_row[r] != T(0);
+    // Column 0 of [m | m v] is m: the build sums psi(k_j) m_j.
+    key_feature_tile(w.xt.data(), valid_row, d, rows, ld, w.tile.data(),
+                     RowExtras<T>{valid_row, w.dots.data()});
+    // Values in place, unless a key is masked: its row may hold NaN.
+    const T* values = t.v_row(j0);
+    int64_t values_stride = t.v_stride;
+    if (mask.key_padding != nullptr) {
+      write_augmented_values(t, j0, rows, valid_row, w.rows.data());
+      values = w.rows.data() + 1;
+      values_stride = e + 1;
     }
-    write_augmented_values(t, j0, rows, mask, batch, values.data());
-    sum.add(features.data(), values.data(), rows);
+    sum.add(w.tile.data(), ld, w.dots.data(), values, values_stride, rows);
   }
   sum.copy_to(state);
   return valid;
@@ -159,29 +222,39 @@ int64_t accumulate_state(const HeadTensors<T>& t, const Mask& mask,
 template <typename T>
 void efficient_forward_head(const HeadTensors<T>& t, const Mask& mask,
                             int64_t batch, const KernelOptions& options, T* out,
-                            T* den, T* state) {
+                            T* den, T* state, Workspace<T>& w) {
   const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d);
+  const int64_t ld = w.chunk;
   const T a = options.coefficients.a, b = options.coefficients.b,
           c = options.coefficients.c;
-  std::vector<T> features(kFeatureChunk * F);
-  std::vector<T> values(kFeatureChunk * (e + 1));
-  const int64_t valid =
-      accumulate_state(t, mask, batch, state, features, values);
+  const int64_t valid = accumulate_state(t, mask, batch, state, w);
   const T sigma = output_scale_factor<T>(options.output_scale, valid, d);
-  // Phase 2: z = phi(Q_chunk) S, independent per query.
-  for (int64_t i0 = 0; i0 < t.queries; i0 += kFeatureChunk) {
-    const int64_t i1 = block_end(i0, kFeatureChunk, t.queries), rows = i1 - i0;
-    for (int64_t r = 0; r < rows; ++r)
-      write_query_features<T>(t.q_row(i0 + r), d, a, b, c,
-                              features.data() + r * F);
-    apply_state(features.data(), rows, F, state, e + 1, 0, values.data(),
-                e + 1);
+  // Phase 2: z = phi(Q_chunk)^T S, independent per query. The products run
+  // over features 1.. only: the constant feature's term c S[0, :] (c N for
+  // the denominator) dominates and is added last, since adding it first
+  // would round every other term at its magnitude.
+  for (int64_t i0 = 0; i0 < t.queries; i0 += ld) {
+    const int64_t rows = block_end(i0, ld, t.queries) - i0;
+    transpose_rows<T>(t.q_row(i0), t.q_stride, rows, d, nullptr, w.xt.data(),
+                      ld);
+    // The build also applies S[:, 0] (features 1..): the denominators.
+    std::fill(w.column.begin(), w.column.begin() + rows, T(0));
+    RowExtras<T> denominators;
+    denominators.weights = state;
+    denominators.weight_stride = e + 1;
+    denominators.weighted = w.column.data();
+    query_feature_tile(w.xt.data(), d, rows, ld, a, b, c, w.tile.data(),
+                       denominators);
+    T* values = w.rows.data();  // rows x e
+    gemm<T>(true, false, rows, e, F - 1, T(1), w.tile.data() + ld, ld,
+            state + (e + 1) + 1, e + 1, T(0), values, e);
     for (int64_t r = 0; r < rows; ++r) {
-      const T* z = values.data() + r * (e + 1);
-      den[i0 + r] = z[0];
-      const T factor = sigma * safe_reciprocal(z[0]);
+      const T z0 = w.column[r] + c * state[0];
+      den[i0 + r] = z0;
+      const T factor = sigma * safe_reciprocal(z0);
       for (int64_t col = 0; col < e; ++col)
-        out[(i0 + r) * e + col] = factor * z[1 + col];
+        out[(i0 + r) * e + col] =
+            factor * (values[r * e + col] + c * state[1 + col]);
     }
   }
 }
@@ -189,34 +262,36 @@ void efficient_forward_head(const HeadTensors<T>& t, const Mask& mask,
 // Backward of one head (docs/math.md §3). With z_i = phi(q_i)^T S:
 //   dz_i = [ -(gY_i . y_i) / den_i | sigma gY_i / den_i ]
 //   dS   = sum_i phi(q_i) dz_i^T                 (reduction over queries)
-//   dq_i = d/dq [phi(q_i)]^T (S dz_i)            (pair gradient, features.h)
+//   dq_i = d/dq [phi(q_i)]^T (S dz_i)            (feature_gradient_tile)
 // and with S = sum_j psi(k_j) v'_j^T, v'_j = m_j [1 | v_j]:
 //   dk_j = d/dk [psi(k_j)]^T (dS v'_j),   dv_j = m_j (psi(k_j)^T dS)[1:].
+// S dz_i and dS v'_j for a chunk are single products, S[1:] dZ^T and
+// dS[1:] V'^T, written feature-major over the chunk's tile (row 0, the
+// constant feature, has no gradient).
 template <typename T>
 void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
                              int64_t grad_row_stride, const T* out,
                              const T* den, const T* state, const Mask& mask,
                              int64_t batch, const KernelOptions& options,
-                             T* grad_q, T* grad_k, T* grad_v) {
+                             T* grad_q, T* grad_k, T* grad_v, Workspace<T>& w) {
   const T a = options.coefficients.a, b = options.coefficients.b,
           c = options.coefficients.c;
   const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d);
-  const int64_t pairs = pair_feature_offset(d);
-  std::vector<T> features(kFeatureChunk * F);
-  std::vector<T> feature_grad(kFeatureChunk * F);
-  std::vector<T> rows_e1(kFeatureChunk * (e + 1));
+  const int64_t ld = w.chunk;
+  T* tile = w.tile.data();
+  T* xt = w.xt.data();
+  T* rows_e1 = w.rows.data();
   ChunkSum<T> grad_state_sum(F, e + 1);
   int64_t valid = 0;
   for (int64_t j = 0; j < t.keys; ++j) valid += mask.key_valid(batch, j);
   const T sigma = output_scale_factor<T>(options.output_scale, valid, d);
 
-  for (int64_t i0 = 0; i0 < t.queries; i0 += kFeatureChunk) {
-    const int64_t i1 = block_end(i0, kFeatureChunk, t.queries), rows = i1 - i0;
+  for (int64_t i0 = 0; i0 < t.queries; i0 += ld) {
+    const int64_t rows = block_end(i0, ld, t.queries) - i0;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
-      write_query_features<T>(t.q_row(i), d, a, b, c, features.data() + r * F);
       const T inv_den = safe_reciprocal(den[i]);
-      T* dz = rows_e1.data() + r * (e + 1);
+      T* dz = rows_e1 + r * (e + 1);
       const T* g = grad_out + i * grad_row_stride;
       T dot = 0;
       for (int64_t col = 0; col < e; ++col) {
@@ -224,43 +299,46 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
         dz[1 + col] = sigma * g[col] * inv_den;
       }
       dz[0] = -dot * inv_den;
+      w.column[r] = dz[0];
     }
-    grad_state_sum.add(features.data(), rows_e1.data(), rows);
-    // feature_grad = dZ S^T: row i holds S dz_i, one value per feature.
-    gemm<T>(false, true, rows, F, e + 1, T(1), rows_e1.data(), e + 1, state,
-            e + 1, T(0), feature_grad.data(), F);
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* g = feature_grad.data() + r * F;
-      T* dq = grad_q + (i0 + r) * d;
-      for (int64_t l = 0; l < d; ++l)
-        dq[l] = b * g[linear_feature_offset() + l];
-      add_pair_gradient<T>(g + pairs, t.q_row(i0 + r), d, a, T(2) * a, dq);
-    }
+    transpose_rows<T>(t.q_row(i0), t.q_stride, rows, d, nullptr, xt, ld);
+    // Column 0 of dS: the build sums phi(q_i) dz_i[0].
+    query_feature_tile(xt, d, rows, ld, a, b, c, tile,
+                       RowExtras<T>{w.column.data(), w.dots.data()});
+    grad_state_sum.add(tile, ld, w.dots.data(), rows_e1 + 1, e + 1, rows);
+    // The tile is free again: S[1:] dZ^T, row f holding (S dz_i)_f.
+    gemm<T>(false, true, F - 1, rows, e + 1, T(1), state + (e + 1), e + 1,
+            rows_e1, e + 1, T(0), tile + ld, ld);
+    feature_gradient_tile(tile + ld, xt, d, rows, ld, b, a, T(2) * a,
+                          w.grad_t.data());
+    untranspose_rows(w.grad_t.data(), ld, rows, d, grad_q + i0 * d);
   }
 
   std::vector<T> grad_state(F * (e + 1));
   grad_state_sum.copy_to(grad_state.data());
-  for (int64_t j0 = 0; j0 < t.keys; j0 += kFeatureChunk) {
-    const int64_t j1 = block_end(j0, kFeatureChunk, t.keys), rows = j1 - j0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const bool keep = mask.key_valid(batch, j0 + r);
-      write_key_features<T>(t.k_row(j0 + r), d, keep, features.data() + r * F);
-    }
-    write_augmented_values(t, j0, rows, mask, batch, rows_e1.data());
-    // feature_grad = V' dS^T: row j holds dS v'_j.
-    gemm<T>(false, true, rows, F, e + 1, T(1), rows_e1.data(), e + 1,
-            grad_state.data(), e + 1, T(0), feature_grad.data(), F);
-    for (int64_t r = 0; r < rows; ++r) {
-      T* dk = grad_k + (j0 + r) * d;
-      if (!mask.key_valid(batch, j0 + r)) continue;  // stays zero
-      const T* h = feature_grad.data() + r * F;
-      for (int64_t l = 0; l < d; ++l) dk[l] = h[linear_feature_offset() + l];
-      add_pair_gradient<T>(h + pairs, t.k_row(j0 + r), d, T(1), T(1), dk);
-    }
-    // dV'[1:] = psi(K_chunk) dS[:, 1:]; masked keys have psi = 0, hence
-    // dv = 0.
-    apply_state(features.data(), rows, F, grad_state.data(), e + 1, 1,
-                grad_v + j0 * e, e);
+  const T* dS = grad_state.data();
+  const T* valid_row = w.valid.data();
+  for (int64_t j0 = 0; j0 < t.keys; j0 += ld) {
+    const int64_t rows = block_end(j0, ld, t.keys) - j0;
+    load_keys(t, j0, rows, mask, batch, w);
+    key_feature_tile(xt, valid_row, d, rows, ld, tile, RowExtras<T>{});
+    write_augmented_values(t, j0, rows, valid_row, rows_e1);
+    // dv = psi(K)[1:]^T dS[1:, 1:] + m dS[0, 1:]: the constant feature last,
+    // as in the forward; masked keys get zeros by selection.
+    T* dv = grad_v + j0 * e;
+    gemm<T>(true, false, rows, e, F - 1, T(1), tile + ld, ld, dS + (e + 1) + 1,
+            e + 1, T(0), dv, e);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t col = 0; col < e; ++col)
+        dv[r * e + col] =
+            valid_row[r] != T(0) ? dv[r * e + col] + dS[1 + col] : T(0);
+    // The tile rows 1.. are free again: dS[1:] V'^T, row f holding
+    // (dS v'_j)_f. Masked keys have v'_j = 0 and k_j = 0 (in xt): dk_j = 0.
+    gemm<T>(false, true, F - 1, rows, e + 1, T(1), dS + (e + 1), e + 1, rows_e1,
+            e + 1, T(0), tile + ld, ld);
+    feature_gradient_tile(tile + ld, xt, d, rows, ld, T(1), T(1), T(1),
+                          w.grad_t.data());
+    untranspose_rows(w.grad_t.data(), ld, rows, d, grad_k + j0 * d);
   }
 }
 
@@ -283,12 +361,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cpu(
   const KernelOptions options = schema_options(false, output_scale, a, b, c);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "efficient_forward_cpu", [&] {
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      Workspace<scalar_t> workspace(d, e);
       for (int64_t bh = begin; bh < end; ++bh) {
         efficient_forward_head<scalar_t>(
             head<scalar_t>(q, k, v, bh / H, bh % H), mask, bh / H, options,
             out.data_ptr<scalar_t>() + bh * M * e,
             den.data_ptr<scalar_t>() + bh * M,
-            state.data_ptr<scalar_t>() + bh * F * (e + 1));
+            state.data_ptr<scalar_t>() + bh * F * (e + 1), workspace);
       }
     });
   });
@@ -315,13 +394,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cpu(
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), N = k.size(2),
                 d = q.size(3), e = v.size(3), F = feature_count(d);
   at::Tensor grad_q = at::empty({B, H, M, d}, compute),
-             grad_k = at::zeros({B, H, N, d}, compute),
+             grad_k = at::empty({B, H, N, d}, compute),
              grad_v = at::empty({B, H, N, e}, compute);
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
   const KernelOptions options = schema_options(false, output_scale, a, b, c);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "efficient_backward_cpu", [&] {
     const TokenRows<scalar_t> grad_rows = token_rows<scalar_t>(grad_out);
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      Workspace<scalar_t> workspace(d, e);
       for (int64_t bh = begin; bh < end; ++bh) {
         efficient_backward_head<scalar_t>(
             head<scalar_t>(q, k, v, bh / H, bh % H),
@@ -331,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cpu(
             state.data_ptr<scalar_t>() + bh * F * (e + 1), mask, bh / H,
             options, grad_q.data_ptr<scalar_t>() + bh * M * d,
             grad_k.data_ptr<scalar_t>() + bh * N * d,
-            grad_v.data_ptr<scalar_t>() + bh * N * e);
+            grad_v.data_ptr<scalar_t>() + bh * N * e, workspace);
       }
     });
   });

@@ -279,12 +279,18 @@ TokenRows<T> token_rows(const at::Tensor& t, int64_t cols) {
 
 // Copies rows [row0, row0 + rows) of head (b, h) of `src` into a
 // (rows x padded_cols) shared tile, converting the type and writing zeros
-// past the tensor (tail rows, padding columns): zeros, not garbage, because
-// padded entries are multiplied by masked zeros and 0 * NaN = NaN.
+// past the tensor (tail rows, padding columns) and, with `padding`, for the
+// rows of padded keys: zeros, not garbage, because those entries are
+// multiplied by masked zeros and 0 * NaN = NaN.
 template <typename Dst, typename Src>
 __device__ void load_tile(Dst* dst, int ld, const TokenRows<Src>& src,
                           int64_t b, int64_t h, int64_t total_rows,
-                          int64_t row0, int rows, int padded_cols) {
+                          int64_t row0, int rows, int padded_cols,
+                          const Mask* padding = nullptr) {
+  const auto row_valid = [&](int r) {
+    return row0 + r < total_rows &&
+           (padding == nullptr || padding->key_valid(b, row0 + r));
+  };
   const Src* base = src.row(b, h, row0);
   const int cols = src.cols;
   // Same type, no padding columns, unit column stride and every row a whole
@@ -301,7 +307,7 @@ __device__ void load_tile(Dst* dst, int ld, const TokenRows<Src>& src,
       for (int idx = threadIdx.x; idx < rows * vectors; idx += blockDim.x) {
         const int r = idx / vectors, col = idx % vectors * kVector;
         uint4 value = make_uint4(0, 0, 0, 0);
-        if (row0 + r < total_rows) {
+        if (row_valid(r)) {
           value =
               *reinterpret_cast<const uint4*>(base + r * src.stride_t + col);
         }
@@ -314,7 +320,7 @@ __device__ void load_tile(Dst* dst, int ld, const TokenRows<Src>& src,
     const int r = idx / padded_cols;
     const int col = idx % padded_cols;
     Dst value = Num<Dst>::narrow(typename Num<Dst>::acc(0));
-    if (row0 + r < total_rows && col < cols) {
+    if (col < cols && row_valid(r)) {
       value = convert<Dst>(base[r * src.stride_t + col * src.stride_c]);
     }
     dst[r * ld + col] = value;
@@ -383,9 +389,8 @@ __device__ __forceinline__ void load_rows(T* dst, const TokenRows<T>& src,
 // tiles as load_rows does, and with `padding` zero rows for padded keys too:
 // a zero K and V row is how the 16-bit kernels drop a key from every product
 // without a per-element test, and without reading its values (which may be
-// NaN or inf). Each row's validity is read once, by the thread that copies
-// its first chunk, which also writes the key weight m_j = [the key exists and
-// is not padding] to `weights` when given.
+// NaN or inf). With `weights`, thread r < kRows also writes the key weight
+// m_j = [key j = t0 + r exists and is not padding] there.
 template <int kDim, int kRows, typename T>
 __device__ __forceinline__ void load_key_rows(T* k_dst, T* v_dst, T* weights,
                                               const TokenRows<T>& k,
@@ -410,8 +415,13 @@ __device__ __forceinline__ void load_key_rows(T* k_dst, T* v_dst, T* weights,
     warp::cp_async_16(v_dst + r * ld + col,
                       v_valid ? v_base + r * v.stride_t + col : v.data,
                       v_valid);
-    if (weights != nullptr && col == 0)
-      weights[r] = Num<T>::narrow(key ? 1.f : 0.f);
+  }
+  static_assert(kRows <= kThreads);
+  if (weights != nullptr && threadIdx.x < kRows) {
+    const int64_t j = t0 + threadIdx.x;
+    const bool key =
+        j < total && (padding == nullptr || padding->key_valid(b, j));
+    weights[threadIdx.x] = Num<T>::narrow(key ? 1.f : 0.f);
   }
 }
 

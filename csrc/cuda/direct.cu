@@ -86,14 +86,15 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t key_end = p.mask.causal ? min(p.keys, i0 + tile) : p.keys;
   for (int64_t j0 = 0; j0 < key_end; j0 += tile) {
     __syncthreads();  // the previous W V' product is done with ks, vs, ws
-    load_tile(ks, ld_qk, p.k, b, h, p.keys, j0, tile, dp);
+    load_tile(ks, ld_qk, p.k, b, h, p.keys, j0, tile, dp, &p.mask);
     for (int idx = threadIdx.x; idx < tile * ep; idx += blockDim.x) {
       const int r = idx / ep, col = idx % ep;
       const int64_t j = j0 + r;
       Acc value = 0;
       if (col < p.e) {
-        value = j < p.keys ? Num<T>::widen(p.v.row(b, h, j)[col * p.v.stride_c])
-                           : Acc(0);
+        const bool key = j < p.keys && p.mask.key_valid(b, j);
+        value =
+            key ? Num<T>::widen(p.v.row(b, h, j)[col * p.v.stride_c]) : Acc(0);
       } else if (col == p.e) {
         value = 1;  // V' = [V | 1]
       }
@@ -173,6 +174,23 @@ struct MmaArgs {
 template <MaskMode kMode, typename T>
 __device__ __forceinline__ const Mask* padding(const MmaArgs<T>& p) {
   return kMode == MaskMode::kNoPadding ? nullptr : &p.mask;
+}
+
+// Runs step(tile, elementwise) over the `tiles` key tiles of a query block,
+// elementwise a std::bool_constant telling whether the tile tests the mask
+// per element. With causal and no attn_mask, every key of the tiles before
+// the last precedes every query of the block, so they run without tests; the
+// last holds the diagonal (kRows == kKeys) and runs with them, outside the
+// main loop.
+template <MaskMode kMode, typename T, typename Step>
+__device__ __forceinline__ void walk_key_tiles(const MmaArgs<T>& p, int tiles,
+                                               const Step& step) {
+  const bool diagonal =
+      kMode != MaskMode::kAttnMask && p.mask.causal && tiles > 0;
+  const int full_tiles = diagonal ? tiles - 1 : tiles;
+  for (int tile = 0; tile < full_tiles; ++tile)
+    step(tile, std::bool_constant<kMode == MaskMode::kAttnMask>());
+  if (diagonal) step(full_tiles, std::true_type());
 }
 
 template <int kDim>
@@ -257,14 +275,7 @@ __global__ void __launch_bounds__(kThreads)
     warp::mma_row_sums<T, kKeys>(row_sum, wf, ms + stage * kKeys, lane);
     __syncthreads();  // every warp is done with this stage before its refill
   };
-  // Causal without attn_mask: the last tile holds the diagonal (kRows ==
-  // kKeys), every key of the tiles before it precedes every query here.
-  const bool diagonal =
-      kMode != MaskMode::kAttnMask && p.mask.causal && tiles > 0;
-  const int full_tiles = diagonal ? tiles - 1 : tiles;
-  for (int tile = 0; tile < full_tiles; ++tile)
-    step(tile, std::bool_constant<kMode == MaskMode::kAttnMask>());
-  if (diagonal) step(full_tiles, std::true_type());
+  walk_key_tiles<kMode>(p, tiles, step);
   warp::cp_async_wait<0>();  // no copy outlives the block (keys == 0)
 
   float scale[2];
@@ -597,13 +608,7 @@ __global__ void __launch_bounds__(kThreads)
     warp::mma_ab<T, kKeys, kDim, ld>(dq, af, ks + stage * kTile, lane);
     __syncthreads();  // every warp is done with this stage before its refill
   };
-  // Causal without attn_mask: the last tile holds the diagonal.
-  const bool diagonal =
-      kMode != MaskMode::kAttnMask && p.mask.causal && tiles > 0;
-  const int full_tiles = diagonal ? tiles - 1 : tiles;
-  for (int tile = 0; tile < full_tiles; ++tile)
-    step(tile, std::bool_constant<kMode == MaskMode::kAttnMask>());
-  if (diagonal) step(full_tiles, std::true_type());
+  walk_key_tiles<kMode>(p, tiles, step);
   warp::cp_async_wait<0>();  // no copy outlives the block (keys == 0)
   const float one[2] = {1.f, 1.f};
   store_rows<T, kDim>(grad_q + bh * p.queries * p.d, dq, i0 + warp_row,
@@ -767,8 +772,8 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * tile;
-  load_tile(ks, operand_ld(dp), p.k, b, h, p.keys, j0, tile, dp);
-  load_tile(vs, operand_ld(ev), p.v, b, h, p.keys, j0, tile, ev);
+  load_tile(ks, operand_ld(dp), p.k, b, h, p.keys, j0, tile, dp, &p.mask);
+  load_tile(vs, operand_ld(ev), p.v, b, h, p.keys, j0, tile, ev, &p.mask);
   zero_tile(dk, accum_ld(dp), tile, dp);
   zero_tile(dv, accum_ld(ev), tile, ev);
   // Causal: only queries i >= j >= j0 see this key tile.
@@ -828,8 +833,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t key_end = p.mask.causal ? min(p.keys, i0 + tile) : p.keys;
   for (int64_t j0 = 0; j0 < key_end; j0 += tile) {
     __syncthreads();  // the previous dX K product is done with ks, dxs
-    load_tile(ks, operand_ld(dp), p.k, b, h, p.keys, j0, tile, dp);
-    load_tile(vs, operand_ld(ev), p.v, b, h, p.keys, j0, tile, ev);
+    load_tile(ks, operand_ld(dp), p.k, b, h, p.keys, j0, tile, dp, &p.mask);
+    load_tile(vs, operand_ld(ev), p.v, b, h, p.keys, j0, tile, ev, &p.mask);
     __syncthreads();
     backward_tile(p, b, h, i0, j0, qs, gs, ks, vs, xs, gvs, rs,
                   static_cast<Op*>(nullptr), dxs);

@@ -1,6 +1,6 @@
 // The C++ kernels, called through the dispatcher as a C++ user would, against
-// the float64 ATen reference; and the feature-map helpers they share with
-// the CUDA kernels.
+// the float64 ATen reference; and the feature maps of the CPU kernels.
+#include "../../csrc/cpu/feature_tiles.h"
 #include "../../csrc/features.h"
 #include "../../csrc/taylorshift.h"
 #include "catch.h"
@@ -32,18 +32,24 @@ TEST_CASE("pair indices enumerate l <= m row by row") {
 }
 
 TEST_CASE("phi(q) . psi(k) equals the Taylor polynomial of q . k") {
-  const int64_t d = 5;
+  // Feature tiles of two tokens each (columns): q_0 . k_0 and q_1 . k_1.
+  const int64_t d = 5, tokens = 2, F = taylorshift::feature_count(d);
   const double a = 0.7, b = -0.4, c = 1.3;
-  const at::Tensor q = randn({d}), k = randn({d});
-  std::vector<double> phi(taylorshift::feature_count(d)),
-      psi(taylorshift::feature_count(d));
-  taylorshift::write_query_features(q.data_ptr<double>(), d, a, b, c,
-                                    phi.data());
-  taylorshift::write_key_features(k.data_ptr<double>(), d, true, psi.data());
-  double dot = 0;
-  for (size_t f = 0; f < phi.size(); ++f) dot += phi[f] * psi[f];
-  const double x = q.dot(k).item<double>();
-  REQUIRE(std::abs(dot - taylorshift::taylor_weight(x, a, b, c)) < 1e-12);
+  const at::Tensor q = randn({tokens, d}), k = randn({tokens, d});
+  const at::Tensor qt = q.t().contiguous(), kt = k.t().contiguous();
+  const std::vector<double> valid(tokens, 1.0);
+  std::vector<double> phi(F * tokens), psi(F * tokens);
+  taylorshift::cpu::query_feature_tile(qt.data_ptr<double>(), d, tokens, tokens,
+                                       a, b, c, phi.data(), {});
+  taylorshift::cpu::key_feature_tile(kt.data_ptr<double>(), valid.data(), d,
+                                     tokens, tokens, psi.data(), {});
+  for (int64_t r = 0; r < tokens; ++r) {
+    double dot = 0;
+    for (int64_t f = 0; f < F; ++f)
+      dot += phi[f * tokens + r] * psi[f * tokens + r];
+    const double x = q[r].dot(k[r]).item<double>();
+    REQUIRE(std::abs(dot - taylorshift::taylor_weight(x, a, b, c)) < 1e-12);
+  }
 }
 
 TEST_CASE("direct and efficient forward match the reference") {
