@@ -26,8 +26,10 @@ Model (issue 9). An SM has 4 schedulers issuing one warp-instruction per cycle e
 whose main loop issues r instructions per m16n8k16 HMMA (4096 multiply-adds) is issue-bound at
     t = (multiply-adds / 4096) * r / (SMs * 4 * clock)
 and tensor-bound at (multiply-adds * 2) / mma_sync_peak; the modelled time is the larger. The
-multiply-adds are the algorithm's counted work (below), not the padded work the kernel does, so
-the model is optimistic for kernels that pad (the ones column, feature tiles). The ratio is static:
+multiply-adds are the algorithm's counted work (below), times the executed/counted HMMA factor of
+the register-resident efficient kernels (PADDING, derived at their definition); the shared-memory
+kernels' padding (the ones column, feature tiles) is not counted, so the model is optimistic for
+them. The ratio is static:
 a loop nested in the main loop (the old kernels' element-by-element feature and tile fills) runs
 many times per main-loop pass but is counted once, so for such kernels the dynamic ratio, and the
 modelled time, are several times larger: the modelled TFLOP/s is an upper bound. Prologues,
@@ -75,11 +77,55 @@ WORK = {
     f"direct_forward_kernel<{BF16}, float>": ("direct fwd", 2 * DIRECT_PRODUCT),
     f"direct_backward_kv_kernel<{BF16}, float>": ("direct bwd", 4 * DIRECT_PRODUCT),
     f"direct_backward_q_kernel<{BF16}, float>": ("direct bwd", 3 * DIRECT_PRODUCT),
+    f"state_reduce_mma_kernel<{BF16}, {D}, false, false>": ("efficient fwd", EFFICIENT_PRODUCT),
+    f"efficient_apply_mma_kernel<{BF16}, {D}>": ("efficient fwd", EFFICIENT_PRODUCT),
+    f"state_reduce_mma_kernel<{BF16}, {D}, true, false>": ("efficient bwd", EFFICIENT_PRODUCT),
+    f"efficient_contract_mma_kernel<{BF16}, {D}, false, false>": (
+        "efficient bwd",
+        2 * EFFICIENT_PRODUCT,
+    ),
+    f"efficient_contract_mma_kernel<{BF16}, {D}, true, false>": (
+        "efficient bwd",
+        2 * EFFICIENT_PRODUCT,
+    ),
     f"feature_reduce_kernel<{BF16}, float, true>": ("efficient bwd", EFFICIENT_PRODUCT),
     f"feature_reduce_kernel<{BF16}, float, false>": ("efficient fwd", EFFICIENT_PRODUCT),
     f"efficient_apply_kernel<{BF16}, float>": ("efficient fwd", EFFICIENT_PRODUCT),
     f"efficient_backward_kv_kernel<{BF16}, float>": ("efficient bwd", 2 * EFFICIENT_PRODUCT),
     f"efficient_backward_q_kernel<{BF16}, float>": ("efficient bwd", 2 * EFFICIENT_PRODUCT),
+}
+
+
+# Executed HMMA per counted HMMA of the register-resident efficient kernels at d = e = D (per 16
+# tokens, all CTAs; nb = D / 16 slices, P = nb (nb + 1) / 2 block pairs of 256 features, n = e / 8
+# value tiles). The model's counted work is F (e + 1) per token and product; these kernels do more
+# tensor work (whole diagonal blocks, 16 x 16 instead of 136 pairs; separate z products; the z
+# column as an extra n8 tile or k-step) and the contraction kernels do one of their two counted
+# products in FFMA (which the instr/HMMA ratio counts), so the modelled time scales the HMMA
+# count by these factors.
+NB = D // 16
+PAIRS = NB * (NB + 1) // 2
+COUNTED_HMMA = 16 * F * (D + 1) / MADDS_PER_HMMA
+PADDING = {
+    # pairs 16 P n, z pairs 2 P, linear rows nb (n + 1), constant row n + 1
+    f"state_reduce_mma_kernel<{BF16}, {D}, false, false>": (
+        16 * PAIRS * (D // 8) + 2 * PAIRS + (NB + 1) * (D // 8 + 1)
+    )
+    / COUNTED_HMMA,
+    # pairs with their z tile 16 P (n + 1), linear and constant rows (nb + 1) (n + 1)
+    f"state_reduce_mma_kernel<{BF16}, {D}, true, false>": ((16 * PAIRS + NB + 1) * (D // 8 + 1))
+    / COUNTED_HMMA,
+    # 16 operand rows per step: 16 P + nb + 1 steps of n + 1 HMMA
+    f"efficient_apply_mma_kernel<{BF16}, {D}>": ((16 * PAIRS + NB + 1) * (D // 8 + 1))
+    / COUNTED_HMMA,
+    # G: 16 P + nb steps of 2 (nb + 1) HMMA; counted 2 products
+    f"efficient_contract_mma_kernel<{BF16}, {D}, false, false>": ((16 * PAIRS + NB) * 2 * (NB + 1))
+    / (2 * COUNTED_HMMA),
+    # G as on the query side, and dv: 16 P + nb + 1 steps of n HMMA
+    f"efficient_contract_mma_kernel<{BF16}, {D}, true, false>": (
+        (16 * PAIRS + NB) * 2 * (NB + 1) + (16 * PAIRS + NB + 1) * (D // 8)
+    )
+    / (2 * COUNTED_HMMA),
 }
 
 
@@ -322,7 +368,7 @@ def report(
                 work = WORK.get(kernel.name) if kernel.name in modelled else None
                 ms = tflops = "-"
                 if work and ratio and arch == 90:
-                    seconds = modelled_seconds(work[1], ratio)
+                    seconds = modelled_seconds(work[1] * PADDING.get(kernel.name, 1.0), ratio)
                     ms, tflops = f"{seconds * 1e3:.3f}", f"{2 * work[1] / seconds / 1e12:.0f}"
                     total = totals.setdefault(work[0], [0.0, 0.0])
                     total[0] += seconds

@@ -182,8 +182,10 @@ def operator_grid(masks, emulation_dtypes):
     ]
 
 
-# Under the emulation the direct sample covers the 16-bit kernels (direct_forward_mma_kernel);
-# the efficient kernels' float paths are exercised by tests/test_forward.py there.
+# Under the emulation the direct sample covers the 16-bit kernels (direct_forward_mma_kernel), the
+# efficient sample the register-resident bfloat16 kernels (d = 16 and 128; float16's forward at
+# d = 16 in test_efficient_non_finite_padded_keys_change_nothing); the efficient kernels' float
+# paths are exercised by tests/test_forward.py there.
 @pytest.mark.parametrize(
     "dtype,d,mask_case", operator_grid(DIRECT_MASKS, (torch.bfloat16, torch.float16)), ids=str
 )
@@ -292,6 +294,50 @@ def test_direct_reads_strided_inputs_in_place(dtype):
         if event.name == "aten::copy_" and any(len(shape) == 4 for shape in event.input_shapes)
     ]
     assert copies == []
+
+
+def test_efficient_backward_reads_strided_inputs():
+    """q, k, v and grad_out as the (B, L, H, d) storage TaylorShiftAttention passes, viewed as
+    (B, H, L, d): the bfloat16 backward reads them through their strides and returns exactly the
+    gradients of contiguous copies."""
+    base = make_factors(2, 2, 40, 70, 16, 16, torch.bfloat16, seed=10)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in base)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    kpm = (torch.rand(2, 70, generator=torch.Generator().manual_seed(11)) < 0.3).to(DEVICE)
+    args = (kpm, True, *COEFFICIENTS)
+    out, den, state = ops.efficient_forward(q, k, v, *args)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(12))
+    grad_out = grad_out.to(DEVICE, torch.bfloat16).transpose(1, 2).contiguous().transpose(1, 2)
+    got = ops.efficient_backward(grad_out, q, k, v, out, den, state, *args)
+    plain = [x.contiguous() for x in (grad_out, q, k, v)]
+    want = ops.efficient_backward(*plain, out, den, state, *args)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_efficient_non_finite_padded_keys_change_nothing(dtype):
+    """NaN and inf in padded keys and values (d = e = 16: the register-resident kernels, whose staged
+    tiles zero masked keys by selection): the outputs, state and gradients equal those of zeroed
+    padding exactly."""
+    q, k, v = make_factors(2, 2, 20, 70, 16, 16, dtype, seed=13)
+    kpm = torch.zeros(2, 70, dtype=torch.bool)
+    kpm[0, 3] = kpm[1, -1] = True
+    kpm = kpm.to(DEVICE)
+    clean_k, clean_v = (x.masked_fill(kpm[:, None, :, None], 0) for x in (k, v))
+    poisoned_k, poisoned_v = clean_k.clone(), clean_v.clone()
+    poisoned_k[0, :, 3] = float("nan")
+    poisoned_v[1, 1, -1, 2] = float("inf")
+    args = (kpm, True, *COEFFICIENTS)
+    grad_out = torch.randn(2, 2, 20, 16, generator=torch.Generator().manual_seed(14))
+    grad_out = grad_out.to(DEVICE, dtype)
+    results = []
+    for kk, vv in ((clean_k, clean_v), (poisoned_k, poisoned_v)):
+        out, den, state = ops.efficient_forward(q, kk, vv, *args)
+        grads = ops.efficient_backward(grad_out, q, kk, vv, out, den, state, *args)
+        results.append((out, den, state, *grads))
+    for name, want, got in zip(("out", "den", "state", "dq", "dk", "dv"), *results):
+        assert torch.equal(got, want), name
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -1,10 +1,11 @@
 // CUDA-only building blocks shared by direct.cu and efficient.cu.
 //
-// Two kinds of kernel. The register-resident ones (direct.cu's *_mma_kernel,
-// 16-bit inputs) keep every product's operands and accumulators in registers
-// as mma.sync fragments (warp.cuh) and use shared memory only for cp.async
-// staged token tiles (load_rows). The others (float32/float64, the efficient
-// algorithm, float16's backward) have this shape: a block of kThreads
+// Two kinds of kernel. The register-resident ones (the *_mma_kernel of
+// direct.cu and efficient.cu, 16-bit inputs) keep every product's operands
+// and accumulators in registers as mma.sync fragments (warp.cuh) and use
+// shared memory only for cp.async staged tiles (load_rows). The others
+// (float32/float64, the efficient algorithm's other head dims, float16's
+// backward) have this shape: a block of kThreads
 // threads stages tiles of its operands in shared memory, multiplies them with
 // `block_mma` into float (double for float64) accumulators that also live in
 // shared memory, and applies the TaylorShift-specific elementwise steps
@@ -421,6 +422,30 @@ __device__ __forceinline__ void load_key_rows(T* k_dst, T* v_dst, T* weights,
     const bool key =
         j < total && (padding == nullptr || padding->key_valid(b, j));
     weights[threadIdx.x] = Num<T>::narrow(key ? 1.f : 0.f);
+  }
+}
+
+// Rows row0 + g, row0 + g + 8 of a warp's 16 x kDim accumulator (C layout),
+// times scale[0] / scale[1], into the first `cols` columns of the
+// contiguous (rows, cols) matrix `dst`.
+template <typename T, int kDim>
+__device__ __forceinline__ void store_rows(T* dst,
+                                           const float (&acc)[kDim / 8][4],
+                                           int64_t row0, int64_t rows, int cols,
+                                           const float (&scale)[2], int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = row0 + lane / 4 + 8 * r;
+    if (row >= rows) continue;
+#pragma unroll
+    for (int n = 0; n < kDim / 8; ++n) {
+      const int col = n * 8 + 2 * (lane % 4);
+      if (col < cols)
+        dst[row * cols + col] = Num<T>::narrow(acc[n][2 * r] * scale[r]);
+      if (col + 1 < cols)
+        dst[row * cols + col + 1] =
+            Num<T>::narrow(acc[n][2 * r + 1] * scale[r]);
+    }
   }
 }
 

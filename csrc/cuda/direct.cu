@@ -176,30 +176,6 @@ __device__ __forceinline__ const Mask* padding(const MmaArgs<T>& p) {
   return kMode == MaskMode::kNoPadding ? nullptr : &p.mask;
 }
 
-// Rows row0 + g, row0 + g + 8 of a warp's 16 x kDim accumulator (C layout),
-// times scale[0] / scale[1], into the first `cols` columns of the
-// contiguous (rows, cols) matrix `dst`.
-template <typename T, int kDim>
-__device__ __forceinline__ void store_rows(T* dst,
-                                           const float (&acc)[kDim / 8][4],
-                                           int64_t row0, int64_t rows, int cols,
-                                           const float (&scale)[2], int lane) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = row0 + lane / 4 + 8 * r;
-    if (row >= rows) continue;
-#pragma unroll
-    for (int n = 0; n < kDim / 8; ++n) {
-      const int col = n * 8 + 2 * (lane % 4);
-      if (col < cols)
-        dst[row * cols + col] = Num<T>::narrow(acc[n][2 * r] * scale[r]);
-      if (col + 1 < cols)
-        dst[row * cols + col + 1] =
-            Num<T>::narrow(acc[n][2 * r + 1] * scale[r]);
-    }
-  }
-}
-
 // Runs step(tile, elementwise) over the `tiles` key tiles of a query block,
 // elementwise a std::bool_constant telling whether the tile tests the mask
 // per element. With causal and no attn_mask, every key of the tiles before

@@ -3,11 +3,17 @@
 //   psi(k) = [1 | k | k_l k_m (l <= m)]
 //   phi(q) = [c | b q | a w_lm q_l q_m]
 // so that phi(q) . psi(k) = f(q . k). Neither feature map is ever written to
-// global memory: every kernel expands the features of one tile of tokens and
-// one tile of the feature axis in shared memory, straight from the q or k
-// tile, right before the tensor-core product that consumes them.
+// global memory.
 //
-// Three kinds of kernel cover forward and backward.
+// float16/bfloat16 with d = e in {16, 32, 64, 128} (the forward; the backward
+// for bfloat16) runs on the register-resident kernels of the second half of
+// this file, which build feature fragments in registers; see there. Every
+// other case runs on the shared-memory kernels of the first half, which
+// expand the features of one tile of tokens and one tile of the feature axis
+// in shared memory, straight from the q or k tile, right before the
+// tensor-core product that consumes them.
+//
+// Three kinds of shared-memory kernel cover forward and backward.
 // * reduce: R = sum_t feat(x_t) y_t^T over tokens, F x (e+1).
 //     forward:  state = sum_j psi(k_j) m_j [1 | v_j]^T
 //     backward: dS = sum_i phi(q_i) dz_i^T, dz_i = [-dl_i | rs_i gY_i]
@@ -29,6 +35,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../kernel_checks.h"
 #include "common.cuh"
@@ -538,6 +545,1019 @@ int64_t grid_stride_blocks() {
   return 8 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
+// ---------------------------------------------------------------------------
+// float16/bfloat16 with d = e = kDim in {16, 32, 64, 128}: register-resident
+// kernels on mma.sync (warp.cuh), in place of the shared-memory ones above.
+//
+// Pair features in 16 x 16 blocks. With slices x[L] = x[16 L .. 16 L + 16),
+// the pair features (l, m), l <= m, are grouped by block pair (L, M), L <= M
+// (nb = kDim / 16 slices, nb (nb + 1) / 2 block pairs, numbered as the pairs
+// of features.h: pair_index(L, M, nb)). A block pair's 256 features
+// x_l x_m (l in L, m in M) are, for fixed l, the slice x[M] times the scalar
+// x_l: for 16 tokens an mma operand fragment is the fragment of the slice
+// x[M] (from ldmatrix) times x_l of each fragment row's token, one mul2 per
+// register. Features never exist outside registers. A diagonal block (L = M)
+// is used whole: (l, m) and (m, l) both appear, the state's l > m entries
+// mirror l < m, and the query side weights every entry by a (pairs l != m
+// then get a + a = 2a, as phi requires).
+//
+// Forward.
+// * state_reduce_mma_kernel, one CTA per (block pair, value tile of
+//   kValueTile columns, token split, head): for each 16 tokens t,
+//       S[(l, m), :] += sum_t k_tl k_tm v_t        (mma, A = k_l k[M], B = v)
+//   warp w owning l = 16 L + 4 w .. 16 L + 4 w + 3. The denominator column
+//   is not a ones column of v but separate small products of the same
+//   fragments: z[(l, m)] = sum_t k_tl k_tm = (K[M]^T K[L])_ml (warps 0, 1, one
+//   n8 tile each), and on diagonal block pairs the linear features
+//   S[l, :] = sum_t k_tl [1 | v_t] (warp 2, A = k[L]^T) and on block pair
+//   (0, 0) the constant one S[0, :] = sum_t m_t [1 | v_t] (warp 3, A = the
+//   mask m as one row). Masked keys are zero rows of the staged K, V tiles
+//   (cp.async zero fill), so they add nothing.
+//   Token splits write partial states; finalize_state_mma_kernel adds them in
+//   a fixed order (deterministic) into the (B, H, F, e + 1) float state and
+//   writes the apply's operand.
+// * The operand, per head, rows of kDim + 8 columns, [S_f[1:] | S_f[0] | 0]:
+//   256 rows per block pair (row 16 l' + m' for l = 16 L + l',
+//   m = 16 M + m'), then d linear rows, then the constant row, zero-padded
+//   to whole stages of kStageRows rows. Each row is multiplied by its query
+//   coefficient (c, b, a on diagonal blocks, 2a off them) and by
+//   state_scale (see efficient_apply_kernel) and rounded to T once.
+// * efficient_apply_mma_kernel, one CTA per 64 queries and head, 16 queries
+//   per warp: for each 16 operand rows, A = q_l q[M] (mul2 of the query
+//   slice fragment, kept in registers, and x_l of the fragment's rows), B =
+//   the rows' kDim value columns and the z column as one more n8 tile:
+//       o += A B_values,  den += A B_z
+//   then y = sigma o / den. Operand rows are staged by cp.async in two
+//   buffers of kStageRows rows, one stage ahead of the products.
+constexpr int kTokenTile = 64;  // keys per staged tile (reduce)
+constexpr int kQueryTile = 64;  // queries per CTA (apply), 16 per warp
+constexpr int kStageRows = 64;  // operand rows per stage (apply)
+
+template <int kDim>
+struct PairBlocks {
+  static constexpr int kSlices = kDim / 16;
+  static constexpr int kPairs = kSlices * (kSlices + 1) / 2;
+  // Accumulator columns per reduce CTA: 4 x kValueTile / 8 n8 tiles per warp
+  // must stay in registers, so d = 128 splits its values in two.
+  static constexpr int kValueTile = kDim < 64 ? kDim : 64;
+  static constexpr int kValueTiles = kDim / kValueTile;
+  static constexpr int kWidth = kDim + 8;  // operand row: values, z, padding
+  static constexpr int64_t kLinearRow = 256 * kPairs;
+  static constexpr int64_t kConstantRow = kLinearRow + kDim;
+  static constexpr int64_t kRows =  // the constant row's 16-row step too
+      (kConstantRow + 16 + kStageRows - 1) / kStageRows * kStageRows;
+};
+
+// Block pair p's slices (L, M), in the order of pair_index(L, M, nb).
+template <int kSlices>
+__device__ __forceinline__ void block_pair(int p, int& L, int& M) {
+  L = 0;
+  while (pair_row_start(L + 1, kSlices) <= p) ++L;
+  M = L + p - static_cast<int>(pair_row_start(L, kSlices));
+}
+
+// Key side (forward state): x = k, y = v, masked keys are zero rows.
+// Query side (backward dS): x = q, y = rs gY with the z-column weights
+// w = -dl (dz = [-dl | rs gY], dz_rows_kernel).
+template <typename T>
+struct StateMmaArgs {
+  TokenRows<T> x, y;
+  const T* w;        // query side: (B H, w_stride) weights, zero-padded
+  int64_t w_stride;  // a multiple of 8 tokens
+  int64_t heads, tokens, features, chunk;  // chunk: tokens per split
+  Mask mask;
+  float* partial;  // (splits, B H, F, e + 1)
+};
+
+// dst = src[index] for a run-time index, without indexing a register array
+// (which would put it in local memory).
+template <int kCount>
+__device__ __forceinline__ void select_fragment(
+    uint32_t (&dst)[4], const uint32_t (&src)[kCount][4], int index) {
+#pragma unroll
+  for (int s = 0; s < kCount; ++s) {
+    if (s == index) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) dst[r] = src[s][r];
+    }
+  }
+}
+
+template <typename T, int kDim, bool kQuery, bool kMasked>
+__global__ void __launch_bounds__(kThreads)
+    state_reduce_mma_kernel(StateMmaArgs<T> p) {
+  using Blocks = PairBlocks<kDim>;
+  constexpr int kEv = Blocks::kValueTile, kN = kEv / 8;
+  constexpr int ld = kDim + 8, kTile = kTokenTile * ld;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* ks = reinterpret_cast<T*>(smem);  // two stages each: x, y, flags, w
+  T* vs = ks + 2 * kTile;
+  T* flags = vs + 2 * kTile;  // 1 for the valid tokens of the chunk, else 0
+  T* ws = flags + 2 * kTokenTile;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, quad = lane % 4;
+  const int value_tile = blockIdx.x % Blocks::kValueTiles;
+  int L, M;
+  block_pair<Blocks::kSlices>(blockIdx.x / Blocks::kValueTiles, L, M);
+  const int64_t split = blockIdx.y, bh = blockIdx.z;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int64_t begin = split * p.chunk;
+  const int64_t end = min(p.tokens, begin + p.chunk);
+  const int tiles =
+      end > begin
+          ? static_cast<int>((end - begin + kTokenTile - 1) / kTokenTile)
+          : 0;
+  // The warps' extra products (see above), uniform per warp and CTA.
+  const bool z_pairs = !kQuery && value_tile == 0 && warp < 2;
+  const bool linear = L == M && warp == 2;
+  const bool constant = L == 0 && M == 0 && warp == 3;
+  const int col0 = value_tile * kEv;
+
+  float acc[4][kN][4] = {};     // S rows (4 w + j, m) x kEv values
+  float extra[kN + 1][4] = {};  // z pairs, or a linear / constant row block
+  float acc_z[kQuery ? 4 : 1][4] = {};  // query side: z of rows (4 w + j, m)
+  // B = ones in column 0: the z column of the key side's linear and
+  // constant rows.
+  const uint32_t ones_b = g == 0 ? warp::pack<T>(1.f, 1.f) : 0u;
+  const auto load_tile = [&](int stage, int64_t t0) {
+    // The flags are read by the next tile's products, after the barrier
+    // that follows its copies; the previous reads of this stage ended at a
+    // barrier.
+    load_key_rows<kDim, kTokenTile>(ks + stage * kTile, vs + stage * kTile,
+                                    flags + stage * kTokenTile, p.x, p.y, b, h,
+                                    t0, end, kMasked ? &p.mask : nullptr);
+    if constexpr (kQuery) {  // w of the tile's tokens, 8 per 16 bytes
+      if (threadIdx.x < kTokenTile / 8) {
+        const int64_t t = t0 + 8 * threadIdx.x;
+        const bool valid = t < p.w_stride;
+        warp::cp_async_16(ws + stage * kTokenTile + 8 * threadIdx.x,
+                          valid ? p.w + bh * p.w_stride + t : p.w, valid);
+      }
+    }
+  };
+  if (tiles > 0) load_tile(0, begin);
+  warp::cp_async_commit();
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int64_t t0 = begin + static_cast<int64_t>(tile) * kTokenTile;
+    if (tile + 1 < tiles) {  // prefetch the next tile into the other stage
+      load_tile((tile + 1) % 2, t0 + kTokenTile);
+      warp::cp_async_commit();
+      warp::cp_async_wait<1>();
+    } else {
+      warp::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* kt = ks + tile % 2 * kTile;
+    const T* vt = vs + tile % 2 * kTile;
+#pragma unroll
+    for (int kk = 0; kk < kTokenTile / 16; ++kk) {
+      const T* krows = kt + kk * 16 * ld;
+      // A of K[M]^T (16 m x 16 tokens): .trans of the token-major tile.
+      uint32_t km[4];
+      warp::ldmatrix<4, true>(km, krows + (lane % 8 + lane / 16 * 8) * ld +
+                                      M * 16 + lane / 8 % 2 * 8);
+      // B of K[L] (16 tokens x 16 l), two n8 tiles: {0, 1} l < 8, {2, 3}.
+      uint32_t kl[4];
+      warp::ldmatrix<4, true>(kl, krows + (lane % 8 + lane / 8 % 2 * 8) * ld +
+                                      L * 16 + lane / 16 * 8);
+      uint32_t vb[kN][2];
+#pragma unroll
+      for (int n = 0; n < kN / 2; ++n) {
+        uint32_t f[4];
+        warp::ldmatrix<4, true>(
+            f, vt + (kk * 16 + lane % 8 + lane / 8 % 2 * 8) * ld + col0 +
+                   n * 16 + lane / 16 * 8);
+        vb[2 * n][0] = f[0];
+        vb[2 * n][1] = f[1];
+        vb[2 * n + 1][0] = f[2];
+        vb[2 * n + 1][1] = f[3];
+      }
+      // k_l of tokens 2 quad, 2 quad + 1 (lo) and + 8 (hi) for this warp's
+      // l = 4 warp + j: B register of lane 4 (l % 8) + quad in n8 tile l / 8.
+      const uint32_t kl_lo = warp < 2 ? kl[0] : kl[2];
+      const uint32_t kl_hi = warp < 2 ? kl[1] : kl[3];
+      // The z column as B: query side w (rows 2 quad + {0, 1}, + 8 of
+      // column 0), key side ones.
+      uint32_t zb[2] = {ones_b, ones_b};
+      if constexpr (kQuery) {
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(
+            ws + tile % 2 * kTokenTile + kk * 16 + 2 * quad);
+        zb[0] = g == 0 ? w[0] : 0u;
+        zb[1] = g == 0 ? w[4] : 0u;
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int source = (4 * warp + j) % 8 * 4 + quad;
+        const uint32_t lo = __shfl_sync(0xffffffffu, kl_lo, source);
+        const uint32_t hi = __shfl_sync(0xffffffffu, kl_hi, source);
+        const uint32_t a[4] = {
+            warp::mul2<T>(km[0], lo), warp::mul2<T>(km[1], lo),
+            warp::mul2<T>(km[2], hi), warp::mul2<T>(km[3], hi)};
+#pragma unroll
+        for (int n = 0; n < kN; ++n) warp::mma_16816<T>(acc[j][n], a, vb[n]);
+        if constexpr (kQuery) {
+          if (value_tile == 0) warp::mma_16816<T>(acc_z[j], a, zb);
+        }
+      }
+      if (z_pairs) {  // z (m, l) += sum_t k_tm k_tl, l in n8 tile `warp`
+        const uint32_t kb[2] = {warp == 0 ? kl[0] : kl[2],
+                                warp == 0 ? kl[1] : kl[3]};
+        warp::mma_16816<T>(extra[0], km, kb);
+      } else if (linear || constant) {
+        // Linear: A = K[L]^T (= km, L = M). Constant: A = the token flags
+        // as row 0 (tokens 2 quad + {0, 1}, + 8), so z counts the valid
+        // keys.
+        uint32_t a[4] = {km[0], km[1], km[2], km[3]};
+        if (constant) {
+          const uint32_t* m = reinterpret_cast<const uint32_t*>(
+              flags + tile % 2 * kTokenTile + kk * 16 + 2 * quad);
+          a[0] = g == 0 ? m[0] : 0u;
+          a[2] = g == 0 ? m[4] : 0u;
+          a[1] = a[3] = 0u;
+        }
+#pragma unroll
+        for (int n = 0; n < kN; ++n) warp::mma_16816<T>(extra[n], a, vb[n]);
+        warp::mma_16816<T>(extra[kN], a, zb);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before its refill
+  }
+  warp::cp_async_wait<0>();  // no copy outlives the block (empty splits)
+
+  // Partial state rows: feature f, columns [z | values] = [0 | 1 + c].
+  const int d = kDim, e1 = kDim + 1;
+  float* dst = p.partial + (split * gridDim.z + bh) * p.features * e1;
+  const auto pair_row = [&](int l, int m) {
+    return dst + (pair_feature_offset(d) + pair_index(l, m, d)) * e1;
+  };
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int m = M * 16 + g + 8 * (i / 2);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int l = L * 16 + 4 * warp + j;
+      if (l > m) continue;  // the mirrored half of a diagonal block
+#pragma unroll
+      for (int n = 0; n < kN; ++n)
+        pair_row(l, m)[1 + col0 + n * 8 + 2 * quad + i % 2] = acc[j][n][i];
+      if constexpr (kQuery) {
+        if (value_tile == 0 && quad == 0 && i % 2 == 0)
+          pair_row(l, m)[0] = acc_z[j][i];
+      }
+    }
+    if (z_pairs) {
+      const int l = L * 16 + 8 * warp + 2 * quad + i % 2;
+      if (l <= m) pair_row(l, m)[0] = extra[0][i];
+    } else if (linear || (constant && g == 0 && i < 2)) {
+      // Linear feature 1 + m, or the constant feature 0 (row 0 only).
+      float* row = dst + (linear ? linear_feature_offset() + m : 0) * e1;
+#pragma unroll
+      for (int n = 0; n < kN; ++n)
+        row[1 + col0 + n * 8 + 2 * quad + i % 2] = extra[n][i];
+      if (value_tile == 0 && quad == 0 && i % 2 == 0) row[0] = extra[kN][i];
+    }
+  }
+}
+
+// The weight of each feature in an operand (see above): the query side's
+// coefficients {c, b, a, a, 2a} (forward apply, dq), the key side's
+// {1, 1, 1, 1/2, 1} (dk, dv from dS: a diagonal block counts its pairs
+// l != m twice).
+struct FeatureWeights {
+  float constant, linear, square, same_block, other_block;
+};
+
+inline FeatureWeights query_weights(double a, double b, double c) {
+  return {float(c), float(b), float(a), float(a), float(2 * a)};
+}
+inline FeatureWeights key_weights() { return {1.f, 1.f, 1.f, 0.5f, 1.f}; }
+
+// The sum of `splits` partial states, in split order, into `state` (unless
+// null), and the operand of its products: weight * scale * sum, rounded to T
+// once. Every operand element is written once (a pair l != m of a diagonal
+// block twice, as (l, m) and (m, l)); padding stays zero.
+template <typename T, int kDim>
+__global__ void finalize_state_mma_kernel(const float* partial, int64_t splits,
+                                          int64_t count, float* state,
+                                          T* operand, FeatureWeights w,
+                                          float scale) {
+  using Blocks = PairBlocks<kDim>;
+  constexpr int d = kDim, e1 = kDim + 1, width = Blocks::kWidth;
+  constexpr int64_t features = 1 + d + d * (d + 1) / 2;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = 0;
+    for (int64_t s = 0; s < splits; ++s) sum += partial[s * count + i];
+    if (state != nullptr) state[i] = sum;
+    const int col = static_cast<int>(i % e1);
+    const int64_t f = i / e1 % features, bh = i / (e1 * features);
+    T* op = operand + bh * Blocks::kRows * width + (col == 0 ? d : col - 1);
+    if (f < linear_feature_offset()) {
+      op[Blocks::kConstantRow * width] =
+          Num<T>::narrow(w.constant * scale * sum);
+    } else if (f < pair_feature_offset(d)) {
+      op[(Blocks::kLinearRow + f - linear_feature_offset()) * width] =
+          Num<T>::narrow(w.linear * scale * sum);
+    } else {
+      const int64_t pair = f - pair_feature_offset(d);
+      int l = 0;
+      while (pair_row_start(l + 1, d) <= pair) ++l;
+      const int m = l + static_cast<int>(pair - pair_row_start(l, d));
+      const int64_t block = pair_index(l / 16, m / 16, Blocks::kSlices) * 256;
+      const float weight = l == m             ? w.square
+                           : l / 16 == m / 16 ? w.same_block
+                                              : w.other_block;
+      const T value = Num<T>::narrow(weight * scale * sum);
+      op[(block + l % 16 * 16 + m % 16) * width] = value;
+      if (l != m && l / 16 == m / 16)
+        op[(block + m % 16 * 16 + l % 16) * width] = value;
+    }
+  }
+}
+
+// Operand rows [s kStageRows, (s + 1) kStageRows) into a stage buffer, as
+// 16-byte cp.async chunks (kElements, the stage's size, is a multiple of 8).
+template <int kElements, typename T>
+__device__ __forceinline__ void load_operand_stage(T* dst, const T* src) {
+  constexpr int kChunks = kElements / 8;
+#pragma unroll
+  for (int step = 0; step < (kChunks + kThreads - 1) / kThreads; ++step) {
+    const int idx = threadIdx.x + step * kThreads;
+    if (kChunks % kThreads == 0 || idx < kChunks)
+      warp::cp_async_16(dst + idx * 8, src + idx * 8, true);
+  }
+}
+
+template <typename T>
+struct ApplyMmaArgs {
+  TokenRows<T> q;
+  const T* operand;  // (B H, rows, kDim + 8)
+  int64_t heads, tokens;
+  int e;
+  RowValues<float> sigma;
+  float state_scale;
+};
+
+template <int kDim>
+constexpr size_t apply_mma_smem() {
+  return size_t(kQueryTile + 2 * kStageRows) * (kDim + 8) * 2;
+}
+
+// Two stages of the x and y tiles, of the token flags and of the query
+// side's w.
+template <int kDim, bool kQuery>
+constexpr size_t reduce_mma_smem() {
+  return (size_t(4) * kTokenTile * (kDim + 8) + (kQuery ? 4 : 2) * kTokenTile) *
+         2;
+}
+
+template <typename T, int kDim>
+__global__ void __launch_bounds__(kThreads)
+    efficient_apply_mma_kernel(ApplyMmaArgs<T> p, T* out, float* den) {
+  using Blocks = PairBlocks<kDim>;
+  constexpr int width = Blocks::kWidth, kStage = kStageRows * width;
+  constexpr int kStages = Blocks::kRows / kStageRows;
+  constexpr int kSlices = Blocks::kSlices;
+  static_assert(kQueryTile == 16 * (kThreads / 32));
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* qs = reinterpret_cast<T*>(smem);
+  T* stages = qs + kQueryTile * width;
+  const uint16_t* q_bits = reinterpret_cast<const uint16_t*>(qs);
+  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16;
+  const int g = lane / 4, quad = lane % 4;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kQueryTile;
+  const T* operand = p.operand + bh * Blocks::kRows * width;
+  const auto load_stage = [&](int s) {
+    load_operand_stage<kStage>(stages + s % 2 * kStage,
+                               operand + static_cast<int64_t>(s) * kStage);
+  };
+  load_rows<kDim, kQueryTile>(qs, p.q, b, h, i0, p.tokens);
+  load_stage(0);
+  warp::cp_async_commit();
+  int stage = 0;
+  // Waits for stage `stage` while the next one is in flight.
+  const auto acquire = [&]() -> const T* {
+    if (stage + 1 < kStages) {
+      load_stage(stage + 1);
+      warp::cp_async_commit();
+      warp::cp_async_wait<1>();
+    } else {
+      warp::cp_async_wait<0>();
+    }
+    __syncthreads();
+    return stages + stage % 2 * kStage;
+  };
+  const auto release = [&] {
+    __syncthreads();  // every warp is done with the stage before its refill
+    ++stage;
+  };
+  float o[kDim / 8][4] = {};
+  float z[4] = {};
+  // 16 operand rows times the A fragment: o += A values, z += A z-column.
+  const auto product = [&](const uint32_t (&a)[4], const T* rows) {
+#pragma unroll
+    for (int n = 0; n < kDim / 16; ++n) {
+      uint32_t f[4];
+      warp::ldmatrix<4, true>(f, rows + (lane % 8 + lane / 8 % 2 * 8) * width +
+                                     n * 16 + lane / 16 * 8);
+      const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+      warp::mma_16816<T>(o[2 * n], a, lo);
+      warp::mma_16816<T>(o[2 * n + 1], a, hi);
+    }
+    uint32_t f[2];
+    warp::ldmatrix<2, true>(
+        f, rows + (lane % 8 + lane / 8 % 2 * 8) * width + kDim);
+    warp::mma_16816<T>(z, a, f);
+  };
+
+  const T* st = acquire();  // stage 0; Q landed with it
+  uint32_t qf[kSlices][4];  // A fragments of this warp's 16 queries
+  warp::load_a<kDim, width>(qf, qs + warp_row * width, lane);
+  const uint16_t* q_g = q_bits + (warp_row + g) * width;
+  const uint16_t* q_g8 = q_g + 8 * width;
+  for (int L = 0; L < kSlices; ++L) {
+    for (int M = L; M < kSlices; ++M) {
+      uint32_t qm[4];
+      select_fragment<kSlices>(qm, qf, M);
+      for (int l0 = 0; l0 < 16; l0 += 4) {
+        if (L + M + l0 > 0) st = acquire();
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int l = 16 * L + l0 + j;
+          const uint32_t x_g = warp::splat(q_g[l]), x_g8 = warp::splat(q_g8[l]);
+          const uint32_t a[4] = {
+              warp::mul2<T>(qm[0], x_g), warp::mul2<T>(qm[1], x_g8),
+              warp::mul2<T>(qm[2], x_g), warp::mul2<T>(qm[3], x_g8)};
+          product(a, st + j * 16 * width);
+        }
+        release();
+      }
+    }
+  }
+  // The linear rows (A = q[s]) and the constant row (A = ones in column 0).
+  constexpr int kUnits = kSlices + 1;
+#pragma unroll
+  for (int u0 = 0; u0 < kUnits; u0 += kStageRows / 16) {
+    st = acquire();
+#pragma unroll
+    for (int j = 0; j < kStageRows / 16; ++j) {
+      const int u = u0 + j;
+      if (u < kSlices) {
+        product(qf[u], st + j * 16 * width);
+      } else if (u == kSlices) {
+        const uint32_t one = quad == 0 ? warp::pack<T>(1.f, 0.f) : 0u;
+        const uint32_t a[4] = {one, one, 0u, 0u};
+        product(a, st + j * 16 * width);
+      }
+    }
+    release();
+  }
+  // den of rows g, g + 8 sits in column 0 of z: lane 4 g.
+  float scale[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float row_sum = __shfl_sync(0xffffffffu, z[2 * r], g * 4);
+    const int64_t row = i0 + warp_row + g + 8 * r;
+    scale[r] =
+        row < p.tokens ? p.sigma.at(b, h, row) * safe_reciprocal(row_sum) : 0.f;
+    if (quad == 0 && row < p.tokens)
+      den[bh * p.tokens + row] = row_sum / p.state_scale;
+  }
+  store_rows<T, kDim>(out + bh * p.tokens * p.e, o, i0 + warp_row, p.tokens,
+                      p.e, scale, lane);
+}
+
+template <typename T>
+struct ContractMmaArgs {
+  TokenRows<T> x;  // q (query side) or k (key side)
+  TokenRows<T> y;  // query side: rs gY (dz_rows_kernel); key side: v
+  const T* w;      // query side: -dl, (B H, w_stride)
+  int64_t w_stride;
+  const T* operand;  // (B H, rows, kDim + 8): state (query), dS (key)
+  int64_t heads, tokens;
+  Mask mask;  // key side: key padding
+};
+
+template <int kDim>
+constexpr size_t contract_mma_smem() {
+  return (size_t(kQueryTile + kQueryTile + 2 * kStageRows) * (kDim + 8) +
+          kQueryTile) *
+         2;
+}
+
+// The gradients through the quadratic features (docs/math.md §3), 16 tokens
+// per warp, 64 per CTA, over the operand rows staged as in the apply kernel.
+// With y'_t = [y_t | z_t] (query side: y = rs gY, z = -dl; key side: y = v,
+// z = 1) and O the operand, for every 16 operand rows (l, m in M):
+//     G = y' O_l^T       (16 tokens x 16 m; mma, the z column one more k-step)
+//     dx_m += G_m x_l,   dx_l += sum_m G_m x_m
+// the second summed over m in registers (4 products per lane, then shuffles
+// across the lane quad that holds a row). This is d(x_l x_m O_lm . y')/dx
+// for both factors: the operand's weights make the diagonal blocks' (l, m)
+// and (m, l) add up. Linear rows give dx_l += G directly; the constant row
+// has no gradient. The key side also forms dv = sum_f feat_f(k) O_f as the
+// apply kernel forms o (A = k_l k[M]). dx and dv stay in registers (C layout)
+// across the whole loop; dx_m and dx_l of the current block pair are summed
+// in their own registers and added to dx when the pair ends.
+template <typename T, int kDim, bool kKeySide, bool kMasked>
+__global__ void __launch_bounds__(kThreads)
+    efficient_contract_mma_kernel(ContractMmaArgs<T> p, T* grad_x, T* grad_v) {
+  using Blocks = PairBlocks<kDim>;
+  constexpr int width = Blocks::kWidth, kStage = kStageRows * width;
+  constexpr int kStages = Blocks::kRows / kStageRows;
+  constexpr int kSlices = Blocks::kSlices, kN = kDim / 8;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* xs = reinterpret_cast<T*>(smem);
+  T* ys = xs + kQueryTile * width;
+  T* stages = ys + kQueryTile * width;
+  T* ws = stages + 2 * kStage;
+  const uint16_t* x_bits = reinterpret_cast<const uint16_t*>(xs);
+  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16;
+  const int g = lane / 4, quad = lane % 4;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kQueryTile;
+  const T* operand = p.operand + bh * Blocks::kRows * width;
+  const auto key_valid = [&](int64_t t) {
+    return !kMasked || p.mask.key_valid(b, t);
+  };
+  const auto load_stage = [&](int s) {
+    load_operand_stage<kStage>(stages + s % 2 * kStage,
+                               operand + static_cast<int64_t>(s) * kStage);
+  };
+  load_key_rows<kDim, kQueryTile>(xs, ys, static_cast<T*>(nullptr), p.x, p.y, b,
+                                  h, i0, p.tokens, kMasked ? &p.mask : nullptr);
+  if constexpr (!kKeySide) {
+    if (threadIdx.x < kQueryTile / 8) {
+      const int64_t t = i0 + 8 * threadIdx.x;
+      const bool valid = t < p.w_stride;
+      warp::cp_async_16(ws + 8 * threadIdx.x,
+                        valid ? p.w + bh * p.w_stride + t : p.w, valid);
+    }
+  }
+  load_stage(0);
+  warp::cp_async_commit();
+  int stage = 0;
+  const auto acquire = [&]() -> const T* {
+    if (stage + 1 < kStages) {
+      load_stage(stage + 1);
+      warp::cp_async_commit();
+      warp::cp_async_wait<1>();
+    } else {
+      warp::cp_async_wait<0>();
+    }
+    __syncthreads();
+    return stages + stage % 2 * kStage;
+  };
+  const auto release = [&] {
+    __syncthreads();
+    ++stage;
+  };
+  const T* st = acquire();
+  uint32_t xf[kSlices][4], yf[kSlices][4];
+  warp::load_a<kDim, width>(xf, xs + warp_row * width, lane);
+  warp::load_a<kDim, width>(yf, ys + warp_row * width, lane);
+  // The z column of y' as the A fragment of one more k-step (column 0).
+  uint32_t yz[4] = {0u, 0u, 0u, 0u};
+  if (quad == 0) {
+    if constexpr (kKeySide) {
+      yz[0] = yz[1] = warp::pack<T>(1.f, 0.f);
+    } else {
+      const uint16_t* w_bits = reinterpret_cast<const uint16_t*>(ws);
+      yz[0] = w_bits[warp_row + g];
+      yz[1] = w_bits[warp_row + g + 8];
+    }
+  }
+  const uint16_t* x_g = x_bits + (warp_row + g) * width;
+  const uint16_t* x_g8 = x_g + 8 * width;
+  float dx[kN][4] = {};
+  float dv[kKeySide ? kN : 1][4] = {};
+  // G = y' O^T for 16 operand rows: two n8 tiles of m.
+  const auto g_product = [&](float (&gm)[2][4], const T* rows) {
+#pragma unroll
+    for (int s = 0; s < kSlices; ++s) {
+      uint32_t f[4];
+      warp::ldmatrix<4>(f, rows + (lane % 8 + lane / 16 * 8) * width + s * 16 +
+                               lane / 8 % 2 * 8);
+      const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+      warp::mma_16816<T>(gm[0], yf[s], lo);
+      warp::mma_16816<T>(gm[1], yf[s], hi);
+    }
+    uint32_t f[2];
+    warp::ldmatrix<2>(f, rows + (lane % 16) * width + kDim);
+    const uint32_t lo[2] = {f[0], 0u}, hi[2] = {f[1], 0u};
+    warp::mma_16816<T>(gm[0], yz, lo);
+    warp::mma_16816<T>(gm[1], yz, hi);
+  };
+  // dv += A O for 16 operand rows (key side).
+  const auto v_product = [&](const uint32_t (&a)[4], const T* rows) {
+    if constexpr (kKeySide) {
+#pragma unroll
+      for (int n = 0; n < kDim / 16; ++n) {
+        uint32_t f[4];
+        warp::ldmatrix<4, true>(f, rows +
+                                       (lane % 8 + lane / 8 % 2 * 8) * width +
+                                       n * 16 + lane / 16 * 8);
+        const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+        warp::mma_16816<T>(dv[2 * n], a, lo);
+        warp::mma_16816<T>(dv[2 * n + 1], a, hi);
+      }
+    }
+  };
+  const T* x_row = xs + (warp_row + g) * width;  // and + 8 rows
+  for (int L = 0; L < kSlices; ++L) {
+    for (int M = L; M < kSlices; ++M) {
+      uint32_t xm[4];
+      select_fragment<kSlices>(xm, xf, M);
+      // x_m of the lane's G elements: element i of n8 tile n is row
+      // g + 8 (i / 2), m = 16 M + 8 n + 2 quad + i % 2.
+      float x_m[2][4];
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          x_m[n][i] = Num<T>::widen(
+              x_row[i / 2 * 8 * width + 16 * M + 8 * n + 2 * quad + i % 2]);
+      float dx_m[2][4] = {}, dx_l[2][4] = {};
+#pragma unroll  // static register indices of dx_l
+      for (int l0 = 0; l0 < 16; l0 += 4) {
+        if (L + M + l0 > 0) st = acquire();
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int l = 16 * L + l0 + j;
+          const T* rows = st + j * 16 * width;
+          float gm[2][4] = {};
+          g_product(gm, rows);
+          const float xl[2] = {Num<T>::widen(x_row[l]),
+                               Num<T>::widen(x_row[8 * width + l])};
+          float part[2] = {0.f, 0.f};
+#pragma unroll
+          for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              dx_m[n][i] += gm[n][i] * xl[i / 2];
+              part[i / 2] += gm[n][i] * x_m[n][i];
+            }
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            part[r] += __shfl_xor_sync(0xffffffffu, part[r], 1);
+            part[r] += __shfl_xor_sync(0xffffffffu, part[r], 2);
+          }
+          // dx_l: row g (+ 8), column l % 16 = 8 n + 2 quad + i % 2.
+          const int lc = (l0 + j) % 8;
+          const bool mine = quad == lc / 2;
+          dx_l[(l0 + j) / 8][lc % 2] += mine ? part[0] : 0.f;
+          dx_l[(l0 + j) / 8][2 + lc % 2] += mine ? part[1] : 0.f;
+          if constexpr (kKeySide) {
+            const uint32_t s_g = warp::splat(x_g[l]),
+                           s_g8 = warp::splat(x_g8[l]);
+            const uint32_t a[4] = {
+                warp::mul2<T>(xm[0], s_g), warp::mul2<T>(xm[1], s_g8),
+                warp::mul2<T>(xm[2], s_g), warp::mul2<T>(xm[3], s_g8)};
+            v_product(a, rows);
+          }
+        }
+        release();
+      }
+#pragma unroll
+      for (int s = 0; s < kSlices; ++s) {
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            if (s == M) dx[2 * s + n][i] += dx_m[n][i];
+            if (s == L) dx[2 * s + n][i] += dx_l[n][i];
+          }
+      }
+    }
+  }
+  // Linear rows: dx[s] += G; key side dv += k[s] O. Constant row: dv += O.
+  constexpr int kUnits = kSlices + 1;
+#pragma unroll
+  for (int u0 = 0; u0 < kUnits; u0 += kStageRows / 16) {
+    st = acquire();
+#pragma unroll
+    for (int j = 0; j < kStageRows / 16; ++j) {
+      const int u = u0 + j;
+      const T* rows = st + j * 16 * width;
+      if (u < kSlices) {
+        float gm[2][4] = {};
+        g_product(gm, rows);
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) dx[2 * u + n][i] += gm[n][i];
+        v_product(xf[u], rows);
+      } else if (u == kSlices && kKeySide) {
+        const uint32_t one = quad == 0 ? warp::pack<T>(1.f, 0.f) : 0u;
+        const uint32_t a[4] = {one, one, 0u, 0u};
+        v_product(a, rows);
+      }
+    }
+    release();
+  }
+  // Masked keys get zero gradients.
+  float scale[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = i0 + warp_row + g + 8 * r;
+    scale[r] = row < p.tokens && key_valid(row) ? 1.f : 0.f;
+  }
+  store_rows<T, kDim>(grad_x + bh * p.tokens * kDim, dx, i0 + warp_row,
+                      p.tokens, kDim, scale, lane);
+  if constexpr (kKeySide) {
+    store_rows<T, kDim>(grad_v + bh * p.tokens * kDim, dv, i0 + warp_row,
+                        p.tokens, kDim, scale, lane);
+  }
+}
+
+// dS = the splits' sums times the query features' coefficients (c, b, and a
+// on the diagonal pairs, 2a off it): the reduce summed the plain q_l q_m.
+template <int kDim>
+__global__ void finalize_dstate_mma_kernel(const float* partial, int64_t splits,
+                                           int64_t count, float* dstate,
+                                           float a, float b, float c) {
+  constexpr int d = kDim, e1 = kDim + 1;
+  constexpr int64_t features = 1 + d + d * (d + 1) / 2;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = 0;
+    for (int64_t s = 0; s < splits; ++s) sum += partial[s * count + i];
+    const int64_t f = i / e1 % features;
+    float coef = 2 * a;
+    if (f < linear_feature_offset()) {
+      coef = c;
+    } else if (f < pair_feature_offset(d)) {
+      coef = b;
+    } else {
+      const int64_t pair = f - pair_feature_offset(d);
+      for (int l = 0; l < d && pair_row_start(l, d) <= pair; ++l)
+        if (pair_row_start(l, d) == pair) coef = a;  // pair (l, l)
+    }
+    dstate[i] = coef * sum;
+  }
+}
+
+// The query side's dz rows: y = rs gY (B H, M, cols) and w = -dl (B H,
+// w_stride, zero-padded), from the row scalars (rs, dl); gY is read through
+// its strides.
+template <typename T>
+__global__ void dz_rows_kernel(TokenRows<T> grad_out, const float* scalars,
+                               int64_t heads, int64_t tokens, int64_t w_stride,
+                               int64_t count, T* y, T* w) {
+  const int cols = grad_out.cols;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int col = static_cast<int>(i % cols);
+    const int64_t row = i / cols, t = row % tokens, bh = row / tokens;
+    const float* s = scalars + 2 * row;
+    y[i] = Num<T>::narrow(
+        s[0] * Num<T>::widen(grad_out.row(bh / heads, bh % heads,
+                                          t)[col * grad_out.stride_c]));
+    if (col == 0) w[bh * w_stride + t] = Num<T>::narrow(-s[1]);
+  }
+}
+
+// Runs state_reduce_mma_kernel over `tokens`; returns the partial sums
+// (`out` itself when there is one split) and the number of splits.
+template <typename T, int kDim, bool kQuery>
+std::pair<at::Tensor, int64_t> mma_state_reduce(StateMmaArgs<T> args,
+                                                bool masked, int64_t bh,
+                                                at::Tensor& out) {
+  using Blocks = PairBlocks<kDim>;
+  args.features = feature_count<int64_t>(kDim);
+  const auto reduce = kQuery ? state_reduce_mma_kernel<T, kDim, kQuery, false>
+                      : masked
+                          ? state_reduce_mma_kernel<T, kDim, kQuery, true>
+                          : state_reduce_mma_kernel<T, kDim, kQuery, false>;
+  constexpr size_t bytes = reduce_mma_smem<kDim, kQuery>();
+  allow_shared_memory(reduce, bytes);
+  // Token splits: as many as fill the resident CTAs of one whole wave.
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, reduce, kThreads, bytes));
+  const int64_t capacity =
+      std::max(1, per_sm) *
+      static_cast<int64_t>(
+          at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const int64_t base = Blocks::kPairs * Blocks::kValueTiles * bh;
+  const int64_t token_tiles = (args.tokens + kTokenTile - 1) / kTokenTile;
+  int64_t splits = std::clamp<int64_t>(capacity / base, 1,
+                                       std::max<int64_t>(1, token_tiles));
+  const int64_t chunk_tiles =
+      std::max<int64_t>(1, (token_tiles + splits - 1) / splits);
+  splits = std::max<int64_t>(1, (token_tiles + chunk_tiles - 1) / chunk_tiles);
+  args.chunk = chunk_tiles * kTokenTile;
+  at::Tensor partial =
+      splits == 1 ? out : at::empty({splits, out.numel()}, out.options());
+  args.partial = partial.data_ptr<float>();
+  reduce<<<dim3(Blocks::kPairs * Blocks::kValueTiles, splits, bh), kThreads,
+           bytes, at::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {partial, splits};
+}
+
+// finalize_state_mma_kernel: the operand (B H, rows, kDim + 8) of the
+// `splits` partial states in `partial` (B, H, F, kDim + 1 each), whose sum
+// goes to `state` too unless it is null.
+template <typename T, int kDim>
+at::Tensor state_operand(const at::Tensor& partial, int64_t splits,
+                         at::Tensor* state, FeatureWeights weights, float scale,
+                         const at::TensorOptions& options) {
+  using Blocks = PairBlocks<kDim>;
+  const int64_t count = partial.numel() / splits;
+  const int64_t bh = count / (feature_count<int64_t>(kDim) * (kDim + 1));
+  at::Tensor operand = at::zeros({bh, Blocks::kRows, Blocks::kWidth}, options);
+  finalize_state_mma_kernel<T, kDim>
+      <<<std::min<int64_t>((count + 255) / 256, grid_stride_blocks()), 256, 0,
+         at::cuda::getCurrentCUDAStream()>>>(
+          partial.data_ptr<float>(), splits, count,
+          state != nullptr ? state->data_ptr<float>() : nullptr,
+          reinterpret_cast<T*>(operand.data_ptr()), weights, scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return operand;
+}
+
+// Runs the register-resident forward for d = e = kDim (see above).
+template <typename T, int kDim>
+void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const Mask& mask, bool masked, const at::Tensor& sigma,
+                 double a, double b, double c, float state_scale,
+                 at::Tensor& out, at::Tensor& den, at::Tensor& state) {
+  using Blocks = PairBlocks<kDim>;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t bh = q.size(0) * q.size(1);
+  // Kept alive until the launches: the arguments point into them.
+  const at::Tensor qr = cp_async_rows(q), kr = cp_async_rows(k),
+                   vr = cp_async_rows(v);
+  StateMmaArgs<T> args{};
+  args.x = token_rows<T>(kr, kDim);
+  args.y = token_rows<T>(vr, kDim);
+  args.heads = q.size(1);
+  args.tokens = k.size(2);
+  args.mask = mask;
+  const std::pair<at::Tensor, int64_t> reduced =
+      mma_state_reduce<T, kDim, false>(args, masked, bh, state);
+  const at::Tensor& partial = reduced.first;
+  const int64_t splits = reduced.second;
+
+  const at::Tensor operand =
+      state_operand<T, kDim>(partial, splits, &state, query_weights(a, b, c),
+                             state_scale, q.options());
+  if (q.size(2) == 0) return;
+
+  ApplyMmaArgs<T> apply_args{};
+  apply_args.q = token_rows<T>(qr, kDim);
+  apply_args.operand = reinterpret_cast<const T*>(operand.data_ptr());
+  apply_args.heads = q.size(1);
+  apply_args.tokens = q.size(2);
+  apply_args.e = kDim;
+  apply_args.sigma = row_values<float>(sigma);
+  apply_args.state_scale = state_scale;
+  const auto apply = efficient_apply_mma_kernel<T, kDim>;
+  constexpr size_t apply_bytes = apply_mma_smem<kDim>();
+  allow_shared_memory(apply, apply_bytes);
+  apply<<<dim3((q.size(2) + kQueryTile - 1) / kQueryTile, bh), kThreads,
+          apply_bytes, stream>>>(
+      apply_args, reinterpret_cast<T*>(out.data_ptr()), den.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The backward for d = e = kDim, bfloat16: dS on the query-side reduce,
+// then dq and (dk, dv) on the contraction kernel, from operands of the state
+// (query weights) and of dS (key weights), neither scaled (bfloat16 has
+// float's range).
+template <typename T, int kDim>
+void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                  const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& state, const at::Tensor& scalars,
+                  const Mask& mask, bool masked, double a, double b, double c,
+                  at::Tensor& dstate, at::Tensor& grad_q, at::Tensor& grad_k,
+                  at::Tensor& grad_v) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t bh = q.size(0) * q.size(1), queries = q.size(2),
+                keys = k.size(2);
+  const at::Tensor qr = cp_async_rows(q), kr = cp_async_rows(k),
+                   vr = cp_async_rows(v);
+  // dz rows: y = rs gY and w = -dl.
+  at::Tensor y = at::empty({q.size(0), q.size(1), queries, kDim}, q.options());
+  const int64_t w_stride = (queries + 7) / 8 * 8;
+  at::Tensor w = at::zeros({bh, w_stride}, q.options());
+  const int64_t count = y.numel();
+  dz_rows_kernel<T>
+      <<<std::min<int64_t>((count + 255) / 256, grid_stride_blocks()), 256, 0,
+         stream>>>(token_rows<T>(grad_out, kDim), scalars.data_ptr<float>(),
+                   q.size(1), queries, w_stride, count,
+                   reinterpret_cast<T*>(y.data_ptr()),
+                   reinterpret_cast<T*>(w.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  StateMmaArgs<T> args{};
+  args.x = token_rows<T>(qr, kDim);
+  args.y = token_rows<T>(y, kDim);
+  args.w = reinterpret_cast<const T*>(w.data_ptr());
+  args.w_stride = w_stride;
+  args.heads = q.size(1);
+  args.tokens = queries;
+  const std::pair<at::Tensor, int64_t> reduced =
+      mma_state_reduce<T, kDim, true>(args, false, bh, dstate);
+  const int64_t total = dstate.numel();
+  finalize_dstate_mma_kernel<kDim>
+      <<<std::min<int64_t>((total + 255) / 256, grid_stride_blocks()), 256, 0,
+         stream>>>(reduced.first.data_ptr<float>(), reduced.second, total,
+                   dstate.data_ptr<float>(), static_cast<float>(a),
+                   static_cast<float>(b), static_cast<float>(c));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  constexpr size_t bytes = contract_mma_smem<kDim>();
+  for (bool key_side : {false, true}) {
+    const at::Tensor operand = state_operand<T, kDim>(
+        key_side ? dstate : state, 1, nullptr,
+        key_side ? key_weights() : query_weights(a, b, c), 1.f, q.options());
+    ContractMmaArgs<T> contract{};
+    contract.x = token_rows<T>(key_side ? kr : qr, kDim);
+    contract.y = token_rows<T>(key_side ? vr : y, kDim);
+    contract.w = reinterpret_cast<const T*>(w.data_ptr());
+    contract.w_stride = w_stride;
+    contract.operand = reinterpret_cast<const T*>(operand.data_ptr());
+    contract.heads = q.size(1);
+    contract.tokens = key_side ? keys : queries;
+    contract.mask = mask;
+    const auto kernel =
+        !key_side ? efficient_contract_mma_kernel<T, kDim, false, false>
+        : masked  ? efficient_contract_mma_kernel<T, kDim, true, true>
+                  : efficient_contract_mma_kernel<T, kDim, true, false>;
+    allow_shared_memory(kernel, bytes);
+    kernel<<<dim3((contract.tokens + kQueryTile - 1) / kQueryTile, bh),
+             kThreads, bytes, stream>>>(
+        contract, reinterpret_cast<T*>((key_side ? grad_k : grad_q).data_ptr()),
+        reinterpret_cast<T*>(grad_v.data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Calls run(std::integral_constant<int, kDim>) and returns true where the
+// register-resident kernels take d = e = kDim; false for other head dims.
+template <typename Run>
+bool with_mma_dim(int64_t d, int64_t e, Run run) {
+  if (d != e) return false;
+  switch (d) {
+    case 16:
+      run(std::integral_constant<int, 16>{});
+      return true;
+    case 32:
+      run(std::integral_constant<int, 32>{});
+      return true;
+    case 64:
+      run(std::integral_constant<int, 64>{});
+      return true;
+    case 128:
+      run(std::integral_constant<int, 128>{});
+      return true;
+    default:
+      return false;
+  }
+}
+
+// The forward on the register-resident kernels where they apply (16-bit
+// inputs, d = e in 16, 32, 64, 128); false where the caller must run the
+// shared-memory kernels.
+template <typename T>
+bool try_mma_forward(const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const Mask& mask, bool masked,
+                     const at::Tensor& sigma, double a, double b, double c,
+                     float state_scale, at::Tensor& out, at::Tensor& den,
+                     at::Tensor& state) {
+  if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
+    return with_mma_dim(q.size(3), v.size(3), [&](auto dim) {
+      mma_forward<T, decltype(dim)::value>(q, k, v, mask, masked, sigma, a, b,
+                                           c, state_scale, out, den, state);
+    });
+  } else {
+    return false;
+  }
+}
+
+// The backward on the register-resident kernels where they apply:
+// bfloat16 (float16 cannot hold dz and dS, see common.cuh), d = e in 16, 32,
+// 64, 128.
+template <typename T>
+bool try_mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                      const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& state, const at::Tensor& scalars,
+                      const Mask& mask, bool masked, double a, double b,
+                      double c, at::Tensor& dstate, at::Tensor& grad_q,
+                      at::Tensor& grad_k, at::Tensor& grad_v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return with_mma_dim(q.size(3), v.size(3), [&](auto dim) {
+      mma_backward<T, decltype(dim)::value>(grad_out, q, k, v, state, scalars,
+                                            mask, masked, a, b, c, dstate,
+                                            grad_q, grad_k, grad_v);
+    });
+  } else {
+    return false;
+  }
+}
+
 // Runs the reduce phase into `out` (B, H, F, e + 1), splitting the tokens so
 // that the grid holds a few waves of blocks even for small batch * heads.
 template <typename T, typename Acc, bool kQuery>
@@ -618,8 +1638,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
   check_cuda_inputs("taylorshift::efficient_forward", q, k, v, {},
                     key_padding_mask, std::nullopt);
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
-                   vc = v.contiguous();
   const auto acc_options = q.options().dtype(accumulate_dtype(q));
   at::Tensor out =
       at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
@@ -631,17 +1649,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          std::nullopt, false, output_scale);
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
+  // The apply's state operand is multiplied by 2^-ceil(log2 N), see
+  // efficient_apply_kernel.
+  const double state_scale =
+      std::ldexp(1.0, -static_cast<int>(std::ceil(std::log2(std::max<double>(
+                          1.0, static_cast<double>(k.size(2)))))));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "efficient_forward_cuda", [&] {
         using T = typename Native<scalar_t>::type;
         using Acc = typename Num<T>::acc;
+        if (try_mma_forward<T>(q, k, v, mask, key_padding_mask.has_value(),
+                               sigma, a, b, c, static_cast<float>(state_scale),
+                               out, den, state))
+          return;
+        // Other dtypes and head dims: the shared-memory kernels, on
+        // contiguous copies.
+        const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
+                         vc = v.contiguous();
         feature_reduce<T, Acc, false>(
             make_args<T, Acc>(kc, vc, vc, mask, a, b, c), state);
         if (q.size(2) == 0) return;
         auto args = make_args<T, Acc>(qc, vc, vc, mask, a, b, c);
-        args.state_scale = static_cast<Acc>(std::ldexp(
-            1.0, -static_cast<int>(std::ceil(std::log2(
-                     std::max<double>(1.0, static_cast<double>(k.size(2))))))));
+        args.state_scale = static_cast<Acc>(state_scale);
         args.sigma = row_values<Acc>(sigma);
         args.feature_tile = feature_tile(args.d, sizeof(T));
         const at::Tensor operand =
@@ -680,9 +1709,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
               "taylorshift::efficient_backward: state must be (B, H, F, e + 1)"
               " in the accumulation dtype");
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
-                   vc = v.contiguous(), gc = grad_out.contiguous(),
-                   sc = state.contiguous();
+  const at::Tensor sc = state.contiguous();
   // Contiguous gradients whatever the inputs' strides, as the Meta kernels.
   at::Tensor grad_q = at::empty(q.sizes(), q.options()),
              grad_k = at::empty(k.sizes(), k.options()),
@@ -692,8 +1719,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
   }
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          std::nullopt, false, output_scale);
-  const at::Tensor scalars =
-      backward_row_scalars(gc, out.contiguous(), den.contiguous(), sigma);
+  const at::Tensor scalars = backward_row_scalars(grad_out, out, den, sigma);
   at::Tensor dstate = at::empty_like(sc);
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -702,6 +1728,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
         using T = typename Native<scalar_t>::type;
         using Acc = typename Num<T>::acc;
         using Op = typename Num<T>::derived;
+        if (try_mma_backward<T>(grad_out, q, k, v, sc, scalars, mask,
+                                key_padding_mask.has_value(), a, b, c, dstate,
+                                grad_q, grad_k, grad_v))
+          return;
+        // Other dtypes and head dims: the shared-memory kernels, on
+        // contiguous copies.
+        const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
+                         vc = v.contiguous(), gc = grad_out.contiguous();
         const auto stream = at::cuda::getCurrentCUDAStream();
         const int64_t bh = q.size(0) * q.size(1);
         // dS = sum_i phi(q_i) dz_i^T

@@ -1,5 +1,6 @@
 // Warp-level primitives of the tensor-core kernels: ldmatrix, mma.sync
-// m16n8k16 with float accumulators, 16-byte cp.async with commit/wait.
+// m16n8k16 with float accumulators, 16-byte cp.async with commit/wait, and the
+// paired 16-bit multiply (mul2) that builds feature fragments in registers.
 //
 // Register fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16"), per lane
 // with g = lane / 4 and q = lane % 4, each 32-bit register holding two 16-bit
@@ -42,6 +43,26 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     bits = *reinterpret_cast<const uint32_t*>(&v);
   } else {
     const __half2 v = __floats2half2_rn(lo, hi);
+    bits = *reinterpret_cast<const uint32_t*>(&v);
+  }
+  return bits;
+}
+
+// The elementwise product of two registers of 16-bit operands, each half
+// rounded once (the product of two bf16 or two fp16 values is exact in float,
+// so this equals rounding the float product): the outer-product feature
+// fragments of the efficient kernels.
+template <typename T>
+__device__ __forceinline__ uint32_t mul2(uint32_t x, uint32_t y) {
+  uint32_t bits;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v =
+        __hmul2_rn(*reinterpret_cast<const __nv_bfloat162*>(&x),
+                   *reinterpret_cast<const __nv_bfloat162*>(&y));
+    bits = *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __hmul2_rn(*reinterpret_cast<const __half2*>(&x),
+                                 *reinterpret_cast<const __half2*>(&y));
     bits = *reinterpret_cast<const uint32_t*>(&v);
   }
   return bits;
@@ -190,6 +211,11 @@ __device__ __forceinline__ void mma_ab(float (&acc)[kN / 8][4],
       mma_16816<T>(acc[2 * n + 1], a[kk], hi);
     }
   }
+}
+
+// One 16-bit element in both halves of a register: a scalar factor of mul2.
+__device__ __forceinline__ uint32_t splat(uint16_t bits) {
+  return uint32_t(bits) * 0x10001u;
 }
 
 // acc (16 x 8) += A (16 x kK) M where every column of M is the vector m of

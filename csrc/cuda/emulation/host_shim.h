@@ -48,6 +48,15 @@ V shfl_xor(V v, int off) {
   warp_barriers[t / 32]->arrive_and_wait();
   return r;
 }
+template <typename V>
+V shfl(V v, int src) {
+  const unsigned t = threadIdx_.x;
+  shfl_buf[t] = static_cast<double>(v);
+  warp_barriers[t / 32]->arrive_and_wait();
+  V r = static_cast<V>(shfl_buf[t / 32 * 32 + src % 32]);
+  warp_barriers[t / 32]->arrive_and_wait();
+  return r;
+}
 inline Idx to_idx(dim3 d) { return {d.x, d.y, d.z}; }
 inline Idx to_idx(long long x) { return {unsigned(x), 1, 1}; }
 template <typename K>
@@ -85,7 +94,12 @@ auto launch(K kernel, auto grid, auto block, size_t = 0, int = 0) {
 #define gridDim emu::gridDim_
 #define __syncthreads() emu::sync()
 #define __shfl_xor_sync(mask, v, off) emu::shfl_xor(v, off)
+#define __shfl_sync(mask, v, src) emu::shfl(v, src)
 #define __trap() std::abort()
+// Blocks per multiprocessor the host code sizes its grids for.
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor(count, kernel, threads, \
+                                                      smem)                   \
+  (*(count) = 2, 0)
 #define __launch_bounds__(x)
 #define cudaFuncSetAttribute(...) 0
 #define C10_CUDA_CHECK(x) (void)(x)

@@ -8,6 +8,8 @@
 #include <cute/atom/mma_traits_sm80.hpp>
 
 #include "host_shim.h"
+// After the shim: warp.cuh then takes the emulated primitives.
+#include "../warp.cuh"
 
 using namespace cute;
 namespace warp = taylorshift::cuda_kernels::warp;
@@ -167,6 +169,33 @@ void cp_async() {
   report("cp_async", cases, bad);
 }
 
+// mul2 against the toolkit's own host __hmul2_rn on the packed pair types:
+// every product of 2^16 pseudo-random pairs of finite 16-bit values, and
+// splat putting one value in both halves.
+template <typename T, typename Pair>
+void mul2_product(const char* name) {
+  long cases = 0, bad = 0;
+  uint32_t state = 12345;
+  const auto next = [&] {
+    state = state * 1664525u + 1013904223u;
+    return state;
+  };
+  for (int n = 0; n < 1 << 16; ++n, ++cases) {
+    // Exponents kept in range so that products stay finite in both types.
+    const uint32_t x = next() & 0xbfffbfffu, y = next() & 0xbfffbfffu;
+    Pair px, py;
+    std::memcpy(&px, &x, 4);
+    std::memcpy(&py, &y, 4);
+    const Pair want = __hmul2_rn(px, py);
+    uint32_t want_bits;
+    std::memcpy(&want_bits, &want, 4);
+    bad += warp::mul2<T>(x, y) != want_bits;
+    const uint16_t h = static_cast<uint16_t>(x);
+    bad += warp::splat(h) != (uint32_t(h) | uint32_t(h) << 16);
+  }
+  report(name, cases, bad);
+}
+
 }  // namespace
 
 int main() {
@@ -183,5 +212,7 @@ int main() {
   mma_product<__nv_bfloat16>("mma_16816_bf16");
   mma_product<__half>("mma_16816_f16");
   cp_async();
+  mul2_product<__nv_bfloat16, __nv_bfloat162>("mul2_bf16");
+  mul2_product<__half, __half2>("mul2_f16");
   return failures;
 }

@@ -119,6 +119,16 @@ uint32_t pack(float lo, float hi) {
          uint32_t(detail::from_float<T>(hi)) << 16;
 }
 
+// Both halves multiplied in float (exact for two 16-bit values) and rounded
+// once to T, as the hardware's HMUL2 does.
+template <typename T>
+uint32_t mul2(uint32_t x, uint32_t y) {
+  return pack<T>(detail::to_float<T>(detail::half_of(x, 0)) *
+                     detail::to_float<T>(detail::half_of(y, 0)),
+                 detail::to_float<T>(detail::half_of(x, 1)) *
+                     detail::to_float<T>(detail::half_of(y, 1)));
+}
+
 template <int kCount, bool kTrans = false>
 void ldmatrix(uint32_t (&r)[kCount], const void* row) {
   static_assert(kCount == 1 || kCount == 2 || kCount == 4);
