@@ -56,8 +56,8 @@ int feature_tile(int d, size_t operand_bytes) {
 
 template <typename T, typename Acc>
 struct EfficientArgs {
-  const T* x;          // tokens whose features are expanded: k or q
-  const T* y;          // v (key side) or grad_out (query side)
+  TokenRows<T> x;      // tokens whose features are expanded: k or q
+  TokenRows<T> y;      // v (key side) or grad_out (query side)
   const Acc* scalars;  // backward: (B, H, M, 2) = (rs, dl)
   // apply / contract: the state or dS as product operand (prepare_state).
   const void* state_operand;
@@ -100,16 +100,20 @@ __device__ void feature_table(int64_t f0, int ft, int d, int64_t features,
   }
 }
 
-// Rows [t0, t0 + rows) of x in the accumulation type with the constant 1
-// appended (ld = d + 1), zeros past `end`.
+// Rows [t0, t0 + rows) of head (b, h) of x, read through its strides, in
+// the accumulation type with the constant 1 appended (ld = d + 1), zeros
+// past `end`.
 template <typename T, typename Acc>
-__device__ void load_feature_source(Acc* xs, const T* x, int64_t end, int d,
-                                    int64_t t0, int rows) {
+__device__ void load_feature_source(Acc* xs, const TokenRows<T>& x, int64_t b,
+                                    int64_t h, int64_t end, int d, int64_t t0,
+                                    int rows) {
   for (int idx = threadIdx.x; idx < rows * (d + 1); idx += blockDim.x) {
     const int r = idx / (d + 1), col = idx % (d + 1);
     const int64_t t = t0 + r;
-    xs[idx] =
-        col == d ? Acc(1) : (t < end ? Num<T>::widen(x[t * d + col]) : Acc(0));
+    xs[idx] = col == d
+                  ? Acc(1)
+                  : (t < end ? Num<T>::widen(x.row(b, h, t)[col * x.stride_c])
+                             : Acc(0));
   }
 }
 
@@ -127,14 +131,15 @@ template <typename T, typename Acc, bool kQuery>
 __device__ Acc value_row_entry(const EfficientArgs<T, Acc>& p, int64_t bh,
                                int64_t t, int col) {
   if (col > p.e) return 0;
+  const auto y = [&] {
+    return Num<T>::widen(
+        p.y.row(bh / p.heads, bh % p.heads, t)[(col - 1) * p.y.stride_c]);
+  };
   if constexpr (kQuery) {
     const Acc* s = p.scalars + 2 * (bh * p.tokens + t);
-    return col == 0
-               ? -s[1]
-               : s[0] * Num<T>::widen(p.y[(bh * p.tokens + t) * p.e + col - 1]);
+    return col == 0 ? -s[1] : s[0] * y();
   } else {
-    return col == 0 ? Acc(1)
-                    : Num<T>::widen(p.y[(bh * p.tokens + t) * p.e + col - 1]);
+    return col == 0 ? Acc(1) : y();
   }
 }
 
@@ -189,13 +194,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t bh = blockIdx.z, b = bh / p.heads;
   const int64_t begin = split * chunk;
   const int64_t end = min(p.tokens, begin + chunk);
-  const T* x = p.x + bh * p.tokens * d;
 
   feature_table(f0, ft, d, p.features, kQuery, p.a, p.b, p.c, ls, ms, coef);
   zero_tile(rs, ld_r, ft, e1p);
   for (int64_t t0 = begin; t0 < end; t0 += tile) {
     __syncthreads();  // the previous product is done with fs, ys
-    load_feature_source(xs, x, end, d, t0, tile);
+    load_feature_source(xs, p.x, b, bh % p.heads, end, d, t0, tile);
     for (int idx = threadIdx.x; idx < tile * e1p; idx += blockDim.x) {
       const int r = idx / e1p, col = idx % e1p;
       const int64_t t = t0 + r;
@@ -302,7 +306,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const Op* state =
       static_cast<const Op*>(p.state_operand) + bh * p.padded_features * e1p;
-  load_feature_source(xs, p.x + bh * p.tokens * d, p.tokens, d, i0, tile);
+  load_feature_source(xs, p.x, bh / p.heads, bh % p.heads, p.tokens, d, i0,
+                      tile);
   zero_tile(zs, ld_z, tile, e1p);
   for (int64_t f0 = 0; f0 < p.features; f0 += ft) {
     __syncthreads();  // the previous product is done with fs, ss, the table
@@ -414,7 +419,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t bh = blockIdx.y;
   const Op* state =
       static_cast<const Op*>(p.state_operand) + bh * p.padded_features * e1p;
-  load_feature_source(xs, p.x + bh * p.tokens * d, p.tokens, d, i0, tile);
+  load_feature_source(xs, p.x, bh / p.heads, bh % p.heads, p.tokens, d, i0,
+                      tile);
   for (int idx = threadIdx.x; idx < tile * e1p; idx += blockDim.x) {
     const int r = idx / e1p, col = idx % e1p;
     const int64_t i = i0 + r;
@@ -474,7 +480,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t bh = blockIdx.y, b = bh / p.heads;
   const Op* dstate =
       static_cast<const Op*>(p.state_operand) + bh * p.padded_features * e1p;
-  load_feature_source(xs, p.x + bh * p.tokens * d, p.tokens, d, j0, tile);
+  load_feature_source(xs, p.x, bh / p.heads, bh % p.heads, p.tokens, d, j0,
+                      tile);
   for (int idx = threadIdx.x; idx < tile * e1p; idx += blockDim.x) {
     const int r = idx / e1p, col = idx % e1p;
     const int64_t j = j0 + r;
@@ -525,8 +532,8 @@ EfficientArgs<T, Acc> make_args(const at::Tensor& x, const at::Tensor& y,
                                 const at::Tensor& v, const Mask& mask, double a,
                                 double b, double c) {
   EfficientArgs<T, Acc> args{};
-  args.x = reinterpret_cast<const T*>(x.data_ptr());
-  args.y = reinterpret_cast<const T*>(y.data_ptr());
+  args.x = token_rows<T>(x, x.size(3));
+  args.y = token_rows<T>(y, y.size(3));
   args.heads = x.size(1);
   args.tokens = x.size(2);
   args.d = static_cast<int>(x.size(3));
@@ -1662,14 +1669,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
                                sigma, a, b, c, static_cast<float>(state_scale),
                                out, den, state))
           return;
-        // Other dtypes and head dims: the shared-memory kernels, on
-        // contiguous copies.
-        const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
-                         vc = v.contiguous();
-        feature_reduce<T, Acc, false>(
-            make_args<T, Acc>(kc, vc, vc, mask, a, b, c), state);
+        // Other dtypes and head dims: the shared-memory kernels, reading
+        // q, k, v through their strides.
+        feature_reduce<T, Acc, false>(make_args<T, Acc>(k, v, v, mask, a, b, c),
+                                      state);
         if (q.size(2) == 0) return;
-        auto args = make_args<T, Acc>(qc, vc, vc, mask, a, b, c);
+        auto args = make_args<T, Acc>(q, v, v, mask, a, b, c);
         args.state_scale = static_cast<Acc>(state_scale);
         args.sigma = row_values<Acc>(sigma);
         args.feature_tile = feature_tile(args.d, sizeof(T));
@@ -1732,19 +1737,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
                                 key_padding_mask.has_value(), a, b, c, dstate,
                                 grad_q, grad_k, grad_v))
           return;
-        // Other dtypes and head dims: the shared-memory kernels, on
-        // contiguous copies.
-        const at::Tensor qc = q.contiguous(), kc = k.contiguous(),
-                         vc = v.contiguous(), gc = grad_out.contiguous();
+        // Other dtypes and head dims: the shared-memory kernels, reading
+        // q, k, v and grad_out through their strides.
         const auto stream = at::cuda::getCurrentCUDAStream();
         const int64_t bh = q.size(0) * q.size(1);
         // dS = sum_i phi(q_i) dz_i^T
-        auto query_args = make_args<T, Acc>(qc, gc, vc, mask, a, b, c);
+        auto query_args = make_args<T, Acc>(q, grad_out, v, mask, a, b, c);
         query_args.scalars = scalars.data_ptr<Acc>();
         feature_reduce<T, Acc, true>(query_args, dstate);
         for (bool key_side : {false, true}) {
-          auto args = key_side ? make_args<T, Acc>(kc, vc, vc, mask, a, b, c)
-                               : query_args;
+          auto args =
+              key_side ? make_args<T, Acc>(k, v, v, mask, a, b, c) : query_args;
           args.feature_tile = feature_tile(args.d, sizeof(Op));
           const at::Tensor operand =
               prepare_state<Op>(key_side ? dstate : sc, args, Acc(1));
