@@ -176,6 +176,17 @@ __device__ __forceinline__ const Mask* padding(const MmaArgs<T>& p) {
   return kMode == MaskMode::kNoPadding ? nullptr : &p.mask;
 }
 
+// Whether query `row` may see key j in a tile that tests the mask per
+// element: every tile with an attn_mask (whose reads must stay inside it, so
+// rows and keys past the ends are out), otherwise only the causal diagonal.
+template <MaskMode kMode, typename T>
+__device__ __forceinline__ bool tile_allows(const MmaArgs<T>& p, int64_t b,
+                                            int64_t h, int64_t row, int64_t j) {
+  if constexpr (kMode == MaskMode::kAttnMask)
+    return row < p.queries && j < p.keys && p.mask.allowed(b, h, row, j);
+  return j <= row;
+}
+
 // Runs step(tile, elementwise) over the `tiles` key tiles of a query block,
 // elementwise a std::bool_constant telling whether the tile tests the mask
 // per element. With causal and no attn_mask, every key of the tiles before
@@ -260,10 +271,7 @@ __global__ void __launch_bounds__(kThreads)
         if constexpr (kElementwise) {
           const int64_t row = i0 + warp_row + g + 8 * (i / 2);
           const int64_t j = j0 + n * 8 + 2 * quad + i % 2;
-          const bool allowed = kMode == MaskMode::kAttnMask
-                                   ? row < p.queries && j < p.keys &&
-                                         p.mask.allowed(b, h, row, j)
-                                   : j <= row;
+          const bool allowed = tile_allows<kMode>(p, b, h, row, j);
           if (!allowed) w = 0.f;
         }
         s[n][i] = w;
@@ -481,10 +489,7 @@ __global__ void __launch_bounds__(kThreads)
             (rs[c] * dxt[n][i] - dl[c]) * taylor_weight_grad(x, p.a, p.b);
         if constexpr (kElementwise) {
           const int64_t j = j0 + warp_row + g + 8 * (i / 2), q_row = i0 + c;
-          const bool allowed = kMode == MaskMode::kAttnMask
-                                   ? j < p.keys && q_row < p.queries &&
-                                         p.mask.allowed(b, h, q_row, j)
-                                   : q_row >= j;
+          const bool allowed = tile_allows<kMode>(p, b, h, q_row, j);
           if (!allowed) {
             weight = 0.f;
             dx = 0.f;
@@ -594,10 +599,7 @@ __global__ void __launch_bounds__(kThreads)
         if constexpr (kElementwise) {
           const int64_t row = i0 + warp_row + g + 8 * r;
           const int64_t j = j0 + 8 * n + 2 * quad + i % 2;
-          const bool allowed = kMode == MaskMode::kAttnMask
-                                   ? row < p.queries && j < p.keys &&
-                                         p.mask.allowed(b, h, row, j)
-                                   : j <= row;
+          const bool allowed = tile_allows<kMode>(p, b, h, row, j);
           if (!allowed) value = 0.f;
         }
         dx[n][i] = value;
