@@ -29,8 +29,8 @@ from common import flops, forward_backward, interleaved_ms, make_inputs
 
 import taylorshift
 
-# output_scale, a, b, c: the defaults of taylor_shift_attention.
-SCALARS = (True, 0.5, 1.0, 1.0)
+# output_scale, coefficients: the defaults of taylor_shift_attention.
+SCALARS = (True, [0.5, 1.0, 1.0])
 
 
 def kernel_runs(q, k, v, grad_out):

@@ -38,7 +38,7 @@ fi
 $python - <<'EOF' || finish "the built extension has no CUDA kernels" 1
 import torch, taylorshift
 q = torch.randn(1, 1, 8, 16, device="cuda")
-out, den = torch.ops.taylorshift.direct_forward(q, q, q, None, None, False, True, 0.5, 1.0, 1.0)
+out, den = torch.ops.taylorshift.direct_forward(q, q, q, None, None, False, True, [0.5, 1.0, 1.0])
 torch.cuda.synchronize()
 print("gpu_check: extension loaded,", torch.cuda.get_device_name(), "torch", torch.__version__, "CUDA", torch.version.cuda)
 EOF

@@ -134,13 +134,13 @@ at::Tensor expand_attn_mask(const at::Tensor& mask, const at::Tensor& q,
 // prove it cheaper (e.g. Dim("N", min=...) above the crossover), the direct
 // one otherwise. Pass mode="efficient" to pin it for long dynamic lengths.
 bool auto_picks_efficient(const at::Tensor& q, const at::Tensor& k,
-                          const at::Tensor& v) {
+                          const at::Tensor& v, int order) {
   const auto M = q.sym_size(2).maybe_as_int(), N = k.sym_size(2).maybe_as_int(),
              d = q.sym_size(3).maybe_as_int(), e = v.sym_size(3).maybe_as_int();
   const c10::DeviceType device = q.device().type();
-  if (!d || !e) return false;
-  if (M && N) return prefer_efficient(*M, *N, *d, *e, device);
-  const int64_t from = crossover(*d, *e, device);
+  if (!d || !e || !efficient_supports(order, device)) return false;
+  if (M && N) return prefer_efficient(*M, *N, *d, *e, device, order);
+  const int64_t from = crossover(*d, *e, device, order);
   return TORCH_STATICALLY_KNOWN_TRUE(q.sym_size(2).sym_ge(from)) &&
          TORCH_STATICALLY_KNOWN_TRUE(k.sym_size(2).sym_ge(from));
 }
@@ -151,9 +151,10 @@ at::Tensor attention_composite(
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal,
     c10::string_view mode, bool normalize, bool output_scale,
-    std::optional<double> scale, double a, double b, double c) {
+    std::optional<double> scale, c10::ArrayRef<double> coefficients) {
   check_tensors(q, k, v);
-  check_coefficients({a, b, c}, q.scalar_type());
+  const Coefficients f = polynomial_of(coefficients);
+  check_coefficients(f, q.scalar_type());
   TORCH_CHECK_VALUE(mode == "auto" || mode == "direct" || mode == "efficient",
                     "taylorshift: mode must be \"auto\", \"direct\" or "
                     "\"efficient\", got \"",
@@ -166,6 +167,15 @@ at::Tensor attention_composite(
   if (key_padding_mask) check_key_padding_mask(*key_padding_mask, k);
   std::optional<at::Tensor> full_attn_mask;
   if (attn_mask) full_attn_mask = expand_attn_mask(*attn_mask, q, k);
+  if (f.order % 2 == 1) {
+    // An odd order is valid only on bounded logits, |x| <= max_h |tau_h|
+    // with normalize=True: that maximum is read on the host (a device sync
+    // on CUDA; no value to read while torch.compile traces).
+    const double radius = temperature && normalize
+                              ? temperature->detach().abs().max().item<double>()
+                              : 1.0;
+    check_logit_range(f, q.scalar_type(), normalize, radius);
+  }
 
   const bool needs_direct = full_attn_mask.has_value() || causal;
   TORCH_CHECK_NOT_IMPLEMENTED(
@@ -200,9 +210,9 @@ at::Tensor attention_composite(
   }
 
   const bool efficient =
-      mode == "efficient" ||
-      (mode == "auto" && !needs_direct && auto_picks_efficient(q, k, v));
-  const KernelOptions options = schema_options(causal, output_scale, a, b, c);
+      mode == "efficient" || (mode == "auto" && !needs_direct &&
+                              auto_picks_efficient(q, k, v, f.order));
+  const KernelOptions options{f, causal, output_scale};
   if (efficient)
     return std::get<0>(
         efficient_forward(q_hat, k_hat, v, key_padding_mask, options));
@@ -231,10 +241,10 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k,
                             const std::optional<at::Tensor>&,
                             const std::optional<at::Tensor>&, bool,
                             c10::string_view, bool, bool, std::optional<double>,
-                            double, double, double)>();
+                            c10::ArrayRef<double>)>();
   return op.call(q, k, v, temperature, key_padding_mask, attn_mask, causal,
-                 mode, normalize, output_scale, scale, coefficients.a,
-                 coefficients.b, coefficients.c);
+                 mode, normalize, output_scale, scale,
+                 coefficient_list(coefficients));
 }
 
 }  // namespace taylorshift

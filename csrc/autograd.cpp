@@ -18,18 +18,15 @@ using torch::autograd::variable_list;
 // KernelOptions kept in the context for the backward (saved_data holds
 // IValues, not structs).
 void save_options(AutogradContext* ctx, const KernelOptions& options) {
-  ctx->saved_data["a"] = options.coefficients.a;
-  ctx->saved_data["b"] = options.coefficients.b;
-  ctx->saved_data["c"] = options.coefficients.c;
+  ctx->saved_data["coefficients"] = coefficient_list(options.coefficients);
   ctx->saved_data["causal"] = options.causal;
   ctx->saved_data["output_scale"] = options.output_scale;
 }
 
 KernelOptions saved_options(AutogradContext* ctx) {
-  return schema_options(
-      ctx->saved_data["causal"].toBool(),
-      ctx->saved_data["output_scale"].toBool(), ctx->saved_data["a"].toDouble(),
-      ctx->saved_data["b"].toDouble(), ctx->saved_data["c"].toDouble());
+  return schema_options(ctx->saved_data["causal"].toBool(),
+                        ctx->saved_data["output_scale"].toBool(),
+                        ctx->saved_data["coefficients"].toDoubleVector());
 }
 
 std::optional<at::Tensor> saved_mask(AutogradContext* ctx, const char* name) {
@@ -194,10 +191,10 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
-    double a, double b, double c) {
-  auto outs =
-      DirectAttention::apply(q, k, v, key_padding_mask, attn_mask,
-                             schema_options(causal, output_scale, a, b, c));
+    c10::ArrayRef<double> coefficients) {
+  auto outs = DirectAttention::apply(
+      q, k, v, key_padding_mask, attn_mask,
+      schema_options(causal, output_scale, coefficients));
   return {outs[0], outs[1]};
 }
 
@@ -206,19 +203,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_autograd(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
-    double a, double b, double c) {
+    c10::ArrayRef<double> coefficients) {
   auto grads = DirectBackward::apply(
       grad_out, q, k, v, out, den, key_padding_mask, attn_mask,
-      schema_options(causal, output_scale, a, b, c));
+      schema_options(causal, output_scale, coefficients));
   return {grads[0], grads[1], grads[2]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
-    double a, double b, double c) {
+    c10::ArrayRef<double> coefficients) {
   auto outs = EfficientAttention::apply(
-      q, k, v, key_padding_mask, schema_options(false, output_scale, a, b, c));
+      q, k, v, key_padding_mask,
+      schema_options(false, output_scale, coefficients));
   return {outs[0], outs[1], outs[2]};
 }
 
@@ -226,10 +224,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_autograd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
-    bool output_scale, double a, double b, double c) {
+    bool output_scale, c10::ArrayRef<double> coefficients) {
   auto grads = EfficientBackward::apply(
       grad_out, q, k, v, out, den, state, key_padding_mask,
-      schema_options(false, output_scale, a, b, c));
+      schema_options(false, output_scale, coefficients));
   return {grads[0], grads[1], grads[2]};
 }
 

@@ -29,34 +29,37 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("cuda_arch_list") = std::string(TAYLORSHIFT_CUDA_ARCH_LIST);
   m.def(
       "crossover",
-      [](int64_t head_dim, const std::string& device) {
-        return taylorshift::crossover(head_dim, device_type(device));
+      [](int64_t head_dim, const std::string& device, int order) {
+        return taylorshift::crossover(head_dim, head_dim, device_type(device),
+                                      order);
       },
       "Sequence length (M = N, e = d) from which mode='auto' picks the "
-      "efficient algorithm on this device type",
-      py::arg("head_dim"), py::arg("device") = "cpu");
+      "efficient algorithm on this device type, for Taylor order `order`",
+      py::arg("head_dim"), py::arg("device") = "cpu", py::arg("order") = 2);
   m.def(
       "flops",
       [](const std::string& mode, int64_t queries, int64_t keys,
-         int64_t head_dim, int64_t value_dim, bool backward) {
+         int64_t head_dim, int64_t value_dim, bool backward, int order) {
         TORCH_CHECK_VALUE(mode == "direct" || mode == "efficient",
                           "taylorshift: flops counts mode \"direct\" or "
                           "\"efficient\", got \"",
                           mode, "\"");
+        TORCH_CHECK_VALUE(order >= 1, "taylorshift: order must be >= 1, got ",
+                          order);
         return taylorshift::flops(mode == "efficient", queries, keys, head_dim,
-                                  value_dim, backward);
+                                  value_dim, backward, order);
       },
       "FLOPs of one (batch, head) of an algorithm (docs/math.md §4)",
       py::arg("mode"), py::arg("queries"), py::arg("keys"), py::arg("head_dim"),
-      py::arg("value_dim"), py::arg("backward") = true);
+      py::arg("value_dim"), py::arg("backward") = true, py::arg("order") = 2);
   m.def(
       "prefer_efficient",
       [](int64_t queries, int64_t keys, int64_t head_dim, int64_t value_dim,
-         const std::string& device) {
+         const std::string& device, int order) {
         return taylorshift::prefer_efficient(queries, keys, head_dim, value_dim,
-                                             device_type(device));
+                                             device_type(device), order);
       },
       "Whether mode='auto' picks the efficient algorithm for these sizes",
       py::arg("queries"), py::arg("keys"), py::arg("head_dim"),
-      py::arg("value_dim"), py::arg("device") = "cpu");
+      py::arg("value_dim"), py::arg("device") = "cpu", py::arg("order") = 2);
 }

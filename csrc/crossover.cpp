@@ -4,7 +4,9 @@
 // model of this implementation: forward FLOPs of each algorithm, weighted by
 // how fast each of our kernels runs per FLOP on a device type, as measured by
 // benchmarks/crossover.py.
-#include "features.h"
+#include <algorithm>
+
+#include "kernel_checks.h"
 #include "taylorshift.h"
 
 namespace taylorshift {
@@ -27,39 +29,61 @@ double efficient_flop_cost(c10::DeviceType device) {
 
 }  // namespace
 
+bool efficient_supports(int order, c10::DeviceType device) {
+  return order >= 1 &&
+         order <= (device == c10::DeviceType::CUDA ? kMaxEfficientOrderCuda
+                                                   : kMaxEfficientOrder);
+}
+
 double flops(bool efficient, int64_t queries, int64_t keys, int64_t head_dim,
-             int64_t value_dim, bool backward) {
+             int64_t value_dim, bool backward, int order) {
   const double M = double(queries), N = double(keys), d = double(head_dim),
                e = double(value_dim);
   if (!efficient) {
     // Forward: Q K^T and W V, 2 (d + e) per (query, key) pair. Backward:
-    // scores recomputed (d), dV (e), gY V^T (e), dQ (d), dK (d).
+    // scores recomputed (d), dV (e), gY V^T (e), dQ (d), dK (d). The
+    // polynomial (k multiply-adds per weight by Horner's rule, k - 1 more
+    // for f' in the backward) runs on the vector units beside the products
+    // and is left out, as for order 2.
     return 2.0 * M * N * (backward ? 4 * d + 3 * e : d + e);
   }
   // Forward: the state build over keys and its apply over queries,
   // 2 F (e + 1) per token each. Backward: dS over queries, S dz per query,
-  // dS u and psi^T dS per key: twice the forward again.
-  const double F = double(feature_count(head_dim));
+  // dS u and psi^T dS per key: twice the forward again. Order k has
+  // F = C(d + k, k) features.
+  const double F = double(feature_count(head_dim, order));
   return 2.0 * (M + N) * F * (e + 1) * (backward ? 3.0 : 1.0);
 }
 
 bool prefer_efficient(int64_t queries, int64_t keys, int64_t head_dim,
-                      int64_t value_dim, c10::DeviceType device) {
+                      int64_t value_dim, c10::DeviceType device, int order) {
+  if (!efficient_supports(order, device)) return false;
+  // CUDA runs order 1 through the order-2 kernels (quadratic coefficient 0),
+  // at order 2's cost.
+  const int kernel_order =
+      device == c10::DeviceType::CUDA ? std::max(order, 2) : order;
   // The forward counts: efficient_flop_cost was measured against them.
-  return flops(true, queries, keys, head_dim, value_dim, false) *
+  return flops(true, queries, keys, head_dim, value_dim, false, kernel_order) *
              efficient_flop_cost(device) <
          flops(false, queries, keys, head_dim, value_dim, false);
 }
 
-int64_t crossover(int64_t head_dim, int64_t value_dim, c10::DeviceType device) {
+int64_t crossover(int64_t head_dim, int64_t value_dim, c10::DeviceType device,
+                  int order) {
   TORCH_CHECK_VALUE(head_dim > 0 && value_dim > 0,
                     "taylorshift: head_dim must be positive");
+  TORCH_CHECK_VALUE(efficient_supports(order, device),
+                    "taylorshift: the efficient algorithm has no order ", order,
+                    " on ", device, " (orders 1 to ", kMaxEfficientOrder,
+                    " on the CPU, 1 to ", kMaxEfficientOrderCuda,
+                    " on CUDA), so there is no crossover: mode=\"auto\" "
+                    "always picks \"direct\"");
   // prefer_efficient is monotone in the sequence length: bisect for the
   // first length at which it holds.
   int64_t low = 1, high = int64_t(1) << 40;
   while (low < high) {
     const int64_t mid = low + (high - low) / 2;
-    if (prefer_efficient(mid, mid, head_dim, value_dim, device))
+    if (prefer_efficient(mid, mid, head_dim, value_dim, device, order))
       high = mid;
     else
       low = mid + 1;
@@ -67,8 +91,8 @@ int64_t crossover(int64_t head_dim, int64_t value_dim, c10::DeviceType device) {
   return low;
 }
 
-int64_t crossover(int64_t head_dim, c10::DeviceType device) {
-  return crossover(head_dim, head_dim, device);
+int64_t crossover(int64_t head_dim, c10::DeviceType device, int order) {
+  return crossover(head_dim, head_dim, device, order);
 }
 
 }  // namespace taylorshift

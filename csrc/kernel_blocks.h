@@ -11,33 +11,53 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "features.h"
 
 namespace taylorshift {
 
-// The Taylor polynomial f(x) = a x^2 + b x + c that replaces exp.
-struct Coefficients {
-  double a = 0.5;
-  double b = 1.0;
-  double c = 1.0;
-};
+// The weight polynomial that replaces exp (features.h), in double as the
+// schemas give it; kernels cast it to their accumulation dtype.
+using Coefficients = Polynomial<double>;
 
 // Everything below the schema boundary that is not a tensor: the operator
-// schemas spell these out as (bool causal, bool output_scale, float a,
-// float b, float c) for Python users; every C++ layer under them (C++ API,
-// autograd, kernels) passes this struct instead.
+// schemas spell these out as (bool causal, bool output_scale,
+// float[] coefficients) for Python users; every C++ layer under them (C++
+// API, autograd, kernels) passes this struct instead.
 struct KernelOptions {
   Coefficients coefficients;
   bool causal = false;       // query i sees keys j <= i (direct only)
   bool output_scale = true;  // y_i *= sigma_i = sqrt(N_i / d)
 };
 
-// The options of a schema's flat tail (causal, output_scale, a, b, c); the
-// efficient operators' schemas have no causal and pass false.
-inline KernelOptions schema_options(bool causal, bool output_scale, double a,
-                                    double b, double c) {
-  return {{a, b, c}, causal, output_scale};
+// The polynomial of a schema's `float[] coefficients`, highest degree first:
+// k + 1 numbers for order k, 1 <= k <= kMaxOrder.
+inline Coefficients polynomial_of(c10::ArrayRef<double> coefficients) {
+  const int64_t order = int64_t(coefficients.size()) - 1;
+  TORCH_CHECK_VALUE(
+      order >= 1 && order <= kMaxOrder,
+      "taylorshift: coefficients must list the k + 1 coefficients of the "
+      "weight polynomial, highest degree first, for an order k from 1 to ",
+      kMaxOrder, " (the kernels' limit); got ", coefficients.size(),
+      " coefficients");
+  Coefficients f;
+  f.order = int(order);
+  for (int n = 0; n <= kMaxOrder; ++n)
+    f.coefficient[n] = n <= order ? coefficients[n] : 0.0;
+  return f;
+}
+
+// The schema's list for a polynomial (the inverse of polynomial_of).
+inline std::vector<double> coefficient_list(const Coefficients& f) {
+  return std::vector<double>(f.coefficient, f.coefficient + f.order + 1);
+}
+
+// The options of a schema's flat tail (causal, output_scale, coefficients);
+// the efficient operators' schemas have no causal and pass false.
+inline KernelOptions schema_options(bool causal, bool output_scale,
+                                    c10::ArrayRef<double> coefficients) {
+  return {polynomial_of(coefficients), causal, output_scale};
 }
 
 // States, denominators and accumulators are float32 for every floating dtype

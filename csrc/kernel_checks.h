@@ -17,6 +17,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "kernel_blocks.h"
 
@@ -38,47 +39,189 @@ inline std::string dtype_string(at::ScalarType dtype) {
   return "torch." + std::string(c10::getDtypeNames(dtype).first);
 }
 
-// The kernels evaluate f(x) = (a x + b) x + c in the accumulation dtype
-// (float32 for float16, bfloat16 and float32 inputs). f is positive for
-// every x iff a > 0 and its minimum c - b^2 / (4a) is positive; both are
-// checked on the coefficients rounded to that dtype and the minimum is
-// computed in it, because a minimum that is positive only in double (c =
-// 0.5 + 1e-9 with a = 0.5, b = 1) is zero in float32, and every key at the
-// minimising logit then gets weight 0, as if masked. Non-finite coefficients
-// (or ones that overflow the dtype, a = 1e300 in float32) make every weight
-// inf or NaN.
+// The weights w = f(x) must be positive wherever the logits can be: a
+// denominator sum_j f(x_ij) that can reach 0 or turn negative has no
+// meaning. The rule (README, "Taylor order"):
+//  - even orders: f > 0 on all of R, i.e. a positive leading coefficient and
+//    a positive minimum (for order 2: a > 0 and c > b^2 / (4a)); the Taylor
+//    polynomials of exp of even order are;
+//  - odd orders tend to -inf on one side, so they are valid only on bounded
+//    logits: normalize=True, where |x| <= |tau_h|, and f >= 0 on
+//    [-max |tau|, max |tau|] (> 0 inside). The algorithm operators do not
+//    see the range; `attention` checks it (check_logit_range).
+// Both are checked on the coefficients rounded to the dtype the kernels
+// compute in, with f evaluated in it, because a minimum that is positive
+// only in double (c = 0.5 + 1e-9 with a = 0.5, b = 1) is zero in float32,
+// and every key at the minimising logit then gets weight 0, as if masked.
+// Non-finite coefficients (or ones that overflow the dtype, a = 1e300 in
+// float32) make every weight inf or NaN.
 template <typename T>
 bool representable(double x) {
   return std::isfinite(x) &&
          std::abs(x) <= double(std::numeric_limits<T>::max());
 }
 
+// "(a, b, c)" for order 2, the paper's names; "(c_k, ..., c_0)" otherwise.
+inline std::string coefficient_names(int order) {
+  return order == 2 ? "(a, b, c)"
+                    : "(c_" + std::to_string(order) + ", ..., c_0)";
+}
+
+inline std::string coefficient_values(const Coefficients& f) {
+  std::ostringstream out;
+  out << "(";
+  for (int n = 0; n <= f.order; ++n) out << (n ? ", " : "") << f.coefficient[n];
+  out << ")";
+  return out.str();
+}
+
+// The real roots in (lo, hi) of the polynomial p (highest degree first, a
+// non-zero leading coefficient), ascending. Between two consecutive real
+// roots of p' (found the same way), p is monotone and has at most one root:
+// bisection finds it. Enough for the degrees <= kMaxOrder checked here.
+inline std::vector<double> real_roots(const std::vector<double>& p, double lo,
+                                      double hi) {
+  const int degree = int(p.size()) - 1;
+  if (degree < 1) return {};
+  auto value = [&](double x) {
+    double y = 0;
+    for (const double c : p) y = y * x + c;
+    return y;
+  };
+  std::vector<double> derivative(degree);
+  for (int i = 0; i < degree; ++i) derivative[i] = (degree - i) * p[i];
+  std::vector<double> points = {lo};
+  for (const double x : real_roots(derivative, lo, hi)) points.push_back(x);
+  points.push_back(hi);
+  std::vector<double> roots;
+  for (size_t i = 0; i + 1 < points.size(); ++i) {
+    double u = points[i], w = points[i + 1];
+    if (i > 0 && value(u) == 0) roots.push_back(u);
+    if ((value(u) < 0) == (value(w) < 0) || value(u) == 0 || value(w) == 0)
+      continue;
+    const bool rising = value(u) < 0;
+    for (int step = 0; step < 200; ++step) {
+      const double mid = 0.5 * (u + w);
+      if (mid <= u || mid >= w) break;
+      if (value(mid) == 0) {  // an exact root: keep it exact
+        u = w = mid;
+        break;
+      }
+      ((value(mid) < 0) == rising ? u : w) = mid;
+    }
+    roots.push_back(0.5 * (u + w));
+  }
+  return roots;
+}
+
+// The critical points of f (the real roots of f') in (lo, hi), with f's
+// leading zeros dropped.
+inline std::vector<double> critical_points(const Coefficients& f, double lo,
+                                           double hi) {
+  std::vector<double> p(f.coefficient, f.coefficient + f.order + 1);
+  while (p.size() > 1 && p.front() == 0) p.erase(p.begin());
+  const int degree = int(p.size()) - 1;
+  std::vector<double> derivative(std::max(degree, 0));
+  for (int i = 0; i < degree; ++i) derivative[i] = (degree - i) * p[i];
+  return real_roots(derivative, lo, hi);
+}
+
+// Cauchy's bound: every root of f' (and of f) has |x| < 1 + max_n |c_n / c_k|.
+inline double root_bound(const Coefficients& f) {
+  double largest = 0;
+  for (int n = 1; n <= f.order; ++n)
+    largest = std::max(largest, std::abs(f.coefficient[n] / f.coefficient[0]));
+  return 1 + largest;
+}
+
 template <typename T>
-void check_coefficients_in(double a, double b, double c) {
+void check_coefficients_in(const Coefficients& f) {
+  const std::string dtype = dtype_string(c10::CppTypeToScalarType<T>::value);
+  const std::string names = coefficient_names(f.order);
+  bool finite = true;
+  for (int n = 0; n <= f.order; ++n)
+    finite = finite && representable<T>(f.coefficient[n]);
   TORCH_CHECK_VALUE(
-      representable<T>(a) && representable<T>(b) && representable<T>(c),
-      "taylorshift: coefficients (a, b, c) must be finite in ",
-      dtype_string(c10::CppTypeToScalarType<T>::value),
-      ", the dtype the kernels compute in; got a = ", a, ", b = ", b,
-      ", c = ", c);
-  const T a_t = T(a), b_t = T(b), c_t = T(c);
+      finite, "taylorshift: coefficients ", names, " must be finite in ", dtype,
+      ", the dtype the kernels compute in; got ", coefficient_values(f));
+  if (f.order % 2 == 1) return;  // bounded logits only: check_logit_range
+  const Polynomial<T> f_t = f.template cast<T>();
+  TORCH_CHECK_VALUE(f_t.coefficient[0] > 0, "taylorshift: coefficients ", names,
+                    f.order == 2 ? " need a > 0, got a = "
+                                 : " of an even order need a positive leading "
+                                   "coefficient c_k > 0, got c_k = ",
+                    f.coefficient[0]);
+  // f > 0 on R iff f > 0 at its minimum, a critical point.
+  const double bound = root_bound(f);
+  bool positive = true;
+  for (const double x : critical_points(f, -bound, bound))
+    positive = positive && taylor_weight(T(x), f_t) > 0;
   TORCH_CHECK_VALUE(
-      a_t > 0, "taylorshift: coefficients (a, b, c) need a > 0, got a = ", a);
-  const T minimum = c_t - b_t * b_t / (T(4) * a_t);
-  TORCH_CHECK_VALUE(
-      minimum > 0,
-      "taylorshift: coefficients (a, b, c) need c > b^2 / (4a) so that the "
-      "weights a x^2 + b x + c are positive for every x (checked in ",
-      dtype_string(c10::CppTypeToScalarType<T>::value),
-      ", the dtype the kernels compute in); got a = ", a, ", b = ", b,
-      ", c = ", c);
+      positive, "taylorshift: coefficients ", names,
+      f.order == 2 ? " need c > b^2 / (4a) so that the weights a x^2 + b x + c "
+                     "are positive for every x"
+                   : " give weights f(x) that are not positive for every x, "
+                     "as an even order's must be",
+      " (checked in ", dtype, ", the dtype the kernels compute in); got ",
+      coefficient_values(f));
 }
 
 inline void check_coefficients(const Coefficients& f, at::ScalarType input) {
   if (accumulate_dtype(input) == at::kDouble)
-    check_coefficients_in<double>(f.a, f.b, f.c);
+    check_coefficients_in<double>(f);
   else
-    check_coefficients_in<float>(f.a, f.b, f.c);
+    check_coefficients_in<float>(f);
+}
+
+// The range rule of an odd order (attention only, where the range is known):
+// with normalize=True the logits lie in [-radius, radius], radius = max_h
+// |tau_h| (1 without a temperature), and f must be >= 0 at its ends and > 0
+// at every critical point inside (so f > 0 inside); with normalize=False
+// they are unbounded and an odd order is rejected.
+template <typename T>
+void check_logit_range_in(const Coefficients& f, bool normalize,
+                          double radius) {
+  const std::string dtype = dtype_string(c10::CppTypeToScalarType<T>::value);
+  TORCH_CHECK_VALUE(
+      normalize, "taylorshift: order ", f.order,
+      " is odd: its weights f(x) turn negative for large |x|, and with "
+      "normalize=False the logits are unbounded; use normalize=True (logits "
+      "in [-|temperature|, |temperature|]) or an even order");
+  const Polynomial<T> f_t = f.template cast<T>();
+  bool positive =
+      taylor_weight(T(radius), f_t) >= 0 && taylor_weight(T(-radius), f_t) >= 0;
+  for (const double x : critical_points(f, -radius, radius))
+    positive = positive && taylor_weight(T(x), f_t) > 0;
+  TORCH_CHECK_VALUE(
+      positive, "taylorshift: the weights of order ", f.order,
+      " (odd) must be positive on the logits' range [-", radius, ", ", radius,
+      "] (max |temperature| with normalize=True; checked in ", dtype,
+      ", the dtype the kernels compute in), but f(x) with coefficients ",
+      coefficient_names(f.order), " = ", coefficient_values(f),
+      " is not; lower the temperature or use an even order");
+}
+
+inline void check_logit_range(const Coefficients& f, at::ScalarType input,
+                              bool normalize, double radius) {
+  if (f.order % 2 == 0) return;
+  if (accumulate_dtype(input) == at::kDouble)
+    check_logit_range_in<double>(f, normalize, radius);
+  else
+    check_logit_range_in<float>(f, normalize, radius);
+}
+
+// The efficient algorithm's symmetric features exist for orders 1 to
+// kMaxEfficientOrder on the CPU and to kMaxEfficientOrderCuda on CUDA
+// (F = C(d + k, k) features: order 4 would be 58905 at d = 32); direct mode
+// takes any order up to kMaxOrder.
+constexpr int kMaxEfficientOrder = 3;
+constexpr int kMaxEfficientOrderCuda = 2;
+
+inline void check_efficient_order(const char* op, int order, int limit) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      order <= limit, op, ": the efficient algorithm supports orders 1 to ",
+      limit, " on this device (symmetric features of degree <= k), got order ",
+      order, "; use mode=\"direct\" (any order up to ", kMaxOrder, ")");
 }
 
 // `t` has the given sizes, dtype and q's device.
@@ -150,7 +293,9 @@ inline void check_backward_arguments(
   check_operand(op, "out", out, {B, H, M, e}, q.scalar_type(), q);
   check_operand(op, "den", den, {B, H, M}, acc, q);
   if (state)
-    check_operand(op, "state", *state, {B, H, feature_count(d), e + 1}, acc, q);
+    check_operand(op, "state", *state,
+                  {B, H, feature_count(d, options.coefficients.order), e + 1},
+                  acc, q);
 }
 
 // normalize_rows: x (B, H, L, d) of a floating dtype; factor, if given,

@@ -15,25 +15,25 @@ TORCH_LIBRARY(taylorshift, m) {
       "attention(Tensor q, Tensor k, Tensor v, Tensor? temperature=None, "
       "Tensor? key_padding_mask=None, Tensor? attn_mask=None, "
       "bool causal=False, str mode=\"auto\", bool normalize=True, "
-      "bool output_scale=True, float? scale=None, float a=0.5, float b=1.0, "
-      "float c=1.0) -> Tensor");
+      "bool output_scale=True, float? scale=None, "
+      "float[] coefficients=[0.5, 1.0, 1.0]) -> Tensor");
   m.def(
       "direct_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
-      "Tensor? attn_mask, bool causal, bool output_scale, float a, float b, "
-      "float c) -> (Tensor out, Tensor den)");
+      "Tensor? attn_mask, bool causal, bool output_scale, "
+      "float[] coefficients) -> (Tensor out, Tensor den)");
   m.def(
       "direct_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor den, Tensor? key_padding_mask, Tensor? attn_mask, "
-      "bool causal, bool output_scale, float a, float b, float c) -> "
+      "bool causal, bool output_scale, float[] coefficients) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def(
       "efficient_forward(Tensor q, Tensor k, Tensor v, "
-      "Tensor? key_padding_mask, bool output_scale, float a, float b, "
-      "float c) -> (Tensor out, Tensor den, Tensor state)");
+      "Tensor? key_padding_mask, bool output_scale, "
+      "float[] coefficients) -> (Tensor out, Tensor den, Tensor state)");
   m.def(
       "efficient_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor den, Tensor state, Tensor? key_padding_mask, "
-      "bool output_scale, float a, float b, float c) -> "
+      "bool output_scale, float[] coefficients) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // y = factor_h x / |x| along the last dimension of x (B, H, L, d), in x's
   // dtype, computed in the accumulation dtype and rounded once; exact for
@@ -64,23 +64,26 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
-    double a, double b, double c) {
+    c10::ArrayRef<double> coefficients) {
   check_forward_arguments("taylorshift::direct_forward", q, k, v,
                           key_padding_mask, attn_mask,
-                          schema_options(causal, output_scale, a, b, c));
+                          schema_options(causal, output_scale, coefficients));
   return {empty_output(q, v), empty_den(q)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
-    double a, double b, double c) {
+    c10::ArrayRef<double> coefficients) {
   check_forward_arguments("taylorshift::efficient_forward", q, k, v,
                           key_padding_mask, std::nullopt,
-                          schema_options(false, output_scale, a, b, c));
+                          schema_options(false, output_scale, coefficients));
+  const int order = polynomial_of(coefficients).order;
+  check_efficient_order("taylorshift::efficient_forward", order,
+                        kMaxEfficientOrder);
   at::Tensor state =
       at::empty_symint({q.sym_size(0), q.sym_size(1),
-                        feature_count(q.sym_size(3)), v.sym_size(3) + 1},
+                        feature_count(q.sym_size(3), order), v.sym_size(3) + 1},
                        q.options().dtype(accumulate_dtype(q)));
   return {empty_output(q, v), empty_den(q), state};
 }
@@ -98,10 +101,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_meta(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
-    double a, double b, double c) {
+    c10::ArrayRef<double> coefficients) {
   check_backward_arguments("taylorshift::direct_backward", grad_out, q, k, v,
                            out, den, std::nullopt, key_padding_mask, attn_mask,
-                           schema_options(causal, output_scale, a, b, c));
+                           schema_options(causal, output_scale, coefficients));
   return empty_gradients(q, k, v);
 }
 
@@ -109,10 +112,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_meta(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
-    bool output_scale, double a, double b, double c) {
+    bool output_scale, c10::ArrayRef<double> coefficients) {
   check_backward_arguments("taylorshift::efficient_backward", grad_out, q, k, v,
                            out, den, state, key_padding_mask, std::nullopt,
-                           schema_options(false, output_scale, a, b, c));
+                           schema_options(false, output_scale, coefficients));
+  check_efficient_order("taylorshift::efficient_backward",
+                        polynomial_of(coefficients).order, kMaxEfficientOrder);
   return empty_gradients(q, k, v);
 }
 
@@ -156,11 +161,10 @@ std::tuple<at::Tensor, at::Tensor> direct_forward(
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&, bool, bool, double,
-                           double, double)>();
-  const Coefficients& f = options.coefficients;
+                           const std::optional<at::Tensor>&, bool, bool,
+                           c10::ArrayRef<double>)>();
   return op.call(q, k, v, key_padding_mask, attn_mask, options.causal,
-                 options.output_scale, f.a, f.b, f.c);
+                 options.output_scale, coefficient_list(options.coefficients));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
@@ -175,11 +179,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, bool, bool, double, double,
-              double)>();
-  const Coefficients& f = options.coefficients;
+              const std::optional<at::Tensor>&, bool, bool,
+              c10::ArrayRef<double>)>();
   return op.call(grad_out, q, k, v, out, den, key_padding_mask, attn_mask,
-                 options.causal, options.output_scale, f.a, f.b, f.c);
+                 options.causal, options.output_scale,
+                 coefficient_list(options.coefficients));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward(
@@ -188,15 +192,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward(
     const KernelOptions& options) {
   TORCH_CHECK_NOT_IMPLEMENTED(
       !options.causal, "taylorshift: efficient_forward has no causal form");
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("taylorshift::efficient_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const std::optional<at::Tensor>&,
-                           bool, double, double, double)>();
-  const Coefficients& f = options.coefficients;
-  return op.call(q, k, v, key_padding_mask, options.output_scale, f.a, f.b,
-                 f.c);
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("taylorshift::efficient_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, bool, c10::ArrayRef<double>)>();
+  return op.call(q, k, v, key_padding_mask, options.output_scale,
+                 coefficient_list(options.coefficients));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward(
@@ -212,11 +215,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward(
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const std::optional<at::Tensor>&, bool, double,
-              double, double)>();
-  const Coefficients& f = options.coefficients;
+              const at::Tensor&, const std::optional<at::Tensor>&, bool,
+              c10::ArrayRef<double>)>();
   return op.call(grad_out, q, k, v, out, den, state, key_padding_mask,
-                 options.output_scale, f.a, f.b, f.c);
+                 options.output_scale, coefficient_list(options.coefficients));
 }
 
 at::Tensor normalize_rows(const at::Tensor& x,

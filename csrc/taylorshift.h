@@ -36,7 +36,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k,
 // The algorithm kernels on already normalised logits' factors: logits are
 // x_ij = <q_i, k_j>. They return what their backward needs.
 //   den (B, H, M): sum_j w_ij, float32 (float64 for float64 inputs)
-//   state (B, H, F, e + 1): sum_j psi(k_j) [1 | v_j]^T, F = feature_count(d)
+//   state (B, H, F, e + 1): sum_j psi(k_j) [1 | v_j]^T,
+//     F = feature_count(d, order) = C(d + order, order)
 std::tuple<at::Tensor, at::Tensor> direct_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask,
@@ -73,19 +74,27 @@ std::tuple<at::Tensor, at::Tensor> normalize_rows_backward(
     const at::Tensor& grad_y, const at::Tensor& x,
     const std::optional<at::Tensor>& factor);
 
-// FLOPs of one (batch, head) of the direct or the efficient algorithm,
-// forward or forward + backward (docs/math.md §4; a multiply-add is 2).
+// FLOPs of one (batch, head) of the direct or the efficient algorithm of
+// Taylor order `order`, forward or forward + backward (docs/math.md §4; a
+// multiply-add is 2). The efficient count has F = C(d + k, k) features.
 double flops(bool efficient, int64_t queries, int64_t keys, int64_t head_dim,
-             int64_t value_dim, bool backward);
+             int64_t value_dim, bool backward, int order = 2);
+
+// Whether the efficient algorithm exists for this order on this device type
+// (orders 1 to 3 on the CPU, 1 and 2 on CUDA).
+bool efficient_supports(int order, c10::DeviceType device);
 
 // Cost model of this implementation (see csrc/crossover.cpp).
-// True when the efficient algorithm is expected to be faster.
+// True when the efficient algorithm is expected to be faster (never for an
+// order it does not support).
 bool prefer_efficient(int64_t queries, int64_t keys, int64_t head_dim,
-                      int64_t value_dim, c10::DeviceType device);
+                      int64_t value_dim, c10::DeviceType device, int order = 2);
 // Sequence length (M = N, e = d) where the two algorithms cost the same.
-int64_t crossover(int64_t head_dim, c10::DeviceType device);
+int64_t crossover(int64_t head_dim, c10::DeviceType device, int order = 2);
 // The smallest length L with prefer_efficient(L, L, d, e): the cost model is
 // monotone in both lengths, so efficient is the cheaper one for all M, N >= L.
-int64_t crossover(int64_t head_dim, int64_t value_dim, c10::DeviceType device);
+// A ValueError for an order the efficient algorithm does not support.
+int64_t crossover(int64_t head_dim, int64_t value_dim, c10::DeviceType device,
+                  int order = 2);
 
 }  // namespace taylorshift

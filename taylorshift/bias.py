@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from taylorshift.reference import accumulate_dtype, logit_factors, output_scale_factor
+from taylorshift.reference import accumulate_dtype, logit_factors, output_scale_factor, polynomial
 
 # Elements of one block's (B, H, block, N) weight matrix: 2^20 float32 values are 4 MiB, and
 # the backward of a block holds about twenty such matrices (logits, multiplicities, weights and
@@ -64,7 +64,7 @@ def biased_direct_attention(
     normalize: bool = True,
     output_scale: bool = True,
     scale: float | None = None,
-    coefficients: tuple[float, float, float] = (0.5, 1.0, 1.0),
+    coefficients: tuple[float, ...] = (0.5, 1.0, 1.0),
     block_size: int | None = None,
 ) -> Tensor:
     """Direct TaylorShift with an additive float `bias` broadcastable to (B, H, M, N) (see the
@@ -106,7 +106,7 @@ def biased_weights(
     causal: bool = False,
     normalize: bool = True,
     scale: float | None = None,
-    coefficients: tuple[float, float, float] = (0.5, 1.0, 1.0),
+    coefficients: tuple[float, ...] = (0.5, 1.0, 1.0),
 ) -> tuple[Tensor, Tensor]:
     """The full (B, H, M, N) weights P of biased_direct_attention and the key multiplicities
     exp(bias_ij - m_i) (their row sums are the N_i of the output scale), in q's dtype; for
@@ -163,11 +163,10 @@ def _block_weights(
     key_padding_mask: Tensor | None,
     start: int,
     causal: bool,
-    coefficients: tuple[float, float, float],
+    coefficients: tuple[float, ...],
 ) -> tuple[Tensor, Tensor]:
     """Weights P and multiplicities exp(bias - m) of queries start .. start + rows (q_hat holds
     those rows), the bool masks folded into the bias as -inf."""
-    a, b, c = coefficients
     x = q_hat @ k_hat.transpose(-1, -2)
     batch, heads, rows, keys = x.shape
     log_multiplicity = bias.to(x.dtype).expand(batch, heads, rows, keys)
@@ -184,7 +183,7 @@ def _block_weights(
     # Rows with every key masked keep multiplicities exp(-inf) = 0 rather than NaN.
     row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
     multiplicity = torch.exp(log_multiplicity - row_max)
-    weights = multiplicity * ((a * x + b) * x + c)
+    weights = multiplicity * polynomial(x, tuple(coefficients))
     den = weights.sum(-1, keepdim=True)
     probs = weights / torch.where(den == 0, torch.ones_like(den), den)
     return probs, multiplicity
@@ -199,7 +198,7 @@ def _block_output(
     start: int,
     causal: bool,
     output_scale: bool,
-    coefficients: tuple[float, float, float],
+    coefficients: tuple[float, ...],
 ) -> Tensor:
     probs, multiplicity = _block_weights(
         q_hat, k_hat, bias, key_padding_mask, start, causal, coefficients

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -10,6 +11,39 @@ from torch import Tensor
 from taylorshift import _extension, reference
 from taylorshift.bias import biased_direct_attention, check_mode
 from taylorshift.crossover import paper_thresholds
+
+MAX_ORDER = 8  # the kernels' capacity (csrc/features.h kMaxOrder)
+MAX_EFFICIENT_ORDER = {"cpu": 3, "cuda": 2}  # csrc/kernel_checks.h
+
+
+def resolve_coefficients(
+    order: int | None = None, coefficients: Sequence[float] | None = None
+) -> tuple[float, ...]:
+    """The weight polynomial's coefficients, highest degree first, from `order` and/or
+    `coefficients`: order k alone is the Taylor polynomial of exp (1/k!, ..., 1/1!, 1); the
+    coefficients alone have order len - 1; both must agree; neither is order 2, (0.5, 1, 1)."""
+    if order is not None and (
+        isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_ORDER
+    ):
+        raise ValueError(
+            f"taylorshift: order must be an int from 1 to {MAX_ORDER} (the kernels' limit), "
+            f"got {order!r}"
+        )
+    if coefficients is None:
+        return reference.taylor_coefficients(2 if order is None else order)
+    coefficients = tuple(float(x) for x in coefficients)
+    if not 2 <= len(coefficients) <= MAX_ORDER + 1:
+        raise ValueError(
+            "taylorshift: coefficients must list the k + 1 coefficients of the weight "
+            f"polynomial, highest degree first, for an order k from 1 to {MAX_ORDER} (the "
+            f"kernels' limit); got {len(coefficients)} coefficients"
+        )
+    if order is not None and len(coefficients) != order + 1:
+        raise ValueError(
+            f"taylorshift: order={order} needs {order + 1} coefficients (highest degree "
+            f"first), got {len(coefficients)}: {coefficients!r}"
+        )
+    return coefficients
 
 
 def taylor_shift_attention(
@@ -25,11 +59,13 @@ def taylor_shift_attention(
     normalize: bool = True,
     output_scale: bool = True,
     scale: float | None = None,
-    coefficients: tuple[float, float, float] = (0.5, 1.0, 1.0),
+    order: int | None = None,
+    coefficients: Sequence[float] | None = None,
 ) -> Tensor:
-    """TaylorShift attention (arXiv 2403.02920): softmax attention with exp replaced by
-    f(x) = a x^2 + b x + c, computed exactly in O(M N d) ("direct") or O((M + N) d^3)
-    ("efficient") time.
+    """TaylorShift attention (arXiv 2403.02920): softmax attention with exp replaced by a
+    polynomial f, by default the Taylor polynomial of order 2, 1 + x + x^2 / 2, computed exactly
+    in O(M N d) ("direct") or O((M + N) d^3) ("efficient", order 2; O((M + N) d^(k+1)) for
+    order k) time.
 
     Args:
         q: (B, H, M, d) queries; k: (B, H, N, d) keys; v: (B, H, N, e) values, as in
@@ -46,32 +82,40 @@ def taylor_shift_attention(
             (taylorshift/bias.py; PyTorch operations, blockwise with recomputation).
         causal: query i attends keys j <= i (top-left aligned, as SDPA). Direct mode only.
         mode: "direct", "efficient", or "auto", which picks the cheaper one for these sizes on
-            this device (see taylorshift.crossover), and "direct" for attn_mask or causal.
+            this device and order (see taylorshift.crossover), and "direct" for attn_mask or
+            causal or an order the efficient algorithm lacks (it has orders 1-3 on the CPU,
+            1-2 on CUDA; direct has 1-8).
         normalize: logits tau * cos(q_i, k_j) (the paper's); else tau * scale * q_i . k_j.
         output_scale: multiply row i by sqrt(N_i / d), N_i its number of valid keys (the paper's).
         scale: logit scale when normalize=False, default 1/sqrt(d).
-        coefficients: (a, b, c) with a > 0 and c > b^2 / (4a), so that every weight is positive.
+        order: the Taylor order k (1 to 8), f(x) = sum_n x^n / n!. Default 2.
+        coefficients: f's k + 1 coefficients, highest degree first ((a, b, c) for order 2,
+            f = a x^2 + b x + c); with `order` too, their number must be order + 1. The weights
+            must be positive wherever the logits can be: an even order needs f > 0 for every x
+            (order 2: a > 0 and c > b^2 / (4a)); an odd order turns negative for large |x|,
+            so it needs normalize=True (|x| <= |temperature|) and f >= 0 on
+            [-max |temperature|, max |temperature|], positive inside (checked each call: a host
+            read of the temperature). Checked in the dtype the kernels compute in.
 
     Returns:
         (B, H, M, e). A query whose keys are all masked gets zeros (its output is undefined).
     """
-    if len(coefficients) != 3:
-        raise ValueError(f"taylorshift: coefficients must be (a, b, c), got {coefficients!r}")
-    a, b, c = (float(x) for x in coefficients)
+    coefficients = resolve_coefficients(order, coefficients)
     if attn_mask is not None and attn_mask.is_floating_point():
         # An additive bias: direct TaylorShift in PyTorch operations (taylorshift/bias.py).
         check_mode(mode)
         _check_arguments(
-            q, k, v, temperature, key_padding_mask, None, causal, mode, normalize, scale, a, b, c
-        )
+            q, k, v, temperature, key_padding_mask, None, causal, mode, normalize, scale,
+            coefficients,
+        )  # fmt: skip
         return biased_direct_attention(
             q, k, v, temperature, bias=attn_mask, key_padding_mask=key_padding_mask,
             causal=causal, normalize=normalize, output_scale=output_scale, scale=scale,
-            coefficients=(a, b, c),
+            coefficients=coefficients,
         )  # fmt: skip
     # The positional order of the taylorshift::attention schema, shared with the fallback.
     args = (q, k, v, temperature, key_padding_mask, attn_mask, causal, mode, normalize)
-    args += (output_scale, scale, a, b, c)
+    args += (output_scale, scale, list(coefficients))
     if _extension.available:
         return torch.ops.taylorshift.attention(*args)
     return _reference_attention(*args)
@@ -79,24 +123,36 @@ def taylor_shift_attention(
 
 def _reference_attention(
     q, k, v, temperature, key_padding_mask, attn_mask, causal, mode, normalize, output_scale,
-    scale, a, b, c,
+    scale, coefficients,
 ):  # fmt: skip
     """Fallback without the compiled extension: the same checks as the operator, then the
-    reference, switching at the paper's N0."""
+    reference, switching at the paper's N0 for order 2 (other orders: the direct reference,
+    the same function)."""
+    coefficients = tuple(coefficients)
     _check_arguments(
-        q, k, v, temperature, key_padding_mask, attn_mask, causal, mode, normalize, scale, a, b, c
-    )
+        q, k, v, temperature, key_padding_mask, attn_mask, causal, mode, normalize, scale,
+        coefficients,
+    )  # fmt: skip
     options = {
         "key_padding_mask": key_padding_mask,
         "normalize": normalize,
         "output_scale": output_scale,
         "scale": scale,
-        "coefficients": (a, b, c),
+        "coefficients": coefficients,
     }
+    order, limit = len(coefficients) - 1, MAX_EFFICIENT_ORDER.get(q.device.type, 2)
+    _check(
+        not (mode == "efficient" and order > limit),
+        NotImplementedError,
+        f"taylorshift::efficient_forward: the efficient algorithm supports orders 1 to {limit} "
+        f"on this device (symmetric features of degree <= k), got order {order}; "
+        f'use mode="direct" (any order up to {MAX_ORDER})',
+    )
     needs_direct = attn_mask is not None or causal
     if (
         mode == "direct"
         or needs_direct
+        or order != 2
         or (mode == "auto" and k.shape[2] < paper_thresholds(q.shape[-1])[0])
     ):
         return reference.direct(q, k, v, temperature, attn_mask=attn_mask, causal=causal, **options)
@@ -197,31 +253,148 @@ def _check_tensors(q: Tensor, k: Tensor, v: Tensor) -> None:
     )
 
 
-def _check_coefficients(a: float, b: float, c: float, dtype: torch.dtype) -> None:
+def _coefficient_names(order: int) -> str:
+    return "(a, b, c)" if order == 2 else f"(c_{order}, ..., c_0)"
+
+
+def _coefficient_values(coefficients: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{x:g}" for x in coefficients) + ")"
+
+
+def _horner(x: float, coefficients, dtype: torch.dtype) -> Tensor:
+    """f(x) evaluated in `dtype`, as the kernels do (features.h taylor_weight)."""
+    x_t = torch.tensor(x, dtype=dtype)
+    w = torch.tensor(coefficients[0], dtype=dtype)
+    for c in coefficients[1:]:
+        w = w * x_t + torch.tensor(c, dtype=dtype)
+    return w
+
+
+def _real_roots(p: list[float], lo: float, hi: float) -> list[float]:
+    """Real roots of p (highest degree first) in (lo, hi), as csrc/kernel_checks.h finds them:
+    p is monotone between consecutive roots of p', where bisection finds its one root."""
+    degree = len(p) - 1
+    if degree < 1:
+        return []
+
+    def value(x: float) -> float:
+        y = 0.0
+        for c in p:
+            y = y * x + c
+        return y
+
+    derivative = [(degree - i) * p[i] for i in range(degree)]
+    points = [lo, *_real_roots(derivative, lo, hi), hi]
+    roots = []
+    for i in range(len(points) - 1):
+        u, w = points[i], points[i + 1]
+        if i > 0 and value(u) == 0:
+            roots.append(u)
+        if (value(u) < 0) == (value(w) < 0) or value(u) == 0 or value(w) == 0:
+            continue
+        rising = value(u) < 0
+        for _ in range(200):
+            mid = 0.5 * (u + w)
+            if mid <= u or mid >= w:
+                break
+            if value(mid) == 0:
+                u = w = mid
+                break
+            if (value(mid) < 0) == rising:
+                u = mid
+            else:
+                w = mid
+        roots.append(0.5 * (u + w))
+    return roots
+
+
+def _critical_points(coefficients: tuple[float, ...], lo: float, hi: float) -> list[float]:
+    p = list(coefficients)
+    while len(p) > 1 and p[0] == 0:
+        p.pop(0)
+    degree = len(p) - 1
+    return _real_roots([(degree - i) * p[i] for i in range(degree)], lo, hi)
+
+
+def _check_coefficients(coefficients: tuple[float, ...], dtype: torch.dtype) -> None:
+    """csrc/kernel_checks.h check_coefficients: finite; an even order positive on all of R."""
     wide = reference.accumulate_dtype(dtype)
-    got = f"a = {a:g}, b = {b:g}, c = {c:g}"
+    order = len(coefficients) - 1
+    names, got = _coefficient_names(order), _coefficient_values(coefficients)
     largest = torch.finfo(wide).max
-    representable = all(math.isfinite(x) and abs(x) <= largest for x in (a, b, c))
+    representable = all(math.isfinite(x) and abs(x) <= largest for x in coefficients)
     _check(
         representable,
         ValueError,
-        "taylorshift: coefficients (a, b, c) must be finite in ",
+        f"taylorshift: coefficients {names} must be finite in ",
         wide,
         ", the dtype the kernels compute in; got ",
         got,
     )
-    a_t, b_t, c_t = (torch.tensor(x, dtype=wide) for x in (a, b, c))
+    if order % 2 == 1:
+        return  # bounded logits only: _check_logit_range
+    leading = coefficients[0]
     _check(
-        bool(a_t > 0), ValueError, f"taylorshift: coefficients (a, b, c) need a > 0, got a = {a:g}"
-    )
-    minimum = c_t - b_t * b_t / (4 * a_t)
-    _check(
-        bool(minimum > 0),
+        bool(torch.tensor(leading, dtype=wide) > 0),
         ValueError,
-        "taylorshift: coefficients (a, b, c) need c > b^2 / (4a) so that the weights a x^2 + b x + c are positive for every x (checked in ",
+        f"taylorshift: coefficients {names}",
+        " need a > 0, got a = "
+        if order == 2
+        else " of an even order need a positive leading coefficient c_k > 0, got c_k = ",
+        f"{leading:g}",
+    )
+    bound = 1 + max(abs(c / leading) for c in coefficients[1:])
+    positive = all(
+        bool(_horner(x, coefficients, wide) > 0)
+        for x in _critical_points(coefficients, -bound, bound)
+    )
+    _check(
+        positive,
+        ValueError,
+        f"taylorshift: coefficients {names}",
+        " need c > b^2 / (4a) so that the weights a x^2 + b x + c are positive for every x"
+        if order == 2
+        else " give weights f(x) that are not positive for every x, as an even order's must be",
+        " (checked in ",
         wide,
         ", the dtype the kernels compute in); got ",
         got,
+    )
+
+
+def _check_logit_range(
+    coefficients: tuple[float, ...], dtype: torch.dtype, normalize: bool, temperature
+) -> None:
+    """csrc/kernel_checks.h check_logit_range: an odd order needs bounded logits, on which f is
+    >= 0 at the ends and > 0 inside."""
+    order = len(coefficients) - 1
+    if order % 2 == 0:
+        return
+    wide = reference.accumulate_dtype(dtype)
+    _check(
+        normalize,
+        ValueError,
+        f"taylorshift: order {order} is odd: its weights f(x) turn negative for large |x|, and "
+        "with normalize=False the logits are unbounded; use normalize=True (logits in "
+        "[-|temperature|, |temperature|]) or an even order",
+    )
+    radius = 1.0 if temperature is None else float(temperature.detach().abs().max())
+    positive = all(bool(_horner(x, coefficients, wide) >= 0) for x in (radius, -radius))
+    positive = positive and all(
+        bool(_horner(x, coefficients, wide) > 0)
+        for x in _critical_points(coefficients, -radius, radius)
+    )
+    _check(
+        positive,
+        ValueError,
+        f"taylorshift: the weights of order {order} (odd) must be positive on the logits' range "
+        f"[-{radius:g}, {radius:g}] (max |temperature| with normalize=True; checked in ",
+        wide,
+        ", the dtype the kernels compute in), but f(x) with coefficients ",
+        _coefficient_names(order),
+        " = ",
+        _coefficient_values(coefficients),
+        " is not; lower the temperature or use an even order",
     )
 
 
@@ -304,10 +477,11 @@ def _check_masks(q: Tensor, k: Tensor, temperature, key_padding_mask, attn_mask)
 
 
 def _check_arguments(
-    q, k, v, temperature, key_padding_mask, attn_mask, causal, mode, normalize, scale, a, b, c
+    q, k, v, temperature, key_padding_mask, attn_mask, causal, mode, normalize, scale,
+    coefficients,
 ):  # fmt: skip
     _check_tensors(q, k, v)
-    _check_coefficients(a, b, c, q.dtype)
+    _check_coefficients(coefficients, q.dtype)
     _check(
         mode in ("auto", "direct", "efficient"),
         ValueError,
@@ -319,6 +493,7 @@ def _check_arguments(
         "taylorshift: scale applies only with normalize=False (with normalize=True the logits are cosine similarities times temperature)",
     )
     _check_masks(q, k, temperature, key_padding_mask, attn_mask)
+    _check_logit_range(coefficients, q.dtype, normalize, temperature)
     _check(
         not (mode == "efficient" and (attn_mask is not None or causal)),
         NotImplementedError,

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from taylorshift import reference
 from taylorshift.bias import biased_direct_attention, biased_weights, check_mode
-from taylorshift.functional import taylor_shift_attention
+from taylorshift.functional import resolve_coefficients, taylor_shift_attention
 
 
 def _bool_mask(mask: Tensor | None, name: str) -> Tensor | None:
@@ -69,7 +69,9 @@ class TaylorShiftAttention(nn.MultiheadAttention):
     and `isinstance(module, nn.MultiheadAttention)` holds, so code that looks for attention by
     type (PyG's GPSConv, open_clip's convert_weights_to_lp) keeps working. Added: a
     `temperature` parameter of shape (num_heads,) (init ones) and the keyword-only options
-    `mode`, `normalize`, `output_scale` of taylorshift.taylor_shift_attention.
+    `mode`, `normalize`, `output_scale`, `order`, `coefficients` of
+    taylorshift.taylor_shift_attention (the polynomial is fixed at construction and kept, highest
+    degree first, in the `coefficients` attribute).
 
     A state dict of an nn.MultiheadAttention loads directly (strict), `load_state_dict(
     mha.state_dict())`: when it holds no temperature, the temperature keeps its current value.
@@ -109,6 +111,8 @@ class TaylorShiftAttention(nn.MultiheadAttention):
         mode: str = "auto",
         normalize: bool = True,
         output_scale: bool = True,
+        order: int | None = None,
+        coefficients=None,
     ) -> None:
         if embed_dim <= 0 or num_heads <= 0:
             raise ValueError(
@@ -118,6 +122,7 @@ class TaylorShiftAttention(nn.MultiheadAttention):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if mode not in ("auto", "direct", "efficient"):
             raise ValueError(f"mode must be 'auto', 'direct' or 'efficient', got {mode!r}")
+        resolved = resolve_coefficients(order, coefficients)
         super().__init__(
             embed_dim,
             num_heads,
@@ -138,6 +143,7 @@ class TaylorShiftAttention(nn.MultiheadAttention):
         self.mode = mode
         self.normalize = normalize
         self.output_scale = output_scale
+        self.coefficients = resolved
         self.temperature = nn.Parameter(torch.ones(num_heads, device=device, dtype=dtype))
 
     def _reset_parameters(self) -> None:
@@ -313,7 +319,7 @@ class TaylorShiftAttention(nn.MultiheadAttention):
         masks = {"key_padding_mask": key_padding_mask, "causal": is_causal}
         biased = attn_mask is not None and attn_mask.is_floating_point()
         masks["bias" if biased else "attn_mask"] = attn_mask
-        options = {"normalize": self.normalize}
+        options = {"normalize": self.normalize, "coefficients": self.coefficients}
         weights = None
         if need_weights and biased:
             weights, multiplicity = biased_weights(q, k, self.temperature, **options, **masks)
@@ -399,7 +405,8 @@ def _is_softmax_attention(module: nn.Module) -> bool:
 def replace_attention(model: nn.Module, **options) -> nn.Module:
     """Swap every nn.MultiheadAttention in `model` for a TaylorShiftAttention with its weights.
 
-    `options` (mode, normalize, output_scale) go to each TaylorShiftAttention. Works inside
+    `options` (mode, normalize, output_scale, order, coefficients) go to each
+    TaylorShiftAttention. Works inside
     nn.TransformerEncoder/Decoder in train and eval mode: the encoder's fused fast paths, which
     would run softmax attention on the weights without calling the module, are switched off.
     Returns `model`, changed in place (a bare nn.MultiheadAttention is returned replaced).

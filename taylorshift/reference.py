@@ -54,6 +54,19 @@ def logit_factors(
     return q_hat.to(q.dtype), k_hat
 
 
+def taylor_coefficients(order: int) -> tuple[float, ...]:
+    """The Taylor polynomial of exp of order k, highest degree first: (1/k!, ..., 1/1!, 1/0!)."""
+    return tuple(1.0 / math.factorial(n) for n in range(order, -1, -1))
+
+
+def polynomial(x: Tensor, coefficients: tuple[float, ...]) -> Tensor:
+    """f(x) = c_k x^k + ... + c_0 by Horner's rule, coefficients highest degree first."""
+    weights = torch.full_like(x, coefficients[0])
+    for c in coefficients[1:]:
+        weights = weights * x + c
+    return weights
+
+
 def allowed_keys(
     q: Tensor,
     k: Tensor,
@@ -90,16 +103,16 @@ def taylor_softmax_weights(
     causal: bool = False,
     normalize: bool = True,
     scale: float | None = None,
-    coefficients: tuple[float, float, float] = (0.5, 1.0, 1.0),
+    coefficients: tuple[float, ...] = (0.5, 1.0, 1.0),
 ) -> Tensor:
-    """The (B, H, M, N) attention weights P = W / den; all-masked rows are zero."""
-    a, b, c = coefficients
+    """The (B, H, M, N) attention weights P = W / den with W = f(x), f the polynomial of the
+    coefficients (any order, highest degree first); all-masked rows are zero."""
     q_hat, k_hat = logit_factors(q, k, temperature, normalize=normalize, scale=scale)
     x = q_hat @ k_hat.transpose(-1, -2)
     allowed = allowed_keys(
         q, k, key_padding_mask=key_padding_mask, attn_mask=attn_mask, causal=causal
     )
-    weights = torch.where(allowed, (a * x + b) * x + c, torch.zeros_like(x))
+    weights = torch.where(allowed, polynomial(x, tuple(coefficients)), torch.zeros_like(x))
     den = weights.sum(-1, keepdim=True)
     return weights / torch.where(den == 0, torch.ones_like(den), den)
 
@@ -116,9 +129,9 @@ def direct(
     normalize: bool = True,
     output_scale: bool = True,
     scale: float | None = None,
-    coefficients: tuple[float, float, float] = (0.5, 1.0, 1.0),
+    coefficients: tuple[float, ...] = (0.5, 1.0, 1.0),
 ) -> Tensor:
-    """Direct TaylorShift, O(M N d) time and O(M N) memory."""
+    """Direct TaylorShift of any order, O(M N d) time and O(M N) memory."""
     probs = taylor_softmax_weights(
         q,
         k,
@@ -149,13 +162,13 @@ def efficient(
     normalize: bool = True,
     output_scale: bool = True,
     scale: float | None = None,
-    coefficients: tuple[float, float, float] = (0.5, 1.0, 1.0),
+    coefficients: tuple[float, ...] = (0.5, 1.0, 1.0),
 ) -> Tensor:
-    """Efficient TaylorShift as in the paper's code: O(N d^3) time, O(N d^2) memory."""
-    a, b, c = coefficients
+    """Efficient TaylorShift as in the paper's code: O(N d^3) time, O(N d^2) memory for order 2;
+    order k uses the full tensor powers q^(x)n, k^(x)n (d^n features) for n <= k."""
     batch, _heads, keys, head_dim = k.shape
     q_hat, k_hat = logit_factors(q, k, temperature, normalize=normalize, scale=scale)
-    # Scaling q and k by d^(1/4) makes (q.k) = sqrt(d) x: the b and c terms are rescaled to match.
+    # Scaling q and k by d^(1/4) makes (q.k) = sqrt(d) x: the x^n terms are divided by d^(n/2).
     root = head_dim**0.25
     keep = torch.ones(batch, 1, keys, 1, dtype=torch.bool, device=v.device)
     if key_padding_mask is not None:
@@ -166,16 +179,17 @@ def efficient(
     q_s, k_s = q_hat * root, torch.where(keep, k_hat * root, 0)
     ones = torch.ones_like(v[..., :1])
     v_aug = torch.where(keep, torch.cat([ones, v], dim=-1), 0) / keys
-    k_sq = (k_s.unsqueeze(-1) * k_s.unsqueeze(-2)).flatten(-2)  # (B, H, N, d^2)
-    q_sq = (q_s.unsqueeze(-1) * q_s.unsqueeze(-2)).flatten(-2)  # (B, H, M, d^2)
-    state_2 = k_sq.transpose(-1, -2) @ v_aug
-    state_1 = k_s.transpose(-1, -2) @ v_aug
-    state_0 = v_aug.sum(-2, keepdim=True)
-    z = (
-        (a / head_dim) * (q_sq @ state_2)
-        + (b / math.sqrt(head_dim)) * (q_s @ state_1)
-        + c * state_0
-    )
+    order = len(coefficients) - 1
+    z = 0
+    for n, c in zip(range(order, -1, -1), coefficients, strict=True):
+        if n == 0:
+            z = z + c * v_aug.sum(-2, keepdim=True)
+            continue
+        q_pow, k_pow = q_s, k_s  # q^(x)n, k^(x)n: (B, H, tokens, d^n)
+        for _ in range(n - 1):
+            q_pow = (q_pow.unsqueeze(-1) * q_s.unsqueeze(-2)).flatten(-2)
+            k_pow = (k_pow.unsqueeze(-1) * k_s.unsqueeze(-2)).flatten(-2)
+        z = z + (c / head_dim ** (n / 2)) * (q_pow @ (k_pow.transpose(-1, -2) @ v_aug))
     den = z[..., :1]
     out = z[..., 1:] / torch.where(den == 0, torch.ones_like(den), den)
     if output_scale:

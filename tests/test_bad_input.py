@@ -176,8 +176,10 @@ def test_coefficients_checked_in_the_dtype_the_kernels_compute_in(qkv, dtype):
 
 
 def test_coefficients_wrong_length(qkv):
-    with pytest.raises(ValueError, match=r"coefficients must be \(a, b, c\)"):
-        call(*qkv, coefficients=(0.5, 1.0))
+    # k + 1 coefficients for an order k from 1 to 8 (tests/test_order.py has the rest).
+    for coefficients in ((0.5,), (0.5,) * 10):
+        with pytest.raises(ValueError, match=r"coefficients must list the k \+ 1 coefficients"):
+            call(*qkv, coefficients=coefficients)
 
 
 def test_unknown_mode(qkv):

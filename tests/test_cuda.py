@@ -125,9 +125,9 @@ def check_operator(mode, dtype, d, mask_case, *, shape=(2, 2, 70, 130), e=None):
     kpm, attn_mask, causal = make_masks(mask_case, batch, heads, queries, keys)
     a, b, c = COEFFICIENTS
     if mode == "direct":
-        out, den = ops.direct_forward(q, k, v, kpm, attn_mask, causal, True, a, b, c)
+        out, den = ops.direct_forward(q, k, v, kpm, attn_mask, causal, True, [a, b, c])
     else:
-        out, den, state = ops.efficient_forward(q, k, v, kpm, True, a, b, c)
+        out, den, state = ops.efficient_forward(q, k, v, kpm, True, [a, b, c])
     assert out.dtype == dtype and den.dtype == (
         torch.float64 if dtype == torch.float64 else torch.float32
     )
@@ -152,10 +152,10 @@ def check_operator(mode, dtype, d, mask_case, *, shape=(2, 2, 70, 130), e=None):
     grad_out = grad_out.to(device=q.device, dtype=dtype)
     if mode == "direct":
         grads = ops.direct_backward(
-            grad_out, q, k, v, out, den, kpm, attn_mask, causal, True, a, b, c
+            grad_out, q, k, v, out, den, kpm, attn_mask, causal, True, [a, b, c]
         )
     else:
-        grads = ops.efficient_backward(grad_out, q, k, v, out, den, state, kpm, True, a, b, c)
+        grads = ops.efficient_backward(grad_out, q, k, v, out, den, state, kpm, True, [a, b, c])
     exact = torch.autograd.grad(out64, leaves64, grad_out.double())
     approx = torch.autograd.grad(out_low, leaves_low, grad_out)
     for name, got, ex, ap in zip(("dq", "dk", "dv"), grads, exact, approx):
@@ -220,9 +220,9 @@ def test_head_dim_limit_is_a_clear_error(mode):
     q, k, v = make_factors(1, 1, 4, 4, 129, 16, torch.float32)
     with pytest.raises(NotImplementedError, match="head dims"):
         if mode == "direct":
-            ops.direct_forward(q, k, v, None, None, False, True, *COEFFICIENTS)
+            ops.direct_forward(q, k, v, None, None, False, True, list(COEFFICIENTS))
         else:
-            ops.efficient_forward(q, k, v, None, True, *COEFFICIENTS)
+            ops.efficient_forward(q, k, v, None, True, list(COEFFICIENTS))
 
 
 @gpu_only
@@ -264,8 +264,8 @@ def test_non_contiguous_inputs_and_strided_masks(mode, dtype):
 
     def forward_backward(q, k, v, grad_out, mask):
         args = (mask, *options[1:])
-        saved = forward(q, k, v, *args, *COEFFICIENTS)
-        grads = backward(grad_out, q, k, v, *saved, *args, *COEFFICIENTS)
+        saved = forward(q, k, v, *args, list(COEFFICIENTS))
+        grads = backward(grad_out, q, k, v, *saved, *args, list(COEFFICIENTS))
         return [*saved, *grads]
 
     got = forward_backward(q, k, v, grad_out, kpm)
@@ -289,8 +289,8 @@ def test_kernels_read_strided_inputs_in_place(mode, dtype):
     forward = ops.direct_forward if mode == "direct" else ops.efficient_forward
     backward = ops.direct_backward if mode == "direct" else ops.efficient_backward
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        saved = forward(q, k, v, *options, *COEFFICIENTS)
-        backward(grad_out, q, k, v, *saved, *options, *COEFFICIENTS)
+        saved = forward(q, k, v, *options, list(COEFFICIENTS))
+        backward(grad_out, q, k, v, *saved, *options, list(COEFFICIENTS))
     # Only per-row scalars and the (B, H, F, e + 1) state may be converted inside.
     copies = [
         event.input_shapes
@@ -308,7 +308,7 @@ def test_efficient_backward_reads_strided_inputs():
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in base)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     kpm = (torch.rand(2, 70, generator=torch.Generator().manual_seed(11)) < 0.3).to(DEVICE)
-    args = (kpm, True, *COEFFICIENTS)
+    args = (kpm, True, list(COEFFICIENTS))
     out, den, state = ops.efficient_forward(q, k, v, *args)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(12))
     grad_out = grad_out.to(DEVICE, torch.bfloat16).transpose(1, 2).contiguous().transpose(1, 2)
@@ -332,7 +332,7 @@ def test_efficient_non_finite_padded_keys_change_nothing(dtype):
     poisoned_k, poisoned_v = clean_k.clone(), clean_v.clone()
     poisoned_k[0, :, 3] = float("nan")
     poisoned_v[1, 1, -1, 2] = float("inf")
-    args = (kpm, True, *COEFFICIENTS)
+    args = (kpm, True, list(COEFFICIENTS))
     grad_out = torch.randn(2, 2, 20, 16, generator=torch.Generator().manual_seed(14))
     grad_out = grad_out.to(DEVICE, dtype)
     results = []
@@ -361,9 +361,9 @@ def test_direct_padded_keys_are_never_read(dtype, causal):
     grad_out = torch.randn(2, 2, 150, 64, dtype=torch.float64).to(DEVICE, dtype)
     results = []
     for key, value in ((poisoned_k, poisoned_v), (clean_k, clean_v)):
-        out, den = ops.direct_forward(q, key, value, kpm, None, causal, True, *COEFFICIENTS)
+        out, den = ops.direct_forward(q, key, value, kpm, None, causal, True, list(COEFFICIENTS))
         grads = ops.direct_backward(
-            grad_out, q, key, value, out, den, kpm, None, causal, True, *COEFFICIENTS
+            grad_out, q, key, value, out, den, kpm, None, causal, True, list(COEFFICIENTS)
         )
         results.append([out, den, *grads])
     for got, want in zip(*results):
@@ -404,7 +404,7 @@ def test_second_device():
         (ops.direct_forward, (None, None, False, True)),
         (ops.efficient_forward, (None, True)),
     ):
-        out = op_args[0](q, k, v, *op_args[1], *COEFFICIENTS)[0]
+        out = op_args[0](q, k, v, *op_args[1], list(COEFFICIENTS))[0]
         assert out.device == torch.device("cuda:1")
         exact = reference_outputs(q.double(), k.double(), v.double(), None, None, False)[0]
         torch.testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-4)
@@ -432,9 +432,9 @@ def test_one_million_keys_bfloat16_no_overflow(mode):
     keys = 1 << 20
     q, k, v = make_factors(1, 2, 128, keys, 16, 16, torch.bfloat16, seed=6)
     if mode == "direct":
-        out, den = ops.direct_forward(q, k, v, None, None, False, True, *COEFFICIENTS)
+        out, den = ops.direct_forward(q, k, v, None, None, False, True, list(COEFFICIENTS))
     else:
-        out, den, state = ops.efficient_forward(q, k, v, None, True, *COEFFICIENTS)
+        out, den, state = ops.efficient_forward(q, k, v, None, True, list(COEFFICIENTS))
         assert torch.isfinite(state).all()
     exact_out, exact_den = chunked_reference(q, k, v)
     assert torch.isfinite(out).all() and torch.isfinite(den).all()
@@ -476,7 +476,7 @@ def test_contiguous_views_at_unaligned_offsets(mode):
 
     op = ops.direct_forward if mode == "direct" else ops.efficient_forward
     args = (None, None, False, True) if mode == "direct" else (None, True)
-    want = op(q, k, v, *args, *COEFFICIENTS)
-    got = op(shifted(q), shifted(k), shifted(v), *args, *COEFFICIENTS)
+    want = op(q, k, v, *args, list(COEFFICIENTS))
+    got = op(shifted(q), shifted(k), shifted(v), *args, list(COEFFICIENTS))
     for a, b in zip(got, want):
         assert torch.equal(a, b)

@@ -18,7 +18,7 @@ import torch
 from ts_testing import DEVICES, make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
-COEFFS = (0.5, 1.0, 1.0)
+COEFFS = [0.5, 1.0, 1.0]
 
 # Builds valid arguments for every operator (M = 4096 queries, so that an argument with the
 # wrong shape would be read far out of bounds), then calls each operator once per tensor argument
@@ -32,23 +32,23 @@ SWEEP = textwrap.dedent(
 
     device = sys.argv[1]
     ops = torch.ops.taylorshift
+    COEFFS = [0.5, 1.0, 1.0]
     B, H, M, N, d, e = 1, 2, 4096, 33, 4, 3
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, n, w, generator=g).to(device) for n, w in ((M, d), (N, d), (N, e)))
     kpm = torch.zeros(B, N, dtype=torch.bool, device=device)
     am = torch.zeros(B, H, M, N, dtype=torch.bool, device=device)
-    out, den = ops.direct_forward(q, k, v, kpm, am, False, True, 0.5, 1.0, 1.0)
-    _, _, state = ops.efficient_forward(q, k, v, kpm, True, 0.5, 1.0, 1.0)
+    out, den = ops.direct_forward(q, k, v, kpm, am, False, True, COEFFS)
+    _, _, state = ops.efficient_forward(q, k, v, kpm, True, COEFFS)
     grad = torch.ones_like(out)
-    coeffs = (0.5, 1.0, 1.0)
     calls = {
-        "direct_forward": (ops.direct_forward, [q, k, v, kpm, am, False, True, *coeffs]),
+        "direct_forward": (ops.direct_forward, [q, k, v, kpm, am, False, True, COEFFS]),
         "direct_backward": (
-            ops.direct_backward, [grad, q, k, v, out, den, kpm, am, False, True, *coeffs]
+            ops.direct_backward, [grad, q, k, v, out, den, kpm, am, False, True, COEFFS]
         ),
-        "efficient_forward": (ops.efficient_forward, [q, k, v, kpm, True, *coeffs]),
+        "efficient_forward": (ops.efficient_forward, [q, k, v, kpm, True, COEFFS]),
         "efficient_backward": (
-            ops.efficient_backward, [grad, q, k, v, out, den, state, kpm, True, *coeffs]
+            ops.efficient_backward, [grad, q, k, v, out, den, state, kpm, True, COEFFS]
         ),
         "normalize_rows_backward": (ops.normalize_rows_backward, [q, q, q.new_ones(H)]),
     }
@@ -81,7 +81,7 @@ SWEEP = textwrap.dedent(
         if name.startswith("normalize_rows"):
             continue  # no coefficients
         broken = list(args)
-        broken[-1] = float("nan")
+        broken[-1] = [*COEFFS[:-1], float("nan")]
         try:
             op(*broken)
             outcome = "no error"
@@ -132,24 +132,24 @@ def test_messages_name_the_operator_and_the_argument(qkv):
     q, k, v = qkv
     ops = torch.ops.taylorshift
     with pytest.raises(ValueError, match=r"taylorshift::direct_forward: q, k, v must be 4-d"):
-        ops.direct_forward(q[0], k, v, None, None, False, True, *COEFFS)
+        ops.direct_forward(q[0], k, v, None, None, False, True, COEFFS)
     with pytest.raises(ValueError, match=r"efficient_forward: k must have shape \[2, 3, 7, 2\]"):
-        ops.efficient_forward(q[..., :2], k, v, None, True, *COEFFS)
+        ops.efficient_forward(q[..., :2], k, v, None, True, COEFFS)
     with pytest.raises(TypeError, match="key_padding_mask must be torch.bool, got torch.float64"):
         ops.efficient_forward(
-            q, k, v, torch.zeros(2, 7, dtype=q.dtype, device=q.device), True, *COEFFS
+            q, k, v, torch.zeros(2, 7, dtype=q.dtype, device=q.device), True, COEFFS
         )
     with pytest.raises(ValueError, match=r"attn_mask must have shape \[2, 3, 5, 7\], got \[5, 7\]"):
         mask = torch.zeros(5, 7, dtype=torch.bool, device=q.device)
-        ops.direct_forward(q, k, v, None, mask, False, True, *COEFFS)
-    out, den = ops.direct_forward(q, k, v, None, None, False, True, *COEFFS)
+        ops.direct_forward(q, k, v, None, mask, False, True, COEFFS)
+    out, den = ops.direct_forward(q, k, v, None, None, False, True, COEFFS)
     with pytest.raises(
         ValueError, match=r"direct_backward: grad_out must have shape \[2, 3, 5, 6\]"
     ):
-        ops.direct_backward(out[:1], q, k, v, out, den, None, None, False, True, *COEFFS)
+        ops.direct_backward(out[:1], q, k, v, out, den, None, None, False, True, COEFFS)
     with pytest.raises(
         TypeError, match="direct_backward: den must be torch.float64, got torch.float32"
     ):
-        ops.direct_backward(out, q, k, v, out, den.float(), None, None, False, True, *COEFFS)
+        ops.direct_backward(out, q, k, v, out, den.float(), None, None, False, True, COEFFS)
     with pytest.raises(ValueError, match=r"need c > b\^2 / \(4a\)"):
-        ops.efficient_forward(q, k, v, None, True, 0.5, 1.0, 0.25)
+        ops.efficient_forward(q, k, v, None, True, [0.5, 1.0, 0.25])

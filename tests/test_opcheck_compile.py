@@ -10,7 +10,7 @@ from ts_testing import DEVICES, make_inputs, random_attn_mask, random_key_paddin
 import taylorshift
 
 DTYPES = [torch.float64, torch.float32]
-COEFFS = (0.5, 1.0, 1.0)
+COEFFS = [0.5, 1.0, 1.0]
 B, H, M, N, D, E = 2, 2, 5, 7, 4, 3
 
 
@@ -74,7 +74,7 @@ LAYOUTS = ["contiguous", "transposed"]
 def test_opcheck_direct_forward_and_backward(device, dtype, masked, layout):
     q, k, v = _inputs(device, dtype, requires_grad=True, layout=layout)
     kpm, attn = _masks(device, masked)
-    forward_args = (q, k, v, kpm, attn, masked, True, *COEFFS)
+    forward_args = (q, k, v, kpm, attn, masked, True, COEFFS)
     _assert_opcheck(torch.ops.taylorshift.direct_forward.default, forward_args)
     with torch.no_grad():
         out, den = torch.ops.taylorshift.direct_forward(*forward_args)
@@ -82,7 +82,7 @@ def test_opcheck_direct_forward_and_backward(device, dtype, masked, layout):
     grad_out = torch.randn_like(out)
     _assert_opcheck(
         torch.ops.taylorshift.direct_backward.default,
-        (grad_out, q, k, v, out, den, kpm, attn, masked, True, *COEFFS),
+        (grad_out, q, k, v, out, den, kpm, attn, masked, True, COEFFS),
     )
 
 
@@ -92,7 +92,7 @@ def test_opcheck_direct_forward_and_backward(device, dtype, masked, layout):
 def test_opcheck_efficient_forward_and_backward(device, dtype, masked, layout):
     q, k, v = _inputs(device, dtype, requires_grad=True, layout=layout)
     kpm, _ = _masks(device, masked)
-    forward_args = (q, k, v, kpm, True, *COEFFS)
+    forward_args = (q, k, v, kpm, True, COEFFS)
     _assert_opcheck(torch.ops.taylorshift.efficient_forward.default, forward_args)
     with torch.no_grad():
         out, den, state = torch.ops.taylorshift.efficient_forward(*forward_args)
@@ -100,7 +100,7 @@ def test_opcheck_efficient_forward_and_backward(device, dtype, masked, layout):
     grad_out = torch.randn_like(out)
     _assert_opcheck(
         torch.ops.taylorshift.efficient_backward.default,
-        (grad_out, q, k, v, out, den, state, kpm, True, *COEFFS),
+        (grad_out, q, k, v, out, den, state, kpm, True, COEFFS),
     )
 
 

@@ -9,6 +9,7 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <utility>
 
 #include "../kernel_blocks.h"
 
@@ -46,6 +47,18 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
 #endif
 
 namespace taylorshift::cpu {
+
+// fn(std::integral_constant<int, K>{}) for K = order, 1 <= order <=
+// kMaxOrder: the polynomial's order as a compile-time constant, so that
+// Horner's loop (features.h) unrolls inside the vectorised loops of the
+// element-wise passes instead of looping per element.
+template <int K = 1, typename Fn>
+void with_order(int order, Fn&& fn) {
+  if constexpr (K < kMaxOrder) {
+    if (order != K) return with_order<K + 1>(order, std::forward<Fn>(fn));
+  }
+  fn(std::integral_constant<int, K>{});
+}
 
 namespace detail {
 

@@ -56,18 +56,20 @@ inline int64_t causal_limit(bool causal, int64_t i, int64_t j0, int64_t cols) {
 // vectorised clones (TS_VECTOR_CLONES) are entered once per tile.
 
 // In place: w = f(x) on the keys each row may see (0 after them), and the
-// row sums added to row_sums.
-template <typename T>
+// row sums added to row_sums. Order is the polynomial's order as a constant
+// (with_order).
+template <typename T, typename Order>
 TS_VECTOR_CLONES void polynomial_tile(T* tile, int64_t rows, int64_t cols,
                                       int64_t ld, bool causal, int64_t i0,
-                                      int64_t j0, T a, T b, T c, T* row_sums) {
+                                      int64_t j0, const Polynomial<T>& f,
+                                      Order order, T* row_sums) {
   for (int64_t r = 0; r < rows; ++r) {
     T* w = tile + r * ld;
     const int64_t limit = causal_limit(causal, i0 + r, j0, cols);
     T sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t col = 0; col < limit; ++col) {
-      const T y = (a * w[col] + b) * w[col] + c;
+      const T y = taylor_weight(w[col], f, order);
       w[col] = y;
       sum += y;
     }
@@ -78,21 +80,24 @@ TS_VECTOR_CLONES void polynomial_tile(T* tile, int64_t rows, int64_t cols,
 
 // From the score tile x: probs = f(x) / den_i and, in place of x, the slope
 // f'(x) / den_i, both 0 after the keys each row may see.
-template <typename T>
+template <typename T, typename Order>
 TS_VECTOR_CLONES void weight_and_slope_tile(T* x_tile, T* probs, int64_t rows,
                                             int64_t cols, int64_t ld,
                                             bool causal, int64_t i0, int64_t j0,
-                                            T a, T b, T c, const T* inv_den) {
+                                            const Polynomial<T>& f, Order order,
+                                            const T* inv_den) {
   for (int64_t r = 0; r < rows; ++r) {
     T* x = x_tile + r * ld;
     T* w = probs + r * ld;
     const int64_t limit = causal_limit(causal, i0 + r, j0, cols);
-    const T ar = a * inv_den[r], br = b * inv_den[r], cr = c * inv_den[r];
+    // f / den_i: the row's coefficients scaled once.
+    Polynomial<T> fr = f;
+    for (int n = 0; n <= f.order; ++n) fr.coefficient[n] *= inv_den[r];
 #pragma omp simd
     for (int64_t col = 0; col < limit; ++col) {
       const T xv = x[col];
-      w[col] = (ar * xv + br) * xv + cr;
-      x[col] = T(2) * ar * xv + br;
+      w[col] = taylor_weight(xv, fr, order);
+      x[col] = taylor_weight_grad(xv, fr, order);
     }
     std::fill(w + limit, w + cols, T(0));
     std::fill(x + limit, x + cols, T(0));
@@ -115,13 +120,12 @@ TS_VECTOR_CLONES void score_gradient_tile(T* dx_tile, const T* slope,
 }
 
 // One query block of one head: out = sigma W V / den, den = rowsum(W).
-template <typename T, bool kGeneralMask>
-void forward_block(const DirectProblem<T>& p, int64_t batch, int64_t head,
-                   int64_t i0, T* scores, T* acc, int64_t* valid,
+template <typename T, bool kGeneralMask, typename Order>
+void forward_block(const DirectProblem<T>& p, Order order, int64_t batch,
+                   int64_t head, int64_t i0, T* scores, T* acc, int64_t* valid,
                    T* unmasked_sums, T* out, T* den) {
   const int64_t d = p.head_dim, e = p.value_dim;
-  const T a = p.options.coefficients.a, b = p.options.coefficients.b,
-          c = p.options.coefficients.c;
+  const Polynomial<T> f = p.options.coefficients.template cast<T>();
   const T* q = p.q.head(batch, head);
   const T* k = p.k.head(batch, head);
   const T* v = p.v.head(batch, head);
@@ -137,8 +141,8 @@ void forward_block(const DirectProblem<T>& p, int64_t batch, int64_t head,
     if constexpr (kGeneralMask) {
       // Key padding and attn_mask: the weights, then zero what query i may
       // not see, and sum what is left.
-      polynomial_tile(scores, rows, cols, kKeyBlock, p.mask.causal, i0, j0, a,
-                      b, c, unmasked_sums);
+      polynomial_tile(scores, rows, cols, kKeyBlock, p.mask.causal, i0, j0, f,
+                      order, unmasked_sums);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
         T* w = scores + r * kKeyBlock;
@@ -153,8 +157,8 @@ void forward_block(const DirectProblem<T>& p, int64_t batch, int64_t head,
         den[i] += kept_sum;
       }
     } else {
-      polynomial_tile(scores, rows, cols, kKeyBlock, p.mask.causal, i0, j0, a,
-                      b, c, den + i0);
+      polynomial_tile(scores, rows, cols, kKeyBlock, p.mask.causal, i0, j0, f,
+                      order, den + i0);
     }
     gemm<T>(false, false, rows, e, cols, T(1), scores, kKeyBlock,
             v + j0 * p.v.row_stride, p.v.row_stride, j0 == 0 ? T(0) : T(1), acc,
@@ -170,9 +174,9 @@ void forward_block(const DirectProblem<T>& p, int64_t batch, int64_t head,
   }
 }
 
-template <typename T, bool kGeneralMask>
-void direct_forward_all(const DirectProblem<T>& p, int64_t batches, T* out,
-                        T* den) {
+template <typename T, bool kGeneralMask, typename Order>
+void direct_forward_all(const DirectProblem<T>& p, Order order, int64_t batches,
+                        T* out, T* den) {
   const int64_t query_blocks = blocks_of(p.queries, kQueryBlock);
   const int64_t units = batches * p.heads * query_blocks;
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
@@ -184,7 +188,7 @@ void direct_forward_all(const DirectProblem<T>& p, int64_t batches, T* out,
       const int64_t bh = unit / query_blocks;
       const int64_t i0 = (unit % query_blocks) * kQueryBlock;
       forward_block<T, kGeneralMask>(
-          p, bh / p.heads, bh % p.heads, i0, scores.data(), acc.data(),
+          p, order, bh / p.heads, bh % p.heads, i0, scores.data(), acc.data(),
           valid.data(), unmasked_sums.data(),
           out + bh * p.queries * p.value_dim, den + bh * p.queries);
     }
@@ -198,15 +202,14 @@ void direct_forward_all(const DirectProblem<T>& p, int64_t batches, T* out,
 //   dX = dW * f'(X) * m,  dQ += dX K_b,  dK_b += dX^T Q_b.
 // grad_k and grad_v are this query range's own (a partial sum when a head is
 // split over threads).
-template <typename T, bool kGeneralMask>
-void backward_range(const DirectProblem<T>& p, int64_t batch, int64_t head,
-                    int64_t row_begin, int64_t row_end, const T* grad_out,
-                    int64_t grad_row_stride, const T* out, const T* den,
-                    T* grad_q, T* grad_k, T* grad_v, T* scores, T* probs,
-                    T* scaled_grad, T* grad_dot_out, T* inv_den) {
+template <typename T, bool kGeneralMask, typename Order>
+void backward_range(const DirectProblem<T>& p, Order order, int64_t batch,
+                    int64_t head, int64_t row_begin, int64_t row_end,
+                    const T* grad_out, int64_t grad_row_stride, const T* out,
+                    const T* den, T* grad_q, T* grad_k, T* grad_v, T* scores,
+                    T* probs, T* scaled_grad, T* grad_dot_out, T* inv_den) {
   const int64_t d = p.head_dim, e = p.value_dim;
-  const T a = p.options.coefficients.a, b = p.options.coefficients.b,
-          c = p.options.coefficients.c;
+  const Polynomial<T> f = p.options.coefficients.template cast<T>();
   const T* q = p.q.head(batch, head);
   const T* k = p.k.head(batch, head);
   const T* v = p.v.head(batch, head);
@@ -235,7 +238,7 @@ void backward_range(const DirectProblem<T>& p, int64_t batch, int64_t head,
               ks, T(0), scores, kKeyBlock);
       // probs = m f(x) / den_i; scores = m f'(x) / den_i, kept for dX.
       weight_and_slope_tile(scores, probs, rows, cols, kKeyBlock, p.mask.causal,
-                            i0, j0, a, b, c, inv_den);
+                            i0, j0, f, order, inv_den);
       if constexpr (kGeneralMask) {
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t limit = causal_limit(p.mask.causal, i0 + r, j0, cols);
@@ -258,11 +261,12 @@ void backward_range(const DirectProblem<T>& p, int64_t batch, int64_t head,
   }
 }
 
-template <typename T, bool kGeneralMask>
-void direct_backward_all(const DirectProblem<T>& p, int64_t batches,
-                         const TokenRows<T>& grad_out, const T* out,
-                         const T* den, T* grad_q, T* grad_k, T* grad_v,
-                         T* partial_k, T* partial_v, int64_t splits) {
+template <typename T, bool kGeneralMask, typename Order>
+void direct_backward_all(const DirectProblem<T>& p, Order order,
+                         int64_t batches, const TokenRows<T>& grad_out,
+                         const T* out, const T* den, T* grad_q, T* grad_k,
+                         T* grad_v, T* partial_k, T* partial_v,
+                         int64_t splits) {
   const int64_t M = p.queries, N = p.keys, d = p.head_dim, e = p.value_dim;
   const int64_t heads_total = batches * p.heads;
   const int64_t query_blocks = blocks_of(M, kQueryBlock);
@@ -284,7 +288,7 @@ void direct_backward_all(const DirectProblem<T>& p, int64_t batches,
       T* dv = splits == 1 ? grad_v + bh * N * e
                           : partial_v + (split * heads_total + bh) * N * e;
       backward_range<T, kGeneralMask>(
-          p, batch, head, row_begin, row_end, grad_out.head(batch, head),
+          p, order, batch, head, row_begin, row_end, grad_out.head(batch, head),
           grad_out.row_stride, out + bh * M * e, den + bh * M,
           grad_q + bh * M * d, dk, dv, scores.data(), probs.data(),
           scaled_grad.data(), grad_dot_out.data(), inv_den.data());
@@ -306,10 +310,10 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
-    double a, double b, double c) {
+    c10::ArrayRef<double> coefficients) {
   check_forward_arguments("taylorshift::direct_forward", q_in, k_in, v_in,
                           key_padding_mask, attn_mask,
-                          schema_options(causal, output_scale, a, b, c));
+                          schema_options(causal, output_scale, coefficients));
   const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
                    v = compute_operand(v_in);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), e = v.size(3);
@@ -318,12 +322,16 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cpu(
   at::Tensor den = at::empty({B, H, M}, compute);
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   const bool general_mask = key_padding_mask || attn_mask;
-  const KernelOptions options = schema_options(causal, output_scale, a, b, c);
+  const KernelOptions options =
+      schema_options(causal, output_scale, coefficients);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "direct_forward_cpu", [&] {
     const auto p = make_problem<scalar_t>(q, k, v, mask, options);
-    auto run = general_mask ? direct_forward_all<scalar_t, true>
-                            : direct_forward_all<scalar_t, false>;
-    run(p, B, out.data_ptr<scalar_t>(), den.data_ptr<scalar_t>());
+    with_order(options.coefficients.order, [&](auto order) {
+      auto run = general_mask
+                     ? direct_forward_all<scalar_t, true, decltype(order)>
+                     : direct_forward_all<scalar_t, false, decltype(order)>;
+      run(p, order, B, out.data_ptr<scalar_t>(), den.data_ptr<scalar_t>());
+    });
   });
   return {out.to(q_in.scalar_type()), den};
 }
@@ -333,11 +341,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cpu(
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
     const at::Tensor& den_in, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
-    double a, double b, double c) {
+    c10::ArrayRef<double> coefficients) {
   check_backward_arguments("taylorshift::direct_backward", grad_out_in, q_in,
                            k_in, v_in, out_in, den_in, std::nullopt,
                            key_padding_mask, attn_mask,
-                           schema_options(causal, output_scale, a, b, c));
+                           schema_options(causal, output_scale, coefficients));
   const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
                    v = compute_operand(v_in),
                    grad_out = compute_operand(grad_out_in);
@@ -361,16 +369,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cpu(
   }
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   const bool general_mask = key_padding_mask || attn_mask;
-  const KernelOptions options = schema_options(causal, output_scale, a, b, c);
+  const KernelOptions options =
+      schema_options(causal, output_scale, coefficients);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "direct_backward_cpu", [&] {
     const auto p = make_problem<scalar_t>(q, k, v, mask, options);
-    auto run = general_mask ? direct_backward_all<scalar_t, true>
-                            : direct_backward_all<scalar_t, false>;
-    run(p, B, token_rows<scalar_t>(grad_out), out.data_ptr<scalar_t>(),
-        den.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(),
-        grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(),
-        splits > 1 ? partial_k.data_ptr<scalar_t>() : nullptr,
-        splits > 1 ? partial_v.data_ptr<scalar_t>() : nullptr, splits);
+    with_order(options.coefficients.order, [&](auto order) {
+      auto run = general_mask
+                     ? direct_backward_all<scalar_t, true, decltype(order)>
+                     : direct_backward_all<scalar_t, false, decltype(order)>;
+      run(p, order, B, token_rows<scalar_t>(grad_out), out.data_ptr<scalar_t>(),
+          den.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(),
+          grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(),
+          splits > 1 ? partial_k.data_ptr<scalar_t>() : nullptr,
+          splits > 1 ? partial_v.data_ptr<scalar_t>() : nullptr, splits);
+    });
   });
   if (splits > 1) {
     at::sum_out(grad_k, partial_k, 0);

@@ -1,5 +1,7 @@
-// Efficient TaylorShift on the CPU, O((M + N) F e) with F = 1 + d + d(d+1)/2
-// (docs/math.md §3). With the feature maps of features.h,
+// Efficient TaylorShift on the CPU, O((M + N) F e) with F = C(d + k, k)
+// features for Taylor order k = 1, 2, 3 (1 + d + d(d+1)/2 for order 2,
+// docs/math.md §3; causal-and-order spec §1). With the feature maps of
+// features.h,
 //   f(q . k) = phi(q) . psi(k),
 // so every query sees the same state S = sum_j psi(k_j) [1 | v_j]^T and
 //   z_i = phi(q_i)^T S,   den_i = z_i[0],   y_i = sigma z_i[1:] / den_i.
@@ -96,14 +98,14 @@ struct Workspace {
   std::vector<T> dots;    // F: a chunk's share of a state's column 0
   std::vector<T> grad_t;  // d x chunk: dq or dk, transposed
 
-  Workspace(int64_t d, int64_t e)
+  Workspace(int64_t d, int64_t e, int order)
       : chunk(token_chunk(d)),
         xt(d * chunk),
-        tile(feature_count(d) * chunk),
+        tile(feature_count(d, order) * chunk),
         rows(chunk * (e + 1)),
         column(chunk),
         valid(chunk),
-        dots(feature_count(d)),
+        dots(feature_count(d, order)),
         grad_t(d * chunk) {}
 };
 
@@ -192,8 +194,8 @@ class ChunkSum {
 // over key chunks. Returns the number of valid keys.
 template <typename T>
 int64_t accumulate_state(const HeadTensors<T>& t, const Mask& mask,
-                         int64_t batch, T* state, Workspace<T>& w) {
-  const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d);
+                         int64_t batch, int order, T* state, Workspace<T>& w) {
+  const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d, order);
   const int64_t ld = w.chunk;
   const T* valid_row = w.valid.data();
   int64_t valid = 0;
@@ -204,7 +206,7 @@ int64_t accumulate_state(const HeadTensors<T>& t, const Mask& mask,
     for (int64_t r = 0; r < rows; ++r) valid += valid_row[r] != T(0);
     // Column 0 of [m | m v] is m: the build sums psi(k_j) m_j.
     key_feature_tile(w.xt.data(), valid_row, d, rows, ld, w.tile.data(),
-                     RowExtras<T>{valid_row, w.dots.data()});
+                     RowExtras<T>{valid_row, w.dots.data()}, order);
     // Values in place, unless a key is masked: its row may hold NaN.
     const T* values = t.v_row(j0);
     int64_t values_stride = t.v_stride;
@@ -223,11 +225,13 @@ template <typename T>
 void efficient_forward_head(const HeadTensors<T>& t, const Mask& mask,
                             int64_t batch, const KernelOptions& options, T* out,
                             T* den, T* state, Workspace<T>& w) {
-  const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d);
+  const int order = options.coefficients.order;
+  const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d, order);
   const int64_t ld = w.chunk;
-  const T a = options.coefficients.a, b = options.coefficients.b,
-          c = options.coefficients.c;
-  const int64_t valid = accumulate_state(t, mask, batch, state, w);
+  const auto weights =
+      FeatureWeights<T>::queries(options.coefficients.template cast<T>());
+  const T c = weights.constant;
+  const int64_t valid = accumulate_state(t, mask, batch, order, state, w);
   const T sigma = output_scale_factor<T>(options.output_scale, valid, d);
   // Phase 2: z = phi(Q_chunk)^T S, independent per query. The products run
   // over features 1.. only: the constant feature's term c S[0, :] (c N for
@@ -243,7 +247,7 @@ void efficient_forward_head(const HeadTensors<T>& t, const Mask& mask,
     denominators.weights = state;
     denominators.weight_stride = e + 1;
     denominators.weighted = w.column.data();
-    query_feature_tile(w.xt.data(), d, rows, ld, a, b, c, w.tile.data(),
+    query_feature_tile(w.xt.data(), d, rows, ld, weights, w.tile.data(),
                        denominators);
     T* values = w.rows.data();  // rows x e
     gemm<T>(true, false, rows, e, F - 1, T(1), w.tile.data() + ld, ld,
@@ -274,9 +278,10 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
                              const T* den, const T* state, const Mask& mask,
                              int64_t batch, const KernelOptions& options,
                              T* grad_q, T* grad_k, T* grad_v, Workspace<T>& w) {
-  const T a = options.coefficients.a, b = options.coefficients.b,
-          c = options.coefficients.c;
-  const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d);
+  const int order = options.coefficients.order;
+  const auto weights =
+      FeatureWeights<T>::queries(options.coefficients.template cast<T>());
+  const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d, order);
   const int64_t ld = w.chunk;
   T* tile = w.tile.data();
   T* xt = w.xt.data();
@@ -303,14 +308,13 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
     }
     transpose_rows<T>(t.q_row(i0), t.q_stride, rows, d, nullptr, xt, ld);
     // Column 0 of dS: the build sums phi(q_i) dz_i[0].
-    query_feature_tile(xt, d, rows, ld, a, b, c, tile,
+    query_feature_tile(xt, d, rows, ld, weights, tile,
                        RowExtras<T>{w.column.data(), w.dots.data()});
     grad_state_sum.add(tile, ld, w.dots.data(), rows_e1 + 1, e + 1, rows);
     // The tile is free again: S[1:] dZ^T, row f holding (S dz_i)_f.
     gemm<T>(false, true, F - 1, rows, e + 1, T(1), state + (e + 1), e + 1,
             rows_e1, e + 1, T(0), tile + ld, ld);
-    feature_gradient_tile(tile + ld, xt, d, rows, ld, b, a, T(2) * a,
-                          w.grad_t.data());
+    feature_gradient_tile(tile + ld, xt, d, rows, ld, weights, w.grad_t.data());
     untranspose_rows(w.grad_t.data(), ld, rows, d, grad_q + i0 * d);
   }
 
@@ -321,7 +325,7 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
   for (int64_t j0 = 0; j0 < t.keys; j0 += ld) {
     const int64_t rows = block_end(j0, ld, t.keys) - j0;
     load_keys(t, j0, rows, mask, batch, w);
-    key_feature_tile(xt, valid_row, d, rows, ld, tile, RowExtras<T>{});
+    key_feature_tile(xt, valid_row, d, rows, ld, tile, RowExtras<T>{}, order);
     write_augmented_values(t, j0, rows, valid_row, rows_e1);
     // dv = psi(K)[1:]^T dS[1:, 1:] + m dS[0, 1:]: the constant feature last,
     // as in the forward; masked keys get zeros by selection.
@@ -336,8 +340,8 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
     // (dS v'_j)_f. Masked keys have v'_j = 0 and k_j = 0 (in xt): dk_j = 0.
     gemm<T>(false, true, F - 1, rows, e + 1, T(1), dS + (e + 1), e + 1, rows_e1,
             e + 1, T(0), tile + ld, ld);
-    feature_gradient_tile(tile + ld, xt, d, rows, ld, T(1), T(1), T(1),
-                          w.grad_t.data());
+    feature_gradient_tile(tile + ld, xt, d, rows, ld,
+                          FeatureWeights<T>::keys(order), w.grad_t.data());
     untranspose_rows(w.grad_t.data(), ld, rows, d, grad_k + j0 * d);
   }
 }
@@ -345,23 +349,28 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
-    double a, double b, double c) {
+    c10::ArrayRef<double> coefficients) {
   check_forward_arguments("taylorshift::efficient_forward", q_in, k_in, v_in,
                           key_padding_mask, std::nullopt,
-                          schema_options(false, output_scale, a, b, c));
+                          schema_options(false, output_scale, coefficients));
   const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
                    v = compute_operand(v_in);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), d = q.size(3),
-                e = v.size(3), F = feature_count(d);
+                e = v.size(3);
+  const KernelOptions options =
+      schema_options(false, output_scale, coefficients);
+  const int order = options.coefficients.order;
+  check_efficient_order("taylorshift::efficient_forward", order,
+                        kMaxEfficientOrder);
+  const int64_t F = feature_count(d, order);
   const auto compute = q.options().dtype(accumulate_dtype(q_in));
   at::Tensor out = at::empty({B, H, M, e}, compute);
   at::Tensor den = at::empty({B, H, M}, compute);
   at::Tensor state = at::empty({B, H, F, e + 1}, compute);
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
-  const KernelOptions options = schema_options(false, output_scale, a, b, c);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "efficient_forward_cpu", [&] {
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      Workspace<scalar_t> workspace(d, e);
+      Workspace<scalar_t> workspace(d, e, order);
       for (int64_t bh = begin; bh < end; ++bh) {
         efficient_forward_head<scalar_t>(
             head<scalar_t>(q, k, v, bh / H, bh % H), mask, bh / H, options,
@@ -379,11 +388,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cpu(
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
     const at::Tensor& den_in, const at::Tensor& state_in,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
-    double a, double b, double c) {
+    c10::ArrayRef<double> coefficients) {
   check_backward_arguments("taylorshift::efficient_backward", grad_out_in, q_in,
                            k_in, v_in, out_in, den_in, state_in,
                            key_padding_mask, std::nullopt,
-                           schema_options(false, output_scale, a, b, c));
+                           schema_options(false, output_scale, coefficients));
   const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
                    v = compute_operand(v_in),
                    grad_out = compute_operand(grad_out_in);
@@ -392,16 +401,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cpu(
                    den = den_in.to(compute).contiguous(),
                    state = state_in.to(compute).contiguous();
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), N = k.size(2),
-                d = q.size(3), e = v.size(3), F = feature_count(d);
+                d = q.size(3), e = v.size(3);
+  const KernelOptions options =
+      schema_options(false, output_scale, coefficients);
+  const int order = options.coefficients.order;
+  check_efficient_order("taylorshift::efficient_backward", order,
+                        kMaxEfficientOrder);
+  const int64_t F = feature_count(d, order);
   at::Tensor grad_q = at::empty({B, H, M, d}, compute),
              grad_k = at::empty({B, H, N, d}, compute),
              grad_v = at::empty({B, H, N, e}, compute);
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
-  const KernelOptions options = schema_options(false, output_scale, a, b, c);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "efficient_backward_cpu", [&] {
     const TokenRows<scalar_t> grad_rows = token_rows<scalar_t>(grad_out);
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      Workspace<scalar_t> workspace(d, e);
+      Workspace<scalar_t> workspace(d, e, order);
       for (int64_t bh = begin; bh < end; ++bh) {
         efficient_backward_head<scalar_t>(
             head<scalar_t>(q, k, v, bh / H, bh % H),

@@ -41,7 +41,7 @@ struct DirectArgs {
   int d, e, tile;
   Mask mask;
   RowValues<Acc> sigma;
-  Acc a, b, c;
+  Polynomial<Acc> f;  // the weight polynomial, by value
 };
 
 struct ForwardSmem {
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i = i0 + r, j = j0 + col;
       Acc w = 0;
       if (i < p.queries && j < p.keys && p.mask.allowed(b, h, i, j)) {
-        w = taylor_weight(xs[r * ld_x + col], p.a, p.b, p.c);
+        w = taylor_weight(xs[r * ld_x + col], p.f);
       }
       ws[r * ld_w + col] = Num<Op>::narrow(w);
     }
@@ -167,7 +167,7 @@ struct MmaArgs {
   int d, e;
   Mask mask;
   RowValues<float> sigma;  // forward only
-  float a, b, c;
+  Polynomial<float> f;     // the weight polynomial, by value
 };
 
 // The mask view with which load_key_rows zeroes padded keys' rows.
@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int n = 0; n < kKeys / 8; ++n) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        float w = taylor_weight(s[n][i], p.a, p.b, p.c);
+        float w = taylor_weight(s[n][i], p.f);
         if constexpr (kElementwise) {
           const int64_t row = i0 + warp_row + g + 8 * (i / 2);
           const int64_t j = j0 + n * 8 + 2 * quad + i % 2;
@@ -302,7 +302,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 MmaArgs<T> mma_args(const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, int64_t d, int64_t e, const Mask& mask,
-                    double a, double b, double c) {
+                    const Coefficients& f) {
   MmaArgs<T> args{};
   args.q = token_rows<T>(q, d);
   args.k = token_rows<T>(k, d);
@@ -313,9 +313,7 @@ MmaArgs<T> mma_args(const at::Tensor& q, const at::Tensor& k,
   args.d = static_cast<int>(d);
   args.e = static_cast<int>(e);
   args.mask = mask;
-  args.a = static_cast<float>(a);
-  args.b = static_cast<float>(b);
-  args.c = static_cast<float>(c);
+  args.f = f.cast<float>();
   return args;
 }
 
@@ -351,13 +349,12 @@ void launch_mma_forward(const MmaArgs<T>& args, MaskMode mode, int64_t bh,
 template <typename T>
 void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const Mask& mask, MaskMode mode, const at::Tensor& sigma,
-                 double a, double b, double c, at::Tensor& out,
-                 at::Tensor& den) {
+                 const Coefficients& f, at::Tensor& out, at::Tensor& den) {
   const int64_t d = q.size(3), e = v.size(3), dim = std::max(d, e);
   // Kept alive until the launches: the arguments point into them.
   const at::Tensor qr = cp_async_rows(q), kr = cp_async_rows(k),
                    vr = cp_async_rows(v);
-  MmaArgs<T> args = mma_args<T>(qr, kr, vr, d, e, mask, a, b, c);
+  MmaArgs<T> args = mma_args<T>(qr, kr, vr, d, e, mask, f);
   args.sigma = row_values<float>(sigma);
   const int64_t bh = q.size(0) * q.size(1);
   T* o = reinterpret_cast<T*>(out.data_ptr());
@@ -484,9 +481,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < 4; ++i) {
         const int c = 8 * n + 2 * quad + i % 2;
         const float x = st[n][i];
-        float weight = taylor_weight(x, p.a, p.b, p.c) * rs[c];
-        float dx =
-            (rs[c] * dxt[n][i] - dl[c]) * taylor_weight_grad(x, p.a, p.b);
+        float weight = taylor_weight(x, p.f) * rs[c];
+        float dx = (rs[c] * dxt[n][i] - dl[c]) * taylor_weight_grad(x, p.f);
         if constexpr (kElementwise) {
           const int64_t j = j0 + warp_row + g + 8 * (i / 2), q_row = i0 + c;
           const bool allowed = tile_allows<kMode>(p, b, h, q_row, j);
@@ -595,7 +591,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < 4; ++i) {
         const int r = i / 2;
         float value =
-            (rs[r] * dx[n][i] - dl[r]) * taylor_weight_grad(s[n][i], p.a, p.b);
+            (rs[r] * dx[n][i] - dl[r]) * taylor_weight_grad(s[n][i], p.f);
         if constexpr (kElementwise) {
           const int64_t row = i0 + warp_row + g + 8 * r;
           const int64_t j = j0 + 8 * n + 2 * quad + i % 2;
@@ -654,13 +650,13 @@ template <typename T>
 void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& scalars, const Mask& mask, MaskMode mode,
-                  double a, double b, double c, at::Tensor& grad_q,
-                  at::Tensor& grad_k, at::Tensor& grad_v) {
+                  const Coefficients& f, at::Tensor& grad_q, at::Tensor& grad_k,
+                  at::Tensor& grad_v) {
   const int64_t d = q.size(3), e = v.size(3), dim = std::max(d, e);
   // Kept alive until the launches: the arguments point into them.
   const at::Tensor qr = cp_async_rows(q), kr = cp_async_rows(k),
                    vr = cp_async_rows(v);
-  MmaArgs<T> args = mma_args<T>(qr, kr, vr, d, e, mask, a, b, c);
+  MmaArgs<T> args = mma_args<T>(qr, kr, vr, d, e, mask, f);
   const at::Tensor g = cp_async_rows(grad_out);
   args.grad_out = token_rows<T>(g, e);
   args.scalars = scalars.data_ptr<float>();
@@ -742,9 +738,9 @@ __device__ void backward_tile(const DirectArgs<T, Acc>& p, int64_t b, int64_t h,
     Acc weight = 0, dx = 0;
     if (i < p.queries && j < p.keys && p.mask.allowed(b, h, i, j)) {
       const Acc x = xs[r * ld_x + col];
-      weight = taylor_weight(x, p.a, p.b, p.c) * rs[r];
+      weight = taylor_weight(x, p.f) * rs[r];
       dx = (rs[r] * gvs[r * ld_x + col] - rs[tile + r]) *
-           taylor_weight_grad(x, p.a, p.b);
+           taylor_weight_grad(x, p.f);
     }
     if (ps != nullptr) ps[r * ld_w + col] = Num<Op>::narrow(weight);
     dxs[r * ld_w + col] = Num<Op>::narrow(dx);
@@ -857,8 +853,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, typename Acc>
 DirectArgs<T, Acc> make_args(const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& v, const Mask& mask,
-                             const at::Tensor& sigma, double a, double b,
-                             double c) {
+                             const at::Tensor& sigma, const Coefficients& f) {
   DirectArgs<T, Acc> args{};
   args.q = token_rows<T>(q, q.size(3));
   args.k = token_rows<T>(k, k.size(3));
@@ -870,9 +865,7 @@ DirectArgs<T, Acc> make_args(const at::Tensor& q, const at::Tensor& k,
   args.e = static_cast<int>(v.size(3));
   args.mask = mask;
   args.sigma = row_values<Acc>(sigma);
-  args.a = static_cast<Acc>(a);
-  args.b = static_cast<Acc>(b);
-  args.c = static_cast<Acc>(c);
+  args.f = f.cast<Acc>();
   return args;
 }
 
@@ -884,10 +877,11 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
-    double a, double b, double c) {
+    c10::ArrayRef<double> coefficients) {
+  const Coefficients f = polynomial_of(coefficients);
   check_forward_arguments("taylorshift::direct_forward", q, k, v,
                           key_padding_mask, attn_mask,
-                          schema_options(causal, output_scale, a, b, c));
+                          schema_options(causal, output_scale, coefficients));
   check_cuda_inputs("taylorshift::direct_forward", q, k, v, {},
                     key_padding_mask, attn_mask);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -902,16 +896,16 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
   const MaskMode mode = mask_mode(key_padding_mask, attn_mask);
   if (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) {
     if (q.scalar_type() == at::kHalf) {
-      mma_forward<__half>(q, k, v, mask, mode, sigma, a, b, c, out, den);
+      mma_forward<__half>(q, k, v, mask, mode, sigma, f, out, den);
     } else {
-      mma_forward<__nv_bfloat16>(q, k, v, mask, mode, sigma, a, b, c, out, den);
+      mma_forward<__nv_bfloat16>(q, k, v, mask, mode, sigma, f, out, den);
     }
     return {out, den};
   }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "direct_forward_cuda", [&] {
     using T = scalar_t;
     using Acc = typename Num<T>::acc;
-    auto args = make_args<T, Acc>(q, k, v, mask, sigma, a, b, c);
+    auto args = make_args<T, Acc>(q, k, v, mask, sigma, f);
     const auto bytes = [&](int tile) {
       return ForwardSmem(tile, args.d, args.e, sizeof(T), sizeof(Acc)).total;
     };
@@ -932,10 +926,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
-    double a, double b, double c) {
+    c10::ArrayRef<double> coefficients) {
+  const Coefficients f = polynomial_of(coefficients);
   check_backward_arguments("taylorshift::direct_backward", grad_out, q, k, v,
                            out, den, std::nullopt, key_padding_mask, attn_mask,
-                           schema_options(causal, output_scale, a, b, c));
+                           schema_options(causal, output_scale, coefficients));
   check_cuda_inputs("taylorshift::direct_backward", q, k, v,
                     {&grad_out, &out, &den}, key_padding_mask, attn_mask);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -953,7 +948,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   if (q.scalar_type() == at::kBFloat16 &&
       std::max(q.size(3), v.size(3)) <= kBackwardMaxDim) {
     mma_backward<__nv_bfloat16>(grad_out, q, k, v, scalars, mask,
-                                mask_mode(key_padding_mask, attn_mask), a, b, c,
+                                mask_mode(key_padding_mask, attn_mask), f,
                                 grad_q, grad_k, grad_v);
     return {grad_q, grad_k, grad_v};
   }
@@ -962,7 +957,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
         using T = typename Native<scalar_t>::type;
         using Acc = typename Num<T>::acc;
         using Op = typename Num<T>::derived;
-        auto args = make_args<T, Acc>(q, k, v, mask, sigma, a, b, c);
+        auto args = make_args<T, Acc>(q, k, v, mask, sigma, f);
         args.grad_out = token_rows<T>(grad_out, grad_out.size(3));
         args.scalars = scalars.data_ptr<Acc>();
         const int64_t bh = q.size(0) * q.size(1);

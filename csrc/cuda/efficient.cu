@@ -1635,13 +1635,32 @@ int64_t blocks_for(int64_t tokens, int tile) {
   return (tokens + tile - 1) / tile;
 }
 
+// The kernels compute order 2, f = a x^2 + b x + c. Order 1 runs through
+// them with a = 0: exact (the pair features get weight 0), at order 2's cost
+// in time and in a transient order-2 state; the state it returns and reads
+// back has order 1's 1 + d feature rows. Order 3 has no CUDA kernels.
+struct QuadraticCoefficients {
+  double a, b, c;
+};
+
+QuadraticCoefficients quadratic_coefficients(const char* op,
+                                             const Coefficients& f) {
+  check_efficient_order(op, f.order, kMaxEfficientOrderCuda);
+  return {f.order == 2 ? f.of_degree(2) : 0.0, f.of_degree(1), f.of_degree(0)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
-    double a, double b, double c) {
+    c10::ArrayRef<double> coefficients) {
+  const KernelOptions options =
+      schema_options(false, output_scale, coefficients);
   check_forward_arguments("taylorshift::efficient_forward", q, k, v,
-                          key_padding_mask, std::nullopt,
-                          schema_options(false, output_scale, a, b, c));
+                          key_padding_mask, std::nullopt, options);
+  const QuadraticCoefficients f2 = quadratic_coefficients(
+      "taylorshift::efficient_forward", options.coefficients);
+  const double a = f2.a, b = f2.b, c = f2.c;
+  const int order = options.coefficients.order;
   check_cuda_inputs("taylorshift::efficient_forward", q, k, v, {},
                     key_padding_mask, std::nullopt);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -1652,7 +1671,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
   at::Tensor state =
       at::empty({q.size(0), q.size(1), feature_count(q.size(3)), v.size(3) + 1},
                 acc_options);
-  if (state.numel() == 0) return {out, den, state};
+  if (state.numel() == 0)
+    return {out, den, state.narrow(2, 0, feature_count(q.size(3), order))};
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          std::nullopt, false, output_scale);
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
@@ -1694,6 +1714,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
             args, reinterpret_cast<T*>(out.data_ptr()), den.data_ptr<Acc>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
+  if (order == 1)
+    return {out, den,
+            state.narrow(2, 0, feature_count(q.size(3), order)).contiguous()};
   return {out, den, state};
 }
 
@@ -1701,20 +1724,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
-    bool output_scale, double a, double b, double c) {
+    bool output_scale, c10::ArrayRef<double> coefficients) {
+  const KernelOptions options =
+      schema_options(false, output_scale, coefficients);
   check_backward_arguments("taylorshift::efficient_backward", grad_out, q, k, v,
                            out, den, state, key_padding_mask, std::nullopt,
-                           schema_options(false, output_scale, a, b, c));
+                           options);
+  const QuadraticCoefficients f2 = quadratic_coefficients(
+      "taylorshift::efficient_backward", options.coefficients);
+  const double a = f2.a, b = f2.b, c = f2.c;
+  const int order = options.coefficients.order;
   check_cuda_inputs("taylorshift::efficient_backward", q, k, v,
                     {&grad_out, &out, &den, &state}, key_padding_mask,
                     std::nullopt);
   TORCH_CHECK(state.scalar_type() == accumulate_dtype(q) && state.dim() == 4 &&
-                  state.size(2) == feature_count(q.size(3)) &&
+                  state.size(2) == feature_count(q.size(3), order) &&
                   state.size(3) == v.size(3) + 1,
               "taylorshift::efficient_backward: state must be (B, H, F, e + 1)"
               " in the accumulation dtype");
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor sc = state.contiguous();
+  // Order 1: the order-2 state with zero pair rows (a = 0 never reads them).
+  const at::Tensor sc =
+      order == 1
+          ? at::cat({state, at::zeros({state.size(0), state.size(1),
+                                       pair_count(q.size(3)), state.size(3)},
+                                      state.options())},
+                    2)
+          : state.contiguous();
   // Contiguous gradients whatever the inputs' strides, as the Meta kernels.
   at::Tensor grad_q = at::empty(q.sizes(), q.options()),
              grad_k = at::empty(k.sizes(), k.options()),

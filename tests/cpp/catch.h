@@ -12,18 +12,22 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
 namespace taylorshift::testing {
 
 // docs/math.md §1 on logits x = q k^T, with `allowed` (B, H, M, N) or
-// broadcastable: y = sigma * (W V) / rowsum(W), W = allowed * f(x).
+// broadcastable: y = sigma * (W V) / rowsum(W), W = allowed * f(x), f the
+// polynomial of `coefficients` (highest degree first; any order).
 inline at::Tensor reference_attention(const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v,
                                       const at::Tensor& allowed,
-                                      bool output_scale, double a, double b,
-                                      double c) {
+                                      bool output_scale,
+                                      const std::vector<double>& coefficients) {
   const at::Tensor x = at::matmul(q, k.transpose(-1, -2));
-  const at::Tensor weights = at::where(allowed, (a * x + b) * x + c, 0.0);
+  at::Tensor f = at::full_like(x, coefficients[0]);
+  for (size_t n = 1; n < coefficients.size(); ++n) f = f * x + coefficients[n];
+  const at::Tensor weights = at::where(allowed, f, 0.0);
   const at::Tensor den = weights.sum(-1, true);
   at::Tensor out = at::matmul(weights, v) / at::where(den == 0, 1.0, den);
   if (output_scale) {

@@ -24,7 +24,7 @@ at::Tensor reference(const at::Tensor& q, const at::Tensor& k,
   const at::Tensor q_hat =
       q / q.norm(2, -1, true) * temperature.view({1, -1, 1, 1});
   const at::Tensor k_hat = k / k.norm(2, -1, true);
-  return reference_attention(q_hat, k_hat, v, allowed, true, 0.5, 1.0, 1.0);
+  return reference_attention(q_hat, k_hat, v, allowed, true, {0.5, 1.0, 1.0});
 }
 
 }  // namespace

@@ -1,5 +1,8 @@
 // The C++ kernels, called through the dispatcher as a C++ user would, against
 // the float64 ATen reference; and the feature maps of the CPU kernels.
+#include <cmath>
+#include <vector>
+
 #include "../../csrc/cpu/feature_tiles.h"
 #include "../../csrc/features.h"
 #include "../../csrc/taylorshift.h"
@@ -31,24 +34,81 @@ TEST_CASE("pair indices enumerate l <= m row by row") {
   REQUIRE(taylorshift::feature_count(d) == 1 + d + d * (d + 1) / 2);
 }
 
-TEST_CASE("phi(q) . psi(k) equals the Taylor polynomial of q . k") {
+TEST_CASE("feature counts are C(d + k, k)") {
+  for (int64_t d : {1, 5, 16, 32}) {
+    REQUIRE(taylorshift::feature_count(d, 1) == 1 + d);
+    REQUIRE(taylorshift::feature_count(d, 2) == taylorshift::feature_count(d));
+    REQUIRE(taylorshift::feature_count(d, 3) ==
+            (d + 3) * (d + 2) * (d + 1) / 6);
+  }
+  REQUIRE(taylorshift::feature_count<int64_t>(32, 3) == 6545);
+}
+
+TEST_CASE("Horner's f and f' equal the polynomial and its derivative") {
+  const std::vector<double> coefficients = {0.3, -0.2, 0.7, 1.1, -0.5, 2.0};
+  const taylorshift::Coefficients f = taylorshift::polynomial_of(coefficients);
+  REQUIRE(f.order == 5);
+  for (double x : {-1.7, -0.3, 0.0, 0.9, 2.5}) {
+    double value = 0, slope = 0;
+    for (int n = 0; n <= 5; ++n) {
+      value += f.of_degree(n) * std::pow(x, n);
+      if (n > 0) slope += n * f.of_degree(n) * std::pow(x, n - 1);
+    }
+    REQUIRE(std::abs(taylorshift::taylor_weight(x, f) - value) < 1e-12);
+    REQUIRE(std::abs(taylorshift::taylor_weight_grad(x, f) - slope) < 1e-12);
+  }
+}
+
+TEST_CASE("phi(q) . psi(k) equals the weight polynomial of q . k") {
   // Feature tiles of two tokens each (columns): q_0 . k_0 and q_1 . k_1.
-  const int64_t d = 5, tokens = 2, F = taylorshift::feature_count(d);
-  const double a = 0.7, b = -0.4, c = 1.3;
+  const std::vector<double> coefficients = {0.2, 0.7, -0.4, 1.3};
+  const int order = GENERATE(1, 2, 3);
+  const taylorshift::Coefficients f = taylorshift::polynomial_of(
+      {coefficients.data() + 3 - order, size_t(order) + 1});
+  const int64_t d = 5, tokens = 2, F = taylorshift::feature_count(d, order);
   const at::Tensor q = randn({tokens, d}), k = randn({tokens, d});
   const at::Tensor qt = q.t().contiguous(), kt = k.t().contiguous();
   const std::vector<double> valid(tokens, 1.0);
   std::vector<double> phi(F * tokens), psi(F * tokens);
-  taylorshift::cpu::query_feature_tile(qt.data_ptr<double>(), d, tokens, tokens,
-                                       a, b, c, phi.data(), {});
+  taylorshift::cpu::query_feature_tile(
+      qt.data_ptr<double>(), d, tokens, tokens,
+      taylorshift::cpu::FeatureWeights<double>::queries(f), phi.data(), {});
   taylorshift::cpu::key_feature_tile(kt.data_ptr<double>(), valid.data(), d,
-                                     tokens, tokens, psi.data(), {});
+                                     tokens, tokens, psi.data(), {}, order);
   for (int64_t r = 0; r < tokens; ++r) {
     double dot = 0;
-    for (int64_t f = 0; f < F; ++f)
-      dot += phi[f * tokens + r] * psi[f * tokens + r];
+    for (int64_t i = 0; i < F; ++i)
+      dot += phi[i * tokens + r] * psi[i * tokens + r];
     const double x = q[r].dot(k[r]).item<double>();
-    REQUIRE(std::abs(dot - taylorshift::taylor_weight(x, a, b, c)) < 1e-12);
+    REQUIRE(std::abs(dot - taylorshift::taylor_weight(x, f)) < 1e-12);
+  }
+}
+
+TEST_CASE("direct (any order) and efficient (orders 1-3) match the reference") {
+  const int64_t B = 1, H = 2, M = 70, N = 90, d = 5, e = 3;
+  const int order = GENERATE(1, 2, 3, 4, 5);
+  std::vector<double> coefficients;
+  for (int n = order; n >= 0; --n)
+    coefficients.push_back(1.0 / std::tgamma(n + 1));
+  const at::Tensor q = randn({B, H, M, d}) * 0.3, k = randn({B, H, N, d}) * 0.3,
+                   v = randn({B, H, N, e});
+  at::Tensor padding = at::rand({B, N}).lt(0.3);
+  padding.select(1, 0).fill_(false);
+  const at::Tensor expected = reference_attention(
+      q, k, v, allowed_by_padding(padding), true, coefficients);
+  taylorshift::KernelOptions options;
+  options.coefficients = taylorshift::polynomial_of(coefficients);
+  auto [direct, den] =
+      taylorshift::direct_forward(q, k, v, padding, std::nullopt, options);
+  REQUIRE(max_abs_diff(direct, expected) < kTolerance);
+  if (order <= 3) {
+    auto [efficient, den_efficient, state] =
+        taylorshift::efficient_forward(q, k, v, padding, options);
+    REQUIRE(max_abs_diff(efficient, expected) < kTolerance);
+    REQUIRE(state.size(2) == taylorshift::feature_count(d, order));
+  } else {
+    REQUIRE_THROWS_AS(taylorshift::efficient_forward(q, k, v, padding, options),
+                      c10::NotImplementedError);
   }
 }
 
@@ -63,7 +123,7 @@ TEST_CASE("direct and efficient forward match the reference") {
   padding.select(1, 0).fill_(false);  // at least one valid key per batch
   const at::Tensor allowed = allowed_by_padding(padding);
   const at::Tensor expected =
-      reference_attention(q, k, v, allowed, true, 0.5, 1.0, 1.0);
+      reference_attention(q, k, v, allowed, true, {0.5, 1.0, 1.0});
 
   auto [direct, den] =
       taylorshift::direct_forward(q, k, v, padding, std::nullopt, {});
@@ -87,8 +147,8 @@ TEST_CASE("direct forward with attn_mask and causal matches the reference") {
   options.causal = true;
   auto [out, den] = taylorshift::direct_forward(
       q, k, v, std::nullopt, attn_mask.expand({B, H, M, N}), options);
-  REQUIRE(max_abs_diff(out, reference_attention(q, k, v, allowed, true, 0.5,
-                                                1.0, 1.0)) < kTolerance);
+  REQUIRE(max_abs_diff(out, reference_attention(q, k, v, allowed, true,
+                                                {0.5, 1.0, 1.0})) < kTolerance);
 }
 
 TEST_CASE("a row whose keys are all masked gives zeros") {
@@ -114,7 +174,7 @@ TEST_CASE("float32 and bfloat16 compute with float32 accumulation") {
   const at::Tensor allowed = at::ones({1, 1, 1, N}, at::kBool);
   const at::Tensor expected =
       reference_attention(q / q.norm(2, -1, true), k / k.norm(2, -1, true), v,
-                          allowed, true, 0.5, 1.0, 1.0);
+                          allowed, true, {0.5, 1.0, 1.0});
   for (auto dtype : {at::kFloat, at::kBFloat16}) {
     // The inputs' own rounding dominates: 2^-24 (float32) or 2^-8 (bfloat16)
     // relative per element, a few units of it in y of norm ~sqrt(N/d).
@@ -137,11 +197,23 @@ TEST_CASE("bad input raises a ValueError naming the problem") {
                     c10::ValueError);
   REQUIRE_THROWS_AS(
       taylorshift::attention(q, k, v, {}, {}, {}, false, "auto", true, true, {},
-                             taylorshift::Coefficients{0.5, 1.0, 0.4}),
+                             taylorshift::polynomial_of({0.5, 1.0, 0.4})),
       c10::ValueError);
   REQUIRE_THROWS_AS(
       taylorshift::attention(q, k, v, {}, {}, {}, true, "efficient"),
       c10::NotImplementedError);
+  // Order 1 needs bounded logits (normalize=True) ...
+  REQUIRE_THROWS_AS(
+      taylorshift::attention(q, k, v, {}, {}, {}, false, "direct", false, true,
+                             {}, taylorshift::polynomial_of({1.0, 1.0})),
+      c10::ValueError);
+  // ... on which 1 + x >= 0: not with a temperature of 2.
+  REQUIRE_THROWS_AS(
+      taylorshift::attention(q, k, v, at::full({2}, 2.0, q.options()), {}, {},
+                             false, "direct", true, true, {},
+                             taylorshift::polynomial_of({1.0, 1.0})),
+      c10::ValueError);
+  REQUIRE_THROWS_AS(taylorshift::polynomial_of({1.0}), c10::ValueError);
   REQUIRE_THROWS_AS(taylorshift::attention(q, k, v, {}, {}, at::zeros({3, 5})),
                     c10::TypeError);
 }
