@@ -105,7 +105,7 @@ def test_constructor_signature_extends_multihead_attention():
     assert [p.name for p in ours[: len(theirs)]] == [p.name for p in theirs]
     assert [p.default for p in ours[: len(theirs)]] == [p.default for p in theirs]
     extra = ours[len(theirs) :]
-    assert {p.name for p in extra} == {"mode", "normalize", "output_scale"}
+    assert {p.name for p in extra} == {"mode", "normalize", "output_scale", "order", "coefficients"}
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra)
 
 
