@@ -31,4 +31,8 @@ if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 
   PYTHONPATH=csrc/cuda/emulation python -m pytest -p emulate -q -p no:cacheprovider \
     tests/test_forward.py tests/test_masks.py tests/test_gradients.py tests/test_cuda.py \
     tests/test_numerics_edge.py
+  # Taylor orders: direct mode's any-order kernels, and CUDA's order 1 through the order-2
+  # efficient kernels (small shapes: about a minute).
+  PYTHONPATH=csrc/cuda/emulation python -m pytest -p emulate -q -p no:cacheprovider \
+    tests/test_order.py -k "direct or efficient_small"
 fi
