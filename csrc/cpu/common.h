@@ -45,6 +45,14 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
 #define TS_VECTOR_CLONES
 #endif
 
+// A helper of a TS_VECTOR_CLONES function, compiled into each of its clones
+// (an outlined copy would be built for the baseline only).
+#if defined(__GNUC__)
+#define TS_INLINE inline __attribute__((always_inline))
+#else
+#define TS_INLINE inline
+#endif
+
 namespace taylorshift::cpu {
 
 namespace detail {
