@@ -51,7 +51,7 @@ def test_gradcheck_fast_mode_larger(device, mode):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gradcheck_fast_mode_across_direct_tiles(device, causal):
-    # The CPU direct kernels tile 64 queries x 512 keys, and with one (batch, head) the backward
+    # The CPU direct kernels tile 128 queries x 512 keys, and with one (batch, head) the backward
     # splits the queries over threads and sums their dk, dv: 130 queries x 600 keys cross both
     # tile edges with ragged tails.
     _gradcheck(device, "direct", (1, 1, 130, 600, 3, 2), causal=causal, fast_mode=True)
@@ -125,6 +125,21 @@ def test_low_precision_gradients_vs_float64_reference(device, mode, masked, dtyp
         bound = error_bound(max_error(g_ref, g_exact), g_exact, dtype, summed_terms=rows)
         error = max_error(g, g_exact)
         assert error <= bound, f"grad {name}: {error:.3e} > {bound:.3e}"
+
+
+@pytest.mark.parametrize("queries, keys", [(600, 700), (700, 600), (300, 1100)])
+def test_direct_causal_gradients_across_growing_cuts(device, queries, keys):
+    # The CPU direct backward writes dk, dv without zeroing them first: a key tile's first
+    # product overwrites its rows, a later query block's longer causal cut zeroes the rows it
+    # adds, and rows no query reaches are zeroed at the end. Several 128-query blocks per thread
+    # whose cuts end inside 512-key tiles go through all three.
+    q, k, v, t = make_inputs(1, 1, queries, keys, 8, 4, device=device, seed=7)
+    mine = _grads(
+        q, k, v, t, lambda *x: taylorshift.taylor_shift_attention(*x, causal=True, mode="direct")
+    )
+    exact = _grads(q, k, v, t, lambda *x: reference.direct(*x, causal=True))
+    for g, g_exact in zip(mine, exact):
+        torch.testing.assert_close(g, g_exact, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -197,7 +197,10 @@ void direct_forward_all(const DirectProblem<T>& p, int64_t batches, T* out,
 //   dW_ij = (sigma_i gY_i . v_j - gY_i . y_i) / den_i,
 //   dX = dW * f'(X) * m,  dQ += dX K_b,  dK_b += dX^T Q_b.
 // grad_k and grad_v are this query range's own (a partial sum when a head is
-// split over threads).
+// split over threads), and written whole, so the buffers need no zeroing pass
+// before: a key tile's first product overwrites its rows (beta = 0), rows a
+// later, longer causal cut reaches are zeroed just before it, and rows no
+// query of the range reaches are zeroed at the end.
 template <typename T, bool kGeneralMask>
 void backward_range(const DirectProblem<T>& p, int64_t batch, int64_t head,
                     int64_t row_begin, int64_t row_end, const T* grad_out,
@@ -211,6 +214,12 @@ void backward_range(const DirectProblem<T>& p, int64_t batch, int64_t head,
   const T* k = p.k.head(batch, head);
   const T* v = p.v.head(batch, head);
   const int64_t qs = p.q.row_stride, ks = p.k.row_stride, vs = p.v.row_stride;
+  // Rows of each key tile of grad_k, grad_v written so far.
+  std::vector<int64_t> written_rows(blocks_of(p.keys, kKeyBlock), 0);
+  auto zero_key_rows = [&](int64_t j_begin, int64_t j_end) {
+    std::fill(grad_k + j_begin * d, grad_k + j_end * d, T(0));
+    std::fill(grad_v + j_begin * e, grad_v + j_end * e, T(0));
+  };
   for (int64_t i0 = row_begin; i0 < row_end; i0 += kQueryBlock) {
     const int64_t i1 = block_end(i0, kQueryBlock, row_end), rows = i1 - i0;
     const int64_t key_limit = p.mask.key_limit(i1, p.keys);
@@ -231,6 +240,10 @@ void backward_range(const DirectProblem<T>& p, int64_t batch, int64_t head,
     }
     for (int64_t j0 = 0; j0 < key_limit; j0 += kKeyBlock) {
       const int64_t cols = block_end(j0, kKeyBlock, key_limit) - j0;
+      int64_t& written = written_rows[j0 / kKeyBlock];
+      const T key_beta = written > 0 ? T(1) : T(0);
+      if (written > 0 && written < cols) zero_key_rows(j0 + written, j0 + cols);
+      written = std::max(written, cols);
       gemm<T>(false, true, rows, cols, d, T(1), q + i0 * qs, qs, k + j0 * ks,
               ks, T(0), scores, kKeyBlock);
       // probs = m f(x) / den_i; scores = m f'(x) / den_i, kept for dX.
@@ -245,7 +258,7 @@ void backward_range(const DirectProblem<T>& p, int64_t batch, int64_t head,
         }
       }
       gemm<T>(true, false, cols, e, rows, T(1), probs, kKeyBlock, scaled_grad,
-              e, T(1), grad_v + j0 * e, e);
+              e, key_beta, grad_v + j0 * e, e);
       // probs is free again: sigma gY V_b^T, then dX in place.
       gemm<T>(false, true, rows, cols, e, T(1), scaled_grad, e, v + j0 * vs, vs,
               T(0), probs, kKeyBlock);
@@ -253,9 +266,12 @@ void backward_range(const DirectProblem<T>& p, int64_t batch, int64_t head,
       gemm<T>(false, false, rows, d, cols, T(1), probs, kKeyBlock, k + j0 * ks,
               ks, j0 == 0 ? T(0) : T(1), grad_q + i0 * d, d);
       gemm<T>(true, false, cols, d, rows, T(1), probs, kKeyBlock, q + i0 * qs,
-              qs, T(1), grad_k + j0 * d, d);
+              qs, key_beta, grad_k + j0 * d, d);
     }
   }
+  for (int64_t j0 = 0; j0 < p.keys; j0 += kKeyBlock)
+    zero_key_rows(j0 + written_rows[j0 / kKeyBlock],
+                  block_end(j0, kKeyBlock, p.keys));
 }
 
 template <typename T, bool kGeneralMask>
@@ -350,14 +366,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cpu(
   at::Tensor grad_q = at::empty({B, H, M, d}, compute);
   at::Tensor grad_k = at::empty({B, H, N, d}, compute);
   at::Tensor grad_v = at::empty({B, H, N, e}, compute);
-  // A head split over threads sums its splits' dK, dV afterwards.
+  // A head split over threads sums its splits' dK, dV afterwards. Every
+  // range writes its whole dK, dV (backward_range): no zeroing here.
   at::Tensor partial_k, partial_v;
-  if (splits == 1) {
-    grad_k.zero_();
-    grad_v.zero_();
-  } else {
-    partial_k = at::zeros({splits, B, H, N, d}, compute);
-    partial_v = at::zeros({splits, B, H, N, e}, compute);
+  if (splits > 1) {
+    partial_k = at::empty({splits, B, H, N, d}, compute);
+    partial_v = at::empty({splits, B, H, N, e}, compute);
   }
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   const bool general_mask = key_padding_mask || attn_mask;
