@@ -142,6 +142,34 @@ def test_direct_causal_gradients_across_growing_cuts(device, queries, keys):
         torch.testing.assert_close(g, g_exact, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("threads", [3, 4])
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "key_padding_mask"])
+def test_efficient_splits_tokens_over_threads(threads, masked):
+    # With fewer (batch, head) pairs than threads, the CPU efficient kernels split each head's
+    # tokens over threads: the state and dS are summed from the ranges' shares, dq, dk, dv and
+    # the outputs are computed per range. Cross-attention with ranges of unequal lengths.
+    q, k, v, t = make_inputs(1, 1, 700, 1300, 8, 5, seed=8)
+    mask = random_key_padding_mask(1, 1300) if masked else None
+    options = dict(key_padding_mask=mask)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        mine = _grads(
+            q,
+            k,
+            v,
+            t,
+            lambda *x: taylorshift.taylor_shift_attention(*x, mode="efficient", **options),
+        )
+        out = taylorshift.taylor_shift_attention(q, k, v, t, mode="efficient", **options)
+    finally:
+        torch.set_num_threads(before)
+    exact = _grads(q, k, v, t, lambda *x: reference.direct(*x, **options))
+    torch.testing.assert_close(out, reference.direct(q, k, v, t, **options), rtol=1e-9, atol=1e-10)
+    for g, g_exact in zip(mine, exact):
+        torch.testing.assert_close(g, g_exact, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_gradients_match_reference_float64(device, mode):
     q, k, v, t = make_inputs(2, 3, 65, 257, 8, 4, device=device, seed=6)

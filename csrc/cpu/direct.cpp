@@ -281,7 +281,6 @@ void direct_backward_all(const DirectProblem<T>& p, int64_t batches,
                          T* partial_k, T* partial_v, int64_t splits) {
   const int64_t M = p.queries, N = p.keys, d = p.head_dim, e = p.value_dim;
   const int64_t heads_total = batches * p.heads;
-  const int64_t query_blocks = blocks_of(M, kQueryBlock);
   at::parallel_for(0, heads_total * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scores(kQueryBlock * kKeyBlock),
         probs(kQueryBlock * kKeyBlock);
@@ -290,17 +289,13 @@ void direct_backward_all(const DirectProblem<T>& p, int64_t batches,
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t bh = unit / splits, split = unit % splits;
       const int64_t batch = bh / p.heads, head = bh % p.heads;
-      // Query range of this split, in whole blocks.
-      const int64_t row_begin =
-          std::min(M, split * query_blocks / splits * kQueryBlock);
-      const int64_t row_end =
-          std::min(M, (split + 1) * query_blocks / splits * kQueryBlock);
+      const TokenRange rows = split_range(M, kQueryBlock, split, splits);
       T* dk = splits == 1 ? grad_k + bh * N * d
                           : partial_k + (split * heads_total + bh) * N * d;
       T* dv = splits == 1 ? grad_v + bh * N * e
                           : partial_v + (split * heads_total + bh) * N * e;
       backward_range<T, kGeneralMask>(
-          p, batch, head, row_begin, row_end, grad_out.head(batch, head),
+          p, batch, head, rows.begin, rows.end, grad_out.head(batch, head),
           grad_out.row_stride, out + bh * M * e, den + bh * M,
           grad_q + bh * M * d, dk, dv, scores.data(), probs.data(),
           scaled_grad.data(), grad_dot_out.data(), inv_den.data());
