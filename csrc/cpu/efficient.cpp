@@ -370,9 +370,39 @@ void backward_keys(const HeadTensors<T>& t, const T* dS, const Mask& mask,
 // (the state over keys, dS over queries) whose range shares are summed in
 // float64, then independent work per token of the other side with the
 // head's sum. One head per task needs neither the shares nor their buffer.
-struct HeadSplits {
-  int64_t heads, splits;
+class HeadSplits {
+ public:
+  HeadSplits(const at::Tensor& q, const at::Tensor& k)
+      : heads(q.size(0) * q.size(1)),
+        splits(splits_per_head(heads, blocks_of(std::max(q.size(2), k.size(2)),
+                                                token_chunk(q.size(3))))),
+        chunk_(token_chunk(q.size(3))) {}
+
+  const int64_t heads, splits;
+
   int64_t units() const { return heads * splits; }
+  int64_t head(int64_t unit) const { return unit / splits; }
+  // The tokens of `unit`'s range, for a side of `tokens` tokens.
+  TokenRange range(int64_t tokens, int64_t unit) const {
+    return split_range(tokens, chunk_, unit % splits, splits);
+  }
+
+  // out[h] = the sum of head h's `size` shares (units h splits .. h splits +
+  // splits - 1), in float64, rounded once.
+  template <typename T>
+  void sum_shares(const std::vector<double>& shares, int64_t size,
+                  T* out) const {
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < size; ++i) {
+        double total = 0;
+        for (int64_t split = 0; split < splits; ++split)
+          total += shares[(h * splits + split) * size + i];
+        out[h * size + i] = T(total);
+      }
+  }
+
+ private:
+  int64_t chunk_;
 };
 
 // The forward, (batch, head) by (batch, head) or in token ranges.
@@ -383,10 +413,7 @@ void efficient_forward_all(const at::Tensor& q, const at::Tensor& k,
                            T* state) {
   const int64_t H = q.size(1), M = q.size(2), N = k.size(2), d = q.size(3),
                 e = v.size(3), FE = feature_count(d) * (e + 1);
-  const int64_t chunk = token_chunk(d);
-  const HeadSplits work{
-      q.size(0) * H,
-      splits_per_head(q.size(0) * H, blocks_of(std::max(M, N), chunk))};
+  const HeadSplits work(q, k);
   auto head_of = [&](int64_t bh) { return head<T>(q, k, v, bh / H, bh % H); };
   if (work.splits == 1) {
     at::parallel_for(0, work.heads, 1, [&](int64_t begin, int64_t end) {
@@ -403,36 +430,27 @@ void efficient_forward_all(const at::Tensor& q, const at::Tensor& k,
     return;
   }
   std::vector<double> shares(work.units() * FE, 0.0);
-  std::vector<int64_t> valid(work.units());
+  std::vector<int64_t> range_valid(work.units());
   at::parallel_for(0, work.units(), 1, [&](int64_t begin, int64_t end) {
     Workspace<T> w(d, e);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t bh = unit / work.splits;
+      const int64_t bh = work.head(unit);
       ChunkSum<T> sum(feature_count(d), e + 1);
-      valid[unit] = accumulate_state(
-          head_of(bh), mask, bh / H,
-          split_range(N, chunk, unit % work.splits, work.splits), sum, w);
+      range_valid[unit] = accumulate_state(head_of(bh), mask, bh / H,
+                                           work.range(N, unit), sum, w);
       sum.add_to(shares.data() + unit * FE);
     }
   });
-  std::vector<int64_t> head_valid(work.heads, 0);
-  for (int64_t bh = 0; bh < work.heads; ++bh) {
-    for (int64_t i = 0; i < FE; ++i) {
-      double total = 0;
-      for (int64_t split = 0; split < work.splits; ++split)
-        total += shares[(bh * work.splits + split) * FE + i];
-      state[bh * FE + i] = T(total);
-    }
-    for (int64_t split = 0; split < work.splits; ++split)
-      head_valid[bh] += valid[bh * work.splits + split];
-  }
+  work.sum_shares(shares, FE, state);
+  std::vector<int64_t> valid(work.heads, 0);
+  for (int64_t unit = 0; unit < work.units(); ++unit)
+    valid[work.head(unit)] += range_valid[unit];
   at::parallel_for(0, work.units(), 1, [&](int64_t begin, int64_t end) {
     Workspace<T> w(d, e);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t bh = unit / work.splits;
-      apply_state(head_of(bh), options, head_valid[bh], state + bh * FE,
-                  split_range(M, chunk, unit % work.splits, work.splits),
-                  out + bh * M * e, den + bh * M, w);
+      const int64_t bh = work.head(unit);
+      apply_state(head_of(bh), options, valid[bh], state + bh * FE,
+                  work.range(M, unit), out + bh * M * e, den + bh * M, w);
     }
   });
 }
@@ -454,10 +472,7 @@ void efficient_backward_all(const at::Tensor& grad_out, const at::Tensor& q,
                             T* grad_q, T* grad_k, T* grad_v) {
   const int64_t H = q.size(1), M = q.size(2), N = k.size(2), d = q.size(3),
                 e = v.size(3), FE = feature_count(d) * (e + 1);
-  const int64_t chunk = token_chunk(d);
-  const HeadSplits work{
-      q.size(0) * H,
-      splits_per_head(q.size(0) * H, blocks_of(std::max(M, N), chunk))};
+  const HeadSplits work(q, k);
   const TokenRows<T> grad_rows = token_rows<T>(grad_out);
   auto head_of = [&](int64_t bh) { return head<T>(q, k, v, bh / H, bh % H); };
   auto rows_of = [&](int64_t bh) {
@@ -489,30 +504,23 @@ void efficient_backward_all(const at::Tensor& grad_out, const at::Tensor& q,
   at::parallel_for(0, work.units(), 1, [&](int64_t begin, int64_t end) {
     Workspace<T> w(d, e);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t bh = unit / work.splits;
+      const int64_t bh = work.head(unit);
       ChunkSum<T> sum(feature_count(d), e + 1);
       backward_queries(head_of(bh), rows_of(bh), state + bh * FE, options,
-                       sigma_of(bh),
-                       split_range(M, chunk, unit % work.splits, work.splits),
-                       sum, grad_q + bh * M * d, w);
+                       sigma_of(bh), work.range(M, unit), sum,
+                       grad_q + bh * M * d, w);
       sum.add_to(shares.data() + unit * FE);
     }
   });
   std::vector<T> grad_state(work.heads * FE);
-  for (int64_t bh = 0; bh < work.heads; ++bh)
-    for (int64_t i = 0; i < FE; ++i) {
-      double total = 0;
-      for (int64_t split = 0; split < work.splits; ++split)
-        total += shares[(bh * work.splits + split) * FE + i];
-      grad_state[bh * FE + i] = T(total);
-    }
+  work.sum_shares(shares, FE, grad_state.data());
   at::parallel_for(0, work.units(), 1, [&](int64_t begin, int64_t end) {
     Workspace<T> w(d, e);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t bh = unit / work.splits;
+      const int64_t bh = work.head(unit);
       backward_keys(head_of(bh), grad_state.data() + bh * FE, mask, bh / H,
-                    split_range(N, chunk, unit % work.splits, work.splits),
-                    grad_k + bh * N * d, grad_v + bh * N * e, w);
+                    work.range(N, unit), grad_k + bh * N * d,
+                    grad_v + bh * N * e, w);
     }
   });
 }
