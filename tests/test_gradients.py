@@ -7,6 +7,7 @@ from ts_testing import (
     LOW_PRECISION,
     MODES,
     error_bound,
+    input_gradients,
     make_inputs,
     max_error,
     random_attn_mask,
@@ -90,14 +91,6 @@ def test_gradcheck_output_scale_false_and_coefficients(device, mode):
     _gradcheck(device, mode, SMALL, output_scale=False, coefficients=(0.3, -0.4, 0.9))
 
 
-def _grads(q, k, v, t, fn, seed=0):
-    inputs = [x.detach().clone().requires_grad_() for x in (q, k, v, t)]
-    out = fn(*inputs)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
-    out.backward(grad_out.to(out))
-    return [x.grad for x in inputs]
-
-
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "key_padding_mask"])
 @pytest.mark.parametrize("mode", MODES)
@@ -114,9 +107,9 @@ def test_low_precision_gradients_vs_float64_reference(device, mode, masked, dtyp
             q, k, v, t, key_padding_mask=None if mask is None else mask.to(q.device)
         )
 
-    exact = _grads(*(x.cpu().double() for x in (q, k, v, t)), ref)
-    torch_low = _grads(q, k, v, t, ref)
-    mine = _grads(q, k, v, t, ours)
+    exact = input_gradients(*(x.cpu().double() for x in (q, k, v, t)), ref)
+    torch_low = input_gradients(q, k, v, t, ref)
+    mine = input_gradients(q, k, v, t, ours)
     for name, g, g_ref, g_exact in zip("qkvt", mine, torch_low, exact, strict=True):
         assert g.dtype == dtype
         # As for the forward: 2x PyTorch's own error in this dtype plus an ulp floor.
@@ -127,61 +120,18 @@ def test_low_precision_gradients_vs_float64_reference(device, mode, masked, dtyp
         assert error <= bound, f"grad {name}: {error:.3e} > {bound:.3e}"
 
 
-@pytest.mark.parametrize("queries, keys", [(600, 700), (700, 600), (300, 1100)])
-def test_direct_causal_gradients_across_growing_cuts(device, queries, keys):
-    # The CPU direct backward writes dk, dv without zeroing them first: a key tile's first
-    # product overwrites its rows, a later query block's longer causal cut zeroes the rows it
-    # adds, and rows no query reaches are zeroed at the end. Several 128-query blocks per thread
-    # whose cuts end inside 512-key tiles go through all three.
-    q, k, v, t = make_inputs(1, 1, queries, keys, 8, 4, device=device, seed=7)
-    mine = _grads(
-        q, k, v, t, lambda *x: taylorshift.taylor_shift_attention(*x, causal=True, mode="direct")
-    )
-    exact = _grads(q, k, v, t, lambda *x: reference.direct(*x, causal=True))
-    for g, g_exact in zip(mine, exact):
-        torch.testing.assert_close(g, g_exact, rtol=1e-9, atol=1e-10)
-
-
-@pytest.mark.parametrize("threads", [3, 4])
-@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "key_padding_mask"])
-def test_efficient_splits_tokens_over_threads(threads, masked):
-    # With fewer (batch, head) pairs than threads, the CPU efficient kernels split each head's
-    # tokens over threads: the state and dS are summed from the ranges' shares, dq, dk, dv and
-    # the outputs are computed per range. Cross-attention with ranges of unequal lengths.
-    q, k, v, t = make_inputs(1, 1, 700, 1300, 8, 5, seed=8)
-    mask = random_key_padding_mask(1, 1300) if masked else None
-    options = dict(key_padding_mask=mask)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        mine = _grads(
-            q,
-            k,
-            v,
-            t,
-            lambda *x: taylorshift.taylor_shift_attention(*x, mode="efficient", **options),
-        )
-        out = taylorshift.taylor_shift_attention(q, k, v, t, mode="efficient", **options)
-    finally:
-        torch.set_num_threads(before)
-    exact = _grads(q, k, v, t, lambda *x: reference.direct(*x, **options))
-    torch.testing.assert_close(out, reference.direct(q, k, v, t, **options), rtol=1e-9, atol=1e-10)
-    for g, g_exact in zip(mine, exact):
-        torch.testing.assert_close(g, g_exact, rtol=1e-9, atol=1e-10)
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_gradients_match_reference_float64(device, mode):
     q, k, v, t = make_inputs(2, 3, 65, 257, 8, 4, device=device, seed=6)
     mask = random_key_padding_mask(2, 257, device=device)
-    mine = _grads(
+    mine = input_gradients(
         q,
         k,
         v,
         t,
         lambda *x: taylorshift.taylor_shift_attention(*x, key_padding_mask=mask, mode=mode),
     )
-    exact = _grads(q, k, v, t, lambda *x: reference.direct(*x, key_padding_mask=mask))
+    exact = input_gradients(q, k, v, t, lambda *x: reference.direct(*x, key_padding_mask=mask))
     for g, g_exact in zip(mine, exact):
         torch.testing.assert_close(g, g_exact, rtol=1e-9, atol=1e-10)
 
@@ -251,8 +201,8 @@ def test_zero_vectors_follow_normalize_clamp(device, mode):
     def ours(*x):
         return taylorshift.taylor_shift_attention(*x, mode=mode)
 
-    mine = _grads(q, k, v, t, ours)
-    exact = _grads(q, k, v, t, reference.direct)
+    mine = input_gradients(q, k, v, t, ours)
+    exact = input_gradients(q, k, v, t, reference.direct)
     torch.testing.assert_close(
         ours(q, k, v, t), reference.direct(q, k, v, t), rtol=1e-10, atol=1e-10
     )
