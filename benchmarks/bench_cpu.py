@@ -11,7 +11,9 @@ own. Prints a markdown table; --csv writes the rows.
 process, interleaved (one forward + backward of each method per round, the median over rounds), with
 the model GFLOP/s of each run and torch.mm's rate (1024 x 1024 float32) measured in the same rounds;
 then the extra peak memory of a training loop (one warm-up and three forward + backward iterations,
-N = 16384, d = 32), ours against the reference, each in its own process.
+N = 16384, d = 32), ours against the reference, each in its own process, both with glibc's mmap
+threshold fixed (common.ALLOCATOR_ENV) so that the peak counts the memory the tensors hold, not
+what the allocator kept from freed ones.
 
     python benchmarks/bench_cpu.py --sdpa --csv benchmarks/results/cpu_sdpa.csv
 
@@ -218,10 +220,11 @@ def training_loop_peak(implementation, mode, tokens, batch, heads, head_dim):
 
 
 def run_training_loop(implementation, mode, args, tokens=16384, head_dim=32):
-    from common import run_child
+    from common import ALLOCATOR_ENV, run_child
 
     payload = [implementation, mode, tokens, args.batch, args.heads, head_dim]
-    return run_child(__file__, "--child-training", payload)["peak_extra_bytes"] / 2**20
+    peak = run_child(__file__, "--child-training", payload, env=ALLOCATOR_ENV)
+    return peak["peak_extra_bytes"] / 2**20
 
 
 def run_case(implementation, mode, tokens, args):
@@ -279,11 +282,14 @@ def main():
             f"interleaved rounds (half as many for N > 4096), {args.statistic} over rounds, "
             f"{args.clock} clock\n"
         )
+        from common import ALLOCATOR_ENV
+
         rows = compare_with_sdpa(args)
         ours = run_training_loop("taylorshift", "auto", args)
         reference = run_training_loop("reference", "efficient", args)
         print(
-            "\nTraining loop (warm-up + 3 forward+backward), N=16384, d=32: extra peak "
+            "\nTraining loop (warm-up + 3 forward+backward), N=16384, d=32, "
+            f"{' '.join(f'{k}={v}' for k, v in ALLOCATOR_ENV.items())}: extra peak "
             f"{ours:.1f} MiB (auto) vs {reference:.1f} MiB (reference efficient): "
             f"{ours / reference:.3f} of the reference's"
         )

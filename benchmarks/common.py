@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -84,9 +85,20 @@ def flops(mode: str, batch, heads, tokens, head_dim, backward=True) -> float:
     return batch * heads * taylorshift.flops(mode, tokens, tokens, head_dim, backward=backward)
 
 
-def run_child(script: str, flag: str, payload: list):
+# glibc's malloc serves a large block from its heap once a block of that size has been freed
+# (its mmap threshold adapts, up to 32 MiB) and keeps freed heap memory mapped: the peak RSS of a
+# loop of forward + backward passes then counts memory the allocator holds on to, by chance of
+# the allocation order. A fixed threshold of 128 KiB turns the adaptation off, so every tensor
+# larger than that is mapped on allocation and unmapped when freed, and the peak RSS is the peak
+# of the memory the tensors actually hold (plus whatever small blocks the heap keeps).
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def run_child(script: str, flag: str, payload: list, env: dict | None = None):
     """Runs `script` in a fresh interpreter with `flag` and the JSON `payload` (so its peak memory
-    is its own) and returns the JSON value of its last output line."""
+    is its own), with `env` added to the environment, and returns the JSON value of its last
+    output line."""
     command = [sys.executable, script, flag, json.dumps(payload)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    environment = {**os.environ, **(env or {})}
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -159,5 +159,15 @@ def assert_matches_reference(out, q, k, v, temperature=None, *, mode=None, **opt
     )
 
 
+def input_gradients(q, k, v, t, fn, seed=0):
+    """The gradients of fn(q, k, v, t) in each input for a seeded random grad_out, on detached
+    copies of the inputs."""
+    inputs = [x.detach().clone().requires_grad_() for x in (q, k, v, t)]
+    out = fn(*inputs)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    out.backward(grad_out.to(out))
+    return [x.grad for x in inputs]
+
+
 def attention(q, k, v, temperature=None, **options):
     return taylorshift.taylor_shift_attention(q, k, v, temperature, **options)

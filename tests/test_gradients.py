@@ -7,6 +7,7 @@ from ts_testing import (
     LOW_PRECISION,
     MODES,
     error_bound,
+    input_gradients,
     make_inputs,
     max_error,
     random_attn_mask,
@@ -51,7 +52,7 @@ def test_gradcheck_fast_mode_larger(device, mode):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gradcheck_fast_mode_across_direct_tiles(device, causal):
-    # The CPU direct kernels tile 64 queries x 512 keys, and with one (batch, head) the backward
+    # The CPU direct kernels tile 128 queries x 512 keys, and with one (batch, head) the backward
     # splits the queries over threads and sums their dk, dv: 130 queries x 600 keys cross both
     # tile edges with ragged tails.
     _gradcheck(device, "direct", (1, 1, 130, 600, 3, 2), causal=causal, fast_mode=True)
@@ -90,14 +91,6 @@ def test_gradcheck_output_scale_false_and_coefficients(device, mode):
     _gradcheck(device, mode, SMALL, output_scale=False, coefficients=(0.3, -0.4, 0.9))
 
 
-def _grads(q, k, v, t, fn, seed=0):
-    inputs = [x.detach().clone().requires_grad_() for x in (q, k, v, t)]
-    out = fn(*inputs)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
-    out.backward(grad_out.to(out))
-    return [x.grad for x in inputs]
-
-
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "key_padding_mask"])
 @pytest.mark.parametrize("mode", MODES)
@@ -114,9 +107,9 @@ def test_low_precision_gradients_vs_float64_reference(device, mode, masked, dtyp
             q, k, v, t, key_padding_mask=None if mask is None else mask.to(q.device)
         )
 
-    exact = _grads(*(x.cpu().double() for x in (q, k, v, t)), ref)
-    torch_low = _grads(q, k, v, t, ref)
-    mine = _grads(q, k, v, t, ours)
+    exact = input_gradients(*(x.cpu().double() for x in (q, k, v, t)), ref)
+    torch_low = input_gradients(q, k, v, t, ref)
+    mine = input_gradients(q, k, v, t, ours)
     for name, g, g_ref, g_exact in zip("qkvt", mine, torch_low, exact, strict=True):
         assert g.dtype == dtype
         # As for the forward: 2x PyTorch's own error in this dtype plus an ulp floor.
@@ -131,14 +124,14 @@ def test_low_precision_gradients_vs_float64_reference(device, mode, masked, dtyp
 def test_gradients_match_reference_float64(device, mode):
     q, k, v, t = make_inputs(2, 3, 65, 257, 8, 4, device=device, seed=6)
     mask = random_key_padding_mask(2, 257, device=device)
-    mine = _grads(
+    mine = input_gradients(
         q,
         k,
         v,
         t,
         lambda *x: taylorshift.taylor_shift_attention(*x, key_padding_mask=mask, mode=mode),
     )
-    exact = _grads(q, k, v, t, lambda *x: reference.direct(*x, key_padding_mask=mask))
+    exact = input_gradients(q, k, v, t, lambda *x: reference.direct(*x, key_padding_mask=mask))
     for g, g_exact in zip(mine, exact):
         torch.testing.assert_close(g, g_exact, rtol=1e-9, atol=1e-10)
 
@@ -208,8 +201,8 @@ def test_zero_vectors_follow_normalize_clamp(device, mode):
     def ours(*x):
         return taylorshift.taylor_shift_attention(*x, mode=mode)
 
-    mine = _grads(q, k, v, t, ours)
-    exact = _grads(q, k, v, t, reference.direct)
+    mine = input_gradients(q, k, v, t, ours)
+    exact = input_gradients(q, k, v, t, reference.direct)
     torch.testing.assert_close(
         ours(q, k, v, t), reference.direct(q, k, v, t), rtol=1e-10, atol=1e-10
     )

@@ -46,6 +46,14 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
 #define TS_VECTOR_CLONES
 #endif
 
+// A helper of a TS_VECTOR_CLONES function, compiled into each of its clones
+// (an outlined copy would be built for the baseline only).
+#if defined(__GNUC__)
+#define TS_INLINE inline __attribute__((always_inline))
+#else
+#define TS_INLINE inline
+#endif
+
 namespace taylorshift::cpu {
 
 // fn(std::integral_constant<int, K>{}) for K = order, 1 <= order <=
@@ -159,17 +167,30 @@ TokenRows<T> token_rows(const at::Tensor& t) {
           t.size(2) == 1 ? t.size(3) : t.stride(2)};
 }
 
-// Split each of `heads` heads into this many contiguous query ranges so that
+// Split each of `heads` heads into this many contiguous token ranges so that
 // every thread has work even when B H is smaller than the thread count.
-inline int64_t splits_per_head(int64_t heads, int64_t query_blocks) {
+inline int64_t splits_per_head(int64_t heads, int64_t blocks) {
   const int64_t threads = at::get_num_threads();
   const int64_t wanted = (threads + heads - 1) / heads;
-  return std::max<int64_t>(1, std::min(wanted, query_blocks));
+  return std::max<int64_t>(1, std::min(wanted, blocks));
 }
 
 // Ceil division for block counts.
 inline int64_t blocks_of(int64_t total, int64_t block) {
   return (total + block - 1) / block;
+}
+
+// Tokens [begin, end) of range `split` of `splits` over `tokens` tokens, in
+// whole blocks of `block` (the last range takes the tail).
+struct TokenRange {
+  int64_t begin, end;
+};
+
+inline TokenRange split_range(int64_t tokens, int64_t block, int64_t split,
+                              int64_t splits) {
+  const int64_t blocks = blocks_of(tokens, block);
+  return {std::min(tokens, split * blocks / splits * block),
+          std::min(tokens, (split + 1) * blocks / splits * block)};
 }
 
 }  // namespace taylorshift::cpu

@@ -201,7 +201,10 @@ void direct_forward_all(const DirectProblem<T>& p, Order order, int64_t batches,
 //   dW_ij = (sigma_i gY_i . v_j - gY_i . y_i) / den_i,
 //   dX = dW * f'(X) * m,  dQ += dX K_b,  dK_b += dX^T Q_b.
 // grad_k and grad_v are this query range's own (a partial sum when a head is
-// split over threads).
+// split over threads), and written whole, so the buffers need no zeroing pass
+// before: a key tile's first product overwrites its rows (beta = 0), rows a
+// later, longer causal cut reaches are zeroed just before it, and rows no
+// query of the range reaches are zeroed at the end.
 template <typename T, bool kGeneralMask, typename Order>
 void backward_range(const DirectProblem<T>& p, Order order, int64_t batch,
                     int64_t head, int64_t row_begin, int64_t row_end,
@@ -214,6 +217,12 @@ void backward_range(const DirectProblem<T>& p, Order order, int64_t batch,
   const T* k = p.k.head(batch, head);
   const T* v = p.v.head(batch, head);
   const int64_t qs = p.q.row_stride, ks = p.k.row_stride, vs = p.v.row_stride;
+  // Rows of each key tile of grad_k, grad_v written so far.
+  std::vector<int64_t> written_rows(blocks_of(p.keys, kKeyBlock), 0);
+  auto zero_key_rows = [&](int64_t j_begin, int64_t j_end) {
+    std::fill(grad_k + j_begin * d, grad_k + j_end * d, T(0));
+    std::fill(grad_v + j_begin * e, grad_v + j_end * e, T(0));
+  };
   for (int64_t i0 = row_begin; i0 < row_end; i0 += kQueryBlock) {
     const int64_t i1 = block_end(i0, kQueryBlock, row_end), rows = i1 - i0;
     const int64_t key_limit = p.mask.key_limit(i1, p.keys);
@@ -234,6 +243,10 @@ void backward_range(const DirectProblem<T>& p, Order order, int64_t batch,
     }
     for (int64_t j0 = 0; j0 < key_limit; j0 += kKeyBlock) {
       const int64_t cols = block_end(j0, kKeyBlock, key_limit) - j0;
+      int64_t& written = written_rows[j0 / kKeyBlock];
+      const T key_beta = written > 0 ? T(1) : T(0);
+      if (written > 0 && written < cols) zero_key_rows(j0 + written, j0 + cols);
+      written = std::max(written, cols);
       gemm<T>(false, true, rows, cols, d, T(1), q + i0 * qs, qs, k + j0 * ks,
               ks, T(0), scores, kKeyBlock);
       // probs = m f(x) / den_i; scores = m f'(x) / den_i, kept for dX.
@@ -248,7 +261,7 @@ void backward_range(const DirectProblem<T>& p, Order order, int64_t batch,
         }
       }
       gemm<T>(true, false, cols, e, rows, T(1), probs, kKeyBlock, scaled_grad,
-              e, T(1), grad_v + j0 * e, e);
+              e, key_beta, grad_v + j0 * e, e);
       // probs is free again: sigma gY V_b^T, then dX in place.
       gemm<T>(false, true, rows, cols, e, T(1), scaled_grad, e, v + j0 * vs, vs,
               T(0), probs, kKeyBlock);
@@ -256,9 +269,12 @@ void backward_range(const DirectProblem<T>& p, Order order, int64_t batch,
       gemm<T>(false, false, rows, d, cols, T(1), probs, kKeyBlock, k + j0 * ks,
               ks, j0 == 0 ? T(0) : T(1), grad_q + i0 * d, d);
       gemm<T>(true, false, cols, d, rows, T(1), probs, kKeyBlock, q + i0 * qs,
-              qs, T(1), grad_k + j0 * d, d);
+              qs, key_beta, grad_k + j0 * d, d);
     }
   }
+  for (int64_t j0 = 0; j0 < p.keys; j0 += kKeyBlock)
+    zero_key_rows(j0 + written_rows[j0 / kKeyBlock],
+                  block_end(j0, kKeyBlock, p.keys));
 }
 
 template <typename T, bool kGeneralMask, typename Order>
@@ -269,7 +285,6 @@ void direct_backward_all(const DirectProblem<T>& p, Order order,
                          int64_t splits) {
   const int64_t M = p.queries, N = p.keys, d = p.head_dim, e = p.value_dim;
   const int64_t heads_total = batches * p.heads;
-  const int64_t query_blocks = blocks_of(M, kQueryBlock);
   at::parallel_for(0, heads_total * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scores(kQueryBlock * kKeyBlock),
         probs(kQueryBlock * kKeyBlock);
@@ -278,20 +293,17 @@ void direct_backward_all(const DirectProblem<T>& p, Order order,
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t bh = unit / splits, split = unit % splits;
       const int64_t batch = bh / p.heads, head = bh % p.heads;
-      // Query range of this split, in whole blocks.
-      const int64_t row_begin =
-          std::min(M, split * query_blocks / splits * kQueryBlock);
-      const int64_t row_end =
-          std::min(M, (split + 1) * query_blocks / splits * kQueryBlock);
+      const TokenRange rows = split_range(M, kQueryBlock, split, splits);
       T* dk = splits == 1 ? grad_k + bh * N * d
                           : partial_k + (split * heads_total + bh) * N * d;
       T* dv = splits == 1 ? grad_v + bh * N * e
                           : partial_v + (split * heads_total + bh) * N * e;
       backward_range<T, kGeneralMask>(
-          p, order, batch, head, row_begin, row_end, grad_out.head(batch, head),
-          grad_out.row_stride, out + bh * M * e, den + bh * M,
-          grad_q + bh * M * d, dk, dv, scores.data(), probs.data(),
-          scaled_grad.data(), grad_dot_out.data(), inv_den.data());
+          p, order, batch, head, rows.begin, rows.end,
+          grad_out.head(batch, head), grad_out.row_stride, out + bh * M * e,
+          den + bh * M, grad_q + bh * M * d, dk, dv, scores.data(),
+          probs.data(), scaled_grad.data(), grad_dot_out.data(),
+          inv_den.data());
     }
   });
 }
@@ -358,14 +370,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cpu(
   at::Tensor grad_q = at::empty({B, H, M, d}, compute);
   at::Tensor grad_k = at::empty({B, H, N, d}, compute);
   at::Tensor grad_v = at::empty({B, H, N, e}, compute);
-  // A head split over threads sums its splits' dK, dV afterwards.
+  // A head split over threads sums its splits' dK, dV afterwards. Every
+  // range writes its whole dK, dV (backward_range): no zeroing here.
   at::Tensor partial_k, partial_v;
-  if (splits == 1) {
-    grad_k.zero_();
-    grad_v.zero_();
-  } else {
-    partial_k = at::zeros({splits, B, H, N, d}, compute);
-    partial_v = at::zeros({splits, B, H, N, e}, compute);
+  if (splits > 1) {
+    partial_k = at::empty({splits, B, H, N, d}, compute);
+    partial_v = at::empty({splits, B, H, N, e}, compute);
   }
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   const bool general_mask = key_padding_mask || attn_mask;

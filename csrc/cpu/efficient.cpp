@@ -11,7 +11,9 @@
 // transposed q or k, a contiguous loop the compiler vectorises fully; the
 // state products are then single large GEMMs over the chunk (X V, X^T S,
 // S dZ^T), and the backward's contractions through the quadratic features
-// run over token rows too. Parallel over (batch, head).
+// run over token rows too. Parallel over (batch, head), and over token
+// ranges of each head when there are fewer heads than threads
+// (efficient_forward_all).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -178,6 +180,12 @@ class ChunkSum {
     std::copy(sum_.begin(), sum_.end(), out);
   }
 
+  // out += the sum, in float64 (a range's share of a head's sum).
+  void add_to(double* out) {
+    fold();
+    for (size_t i = 0; i < sum_.size(); ++i) out[i] += sum_[i];
+  }
+
  private:
   void fold() {
     if (pending_ == 0) return;
@@ -191,22 +199,24 @@ class ChunkSum {
 };
 
 // Phase 1 of the forward: S = sum_j psi(k_j) [m_j | m_j v_j]^T, a reduction
-// over key chunks. Returns the number of valid keys.
+// over the key chunks of `keys`, added to `sum`. Returns the number of valid
+// keys among them.
 template <typename T>
 int64_t accumulate_state(const HeadTensors<T>& t, const Mask& mask,
-                         int64_t batch, int order, T* state, Workspace<T>& w) {
-  const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d, order);
+                         int64_t batch, int order, TokenRange keys,
+                         ChunkSum<T>& sum, Workspace<T>& w) {
+  const int64_t e = t.value_dim;
   const int64_t ld = w.chunk;
   const T* valid_row = w.valid.data();
   int64_t valid = 0;
-  ChunkSum<T> sum(F, e + 1);
-  for (int64_t j0 = 0; j0 < t.keys; j0 += ld) {
-    const int64_t rows = block_end(j0, ld, t.keys) - j0;
+  for (int64_t j0 = keys.begin; j0 < keys.end; j0 += ld) {
+    const int64_t rows = block_end(j0, ld, keys.end) - j0;
     load_keys(t, j0, rows, mask, batch, w);
     for (int64_t r = 0; r < rows; ++r) valid += valid_row[r] != T(0);
     // Column 0 of [m | m v] is m: the build sums psi(k_j) m_j.
-    key_feature_tile(w.xt.data(), valid_row, d, rows, ld, w.tile.data(),
-                     RowExtras<T>{valid_row, w.dots.data()}, order);
+    key_feature_tile(w.xt.data(), valid_row, t.head_dim, rows, ld,
+                     w.tile.data(), RowExtras<T>{valid_row, w.dots.data()},
+                     order);
     // Values in place, unless a key is masked: its row may hold NaN.
     const T* values = t.v_row(j0);
     int64_t values_stride = t.v_stride;
@@ -217,28 +227,27 @@ int64_t accumulate_state(const HeadTensors<T>& t, const Mask& mask,
     }
     sum.add(w.tile.data(), ld, w.dots.data(), values, values_stride, rows);
   }
-  sum.copy_to(state);
   return valid;
 }
 
+// Phase 2 of the forward for the queries of `queries`: z = phi(Q_chunk)^T S,
+// independent per query, with sigma from the head's count of valid keys.
 template <typename T>
-void efficient_forward_head(const HeadTensors<T>& t, const Mask& mask,
-                            int64_t batch, const KernelOptions& options, T* out,
-                            T* den, T* state, Workspace<T>& w) {
-  const int order = options.coefficients.order;
-  const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d, order);
+void apply_state(const HeadTensors<T>& t, const KernelOptions& options,
+                 int64_t valid, const T* state, TokenRange queries, T* out,
+                 T* den, Workspace<T>& w) {
+  const int64_t d = t.head_dim, e = t.value_dim,
+                F = feature_count(d, options.coefficients.order);
   const int64_t ld = w.chunk;
   const auto weights =
       FeatureWeights<T>::queries(options.coefficients.template cast<T>());
   const T c = weights.constant;
-  const int64_t valid = accumulate_state(t, mask, batch, order, state, w);
   const T sigma = output_scale_factor<T>(options.output_scale, valid, d);
-  // Phase 2: z = phi(Q_chunk)^T S, independent per query. The products run
-  // over features 1.. only: the constant feature's term c S[0, :] (c N for
-  // the denominator) dominates and is added last, since adding it first
-  // would round every other term at its magnitude.
-  for (int64_t i0 = 0; i0 < t.queries; i0 += ld) {
-    const int64_t rows = block_end(i0, ld, t.queries) - i0;
+  // The products run over features 1.. only: the constant feature's term
+  // c S[0, :] (c N for the denominator) dominates and is added last, since
+  // adding it first would round every other term at its magnitude.
+  for (int64_t i0 = queries.begin; i0 < queries.end; i0 += ld) {
+    const int64_t rows = block_end(i0, ld, queries.end) - i0;
     transpose_rows<T>(t.q_row(i0), t.q_stride, rows, d, nullptr, w.xt.data(),
                       ld);
     // The build also applies S[:, 0] (features 1..): the denominators.
@@ -272,36 +281,42 @@ void efficient_forward_head(const HeadTensors<T>& t, const Mask& mask,
 // S dz_i and dS v'_j for a chunk are single products, S[1:] dZ^T and
 // dS[1:] V'^T, written feature-major over the chunk's tile (row 0, the
 // constant feature, has no gradient).
+// The gradient flowing back from one query row: what both sides of the
+// backward read.
 template <typename T>
-void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
-                             int64_t grad_row_stride, const T* out,
-                             const T* den, const T* state, const Mask& mask,
-                             int64_t batch, const KernelOptions& options,
-                             T* grad_q, T* grad_k, T* grad_v, Workspace<T>& w) {
-  const int order = options.coefficients.order;
+struct BackwardRows {
+  const T* grad_out;
+  int64_t grad_row_stride;
+  const T* out;
+  const T* den;
+};
+
+// The query side for the queries of `queries`: dS's share added to
+// `grad_state_sum`, and their dq.
+template <typename T>
+void backward_queries(const HeadTensors<T>& t, const BackwardRows<T>& g,
+                      const T* state, const KernelOptions& options, T sigma,
+                      TokenRange queries, ChunkSum<T>& grad_state_sum,
+                      T* grad_q, Workspace<T>& w) {
   const auto weights =
       FeatureWeights<T>::queries(options.coefficients.template cast<T>());
-  const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d, order);
+  const int64_t d = t.head_dim, e = t.value_dim,
+                F = feature_count(d, options.coefficients.order);
   const int64_t ld = w.chunk;
   T* tile = w.tile.data();
   T* xt = w.xt.data();
   T* rows_e1 = w.rows.data();
-  ChunkSum<T> grad_state_sum(F, e + 1);
-  int64_t valid = 0;
-  for (int64_t j = 0; j < t.keys; ++j) valid += mask.key_valid(batch, j);
-  const T sigma = output_scale_factor<T>(options.output_scale, valid, d);
-
-  for (int64_t i0 = 0; i0 < t.queries; i0 += ld) {
-    const int64_t rows = block_end(i0, ld, t.queries) - i0;
+  for (int64_t i0 = queries.begin; i0 < queries.end; i0 += ld) {
+    const int64_t rows = block_end(i0, ld, queries.end) - i0;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
-      const T inv_den = safe_reciprocal(den[i]);
+      const T inv_den = safe_reciprocal(g.den[i]);
       T* dz = rows_e1 + r * (e + 1);
-      const T* g = grad_out + i * grad_row_stride;
+      const T* grad = g.grad_out + i * g.grad_row_stride;
       T dot = 0;
       for (int64_t col = 0; col < e; ++col) {
-        dot += g[col] * out[i * e + col];
-        dz[1 + col] = sigma * g[col] * inv_den;
+        dot += grad[col] * g.out[i * e + col];
+        dz[1 + col] = sigma * grad[col] * inv_den;
       }
       dz[0] = -dot * inv_den;
       w.column[r] = dz[0];
@@ -317,13 +332,22 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
     feature_gradient_tile(tile + ld, xt, d, rows, ld, weights, w.grad_t.data());
     untranspose_rows(w.grad_t.data(), ld, rows, d, grad_q + i0 * d);
   }
+}
 
-  std::vector<T> grad_state(F * (e + 1));
-  grad_state_sum.copy_to(grad_state.data());
-  const T* dS = grad_state.data();
+// The key side for the keys of `keys`, given the head's whole dS: their dk
+// and dv.
+template <typename T>
+void backward_keys(const HeadTensors<T>& t, const T* dS, const Mask& mask,
+                   int64_t batch, int order, TokenRange keys, T* grad_k,
+                   T* grad_v, Workspace<T>& w) {
+  const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d, order);
+  const int64_t ld = w.chunk;
+  T* tile = w.tile.data();
+  T* xt = w.xt.data();
+  T* rows_e1 = w.rows.data();
   const T* valid_row = w.valid.data();
-  for (int64_t j0 = 0; j0 < t.keys; j0 += ld) {
-    const int64_t rows = block_end(j0, ld, t.keys) - j0;
+  for (int64_t j0 = keys.begin; j0 < keys.end; j0 += ld) {
+    const int64_t rows = block_end(j0, ld, keys.end) - j0;
     load_keys(t, j0, rows, mask, batch, w);
     key_feature_tile(xt, valid_row, d, rows, ld, tile, RowExtras<T>{}, order);
     write_augmented_values(t, j0, rows, valid_row, rows_e1);
@@ -346,6 +370,171 @@ void efficient_backward_head(const HeadTensors<T>& t, const T* grad_out,
   }
 }
 
+// Work over B H heads, each split into `splits` token ranges (splits > 1
+// when B H is below the thread count): a reduction over one side's tokens
+// (the state over keys, dS over queries) whose range shares are summed in
+// float64, then independent work per token of the other side with the
+// head's sum. One head per task needs neither the shares nor their buffer.
+class HeadSplits {
+ public:
+  HeadSplits(const at::Tensor& q, const at::Tensor& k)
+      : heads(q.size(0) * q.size(1)),
+        splits(splits_per_head(heads, blocks_of(std::max(q.size(2), k.size(2)),
+                                                token_chunk(q.size(3))))),
+        chunk_(token_chunk(q.size(3))) {}
+
+  const int64_t heads, splits;
+
+  int64_t units() const { return heads * splits; }
+  int64_t head(int64_t unit) const { return unit / splits; }
+  // The tokens of `unit`'s range, for a side of `tokens` tokens.
+  TokenRange range(int64_t tokens, int64_t unit) const {
+    return split_range(tokens, chunk_, unit % splits, splits);
+  }
+
+  // out[h] = the sum of head h's `size` shares (units h splits .. h splits +
+  // splits - 1), in float64, rounded once.
+  template <typename T>
+  void sum_shares(const std::vector<double>& shares, int64_t size,
+                  T* out) const {
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < size; ++i) {
+        double total = 0;
+        for (int64_t split = 0; split < splits; ++split)
+          total += shares[(h * splits + split) * size + i];
+        out[h * size + i] = T(total);
+      }
+  }
+
+ private:
+  int64_t chunk_;
+};
+
+// The forward, (batch, head) by (batch, head) or in token ranges.
+template <typename T>
+void efficient_forward_all(const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const Mask& mask,
+                           const KernelOptions& options, T* out, T* den,
+                           T* state) {
+  const int64_t H = q.size(1), M = q.size(2), N = k.size(2), d = q.size(3),
+                e = v.size(3);
+  const int order = options.coefficients.order;
+  const int64_t F = feature_count(d, order), FE = F * (e + 1);
+  const HeadSplits work(q, k);
+  auto head_of = [&](int64_t bh) { return head<T>(q, k, v, bh / H, bh % H); };
+  if (work.splits == 1) {
+    at::parallel_for(0, work.heads, 1, [&](int64_t begin, int64_t end) {
+      Workspace<T> w(d, e, order);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const HeadTensors<T> t = head_of(bh);
+        ChunkSum<T> sum(F, e + 1);
+        const int64_t valid =
+            accumulate_state(t, mask, bh / H, order, {0, N}, sum, w);
+        sum.copy_to(state + bh * FE);
+        apply_state(t, options, valid, state + bh * FE, {0, M},
+                    out + bh * M * e, den + bh * M, w);
+      }
+    });
+    return;
+  }
+  std::vector<double> shares(work.units() * FE, 0.0);
+  std::vector<int64_t> range_valid(work.units());
+  at::parallel_for(0, work.units(), 1, [&](int64_t begin, int64_t end) {
+    Workspace<T> w(d, e, order);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t bh = work.head(unit);
+      ChunkSum<T> sum(F, e + 1);
+      range_valid[unit] = accumulate_state(head_of(bh), mask, bh / H, order,
+                                           work.range(N, unit), sum, w);
+      sum.add_to(shares.data() + unit * FE);
+    }
+  });
+  work.sum_shares(shares, FE, state);
+  std::vector<int64_t> valid(work.heads, 0);
+  for (int64_t unit = 0; unit < work.units(); ++unit)
+    valid[work.head(unit)] += range_valid[unit];
+  at::parallel_for(0, work.units(), 1, [&](int64_t begin, int64_t end) {
+    Workspace<T> w(d, e, order);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t bh = work.head(unit);
+      apply_state(head_of(bh), options, valid[bh], state + bh * FE,
+                  work.range(M, unit), out + bh * M * e, den + bh * M, w);
+    }
+  });
+}
+
+// Backward (docs/math.md §3). With z_i = phi(q_i)^T S:
+//   dz_i = [ -(gY_i . y_i) / den_i | sigma gY_i / den_i ]
+//   dS   = sum_i phi(q_i) dz_i^T                 (reduction over queries)
+//   dq_i = d/dq [phi(q_i)]^T (S dz_i)            (feature_gradient_tile)
+// and with S = sum_j psi(k_j) v'_j^T, v'_j = m_j [1 | v_j]:
+//   dk_j = d/dk [psi(k_j)]^T (dS v'_j),   dv_j = m_j (psi(k_j)^T dS)[1:].
+// S dz_i and dS v'_j for a chunk are single products, S[1:] dZ^T and
+// dS[1:] V'^T, written feature-major over the chunk's tile (row 0, the
+// constant feature, has no gradient).
+template <typename T>
+void efficient_backward_all(const at::Tensor& grad_out, const at::Tensor& q,
+                            const at::Tensor& k, const at::Tensor& v,
+                            const T* out, const T* den, const T* state,
+                            const Mask& mask, const KernelOptions& options,
+                            T* grad_q, T* grad_k, T* grad_v) {
+  const int64_t H = q.size(1), M = q.size(2), N = k.size(2), d = q.size(3),
+                e = v.size(3);
+  const int order = options.coefficients.order;
+  const int64_t F = feature_count(d, order), FE = F * (e + 1);
+  const HeadSplits work(q, k);
+  const TokenRows<T> grad_rows = token_rows<T>(grad_out);
+  auto head_of = [&](int64_t bh) { return head<T>(q, k, v, bh / H, bh % H); };
+  auto rows_of = [&](int64_t bh) {
+    return BackwardRows<T>{grad_rows.head(bh / H, bh % H), grad_rows.row_stride,
+                           out + bh * M * e, den + bh * M};
+  };
+  auto sigma_of = [&](int64_t bh) {
+    int64_t valid = 0;
+    for (int64_t j = 0; j < N; ++j) valid += mask.key_valid(bh / H, j);
+    return output_scale_factor<T>(options.output_scale, valid, d);
+  };
+  if (work.splits == 1) {
+    at::parallel_for(0, work.heads, 1, [&](int64_t begin, int64_t end) {
+      Workspace<T> w(d, e, order);
+      std::vector<T> grad_state(FE);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const HeadTensors<T> t = head_of(bh);
+        ChunkSum<T> sum(F, e + 1);
+        backward_queries(t, rows_of(bh), state + bh * FE, options, sigma_of(bh),
+                         {0, M}, sum, grad_q + bh * M * d, w);
+        sum.copy_to(grad_state.data());
+        backward_keys(t, grad_state.data(), mask, bh / H, order, {0, N},
+                      grad_k + bh * N * d, grad_v + bh * N * e, w);
+      }
+    });
+    return;
+  }
+  std::vector<double> shares(work.units() * FE, 0.0);
+  at::parallel_for(0, work.units(), 1, [&](int64_t begin, int64_t end) {
+    Workspace<T> w(d, e, order);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t bh = work.head(unit);
+      ChunkSum<T> sum(F, e + 1);
+      backward_queries(head_of(bh), rows_of(bh), state + bh * FE, options,
+                       sigma_of(bh), work.range(M, unit), sum,
+                       grad_q + bh * M * d, w);
+      sum.add_to(shares.data() + unit * FE);
+    }
+  });
+  std::vector<T> grad_state(work.heads * FE);
+  work.sum_shares(shares, FE, grad_state.data());
+  at::parallel_for(0, work.units(), 1, [&](int64_t begin, int64_t end) {
+    Workspace<T> w(d, e, order);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t bh = work.head(unit);
+      backward_keys(head_of(bh), grad_state.data() + bh * FE, mask, bh / H,
+                    order, work.range(N, unit), grad_k + bh * N * d,
+                    grad_v + bh * N * e, w);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
@@ -359,26 +548,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cpu(
                 e = v.size(3);
   const KernelOptions options =
       schema_options(false, output_scale, coefficients);
-  const int order = options.coefficients.order;
-  check_efficient_order("taylorshift::efficient_forward", order,
-                        kMaxEfficientOrder);
-  const int64_t F = feature_count(d, order);
+  check_efficient_order("taylorshift::efficient_forward",
+                        options.coefficients.order, kMaxEfficientOrder);
+  const int64_t F = feature_count(d, options.coefficients.order);
   const auto compute = q.options().dtype(accumulate_dtype(q_in));
   at::Tensor out = at::empty({B, H, M, e}, compute);
   at::Tensor den = at::empty({B, H, M}, compute);
   at::Tensor state = at::empty({B, H, F, e + 1}, compute);
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "efficient_forward_cpu", [&] {
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      Workspace<scalar_t> workspace(d, e, order);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        efficient_forward_head<scalar_t>(
-            head<scalar_t>(q, k, v, bh / H, bh % H), mask, bh / H, options,
-            out.data_ptr<scalar_t>() + bh * M * e,
-            den.data_ptr<scalar_t>() + bh * M,
-            state.data_ptr<scalar_t>() + bh * F * (e + 1), workspace);
-      }
-    });
+    efficient_forward_all<scalar_t>(
+        q, k, v, mask, options, out.data_ptr<scalar_t>(),
+        den.data_ptr<scalar_t>(), state.data_ptr<scalar_t>());
   });
   return {out.to(q_in.scalar_type()), den, state};
 }
@@ -402,32 +583,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cpu(
                    state = state_in.to(compute).contiguous();
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), N = k.size(2),
                 d = q.size(3), e = v.size(3);
-  const KernelOptions options =
-      schema_options(false, output_scale, coefficients);
-  const int order = options.coefficients.order;
-  check_efficient_order("taylorshift::efficient_backward", order,
-                        kMaxEfficientOrder);
-  const int64_t F = feature_count(d, order);
   at::Tensor grad_q = at::empty({B, H, M, d}, compute),
              grad_k = at::empty({B, H, N, d}, compute),
              grad_v = at::empty({B, H, N, e}, compute);
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
+  const KernelOptions options =
+      schema_options(false, output_scale, coefficients);
+  check_efficient_order("taylorshift::efficient_backward",
+                        options.coefficients.order, kMaxEfficientOrder);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "efficient_backward_cpu", [&] {
-    const TokenRows<scalar_t> grad_rows = token_rows<scalar_t>(grad_out);
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      Workspace<scalar_t> workspace(d, e, order);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        efficient_backward_head<scalar_t>(
-            head<scalar_t>(q, k, v, bh / H, bh % H),
-            grad_rows.head(bh / H, bh % H), grad_rows.row_stride,
-            out.data_ptr<scalar_t>() + bh * M * e,
-            den.data_ptr<scalar_t>() + bh * M,
-            state.data_ptr<scalar_t>() + bh * F * (e + 1), mask, bh / H,
-            options, grad_q.data_ptr<scalar_t>() + bh * M * d,
-            grad_k.data_ptr<scalar_t>() + bh * N * d,
-            grad_v.data_ptr<scalar_t>() + bh * N * e, workspace);
-      }
-    });
+    efficient_backward_all<scalar_t>(
+        grad_out, q, k, v, out.const_data_ptr<scalar_t>(),
+        den.const_data_ptr<scalar_t>(), state.const_data_ptr<scalar_t>(), mask,
+        options, grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
+        grad_v.data_ptr<scalar_t>());
   });
   return {grad_q.to(q_in.scalar_type()), grad_k.to(k_in.scalar_type()),
           grad_v.to(v_in.scalar_type())};

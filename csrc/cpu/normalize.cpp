@@ -24,19 +24,22 @@
 //
 // Rows are read through x's strides (the module passes (B, L, H, d) memory
 // viewed as (B, H, L, d)); y and dx are contiguous (B, H, L, d). Rows are
-// split over threads with at::parallel_for; the per-row loops use at::vec.
+// split over threads with at::parallel_for.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../kernel_checks.h"
+#include "common.h"
 
 namespace taylorshift::cpu {
 namespace {
@@ -90,7 +93,7 @@ struct StridedRows {
 // The row of d elements at `src` (element step `step`) in the accumulation
 // dtype A.
 template <typename T, typename A>
-void load_row(const T* src, int64_t step, int64_t d, A* row) {
+TS_INLINE void load_row(const T* src, int64_t step, int64_t d, A* row) {
   if (step == 1) {
     for (int64_t l = 0; l < d; ++l) row[l] = static_cast<A>(src[l]);
   } else {
@@ -98,42 +101,112 @@ void load_row(const T* src, int64_t step, int64_t d, A* row) {
   }
 }
 
-template <typename A>
-using Vec = at::vec::Vectorized<A>;
+// The per-row steps are plain loops that the compiler vectorises, inlined
+// into the two loops over a task's rows below, which are compiled per x86
+// level (TS_VECTOR_CLONES). The rows are short (d = 32, 64): per-row calls,
+// and at::vec (its scalar default in an extension built without -mavx2),
+// cost more than the arithmetic.
 
-// row /= s in place for a power of two s (exact either way, see above).
+// 2^(k-1) for x in [2^(k-1), 2^k), x > 0 and finite: for a normal x, x with
+// its mantissa bits cleared; frexp for a subnormal one.
 template <typename A>
-void divide_by_power_of_two(A* row, A s, int64_t d) {
-  const A inverse = A(1) / s;
-  if (std::isfinite(inverse)) {
-    at::vec::map([inverse](Vec<A> x) { return x * Vec<A>(inverse); }, row, row,
-                 d);
-  } else {
-    at::vec::map([s](Vec<A> x) { return x / Vec<A>(s); }, row, row, d);
+TS_INLINE A power_of_two_floor(A x) {
+  using Bits = std::conditional_t<sizeof(A) == 4, uint32_t, uint64_t>;
+  if (x < std::numeric_limits<A>::min()) {
+    int k;
+    std::frexp(x, &k);
+    return std::ldexp(A(1), k - 1);
   }
+  constexpr Bits kExponent =
+      sizeof(A) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
+  Bits bits;
+  std::memcpy(&bits, &x, sizeof(A));
+  bits &= kExponent;
+  std::memcpy(&x, &bits, sizeof(A));
+  return x;
 }
 
 // Scales the row to z = x / s in place and returns s (see above).
 template <typename A>
-A scale_to_unit_range(A* row, int64_t d) {
-  const A largest = at::vec::map_reduce_all(
-      [](Vec<A> x) { return x.abs(); },
-      [](Vec<A> a, Vec<A> b) { return at::vec::maximum(a, b); }, row, d);
+TS_INLINE A scale_to_unit_range(A* row, int64_t d) {
+  A largest = 0;
+#pragma omp simd reduction(max : largest)
+  for (int64_t l = 0; l < d; ++l) largest = std::max(largest, std::abs(row[l]));
   if (!(largest > A(0) && std::isfinite(largest))) return A(1);
-  int k;
-  std::frexp(largest, &k);
-  const A s = std::ldexp(A(1), k - 1);
-  divide_by_power_of_two(row, s, d);
+  const A s = power_of_two_floor(largest);
+  // Exact either way: a power of two only moves exponents. Below s = 2^-127
+  // (float32) 1 / s is not finite, and z is formed by division.
+  const A inverse = A(1) / s;
+  if (std::isfinite(inverse)) {
+#pragma omp simd
+    for (int64_t l = 0; l < d; ++l) row[l] *= inverse;
+  } else {
+#pragma omp simd
+    for (int64_t l = 0; l < d; ++l) row[l] /= s;
+  }
   return s;
 }
 
 // n = max(|z|, 1).
 template <typename A>
-A clamped_norm(const A* z, int64_t d) {
-  const A squares =
-      at::vec::map_reduce_all([](Vec<A> x) { return x * x; },
-                              [](Vec<A> a, Vec<A> b) { return a + b; }, z, d);
+TS_INLINE A clamped_norm(const A* z, int64_t d) {
+  A squares = 0;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t l = 0; l < d; ++l) squares += z[l] * z[l];
   return std::max(std::sqrt(squares), A(1));
+}
+
+// Rows [first, last) of head (b, h): y = f x / |x|, written contiguously
+// from `out`.
+template <typename T, typename A>
+TS_VECTOR_CLONES void normalize_task(const StridedRows<T>& x, int64_t b,
+                                     int64_t h, int64_t first, int64_t last,
+                                     int64_t d, A factor, A* row, T* out) {
+  for (int64_t l = first; l < last; ++l, out += d) {
+    load_row(x.row(b, h, l), x.step, d, row);
+    scale_to_unit_range(row, d);
+    const A r = factor / clamped_norm(row, d);
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) out[c] = static_cast<T>(row[c] * r);
+  }
+}
+
+// The backward of normalize_task for the gradient rows g: dx written
+// contiguously from `out`; returns the sum of u . g over the rows (df's
+// share of these rows).
+template <typename T, typename A>
+TS_VECTOR_CLONES double normalize_backward_task(
+    const StridedRows<T>& x, const StridedRows<T>& grad, int64_t b, int64_t h,
+    int64_t first, int64_t last, int64_t d, A factor, A* u, A* g, T* out) {
+  double sum = 0;
+  for (int64_t l = first; l < last; ++l, out += d) {
+    load_row(x.row(b, h, l), x.step, d, u);
+    load_row(grad.row(b, h, l), grad.step, d, g);
+    const A s = scale_to_unit_range(u, d);
+    const A n = clamped_norm(u, d);
+    // u = z / n (times 1 / n: n is in [1, 2 sqrt(d)]), and dot = u . g.
+    const A inverse_n = A(1) / n;
+    A dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t c = 0; c < d; ++c) {
+      u[c] *= inverse_n;
+      dot += u[c] * g[c];
+    }
+    sum += dot;
+    // dx = (f / n) (g - u dot) / s; the division by the power of two s is
+    // exact (see scale_to_unit_range).
+    const A r = factor / n;
+    const A inverse_s = A(1) / s;
+    if (std::isfinite(inverse_s)) {
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c)
+        out[c] = static_cast<T>((g[c] - u[c] * dot) * r * inverse_s);
+    } else {
+      for (int64_t c = 0; c < d; ++c)
+        out[c] = static_cast<T>((g[c] - u[c] * dot) * r / s);
+    }
+  }
+  return sum;
 }
 
 at::Tensor normalize_rows_cpu(const at::Tensor& x,
@@ -158,13 +231,8 @@ at::Tensor normalize_rows_cpu(const at::Tensor& x,
                 scalar_t* out =
                     y.mutable_data_ptr<scalar_t>() +
                     ((b * tasks.heads + h) * tasks.length + first) * d;
-                for (int64_t l = first; l < last; ++l, out += d) {
-                  load_row(x_rows.row(b, h, l), x_rows.step, d, row.data());
-                  scale_to_unit_range(row.data(), d);
-                  const A r = f_data[h] / clamped_norm(row.data(), d);
-                  for (int64_t c = 0; c < d; ++c)
-                    out[c] = static_cast<scalar_t>(row[c] * r);
-                }
+                normalize_task(x_rows, b, h, first, last, d, f_data[h],
+                               row.data(), out);
               }
             });
       });
@@ -198,35 +266,9 @@ std::tuple<at::Tensor, at::Tensor> normalize_rows_backward_cpu(
                   scalar_t* out =
                       grad_x.mutable_data_ptr<scalar_t>() +
                       ((b * tasks.heads + h) * tasks.length + first) * d;
-                  double task_sum = 0;
-                  for (int64_t l = first; l < last; ++l, out += d) {
-                    load_row(x_rows.row(b, h, l), x_rows.step, d, u.data());
-                    load_row(g_rows.row(b, h, l), g_rows.step, d, g.data());
-                    const A s = scale_to_unit_range(u.data(), d);
-                    const A n = clamped_norm(u.data(), d);
-                    // u = z / n (times 1 / n: n is in [1, 2 sqrt(d)]), and
-                    // dot = u . g.
-                    const A inverse_n = A(1) / n;
-                    at::vec::map(
-                        [inverse_n](Vec<A> z) { return z * Vec<A>(inverse_n); },
-                        u.data(), u.data(), d);
-                    const A dot = at::vec::map2_reduce_all(
-                        [](Vec<A> p, Vec<A> q) { return p * q; },
-                        [](Vec<A> p, Vec<A> q) { return p + q; }, u.data(),
-                        g.data(), d);
-                    task_sum += dot;
-                    // dx = (f / n) (g - u dot) / s, formed in u.
-                    const A r = f_data[h] / n;
-                    at::vec::map2(
-                        [dot, r](Vec<A> u_c, Vec<A> g_c) {
-                          return (g_c - u_c * Vec<A>(dot)) * Vec<A>(r);
-                        },
-                        u.data(), u.data(), g.data(), d);
-                    divide_by_power_of_two(u.data(), s, d);
-                    for (int64_t c = 0; c < d; ++c)
-                      out[c] = static_cast<scalar_t>(u[c]);
-                  }
-                  partial[task] = task_sum;
+                  partial[task] = normalize_backward_task(
+                      x_rows, g_rows, b, h, first, last, d, f_data[h], u.data(),
+                      g.data(), out);
                 }
               });
         });
