@@ -897,22 +897,27 @@ template <typename T, int kDim>
 struct OperandStream {
   static constexpr int kStage = kStageRows * PairBlocks<kDim>::kWidth;
   static constexpr int kStages = PairBlocks<kDim>::kRows / kStageRows;
-  const T* src;  // the head's operand
+  static constexpr int kChunks = kStage / 8;  // 16-byte copies per stage
+  const T* src;  // this thread's first chunk of the next stage to load
   T* buffers;    // 2 kStage elements of shared memory
   int stage = 0;
 
-  __device__ __forceinline__ void load(int s) const {
-    constexpr int kChunks = kStage / 8;
-    T* dst = buffers + s % 2 * kStage;
-    const T* from = src + static_cast<int64_t>(s) * kStage;
+  // head: the head's operand; shared: the two buffers.
+  __device__ __forceinline__ OperandStream(const T* head, T* shared)
+      : src(head + threadIdx.x * 8), buffers(shared) {}
+  // The next stage into buffer s % 2: the thread's chunks are kThreads
+  // chunks apart, constant offsets from two pointers.
+  __device__ __forceinline__ void load(int s) {
+    T* dst = buffers + s % 2 * kStage + threadIdx.x * 8;
 #pragma unroll
     for (int step = 0; step < (kChunks + kThreads - 1) / kThreads; ++step) {
-      const int idx = threadIdx.x + step * kThreads;
-      if (kChunks % kThreads == 0 || idx < kChunks)
-        warp::cp_async_16(dst + idx * 8, from + idx * 8, true);
+      if (kChunks % kThreads == 0 || threadIdx.x + step * kThreads < kChunks)
+        warp::cp_async_16(dst + step * kThreads * 8, src + step * kThreads * 8,
+                          true);
     }
+    src += kStage;
   }
-  __device__ __forceinline__ void start() const {
+  __device__ __forceinline__ void start() {
     load(0);
     warp::cp_async_commit();
   }
@@ -942,11 +947,19 @@ struct PairStage {
   }
 };
 
-// Half `high` of a register of 16-bit operands, as T.
+// Half `high` of a register of 16-bit operands, widened to float (bfloat16:
+// the bits moved to the top, one instruction).
 template <typename T>
-__device__ __forceinline__ T half_value(uint32_t reg, int high) {
-  const uint16_t bits = static_cast<uint16_t>(high ? reg >> 16 : reg);
-  return *reinterpret_cast<const T*>(&bits);
+__device__ __forceinline__ float widen_half(uint32_t reg, bool high) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const uint32_t bits = high ? reg & 0xffff0000u : reg << 16;
+    float x;
+    memcpy(&x, &bits, 4);
+    return x;
+  } else {
+    const uint16_t bits = static_cast<uint16_t>(high ? reg >> 16 : reg);
+    return Num<T>::widen(*reinterpret_cast<const T*>(&bits));
+  }
 }
 
 // One 16-byte load: 8 consecutive 16-bit values as 4 registers of pairs.
@@ -1005,8 +1018,8 @@ __global__ void __launch_bounds__(kThreads)
   const int g = lane / 4, quad = lane % 4;
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kQueries;
-  OperandStream<T, kDim> stream{p.operand + bh * Blocks::kRows * width,
-                                qs + kQueries * width};
+  OperandStream<T, kDim> stream(p.operand + bh * Blocks::kRows * width,
+                                qs + kQueries * width);
   load_rows<kDim, kQueries>(qs, p.q, b, h, i0, p.tokens);
   stream.start();  // Q lands with stage 0
 
@@ -1146,11 +1159,12 @@ constexpr size_t contract_mma_smem() {
 // columns m = 16 M + 8 n + 2 quad + {0, 1}):
 // * dx_m: G times x_l of the element's row, summed over the block pair's l
 //   in dx_m registers of the lane's own m, added to dx[M] when the pair ends.
-// * dx_l: the sum over m spans the 4 lanes of a quad. Each lane keeps its
-//   partial sum part[l][row] of all l of slice L over every block pair
-//   (L, M >= L) and the quad adds them once per L: a reduce-scatter (xor 2,
-//   then xor 1; 12 shuffles per row for 16 l) leaves in lane quad exactly the
-//   totals of columns l = 8 n + 2 quad + {0, 1}, dx[L]'s C layout.
+// * dx_l: the sum over m spans the 4 lanes of a quad. Each lane sums its own
+//   m for the stage's 8 l (part), then the quad adds them by a
+//   reduce-scatter (xor 2, then xor 1: 6 shuffles per row for 8 l, against
+//   2 per l for a full reduction per l) that leaves in lane quad exactly the
+//   totals of l = l0 + 2 quad + {0, 1}, C elements of dx[L]; they gather in
+//   dx_l registers over M >= L, added to dx[L] when L ends.
 template <typename T, int kDim, bool kKeySide, bool kMasked>
 __global__ void __launch_bounds__(kThreads)
     efficient_contract_mma_kernel(ContractMmaArgs<T> p, T* grad_x, T* grad_v) {
@@ -1166,8 +1180,8 @@ __global__ void __launch_bounds__(kThreads)
   const int g = lane / 4, quad = lane % 4;
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kQueryTile;
-  OperandStream<T, kDim> stream{p.operand + bh * Blocks::kRows * width,
-                                ws + kQueryTile};
+  OperandStream<T, kDim> stream(p.operand + bh * Blocks::kRows * width,
+                                ws + kQueryTile);
   const auto key_valid = [&](int64_t t) {
     return !kMasked || p.mask.key_valid(b, t);
   };
@@ -1203,6 +1217,7 @@ __global__ void __launch_bounds__(kThreads)
   float dv[kKeySide ? kN : 1][4] = {};
   // G = y' O^T for 16 operand rows: two n8 tiles of m.
   const int g_row = (lane % 8 + lane / 16 * 8) * width + lane / 8 % 2 * 8;
+  const int z_row = (lane % 8 + lane / 16 * 8) * width + kDim;
   const auto g_product = [&](float (&gm)[2][4], const T* rows) {
 #pragma unroll
     for (int s = 0; s < kSlices; ++s) {
@@ -1212,9 +1227,12 @@ __global__ void __launch_bounds__(kThreads)
       warp::mma_16816<T>(gm[0], yf[s], lo);
       warp::mma_16816<T>(gm[1], yf[s], hi);
     }
-    uint32_t f[2];
-    warp::ldmatrix<2>(f, rows + (lane % 16) * width + kDim);
-    const uint32_t lo[2] = {f[0], 0u}, hi[2] = {f[1], 0u};
+    // The z column of rows 0-7 as k 0-7 and again as k 8-15 (which meet
+    // the zero columns of yz), then of rows 8-15: B registers ready in
+    // pairs, no moves.
+    uint32_t f[4];
+    warp::ldmatrix<4>(f, rows + z_row);
+    const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
     warp::mma_16816<T>(gm[0], yz, lo);
     warp::mma_16816<T>(gm[1], yz, hi);
   };
@@ -1234,7 +1252,7 @@ __global__ void __launch_bounds__(kThreads)
   };
   const T* x_row = xs + (warp_row + g) * width;  // and + 8 rows
   for (int L = 0; L < kSlices; ++L) {
-    float part[16][2] = {};  // the lane's share of dx_l, l = 16 L + j
+    float dx_l[2][4] = {};  // dx[L], C layout, summed over M >= L
     for (int M = L; M < kSlices; ++M) {
       uint32_t xm[4];  // A fragment of x[M]
       warp::ldmatrix<4>(xm, xs + a_row + 16 * M);
@@ -1246,7 +1264,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int n = 0; n < 2; ++n)
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-          x_m[n][i] = Num<T>::widen(half_value<T>(xm[2 * n + i / 2], i % 2));
+          x_m[n][i] = widen_half<T>(xm[2 * n + i / 2], i % 2);
       float dx_m[2][4] = {};
 #pragma unroll
       for (int l0 = 0; l0 < 16; l0 += kStageL) {
@@ -1255,20 +1273,21 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
           load_pairs(xl[r], x_row + r * 8 * width + 16 * L + l0);
+        float part[kStageL][2];  // the lane's share of dx_l, l = l0 + j
 #pragma unroll
         for (int j = 0; j < kStageL; ++j) {
           const T* rows = st + j * 16 * width;
           float gm[2][4] = {};
           g_product(gm, rows);
-          const float x_l[2] = {
-              Num<T>::widen(half_value<T>(xl[0][j / 2], j % 2)),
-              Num<T>::widen(half_value<T>(xl[1][j / 2], j % 2))};
+          const float x_l[2] = {widen_half<T>(xl[0][j / 2], j % 2),
+                                widen_half<T>(xl[1][j / 2], j % 2)};
+          part[j][0] = part[j][1] = 0.f;
 #pragma unroll
           for (int n = 0; n < 2; ++n)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
               dx_m[n][i] += gm[n][i] * x_l[i / 2];
-              part[l0 + j][i / 2] += gm[n][i] * x_m[n][i];
+              part[j][i / 2] += gm[n][i] * x_m[n][i];
             }
           if constexpr (kKeySide) {
             const bool high = j % 2 == 1;
@@ -1280,6 +1299,30 @@ __global__ void __launch_bounds__(kThreads)
             v_product(a, rows);
           }
         }
+        // Reduce-scatter of part over the quad: xor 2, lanes 0, 1 keep
+        // j < 4 and lanes 2, 3 the rest; xor 1, lanes 0, 2 keep j % 4 < 2.
+        // Lane quad ends with the totals of j = 2 quad + {0, 1}: columns
+        // l0 + 2 quad + {0, 1} of dx[L], C elements 2 r + {0, 1} of n8 tile
+        // l0 / 8.
+        const bool upper = quad & 2, odd = quad & 1;
+        float kept[4][2];
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float keep = upper ? part[k + 4][r] : part[k][r];
+            const float send = upper ? part[k][r] : part[k + 4][r];
+            kept[k][r] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
+          }
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float keep = odd ? kept[c + 2][r] : kept[c][r];
+            const float send = odd ? kept[c][r] : kept[c + 2][r];
+            dx_l[l0 / 8][2 * r + c] +=
+                keep + __shfl_xor_sync(0xffffffffu, send, 1);
+          }
       }
 #pragma unroll
       for (int s = 0; s < kSlices; ++s) {
@@ -1291,39 +1334,13 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    // Reduce-scatter of part over the quad (see above). xor 2: lanes 0, 1
-    // keep l % 8 < 4 and lanes 2, 3 the rest; xor 1: lanes 0, 2 keep
-    // l % 4 < 2.
-    float pair_sums[8][2], dl[2][4];
-    const bool upper = quad & 2, odd = quad & 1;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const int l = k / 4 * 8 + k % 4;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float keep = upper ? part[l + 4][r] : part[l][r];
-        const float send = upper ? part[l][r] : part[l + 4][r];
-        pair_sums[k][r] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
-      }
-    }
-#pragma unroll
-    for (int m = 0; m < 4; ++m) {
-      const int k = m / 2 * 4 + m % 2;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float keep = odd ? pair_sums[k + 2][r] : pair_sums[k][r];
-        const float send = odd ? pair_sums[k][r] : pair_sums[k + 2][r];
-        // l = 8 (m / 2) + 2 quad + m % 2: C element 2 r + m % 2 of tile m / 2
-        dl[m / 2][2 * r + m % 2] = keep + __shfl_xor_sync(0xffffffffu, send, 1);
-      }
-    }
 #pragma unroll
     for (int s = 0; s < kSlices; ++s) {
       if (s == L) {
 #pragma unroll
         for (int n = 0; n < 2; ++n)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) dx[2 * s + n][i] += dl[n][i];
+          for (int i = 0; i < 4; ++i) dx[2 * s + n][i] += dx_l[n][i];
       }
     }
   }
