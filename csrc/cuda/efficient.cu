@@ -640,20 +640,6 @@ struct StateMmaArgs {
   float* partial;  // (splits, B H, F, e + 1)
 };
 
-// dst = src[index] for a run-time index, without indexing a register array
-// (which would put it in local memory).
-template <int kCount>
-__device__ __forceinline__ void select_fragment(
-    uint32_t (&dst)[4], const uint32_t (&src)[kCount][4], int index) {
-#pragma unroll
-  for (int s = 0; s < kCount; ++s) {
-    if (s == index) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) dst[r] = src[s][r];
-    }
-  }
-}
-
 template <typename T, int kDim, bool kQuery, bool kMasked>
 __global__ void __launch_bounds__(kThreads)
     state_reduce_mma_kernel(StateMmaArgs<T> p) {
