@@ -390,7 +390,10 @@ __device__ __forceinline__ void load_rows(T* dst, const TokenRows<T>& src,
 // a zero K and V row is how the 16-bit kernels drop a key from every product
 // without a per-element test, and without reading its values (which may be
 // NaN or inf). With `weights`, thread r < kRows also writes the key weight
-// m_j = [key j = t0 + r exists and is not padding] there.
+// m_j = [key j = t0 + r exists and is not padding] there. With `padding`,
+// each key's flag is read once per warp: lane l reads keys t0 + l and
+// t0 + 32 + l and a ballot gives every lane the tile's 64 validity bits, so
+// every 16-byte copy tests a bit instead of loading a flag.
 template <int kDim, int kRows, typename T>
 __device__ __forceinline__ void load_key_rows(T* k_dst, T* v_dst, T* weights,
                                               const TokenRows<T>& k,
@@ -400,14 +403,28 @@ __device__ __forceinline__ void load_key_rows(T* k_dst, T* v_dst, T* weights,
                                               const Mask* padding) {
   constexpr int ld = kDim + 8, kChunks = kDim / 8;  // 16-byte chunks per row
   static_assert(kRows * kChunks % kThreads == 0);
+  static_assert(kRows <= 64 && kRows <= kThreads);
+  uint64_t valid_bits = 0;  // bit r: key t0 + r exists and is not padding
+  if (padding != nullptr) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int w = 0; w < (kRows + 31) / 32; ++w) {
+      const int64_t j = t0 + 32 * w + lane;
+      const bool key =
+          32 * w + lane < kRows && j < total && padding->key_valid(b, j);
+      valid_bits |= uint64_t(__ballot_sync(0xffffffffu, key)) << (32 * w);
+    }
+  }
+  const auto key_exists = [&](int r) {
+    return padding == nullptr ? t0 + r < total : (valid_bits >> r & 1) != 0;
+  };
   const T* k_base = k.row(b, h, t0);
   const T* v_base = v.row(b, h, t0);
 #pragma unroll
   for (int step = 0; step < kRows * kChunks / kThreads; ++step) {
     const int idx = threadIdx.x + step * kThreads;
     const int r = idx / kChunks, col = idx % kChunks * 8;
-    const bool key =
-        t0 + r < total && (padding == nullptr || padding->key_valid(b, t0 + r));
+    const bool key = key_exists(r);
     const bool k_valid = key && col < k.cols, v_valid = key && col < v.cols;
     warp::cp_async_16(k_dst + r * ld + col,
                       k_valid ? k_base + r * k.stride_t + col : k.data,
@@ -416,13 +433,8 @@ __device__ __forceinline__ void load_key_rows(T* k_dst, T* v_dst, T* weights,
                       v_valid ? v_base + r * v.stride_t + col : v.data,
                       v_valid);
   }
-  static_assert(kRows <= kThreads);
-  if (weights != nullptr && threadIdx.x < kRows) {
-    const int64_t j = t0 + threadIdx.x;
-    const bool key =
-        j < total && (padding == nullptr || padding->key_valid(b, j));
-    weights[threadIdx.x] = Num<T>::narrow(key ? 1.f : 0.f);
-  }
+  if (weights != nullptr && threadIdx.x < kRows)
+    weights[threadIdx.x] = Num<T>::narrow(key_exists(threadIdx.x) ? 1.f : 0.f);
 }
 
 // Rows row0 + g, row0 + g + 8 of a warp's 16 x kDim accumulator (C layout),

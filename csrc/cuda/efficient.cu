@@ -589,16 +589,20 @@ int64_t grid_stride_blocks() {
 //   to whole stages of kStageRows rows. Each row is multiplied by its query
 //   coefficient (c, b, a on diagonal blocks, 2a off them) and by
 //   state_scale (see efficient_apply_kernel) and rounded to T once.
-// * efficient_apply_mma_kernel, one CTA per 64 queries and head, 16 queries
-//   per warp: for each 16 operand rows, A = q_l q[M] (mul2 of the query
-//   slice fragment, kept in registers, and x_l of the fragment's rows), B =
-//   the rows' kDim value columns and the z column as one more n8 tile:
+// * efficient_apply_mma_kernel, one CTA per 128 queries (64 at d = 128) and
+//   head, 32 (16) queries per warp as two (one) A fragments: for each 16
+//   operand rows, A = q_l q[M] (mul2_half of the query slice fragment and
+//   q_l of the fragment's rows, 8 consecutive l per stage read by one 16-byte
+//   load per row), B = the rows' kDim value columns and the z column as one
+//   more n8 tile, each B fragment feeding both A fragments:
 //       o += A B_values,  den += A B_z
 //   then y = sigma o / den. Operand rows are staged by cp.async in two
-//   buffers of kStageRows rows, one stage ahead of the products.
-constexpr int kTokenTile = 64;  // keys per staged tile (reduce)
-constexpr int kQueryTile = 64;  // queries per CTA (apply), 16 per warp
-constexpr int kStageRows = 64;  // operand rows per stage (apply)
+//   buffers of kStageRows rows, one stage ahead of the products
+//   (OperandStream); the pair rows run as one flat loop over stages, so
+//   nothing but the stage's own work repeats per stage.
+constexpr int kTokenTile = 64;   // keys per staged tile (reduce)
+constexpr int kQueryTile = 64;   // tokens per CTA (contraction), 16 per warp
+constexpr int kStageRows = 128;  // operand rows per stage: 8 l of a block pair
 
 template <int kDim>
 struct PairBlocks {
@@ -635,20 +639,6 @@ struct StateMmaArgs {
   Mask mask;
   float* partial;  // (splits, B H, F, e + 1)
 };
-
-// dst = src[index] for a run-time index, without indexing a register array
-// (which would put it in local memory).
-template <int kCount>
-__device__ __forceinline__ void select_fragment(
-    uint32_t (&dst)[4], const uint32_t (&src)[kCount][4], int index) {
-#pragma unroll
-  for (int s = 0; s < kCount; ++s) {
-    if (s == index) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) dst[r] = src[s][r];
-    }
-  }
-}
 
 template <typename T, int kDim, bool kQuery, bool kMasked>
 __global__ void __launch_bounds__(kThreads)
@@ -882,17 +872,90 @@ __global__ void finalize_state_mma_kernel(const float* partial, int64_t splits,
   }
 }
 
-// Operand rows [s kStageRows, (s + 1) kStageRows) into a stage buffer, as
-// 16-byte cp.async chunks (kElements, the stage's size, is a multiple of 8).
-template <int kElements, typename T>
-__device__ __forceinline__ void load_operand_stage(T* dst, const T* src) {
-  constexpr int kChunks = kElements / 8;
+// A head's operand rows streamed through two shared buffers of kStageRows
+// rows by 16-byte cp.async. next() waits for stage s, the only copy group in
+// flight (with the first stage, whatever the block staged before start()),
+// and after the barrier, which also tells that every warp is done with stage
+// s - 1, refills that stage's buffer with stage s + 1: its copy overlaps the
+// products of stage s, at one barrier per stage. No copy is in flight after
+// the last stage.
+template <typename T, int kDim>
+struct OperandStream {
+  static constexpr int kStage = kStageRows * PairBlocks<kDim>::kWidth;
+  static constexpr int kStages = PairBlocks<kDim>::kRows / kStageRows;
+  static constexpr int kChunks = kStage / 8;  // 16-byte copies per stage
+  const T* src;  // this thread's first chunk of the next stage to load
+  T* buffers;    // 2 kStage elements of shared memory
+  int stage = 0;
+
+  // head: the head's operand; shared: the two buffers.
+  __device__ __forceinline__ OperandStream(const T* head, T* shared)
+      : src(head + threadIdx.x * 8), buffers(shared) {}
+  // The next stage into buffer s % 2: the thread's chunks are kThreads
+  // chunks apart, constant offsets from two pointers.
+  __device__ __forceinline__ void load(int s) {
+    T* dst = buffers + s % 2 * kStage + threadIdx.x * 8;
 #pragma unroll
-  for (int step = 0; step < (kChunks + kThreads - 1) / kThreads; ++step) {
-    const int idx = threadIdx.x + step * kThreads;
-    if (kChunks % kThreads == 0 || idx < kChunks)
-      warp::cp_async_16(dst + idx * 8, src + idx * 8, true);
+    for (int step = 0; step < (kChunks + kThreads - 1) / kThreads; ++step) {
+      if (kChunks % kThreads == 0 || threadIdx.x + step * kThreads < kChunks)
+        warp::cp_async_16(dst + step * kThreads * 8, src + step * kThreads * 8,
+                          true);
+    }
+    src += kStage;
   }
+  __device__ __forceinline__ void start() {
+    load(0);
+    warp::cp_async_commit();
+  }
+  __device__ __forceinline__ const T* next() {
+    warp::cp_async_wait<0>();
+    __syncthreads();
+    if (stage + 1 < kStages) {
+      load(stage + 1);
+      warp::cp_async_commit();
+    }
+    return buffers + stage++ % 2 * kStage;
+  }
+};
+
+// The pair stages of a head's operand in row order: block pair (L, M) in the
+// order of pair_index, 8 l per stage (l0 = 0, 8); step() moves to the next.
+template <int kSlices>
+struct PairStage {
+  static constexpr int kCount = kSlices * (kSlices + 1) / 2 * 256 / kStageRows;
+  int L = 0, M = 0, l0 = 0;
+  __device__ __forceinline__ void step() {
+    l0 += kStageRows / 16;
+    if (l0 == 16) {
+      l0 = 0;
+      if (++M == kSlices) M = ++L;
+    }
+  }
+};
+
+// Half `high` of a register of 16-bit operands, widened to float (bfloat16:
+// the bits moved to the top, one instruction).
+template <typename T>
+__device__ __forceinline__ float widen_half(uint32_t reg, bool high) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const uint32_t bits = high ? reg & 0xffff0000u : reg << 16;
+    float x;
+    memcpy(&x, &bits, 4);
+    return x;
+  } else {
+    const uint16_t bits = static_cast<uint16_t>(high ? reg >> 16 : reg);
+    return Num<T>::widen(*reinterpret_cast<const T*>(&bits));
+  }
+}
+
+// One 16-byte load: 8 consecutive 16-bit values as 4 registers of pairs.
+template <typename T>
+__device__ __forceinline__ void load_pairs(uint32_t (&r)[4], const T* src) {
+  const uint4 v = *reinterpret_cast<const uint4*>(src);
+  r[0] = v.x;
+  r[1] = v.y;
+  r[2] = v.z;
+  r[3] = v.w;
 }
 
 template <typename T>
@@ -905,9 +968,19 @@ struct ApplyMmaArgs {
   float state_scale;
 };
 
+// A fragments (16 queries each) per warp of the apply kernel: two up to
+// d = 64, so that every B fragment loaded from an operand stage feeds two
+// mma; one at d = 128, where two 16 x 128 accumulators would not fit in
+// registers.
+template <int kDim>
+struct ApplyTile {
+  static constexpr int kFragments = kDim <= 64 ? 2 : 1;
+  static constexpr int kQueries = 16 * (kThreads / 32) * kFragments;  // a CTA's
+};
+
 template <int kDim>
 constexpr size_t apply_mma_smem() {
-  return size_t(kQueryTile + 2 * kStageRows) * (kDim + 8) * 2;
+  return size_t(ApplyTile<kDim>::kQueries + 2 * kStageRows) * (kDim + 8) * 2;
 }
 
 // Two stages of the x and y tiles, of the token flags and of the query
@@ -922,117 +995,120 @@ template <typename T, int kDim>
 __global__ void __launch_bounds__(kThreads)
     efficient_apply_mma_kernel(ApplyMmaArgs<T> p, T* out, float* den) {
   using Blocks = PairBlocks<kDim>;
-  constexpr int width = Blocks::kWidth, kStage = kStageRows * width;
-  constexpr int kStages = Blocks::kRows / kStageRows;
-  constexpr int kSlices = Blocks::kSlices;
-  static_assert(kQueryTile == 16 * (kThreads / 32));
+  constexpr int width = Blocks::kWidth, kSlices = Blocks::kSlices;
+  constexpr int kFrags = ApplyTile<kDim>::kFragments;
+  constexpr int kQueries = ApplyTile<kDim>::kQueries;
   extern __shared__ __align__(128) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem);
-  T* stages = qs + kQueryTile * width;
-  const uint16_t* q_bits = reinterpret_cast<const uint16_t*>(qs);
-  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16;
+  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16 * kFrags;
   const int g = lane / 4, quad = lane % 4;
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kQueryTile;
-  const T* operand = p.operand + bh * Blocks::kRows * width;
-  const auto load_stage = [&](int s) {
-    load_operand_stage<kStage>(stages + s % 2 * kStage,
-                               operand + static_cast<int64_t>(s) * kStage);
-  };
-  load_rows<kDim, kQueryTile>(qs, p.q, b, h, i0, p.tokens);
-  load_stage(0);
-  warp::cp_async_commit();
-  int stage = 0;
-  // Waits for stage `stage` while the next one is in flight.
-  const auto acquire = [&]() -> const T* {
-    if (stage + 1 < kStages) {
-      load_stage(stage + 1);
-      warp::cp_async_commit();
-      warp::cp_async_wait<1>();
-    } else {
-      warp::cp_async_wait<0>();
-    }
-    __syncthreads();
-    return stages + stage % 2 * kStage;
-  };
-  const auto release = [&] {
-    __syncthreads();  // every warp is done with the stage before its refill
-    ++stage;
-  };
-  float o[kDim / 8][4] = {};
-  float z[4] = {};
-  // 16 operand rows times the A fragment: o += A values, z += A z-column.
-  const auto product = [&](const uint32_t (&a)[4], const T* rows) {
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kQueries;
+  OperandStream<T, kDim> stream(p.operand + bh * Blocks::kRows * width,
+                                qs + kQueries * width);
+  load_rows<kDim, kQueries>(qs, p.q, b, h, i0, p.tokens);
+  stream.start();  // Q lands with stage 0
+
+  float o[kFrags][kDim / 8][4] = {};
+  float z[kFrags][4] = {};
+  // This lane's ldmatrix rows: A fragments of the warp's queries, B (.trans)
+  // of 16 operand rows and of their z column.
+  const T* q_a = qs + (warp_row + lane % 16) * width + lane / 16 * 8;
+  const int b_row = (lane % 8 + lane / 8 % 2 * 8) * width;
+  const int b_col = lane / 16 * 8;
+  // 16 operand rows times the A fragments: o += A values, z += A z-column.
+  const auto product = [&](const uint32_t (&a)[kFrags][4], const T* rows) {
 #pragma unroll
     for (int n = 0; n < kDim / 16; ++n) {
       uint32_t f[4];
-      warp::ldmatrix<4, true>(f, rows + (lane % 8 + lane / 8 % 2 * 8) * width +
-                                     n * 16 + lane / 16 * 8);
+      warp::ldmatrix<4, true>(f, rows + b_row + n * 16 + b_col);
       const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
-      warp::mma_16816<T>(o[2 * n], a, lo);
-      warp::mma_16816<T>(o[2 * n + 1], a, hi);
-    }
-    uint32_t f[2];
-    warp::ldmatrix<2, true>(
-        f, rows + (lane % 8 + lane / 8 % 2 * 8) * width + kDim);
-    warp::mma_16816<T>(z, a, f);
-  };
-
-  const T* st = acquire();  // stage 0; Q landed with it
-  uint32_t qf[kSlices][4];  // A fragments of this warp's 16 queries
-  warp::load_a<kDim, width>(qf, qs + warp_row * width, lane);
-  const uint16_t* q_g = q_bits + (warp_row + g) * width;
-  const uint16_t* q_g8 = q_g + 8 * width;
-  for (int L = 0; L < kSlices; ++L) {
-    for (int M = L; M < kSlices; ++M) {
-      uint32_t qm[4];
-      select_fragment<kSlices>(qm, qf, M);
-      for (int l0 = 0; l0 < 16; l0 += 4) {
-        if (L + M + l0 > 0) st = acquire();
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int l = 16 * L + l0 + j;
-          const uint32_t x_g = warp::splat(q_g[l]), x_g8 = warp::splat(q_g8[l]);
-          const uint32_t a[4] = {
-              warp::mul2<T>(qm[0], x_g), warp::mul2<T>(qm[1], x_g8),
-              warp::mul2<T>(qm[2], x_g), warp::mul2<T>(qm[3], x_g8)};
-          product(a, st + j * 16 * width);
-        }
-        release();
+      for (int fr = 0; fr < kFrags; ++fr) {
+        warp::mma_16816<T>(o[fr][2 * n], a[fr], lo);
+        warp::mma_16816<T>(o[fr][2 * n + 1], a[fr], hi);
       }
     }
+    uint32_t f[2];
+    warp::ldmatrix<2, true>(f, rows + b_row + kDim);
+#pragma unroll
+    for (int fr = 0; fr < kFrags; ++fr) warp::mma_16816<T>(z[fr], a[fr], f);
+  };
+
+  // Pair rows: stage (L, M, l0) holds l = 16 L + l0 + j, j < 8, 16 rows each.
+  PairStage<kSlices> at;
+  for (int s = 0; s < PairStage<kSlices>::kCount; ++s) {
+    const T* st = stream.next();
+    uint32_t qm[kFrags][4];     // A fragments of q[M]
+    uint32_t ql[kFrags][2][4];  // q_l of rows g and g + 8: pairs (l, l + 1)
+#pragma unroll
+    for (int fr = 0; fr < kFrags; ++fr) {
+      warp::ldmatrix<4>(qm[fr], q_a + 16 * fr * width + 16 * at.M);
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        load_pairs(ql[fr][r], qs + (warp_row + 16 * fr + g + 8 * r) * width +
+                                  16 * at.L + at.l0);
+    }
+#pragma unroll
+    for (int j = 0; j < kStageRows / 16; ++j) {
+      uint32_t a[kFrags][4];
+#pragma unroll
+      for (int fr = 0; fr < kFrags; ++fr) {
+        // A rows g (registers 0, 2) and g + 8 (1, 3) times their q_l.
+        const uint32_t x_g = ql[fr][0][j / 2], x_g8 = ql[fr][1][j / 2];
+        const bool high = j % 2 == 1;
+        a[fr][0] = warp::mul2_half<T>(qm[fr][0], x_g, high);
+        a[fr][1] = warp::mul2_half<T>(qm[fr][1], x_g8, high);
+        a[fr][2] = warp::mul2_half<T>(qm[fr][2], x_g, high);
+        a[fr][3] = warp::mul2_half<T>(qm[fr][3], x_g8, high);
+      }
+      product(a, st + j * 16 * width);
+    }
+    at.step();
   }
-  // The linear rows (A = q[s]) and the constant row (A = ones in column 0).
+  // The linear rows (A = q[u]) and the constant row (A = ones in column 0).
   constexpr int kUnits = kSlices + 1;
 #pragma unroll
   for (int u0 = 0; u0 < kUnits; u0 += kStageRows / 16) {
-    st = acquire();
+    const T* st = stream.next();
 #pragma unroll
     for (int j = 0; j < kStageRows / 16; ++j) {
       const int u = u0 + j;
+      uint32_t a[kFrags][4];
       if (u < kSlices) {
-        product(qf[u], st + j * 16 * width);
+#pragma unroll
+        for (int fr = 0; fr < kFrags; ++fr)
+          warp::ldmatrix<4>(a[fr], q_a + 16 * fr * width + 16 * u);
+        product(a, st + j * 16 * width);
       } else if (u == kSlices) {
         const uint32_t one = quad == 0 ? warp::pack<T>(1.f, 0.f) : 0u;
-        const uint32_t a[4] = {one, one, 0u, 0u};
+#pragma unroll
+        for (int fr = 0; fr < kFrags; ++fr) {
+          a[fr][0] = a[fr][1] = one;
+          a[fr][2] = a[fr][3] = 0u;
+        }
         product(a, st + j * 16 * width);
       }
     }
-    release();
   }
-  // den of rows g, g + 8 sits in column 0 of z: lane 4 g.
-  float scale[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float row_sum = __shfl_sync(0xffffffffu, z[2 * r], g * 4);
-    const int64_t row = i0 + warp_row + g + 8 * r;
-    scale[r] =
-        row < p.tokens ? p.sigma.at(b, h, row) * safe_reciprocal(row_sum) : 0.f;
-    if (quad == 0 && row < p.tokens)
-      den[bh * p.tokens + row] = row_sum / p.state_scale;
+  for (int fr = 0; fr < kFrags; ++fr) {
+    const int64_t row0 = i0 + warp_row + 16 * fr;
+    // den of rows g, g + 8 sits in column 0 of z: lane 4 g.
+    float scale[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float row_sum = __shfl_sync(0xffffffffu, z[fr][2 * r], g * 4);
+      const int64_t row = row0 + g + 8 * r;
+      scale[r] = row < p.tokens
+                     ? p.sigma.at(b, h, row) * safe_reciprocal(row_sum)
+                     : 0.f;
+      if (quad == 0 && row < p.tokens)
+        den[bh * p.tokens + row] = row_sum / p.state_scale;
+    }
+    store_rows<T, kDim>(out + bh * p.tokens * p.e, o[fr], row0, p.tokens, p.e,
+                        scale, lane);
   }
-  store_rows<T, kDim>(out + bh * p.tokens * p.e, o, i0 + warp_row, p.tokens,
-                      p.e, scale, lane);
 }
 
 template <typename T>
@@ -1046,6 +1122,7 @@ struct ContractMmaArgs {
   Mask mask;  // key side: key padding
 };
 
+// x and y tiles, the query side's w, two operand stages.
 template <int kDim>
 constexpr size_t contract_mma_smem() {
   return (size_t(kQueryTile + kQueryTile + 2 * kStageRows) * (kDim + 8) +
@@ -1054,43 +1131,45 @@ constexpr size_t contract_mma_smem() {
 }
 
 // The gradients through the quadratic features (docs/math.md §3), 16 tokens
-// per warp, 64 per CTA, over the operand rows staged as in the apply kernel.
-// With y'_t = [y_t | z_t] (query side: y = rs gY, z = -dl; key side: y = v,
-// z = 1) and O the operand, for every 16 operand rows (l, m in M):
+// per warp, 64 per CTA, over the operand rows streamed as in the apply
+// kernel. With y'_t = [y_t | z_t] (query side: y = rs gY, z = -dl; key side:
+// y = v, z = 1) and O the operand, for every 16 operand rows (l, m in M):
 //     G = y' O_l^T       (16 tokens x 16 m; mma, the z column one more k-step)
 //     dx_m += G_m x_l,   dx_l += sum_m G_m x_m
-// the second summed over m in registers (4 products per lane, then shuffles
-// across the lane quad that holds a row). This is d(x_l x_m O_lm . y')/dx
-// for both factors: the operand's weights make the diagonal blocks' (l, m)
-// and (m, l) add up. Linear rows give dx_l += G directly; the constant row
-// has no gradient. The key side also forms dv = sum_f feat_f(k) O_f as the
-// apply kernel forms o (A = k_l k[M]). dx and dv stay in registers (C layout)
-// across the whole loop; dx_m and dx_l of the current block pair are summed
-// in their own registers and added to dx when the pair ends.
+// This is d(x_l x_m O_lm . y')/dx for both factors: the operand's weights
+// make the diagonal blocks' (l, m) and (m, l) add up. Linear rows give
+// dx_l += G directly; the constant row has no gradient. The key side also
+// forms dv = sum_f feat_f(k) O_f as the apply kernel forms o (A = k_l k[M]).
+// dx and dv stay in registers (C layout) across the whole loop.
+// The two sums in registers, for the lane's elements of G (rows g, g + 8;
+// columns m = 16 M + 8 n + 2 quad + {0, 1}):
+// * dx_m: G times x_l of the element's row, summed over the block pair's l
+//   in dx_m registers of the lane's own m, added to dx[M] when the pair ends.
+// * dx_l: the sum over m spans the 4 lanes of a quad. Each lane sums its own
+//   m for the stage's 8 l (part), then the quad adds them by a
+//   reduce-scatter (xor 2, then xor 1: 6 shuffles per row for 8 l, against
+//   2 per l for a full reduction per l) that leaves in lane quad exactly the
+//   totals of l = l0 + 2 quad + {0, 1}, C elements of dx[L]; they gather in
+//   dx_l registers over M >= L, added to dx[L] when L ends.
 template <typename T, int kDim, bool kKeySide, bool kMasked>
 __global__ void __launch_bounds__(kThreads)
     efficient_contract_mma_kernel(ContractMmaArgs<T> p, T* grad_x, T* grad_v) {
   using Blocks = PairBlocks<kDim>;
-  constexpr int width = Blocks::kWidth, kStage = kStageRows * width;
-  constexpr int kStages = Blocks::kRows / kStageRows;
+  constexpr int width = Blocks::kWidth;
   constexpr int kSlices = Blocks::kSlices, kN = kDim / 8;
+  constexpr int kStageL = kStageRows / 16;  // l per stage
   extern __shared__ __align__(128) unsigned char smem[];
   T* xs = reinterpret_cast<T*>(smem);
   T* ys = xs + kQueryTile * width;
-  T* stages = ys + kQueryTile * width;
-  T* ws = stages + 2 * kStage;
-  const uint16_t* x_bits = reinterpret_cast<const uint16_t*>(xs);
+  T* ws = ys + kQueryTile * width;
   const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16;
   const int g = lane / 4, quad = lane % 4;
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kQueryTile;
-  const T* operand = p.operand + bh * Blocks::kRows * width;
+  OperandStream<T, kDim> stream(p.operand + bh * Blocks::kRows * width,
+                                ws + kQueryTile);
   const auto key_valid = [&](int64_t t) {
     return !kMasked || p.mask.key_valid(b, t);
-  };
-  const auto load_stage = [&](int s) {
-    load_operand_stage<kStage>(stages + s % 2 * kStage,
-                               operand + static_cast<int64_t>(s) * kStage);
   };
   load_key_rows<kDim, kQueryTile>(xs, ys, static_cast<T*>(nullptr), p.x, p.y, b,
                                   h, i0, p.tokens, kMasked ? &p.mask : nullptr);
@@ -1102,27 +1181,12 @@ __global__ void __launch_bounds__(kThreads)
                         valid ? p.w + bh * p.w_stride + t : p.w, valid);
     }
   }
-  load_stage(0);
-  warp::cp_async_commit();
-  int stage = 0;
-  const auto acquire = [&]() -> const T* {
-    if (stage + 1 < kStages) {
-      load_stage(stage + 1);
-      warp::cp_async_commit();
-      warp::cp_async_wait<1>();
-    } else {
-      warp::cp_async_wait<0>();
-    }
-    __syncthreads();
-    return stages + stage % 2 * kStage;
-  };
-  const auto release = [&] {
-    __syncthreads();
-    ++stage;
-  };
-  const T* st = acquire();
-  uint32_t xf[kSlices][4], yf[kSlices][4];
-  warp::load_a<kDim, width>(xf, xs + warp_row * width, lane);
+  stream.start();  // x, y, w land with stage 0
+  warp::cp_async_wait<0>();
+  __syncthreads();
+  // This lane's ldmatrix rows for the A fragments of the warp's tokens.
+  const int a_row = (warp_row + lane % 16) * width + lane / 16 * 8;
+  uint32_t yf[kSlices][4];
   warp::load_a<kDim, width>(yf, ys + warp_row * width, lane);
   // The z column of y' as the A fragment of one more k-step (column 0).
   uint32_t yz[4] = {0u, 0u, 0u, 0u};
@@ -1135,36 +1199,37 @@ __global__ void __launch_bounds__(kThreads)
       yz[1] = w_bits[warp_row + g + 8];
     }
   }
-  const uint16_t* x_g = x_bits + (warp_row + g) * width;
-  const uint16_t* x_g8 = x_g + 8 * width;
   float dx[kN][4] = {};
   float dv[kKeySide ? kN : 1][4] = {};
   // G = y' O^T for 16 operand rows: two n8 tiles of m.
+  const int g_row = (lane % 8 + lane / 16 * 8) * width + lane / 8 % 2 * 8;
+  const int z_row = (lane % 8 + lane / 16 * 8) * width + kDim;
   const auto g_product = [&](float (&gm)[2][4], const T* rows) {
 #pragma unroll
     for (int s = 0; s < kSlices; ++s) {
       uint32_t f[4];
-      warp::ldmatrix<4>(f, rows + (lane % 8 + lane / 16 * 8) * width + s * 16 +
-                               lane / 8 % 2 * 8);
+      warp::ldmatrix<4>(f, rows + g_row + s * 16);
       const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
       warp::mma_16816<T>(gm[0], yf[s], lo);
       warp::mma_16816<T>(gm[1], yf[s], hi);
     }
-    uint32_t f[2];
-    warp::ldmatrix<2>(f, rows + (lane % 16) * width + kDim);
-    const uint32_t lo[2] = {f[0], 0u}, hi[2] = {f[1], 0u};
+    // The z column of rows 0-7 as k 0-7 and again as k 8-15 (which meet
+    // the zero columns of yz), then of rows 8-15: B registers ready in
+    // pairs, no moves.
+    uint32_t f[4];
+    warp::ldmatrix<4>(f, rows + z_row);
+    const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
     warp::mma_16816<T>(gm[0], yz, lo);
     warp::mma_16816<T>(gm[1], yz, hi);
   };
   // dv += A O for 16 operand rows (key side).
+  const int v_row = (lane % 8 + lane / 8 % 2 * 8) * width + lane / 16 * 8;
   const auto v_product = [&](const uint32_t (&a)[4], const T* rows) {
     if constexpr (kKeySide) {
 #pragma unroll
       for (int n = 0; n < kDim / 16; ++n) {
         uint32_t f[4];
-        warp::ldmatrix<4, true>(f, rows +
-                                       (lane % 8 + lane / 8 % 2 * 8) * width +
-                                       n * 16 + lane / 16 * 8);
+        warp::ldmatrix<4, true>(f, rows + v_row + n * 16);
         const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
         warp::mma_16816<T>(dv[2 * n], a, lo);
         warp::mma_16816<T>(dv[2 * n + 1], a, hi);
@@ -1173,78 +1238,105 @@ __global__ void __launch_bounds__(kThreads)
   };
   const T* x_row = xs + (warp_row + g) * width;  // and + 8 rows
   for (int L = 0; L < kSlices; ++L) {
+    float dx_l[2][4] = {};  // dx[L], C layout, summed over M >= L
     for (int M = L; M < kSlices; ++M) {
-      uint32_t xm[4];
-      select_fragment<kSlices>(xm, xf, M);
-      // x_m of the lane's G elements: element i of n8 tile n is row
-      // g + 8 (i / 2), m = 16 M + 8 n + 2 quad + i % 2.
+      uint32_t xm[4];  // A fragment of x[M]
+      warp::ldmatrix<4>(xm, xs + a_row + 16 * M);
+      // x_m of the lane's G elements: element i of n8 tile n (row g + 8 (i /
+      // 2), m = 16 M + 8 n + 2 quad + i % 2) is half i % 2 of A register
+      // 2 n + i / 2.
       float x_m[2][4];
 #pragma unroll
       for (int n = 0; n < 2; ++n)
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-          x_m[n][i] = Num<T>::widen(
-              x_row[i / 2 * 8 * width + 16 * M + 8 * n + 2 * quad + i % 2]);
-      float dx_m[2][4] = {}, dx_l[2][4] = {};
-#pragma unroll  // static register indices of dx_l
-      for (int l0 = 0; l0 < 16; l0 += 4) {
-        if (L + M + l0 > 0) st = acquire();
+          x_m[n][i] = widen_half<T>(xm[2 * n + i / 2], i % 2);
+      float dx_m[2][4] = {};
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int l = 16 * L + l0 + j;
+      for (int l0 = 0; l0 < 16; l0 += kStageL) {
+        const T* st = stream.next();
+        uint32_t xl[2][4];  // x_l of rows g, g + 8: pairs (l, l + 1)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          load_pairs(xl[r], x_row + r * 8 * width + 16 * L + l0);
+        float part[kStageL][2];  // the lane's share of dx_l, l = l0 + j
+#pragma unroll
+        for (int j = 0; j < kStageL; ++j) {
           const T* rows = st + j * 16 * width;
           float gm[2][4] = {};
           g_product(gm, rows);
-          const float xl[2] = {Num<T>::widen(x_row[l]),
-                               Num<T>::widen(x_row[8 * width + l])};
-          float part[2] = {0.f, 0.f};
+          const float x_l[2] = {widen_half<T>(xl[0][j / 2], j % 2),
+                                widen_half<T>(xl[1][j / 2], j % 2)};
+          part[j][0] = part[j][1] = 0.f;
 #pragma unroll
           for (int n = 0; n < 2; ++n)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-              dx_m[n][i] += gm[n][i] * xl[i / 2];
-              part[i / 2] += gm[n][i] * x_m[n][i];
+              dx_m[n][i] += gm[n][i] * x_l[i / 2];
+              part[j][i / 2] += gm[n][i] * x_m[n][i];
             }
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            part[r] += __shfl_xor_sync(0xffffffffu, part[r], 1);
-            part[r] += __shfl_xor_sync(0xffffffffu, part[r], 2);
-          }
-          // dx_l: row g (+ 8), column l % 16 = 8 n + 2 quad + i % 2.
-          const int lc = (l0 + j) % 8;
-          const bool mine = quad == lc / 2;
-          dx_l[(l0 + j) / 8][lc % 2] += mine ? part[0] : 0.f;
-          dx_l[(l0 + j) / 8][2 + lc % 2] += mine ? part[1] : 0.f;
           if constexpr (kKeySide) {
-            const uint32_t s_g = warp::splat(x_g[l]),
-                           s_g8 = warp::splat(x_g8[l]);
+            const bool high = j % 2 == 1;
             const uint32_t a[4] = {
-                warp::mul2<T>(xm[0], s_g), warp::mul2<T>(xm[1], s_g8),
-                warp::mul2<T>(xm[2], s_g), warp::mul2<T>(xm[3], s_g8)};
+                warp::mul2_half<T>(xm[0], xl[0][j / 2], high),
+                warp::mul2_half<T>(xm[1], xl[1][j / 2], high),
+                warp::mul2_half<T>(xm[2], xl[0][j / 2], high),
+                warp::mul2_half<T>(xm[3], xl[1][j / 2], high)};
             v_product(a, rows);
           }
         }
-        release();
+        // Reduce-scatter of part over the quad: xor 2, lanes 0, 1 keep
+        // j < 4 and lanes 2, 3 the rest; xor 1, lanes 0, 2 keep j % 4 < 2.
+        // Lane quad ends with the totals of j = 2 quad + {0, 1}: columns
+        // l0 + 2 quad + {0, 1} of dx[L], C elements 2 r + {0, 1} of n8 tile
+        // l0 / 8.
+        const bool upper = quad & 2, odd = quad & 1;
+        float kept[4][2];
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float keep = upper ? part[k + 4][r] : part[k][r];
+            const float send = upper ? part[k][r] : part[k + 4][r];
+            kept[k][r] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
+          }
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float keep = odd ? kept[c + 2][r] : kept[c][r];
+            const float send = odd ? kept[c][r] : kept[c + 2][r];
+            dx_l[l0 / 8][2 * r + c] +=
+                keep + __shfl_xor_sync(0xffffffffu, send, 1);
+          }
       }
 #pragma unroll
       for (int s = 0; s < kSlices; ++s) {
+        if (s == M) {
+#pragma unroll
+          for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) dx[2 * s + n][i] += dx_m[n][i];
+        }
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < kSlices; ++s) {
+      if (s == L) {
 #pragma unroll
         for (int n = 0; n < 2; ++n)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            if (s == M) dx[2 * s + n][i] += dx_m[n][i];
-            if (s == L) dx[2 * s + n][i] += dx_l[n][i];
-          }
+          for (int i = 0; i < 4; ++i) dx[2 * s + n][i] += dx_l[n][i];
       }
     }
   }
-  // Linear rows: dx[s] += G; key side dv += k[s] O. Constant row: dv += O.
+  // Linear rows: dx[u] += G; key side dv += x[u] O. Constant row: dv += O.
   constexpr int kUnits = kSlices + 1;
 #pragma unroll
-  for (int u0 = 0; u0 < kUnits; u0 += kStageRows / 16) {
-    st = acquire();
+  for (int u0 = 0; u0 < kUnits; u0 += kStageL) {
+    const T* st = stream.next();
 #pragma unroll
-    for (int j = 0; j < kStageRows / 16; ++j) {
+    for (int j = 0; j < kStageL; ++j) {
       const int u = u0 + j;
       const T* rows = st + j * 16 * width;
       if (u < kSlices) {
@@ -1254,14 +1346,17 @@ __global__ void __launch_bounds__(kThreads)
         for (int n = 0; n < 2; ++n)
 #pragma unroll
           for (int i = 0; i < 4; ++i) dx[2 * u + n][i] += gm[n][i];
-        v_product(xf[u], rows);
+        if constexpr (kKeySide) {
+          uint32_t xu[4];
+          warp::ldmatrix<4>(xu, xs + a_row + 16 * u);
+          v_product(xu, rows);
+        }
       } else if (u == kSlices && kKeySide) {
         const uint32_t one = quad == 0 ? warp::pack<T>(1.f, 0.f) : 0u;
         const uint32_t a[4] = {one, one, 0u, 0u};
         v_product(a, rows);
       }
     }
-    release();
   }
   // Masked keys get zero gradients.
   float scale[2];
@@ -1424,9 +1519,10 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const auto apply = efficient_apply_mma_kernel<T, kDim>;
   constexpr size_t apply_bytes = apply_mma_smem<kDim>();
   allow_shared_memory(apply, apply_bytes);
-  apply<<<dim3((q.size(2) + kQueryTile - 1) / kQueryTile, bh), kThreads,
-          apply_bytes, stream>>>(
-      apply_args, reinterpret_cast<T*>(out.data_ptr()), den.data_ptr<float>());
+  constexpr int queries = ApplyTile<kDim>::kQueries;
+  apply<<<dim3((q.size(2) + queries - 1) / queries, bh), kThreads, apply_bytes,
+          stream>>>(apply_args, reinterpret_cast<T*>(out.data_ptr()),
+                    den.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,6 +1,7 @@
 // Warp-level primitives of the tensor-core kernels: ldmatrix, mma.sync
 // m16n8k16 with float accumulators, 16-byte cp.async with commit/wait, and the
-// paired 16-bit multiply (mul2) that builds feature fragments in registers.
+// paired 16-bit multiplies (mul2, mul2_half) that build feature fragments in
+// registers.
 //
 // Register fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16"), per lane
 // with g = lane / 4 and q = lane % 4, each 32-bit register holding two 16-bit
@@ -64,6 +65,29 @@ __device__ __forceinline__ uint32_t mul2(uint32_t x, uint32_t y) {
     const __half2 v = __hmul2_rn(*reinterpret_cast<const __half2*>(&x),
                                  *reinterpret_cast<const __half2*>(&y));
     bits = *reinterpret_cast<const uint32_t*>(&v);
+  }
+  return bits;
+}
+
+// x times one 16-bit half of y (the high one if `high`) in both halves, each
+// rounded once as in mul2: HMUL2 with a .H0_H0 / .H1_H1 operand, so the
+// scalar factor of an outer-product fragment needs no splat instruction and
+// one 32-bit load of a pair of values gives two scalars.
+template <typename T>
+__device__ __forceinline__ uint32_t mul2_half(uint32_t x, uint32_t y,
+                                              bool high) {
+  uint32_t bits;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(&y);
+    const __nv_bfloat162 r =
+        __hmul2_rn(*reinterpret_cast<const __nv_bfloat162*>(&x),
+                   high ? __high2bfloat162(v) : __low2bfloat162(v));
+    bits = *reinterpret_cast<const uint32_t*>(&r);
+  } else {
+    const __half2 v = *reinterpret_cast<const __half2*>(&y);
+    const __half2 r = __hmul2_rn(*reinterpret_cast<const __half2*>(&x),
+                                 high ? __high2half2(v) : __low2half2(v));
+    bits = *reinterpret_cast<const uint32_t*>(&r);
   }
   return bits;
 }
@@ -211,11 +235,6 @@ __device__ __forceinline__ void mma_ab(float (&acc)[kN / 8][4],
       mma_16816<T>(acc[2 * n + 1], a[kk], hi);
     }
   }
-}
-
-// One 16-bit element in both halves of a register: a scalar factor of mul2.
-__device__ __forceinline__ uint32_t splat(uint16_t bits) {
-  return uint32_t(bits) * 0x10001u;
 }
 
 // acc (16 x 8) += A (16 x kK) M where every column of M is the vector m of

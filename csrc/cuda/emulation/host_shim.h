@@ -57,6 +57,16 @@ V shfl(V v, int src) {
   warp_barriers[t / 32]->arrive_and_wait();
   return r;
 }
+inline unsigned ballot(bool predicate) {
+  const unsigned t = threadIdx_.x;
+  shfl_buf[t] = predicate ? 1.0 : 0.0;
+  warp_barriers[t / 32]->arrive_and_wait();
+  unsigned bits = 0;
+  for (unsigned i = 0; i < 32; ++i)
+    if (shfl_buf[t / 32 * 32 + i] != 0.0) bits |= 1u << i;
+  warp_barriers[t / 32]->arrive_and_wait();
+  return bits;
+}
 inline Idx to_idx(dim3 d) { return {d.x, d.y, d.z}; }
 inline Idx to_idx(long long x) { return {unsigned(x), 1, 1}; }
 template <typename K>
@@ -95,6 +105,7 @@ auto launch(K kernel, auto grid, auto block, size_t = 0, int = 0) {
 #define __syncthreads() emu::sync()
 #define __shfl_xor_sync(mask, v, off) emu::shfl_xor(v, off)
 #define __shfl_sync(mask, v, src) emu::shfl(v, src)
+#define __ballot_sync(mask, predicate) emu::ballot(predicate)
 #define __trap() std::abort()
 // Blocks per multiprocessor the host code sizes its grids for.
 #define cudaOccupancyMaxActiveBlocksPerMultiprocessor(count, kernel, threads, \

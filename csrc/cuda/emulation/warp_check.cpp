@@ -171,7 +171,21 @@ void cp_async() {
 
 // mul2 against the toolkit's own host __hmul2_rn on the packed pair types:
 // every product of 2^16 pseudo-random pairs of finite 16-bit values, and
-// splat putting one value in both halves.
+// mul2_half against the product with either half of y in both halves.
+// The toolkit's host functions putting one half of a pair in both halves.
+template <typename Pair>
+struct Halves;
+template <>
+struct Halves<__nv_bfloat162> {
+  static __nv_bfloat162 low(__nv_bfloat162 v) { return __low2bfloat162(v); }
+  static __nv_bfloat162 high(__nv_bfloat162 v) { return __high2bfloat162(v); }
+};
+template <>
+struct Halves<__half2> {
+  static __half2 low(__half2 v) { return __low2half2(v); }
+  static __half2 high(__half2 v) { return __high2half2(v); }
+};
+
 template <typename T, typename Pair>
 void mul2_product(const char* name) {
   long cases = 0, bad = 0;
@@ -190,8 +204,12 @@ void mul2_product(const char* name) {
     uint32_t want_bits;
     std::memcpy(&want_bits, &want, 4);
     bad += warp::mul2<T>(x, y) != want_bits;
-    const uint16_t h = static_cast<uint16_t>(x);
-    bad += warp::splat(h) != (uint32_t(h) | uint32_t(h) << 16);
+    for (bool high : {false, true}) {
+      const Pair half =
+          __hmul2_rn(px, high ? Halves<Pair>::high(py) : Halves<Pair>::low(py));
+      std::memcpy(&want_bits, &half, 4);
+      bad += warp::mul2_half<T>(x, y, high) != want_bits;
+    }
   }
   report(name, cases, bad);
 }

@@ -129,6 +129,12 @@ uint32_t mul2(uint32_t x, uint32_t y) {
                      detail::to_float<T>(detail::half_of(y, 1)));
 }
 
+// mul2 by the chosen half of y in both halves.
+template <typename T>
+uint32_t mul2_half(uint32_t x, uint32_t y, bool high) {
+  return mul2<T>(x, uint32_t(detail::half_of(y, high ? 1 : 0)) * 0x10001u);
+}
+
 template <int kCount, bool kTrans = false>
 void ldmatrix(uint32_t (&r)[kCount], const void* row) {
   static_assert(kCount == 1 || kCount == 2 || kCount == 4);
