@@ -71,7 +71,7 @@ EFFICIENT_PRODUCT = N_EFFICIENT * F * (D + 1) * BH
 # for other dtypes and head dims).
 BF16 = "__nv_bfloat16"
 WORK = {
-    f"direct_forward_mma_kernel<{BF16}, {D}, kNoPadding>": ("direct fwd", 2 * DIRECT_PRODUCT),
+    f"direct_forward_mma_kernel<{BF16}, {D}, kNoPadding, true>": ("direct fwd", 2 * DIRECT_PRODUCT),
     f"direct_backward_kv_mma_kernel<{BF16}, {D}, kNoPadding>": ("direct bwd", 4 * DIRECT_PRODUCT),
     f"direct_backward_q_mma_kernel<{BF16}, {D}, kNoPadding>": ("direct bwd", 3 * DIRECT_PRODUCT),
     f"direct_forward_kernel<{BF16}, float>": ("direct fwd", 2 * DIRECT_PRODUCT),

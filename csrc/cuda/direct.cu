@@ -204,13 +204,33 @@ __device__ __forceinline__ void walk_key_tiles(const MmaArgs<T>& p, int tiles,
   if (diagonal) step(full_tiles, std::true_type());
 }
 
+// The weight polynomial in the mma kernels' element loops. Order 2 (the
+// paper's, every default) is evaluated with the order a compile-time
+// constant: two FMA on coefficients read from the kernel's argument space. A
+// run-time order unrolls to kMaxOrder steps with exits, which in these loops
+// tripled the instructions per HMMA and added 50-100 registers (sm_90,
+// benchmarks/sass_report.py); so the forward is compiled for both and the
+// order picks one at launch, and the backward mma kernels are order 2 only
+// (other orders run the shared-memory kernels, direct_backward_cuda).
+using QuadraticOrder = std::integral_constant<int, 2>;
+
+template <bool kQuadratic>
+__device__ __forceinline__ float mma_weight(float x,
+                                            const Polynomial<float>& f) {
+  if constexpr (kQuadratic) {
+    return taylor_weight(x, f, QuadraticOrder());
+  } else {
+    return taylor_weight(x, f);
+  }
+}
+
 template <int kDim>
 constexpr size_t mma_forward_smem() {
   // Q, 2 x K, 2 x V, 2 x m
   return size_t(5) * kRows * (kDim + 8) * 2 + 2 * kKeys * 2;
 }
 
-template <typename T, int kDim, MaskMode kMode>
+template <typename T, int kDim, MaskMode kMode, bool kQuadratic>
 __global__ void __launch_bounds__(kThreads)
     direct_forward_mma_kernel(MmaArgs<T> p, T* out, float* den) {
   static_assert(kRows == 16 * (kThreads / 32) && kRows == kKeys);
@@ -267,7 +287,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int n = 0; n < kKeys / 8; ++n) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        float w = taylor_weight(s[n][i], p.f);
+        float w = mma_weight<kQuadratic>(s[n][i], p.f);
         if constexpr (kElementwise) {
           const int64_t row = i0 + warp_row + g + 8 * (i / 2);
           const int64_t j = j0 + n * 8 + 2 * quad + i % 2;
@@ -321,7 +341,9 @@ MmaArgs<T> mma_args(const at::Tensor& q, const at::Tensor& k,
 template <typename T, int kDim, MaskMode kMode>
 void launch_mma_forward(const MmaArgs<T>& args, int64_t bh, T* out,
                         float* den) {
-  const auto kernel = direct_forward_mma_kernel<T, kDim, kMode>;
+  const auto kernel = args.f.order == 2
+                          ? direct_forward_mma_kernel<T, kDim, kMode, true>
+                          : direct_forward_mma_kernel<T, kDim, kMode, false>;
   constexpr size_t bytes = mma_forward_smem<kDim>();
   allow_shared_memory(kernel, bytes);
   const dim3 grid((args.queries + kRows - 1) / kRows, bh);
@@ -380,8 +402,9 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // * query side, a block per 64 queries, looping over key tiles:
 //     S = Q K^T, G = gY V^T,  dX = m ⊙ (rs G - dl) ⊙ f'(S),  dQ += dX K.
 // Query tiles (Q, gY, rs, dl) or key tiles (K, V) are double-buffered by
-// cp.async. bfloat16 only, for d, e <= 64: float16's range cannot hold dX and
-// dS (common.cuh), and at 128 the key side's registers would spill; those
+// cp.async. bfloat16 only, for d, e <= 64 and order 2: float16's range cannot
+// hold dX and dS (common.cuh), at 128 the key side's registers would spill,
+// and other orders would cost the main loop its registers (mma_weight); those
 // take the shared-memory kernels.
 constexpr int kBackwardMaxDim = 64;
 
@@ -481,8 +504,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < 4; ++i) {
         const int c = 8 * n + 2 * quad + i % 2;
         const float x = st[n][i];
-        float weight = taylor_weight(x, p.f) * rs[c];
-        float dx = (rs[c] * dxt[n][i] - dl[c]) * taylor_weight_grad(x, p.f);
+        float weight = taylor_weight(x, p.f, QuadraticOrder()) * rs[c];
+        float dx = (rs[c] * dxt[n][i] - dl[c]) *
+                   taylor_weight_grad(x, p.f, QuadraticOrder());
         if constexpr (kElementwise) {
           const int64_t j = j0 + warp_row + g + 8 * (i / 2), q_row = i0 + c;
           const bool allowed = tile_allows<kMode>(p, b, h, q_row, j);
@@ -590,8 +614,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int r = i / 2;
-        float value =
-            (rs[r] * dx[n][i] - dl[r]) * taylor_weight_grad(s[n][i], p.f);
+        float value = (rs[r] * dx[n][i] - dl[r]) *
+                      taylor_weight_grad(s[n][i], p.f, QuadraticOrder());
         if constexpr (kElementwise) {
           const int64_t row = i0 + warp_row + g + 8 * r;
           const int64_t j = j0 + 8 * n + 2 * quad + i % 2;
@@ -946,7 +970,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   const at::Tensor scalars = backward_row_scalars(grad_out, out, den, sigma);
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   if (q.scalar_type() == at::kBFloat16 &&
-      std::max(q.size(3), v.size(3)) <= kBackwardMaxDim) {
+      std::max(q.size(3), v.size(3)) <= kBackwardMaxDim && f.order == 2) {
     mma_backward<__nv_bfloat16>(grad_out, q, k, v, scalars, mask,
                                 mask_mode(key_padding_mask, attn_mask), f,
                                 grad_q, grad_k, grad_v);
