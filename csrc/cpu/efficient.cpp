@@ -17,11 +17,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <vector>
 
 #include "../kernel_checks.h"
 #include "common.h"
 #include "feature_tiles.h"
+#include "pair_kernels.h"
 
 namespace taylorshift::cpu {
 namespace {
@@ -88,37 +90,94 @@ HeadTensors<T> head(const at::Tensor& q, const at::Tensor& k,
           v.size(3)};
 }
 
+// Rows past a chunk's tokens that the register kernels read as zeros
+// (pair_padded_tokens).
+constexpr int64_t kPaddedRows = 24;
+
 // Per-thread buffers, allocated once per parallel task.
 template <typename T>
 struct Workspace {
-  int64_t chunk;
-  std::vector<T> xt;      // d x chunk: the chunk's q or k, transposed
+  int64_t chunk, augmented_ld;
+  std::vector<T> xt;      // (1 + d) x chunk: [m | q or k] transposed; the
+                          // BLAS path uses rows 0..d-1 for q or k
   std::vector<T> tile;    // F x chunk: features, then feature gradients
   std::vector<T> rows;    // chunk x (e + 1): [m | m v] or dz
   std::vector<T> column;  // chunk: one column of `rows`, contiguous
   std::vector<T> valid;   // chunk: m_j of the chunk's keys, 1 or 0
   std::vector<T> dots;    // F: a chunk's share of a state's column 0
   std::vector<T> grad_t;  // d x chunk: dq or dk, transposed
+  // The register kernels' (pair_kernels.h): x~ rows, zero past 1 + d and
+  // past the chunk's tokens, and their products.
+  std::vector<T> augmented;  // (chunk + kPaddedRows) x augmented_ld
+  std::vector<T> values;     // (chunk + kPaddedRows) x e
+  std::vector<T> den;        // chunk + kPaddedRows
 
   Workspace(int64_t d, int64_t e, int order)
       : chunk(token_chunk(d)),
-        xt(d * chunk),
+        augmented_ld(d + 1 + 64 / int64_t(sizeof(T))),
+        xt((d + 1) * chunk),
         tile(feature_count(d, order) * chunk),
         rows(chunk * (e + 1)),
         column(chunk),
         valid(chunk),
         dots(feature_count(d, order)),
-        grad_t(d * chunk) {}
+        grad_t(d * chunk),
+        augmented((chunk + kPaddedRows) * augmented_ld),
+        values((chunk + kPaddedRows) * e),
+        den(chunk + kPaddedRows) {}
+
+  // x~ of the chunk: rows in `augmented`, columns in xt.
+  AugmentedChunk<T> augmented_chunk() {
+    return {augmented.data(), augmented_ld, xt.data(), chunk};
+  }
+  // The chunk's x transposed (d x chunk) under the register kernels.
+  const T* augmented_xt() const { return xt.data() + chunk; }
 };
 
-// Keys [j0, j0 + rows): valid = m_j (1 for a valid key, 0 for a masked one)
-// and xt = the keys transposed, zero where masked.
+// x~_r = [m_r | m_r x_r] for the `rows` tokens of a chunk (m_r = keep[r],
+// or 1 where keep is nullptr), and zeros for the tokens up to `padded` (at
+// most chunk + kPaddedRows rows, chunk columns): rows, and columns unless
+// only a reduction reads the chunk.
+template <typename T>
+void load_augmented(const T* x, int64_t stride, int64_t rows, int64_t padded,
+                    int64_t d, const T* keep, bool columns, Workspace<T>& w) {
+  const AugmentedChunk<T> out = w.augmented_chunk();
+  for (int64_t r = 0; r < padded; ++r) {
+    T* row = out.rows + r * out.ld;
+    const T m = r >= rows ? T(0) : keep != nullptr ? keep[r] : T(1);
+    row[0] = m;
+    if (m != T(0))
+      std::copy(x + r * stride, x + r * stride + d, row + 1);
+    else
+      std::fill(row + 1, row + 1 + d, T(0));
+  }
+  if (!columns) return;
+  for (int64_t r = 0; r < rows; ++r)
+    out.columns[r] = keep != nullptr ? keep[r] : T(1);
+  transpose_rows(x, stride, rows, d, keep, out.columns + out.column_stride,
+                 out.column_stride);
+  const int64_t columns_end = std::min(padded, w.chunk);
+  for (int64_t l = 0; l <= d; ++l)
+    std::fill(out.columns + l * out.column_stride + rows,
+              out.columns + l * out.column_stride + columns_end, T(0));
+}
+
+// valid = m_j of keys [j0, j0 + rows): 1 for a valid key, 0 for a masked
+// one.
+template <typename T>
+void load_validity(int64_t j0, int64_t rows, const Mask& mask, int64_t batch,
+                   Workspace<T>& w) {
+  for (int64_t r = 0; r < rows; ++r)
+    w.valid[r] = mask.key_valid(batch, j0 + r) ? T(1) : T(0);
+}
+
+// Keys [j0, j0 + rows): valid = m_j and xt = the keys transposed, zero where
+// masked.
 template <typename T>
 void load_keys(const HeadTensors<T>& t, int64_t j0, int64_t rows,
                const Mask& mask, int64_t batch, Workspace<T>& w) {
-  T* valid = w.valid.data();
-  for (int64_t r = 0; r < rows; ++r)
-    valid[r] = mask.key_valid(batch, j0 + r) ? T(1) : T(0);
+  load_validity(j0, rows, mask, batch, w);
+  const T* valid = w.valid.data();
   transpose_rows(t.k_row(j0), t.k_stride, rows, t.head_dim,
                  mask.key_padding != nullptr ? valid : nullptr, w.xt.data(),
                  w.chunk);
@@ -175,6 +234,16 @@ class ChunkSum {
     if (++pending_ == kChunksPerFold) fold();
   }
 
+  // The register kernels' form of add: they add the chunk into the block
+  // themselves (all e + 1 columns), then call chunk_added.
+  T* next_block() {
+    if (pending_ == 0) std::fill(block_.begin(), block_.end(), T(0));
+    return block_.data();
+  }
+  void chunk_added() {
+    if (++pending_ == kChunksPerFold) fold();
+  }
+
   void copy_to(T* out) {
     fold();
     std::copy(sum_.begin(), sum_.end(), out);
@@ -198,6 +267,17 @@ class ChunkSum {
   std::vector<T> block_;
 };
 
+// The values of keys [j0, j0 + rows) for the state's columns 1..: in place,
+// unless a key is masked (its row may hold NaN), then m_j v_j in w.rows.
+template <typename T>
+std::pair<const T*, int64_t> key_values(const HeadTensors<T>& t, int64_t j0,
+                                        int64_t rows, const Mask& mask,
+                                        Workspace<T>& w) {
+  if (mask.key_padding == nullptr) return {t.v_row(j0), t.v_stride};
+  write_augmented_values(t, j0, rows, w.valid.data(), w.rows.data());
+  return {w.rows.data() + 1, t.value_dim + 1};
+}
+
 // Phase 1 of the forward: S = sum_j psi(k_j) [m_j | m_j v_j]^T, a reduction
 // over the key chunks of `keys`, added to `sum`. Returns the number of valid
 // keys among them.
@@ -205,29 +285,63 @@ template <typename T>
 int64_t accumulate_state(const HeadTensors<T>& t, const Mask& mask,
                          int64_t batch, int order, TokenRange keys,
                          ChunkSum<T>& sum, Workspace<T>& w) {
-  const int64_t e = t.value_dim;
+  const int64_t d = t.head_dim, e = t.value_dim;
   const int64_t ld = w.chunk;
+  const bool pairs = pair_kernels_fit<T>(order, e);
   const T* valid_row = w.valid.data();
+  const T* keep = mask.key_padding != nullptr ? valid_row : nullptr;
   int64_t valid = 0;
   for (int64_t j0 = keys.begin; j0 < keys.end; j0 += ld) {
     const int64_t rows = block_end(j0, ld, keys.end) - j0;
-    load_keys(t, j0, rows, mask, batch, w);
-    for (int64_t r = 0; r < rows; ++r) valid += valid_row[r] != T(0);
-    // Column 0 of [m | m v] is m: the build sums psi(k_j) m_j.
-    key_feature_tile(w.xt.data(), valid_row, t.head_dim, rows, ld,
-                     w.tile.data(), RowExtras<T>{valid_row, w.dots.data()},
-                     order);
-    // Values in place, unless a key is masked: its row may hold NaN.
-    const T* values = t.v_row(j0);
-    int64_t values_stride = t.v_stride;
-    if (mask.key_padding != nullptr) {
-      write_augmented_values(t, j0, rows, valid_row, w.rows.data());
-      values = w.rows.data() + 1;
-      values_stride = e + 1;
+    if (pairs) {
+      load_validity(j0, rows, mask, batch, w);
+      load_augmented(t.k_row(j0), t.k_stride, rows, rows, d, keep, false, w);
+    } else {
+      load_keys(t, j0, rows, mask, batch, w);
     }
+    for (int64_t r = 0; r < rows; ++r) valid += valid_row[r] != T(0);
+    const auto [values, values_stride] = key_values(t, j0, rows, mask, w);
+    if (pairs) {
+      // psi(k_j) = the pairs of x~_j = [m_j | m_j k_j]; column 0 of
+      // [m | m v] is m_j again.
+      reduce_chunk_pairs(w.augmented_chunk(), valid_row, values, values_stride,
+                         rows, d, e, order, sum.next_block());
+      sum.chunk_added();
+      continue;
+    }
+    // Column 0 of [m | m v] is m: the build sums psi(k_j) m_j.
+    key_feature_tile(w.xt.data(), valid_row, d, rows, ld, w.tile.data(),
+                     RowExtras<T>{valid_row, w.dots.data()}, order);
     sum.add(w.tile.data(), ld, w.dots.data(), values, values_stride, rows);
   }
   return valid;
+}
+
+// Phase 2 below with the register kernels: phi(q_i)^T S = pairs(x~_i)^T S'
+// with x~_i = [1 | q_i] and S' the state with its rows weighted.
+template <typename T>
+void apply_state_pairs(const HeadTensors<T>& t, const KernelOptions& options,
+                       T sigma, const T* state, TokenRange queries, T* out,
+                       T* den, Workspace<T>& w) {
+  const int64_t d = t.head_dim, e = t.value_dim;
+  const int order = options.coefficients.order;
+  const int64_t ld = w.chunk;
+  const Polynomial<T> f = options.coefficients.template cast<T>();
+  const PairState<T> weighted(state, d, e, order, &f);
+  for (int64_t i0 = queries.begin; i0 < queries.end; i0 += ld) {
+    const int64_t rows = block_end(i0, ld, queries.end) - i0;
+    load_augmented(t.q_row(i0), t.q_stride, rows, pair_padded_tokens(rows), d,
+                   static_cast<const T*>(nullptr), true, w);
+    apply_chunk_pairs(w.augmented_chunk(), rows, weighted, d, e, order,
+                      w.values.data(), w.den.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      const T z0 = w.den[r];
+      den[i0 + r] = z0;
+      const T factor = sigma * safe_reciprocal(z0);
+      for (int64_t col = 0; col < e; ++col)
+        out[(i0 + r) * e + col] = factor * w.values[r * e + col];
+    }
+  }
 }
 
 // Phase 2 of the forward for the queries of `queries`: z = phi(Q_chunk)^T S,
@@ -243,6 +357,10 @@ void apply_state(const HeadTensors<T>& t, const KernelOptions& options,
       FeatureWeights<T>::queries(options.coefficients.template cast<T>());
   const T c = weights.constant;
   const T sigma = output_scale_factor<T>(options.output_scale, valid, d);
+  if (pair_kernels_fit<T>(options.coefficients.order, e)) {
+    apply_state_pairs(t, options, sigma, state, queries, out, den, w);
+    return;
+  }
   // The products run over features 1.. only: the constant feature's term
   // c S[0, :] (c N for the denominator) dominates and is added last, since
   // adding it first would round every other term at its magnitude.
@@ -300,8 +418,9 @@ void backward_queries(const HeadTensors<T>& t, const BackwardRows<T>& g,
                       T* grad_q, Workspace<T>& w) {
   const auto weights =
       FeatureWeights<T>::queries(options.coefficients.template cast<T>());
-  const int64_t d = t.head_dim, e = t.value_dim,
-                F = feature_count(d, options.coefficients.order);
+  const int order = options.coefficients.order;
+  const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d, order);
+  const bool pairs = pair_kernels_fit<T>(order, e);
   const int64_t ld = w.chunk;
   T* tile = w.tile.data();
   T* xt = w.xt.data();
@@ -321,15 +440,28 @@ void backward_queries(const HeadTensors<T>& t, const BackwardRows<T>& g,
       dz[0] = -dot * inv_den;
       w.column[r] = dz[0];
     }
-    transpose_rows<T>(t.q_row(i0), t.q_stride, rows, d, nullptr, xt, ld);
-    // Column 0 of dS: the build sums phi(q_i) dz_i[0].
-    query_feature_tile(xt, d, rows, ld, weights, tile,
-                       RowExtras<T>{w.column.data(), w.dots.data()});
-    grad_state_sum.add(tile, ld, w.dots.data(), rows_e1 + 1, e + 1, rows);
+    const T* q_t = xt;
+    if (pairs) {
+      // The pairs of x~_i = [1 | q_i], unweighted: weight_pair_rows weights
+      // the head's dS once it is whole.
+      load_augmented(t.q_row(i0), t.q_stride, rows, rows, d,
+                     static_cast<const T*>(nullptr), true, w);
+      q_t = w.augmented_xt();
+      reduce_chunk_pairs(w.augmented_chunk(), w.column.data(), rows_e1 + 1,
+                         e + 1, rows, d, e, order, grad_state_sum.next_block());
+      grad_state_sum.chunk_added();
+    } else {
+      transpose_rows<T>(t.q_row(i0), t.q_stride, rows, d, nullptr, xt, ld);
+      // Column 0 of dS: the build sums phi(q_i) dz_i[0].
+      query_feature_tile(xt, d, rows, ld, weights, tile,
+                         RowExtras<T>{w.column.data(), w.dots.data()});
+      grad_state_sum.add(tile, ld, w.dots.data(), rows_e1 + 1, e + 1, rows);
+    }
     // The tile is free again: S[1:] dZ^T, row f holding (S dz_i)_f.
     gemm<T>(false, true, F - 1, rows, e + 1, T(1), state + (e + 1), e + 1,
             rows_e1, e + 1, T(0), tile + ld, ld);
-    feature_gradient_tile(tile + ld, xt, d, rows, ld, weights, w.grad_t.data());
+    feature_gradient_tile(tile + ld, q_t, d, rows, ld, weights,
+                          w.grad_t.data());
     untranspose_rows(w.grad_t.data(), ld, rows, d, grad_q + i0 * d);
   }
 }
@@ -345,26 +477,43 @@ void backward_keys(const HeadTensors<T>& t, const T* dS, const Mask& mask,
   T* tile = w.tile.data();
   T* xt = w.xt.data();
   T* rows_e1 = w.rows.data();
+  const bool pairs = pair_kernels_fit<T>(order, e);
+  std::optional<PairState<T>> dS_pairs;
+  if (pairs) dS_pairs.emplace(dS, d, e, order, nullptr);
   const T* valid_row = w.valid.data();
+  const T* keep = mask.key_padding != nullptr ? valid_row : nullptr;
   for (int64_t j0 = keys.begin; j0 < keys.end; j0 += ld) {
     const int64_t rows = block_end(j0, ld, keys.end) - j0;
-    load_keys(t, j0, rows, mask, batch, w);
-    key_feature_tile(xt, valid_row, d, rows, ld, tile, RowExtras<T>{}, order);
-    write_augmented_values(t, j0, rows, valid_row, rows_e1);
-    // dv = psi(K)[1:]^T dS[1:, 1:] + m dS[0, 1:]: the constant feature last,
-    // as in the forward; masked keys get zeros by selection.
     T* dv = grad_v + j0 * e;
-    gemm<T>(true, false, rows, e, F - 1, T(1), tile + ld, ld, dS + (e + 1) + 1,
-            e + 1, T(0), dv, e);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t col = 0; col < e; ++col)
-        dv[r * e + col] =
-            valid_row[r] != T(0) ? dv[r * e + col] + dS[1 + col] : T(0);
+    const T* k_t = xt;
+    if (pairs) {
+      // dv_j = pairs(x~_j)^T dS[:, 1:], x~_j = [m_j | m_j k_j]: zero for a
+      // masked key.
+      load_validity(j0, rows, mask, batch, w);
+      load_augmented(t.k_row(j0), t.k_stride, rows, pair_padded_tokens(rows), d,
+                     keep, true, w);
+      k_t = w.augmented_xt();
+      apply_chunk_pairs(w.augmented_chunk(), rows, *dS_pairs, d, e, order,
+                        w.values.data(), static_cast<T*>(nullptr));
+      std::copy(w.values.begin(), w.values.begin() + rows * e, dv);
+    } else {
+      load_keys(t, j0, rows, mask, batch, w);
+      key_feature_tile(xt, valid_row, d, rows, ld, tile, RowExtras<T>{}, order);
+      // dv = psi(K)[1:]^T dS[1:, 1:] + m dS[0, 1:]: the constant feature
+      // last, as in the forward; masked keys get zeros by selection.
+      gemm<T>(true, false, rows, e, F - 1, T(1), tile + ld, ld,
+              dS + (e + 1) + 1, e + 1, T(0), dv, e);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t col = 0; col < e; ++col)
+          dv[r * e + col] =
+              valid_row[r] != T(0) ? dv[r * e + col] + dS[1 + col] : T(0);
+    }
+    write_augmented_values(t, j0, rows, valid_row, rows_e1);
     // The tile rows 1.. are free again: dS[1:] V'^T, row f holding
     // (dS v'_j)_f. Masked keys have v'_j = 0 and k_j = 0 (in xt): dk_j = 0.
     gemm<T>(false, true, F - 1, rows, e + 1, T(1), dS + (e + 1), e + 1, rows_e1,
             e + 1, T(0), tile + ld, ld);
-    feature_gradient_tile(tile + ld, xt, d, rows, ld,
+    feature_gradient_tile(tile + ld, k_t, d, rows, ld,
                           FeatureWeights<T>::keys(order), w.grad_t.data());
     untranspose_rows(w.grad_t.data(), ld, rows, d, grad_k + j0 * d);
   }
@@ -483,6 +632,9 @@ void efficient_backward_all(const at::Tensor& grad_out, const at::Tensor& q,
   const int order = options.coefficients.order;
   const int64_t F = feature_count(d, order), FE = F * (e + 1);
   const HeadSplits work(q, k);
+  // Under the register kernels the query side leaves dS unweighted.
+  const bool pairs = pair_kernels_fit<T>(order, e);
+  const Polynomial<T> coefficients = options.coefficients.template cast<T>();
   const TokenRows<T> grad_rows = token_rows<T>(grad_out);
   auto head_of = [&](int64_t bh) { return head<T>(q, k, v, bh / H, bh % H); };
   auto rows_of = [&](int64_t bh) {
@@ -504,6 +656,7 @@ void efficient_backward_all(const at::Tensor& grad_out, const at::Tensor& q,
         backward_queries(t, rows_of(bh), state + bh * FE, options, sigma_of(bh),
                          {0, M}, sum, grad_q + bh * M * d, w);
         sum.copy_to(grad_state.data());
+        if (pairs) weight_pair_rows(coefficients, d, e + 1, grad_state.data());
         backward_keys(t, grad_state.data(), mask, bh / H, order, {0, N},
                       grad_k + bh * N * d, grad_v + bh * N * e, w);
       }
@@ -524,6 +677,9 @@ void efficient_backward_all(const at::Tensor& grad_out, const at::Tensor& q,
   });
   std::vector<T> grad_state(work.heads * FE);
   work.sum_shares(shares, FE, grad_state.data());
+  if (pairs)
+    for (int64_t bh = 0; bh < work.heads; ++bh)
+      weight_pair_rows(coefficients, d, e + 1, grad_state.data() + bh * FE);
   at::parallel_for(0, work.units(), 1, [&](int64_t begin, int64_t end) {
     Workspace<T> w(d, e, order);
     for (int64_t unit = begin; unit < end; ++unit) {
