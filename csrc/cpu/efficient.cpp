@@ -111,6 +111,8 @@ struct Workspace {
   std::vector<T> augmented;  // (chunk + kPaddedRows) x augmented_ld
   std::vector<T> values;     // (chunk + kPaddedRows) x e
   std::vector<T> den;        // chunk + kPaddedRows
+  std::vector<T> dzt;        // (e + 1) x chunk: dz or v' transposed
+  std::vector<T> dxt;        // (1 + d) x chunk: the gradient of x~, transposed
 
   Workspace(int64_t d, int64_t e, int order)
       : chunk(token_chunk(d)),
@@ -124,14 +126,14 @@ struct Workspace {
         grad_t(d * chunk),
         augmented((chunk + kPaddedRows) * augmented_ld),
         values((chunk + kPaddedRows) * e),
-        den(chunk + kPaddedRows) {}
+        den(chunk + kPaddedRows),
+        dzt((e + 1) * chunk),
+        dxt((d + 1) * chunk) {}
 
   // x~ of the chunk: rows in `augmented`, columns in xt.
   AugmentedChunk<T> augmented_chunk() {
     return {augmented.data(), augmented_ld, xt.data(), chunk};
   }
-  // The chunk's x transposed (d x chunk) under the register kernels.
-  const T* augmented_xt() const { return xt.data() + chunk; }
 };
 
 // x~_r = [m_r | m_r x_r] for the `rows` tokens of a chunk (m_r = keep[r],
@@ -146,10 +148,14 @@ void load_augmented(const T* x, int64_t stride, int64_t rows, int64_t padded,
     T* row = out.rows + r * out.ld;
     const T m = r >= rows ? T(0) : keep != nullptr ? keep[r] : T(1);
     row[0] = m;
-    if (m != T(0))
-      std::copy(x + r * stride, x + r * stride + d, row + 1);
-    else
-      std::fill(row + 1, row + 1 + d, T(0));
+    // Loops, not std::copy: a memmove call per row of d elements costs more
+    // than the copy.
+    if (m != T(0)) {
+      const T* xr = x + r * stride;
+      for (int64_t l = 0; l < d; ++l) row[1 + l] = xr[l];
+    } else {
+      for (int64_t l = 0; l < d; ++l) row[1 + l] = T(0);
+    }
   }
   if (!columns) return;
   for (int64_t r = 0; r < rows; ++r)
@@ -409,6 +415,106 @@ struct BackwardRows {
   const T* den;
 };
 
+// The query side with the register kernels. With x~_i = [1 | q_i]:
+//   dS  = sum_i pairs(x~_i) dz_i^T, unweighted here (weight_pair_rows
+//         weights the head's dS once it is whole),
+//   dq_i = the gradient of pairs(x~_i) . (S' dz_i), S' the state weighted as
+//         phi's features are (contract_chunk_pairs).
+template <typename T>
+void backward_queries_pairs(const HeadTensors<T>& t, const BackwardRows<T>& g,
+                            const T* state, const KernelOptions& options,
+                            T sigma, TokenRange queries,
+                            ChunkSum<T>& grad_state_sum, T* grad_q,
+                            Workspace<T>& w) {
+  const int order = options.coefficients.order;
+  const int64_t d = t.head_dim, e = t.value_dim;
+  const int64_t ld = w.chunk;
+  const Polynomial<T> f = options.coefficients.template cast<T>();
+  const PairState<T> weighted(state, d, e, order, &f);
+  const PairIndices indices(d, order);
+  for (int64_t i0 = queries.begin; i0 < queries.end; i0 += ld) {
+    const int64_t rows = block_end(i0, ld, queries.end) - i0;
+    const int64_t padded = pair_padded_tokens(rows);
+    write_dz(g, sigma, i0, rows, e, w.dzt.data(), std::min(padded, ld), w);
+    load_augmented(t.q_row(i0), t.q_stride, rows, padded, d,
+                   static_cast<const T*>(nullptr), true, w);
+    reduce_chunk_pairs(w.augmented_chunk(), w.column.data(), w.rows.data() + 1,
+                       e + 1, rows, d, e, order, grad_state_sum.next_block());
+    grad_state_sum.chunk_added();
+    contract_chunk_pairs(w.augmented_chunk(), w.dzt.data(), rows, weighted,
+                         indices, d, e, w.dxt.data());
+    untranspose_rows(w.dxt.data() + ld, ld, rows, d, grad_q + i0 * d);
+  }
+}
+
+// The key side with the register kernels. With x~_j = [m_j | m_j k_j] and
+// v'_j = [m_j | m_j v_j] (zero for a masked key, so are its dk and dv):
+//   dv_j = pairs(x~_j)^T dS[:, 1:],
+//   dk_j = the gradient of pairs(x~_j) . (dS v'_j) (contract_chunk_pairs).
+template <typename T>
+void backward_keys_pairs(const HeadTensors<T>& t, const T* dS, const Mask& mask,
+                         int64_t batch, int order, TokenRange keys, T* grad_k,
+                         T* grad_v, Workspace<T>& w) {
+  const int64_t d = t.head_dim, e = t.value_dim;
+  const int64_t ld = w.chunk;
+  const PairState<T> grad_state(dS, d, e, order, nullptr);
+  const PairIndices indices(d, order);
+  const T* valid_row = w.valid.data();
+  const T* keep = mask.key_padding != nullptr ? valid_row : nullptr;
+  for (int64_t j0 = keys.begin; j0 < keys.end; j0 += ld) {
+    const int64_t rows = block_end(j0, ld, keys.end) - j0;
+    const int64_t padded = pair_padded_tokens(rows);
+    load_validity(j0, rows, mask, batch, w);
+    load_augmented(t.k_row(j0), t.k_stride, rows, padded, d, keep, true, w);
+    apply_chunk_pairs(w.augmented_chunk(), rows, grad_state, d, e, order,
+                      w.values.data(), static_cast<T*>(nullptr));
+    std::copy(w.values.begin(), w.values.begin() + rows * e, grad_v + j0 * e);
+    // v'^T, (e + 1) x chunk, zero past the chunk's keys and where masked.
+    T* vt = w.dzt.data();
+    for (int64_t r = 0; r < rows; ++r) vt[r] = valid_row[r];
+    std::fill(vt + rows, vt + std::min(padded, ld), T(0));
+    transpose_rows(t.v_row(j0), t.v_stride, rows, e, keep, vt + ld, ld);
+    for (int64_t col = 1; col <= e; ++col)
+      std::fill(vt + col * ld + rows, vt + col * ld + std::min(padded, ld),
+                T(0));
+    contract_chunk_pairs(w.augmented_chunk(), vt, rows, grad_state, indices, d,
+                         e, w.dxt.data());
+    untranspose_rows(w.dxt.data() + ld, ld, rows, d, grad_k + j0 * d);
+  }
+}
+
+// dz_i = [ -(gY_i . y_i) / den_i | sigma gY_i / den_i ] of queries
+// [i0, i0 + rows): rows of w.rows (row stride e + 1), column 0 also in
+// w.column, and, where dzt is not nullptr, transposed into dzt ((e + 1) x
+// w.chunk) with zeros up to column `padded`.
+template <typename T>
+TS_VECTOR_CLONES void write_dz(const BackwardRows<T>& g, T sigma, int64_t i0,
+                               int64_t rows, int64_t e, T* dzt, int64_t padded,
+                               Workspace<T>& w) {
+  const int64_t ld = w.chunk;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    const T inv_den = safe_reciprocal(g.den[i]);
+    T* dz = w.rows.data() + r * (e + 1);
+    const T* grad = g.grad_out + i * g.grad_row_stride;
+    const T* y = g.out + i * e;
+    T dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t col = 0; col < e; ++col) {
+      dot += grad[col] * y[col];
+      dz[1 + col] = sigma * grad[col] * inv_den;
+    }
+    dz[0] = -dot * inv_den;
+    w.column[r] = dz[0];
+  }
+  if (dzt == nullptr) return;
+  for (int64_t col = 0; col <= e; ++col) {
+    T* out = dzt + col * ld;
+    for (int64_t r = 0; r < rows; ++r) out[r] = w.rows[r * (e + 1) + col];
+    std::fill(out + rows, out + padded, T(0));
+  }
+}
+
 // The query side for the queries of `queries`: dS's share added to
 // `grad_state_sum`, and their dq.
 template <typename T>
@@ -416,52 +522,30 @@ void backward_queries(const HeadTensors<T>& t, const BackwardRows<T>& g,
                       const T* state, const KernelOptions& options, T sigma,
                       TokenRange queries, ChunkSum<T>& grad_state_sum,
                       T* grad_q, Workspace<T>& w) {
+  const int order = options.coefficients.order;
+  const int64_t d = t.head_dim, e = t.value_dim;
+  if (pair_kernels_fit<T>(order, e))
+    return backward_queries_pairs(t, g, state, options, sigma, queries,
+                                  grad_state_sum, grad_q, w);
   const auto weights =
       FeatureWeights<T>::queries(options.coefficients.template cast<T>());
-  const int order = options.coefficients.order;
-  const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d, order);
-  const bool pairs = pair_kernels_fit<T>(order, e);
+  const int64_t F = feature_count(d, order);
   const int64_t ld = w.chunk;
   T* tile = w.tile.data();
   T* xt = w.xt.data();
   T* rows_e1 = w.rows.data();
   for (int64_t i0 = queries.begin; i0 < queries.end; i0 += ld) {
     const int64_t rows = block_end(i0, ld, queries.end) - i0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
-      const T inv_den = safe_reciprocal(g.den[i]);
-      T* dz = rows_e1 + r * (e + 1);
-      const T* grad = g.grad_out + i * g.grad_row_stride;
-      T dot = 0;
-      for (int64_t col = 0; col < e; ++col) {
-        dot += grad[col] * g.out[i * e + col];
-        dz[1 + col] = sigma * grad[col] * inv_den;
-      }
-      dz[0] = -dot * inv_den;
-      w.column[r] = dz[0];
-    }
-    const T* q_t = xt;
-    if (pairs) {
-      // The pairs of x~_i = [1 | q_i], unweighted: weight_pair_rows weights
-      // the head's dS once it is whole.
-      load_augmented(t.q_row(i0), t.q_stride, rows, rows, d,
-                     static_cast<const T*>(nullptr), true, w);
-      q_t = w.augmented_xt();
-      reduce_chunk_pairs(w.augmented_chunk(), w.column.data(), rows_e1 + 1,
-                         e + 1, rows, d, e, order, grad_state_sum.next_block());
-      grad_state_sum.chunk_added();
-    } else {
-      transpose_rows<T>(t.q_row(i0), t.q_stride, rows, d, nullptr, xt, ld);
-      // Column 0 of dS: the build sums phi(q_i) dz_i[0].
-      query_feature_tile(xt, d, rows, ld, weights, tile,
-                         RowExtras<T>{w.column.data(), w.dots.data()});
-      grad_state_sum.add(tile, ld, w.dots.data(), rows_e1 + 1, e + 1, rows);
-    }
+    write_dz(g, sigma, i0, rows, e, static_cast<T*>(nullptr), 0, w);
+    transpose_rows<T>(t.q_row(i0), t.q_stride, rows, d, nullptr, xt, ld);
+    // Column 0 of dS: the build sums phi(q_i) dz_i[0].
+    query_feature_tile(xt, d, rows, ld, weights, tile,
+                       RowExtras<T>{w.column.data(), w.dots.data()});
+    grad_state_sum.add(tile, ld, w.dots.data(), rows_e1 + 1, e + 1, rows);
     // The tile is free again: S[1:] dZ^T, row f holding (S dz_i)_f.
     gemm<T>(false, true, F - 1, rows, e + 1, T(1), state + (e + 1), e + 1,
             rows_e1, e + 1, T(0), tile + ld, ld);
-    feature_gradient_tile(tile + ld, q_t, d, rows, ld, weights,
-                          w.grad_t.data());
+    feature_gradient_tile(tile + ld, xt, d, rows, ld, weights, w.grad_t.data());
     untranspose_rows(w.grad_t.data(), ld, rows, d, grad_q + i0 * d);
   }
 }
@@ -472,48 +556,35 @@ template <typename T>
 void backward_keys(const HeadTensors<T>& t, const T* dS, const Mask& mask,
                    int64_t batch, int order, TokenRange keys, T* grad_k,
                    T* grad_v, Workspace<T>& w) {
-  const int64_t d = t.head_dim, e = t.value_dim, F = feature_count(d, order);
+  const int64_t d = t.head_dim, e = t.value_dim;
+  if (pair_kernels_fit<T>(order, e))
+    return backward_keys_pairs(t, dS, mask, batch, order, keys, grad_k, grad_v,
+                               w);
+  const int64_t F = feature_count(d, order);
   const int64_t ld = w.chunk;
   T* tile = w.tile.data();
   T* xt = w.xt.data();
   T* rows_e1 = w.rows.data();
-  const bool pairs = pair_kernels_fit<T>(order, e);
-  std::optional<PairState<T>> dS_pairs;
-  if (pairs) dS_pairs.emplace(dS, d, e, order, nullptr);
   const T* valid_row = w.valid.data();
-  const T* keep = mask.key_padding != nullptr ? valid_row : nullptr;
   for (int64_t j0 = keys.begin; j0 < keys.end; j0 += ld) {
     const int64_t rows = block_end(j0, ld, keys.end) - j0;
-    T* dv = grad_v + j0 * e;
-    const T* k_t = xt;
-    if (pairs) {
-      // dv_j = pairs(x~_j)^T dS[:, 1:], x~_j = [m_j | m_j k_j]: zero for a
-      // masked key.
-      load_validity(j0, rows, mask, batch, w);
-      load_augmented(t.k_row(j0), t.k_stride, rows, pair_padded_tokens(rows), d,
-                     keep, true, w);
-      k_t = w.augmented_xt();
-      apply_chunk_pairs(w.augmented_chunk(), rows, *dS_pairs, d, e, order,
-                        w.values.data(), static_cast<T*>(nullptr));
-      std::copy(w.values.begin(), w.values.begin() + rows * e, dv);
-    } else {
-      load_keys(t, j0, rows, mask, batch, w);
-      key_feature_tile(xt, valid_row, d, rows, ld, tile, RowExtras<T>{}, order);
-      // dv = psi(K)[1:]^T dS[1:, 1:] + m dS[0, 1:]: the constant feature
-      // last, as in the forward; masked keys get zeros by selection.
-      gemm<T>(true, false, rows, e, F - 1, T(1), tile + ld, ld,
-              dS + (e + 1) + 1, e + 1, T(0), dv, e);
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t col = 0; col < e; ++col)
-          dv[r * e + col] =
-              valid_row[r] != T(0) ? dv[r * e + col] + dS[1 + col] : T(0);
-    }
+    load_keys(t, j0, rows, mask, batch, w);
+    key_feature_tile(xt, valid_row, d, rows, ld, tile, RowExtras<T>{}, order);
     write_augmented_values(t, j0, rows, valid_row, rows_e1);
+    // dv = psi(K)[1:]^T dS[1:, 1:] + m dS[0, 1:]: the constant feature last,
+    // as in the forward; masked keys get zeros by selection.
+    T* dv = grad_v + j0 * e;
+    gemm<T>(true, false, rows, e, F - 1, T(1), tile + ld, ld, dS + (e + 1) + 1,
+            e + 1, T(0), dv, e);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t col = 0; col < e; ++col)
+        dv[r * e + col] =
+            valid_row[r] != T(0) ? dv[r * e + col] + dS[1 + col] : T(0);
     // The tile rows 1.. are free again: dS[1:] V'^T, row f holding
     // (dS v'_j)_f. Masked keys have v'_j = 0 and k_j = 0 (in xt): dk_j = 0.
     gemm<T>(false, true, F - 1, rows, e + 1, T(1), dS + (e + 1), e + 1, rows_e1,
             e + 1, T(0), tile + ld, ld);
-    feature_gradient_tile(tile + ld, k_t, d, rows, ld,
+    feature_gradient_tile(tile + ld, xt, d, rows, ld,
                           FeatureWeights<T>::keys(order), w.grad_t.data());
     untranspose_rows(w.grad_t.data(), ld, rows, d, grad_k + j0 * d);
   }

@@ -367,6 +367,108 @@ TS_AVX512 void pair_denominators(const AugmentedChunk<T>& x, int64_t tokens,
   }
 }
 
+// The gradient through the pairs for the tokens of one block of 2 vectors
+// from r0, features [f0, f0 + NF): with G_f(r) = S'_f . dz_r over all e + 1
+// columns (S' the state weighted as its side's features are, column 0
+// apart), the product rule of G_f x~_l x~_m adds G_f x~_m to coordinate l
+// and G_f x~_l to coordinate m (both, so twice, on the diagonal):
+//   dx~_l(r) += G_f(r) x~_m(r),   dx~_m(r) += G_f(r) x~_l(r).
+// G holds NF x 2 vectors in registers, a GEMM micro-kernel's accumulators
+// (per column c: 2 loads of dz^T and NF broadcasts of S'_(f, c)), and goes
+// straight into the coordinates' gradients: no G in memory. Tokens are in
+// the lanes: dzt is dz^T ((e + 1) x tokens), xt x~^T and dxt the gradient
+// of x~ transposed (D x tokens), all with row stride ld.
+template <typename T, int NF>
+TS_AVX512 TS_INLINE void contract_pair_block(const T* dzt, const T* column0,
+                                             const T* values, int64_t e,
+                                             int64_t f0, const int32_t* first,
+                                             const int32_t* second, const T* xt,
+                                             T* dxt, int64_t ld, int64_t r0) {
+  using vec = typename Simd<T>::vec;
+  constexpr int L = Simd<T>::lanes;
+  vec g[NF][2];
+  {
+    const vec z0 = load_vector(dzt + r0), z1 = load_vector(dzt + r0 + L);
+#pragma GCC unroll 32
+    for (int p = 0; p < NF; ++p) {
+      const T s = column0[f0 + p];
+      g[p][0] = s * z0;
+      g[p][1] = s * z1;
+    }
+  }
+  const T* row = values + f0 * e;
+  for (int64_t c = 0; c < e; ++c) {
+    const T* z = dzt + (1 + c) * ld + r0;
+    const vec z0 = load_vector(z), z1 = load_vector(z + L);
+#pragma GCC unroll 32
+    for (int p = 0; p < NF; ++p) {
+      const T s = row[p * e + c];
+      g[p][0] += s * z0;
+      g[p][1] += s * z1;
+    }
+  }
+  // Consecutive features mostly share their first index l: their terms for
+  // coordinate l are summed in registers and added to dxt once per run of
+  // l, not as a chain of dependent read-modify-writes of one row.
+  vec run[2] = {};
+  int64_t run_l = first[f0];
+#pragma GCC unroll 32
+  for (int p = 0; p < NF; ++p) {
+    const int64_t l = first[f0 + p], m = second[f0 + p];
+    if (l != run_l) {
+      add_vector(dxt + run_l * ld + r0, run[0]);
+      add_vector(dxt + run_l * ld + r0 + L, run[1]);
+      run[0] = run[1] = vec{};
+      run_l = l;
+    }
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const int64_t at = r0 + h * L;
+      run[h] += g[p][h] * load_vector(xt + m * ld + at);
+      add_vector(dxt + m * ld + at, g[p][h] * load_vector(xt + l * ld + at));
+    }
+  }
+  add_vector(dxt + run_l * ld + r0, run[0]);
+  add_vector(dxt + run_l * ld + r0 + L, run[1]);
+}
+
+// The last block of features, of n < NF: n as a template argument.
+template <typename T, int NF>
+TS_AVX512 TS_INLINE void contract_pair_tail(int n, const T* dzt,
+                                            const T* column0, const T* values,
+                                            int64_t e, int64_t f0,
+                                            const int32_t* first,
+                                            const int32_t* second, const T* xt,
+                                            T* dxt, int64_t ld, int64_t r0) {
+  if constexpr (NF > 0) {
+    if (n == NF)
+      return contract_pair_block<T, NF>(dzt, column0, values, e, f0, first,
+                                        second, xt, dxt, ld, r0);
+    contract_pair_tail<T, NF - 1>(n, dzt, column0, values, e, f0, first, second,
+                                  xt, dxt, ld, r0);
+  }
+}
+
+// dxt (D x tokens, zeroed here) = the gradient of x~ for `tokens` tokens, a
+// multiple of 2 vectors, through F features.
+template <typename T>
+TS_AVX512 void contract_pairs(const T* dzt, const T* column0, const T* values,
+                              int64_t e, int64_t F, const int32_t* first,
+                              const int32_t* second, const T* xt, T* dxt,
+                              int64_t D, int64_t ld, int64_t tokens) {
+  constexpr int NF = 12, L = Simd<T>::lanes;
+  for (int64_t l = 0; l < D; ++l)
+    std::fill(dxt + l * ld, dxt + l * ld + tokens, T(0));
+  for (int64_t r0 = 0; r0 < tokens; r0 += 2 * L) {
+    int64_t f0 = 0;
+    for (; f0 + NF <= F; f0 += NF)
+      contract_pair_block<T, NF>(dzt, column0, values, e, f0, first, second, xt,
+                                 dxt, ld, r0);
+    contract_pair_tail<T, NF - 1>(int(F - f0), dzt, column0, values, e, f0,
+                                  first, second, xt, dxt, ld, r0);
+  }
+}
+
 #endif  // TS_PAIR_KERNELS
 
 // The entry points, for a value width that pair_kernels_fit accepts (e =
@@ -437,6 +539,39 @@ void apply_chunk_pairs(const AugmentedChunk<T>& x, int64_t tokens,
   if (den != nullptr)
     pair_denominators<T>(x, round_up(tokens, 4 * Simd<T>::lanes), S.column0(),
                          d + 1, order, den);
+#endif
+}
+
+// The two indices of every pair of order <= `order` of D = d + 1, in
+// feature order: first[f] = l, second[f] = m.
+struct PairIndices {
+  std::vector<int32_t> first, second;
+
+  PairIndices(int64_t d, int order) {
+    const int64_t D = d + 1, last_l = order >= 2 ? D : 1;
+    for (int64_t l = 0; l < last_l; ++l)
+      for (int64_t m = l; m < D; ++m) {
+        first.push_back(int32_t(l));
+        second.push_back(int32_t(m));
+      }
+  }
+  int64_t size() const { return int64_t(first.size()); }
+};
+
+// dx~^T (D x ld, rows 1.. the gradient of x) of the chunk's `tokens` tokens
+// from dz^T ((e + 1) x ld) and x~^T (x.columns), through the features of S
+// (weighted as the side's features are); columns past `tokens`, up to
+// pair_padded_tokens, are zero in dzt and x.columns.
+template <typename T>
+void contract_chunk_pairs(const AugmentedChunk<T>& x, const T* dzt,
+                          int64_t tokens, const PairState<T>& S,
+                          const PairIndices& pairs, int64_t d, int64_t e,
+                          T* dxt) {
+#if TS_PAIR_KERNELS
+  contract_pairs<T>(dzt, S.column0(), S.values(), e, pairs.size(),
+                    pairs.first.data(), pairs.second.data(), x.columns, dxt,
+                    d + 1, x.column_stride,
+                    round_up(tokens, 2 * Simd<T>::lanes));
 #endif
 }
 
