@@ -5,15 +5,19 @@
 //   f(q . k) = phi(q) . psi(k),
 // so every query sees the same state S = sum_j psi(k_j) [1 | v_j]^T and
 //   z_i = phi(q_i)^T S,   den_i = z_i[0],   y_i = sigma z_i[1:] / den_i.
-// Features exist only for one chunk of tokens at a time, in a feature-major
-// tile X (F x chunk: row f holds feature f of every token of the chunk). Built
-// that way, every feature row is a product of two token rows of the chunk's
-// transposed q or k, a contiguous loop the compiler vectorises fully; the
-// state products are then single large GEMMs over the chunk (X V, X^T S,
-// S dZ^T), and the backward's contractions through the quadratic features
-// run over token rows too. Parallel over (batch, head), and over token
-// ranges of each head when there are fewer heads than threads
-// (efficient_forward_all).
+// Tokens go in chunks; two paths compute the products of a chunk:
+// - at order 1 and 2, on a CPU with AVX-512, and for a value width of whole
+//   64-byte vectors, register kernels (pair_kernels.h) that never form the
+//   features: the features are the pairs of [m | x], and every product
+//   factors by a pair's first index;
+// - otherwise (order 3, other widths, other CPUs) a feature-major tile X
+//   (F x chunk: row f holds feature f of every token of the chunk), each row
+//   a product of token rows of the chunk's transposed q or k, a contiguous
+//   loop the compiler vectorises fully; the state products are then single
+//   BLAS GEMMs over the chunk (X V, X^T S, S dZ^T), and the backward's
+//   contractions through the features run over token rows too.
+// Parallel over (batch, head), and over token ranges of each head when there
+// are fewer heads than threads (efficient_forward_all).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -101,6 +105,7 @@ struct Workspace {
   std::vector<T> xt;      // (1 + d) x chunk: [m | q or k] transposed; the
                           // BLAS path uses rows 0..d-1 for q or k
   std::vector<T> tile;    // F x chunk: features, then feature gradients
+                          // (the BLAS path only)
   std::vector<T> rows;    // chunk x (e + 1): [m | m v] or dz
   std::vector<T> column;  // chunk: one column of `rows`, contiguous
   std::vector<T> valid;   // chunk: m_j of the chunk's keys, 1 or 0
@@ -118,7 +123,8 @@ struct Workspace {
       : chunk(token_chunk(d)),
         augmented_ld(d + 1 + 64 / int64_t(sizeof(T))),
         xt((d + 1) * chunk),
-        tile(feature_count(d, order) * chunk),
+        tile(pair_kernels_fit<T>(order, e) ? 0
+                                           : feature_count(d, order) * chunk),
         rows(chunk * (e + 1)),
         column(chunk),
         valid(chunk),
