@@ -4,8 +4,9 @@ weight that csrc/crossover.cpp uses for it.
 For each head dim it times forward+backward of both algorithms over a sweep of N (M = N, e = d,
 B=1, H=8), in interleaved rounds (medians), prints the times, the measured crossover (first N where efficient is faster) and the
 ratio  (efficient seconds per model FLOP) / (direct seconds per model FLOP)  at each N, with model
-FLOPs the forward counts of taylorshift.flops (the cost model's own). The median ratio is the
-device's `efficient_flop_cost`.
+FLOPs the forward counts of taylorshift.flops (the cost model's own). The ratio that matters for a
+head dim is the one at its crossover: the geometric mean of the ratios at the two sweep points
+around it. The device's `efficient_flop_cost` is a + b / d fitted to those (least squares).
 
     python benchmarks/crossover.py --device cpu
 """
@@ -48,11 +49,11 @@ def main():
     )
     print("| d | N | direct ms | efficient ms | cost ratio |")
     print("|---|---|---|---|---|")
-    ratios, summary = [], []
+    summary, at_crossover = [], {}
     for head_dim in (int(d) for d in args.head_dims.split(",")):
         predicted = taylorshift.crossover(head_dim, args.device)
         sweep = [n for n in (64, 128, 256, 512, 1024, 2048, 4096, 8192) if n <= 8 * predicted]
-        measured = None
+        measured, previous_ratio = None, None
         for tokens in sweep:
             q, k, v = make_inputs(1, args.heads, tokens, head_dim, dtype=dtype, device=args.device)
             grad_out = torch.randn_like(v)
@@ -77,9 +78,10 @@ def main():
             ratio = (seconds["efficient"] / model["efficient"]) / (
                 seconds["direct"] / model["direct"]
             )
-            ratios.append(ratio)
             if measured is None and seconds["efficient"] < seconds["direct"]:
                 measured = tokens
+                at_crossover[head_dim] = (ratio * (previous_ratio or ratio)) ** 0.5
+            previous_ratio = ratio
             print(
                 f"| {head_dim} | {tokens} | {seconds['direct'] * 1e3:.2f} | "
                 f"{seconds['efficient'] * 1e3:.2f} | {ratio:.2f} |",
@@ -92,9 +94,24 @@ def main():
     print("|---|---|---|")
     for head_dim, measured, predicted in summary:
         print(f"| {head_dim} | {measured} | {predicted} |")
-    print(
-        f"\nmedian cost ratio (efficient_flop_cost for {args.device}): {statistics.median(ratios):.2f}"
+    print("\n| d | cost ratio at the crossover |")
+    print("|---|---|")
+    for head_dim, ratio in at_crossover.items():
+        print(f"| {head_dim} | {ratio:.3f} |")
+    if len(at_crossover) >= 2:
+        a, b = fit_inverse_dim(at_crossover)
+        print(f"\nefficient_flop_cost for {args.device}: {a:.3f} + {b:.2f} / d")
+
+
+def fit_inverse_dim(ratios: dict[int, float]) -> tuple[float, float]:
+    """Least-squares a, b of ratio = a + b / d."""
+    xs = [1.0 / d for d in ratios]
+    ys = list(ratios.values())
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum(
+        (x - mean_x) ** 2 for x in xs
     )
+    return mean_y - slope * mean_x, slope
 
 
 if __name__ == "__main__":

@@ -13,18 +13,20 @@ namespace taylorshift {
 namespace {
 
 // Time per FLOP of the efficient kernels over time per FLOP of the direct
-// kernels, forward + backward, float32, from `python benchmarks/crossover.py`
-// (table in benchmarks/README.md). CPU: 1.0, measured after the efficient
-// kernels moved to feature-major tiles (they gained more than the direct
-// ones): the measured ratios at the sweep points on either side of each
-// crossover are 0.74-1.43 (d = 16), 1.02-1.46 (d = 32) and 0.98-1.00
-// (d = 64); 1.0 puts the d = 32 and 64 crossovers between the sweep points
-// where the measured ones lie, and d = 16's one sweep point late (at N = 128
-// direct is 7% slower). CUDA has not been measured yet: until it is, FLOP
-// parity (1.0).
-double efficient_flop_cost(c10::DeviceType device) {
-  constexpr double kCpu = 1.0, kCuda = 1.0;
-  return device == c10::DeviceType::CPU ? kCpu : kCuda;
+// kernels, forward + backward, float32, at the crossover, from
+// `python benchmarks/crossover.py` (table in benchmarks/README.md). On the
+// CPU it falls with the head dim (the register kernels' work per token grows
+// as d^2 e, their fixed costs per token as d), so it is a + b / d, fitted to
+// the measured ratios at the crossovers of d = 16, 32, 64, and held at its
+// d = 16 value below (not measured there). CUDA has not been measured yet:
+// until it is, FLOP parity (1.0).
+double efficient_flop_cost(c10::DeviceType device, int64_t head_dim) {
+  constexpr double kCpuBase = 0.79, kCpuPerDim = 5.0;
+  constexpr int64_t kSmallestMeasured = 16;
+  return device == c10::DeviceType::CPU
+             ? kCpuBase +
+                   kCpuPerDim / double(std::max(head_dim, kSmallestMeasured))
+             : 1.0;
 }
 
 }  // namespace
@@ -64,7 +66,7 @@ bool prefer_efficient(int64_t queries, int64_t keys, int64_t head_dim,
       device == c10::DeviceType::CUDA ? std::max(order, 2) : order;
   // The forward counts: efficient_flop_cost was measured against them.
   return flops(true, queries, keys, head_dim, value_dim, false, kernel_order) *
-             efficient_flop_cost(device) <
+             efficient_flop_cost(device, head_dim) <
          flops(false, queries, keys, head_dim, value_dim, false);
 }
 
