@@ -29,11 +29,13 @@ def test_direct_causal_gradients_across_growing_cuts(queries, keys):
 
 @pytest.mark.parametrize("threads", [3, 4])
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "key_padding_mask"])
-def test_efficient_splits_tokens_over_threads(threads, masked):
+@pytest.mark.parametrize("value_dim", [5, 16], ids=["blas_path", "register_path"])
+def test_efficient_splits_tokens_over_threads(threads, masked, value_dim):
     # With fewer (batch, head) pairs than threads, the CPU efficient kernels split each head's
     # tokens over threads: the state and dS are summed from the ranges' shares, dq, dk, dv and
-    # the outputs are computed per range. Cross-attention with ranges of unequal lengths.
-    q, k, v, t = make_inputs(1, 1, 700, 1300, 8, 5, seed=8)
+    # the outputs are computed per range. Cross-attention with ranges of unequal lengths. Both
+    # paths of efficient.cpp: the register kernels leave the query side's dS shares unweighted.
+    q, k, v, t = make_inputs(1, 1, 700, 1300, 8, value_dim, seed=8)
     mask = random_key_padding_mask(1, 1300) if masked else None
     options = {"key_padding_mask": mask}
     before = torch.get_num_threads()
