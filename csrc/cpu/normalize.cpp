@@ -92,12 +92,32 @@ struct StridedRows {
 
 // The row of d elements at `src` (element step `step`) in the accumulation
 // dtype A.
-template <typename T, typename A>
-TS_INLINE void load_row(const T* src, int64_t step, int64_t d, A* row) {
+template <typename T, typename A, typename Dim>
+TS_INLINE void load_row(const T* src, int64_t step, Dim d, A* row) {
   if (step == 1) {
     for (int64_t l = 0; l < d; ++l) row[l] = static_cast<A>(src[l]);
   } else {
     for (int64_t l = 0; l < d; ++l) row[l] = static_cast<A>(src[l * step]);
+  }
+}
+
+// fn(d) with d as a compile-time constant for the common head dims, so that
+// the per-row loops below unroll completely (no vector-loop prologue and
+// remainder per row, reductions as fixed trees: about 3 times faster at
+// d = 32); other lengths at run time.
+template <typename Fn>
+void with_row_length(int64_t d, Fn&& fn) {
+  switch (d) {
+    case 16:
+      return fn(std::integral_constant<int64_t, 16>{});
+    case 32:
+      return fn(std::integral_constant<int64_t, 32>{});
+    case 64:
+      return fn(std::integral_constant<int64_t, 64>{});
+    case 128:
+      return fn(std::integral_constant<int64_t, 128>{});
+    default:
+      return fn(d);
   }
 }
 
@@ -127,8 +147,8 @@ TS_INLINE A power_of_two_floor(A x) {
 }
 
 // Scales the row to z = x / s in place and returns s (see above).
-template <typename A>
-TS_INLINE A scale_to_unit_range(A* row, int64_t d) {
+template <typename A, typename Dim>
+TS_INLINE A scale_to_unit_range(A* row, Dim d) {
   A largest = 0;
 #pragma omp simd reduction(max : largest)
   for (int64_t l = 0; l < d; ++l) largest = std::max(largest, std::abs(row[l]));
@@ -148,8 +168,8 @@ TS_INLINE A scale_to_unit_range(A* row, int64_t d) {
 }
 
 // n = max(|z|, 1).
-template <typename A>
-TS_INLINE A clamped_norm(const A* z, int64_t d) {
+template <typename A, typename Dim>
+TS_INLINE A clamped_norm(const A* z, Dim d) {
   A squares = 0;
 #pragma omp simd reduction(+ : squares)
   for (int64_t l = 0; l < d; ++l) squares += z[l] * z[l];
@@ -158,10 +178,10 @@ TS_INLINE A clamped_norm(const A* z, int64_t d) {
 
 // Rows [first, last) of head (b, h): y = f x / |x|, written contiguously
 // from `out`.
-template <typename T, typename A>
+template <typename T, typename A, typename Dim>
 TS_VECTOR_CLONES void normalize_task(const StridedRows<T>& x, int64_t b,
                                      int64_t h, int64_t first, int64_t last,
-                                     int64_t d, A factor, A* row, T* out) {
+                                     Dim d, A factor, A* row, T* out) {
   for (int64_t l = first; l < last; ++l, out += d) {
     load_row(x.row(b, h, l), x.step, d, row);
     scale_to_unit_range(row, d);
@@ -174,10 +194,10 @@ TS_VECTOR_CLONES void normalize_task(const StridedRows<T>& x, int64_t b,
 // The backward of normalize_task for the gradient rows g: dx written
 // contiguously from `out`; returns the sum of u . g over the rows (df's
 // share of these rows).
-template <typename T, typename A>
+template <typename T, typename A, typename Dim>
 TS_VECTOR_CLONES double normalize_backward_task(
     const StridedRows<T>& x, const StridedRows<T>& grad, int64_t b, int64_t h,
-    int64_t first, int64_t last, int64_t d, A factor, A* u, A* g, T* out) {
+    int64_t first, int64_t last, Dim d, A factor, A* u, A* g, T* out) {
   double sum = 0;
   for (int64_t l = first; l < last; ++l, out += d) {
     load_row(x.row(b, h, l), x.step, d, u);
@@ -231,8 +251,10 @@ at::Tensor normalize_rows_cpu(const at::Tensor& x,
                 scalar_t* out =
                     y.mutable_data_ptr<scalar_t>() +
                     ((b * tasks.heads + h) * tasks.length + first) * d;
-                normalize_task(x_rows, b, h, first, last, d, f_data[h],
-                               row.data(), out);
+                with_row_length(d, [&](auto length) {
+                  normalize_task(x_rows, b, h, first, last, length, f_data[h],
+                                 row.data(), out);
+                });
               }
             });
       });
@@ -266,9 +288,11 @@ std::tuple<at::Tensor, at::Tensor> normalize_rows_backward_cpu(
                   scalar_t* out =
                       grad_x.mutable_data_ptr<scalar_t>() +
                       ((b * tasks.heads + h) * tasks.length + first) * d;
-                  partial[task] = normalize_backward_task(
-                      x_rows, g_rows, b, h, first, last, d, f_data[h], u.data(),
-                      g.data(), out);
+                  with_row_length(d, [&](auto length) {
+                    partial[task] = normalize_backward_task(
+                        x_rows, g_rows, b, h, first, last, length, f_data[h],
+                        u.data(), g.data(), out);
+                  });
                 }
               });
         });
