@@ -46,9 +46,9 @@ def mean_total_variation(
     order: int,
     key_padding_mask: torch.Tensor | None = None,
 ) -> float:
-    """Mean over query rows with keys (and not padding) of the TV distance between order k's
-    weights and softmax's on the logits temperature_h * q_hat . k_hat; q, k are (B, H, N, d),
-    temperature (H,), computed in float64."""
+    """Mean over query rows of the TV distance between order k's weights and softmax's on the
+    logits temperature_h * q_hat . k_hat, in float64; q, k are (B, H, N, d) of self-attention,
+    temperature (H,), key_padding_mask (B, N) True at padding, whose queries are not counted."""
     q, k, temperature = q.double(), k.double(), temperature.double()
     taylor = reference.taylor_softmax_weights(
         q,
