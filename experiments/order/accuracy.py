@@ -107,7 +107,7 @@ def collect(runs: Path) -> list[dict]:
 def table(rows: list[dict]) -> str:
     lines = [
         "| attention | test accuracy % (mean ± std) | per seed | best val % | train s / run | "
-        + "max \\|τ\\| learnt |",
+        + "learnt \\|τ\\| (min – max) |",
         "|---|---|---|---|---|---|",
     ]
     for arm in ARMS:
@@ -121,9 +121,8 @@ def table(rows: list[dict]) -> str:
         seconds = statistics.mean(row["train_seconds"] for row in arm_rows)
         temperature = "—"
         if arm_rows[0]["temperatures"]:
-            temperature = (
-                f"{max(abs(t) for r in arm_rows for l in r['temperatures'] for t in l):.3f}"
-            )
+            learnt = [abs(t) for r in arm_rows for layer in r["temperatures"] for t in layer]
+            temperature = f"{min(learnt):.2f} – {max(learnt):.2f}"
         lines.append(
             f"| {arm} | {statistics.mean(accuracies):.2f} ± {spread:.2f} (n={len(accuracies)}) "
             f"| {per_seed} | {val:.2f} | {seconds:.0f} | {temperature} |"

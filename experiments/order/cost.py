@@ -104,12 +104,11 @@ def measure(rounds: int, direct_max: int) -> list[dict]:
 
 def measured_crossover(rows: list[dict], order: int) -> float | None:
     """The N at which efficient's time meets direct's, log-log interpolated between the first grid
-    point where efficient is faster and the one before; None if it never is on the grid."""
-    time = {(r["method"], r["tokens"]): r["ms"] for r in rows}
-    shared = [n for n in TOKENS if (f"direct {order}", n) in time]
-    log_ratio = [
-        math.log(time[f"efficient {order}", n] / time[f"direct {order}", n]) for n in shared
-    ]
+    point where efficient is faster and the one before (that point itself if it is the grid's
+    first); None if efficient is never faster on the grid."""
+    ms = {(r["method"], r["tokens"]): r["ms"] for r in rows}
+    shared = [n for n in TOKENS if (f"direct {order}", n) in ms]
+    log_ratio = [math.log(ms[f"efficient {order}", n] / ms[f"direct {order}", n]) for n in shared]
     for index, (tokens, ratio) in enumerate(zip(shared, log_ratio, strict=True)):
         if ratio < 0:
             if index == 0:
@@ -151,17 +150,17 @@ def write_summary(rows: list[dict], out: Path, rounds: int) -> str:
     ]
     for order in EFFICIENT_ORDERS:
         measured = measured_crossover(rows, order)
-        cell = (
-            f"{measured:.0f}"
-            if measured
-            else f"> {max(n for m, n in value if m == f'direct {order}')}"
-        )
+        if measured is None:
+            cell = f"> {max(n for m, n in value if m == f'direct {order}')}"
+        else:
+            cell = f"≤ {TOKENS[0]}" if measured <= TOKENS[0] else f"{measured:.0f}"
         crossovers.append(
             f"| {order} | {cell} | {taylorshift.crossover(HEAD_DIM, 'cpu', order=order)} |"
         )
     setting = (
         f"CPU, float32, forward + backward, B=1, H={HEADS}, d={HEAD_DIM}, one thread, torch "
-        f"{torch.__version__}; time: CPU time, the minimum of {rounds} interleaved rounds (shared machine)"
+        f"{torch.__version__}; time: CPU time, the minimum of {rounds} interleaved rounds "
+        "(shared machine)"
     )
     markdown = (
         f"{setting}\n\nms per forward + backward\n\n{grid('ms', '.2f')}\n\n"
