@@ -17,6 +17,10 @@ def bar_plot(path: Path, labels, samples, ylabel: str, title: str) -> None:
     axes.bar(labels, means, yerr=spreads, capsize=4, color="tab:blue", alpha=0.6)
     for index, values in enumerate(samples):
         axes.plot([index] * len(values), values, "k.", markersize=5)
+    lowest = min(min(values) for values in samples)
+    highest = max(max(values) for values in samples)
+    margin = max(1.0, 0.2 * (highest - lowest))  # bars from 0 would hide differences of a point
+    axes.set_ylim(lowest - margin, highest + margin)
     axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize=9)
     figure.tight_layout()
