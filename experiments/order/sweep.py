@@ -3,7 +3,8 @@
     python -m experiments.order.sweep --runs runs/order --out experiments/results/order
 
 Writes to --out: accuracy.{md,json,png}, approximation.{md,csv} and approximation_*.png,
-cost.{md,csv} and cost_*.png, and timings.md (wall seconds of each part). The approximation reads
+cost.{md,csv} and cost_*.png, and timings.md (wall seconds of each part in this call: training runs
+that finished before are skipped, so then the accuracy part only tabulates). The approximation reads
 the models the accuracy part trained, so it runs after it. One process, one thread throughout.
 """
 

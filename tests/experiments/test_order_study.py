@@ -12,6 +12,7 @@ from experiments.lra.models.encoder import largest_temperature, resolve_model_co
 from experiments.lra.train import parse_args
 from experiments.lra.training.config import load_config, resolve, with_overrides
 from experiments.order.approximation import mean_total_variation, order_allowed
+from experiments.order.cost import measured_crossover
 from taylorshift import reference
 
 SMALL = {"dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 2, "dropout": 0.0}
@@ -86,3 +87,16 @@ def test_total_variation_shrinks_with_the_order_and_the_temperature():
     assert tv[4, 4.0] < tv[2, 4.0]
     assert tv[2, 0.5] < tv[2, 4.0]
     assert mean_total_variation(q, k, torch.full((2,), 1e-4), 2) < 1e-8
+
+
+def test_measured_crossover_interpolates_between_grid_points():
+    # Order 2: efficient / direct = 2 at N = 256, 1/2 at N = 1024, so equal at 512 on log-log axes;
+    # order 3: efficient always twice direct, never faster.
+    times = {256: (1.0, 2.0, 2.0), 1024: (4.0, 2.0, 8.0)}  # direct, efficient 2, efficient 3
+    rows = []
+    for n, (direct, efficient_2, efficient_3) in times.items():
+        for method, ms in [("direct 2", direct), ("direct 3", direct), ("efficient 2", efficient_2),
+                           ("efficient 3", efficient_3)]:  # fmt: skip
+            rows.append({"method": method, "tokens": n, "ms": ms})
+    assert measured_crossover(rows, 2) == pytest.approx(512.0, rel=1e-12)
+    assert measured_crossover(rows, 3) is None
