@@ -5,7 +5,7 @@
 The logits are cosine similarities times the temperature, x = tau * q_hat . k_hat in [-tau, tau];
 order k's weights are f_k(x_ij) / sum_j f_k(x_ij), f_k = sum_{n<=k} x^n / n!, softmax's
 exp(x_ij) / sum_j exp(x_ij). The distance is the total variation of each query's row,
-TV = 1/2 sum_j |p_ij - s_ij| in [0, 1], averaged over the rows that have keys. Logits come from
+TV = 1/2 sum_j |p_ij - s_ij| in [0, 1], averaged over the queries that are not padding. Logits come from
 (a) Gaussian q, k (several d, N) and (b) the trained ListOps models of experiments.order.accuracy
 (their q_hat . k_hat on test items, each layer and head), over a range of temperatures and at each
 model's learnt ones. An odd order is not allowed past its positivity bound on |tau| (order 1: 1,
@@ -150,29 +150,33 @@ def trained_rows(runs: Path, items: int, temperatures=TEMPERATURES) -> list[dict
     return rows
 
 
-def _cell(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]  # NaN: the order is not allowed there
-    return f"{statistics.mean(values):.3g}" if values else "not allowed"
+def grid_temperatures(rows: list[dict]) -> list[float]:
+    return sorted({r["temperature"] for r in rows if isinstance(r["temperature"], float)})
+
+
+def mean_tv(rows: list[dict], order: int, temperature, sources) -> float:
+    """The mean TV of the rows of one order and temperature over the given sources; NaN where the
+    order is not allowed."""
+    return statistics.mean(
+        r["tv"]
+        for r in rows
+        if r["order"] == order and r["temperature"] == temperature and r["source"] in sources
+    )
+
+
+def _cell(value: float) -> str:
+    return "not allowed" if math.isnan(value) else f"{value:.3g}"
 
 
 def grid_table(rows: list[dict], sources: list[str]) -> str:
     """Rows: order; columns: temperatures; cells: mean TV over the given sources."""
-    temperatures = sorted({r["temperature"] for r in rows if isinstance(r["temperature"], float)})
+    temperatures = grid_temperatures(rows)
     lines = [
         "| order | " + " | ".join(f"τ={t:g}" for t in temperatures) + " |",
         "|---|" + "---|" * len(temperatures),
     ]
     for order in ORDERS:
-        cells = [
-            _cell(
-                [
-                    r["tv"]
-                    for r in rows
-                    if r["order"] == order and r["temperature"] == t and r["source"] in sources
-                ]
-            )
-            for t in temperatures
-        ]
+        cells = [_cell(mean_tv(rows, order, t, sources)) for t in temperatures]
         lines.append(f"| {order} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -186,9 +190,8 @@ def learnt_table(rows: list[dict]) -> str:
     ]
     for arm in ARMS[1:]:
         sources = [f"trained {arm} seed {seed}" for seed in SEEDS]
-        learnt = [r for r in rows if r["temperature"] == "learnt" and r["source"] in sources]
-        if learnt:
-            cells = [_cell([r["tv"] for r in learnt if r["order"] == o]) for o in ORDERS]
+        if any(r["source"] in sources for r in rows):
+            cells = [_cell(mean_tv(rows, o, "learnt", sources)) for o in ORDERS]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -221,22 +224,14 @@ def write_summary(rows: list[dict], out: Path) -> str:
     for name, sources in (("random", random_sources), ("trained", trained_sources)):
         if not sources:
             continue
-        curves = {}
-        for order in ORDERS:
-            points = [
-                (
-                    t,
-                    statistics.mean(
-                        r["tv"]
-                        for r in rows
-                        if r["order"] == order and r["temperature"] == t and r["source"] in sources
-                    ),
-                )
-                for t in sorted(
-                    {r["temperature"] for r in rows if isinstance(r["temperature"], float)}
-                )
+        curves = {
+            f"order {order}": [
+                (t, tv)
+                for t in grid_temperatures(rows)
+                if not math.isnan(tv := mean_tv(rows, order, t, sources))
             ]
-            curves[f"order {order}"] = [(t, tv) for t, tv in points if not math.isnan(tv)]
+            for order in ORDERS
+        }
         line_plot(
             out / f"approximation_{name}.png",
             curves,
