@@ -43,6 +43,9 @@ def parse_args(argv=None):
         "--mode", default="auto", choices=TAYLORSHIFT_MODES, help="TaylorShift algorithm"
     )
     parser.add_argument(
+        "--order", type=int, help="TaylorShift's Taylor order (default: the config's, else 2)"
+    )
+    parser.add_argument(
         "--preset", default="project", choices=PRESETS, help="which published setup to follow"
     )
     parser.add_argument("--config", help="JSON config (default: the preset's file for the task)")
@@ -95,7 +98,9 @@ def _taylorshift_extension() -> bool:
 def run(args) -> dict | None:
     """Trains and tests; the results on rank 0, None on other ranks or when stopped early."""
     config = load_config(args.task, args.config, args.preset)
-    config = with_overrides(config, "model", attention=args.attention, mode=args.mode)
+    config = with_overrides(
+        config, "model", attention=args.attention, mode=args.mode, order=args.order
+    )
     config = with_overrides(
         config,
         "train",
@@ -147,6 +152,7 @@ def run(args) -> dict | None:
         task=args.task,
         attention=args.attention,
         mode=args.mode if args.attention == "taylorshift" else None,
+        order=config["model"]["order"] if args.attention == "taylorshift" else None,
         # The pure-PyTorch fallback is much slower: timings mean little without this fact.
         taylorshift_extension=_taylorshift_extension() if args.attention == "taylorshift" else None,
         preset=config["preset"],

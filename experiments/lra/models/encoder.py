@@ -9,6 +9,7 @@ model config; MODEL_DEFAULTS holds the project's values and documents each key.
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,6 +24,9 @@ HEADS = ("linear", "mlp")
 MODEL_DEFAULTS = {
     "attention": "taylorshift",
     "mode": "auto",
+    # TaylorShift's Taylor order k, f(x) = sum_{n<=k} x^n / n! (the paper's is 2). An odd order's
+    # temperature is kept where its weights stay positive (see largest_temperature).
+    "order": 2,
     # Width of q, k and v in all heads together (LRA's qkv_dim); None means dim.
     "qkv_dim": None,
     # Hidden width of the block MLP; None means dim * mlp_ratio.
@@ -77,10 +81,26 @@ def resolve_model_config(model_config: dict) -> dict:
     ]:
         if config[key] not in allowed:
             raise ValueError(f"model {key} must be one of {allowed}, got {config[key]!r}")
+    order = config["order"]
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 8:
+        raise ValueError(
+            f"model order must be an int from 1 to 8 (the kernels' limit), got {order!r}"
+        )
     config["qkv_dim"] = config["qkv_dim"] or config["dim"]
     config["mlp_dim"] = config["mlp_dim"] or int(config["dim"] * config["mlp_ratio"])
     config["head_dim"] = config["head_dim"] or config["mlp_dim"]
     return config
+
+
+def largest_temperature(order: int) -> float:
+    """The largest |temperature| at which the odd Taylor order's weights stay positive.
+
+    With normalize=True the logits lie in [-|tau|, |tau|] and f = sum_{n<=k} x^n / n! of odd order
+    k has one real root r < 0 (order 1: -1; order 3: about -1.596), so |tau| <= |r| is allowed.
+    """
+    coefficients = [1.0 / math.factorial(n) for n in range(order, -1, -1)]
+    real_roots = [root.real for root in np.roots(coefficients) if abs(root.imag) < 1e-9]
+    return abs(min(real_roots))
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
@@ -115,11 +135,18 @@ class SelfAttention(nn.Module):
         }
         if qkv_dim != dim:
             options.update(kdim=dim, vdim=dim)
+        self.temperature_limit = None
         if config["attention"] == "taylorshift":
             # Imported here so the softmax baseline runs without the extension being importable.
             from taylorshift import TaylorShiftAttention
 
-            self.attention = TaylorShiftAttention(qkv_dim, heads, mode=config["mode"], **options)
+            order = config["order"]
+            self.attention = TaylorShiftAttention(
+                qkv_dim, heads, mode=config["mode"], order=order, **options
+            )
+            if order % 2:
+                # A millionth inside, so that the float32 temperature never rounds past the root.
+                self.temperature_limit = largest_temperature(order) * (1.0 - 1e-6)
         else:
             self.attention = nn.MultiheadAttention(qkv_dim, heads, **options)
         self.query_in = nn.Linear(dim, qkv_dim, bias=False) if qkv_dim != dim else nn.Identity()
@@ -128,6 +155,11 @@ class SelfAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.temperature_limit is not None:
+            # Projected gradient descent: an optimiser step may carry an odd order's temperature
+            # past the range where its weights are positive; it is put back on the bound.
+            with torch.no_grad():
+                self.attention.temperature.clamp_(-self.temperature_limit, self.temperature_limit)
         y, _ = self.attention(
             self.query_in(x), x, x, key_padding_mask=padding_mask, need_weights=False
         )
