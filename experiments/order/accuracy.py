@@ -9,7 +9,6 @@ at a time through experiments.lra.train; a finished run (results.json) is kept a
 one resumed, so the command can simply be run again.
 """
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -21,6 +20,7 @@ from ..lra.data import load_task
 from ..lra.generators.listops import write_listops
 from ..lra.main_job import SMOKE_CONFIG
 from ..lra.models import build_model
+from . import study_parser
 from .plots import bar_plot
 
 ARMS = ("softmax", "order 1", "order 2", "order 3", "order 4")
@@ -150,11 +150,7 @@ def write_summary(rows: list[dict], out: Path) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--runs", type=Path, default=Path("runs/order"))
-    parser.add_argument("--out", type=Path, default=Path("experiments/results/order"))
+    parser = study_parser(__doc__)
     parser.add_argument("--max-steps", type=int, help="default: the smoke config's 1500")
     parser.add_argument("--summary-only", action="store_true", help="tabulate finished runs")
     return parser.parse_args(argv)

@@ -12,7 +12,6 @@ model's learnt ones. An odd order is not allowed past its positivity bound on |t
 order 3: about 1.596; taylorshift's rule): those cells are empty (NaN), not computed.
 """
 
-import argparse
 import csv
 import json
 import math
@@ -27,6 +26,7 @@ from taylorshift import reference
 from ..lra.data import load_task
 from ..lra.models.encoder import largest_temperature
 from ..lra.training.batches import make_collate
+from . import study_parser
 from .accuracy import ARMS, SEEDS, load_trained_model, run_dir
 from .plots import line_plot
 
@@ -244,11 +244,7 @@ def write_summary(rows: list[dict], out: Path) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--runs", type=Path, default=Path("runs/order"))
-    parser.add_argument("--out", type=Path, default=Path("experiments/results/order"))
+    parser = study_parser(__doc__)
     parser.add_argument("--items", type=int, default=64, help="test items per trained model")
     return parser.parse_args(argv)
 

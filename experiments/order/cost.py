@@ -36,6 +36,7 @@ from common import (
 )
 
 import taylorshift
+from experiments.order import study_parser
 from experiments.order.plots import line_plot
 
 HEADS, HEAD_DIM = 8, 32
@@ -188,10 +189,7 @@ def write_summary(rows: list[dict], out: Path, rounds: int) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=Path("experiments/results/order"))
+    parser = study_parser(__doc__, runs=False)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--direct-max", type=int, default=8192, help="largest N for direct mode")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)

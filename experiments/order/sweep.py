@@ -8,19 +8,13 @@ that finished before are skipped, so then the accuracy part only tabulates). The
 the models the accuracy part trained, so it runs after it. One process, one thread throughout.
 """
 
-import argparse
 import time
-from pathlib import Path
 
-from . import accuracy, approximation, cost
+from . import accuracy, approximation, cost, study_parser
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--runs", type=Path, default=Path("runs/order"))
-    parser.add_argument("--out", type=Path, default=Path("experiments/results/order"))
+    parser = study_parser(__doc__)
     parser.add_argument("--max-steps", type=int, help="training steps (default: 1500)")
     parser.add_argument("--cost-rounds", type=int, default=5)
     return parser.parse_args(argv)
