@@ -18,8 +18,8 @@ namespace {
 // CPU it falls with the head dim (the register kernels' work per token grows
 // as d^2 e, their fixed costs per token as d), so it is a + b / d, fitted to
 // the measured ratios at the crossovers of d = 16, 32, 64 (1.09, 0.99, 0.88
-// with 2 threads), and held at its d = 16 value below (not measured there). CUDA has not been measured yet:
-// until it is, FLOP parity (1.0).
+// with 2 threads), and held at its d = 16 value below (not measured there).
+// CUDA has not been measured yet: until it is, FLOP parity (1.0).
 double efficient_flop_cost(c10::DeviceType device, int64_t head_dim) {
   constexpr double kCpuBase = 0.83, kCpuPerDim = 4.3;
   constexpr int64_t kSmallestMeasured = 16;
