@@ -6,15 +6,21 @@
 // (l, m), l <= m < D = d + 1, is x~_l x~_m, and in lexicographic order
 // the pairs are exactly the feature order of features.h: (0, 0) the
 // constant, (0, m) the linear features x_(m-1), then the products of two
-// coordinates. Order 1 keeps row l = 0 only. So a product with the state
-// factors by the first index of the pair:
-//   sum_r psi(x_r) y_r^T:  row (l, m) = sum_r x~_rm (x~_rl y_r)
-//   phi(x_r)^T S:          z_r = sum_l x~_rl (sum_(m >= l) x~_rm S_(l,m))
+// coordinates. Order 1 keeps row l = 0 only. So the three products of the
+// efficient algorithm factor by the first index of the pair:
+//   reduction  sum_r pairs(x~_r) y_r^T:  row (l, m) = sum_r x~_rm (x~_rl y_r)
+//              (the state over keys, dS over queries);
+//   application pairs(x~_r)^T S:  z_r = sum_l x~_rl (sum_(m >= l) x~_rm S_lm)
+//              (the output over queries, dv over keys);
+//   contraction, the gradient of pairs(x~_r) . (S dz_r) with respect to x~_r:
+//              G_lm = S_lm . dz_r adds G_lm x~_rm to coordinate l and
+//              G_lm x~_rl to m (dq over queries, dk over keys).
 // The reduction forms w_r = x~_rl y_r once per token and first index, then
 // adds x~_rm w_r into a block of rows (l, m0..m0 + NP) held in registers
-// over a block of tokens; the application holds u = sum_m x~_rm S_(l,m) and
-// z for a few tokens in registers and adds x~_rl u to z per first index.
-// Either way every multiply-add is one vector FMA with a broadcast scalar,
+// over a block of tokens; the application holds u = sum_m x~_rm S_lm for a
+// few tokens in registers and adds x~_rl u per first index; the contraction
+// holds G for 12 features and 2 vectors of tokens (tokens in the lanes).
+// Every multiply-add is one vector FMA with a broadcast or a vector operand,
 // the tile the BLAS path builds (F x tokens, one write and one read per
 // feature and token) does not exist, and the state rows stream from L1/L2.
 //
