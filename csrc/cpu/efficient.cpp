@@ -604,18 +604,19 @@ void backward_keys(const HeadTensors<T>& t, const T* dS, const Mask& mask,
 class HeadSplits {
  public:
   HeadSplits(const at::Tensor& q, const at::Tensor& k)
-      : heads(q.size(0) * q.size(1)),
-        splits(splits_per_head(heads, blocks_of(std::max(q.size(2), k.size(2)),
-                                                token_chunk(q.size(3))))),
-        chunk_(token_chunk(q.size(3))) {}
+      : chunk(token_chunk(q.size(3))),
+        heads(q.size(0) * q.size(1)),
+        splits(splits_per_head(
+            heads, blocks_of(std::max(q.size(2), k.size(2)), chunk))) {}
 
-  const int64_t heads, splits;
+  // Ranges are whole chunks of the kernels' token_chunk.
+  const int64_t chunk, heads, splits;
 
   int64_t units() const { return heads * splits; }
   int64_t head(int64_t unit) const { return unit / splits; }
   // The tokens of `unit`'s range, for a side of `tokens` tokens.
   TokenRange range(int64_t tokens, int64_t unit) const {
-    return split_range(tokens, chunk_, unit % splits, splits);
+    return split_range(tokens, chunk, unit % splits, splits);
   }
 
   // out[h] = the sum of head h's `size` shares (units h splits .. h splits +
@@ -631,9 +632,6 @@ class HeadSplits {
         out[h * size + i] = T(total);
       }
   }
-
- private:
-  int64_t chunk_;
 };
 
 // The forward, (batch, head) by (batch, head) or in token ranges.
