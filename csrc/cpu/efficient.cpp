@@ -94,10 +94,6 @@ HeadTensors<T> head(const at::Tensor& q, const at::Tensor& k,
           v.size(3)};
 }
 
-// Rows past a chunk's tokens that the register kernels read as zeros
-// (pair_padded_tokens).
-constexpr int64_t kPaddedRows = 24;
-
 // Per-thread buffers, allocated once per parallel task.
 template <typename T>
 struct Workspace {
@@ -113,9 +109,9 @@ struct Workspace {
   std::vector<T> grad_t;  // d x chunk: dq or dk, transposed
   // The register kernels' (pair_kernels.h): x~ rows, zero past 1 + d and
   // past the chunk's tokens, and their products.
-  std::vector<T> augmented;  // (chunk + kPaddedRows) x augmented_ld
-  std::vector<T> values;     // (chunk + kPaddedRows) x e
-  std::vector<T> den;        // chunk + kPaddedRows
+  std::vector<T> augmented;  // (chunk + kPairPaddedRows) x augmented_ld
+  std::vector<T> values;     // (chunk + kPairPaddedRows) x e
+  std::vector<T> den;        // chunk + kPairPaddedRows
   std::vector<T> dzt;        // (e + 1) x chunk: dz or v' transposed
   std::vector<T> dxt;        // (1 + d) x chunk: the gradient of x~, transposed
 
@@ -130,9 +126,9 @@ struct Workspace {
         valid(chunk),
         dots(feature_count(d, order)),
         grad_t(d * chunk),
-        augmented((chunk + kPaddedRows) * augmented_ld),
-        values((chunk + kPaddedRows) * e),
-        den(chunk + kPaddedRows),
+        augmented((chunk + kPairPaddedRows) * augmented_ld),
+        values((chunk + kPairPaddedRows) * e),
+        den(chunk + kPairPaddedRows),
         dzt((e + 1) * chunk),
         dxt((d + 1) * chunk) {}
 
@@ -144,7 +140,7 @@ struct Workspace {
 
 // x~_r = [m_r | m_r x_r] for the `rows` tokens of a chunk (m_r = keep[r],
 // or 1 where keep is nullptr), and zeros for the tokens up to `padded` (at
-// most chunk + kPaddedRows rows, chunk columns): rows, and columns unless
+// most chunk + kPairPaddedRows rows, chunk columns): rows, and columns unless
 // only a reduction reads the chunk.
 template <typename T>
 void load_augmented(const T* x, int64_t stride, int64_t rows, int64_t padded,
@@ -364,15 +360,13 @@ void apply_state(const HeadTensors<T>& t, const KernelOptions& options,
                  T* den, Workspace<T>& w) {
   const int64_t d = t.head_dim, e = t.value_dim,
                 F = feature_count(d, options.coefficients.order);
+  const T sigma = output_scale_factor<T>(options.output_scale, valid, d);
+  if (pair_kernels_fit<T>(options.coefficients.order, e))
+    return apply_state_pairs(t, options, sigma, state, queries, out, den, w);
   const int64_t ld = w.chunk;
   const auto weights =
       FeatureWeights<T>::queries(options.coefficients.template cast<T>());
   const T c = weights.constant;
-  const T sigma = output_scale_factor<T>(options.output_scale, valid, d);
-  if (pair_kernels_fit<T>(options.coefficients.order, e)) {
-    apply_state_pairs(t, options, sigma, state, queries, out, den, w);
-    return;
-  }
   // The products run over features 1.. only: the constant feature's term
   // c S[0, :] (c N for the denominator) dominates and is added last, since
   // adding it first would round every other term at its magnitude.

@@ -69,6 +69,21 @@ struct AugmentedChunk {
   int64_t column_stride;
 };
 
+// First indices l of the pairs of order <= `order` of D = d + 1: all D at
+// order 2, only l = 0 (the constant and linear features) at order 1.
+inline int64_t first_index_count(int order, int64_t D) {
+  return order >= 2 ? D : 1;
+}
+
+// fn(l, m, f) for every pair (l, m) of order <= `order` of D = d + 1, with
+// f its feature index, in feature order.
+template <typename Fn>
+void for_each_pair(int64_t d, int order, Fn&& fn) {
+  const int64_t D = d + 1;
+  for (int64_t l = 0, f = 0; l < first_index_count(order, D); ++l)
+    for (int64_t m = l; m < D; ++m, ++f) fn(l, m, f);
+}
+
 // The weight of pair (l, m) on the query side: c_0 for (0, 0), c_1 for
 // (0, m), c_2 on the diagonal and 2 c_2 off it (the multinomial of x_l x_m
 // in (q . k)^2).
@@ -82,13 +97,10 @@ T pair_weight(const Polynomial<T>& f, int64_t l, int64_t m) {
 // pairs of order <= f.order of D = d + 1.
 template <typename T>
 void weight_pair_rows(const Polynomial<T>& f, int64_t d, int64_t cols, T* out) {
-  const int64_t D = d + 1, last_l = f.order >= 2 ? D : 1;
-  for (int64_t l = 0; l < last_l; ++l)
-    for (int64_t m = l; m < D; ++m) {
-      T* row = out + pair_index(l, m, D) * cols;
-      const T w = pair_weight(f, l, m);
-      for (int64_t c = 0; c < cols; ++c) row[c] *= w;
-    }
+  for_each_pair(d, f.order, [&](int64_t l, int64_t m, int64_t index) {
+    const T w = pair_weight(f, l, m);
+    for (int64_t c = 0; c < cols; ++c) out[index * cols + c] *= w;
+  });
 }
 
 // Whether the register kernels serve T, an order and a value width: a
@@ -115,9 +127,11 @@ inline int64_t round_up(int64_t tokens, int64_t block) {
 
 // Rows of x~ past a chunk's tokens that an application reads (zeros): its
 // blocks of 3 to 24 tokens, and the denominators' of 4 vectors (64 float or
-// 32 double tokens; a chunk is a multiple of 64 tokens).
+// 32 double tokens; a chunk is a multiple of 64 tokens, so these stay inside
+// it). A chunk's buffers have room for kPairPaddedRows rows more.
+constexpr int64_t kPairPaddedRows = 24;
 inline int64_t pair_padded_tokens(int64_t tokens) {
-  return std::max(round_up(tokens, 24), round_up(tokens, 64));
+  return std::max(round_up(tokens, kPairPaddedRows), round_up(tokens, 64));
 }
 
 // Tokens per register pass of the reduction: the pass re-reads its tokens'
@@ -258,7 +272,7 @@ TS_AVX512 void reduce_pairs(const AugmentedChunk<T>& x, const T* s, const T* y,
   constexpr int L = Simd<T>::lanes, V = std::min(VE, 2);
   constexpr int NP = std::min(24 / V, L);
   const int64_t ldo = 1 + VE * L;
-  const int64_t last_l = order >= 2 ? D : 1;
+  const int64_t last_l = first_index_count(order, D);
   for (int64_t r0 = 0; r0 < tokens; r0 += kPairTokenBlock) {
     const int64_t r1 = std::min(tokens, r0 + kPairTokenBlock);
     for (int64_t l = 0; l < last_l; ++l) {
@@ -332,7 +346,7 @@ TS_AVX512 void apply_pairs(const AugmentedChunk<T>& x, int64_t tokens,
   constexpr int R = kApplyTokens<V>;
   constexpr int64_t e = V * Simd<T>::lanes;
   constexpr int64_t group_rows = kApplyBytes / int64_t(e * sizeof(T));
-  const int64_t last_l = order >= 2 ? D : 1;
+  const int64_t last_l = first_index_count(order, D);
   std::fill(z, z + tokens * e, T(0));
   for (int64_t l_hi = last_l - 1; l_hi >= 0;) {
     int64_t l_lo = l_hi, rows = D - l_hi;
@@ -352,7 +366,7 @@ TS_AVX512 void pair_denominators(const AugmentedChunk<T>& x, int64_t tokens,
                                  const T* s0, int64_t D, int order, T* den) {
   using vec = typename Simd<T>::vec;
   constexpr int L = Simd<T>::lanes, kChains = 4;
-  const int64_t last_l = order >= 2 ? D : 1;
+  const int64_t last_l = first_index_count(order, D);
   for (int64_t r0 = 0; r0 < tokens; r0 += kChains * L) {
     vec total[kChains] = {};
     for (int64_t l = last_l - 1; l >= 0; --l) {
@@ -503,21 +517,17 @@ class PairState {
   // side's (all 1).
   PairState(const T* state, int64_t d, int64_t e, int order,
             const Polynomial<T>* weights) {
-    const int64_t D = d + 1, last_l = order >= 2 ? D : 1;
     const int64_t F = feature_count(d, order), lanes = 64 / sizeof(T);
     storage_.resize(F * (e + 1) + lanes);
     const auto address = reinterpret_cast<uintptr_t>(storage_.data());
     values_ = storage_.data() + (64 - address % 64) % 64 / sizeof(T);
     column0_ = values_ + F * e;
-    for (int64_t l = 0; l < last_l; ++l)
-      for (int64_t m = l; m < D; ++m) {
-        const int64_t f_index = pair_index(l, m, D);
-        const T w = weights != nullptr ? pair_weight(*weights, l, m) : T(1);
-        const T* row = state + f_index * (e + 1);
-        column0_[f_index] = w * row[0];
-        for (int64_t c = 0; c < e; ++c)
-          values_[f_index * e + c] = w * row[1 + c];
-      }
+    for_each_pair(d, order, [&](int64_t l, int64_t m, int64_t f_index) {
+      const T w = weights != nullptr ? pair_weight(*weights, l, m) : T(1);
+      const T* row = state + f_index * (e + 1);
+      column0_[f_index] = w * row[0];
+      for (int64_t c = 0; c < e; ++c) values_[f_index * e + c] = w * row[1 + c];
+    });
   }
 
   const T* values() const { return values_; }
@@ -554,12 +564,10 @@ struct PairIndices {
   std::vector<int32_t> first, second;
 
   PairIndices(int64_t d, int order) {
-    const int64_t D = d + 1, last_l = order >= 2 ? D : 1;
-    for (int64_t l = 0; l < last_l; ++l)
-      for (int64_t m = l; m < D; ++m) {
-        first.push_back(int32_t(l));
-        second.push_back(int32_t(m));
-      }
+    for_each_pair(d, order, [&](int64_t l, int64_t m, int64_t) {
+      first.push_back(int32_t(l));
+      second.push_back(int32_t(m));
+    });
   }
   int64_t size() const { return int64_t(first.size()); }
 };
