@@ -138,6 +138,19 @@ struct Workspace {
   }
 };
 
+// [m_r | m_r x_r]^T ((1 + width) x ld) for the `rows` tokens of a chunk
+// (m_r = keep[r], or 1 where keep is nullptr), zero in columns [rows, end):
+// the token-lane layout of x~ (AugmentedChunk::columns) and of v'.
+template <typename T>
+void write_augmented_columns(const T* x, int64_t stride, int64_t rows,
+                             int64_t end, int64_t width, const T* keep, T* out,
+                             int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) out[r] = keep != nullptr ? keep[r] : T(1);
+  transpose_rows(x, stride, rows, width, keep, out + ld, ld);
+  for (int64_t l = 0; l <= width; ++l)
+    std::fill(out + l * ld + rows, out + l * ld + end, T(0));
+}
+
 // x~_r = [m_r | m_r x_r] for the `rows` tokens of a chunk (m_r = keep[r],
 // or 1 where keep is nullptr), and zeros for the tokens up to `padded` (at
 // most chunk + kPairPaddedRows rows, chunk columns): rows, and columns unless
@@ -159,15 +172,9 @@ void load_augmented(const T* x, int64_t stride, int64_t rows, int64_t padded,
       for (int64_t l = 0; l < d; ++l) row[1 + l] = T(0);
     }
   }
-  if (!columns) return;
-  for (int64_t r = 0; r < rows; ++r)
-    out.columns[r] = keep != nullptr ? keep[r] : T(1);
-  transpose_rows(x, stride, rows, d, keep, out.columns + out.column_stride,
-                 out.column_stride);
-  const int64_t columns_end = std::min(padded, w.chunk);
-  for (int64_t l = 0; l <= d; ++l)
-    std::fill(out.columns + l * out.column_stride + rows,
-              out.columns + l * out.column_stride + columns_end, T(0));
+  if (columns)
+    write_augmented_columns(x, stride, rows, std::min(padded, w.chunk), d, keep,
+                            out.columns, out.column_stride);
 }
 
 // valid = m_j of keys [j0, j0 + rows): 1 for a valid key, 0 for a masked
@@ -471,12 +478,8 @@ void backward_keys_pairs(const HeadTensors<T>& t, const T* dS, const Mask& mask,
     std::copy(w.values.begin(), w.values.begin() + rows * e, grad_v + j0 * e);
     // v'^T, (e + 1) x chunk, zero past the chunk's keys and where masked.
     T* vt = w.dzt.data();
-    for (int64_t r = 0; r < rows; ++r) vt[r] = valid_row[r];
-    std::fill(vt + rows, vt + std::min(padded, ld), T(0));
-    transpose_rows(t.v_row(j0), t.v_stride, rows, e, keep, vt + ld, ld);
-    for (int64_t col = 1; col <= e; ++col)
-      std::fill(vt + col * ld + rows, vt + col * ld + std::min(padded, ld),
-                T(0));
+    write_augmented_columns(t.v_row(j0), t.v_stride, rows, std::min(padded, ld),
+                            e, keep, vt, ld);
     contract_chunk_pairs(w.augmented_chunk(), vt, rows, grad_state, indices, d,
                          e, w.dxt.data());
     untranspose_rows(w.dxt.data() + ld, ld, rows, d, grad_k + j0 * d);
