@@ -134,6 +134,10 @@ inline int64_t pair_padded_tokens(int64_t tokens) {
   return std::max(round_up(tokens, kPairPaddedRows), round_up(tokens, 64));
 }
 
+// Features per register block of the contraction: G holds 12 features x 2
+// vectors of tokens, 24 of the 32 vector registers.
+constexpr int kContractFeatures = 12;
+
 // Tokens per register pass of the reduction: the pass re-reads its tokens'
 // rows of x~ and y once per block of state rows, from L1.
 constexpr int64_t kPairTokenBlock = 64;
@@ -395,12 +399,15 @@ TS_AVX512 void pair_denominators(const AugmentedChunk<T>& x, int64_t tokens,
 //   dx~_l(r) += G_f(r) x~_m(r),   dx~_m(r) += G_f(r) x~_l(r).
 // G holds NF x 2 vectors in registers, a GEMM micro-kernel's accumulators
 // (per column c: 2 loads of dz^T and NF broadcasts of S'_(f, c)), and goes
-// straight into the coordinates' gradients: no G in memory. Tokens are in
-// the lanes: dzt is dz^T ((e + 1) x tokens), xt x~^T and dxt the gradient
-// of x~ transposed (D x tokens), all with row stride ld.
+// straight into the coordinates' gradients: no G in memory. The block's
+// values are column by column (`block`: e x kContractFeatures, see
+// PairState), so that the NF broadcasts of a column are at constant offsets
+// from one pointer. Tokens are in the lanes: dzt is dz^T ((e + 1) x
+// tokens), xt x~^T and dxt the gradient of x~ transposed (D x tokens), all
+// with row stride ld.
 template <typename T, int NF>
 TS_AVX512 TS_INLINE void contract_pair_block(const T* dzt, const T* column0,
-                                             const T* values, int64_t e,
+                                             const T* block, int64_t e,
                                              int64_t f0, const int32_t* first,
                                              const int32_t* second, const T* xt,
                                              T* dxt, int64_t ld, int64_t r0) {
@@ -416,13 +423,12 @@ TS_AVX512 TS_INLINE void contract_pair_block(const T* dzt, const T* column0,
       g[p][1] = s * z1;
     }
   }
-  const T* row = values + f0 * e;
-  for (int64_t c = 0; c < e; ++c) {
+  for (int64_t c = 0; c < e; ++c, block += kContractFeatures) {
     const T* z = dzt + (1 + c) * ld + r0;
     const vec z0 = load_vector(z), z1 = load_vector(z + L);
 #pragma GCC unroll 32
     for (int p = 0; p < NF; ++p) {
-      const T s = row[p * e + c];
+      const T s = block[p];
       g[p][0] += s * z0;
       g[p][1] += s * z1;
     }
@@ -455,36 +461,38 @@ TS_AVX512 TS_INLINE void contract_pair_block(const T* dzt, const T* column0,
 // The last block of features, of n < NF: n as a template argument.
 template <typename T, int NF>
 TS_AVX512 TS_INLINE void contract_pair_tail(int n, const T* dzt,
-                                            const T* column0, const T* values,
+                                            const T* column0, const T* block,
                                             int64_t e, int64_t f0,
                                             const int32_t* first,
                                             const int32_t* second, const T* xt,
                                             T* dxt, int64_t ld, int64_t r0) {
   if constexpr (NF > 0) {
     if (n == NF)
-      return contract_pair_block<T, NF>(dzt, column0, values, e, f0, first,
+      return contract_pair_block<T, NF>(dzt, column0, block, e, f0, first,
                                         second, xt, dxt, ld, r0);
-    contract_pair_tail<T, NF - 1>(n, dzt, column0, values, e, f0, first, second,
+    contract_pair_tail<T, NF - 1>(n, dzt, column0, block, e, f0, first, second,
                                   xt, dxt, ld, r0);
   }
 }
 
 // dxt (D x tokens, zeroed here) = the gradient of x~ for `tokens` tokens, a
-// multiple of 2 vectors, through F features.
+// multiple of 2 vectors, through F features; `blocks` the state's value
+// columns in blocks of kContractFeatures features (PairState::blocks).
 template <typename T>
-TS_AVX512 void contract_pairs(const T* dzt, const T* column0, const T* values,
+TS_AVX512 void contract_pairs(const T* dzt, const T* column0, const T* blocks,
                               int64_t e, int64_t F, const int32_t* first,
                               const int32_t* second, const T* xt, T* dxt,
                               int64_t D, int64_t ld, int64_t tokens) {
-  constexpr int NF = 12, L = Simd<T>::lanes;
+  constexpr int NF = kContractFeatures, L = Simd<T>::lanes;
   for (int64_t l = 0; l < D; ++l)
     std::fill(dxt + l * ld, dxt + l * ld + tokens, T(0));
   for (int64_t r0 = 0; r0 < tokens; r0 += 2 * L) {
     int64_t f0 = 0;
-    for (; f0 + NF <= F; f0 += NF)
-      contract_pair_block<T, NF>(dzt, column0, values, e, f0, first, second, xt,
+    const T* block = blocks;
+    for (; f0 + NF <= F; f0 += NF, block += e * NF)
+      contract_pair_block<T, NF>(dzt, column0, block, e, f0, first, second, xt,
                                  dxt, ld, r0);
-    contract_pair_tail<T, NF - 1>(int(F - f0), dzt, column0, values, e, f0,
+    contract_pair_tail<T, NF - 1>(int(F - f0), dzt, column0, block, e, f0,
                                   first, second, xt, dxt, ld, r0);
   }
 }
@@ -507,8 +515,11 @@ void reduce_chunk_pairs(const AugmentedChunk<T>& x, const T* s, const T* y,
 #endif
 }
 
-// A state laid out for the applications: its value columns (F x e, rows 64
-// bytes aligned) and its column 0 (F), weighted by row or not.
+// A state laid out for the register kernels, weighted by row or not: its
+// value columns row by row (F x e, rows 64 bytes aligned) for the
+// applications, the same columns in blocks of kContractFeatures features for
+// the contractions (block b: e x kContractFeatures, element (c, p) feature
+// b kContractFeatures + p, zero past F), and its column 0 (F).
 template <typename T>
 class PairState {
  public:
@@ -518,24 +529,33 @@ class PairState {
   PairState(const T* state, int64_t d, int64_t e, int order,
             const Polynomial<T>* weights) {
     const int64_t F = feature_count(d, order), lanes = 64 / sizeof(T);
-    storage_.resize(F * (e + 1) + lanes);
+    const int64_t blocked_rows = round_up(F, kContractFeatures);
+    storage_.assign(F * e + blocked_rows * e + F + lanes, T(0));
     const auto address = reinterpret_cast<uintptr_t>(storage_.data());
     values_ = storage_.data() + (64 - address % 64) % 64 / sizeof(T);
-    column0_ = values_ + F * e;
+    blocks_ = values_ + F * e;
+    column0_ = blocks_ + blocked_rows * e;
     for_each_pair(d, order, [&](int64_t l, int64_t m, int64_t f_index) {
       const T w = weights != nullptr ? pair_weight(*weights, l, m) : T(1);
       const T* row = state + f_index * (e + 1);
+      T* block = blocks_ + f_index / kContractFeatures * e * kContractFeatures +
+                 f_index % kContractFeatures;
       column0_[f_index] = w * row[0];
-      for (int64_t c = 0; c < e; ++c) values_[f_index * e + c] = w * row[1 + c];
+      for (int64_t c = 0; c < e; ++c) {
+        values_[f_index * e + c] = w * row[1 + c];
+        block[c * kContractFeatures] = w * row[1 + c];
+      }
     });
   }
 
   const T* values() const { return values_; }
+  const T* blocks() const { return blocks_; }
   const T* column0() const { return column0_; }
 
  private:
   std::vector<T> storage_;
   T* values_;
+  T* blocks_;
   T* column0_;
 };
 
@@ -582,7 +602,7 @@ void contract_chunk_pairs(const AugmentedChunk<T>& x, const T* dzt,
                           const PairIndices& pairs, int64_t d, int64_t e,
                           T* dxt) {
 #if TS_PAIR_KERNELS
-  contract_pairs<T>(dzt, S.column0(), S.values(), e, pairs.size(),
+  contract_pairs<T>(dzt, S.column0(), S.blocks(), e, pairs.size(),
                     pairs.first.data(), pairs.second.data(), x.columns, dxt,
                     d + 1, x.column_stride,
                     round_up(tokens, 2 * Simd<T>::lanes));
