@@ -98,8 +98,10 @@ HeadTensors<T> head(const at::Tensor& q, const at::Tensor& k,
 template <typename T>
 struct Workspace {
   int64_t chunk, augmented_ld;
-  std::vector<T> xt;      // (1 + d) x chunk: [m | q or k] transposed; the
-                          // BLAS path uses rows 0..d-1 for q or k
+  std::vector<T> xt;      // (1 + d) x chunk: [m | q or k] transposed, and
+                          // room for an application's last block to read
+                          // past the last row; the BLAS path uses rows
+                          // 0..d-1 for q or k
   std::vector<T> tile;    // F x chunk: features, then feature gradients
                           // (the BLAS path only)
   std::vector<T> rows;    // chunk x (e + 1): [m | m v] or dz
@@ -109,7 +111,7 @@ struct Workspace {
   std::vector<T> grad_t;  // d x chunk: dq or dk, transposed
   // The register kernels' (pair_kernels.h): x~ rows, zero past 1 + d and
   // past the chunk's tokens, and their products.
-  std::vector<T> augmented;  // (chunk + kPairPaddedRows) x augmented_ld
+  std::vector<T> augmented;  // chunk x augmented_ld
   std::vector<T> values;     // (chunk + kPairPaddedRows) x e
   std::vector<T> den;        // chunk + kPairPaddedRows
   std::vector<T> dzt;        // (e + 1) x chunk: dz or v' transposed
@@ -118,7 +120,7 @@ struct Workspace {
   Workspace(int64_t d, int64_t e, int order)
       : chunk(token_chunk(d)),
         augmented_ld(d + 1 + 64 / int64_t(sizeof(T))),
-        xt((d + 1) * chunk),
+        xt((d + 1) * chunk + kPairPaddedRows),
         tile(pair_kernels_fit<T>(order, e) ? 0
                                            : feature_count(d, order) * chunk),
         rows(chunk * (e + 1)),
@@ -126,7 +128,7 @@ struct Workspace {
         valid(chunk),
         dots(feature_count(d, order)),
         grad_t(d * chunk),
-        augmented((chunk + kPairPaddedRows) * augmented_ld),
+        augmented(chunk * augmented_ld),
         values((chunk + kPairPaddedRows) * e),
         den(chunk + kPairPaddedRows),
         dzt((e + 1) * chunk),
@@ -151,28 +153,33 @@ void write_augmented_columns(const T* x, int64_t stride, int64_t rows,
     std::fill(out + l * ld + rows, out + l * ld + end, T(0));
 }
 
+// Which layouts of x~ a chunk's products read: rows (the reductions) and
+// columns (the applications, the contractions and the denominators).
+enum AugmentedLayouts : int { kAugmentedRows = 1, kAugmentedColumns = 2 };
+
 // x~_r = [m_r | m_r x_r] for the `rows` tokens of a chunk (m_r = keep[r],
-// or 1 where keep is nullptr), and zeros for the tokens up to `padded` (at
-// most chunk + kPairPaddedRows rows, chunk columns): rows, and columns unless
-// only a reduction reads the chunk.
+// or 1 where keep is nullptr), in the `layouts` asked for; the columns are
+// zero from `rows` up to `padded` (at most the chunk).
 template <typename T>
 void load_augmented(const T* x, int64_t stride, int64_t rows, int64_t padded,
-                    int64_t d, const T* keep, bool columns, Workspace<T>& w) {
+                    int64_t d, const T* keep, int layouts, Workspace<T>& w) {
   const AugmentedChunk<T> out = w.augmented_chunk();
-  for (int64_t r = 0; r < padded; ++r) {
-    T* row = out.rows + r * out.ld;
-    const T m = r >= rows ? T(0) : keep != nullptr ? keep[r] : T(1);
-    row[0] = m;
-    // Loops, not std::copy: a memmove call per row of d elements costs more
-    // than the copy.
-    if (m != T(0)) {
-      const T* xr = x + r * stride;
-      for (int64_t l = 0; l < d; ++l) row[1 + l] = xr[l];
-    } else {
-      for (int64_t l = 0; l < d; ++l) row[1 + l] = T(0);
+  if (layouts & kAugmentedRows) {
+    for (int64_t r = 0; r < rows; ++r) {
+      T* row = out.rows + r * out.ld;
+      const T m = keep != nullptr ? keep[r] : T(1);
+      row[0] = m;
+      // Loops, not std::copy: a memmove call per row of d elements costs
+      // more than the copy.
+      if (m != T(0)) {
+        const T* xr = x + r * stride;
+        for (int64_t l = 0; l < d; ++l) row[1 + l] = xr[l];
+      } else {
+        for (int64_t l = 0; l < d; ++l) row[1 + l] = T(0);
+      }
     }
   }
-  if (columns)
+  if (layouts & kAugmentedColumns)
     write_augmented_columns(x, stride, rows, std::min(padded, w.chunk), d, keep,
                             out.columns, out.column_stride);
 }
@@ -310,7 +317,8 @@ int64_t accumulate_state(const HeadTensors<T>& t, const Mask& mask,
     const int64_t rows = block_end(j0, ld, keys.end) - j0;
     if (pairs) {
       load_validity(j0, rows, mask, batch, w);
-      load_augmented(t.k_row(j0), t.k_stride, rows, rows, d, keep, false, w);
+      load_augmented(t.k_row(j0), t.k_stride, rows, rows, d, keep,
+                     kAugmentedRows, w);
     } else {
       load_keys(t, j0, rows, mask, batch, w);
     }
@@ -346,7 +354,7 @@ void apply_state_pairs(const HeadTensors<T>& t, const KernelOptions& options,
   for (int64_t i0 = queries.begin; i0 < queries.end; i0 += ld) {
     const int64_t rows = block_end(i0, ld, queries.end) - i0;
     load_augmented(t.q_row(i0), t.q_stride, rows, pair_padded_tokens(rows), d,
-                   static_cast<const T*>(nullptr), true, w);
+                   static_cast<const T*>(nullptr), kAugmentedColumns, w);
     apply_chunk_pairs(w.augmented_chunk(), rows, weighted, d, e, order,
                       w.values.data(), w.den.data());
     for (int64_t r = 0; r < rows; ++r) {
@@ -444,7 +452,8 @@ void backward_queries_pairs(const HeadTensors<T>& t, const BackwardRows<T>& g,
     const int64_t padded = pair_padded_tokens(rows);
     write_dz(g, sigma, i0, rows, e, w.dzt.data(), std::min(padded, ld), w);
     load_augmented(t.q_row(i0), t.q_stride, rows, padded, d,
-                   static_cast<const T*>(nullptr), true, w);
+                   static_cast<const T*>(nullptr),
+                   kAugmentedRows | kAugmentedColumns, w);
     reduce_chunk_pairs(w.augmented_chunk(), w.column.data(), w.rows.data() + 1,
                        e + 1, rows, d, e, order, grad_state_sum.next_block());
     grad_state_sum.chunk_added();
@@ -472,7 +481,8 @@ void backward_keys_pairs(const HeadTensors<T>& t, const T* dS, const Mask& mask,
     const int64_t rows = block_end(j0, ld, keys.end) - j0;
     const int64_t padded = pair_padded_tokens(rows);
     load_validity(j0, rows, mask, batch, w);
-    load_augmented(t.k_row(j0), t.k_stride, rows, padded, d, keep, true, w);
+    load_augmented(t.k_row(j0), t.k_stride, rows, padded, d, keep,
+                   kAugmentedColumns, w);
     apply_chunk_pairs(w.augmented_chunk(), rows, grad_state, d, e, order,
                       w.values.data(), static_cast<T*>(nullptr));
     std::copy(w.values.begin(), w.values.begin() + rows * e, grad_v + j0 * e);

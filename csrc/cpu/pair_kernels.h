@@ -58,9 +58,10 @@ namespace taylorshift::cpu {
 
 // Rows of the augmented vectors of a chunk of tokens, both ways: `rows`
 // holds x~_r row by row (row stride `ld`, zero past D so that a vector read
-// at any m0 < D stays inside the row), `columns` its transpose (D x
-// `column_stride`, row 0 the m_r, rows 1.. the chunk's x transposed, the
-// layout feature_gradient_tile reads).
+// at any m0 < D stays inside the row; the reductions read it), `columns` its
+// transpose (D x `column_stride`, row 0 the m_r, rows 1.. the chunk's x
+// transposed, the layout feature_gradient_tile reads; the applications,
+// contractions and denominators read it).
 template <typename T>
 struct AugmentedChunk {
   T* rows;
@@ -296,6 +297,8 @@ TS_AVX512 void reduce_pairs(const AugmentedChunk<T>& x, const T* s, const T* y,
 // micro-kernel's (V loads and R broadcasts per m); z, added to once per l,
 // stays in memory (L1). Both indices run down, so that l = 0 (the linear
 // features, then the constant, the largest terms) comes last.
+// x~ is read from the chunk's columns (x~_rm at xc[m stride + r]), so that
+// the R broadcasts of a coordinate are at constant offsets from one pointer.
 template <typename T, int V, int R>
 TS_AVX512 TS_INLINE void apply_pair_block(const AugmentedChunk<T>& x,
                                           int64_t r0, const T* S, int64_t D,
@@ -303,7 +306,8 @@ TS_AVX512 TS_INLINE void apply_pair_block(const AugmentedChunk<T>& x,
                                           T* z_out) {
   using vec = typename Simd<T>::vec;
   constexpr int L = Simd<T>::lanes, e = V * L;
-  const T* xr = x.rows + r0 * x.ld;
+  const int64_t stride = x.column_stride;
+  const T* xc = x.columns + r0;
   for (int64_t l = l_hi; l >= l_lo; --l) {
     vec u[R][V];
 #pragma GCC unroll 32
@@ -311,20 +315,21 @@ TS_AVX512 TS_INLINE void apply_pair_block(const AugmentedChunk<T>& x,
 #pragma GCC unroll 8
       for (int v = 0; v < V; ++v) u[r][v] = vec{};
     const T* srow = S + pair_index(l, D - 1, D) * e;
-    for (int64_t m = D - 1; m >= l; --m, srow -= e) {
+    const T* xm_row = xc + (D - 1) * stride;
+    for (int64_t m = D - 1; m >= l; --m, srow -= e, xm_row -= stride) {
       vec sv[V];
 #pragma GCC unroll 8
       for (int v = 0; v < V; ++v) sv[v] = load_vector(srow + v * L);
 #pragma GCC unroll 32
       for (int r = 0; r < R; ++r) {
-        const T xm = xr[r * x.ld + m];
+        const T xm = xm_row[r];
 #pragma GCC unroll 8
         for (int v = 0; v < V; ++v) u[r][v] += xm * sv[v];
       }
     }
 #pragma GCC unroll 32
     for (int r = 0; r < R; ++r) {
-      const T xl = xr[r * x.ld + l];
+      const T xl = xc[l * stride + r];
 #pragma GCC unroll 8
       for (int v = 0; v < V; ++v)
         add_vector(z_out + r * e + v * L, xl * u[r][v]);
@@ -342,8 +347,10 @@ constexpr int kApplyTokens = V == 1 ? 12 : 24 / V;
 constexpr int64_t kApplyBytes = 24 * 1024;
 
 // z rows (row stride e = V lanes) for `tokens` tokens, a multiple of
-// kApplyTokens<V> (x~ rows past the chunk's are zero), of the pairs of
-// order <= `order`; S the state's value columns (row stride e).
+// kApplyTokens<V>, of the pairs of order <= `order`; S the state's value
+// columns (row stride e). A row of z depends on its token's column of x~
+// only: the rows past the chunk's tokens, which read whatever lies past
+// them in x.columns, are not used.
 template <typename T, int V>
 TS_AVX512 void apply_pairs(const AugmentedChunk<T>& x, int64_t tokens,
                            const T* S, int64_t D, int order, T* z) {
@@ -561,8 +568,10 @@ class PairState {
 
 // z_r = pairs(x~_r)^T S[:, 1:] (rows x e) and, unless den is nullptr,
 // den_r = pairs(x~_r)^T S[:, 0] for the chunk's `tokens` tokens; z and den
-// have room for pair_padded_tokens(tokens) rows, which x~ holds (zeros past
-// `tokens`).
+// have room for pair_padded_tokens(tokens) rows, and x.columns may be read
+// that far (zeros past `tokens` up to 4 vectors, for den; past the chunk, an
+// application's last block reads on into the next row, or into room left
+// after the last).
 template <typename T>
 void apply_chunk_pairs(const AugmentedChunk<T>& x, int64_t tokens,
                        const PairState<T>& S, int64_t d, int64_t e, int order,
