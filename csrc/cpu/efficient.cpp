@@ -148,7 +148,7 @@ void write_augmented_columns(const T* x, int64_t stride, int64_t rows,
                              int64_t end, int64_t width, const T* keep, T* out,
                              int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) out[r] = keep != nullptr ? keep[r] : T(1);
-  transpose_rows(x, stride, rows, width, keep, out + ld, ld);
+  transpose_chunk(x, stride, rows, width, keep, out + ld, ld);
   for (int64_t l = 0; l <= width; ++l)
     std::fill(out + l * ld + rows, out + l * ld + end, T(0));
 }
@@ -459,7 +459,8 @@ void backward_queries_pairs(const HeadTensors<T>& t, const BackwardRows<T>& g,
     grad_state_sum.chunk_added();
     contract_chunk_pairs(w.augmented_chunk(), w.dzt.data(), rows, weighted,
                          indices, d, e, w.dxt.data());
-    untranspose_rows(w.dxt.data() + ld, ld, rows, d, grad_q + i0 * d);
+    transpose_chunk(w.dxt.data() + ld, ld, d, rows,
+                    static_cast<const T*>(nullptr), grad_q + i0 * d, d);
   }
 }
 
@@ -492,7 +493,8 @@ void backward_keys_pairs(const HeadTensors<T>& t, const T* dS, const Mask& mask,
                             e, keep, vt, ld);
     contract_chunk_pairs(w.augmented_chunk(), vt, rows, grad_state, indices, d,
                          e, w.dxt.data());
-    untranspose_rows(w.dxt.data() + ld, ld, rows, d, grad_k + j0 * d);
+    transpose_chunk(w.dxt.data() + ld, ld, d, rows,
+                    static_cast<const T*>(nullptr), grad_k + j0 * d, d);
   }
 }
 
@@ -521,11 +523,10 @@ TS_VECTOR_CLONES void write_dz(const BackwardRows<T>& g, T sigma, int64_t i0,
     w.column[r] = dz[0];
   }
   if (dzt == nullptr) return;
-  for (int64_t col = 0; col <= e; ++col) {
-    T* out = dzt + col * ld;
-    for (int64_t r = 0; r < rows; ++r) out[r] = w.rows[r * (e + 1) + col];
-    std::fill(out + rows, out + padded, T(0));
-  }
+  transpose_chunk(w.rows.data(), e + 1, rows, e + 1,
+                  static_cast<const T*>(nullptr), dzt, ld);
+  for (int64_t col = 0; col <= e; ++col)
+    std::fill(dzt + col * ld + rows, dzt + col * ld + padded, T(0));
 }
 
 // The query side for the queries of `queries`: dS's share added to

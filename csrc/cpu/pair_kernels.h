@@ -41,6 +41,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../features.h"
@@ -196,6 +197,67 @@ TS_AVX512 TS_INLINE void store_vector(double* p, DoubleVector x) {
 template <typename T>
 TS_AVX512 TS_INLINE void add_vector(T* p, typename Simd<T>::vec x) {
   store_vector(p, load_vector(p) + x);
+}
+
+// The L x L transpose of a square of vectors (L = lanes), in place: at
+// level B (8, 4, 2, 1 for float), rows i and i + B (i & B == 0) swap the
+// B-wide blocks at lanes [B, 2B) of row i and [0, B) of row i + B: the 2 x 2
+// block transpose [[A, C], [D, E]] -> [[A, D], [C, E]] of every 2B x 2B
+// square. After the levels down to 1, every element sits at its mirror.
+// Each swap is two two-source permutes (vpermt2ps / vpermt2pd).
+template <typename T, int B>
+TS_AVX512 TS_INLINE void transpose_level(typename Simd<T>::vec* rows) {
+  using vec = typename Simd<T>::vec;
+  using index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef index mask __attribute__((vector_size(64)));
+  constexpr int L = Simd<T>::lanes;
+  mask low, high;
+  for (int j = 0; j < L; ++j) {
+    low[j] = (j & B) == 0 ? j : L + j - B;
+    high[j] = (j & B) == 0 ? j + B : L + j;
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i) {
+    if (i & B) continue;
+    const vec top = rows[i], bottom = rows[i + B];
+    rows[i] = __builtin_shuffle(top, bottom, low);
+    rows[i + B] = __builtin_shuffle(top, bottom, high);
+  }
+  if constexpr (B > 1) transpose_level<T, B / 2>(rows);
+}
+
+// dst[c dst_stride + r] = src[r src_stride + c] for r < rows, c < cols,
+// zero by selection in the rows r where keep[r] == 0 (keep = nullptr keeps
+// every row; a masked key's row may hold NaN): whole L x L squares through
+// registers, the edges element by element.
+template <typename T>
+TS_AVX512 void transpose_tokens(const T* src, int64_t src_stride, int64_t rows,
+                                int64_t cols, const T* keep, T* dst,
+                                int64_t dst_stride) {
+  using vec = typename Simd<T>::vec;
+  constexpr int L = Simd<T>::lanes;
+  const int64_t whole_rows = rows / L * L, whole_cols = cols / L * L;
+  for (int64_t r0 = 0; r0 < whole_rows; r0 += L)
+    for (int64_t c0 = 0; c0 < whole_cols; c0 += L) {
+      vec square[L];
+#pragma GCC unroll 16
+      for (int i = 0; i < L; ++i)
+        square[i] = keep != nullptr && keep[r0 + i] == T(0)
+                        ? vec{}
+                        : load_vector(src + (r0 + i) * src_stride + c0);
+      transpose_level<T, L / 2>(square);
+#pragma GCC unroll 16
+      for (int i = 0; i < L; ++i)
+        store_vector(dst + (c0 + i) * dst_stride + r0, square[i]);
+    }
+  auto element = [&](int64_t r, int64_t c) {
+    dst[c * dst_stride + r] =
+        keep != nullptr && keep[r] == T(0) ? T(0) : src[r * src_stride + c];
+  };
+  for (int64_t r = 0; r < whole_rows; ++r)
+    for (int64_t c = whole_cols; c < cols; ++c) element(r, c);
+  for (int64_t r = whole_rows; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) element(r, c);
 }
 
 // Rows (l, m0 + p), p < NP, of `out` (row stride ldo: column 0, then the
@@ -519,6 +581,17 @@ void reduce_chunk_pairs(const AugmentedChunk<T>& x, const T* s, const T* y,
   with_value_vectors<T>(e, [&](auto V) {
     reduce_pairs<T, V>(x, s, y, ldy, tokens, d + 1, order, out);
   });
+#endif
+}
+
+// dst[c dst_stride + r] = src[r src_stride + c] for r < rows, c < cols,
+// zero by selection where keep[r] == 0 (transpose_tokens): the chunks'
+// transposes of the register kernels' callers.
+template <typename T>
+void transpose_chunk(const T* src, int64_t src_stride, int64_t rows,
+                     int64_t cols, const T* keep, T* dst, int64_t dst_stride) {
+#if TS_PAIR_KERNELS
+  transpose_tokens(src, src_stride, rows, cols, keep, dst, dst_stride);
 #endif
 }
 
