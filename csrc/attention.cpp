@@ -184,6 +184,15 @@ at::Tensor attention_composite(
       "attn_mask and causal need mode=\"direct\" (or \"auto\", which picks "
       "it)");
 
+  const bool efficient =
+      mode == "efficient" || (mode == "auto" && !needs_direct &&
+                              auto_picks_efficient(q, k, v, f.order));
+  const KernelOptions options{f, causal, output_scale};
+  // The efficient operators normalise q and k themselves, chunk by chunk.
+  if (efficient && normalize)
+    return std::get<0>(efficient_forward(q, k, v, key_padding_mask, options,
+                                         true, temperature));
+
   // Logits x_ij = q_hat_i . k_hat_j: tau cos(q_i, k_j) when normalising,
   // tau scale q_i . k_j otherwise; formed in the accumulation dtype and
   // rounded to the input dtype once. normalize_rows (cpu/normalize.cpp) does
@@ -209,10 +218,6 @@ at::Tensor attention_composite(
     k_hat = k;
   }
 
-  const bool efficient =
-      mode == "efficient" || (mode == "auto" && !needs_direct &&
-                              auto_picks_efficient(q, k, v, f.order));
-  const KernelOptions options{f, causal, output_scale};
   if (efficient)
     return std::get<0>(
         efficient_forward(q_hat, k_hat, v, key_padding_mask, options));

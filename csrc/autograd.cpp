@@ -70,29 +70,41 @@ class DirectAttention : public torch::autograd::Function<DirectAttention> {
   }
 };
 
+// With normalize, the operators form q_hat and k_hat themselves: the
+// context saves q and k as given (alive anyway as the caller's inputs) and
+// the (H,) temperature, and the gradients are those of q, k and temperature.
 class EfficientAttention
     : public torch::autograd::Function<EfficientAttention> {
  public:
   static variable_list forward(
       AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
       const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
-      const KernelOptions& options) {
+      const KernelOptions& options, bool normalize,
+      const std::optional<at::Tensor>& temperature) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, den, state] =
-        efficient_forward(q, k, v, key_padding_mask, options);
-    ctx->save_for_backward({q, k, v, out, den, state});
+    auto [out, den, state] = efficient_forward(q, k, v, key_padding_mask,
+                                               options, normalize, temperature);
+    ctx->save_for_backward(
+        {q, k, v, out, den, state, temperature.value_or(at::Tensor())});
     save_options(ctx, options);
     ctx->saved_data["key_padding_mask"] = key_padding_mask;
+    ctx->saved_data["normalize"] = normalize;
     ctx->mark_non_differentiable({den, state});
     return {out, den, state};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    auto [grad_q, grad_k, grad_v] = efficient_backward(
+    std::optional<at::Tensor> temperature;
+    if (saved[6].defined()) temperature = saved[6];
+    auto [grad_q, grad_k, grad_v, grad_temperature] = efficient_backward(
         grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
-        saved_mask(ctx, "key_padding_mask"), saved_options(ctx));
-    return with_undefined(grad_q, grad_k, grad_v, 2);
+        saved_mask(ctx, "key_padding_mask"), saved_options(ctx),
+        ctx->saved_data["normalize"].toBool(), temperature);
+    // After q, k, v: key_padding_mask, options, normalize, temperature.
+    variable_list out = with_undefined(grad_q, grad_k, grad_v, 4);
+    if (temperature) out[6] = grad_temperature;
+    return out;
   }
 };
 
@@ -134,11 +146,13 @@ class EfficientBackward : public torch::autograd::Function<EfficientBackward> {
       const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
       const at::Tensor& den, const at::Tensor& state,
       const std::optional<at::Tensor>& key_padding_mask,
-      const KernelOptions& options) {
+      const KernelOptions& options, bool normalize,
+      const std::optional<at::Tensor>& temperature) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [grad_q, grad_k, grad_v] = efficient_backward(
-        grad_out, q, k, v, out, den, state, key_padding_mask, options);
-    return {grad_q, grad_k, grad_v};
+    auto [grad_q, grad_k, grad_v, grad_temperature] =
+        efficient_backward(grad_out, q, k, v, out, den, state, key_padding_mask,
+                           options, normalize, temperature);
+    return {grad_q, grad_k, grad_v, grad_temperature};
   }
 
   static variable_list backward(AutogradContext*, variable_list) {
@@ -213,22 +227,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_autograd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
-    c10::ArrayRef<double> coefficients) {
+    c10::ArrayRef<double> coefficients, bool normalize,
+    const std::optional<at::Tensor>& temperature) {
   auto outs = EfficientAttention::apply(
       q, k, v, key_padding_mask,
-      schema_options(false, output_scale, coefficients));
+      schema_options(false, output_scale, coefficients), normalize,
+      temperature);
   return {outs[0], outs[1], outs[2]};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_autograd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
-    const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
-    bool output_scale, c10::ArrayRef<double> coefficients) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+efficient_backward_autograd(const at::Tensor& grad_out, const at::Tensor& q,
+                            const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& out, const at::Tensor& den,
+                            const at::Tensor& state,
+                            const std::optional<at::Tensor>& key_padding_mask,
+                            bool output_scale,
+                            c10::ArrayRef<double> coefficients, bool normalize,
+                            const std::optional<at::Tensor>& temperature) {
   auto grads = EfficientBackward::apply(
       grad_out, q, k, v, out, den, state, key_padding_mask,
-      schema_options(false, output_scale, coefficients));
-  return {grads[0], grads[1], grads[2]};
+      schema_options(false, output_scale, coefficients), normalize,
+      temperature);
+  return {grads[0], grads[1], grads[2], grads[3]};
 }
 
 at::Tensor normalize_rows_autograd(const at::Tensor& x,

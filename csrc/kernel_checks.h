@@ -334,4 +334,37 @@ inline void check_normalize_backward_arguments(
   check_operand(op, "grad_y", grad_y, x.sym_sizes(), x.scalar_type(), x);
 }
 
+// The efficient operators' normalize and temperature: a temperature (H,),
+// floating, on q's device, and only with normalize (without it, the caller
+// scales q itself).
+inline void check_efficient_normalization(
+    const char* op, const at::Tensor& q, bool normalize,
+    const std::optional<at::Tensor>& temperature) {
+  if (!temperature) return;
+  TORCH_CHECK_VALUE(normalize, op,
+                    ": temperature applies only with normalize=True (without "
+                    "it, scale q by the temperature before the call)");
+  TORCH_CHECK_VALUE(
+      (temperature->dim() == 1 ? temperature->sym_size(0).sym_eq(q.sym_size(1))
+                               : c10::SymBool(false))
+          .expect_true(__FILE__, __LINE__),
+      op, ": temperature must have shape (H,) = (", q.sym_size(1), ",), got ",
+      shape_string(*temperature));
+  TORCH_CHECK_TYPE(at::isFloatingType(temperature->scalar_type()), op,
+                   ": temperature must be floating, got ",
+                   dtype_string(temperature->scalar_type()));
+  TORCH_CHECK_VALUE(temperature->device() == q.device(), op,
+                    ": temperature is on ", temperature->device(),
+                    " but q is on ", q.device());
+}
+
+// efficient_backward's grad_temperature before it is computed: (H,) in
+// temperature's dtype, or (0,) without a temperature.
+inline at::Tensor empty_temperature_gradient(
+    const at::Tensor& q, const std::optional<at::Tensor>& temperature) {
+  if (!temperature)
+    return at::empty_symint({0}, q.options().dtype(accumulate_dtype(q)));
+  return at::empty_symint(temperature->sym_sizes(), temperature->options());
+}
+
 }  // namespace taylorshift

@@ -26,15 +26,21 @@ TORCH_LIBRARY(taylorshift, m) {
       "Tensor out, Tensor den, Tensor? key_padding_mask, Tensor? attn_mask, "
       "bool causal, bool output_scale, float[] coefficients) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // normalize=True: the logits' factors are formed inside, chunk by chunk,
+  // as normalize_rows forms them: temperature_h q / |q| and k / |k|.
+  // grad_temperature is (H,) in temperature's dtype, or (0,) without one.
   m.def(
       "efficient_forward(Tensor q, Tensor k, Tensor v, "
       "Tensor? key_padding_mask, bool output_scale, "
-      "float[] coefficients) -> (Tensor out, Tensor den, Tensor state)");
+      "float[] coefficients, bool normalize=False, "
+      "Tensor? temperature=None) -> (Tensor out, Tensor den, Tensor state)");
   m.def(
       "efficient_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor den, Tensor state, Tensor? key_padding_mask, "
-      "bool output_scale, float[] coefficients) -> "
-      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "bool output_scale, float[] coefficients, bool normalize=False, "
+      "Tensor? temperature=None) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v, "
+      "Tensor grad_temperature)");
   // y = factor_h x / |x| along the last dimension of x (B, H, L, d), in x's
   // dtype, computed in the accumulation dtype and rounded once; exact for
   // every finite x, a zero row gives zeros (identity gradient). Without a
@@ -74,10 +80,13 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_meta(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
-    c10::ArrayRef<double> coefficients) {
+    c10::ArrayRef<double> coefficients, bool normalize,
+    const std::optional<at::Tensor>& temperature) {
   check_forward_arguments("taylorshift::efficient_forward", q, k, v,
                           key_padding_mask, std::nullopt,
                           schema_options(false, output_scale, coefficients));
+  check_efficient_normalization("taylorshift::efficient_forward", q, normalize,
+                                temperature);
   const int order = polynomial_of(coefficients).order;
   check_efficient_order("taylorshift::efficient_forward", order,
                         kMaxEfficientOrder);
@@ -108,17 +117,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_meta(
   return empty_gradients(q, k, v);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_meta(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
-    const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
-    bool output_scale, c10::ArrayRef<double> coefficients) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+efficient_backward_meta(const at::Tensor& grad_out, const at::Tensor& q,
+                        const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& out, const at::Tensor& den,
+                        const at::Tensor& state,
+                        const std::optional<at::Tensor>& key_padding_mask,
+                        bool output_scale, c10::ArrayRef<double> coefficients,
+                        bool normalize,
+                        const std::optional<at::Tensor>& temperature) {
   check_backward_arguments("taylorshift::efficient_backward", grad_out, q, k, v,
                            out, den, state, key_padding_mask, std::nullopt,
                            schema_options(false, output_scale, coefficients));
+  check_efficient_normalization("taylorshift::efficient_backward", q, normalize,
+                                temperature);
   check_efficient_order("taylorshift::efficient_backward",
                         polynomial_of(coefficients).order, kMaxEfficientOrder);
-  return empty_gradients(q, k, v);
+  auto [grad_q, grad_k, grad_v] = empty_gradients(q, k, v);
+  return {grad_q, grad_k, grad_v, empty_temperature_gradient(q, temperature)};
 }
 
 // y and grad_x are contiguous on every backend; grad_factor is (H,) in
@@ -189,7 +205,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask,
-    const KernelOptions& options) {
+    const KernelOptions& options, bool normalize,
+    const std::optional<at::Tensor>& temperature) {
   TORCH_CHECK_NOT_IMPLEMENTED(
       !options.causal, "taylorshift: efficient_forward has no causal form");
   static auto op =
@@ -197,49 +214,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward(
           .findSchemaOrThrow("taylorshift::efficient_forward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const std::optional<at::Tensor>&, bool, c10::ArrayRef<double>)>();
+              const std::optional<at::Tensor>&, bool, c10::ArrayRef<double>,
+              bool, const std::optional<at::Tensor>&)>();
   return op.call(q, k, v, key_padding_mask, options.output_scale,
-                 coefficient_list(options.coefficients));
+                 coefficient_list(options.coefficients), normalize,
+                 temperature);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> efficient_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
-    const KernelOptions& options) {
+    const KernelOptions& options, bool normalize,
+    const std::optional<at::Tensor>& temperature) {
   TORCH_CHECK_NOT_IMPLEMENTED(
       !options.causal, "taylorshift: efficient_backward has no causal form");
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("taylorshift::efficient_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const std::optional<at::Tensor>&, bool,
-              c10::ArrayRef<double>)>();
+              c10::ArrayRef<double>, bool, const std::optional<at::Tensor>&)>();
   return op.call(grad_out, q, k, v, out, den, state, key_padding_mask,
-                 options.output_scale, coefficient_list(options.coefficients));
-}
-
-at::Tensor normalize_rows(const at::Tensor& x,
-                          const std::optional<at::Tensor>& factor) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("taylorshift::normalize_rows", "")
-                       .typed<at::Tensor(const at::Tensor&,
-                                         const std::optional<at::Tensor>&)>();
-  return op.call(x, factor);
-}
-
-std::tuple<at::Tensor, at::Tensor> normalize_rows_backward(
-    const at::Tensor& grad_y, const at::Tensor& x,
-    const std::optional<at::Tensor>& factor) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("taylorshift::normalize_rows_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&,
-              const std::optional<at::Tensor>&)>();
-  return op.call(grad_y, x, factor);
+                 options.output_scale, coefficient_list(options.coefficients),
+                 normalize, temperature);
 }
 
 }  // namespace taylorshift

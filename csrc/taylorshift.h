@@ -11,6 +11,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
 #include <string>
@@ -50,29 +51,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
     const std::optional<at::Tensor>& attn_mask, const KernelOptions& options);
 
 // The efficient operators have no attn_mask and no causal form: a `causal`
-// in `options` is rejected.
+// in `options` is rejected. With normalize, they form the logits' factors
+// themselves, as normalize_rows does: q_hat = temperature_h q / |q| and
+// k_hat = k / |k| (temperature (H,) optional, 1 without; only with
+// normalize), chunk by chunk, so that no (B, H, L, d) temporary exists; the
+// backward then returns grad_temperature (H,) in temperature's dtype (shape
+// (0,) without a temperature).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask,
-    const KernelOptions& options);
+    const KernelOptions& options, bool normalize = false,
+    const std::optional<at::Tensor>& temperature = {});
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> efficient_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
-    const KernelOptions& options);
+    const KernelOptions& options, bool normalize = false,
+    const std::optional<at::Tensor>& temperature = {});
 
 // The logit factors of normalize=True: y = factor_h x / |x| along the last
 // dimension of x (B, H, L, d), in x's dtype (computed in the accumulation
 // dtype, rounded once), exact for every finite x; a zero row gives zeros.
 // factor (H,) is optional (1). Differentiable in x and factor. The backward
 // returns grad_x (x's dtype) and grad_factor (H,) in factor's dtype.
-at::Tensor normalize_rows(const at::Tensor& x,
-                          const std::optional<at::Tensor>& factor = {});
+// (Defined here, inline: the CUDA efficient operators call them, also where
+// csrc/cuda/emulation builds them outside this extension.)
+inline at::Tensor normalize_rows(const at::Tensor& x,
+                                 const std::optional<at::Tensor>& factor = {}) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("taylorshift::normalize_rows", "")
+                       .typed<at::Tensor(const at::Tensor&,
+                                         const std::optional<at::Tensor>&)>();
+  return op.call(x, factor);
+}
 
-std::tuple<at::Tensor, at::Tensor> normalize_rows_backward(
+inline std::tuple<at::Tensor, at::Tensor> normalize_rows_backward(
     const at::Tensor& grad_y, const at::Tensor& x,
-    const std::optional<at::Tensor>& factor);
+    const std::optional<at::Tensor>& factor) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("taylorshift::normalize_rows_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&)>();
+  return op.call(grad_y, x, factor);
+}
 
 // FLOPs of one (batch, head) of the direct or the efficient algorithm of
 // Taylor order `order`, forward or forward + backward (docs/math.md §4; a

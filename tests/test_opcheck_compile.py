@@ -87,20 +87,29 @@ def test_opcheck_direct_forward_and_backward(device, dtype, masked, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("normalize", ["factors", "normalize", "temperature"])
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "key_padding_mask"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_opcheck_efficient_forward_and_backward(device, dtype, masked, layout):
+def test_opcheck_efficient_forward_and_backward(device, dtype, masked, normalize, layout):
     q, k, v = _inputs(device, dtype, requires_grad=True, layout=layout)
     kpm, _ = _masks(device, masked)
-    forward_args = (q, k, v, kpm, True, COEFFS)
+    # q and k as the logits' factors, or normalised inside (with or without a temperature).
+    temperature = torch.tensor([0.7, -1.3], dtype=dtype, device=device, requires_grad=True)
+    fused = {
+        "factors": (),
+        "normalize": (True,),
+        "temperature": (True, temperature),
+    }[normalize]
+    forward_args = (q, k, v, kpm, True, COEFFS, *fused)
     _assert_opcheck(torch.ops.taylorshift.efficient_forward.default, forward_args)
     with torch.no_grad():
         out, den, state = torch.ops.taylorshift.efficient_forward(*forward_args)
     q, k, v = (x.detach() for x in (q, k, v))
+    fused = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in fused)
     grad_out = torch.randn_like(out)
     _assert_opcheck(
         torch.ops.taylorshift.efficient_backward.default,
-        (grad_out, q, k, v, out, den, state, kpm, True, COEFFS),
+        (grad_out, q, k, v, out, den, state, kpm, True, COEFFS, *fused),
     )
 
 

@@ -27,6 +27,7 @@
 #include "../kernel_checks.h"
 #include "common.h"
 #include "feature_tiles.h"
+#include "normalize_rows.h"
 #include "pair_kernels.h"
 
 namespace taylorshift::cpu {
@@ -38,48 +39,36 @@ namespace {
 // its products and the contraction that reads it back.
 inline int64_t token_chunk(int64_t d) { return d <= 32 ? 256 : 128; }
 
-// xt[l][r] = x_r[l] (rows x d, row stride `stride`) where keep[r] != 0, zero
-// by selection where it is 0 (a masked key may hold NaN; 0 * NaN = NaN would
-// spread into the whole state); keep = nullptr keeps every row. Rows of xt
-// are written contiguously; the reads stay within the chunk's rows, in L1.
-template <typename T>
-TS_VECTOR_CLONES void transpose_rows(const T* x, int64_t stride, int64_t rows,
-                                     int64_t d, const T* keep, T* xt,
-                                     int64_t ld) {
-  for (int64_t l = 0; l < d; ++l) {
-    T* out = xt + l * ld;
-    if (keep == nullptr) {
-      for (int64_t r = 0; r < rows; ++r) out[r] = x[r * stride + l];
-    } else {
-      for (int64_t r = 0; r < rows; ++r)
-        out[r] = keep[r] != T(0) ? x[r * stride + l] : T(0);
-    }
-  }
-}
-
-// out rows (rows x d, row stride d) = xt^T.
-template <typename T>
-void untranspose_rows(const T* xt, int64_t ld, int64_t rows, int64_t d,
-                      T* out) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t l = 0; l < d; ++l) out[r * d + l] = xt[l * ld + r];
-}
-
 // One (batch, head): rows of q, k, v read in place through their strides.
+// With `normalize`, the products read q_hat = q_factor q / |q| and
+// k_hat = k / |k| instead, formed chunk by chunk (query_rows, key_rows).
 template <typename T>
 struct HeadTensors {
   const T *q, *k, *v;
   int64_t q_stride, k_stride, v_stride;
   int64_t queries, keys, head_dim, value_dim;
+  bool normalize;
+  T q_factor;
 
   const T* q_row(int64_t i) const { return q + i * q_stride; }
   const T* k_row(int64_t j) const { return k + j * k_stride; }
   const T* v_row(int64_t j) const { return v + j * v_stride; }
 };
 
+// normalize=True in the kernels: the per-head factors of q (the
+// temperature; nullptr for 1), none for k.
+template <typename T>
+struct Normalization {
+  bool enabled;
+  const T* q_factors;
+
+  T q_factor(int64_t h) const { return q_factors ? q_factors[h] : T(1); }
+};
+
 template <typename T>
 HeadTensors<T> head(const at::Tensor& q, const at::Tensor& k,
-                    const at::Tensor& v, int64_t batch, int64_t head_index) {
+                    const at::Tensor& v, const Normalization<T>& normalization,
+                    int64_t batch, int64_t head_index) {
   const TokenRows<T> qr = token_rows<T>(q), kr = token_rows<T>(k),
                      vr = token_rows<T>(v);
   return {qr.head(batch, head_index),
@@ -91,7 +80,9 @@ HeadTensors<T> head(const at::Tensor& q, const at::Tensor& k,
           q.size(2),
           k.size(2),
           q.size(3),
-          v.size(3)};
+          v.size(3),
+          normalization.enabled,
+          normalization.q_factor(head_index)};
 }
 
 // Per-thread buffers, allocated once per parallel task.
@@ -116,6 +107,10 @@ struct Workspace {
   std::vector<T> den;        // chunk + kPairPaddedRows
   std::vector<T> dzt;        // (e + 1) x chunk: dz or v' transposed
   std::vector<T> dxt;        // (1 + d) x chunk: the gradient of x~, transposed
+  // normalize: the chunk's q_hat or k_hat rows, or the gradient rows of
+  // either, and one row of the accumulation dtype (normalize_rows.h).
+  std::vector<T> operand;  // chunk x d
+  std::vector<T> row;      // d
 
   Workspace(int64_t d, int64_t e, int order)
       : chunk(token_chunk(d)),
@@ -132,13 +127,74 @@ struct Workspace {
         values((chunk + kPairPaddedRows) * e),
         den(chunk + kPairPaddedRows),
         dzt((e + 1) * chunk),
-        dxt((d + 1) * chunk) {}
+        dxt((d + 1) * chunk),
+        operand(chunk * d),
+        row(d) {}
 
   // x~ of the chunk: rows in `augmented`, columns in xt.
   AugmentedChunk<T> augmented_chunk() {
     return {augmented.data(), augmented_ld, xt.data(), chunk};
   }
 };
+
+// Rows of a chunk of q or k, row stride `stride`.
+template <typename T>
+struct ChunkRows {
+  const T* rows;
+  int64_t stride;
+};
+
+// `rows` rows of q or k from x as the products read them: in place, or
+// normalised (factor x / |x|, normalize_row) into w.operand.
+template <typename T>
+ChunkRows<T> operand_rows(const T* x, int64_t stride, int64_t rows, int64_t d,
+                          bool normalize, T factor, Workspace<T>& w) {
+  if (!normalize) return {x, stride};
+  with_row_length(d, [&](auto length) {
+    for (int64_t r = 0; r < rows; ++r)
+      normalize_row(x + r * stride, 1, length, factor, w.row.data(),
+                    w.operand.data() + r * d);
+  });
+  return {w.operand.data(), d};
+}
+
+template <typename T>
+ChunkRows<T> query_rows(const HeadTensors<T>& t, int64_t i0, int64_t rows,
+                        Workspace<T>& w) {
+  return operand_rows(t.q_row(i0), t.q_stride, rows, t.head_dim, t.normalize,
+                      t.q_factor, w);
+}
+
+template <typename T>
+ChunkRows<T> key_rows(const HeadTensors<T>& t, int64_t j0, int64_t rows,
+                      Workspace<T>& w) {
+  return operand_rows(t.k_row(j0), t.k_stride, rows, t.head_dim, t.normalize,
+                      T(1), w);
+}
+
+// The gradient rows of `rows` rows of q or k (out, row stride d) from the
+// gradient of the rows the products read, transposed (gt: d x ld): as it
+// is, or through normalize_row_backward with x the rows as given. Returns
+// the sum of the rows' u . g, their share of the factor's gradient (0
+// without normalize).
+template <typename T>
+double write_operand_gradient(const T* gt, int64_t ld, int64_t rows, const T* x,
+                              int64_t stride, int64_t d, bool normalize,
+                              T factor, T* out, Workspace<T>& w) {
+  if (!normalize) {
+    transpose_chunk(gt, ld, d, rows, static_cast<const T*>(nullptr), out, d);
+    return 0;
+  }
+  T* g = w.operand.data();
+  transpose_chunk(gt, ld, d, rows, static_cast<const T*>(nullptr), g, d);
+  double sum = 0;
+  with_row_length(d, [&](auto length) {
+    for (int64_t r = 0; r < rows; ++r)
+      sum += normalize_row_backward(x + r * stride, 1, g + r * d, length,
+                                    factor, w.row.data(), out + r * d);
+  });
+  return sum;
+}
 
 // [m_r | m_r x_r]^T ((1 + width) x ld) for the `rows` tokens of a chunk
 // (m_r = keep[r], or 1 where keep is nullptr), zero in columns [rows, end):
@@ -200,9 +256,10 @@ void load_keys(const HeadTensors<T>& t, int64_t j0, int64_t rows,
                const Mask& mask, int64_t batch, Workspace<T>& w) {
   load_validity(j0, rows, mask, batch, w);
   const T* valid = w.valid.data();
-  transpose_rows(t.k_row(j0), t.k_stride, rows, t.head_dim,
-                 mask.key_padding != nullptr ? valid : nullptr, w.xt.data(),
-                 w.chunk);
+  const ChunkRows<T> keys = key_rows(t, j0, rows, w);
+  transpose_chunk(keys.rows, keys.stride, rows, t.head_dim,
+                  mask.key_padding != nullptr ? valid : nullptr, w.xt.data(),
+                  w.chunk);
 }
 
 // m_j [1 | v_j] rows of keys [j0, j0 + rows) (row stride e + 1), the value
@@ -317,7 +374,8 @@ int64_t accumulate_state(const HeadTensors<T>& t, const Mask& mask,
     const int64_t rows = block_end(j0, ld, keys.end) - j0;
     if (pairs) {
       load_validity(j0, rows, mask, batch, w);
-      load_augmented(t.k_row(j0), t.k_stride, rows, rows, d, keep,
+      const ChunkRows<T> keys = key_rows(t, j0, rows, w);
+      load_augmented(keys.rows, keys.stride, rows, rows, d, keep,
                      kAugmentedRows, w);
     } else {
       load_keys(t, j0, rows, mask, batch, w);
@@ -353,8 +411,10 @@ void apply_state_pairs(const HeadTensors<T>& t, const KernelOptions& options,
   const PairState<T> weighted(state, d, e, order, &f);
   for (int64_t i0 = queries.begin; i0 < queries.end; i0 += ld) {
     const int64_t rows = block_end(i0, ld, queries.end) - i0;
-    load_augmented(t.q_row(i0), t.q_stride, rows, pair_padded_tokens(rows), d,
-                   static_cast<const T*>(nullptr), kAugmentedColumns, w);
+    const ChunkRows<T> queries_in = query_rows(t, i0, rows, w);
+    load_augmented(queries_in.rows, queries_in.stride, rows,
+                   pair_padded_tokens(rows), d, static_cast<const T*>(nullptr),
+                   kAugmentedColumns, w);
     apply_chunk_pairs(w.augmented_chunk(), rows, weighted, d, e, order,
                       w.values.data(), w.den.data());
     for (int64_t r = 0; r < rows; ++r) {
@@ -387,8 +447,9 @@ void apply_state(const HeadTensors<T>& t, const KernelOptions& options,
   // adding it first would round every other term at its magnitude.
   for (int64_t i0 = queries.begin; i0 < queries.end; i0 += ld) {
     const int64_t rows = block_end(i0, ld, queries.end) - i0;
-    transpose_rows<T>(t.q_row(i0), t.q_stride, rows, d, nullptr, w.xt.data(),
-                      ld);
+    const ChunkRows<T> queries_in = query_rows(t, i0, rows, w);
+    transpose_chunk(queries_in.rows, queries_in.stride, rows, d,
+                    static_cast<const T*>(nullptr), w.xt.data(), ld);
     // The build also applies S[:, 0] (features 1..): the denominators.
     std::fill(w.column.begin(), w.column.begin() + rows, T(0));
     RowExtras<T> denominators;
@@ -435,23 +496,27 @@ struct BackwardRows {
 //         weights the head's dS once it is whole),
 //   dq_i = the gradient of pairs(x~_i) . (S' dz_i), S' the state weighted as
 //         phi's features are (contract_chunk_pairs).
+// Returns the queries' share of the temperature's gradient
+// (write_operand_gradient).
 template <typename T>
-void backward_queries_pairs(const HeadTensors<T>& t, const BackwardRows<T>& g,
-                            const T* state, const KernelOptions& options,
-                            T sigma, TokenRange queries,
-                            ChunkSum<T>& grad_state_sum, T* grad_q,
-                            Workspace<T>& w) {
+double backward_queries_pairs(const HeadTensors<T>& t, const BackwardRows<T>& g,
+                              const T* state, const KernelOptions& options,
+                              T sigma, TokenRange queries,
+                              ChunkSum<T>& grad_state_sum, T* grad_q,
+                              Workspace<T>& w) {
   const int order = options.coefficients.order;
   const int64_t d = t.head_dim, e = t.value_dim;
   const int64_t ld = w.chunk;
   const Polynomial<T> f = options.coefficients.template cast<T>();
   const PairState<T> weighted(state, d, e, order, &f);
   const PairIndices indices(d, order);
+  double factor_gradient = 0;
   for (int64_t i0 = queries.begin; i0 < queries.end; i0 += ld) {
     const int64_t rows = block_end(i0, ld, queries.end) - i0;
     const int64_t padded = pair_padded_tokens(rows);
     write_dz(g, sigma, i0, rows, e, w.dzt.data(), std::min(padded, ld), w);
-    load_augmented(t.q_row(i0), t.q_stride, rows, padded, d,
+    const ChunkRows<T> queries_in = query_rows(t, i0, rows, w);
+    load_augmented(queries_in.rows, queries_in.stride, rows, padded, d,
                    static_cast<const T*>(nullptr),
                    kAugmentedRows | kAugmentedColumns, w);
     reduce_chunk_pairs(w.augmented_chunk(), w.column.data(), w.rows.data() + 1,
@@ -459,9 +524,11 @@ void backward_queries_pairs(const HeadTensors<T>& t, const BackwardRows<T>& g,
     grad_state_sum.chunk_added();
     contract_chunk_pairs(w.augmented_chunk(), w.dzt.data(), rows, weighted,
                          indices, d, e, w.dxt.data());
-    transpose_chunk(w.dxt.data() + ld, ld, d, rows,
-                    static_cast<const T*>(nullptr), grad_q + i0 * d, d);
+    factor_gradient += write_operand_gradient(
+        w.dxt.data() + ld, ld, rows, t.q_row(i0), t.q_stride, d, t.normalize,
+        t.q_factor, grad_q + i0 * d, w);
   }
+  return factor_gradient;
 }
 
 // The key side with the register kernels. With x~_j = [m_j | m_j k_j] and
@@ -482,7 +549,8 @@ void backward_keys_pairs(const HeadTensors<T>& t, const T* dS, const Mask& mask,
     const int64_t rows = block_end(j0, ld, keys.end) - j0;
     const int64_t padded = pair_padded_tokens(rows);
     load_validity(j0, rows, mask, batch, w);
-    load_augmented(t.k_row(j0), t.k_stride, rows, padded, d, keep,
+    const ChunkRows<T> keys_in = key_rows(t, j0, rows, w);
+    load_augmented(keys_in.rows, keys_in.stride, rows, padded, d, keep,
                    kAugmentedColumns, w);
     apply_chunk_pairs(w.augmented_chunk(), rows, grad_state, d, e, order,
                       w.values.data(), static_cast<T*>(nullptr));
@@ -493,8 +561,8 @@ void backward_keys_pairs(const HeadTensors<T>& t, const T* dS, const Mask& mask,
                             e, keep, vt, ld);
     contract_chunk_pairs(w.augmented_chunk(), vt, rows, grad_state, indices, d,
                          e, w.dxt.data());
-    transpose_chunk(w.dxt.data() + ld, ld, d, rows,
-                    static_cast<const T*>(nullptr), grad_k + j0 * d, d);
+    write_operand_gradient(w.dxt.data() + ld, ld, rows, t.k_row(j0), t.k_stride,
+                           d, t.normalize, T(1), grad_k + j0 * d, w);
   }
 }
 
@@ -530,12 +598,13 @@ TS_VECTOR_CLONES void write_dz(const BackwardRows<T>& g, T sigma, int64_t i0,
 }
 
 // The query side for the queries of `queries`: dS's share added to
-// `grad_state_sum`, and their dq.
+// `grad_state_sum`, and their dq. Returns their share of the temperature's
+// gradient (write_operand_gradient).
 template <typename T>
-void backward_queries(const HeadTensors<T>& t, const BackwardRows<T>& g,
-                      const T* state, const KernelOptions& options, T sigma,
-                      TokenRange queries, ChunkSum<T>& grad_state_sum,
-                      T* grad_q, Workspace<T>& w) {
+double backward_queries(const HeadTensors<T>& t, const BackwardRows<T>& g,
+                        const T* state, const KernelOptions& options, T sigma,
+                        TokenRange queries, ChunkSum<T>& grad_state_sum,
+                        T* grad_q, Workspace<T>& w) {
   const int order = options.coefficients.order;
   const int64_t d = t.head_dim, e = t.value_dim;
   if (pair_kernels_fit<T>(order, e))
@@ -548,10 +617,13 @@ void backward_queries(const HeadTensors<T>& t, const BackwardRows<T>& g,
   T* tile = w.tile.data();
   T* xt = w.xt.data();
   T* rows_e1 = w.rows.data();
+  double factor_gradient = 0;
   for (int64_t i0 = queries.begin; i0 < queries.end; i0 += ld) {
     const int64_t rows = block_end(i0, ld, queries.end) - i0;
     write_dz(g, sigma, i0, rows, e, static_cast<T*>(nullptr), 0, w);
-    transpose_rows<T>(t.q_row(i0), t.q_stride, rows, d, nullptr, xt, ld);
+    const ChunkRows<T> queries_in = query_rows(t, i0, rows, w);
+    transpose_chunk(queries_in.rows, queries_in.stride, rows, d,
+                    static_cast<const T*>(nullptr), xt, ld);
     // Column 0 of dS: the build sums phi(q_i) dz_i[0].
     query_feature_tile(xt, d, rows, ld, weights, tile,
                        RowExtras<T>{w.column.data(), w.dots.data()});
@@ -560,8 +632,11 @@ void backward_queries(const HeadTensors<T>& t, const BackwardRows<T>& g,
     gemm<T>(false, true, F - 1, rows, e + 1, T(1), state + (e + 1), e + 1,
             rows_e1, e + 1, T(0), tile + ld, ld);
     feature_gradient_tile(tile + ld, xt, d, rows, ld, weights, w.grad_t.data());
-    untranspose_rows(w.grad_t.data(), ld, rows, d, grad_q + i0 * d);
+    factor_gradient += write_operand_gradient(
+        w.grad_t.data(), ld, rows, t.q_row(i0), t.q_stride, d, t.normalize,
+        t.q_factor, grad_q + i0 * d, w);
   }
+  return factor_gradient;
 }
 
 // The key side for the keys of `keys`, given the head's whole dS: their dk
@@ -600,7 +675,8 @@ void backward_keys(const HeadTensors<T>& t, const T* dS, const Mask& mask,
             e + 1, T(0), tile + ld, ld);
     feature_gradient_tile(tile + ld, xt, d, rows, ld,
                           FeatureWeights<T>::keys(order), w.grad_t.data());
-    untranspose_rows(w.grad_t.data(), ld, rows, d, grad_k + j0 * d);
+    write_operand_gradient(w.grad_t.data(), ld, rows, t.k_row(j0), t.k_stride,
+                           d, t.normalize, T(1), grad_k + j0 * d, w);
   }
 }
 
@@ -646,6 +722,7 @@ class HeadSplits {
 template <typename T>
 void efficient_forward_all(const at::Tensor& q, const at::Tensor& k,
                            const at::Tensor& v, const Mask& mask,
+                           const Normalization<T>& normalization,
                            const KernelOptions& options, T* out, T* den,
                            T* state) {
   const int64_t H = q.size(1), M = q.size(2), N = k.size(2), d = q.size(3),
@@ -653,7 +730,9 @@ void efficient_forward_all(const at::Tensor& q, const at::Tensor& k,
   const int order = options.coefficients.order;
   const int64_t F = feature_count(d, order), FE = F * (e + 1);
   const HeadSplits work(q, k);
-  auto head_of = [&](int64_t bh) { return head<T>(q, k, v, bh / H, bh % H); };
+  auto head_of = [&](int64_t bh) {
+    return head<T>(q, k, v, normalization, bh / H, bh % H);
+  };
   if (work.splits == 1) {
     at::parallel_for(0, work.heads, 1, [&](int64_t begin, int64_t end) {
       Workspace<T> w(d, e, order);
@@ -704,12 +783,17 @@ void efficient_forward_all(const at::Tensor& q, const at::Tensor& k,
 // S dz_i and dS v'_j for a chunk are single products, S[1:] dZ^T and
 // dS[1:] V'^T, written feature-major over the chunk's tile (row 0, the
 // constant feature, has no gradient).
+//
+// With normalize, grad_temperature[h] = sum over the batch and the queries
+// of u . g (normalize_rows.h), each query range's share summed in float64.
 template <typename T>
 void efficient_backward_all(const at::Tensor& grad_out, const at::Tensor& q,
                             const at::Tensor& k, const at::Tensor& v,
                             const T* out, const T* den, const T* state,
-                            const Mask& mask, const KernelOptions& options,
-                            T* grad_q, T* grad_k, T* grad_v) {
+                            const Mask& mask,
+                            const Normalization<T>& normalization,
+                            const KernelOptions& options, T* grad_q, T* grad_k,
+                            T* grad_v, double* grad_temperature) {
   const int64_t H = q.size(1), M = q.size(2), N = k.size(2), d = q.size(3),
                 e = v.size(3);
   const int order = options.coefficients.order;
@@ -719,7 +803,9 @@ void efficient_backward_all(const at::Tensor& grad_out, const at::Tensor& q,
   const bool pairs = pair_kernels_fit<T>(order, e);
   const Polynomial<T> coefficients = options.coefficients.template cast<T>();
   const TokenRows<T> grad_rows = token_rows<T>(grad_out);
-  auto head_of = [&](int64_t bh) { return head<T>(q, k, v, bh / H, bh % H); };
+  auto head_of = [&](int64_t bh) {
+    return head<T>(q, k, v, normalization, bh / H, bh % H);
+  };
   auto rows_of = [&](int64_t bh) {
     return BackwardRows<T>{grad_rows.head(bh / H, bh % H), grad_rows.row_stride,
                            out + bh * M * e, den + bh * M};
@@ -729,6 +815,8 @@ void efficient_backward_all(const at::Tensor& grad_out, const at::Tensor& q,
     for (int64_t j = 0; j < N; ++j) valid += mask.key_valid(bh / H, j);
     return output_scale_factor<T>(options.output_scale, valid, d);
   };
+  // The queries' shares of grad_temperature, one per unit.
+  std::vector<double> factor_shares(work.units(), 0.0);
   if (work.splits == 1) {
     at::parallel_for(0, work.heads, 1, [&](int64_t begin, int64_t end) {
       Workspace<T> w(d, e, order);
@@ -736,51 +824,69 @@ void efficient_backward_all(const at::Tensor& grad_out, const at::Tensor& q,
       for (int64_t bh = begin; bh < end; ++bh) {
         const HeadTensors<T> t = head_of(bh);
         ChunkSum<T> sum(F, e + 1);
-        backward_queries(t, rows_of(bh), state + bh * FE, options, sigma_of(bh),
-                         {0, M}, sum, grad_q + bh * M * d, w);
+        factor_shares[bh] =
+            backward_queries(t, rows_of(bh), state + bh * FE, options,
+                             sigma_of(bh), {0, M}, sum, grad_q + bh * M * d, w);
         sum.copy_to(grad_state.data());
         if (pairs) weight_pair_rows(coefficients, d, e + 1, grad_state.data());
         backward_keys(t, grad_state.data(), mask, bh / H, order, {0, N},
                       grad_k + bh * N * d, grad_v + bh * N * e, w);
       }
     });
-    return;
+  } else {
+    std::vector<double> shares(work.units() * FE, 0.0);
+    at::parallel_for(0, work.units(), 1, [&](int64_t begin, int64_t end) {
+      Workspace<T> w(d, e, order);
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t bh = work.head(unit);
+        ChunkSum<T> sum(F, e + 1);
+        factor_shares[unit] = backward_queries(
+            head_of(bh), rows_of(bh), state + bh * FE, options, sigma_of(bh),
+            work.range(M, unit), sum, grad_q + bh * M * d, w);
+        sum.add_to(shares.data() + unit * FE);
+      }
+    });
+    std::vector<T> grad_state(work.heads * FE);
+    work.sum_shares(shares, FE, grad_state.data());
+    if (pairs)
+      for (int64_t bh = 0; bh < work.heads; ++bh)
+        weight_pair_rows(coefficients, d, e + 1, grad_state.data() + bh * FE);
+    at::parallel_for(0, work.units(), 1, [&](int64_t begin, int64_t end) {
+      Workspace<T> w(d, e, order);
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t bh = work.head(unit);
+        backward_keys(head_of(bh), grad_state.data() + bh * FE, mask, bh / H,
+                      order, work.range(N, unit), grad_k + bh * N * d,
+                      grad_v + bh * N * e, w);
+      }
+    });
   }
-  std::vector<double> shares(work.units() * FE, 0.0);
-  at::parallel_for(0, work.units(), 1, [&](int64_t begin, int64_t end) {
-    Workspace<T> w(d, e, order);
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t bh = work.head(unit);
-      ChunkSum<T> sum(F, e + 1);
-      backward_queries(head_of(bh), rows_of(bh), state + bh * FE, options,
-                       sigma_of(bh), work.range(M, unit), sum,
-                       grad_q + bh * M * d, w);
-      sum.add_to(shares.data() + unit * FE);
-    }
-  });
-  std::vector<T> grad_state(work.heads * FE);
-  work.sum_shares(shares, FE, grad_state.data());
-  if (pairs)
-    for (int64_t bh = 0; bh < work.heads; ++bh)
-      weight_pair_rows(coefficients, d, e + 1, grad_state.data() + bh * FE);
-  at::parallel_for(0, work.units(), 1, [&](int64_t begin, int64_t end) {
-    Workspace<T> w(d, e, order);
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t bh = work.head(unit);
-      backward_keys(head_of(bh), grad_state.data() + bh * FE, mask, bh / H,
-                    order, work.range(N, unit), grad_k + bh * N * d,
-                    grad_v + bh * N * e, w);
-    }
-  });
+  for (int64_t unit = 0; unit < work.units(); ++unit)
+    grad_temperature[work.head(unit) % H] += factor_shares[unit];
+}
+
+// The temperature in the accumulation dtype (kept alive by the caller for
+// the Normalization that points into it), or undefined without one.
+at::Tensor compute_temperature(const std::optional<at::Tensor>& temperature,
+                               const at::Tensor& q) {
+  return temperature ? normalize_factors(temperature, q) : at::Tensor();
+}
+
+template <typename T>
+Normalization<T> normalization_of(bool normalize, const at::Tensor& factors) {
+  return {normalize, factors.defined() ? factors.const_data_ptr<T>() : nullptr};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
-    c10::ArrayRef<double> coefficients) {
+    c10::ArrayRef<double> coefficients, bool normalize,
+    const std::optional<at::Tensor>& temperature) {
   check_forward_arguments("taylorshift::efficient_forward", q_in, k_in, v_in,
                           key_padding_mask, std::nullopt,
                           schema_options(false, output_scale, coefficients));
+  check_efficient_normalization("taylorshift::efficient_forward", q_in,
+                                normalize, temperature);
   const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
                    v = compute_operand(v_in);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), d = q.size(3),
@@ -795,24 +901,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cpu(
   at::Tensor den = at::empty({B, H, M}, compute);
   at::Tensor state = at::empty({B, H, F, e + 1}, compute);
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
+  const at::Tensor factors = compute_temperature(temperature, q);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "efficient_forward_cpu", [&] {
     efficient_forward_all<scalar_t>(
-        q, k, v, mask, options, out.data_ptr<scalar_t>(),
-        den.data_ptr<scalar_t>(), state.data_ptr<scalar_t>());
+        q, k, v, mask, normalization_of<scalar_t>(normalize, factors), options,
+        out.data_ptr<scalar_t>(), den.data_ptr<scalar_t>(),
+        state.data_ptr<scalar_t>());
   });
   return {out.to(q_in.scalar_type()), den, state};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cpu(
-    const at::Tensor& grad_out_in, const at::Tensor& q_in,
-    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
-    const at::Tensor& den_in, const at::Tensor& state_in,
-    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
-    c10::ArrayRef<double> coefficients) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+efficient_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& q_in,
+                       const at::Tensor& k_in, const at::Tensor& v_in,
+                       const at::Tensor& out_in, const at::Tensor& den_in,
+                       const at::Tensor& state_in,
+                       const std::optional<at::Tensor>& key_padding_mask,
+                       bool output_scale, c10::ArrayRef<double> coefficients,
+                       bool normalize,
+                       const std::optional<at::Tensor>& temperature) {
   check_backward_arguments("taylorshift::efficient_backward", grad_out_in, q_in,
                            k_in, v_in, out_in, den_in, state_in,
                            key_padding_mask, std::nullopt,
                            schema_options(false, output_scale, coefficients));
+  check_efficient_normalization("taylorshift::efficient_backward", q_in,
+                                normalize, temperature);
   const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
                    v = compute_operand(v_in),
                    grad_out = compute_operand(grad_out_in);
@@ -830,15 +943,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cpu(
       schema_options(false, output_scale, coefficients);
   check_efficient_order("taylorshift::efficient_backward",
                         options.coefficients.order, kMaxEfficientOrder);
+  const at::Tensor factors = compute_temperature(temperature, q);
+  std::vector<double> grad_temperature(H, 0.0);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "efficient_backward_cpu", [&] {
     efficient_backward_all<scalar_t>(
         grad_out, q, k, v, out.const_data_ptr<scalar_t>(),
         den.const_data_ptr<scalar_t>(), state.const_data_ptr<scalar_t>(), mask,
-        options, grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
-        grad_v.data_ptr<scalar_t>());
+        normalization_of<scalar_t>(normalize, factors), options,
+        grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
+        grad_v.data_ptr<scalar_t>(), grad_temperature.data());
   });
+  at::Tensor grad_factor = empty_temperature_gradient(q_in, temperature);
+  if (temperature) grad_factor.copy_(at::tensor(grad_temperature, at::kDouble));
   return {grad_q.to(q_in.scalar_type()), grad_k.to(k_in.scalar_type()),
-          grad_v.to(v_in.scalar_type())};
+          grad_v.to(v_in.scalar_type()), grad_factor};
 }
 
 }  // namespace

@@ -1,8 +1,9 @@
 // The cosine-logit factors of normalize_rows, y = f x / |x| for one row x
 // of length d, and their backward: the row functions that normalize.cpp
 // (taylorshift::normalize_rows) and the efficient kernels (which normalise
-// q and k chunk by chunk, efficient.cpp) both run, so that the two give the
-// same y to the last bit.
+// q and k chunk by chunk, efficient.cpp) both run: one implementation of the
+// formula. (The two may still differ in the last bit: the compiler may sum
+// |z|^2 in a different order for each x86 level it compiles them for.)
 //
 // Forward, per row (docs: the comment of normalize_rows in csrc/ops.cpp):
 //   s = 2^(k-1) for max_l |x_l| in [2^(k-1), 2^k)     (1 for a zero row)

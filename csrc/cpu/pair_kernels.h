@@ -105,15 +105,24 @@ void weight_pair_rows(const Polynomial<T>& f, int64_t d, int64_t cols, T* out) {
   });
 }
 
+// Whether the CPU runs the AVX-512 functions below.
+inline bool avx512_available() {
+#if TS_PAIR_KERNELS
+  static const bool avx512 = __builtin_cpu_supports("x86-64-v4");
+  return avx512;
+#else
+  return false;
+#endif
+}
+
 // Whether the register kernels serve T, an order and a value width: a
 // whole number (1, 2, 4 or 8) of 64-byte vectors per value row.
 template <typename T>
 bool pair_kernels_fit(int order, int64_t value_dim) {
 #if TS_PAIR_KERNELS
-  static const bool avx512 = __builtin_cpu_supports("x86-64-v4");
   constexpr int64_t lanes = 64 / int64_t(sizeof(T));
   const int64_t vectors = value_dim / lanes;
-  return avx512 && order <= 2 && value_dim % lanes == 0 &&
+  return avx512_available() && order <= 2 && value_dim % lanes == 0 &&
          (vectors == 1 || vectors == 2 || vectors == 4 || vectors == 8);
 #else
   (void)order;
@@ -585,14 +594,21 @@ void reduce_chunk_pairs(const AugmentedChunk<T>& x, const T* s, const T* y,
 }
 
 // dst[c dst_stride + r] = src[r src_stride + c] for r < rows, c < cols,
-// zero by selection where keep[r] == 0 (transpose_tokens): the chunks'
-// transposes of the register kernels' callers.
+// zero by selection where keep[r] == 0 (keep = nullptr keeps every row; a
+// masked key's row may hold NaN): the efficient kernels' chunk transposes,
+// through registers with AVX-512 (transpose_tokens), element by element
+// elsewhere.
 template <typename T>
 void transpose_chunk(const T* src, int64_t src_stride, int64_t rows,
                      int64_t cols, const T* keep, T* dst, int64_t dst_stride) {
 #if TS_PAIR_KERNELS
-  transpose_tokens(src, src_stride, rows, cols, keep, dst, dst_stride);
+  if (avx512_available())
+    return transpose_tokens(src, src_stride, rows, cols, keep, dst, dst_stride);
 #endif
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = 0; r < rows; ++r)
+      dst[c * dst_stride + r] =
+          keep != nullptr && keep[r] == T(0) ? T(0) : src[r * src_stride + c];
 }
 
 // A state laid out for the register kernels, weighted by row or not: its

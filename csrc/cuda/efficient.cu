@@ -38,6 +38,7 @@
 #include <type_traits>
 
 #include "../kernel_checks.h"
+#include "../taylorshift.h"
 #include "common.cuh"
 
 namespace taylorshift::cuda_kernels {
@@ -1745,7 +1746,8 @@ QuadraticCoefficients quadratic_coefficients(const char* op,
   return {f.order == 2 ? f.of_degree(2) : 0.0, f.of_degree(1), f.of_degree(0)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
+// The forward on the logits' factors q and k as given.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_factors(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
     c10::ArrayRef<double> coefficients) {
@@ -1816,7 +1818,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
   return {out, den, state};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
+// The backward on the logits' factors q and k as given.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_factors(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
     const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
@@ -1908,6 +1911,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_cuda(
         }
       });
   return {grad_q, grad_k, grad_v};
+}
+
+// normalize=True: the kernels above read the logits' factors from memory, so
+// normalize_rows forms them first (q_hat = temperature_h q / |q|,
+// k_hat = k / |k|), and the backward takes their gradients back through
+// normalize_rows_backward. (The CPU kernels form them chunk by chunk.)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+    c10::ArrayRef<double> coefficients, bool normalize,
+    const std::optional<at::Tensor>& temperature) {
+  check_efficient_normalization("taylorshift::efficient_forward", q, normalize,
+                                temperature);
+  if (!normalize)
+    return efficient_forward_factors(q, k, v, key_padding_mask, output_scale,
+                                     coefficients);
+  return efficient_forward_factors(
+      normalize_rows(q, temperature), normalize_rows(k, std::nullopt), v,
+      key_padding_mask, output_scale, coefficients);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+efficient_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q,
+                        const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& out, const at::Tensor& den,
+                        const at::Tensor& state,
+                        const std::optional<at::Tensor>& key_padding_mask,
+                        bool output_scale, c10::ArrayRef<double> coefficients,
+                        bool normalize,
+                        const std::optional<at::Tensor>& temperature) {
+  check_efficient_normalization("taylorshift::efficient_backward", q, normalize,
+                                temperature);
+  at::Tensor grad_temperature = empty_temperature_gradient(q, temperature);
+  if (!normalize) {
+    auto [grad_q, grad_k, grad_v] = efficient_backward_factors(
+        grad_out, q, k, v, out, den, state, key_padding_mask, output_scale,
+        coefficients);
+    return {grad_q, grad_k, grad_v, grad_temperature};
+  }
+  auto [grad_q_hat, grad_k_hat, grad_v] = efficient_backward_factors(
+      grad_out, normalize_rows(q, temperature), normalize_rows(k, std::nullopt),
+      v, out, den, state, key_padding_mask, output_scale, coefficients);
+  auto [grad_q, grad_factor] =
+      normalize_rows_backward(grad_q_hat, q, temperature);
+  at::Tensor grad_k =
+      std::get<0>(normalize_rows_backward(grad_k_hat, k, std::nullopt));
+  if (temperature) grad_temperature = grad_factor;
+  return {grad_q, grad_k, grad_v, grad_temperature};
 }
 
 }  // namespace

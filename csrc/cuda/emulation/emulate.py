@@ -38,7 +38,7 @@ def host_source(text: str) -> str:
         text = text.replace(f"#include {header}", "")
     text = text.replace('#include "common.cuh"', '#include "common.cuh.h"')
     text = text.replace('#include "warp.cuh"', f'#include "{CUDA_DIR / "warp.cuh"}"')
-    for header in ("features.h", "kernel_blocks.h", "kernel_checks.h"):
+    for header in ("features.h", "kernel_blocks.h", "kernel_checks.h", "taylorshift.h"):
         text = text.replace(f'"../{header}"', f'"{CUDA_DIR.parent / header}"')
     text = text.replace("#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800", "#if 1")
     text = text.replace(
