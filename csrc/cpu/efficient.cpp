@@ -137,6 +137,33 @@ struct Workspace {
   }
 };
 
+// Asks the memory for `rows` rows of `width` elements (row stride `stride`)
+// ahead of their use: a chunk loop asks for the next chunk's rows of the
+// tensors it reads, so that they arrive while this chunk's products run
+// (tens of microseconds) and the next chunk's loads find them in the caches.
+template <typename T>
+void prefetch_rows(const T* x, int64_t stride, int64_t rows, int64_t width) {
+  constexpr int64_t kLine = 64 / int64_t(sizeof(T));
+  if (stride == width) {
+    for (int64_t i = 0; i < rows * width; i += kLine)
+      __builtin_prefetch(x + i, 0, 2);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < width; c += kLine)
+      __builtin_prefetch(x + r * stride + c, 0, 2);
+    __builtin_prefetch(x + r * stride + width - 1, 0, 2);
+  }
+}
+
+// The next chunk's tokens after [begin, begin + ld) in [begin, end): their
+// first one and their count (0 at the last chunk).
+inline std::pair<int64_t, int64_t> next_chunk(int64_t begin, int64_t ld,
+                                              int64_t end) {
+  const int64_t next = std::min(begin + ld, end);
+  return {next, std::min(next + ld, end) - next};
+}
+
 // Rows of a chunk of q or k, row stride `stride`.
 template <typename T>
 struct ChunkRows {
@@ -402,6 +429,9 @@ int64_t accumulate_state(const HeadTensors<T>& t, const Mask& mask,
     }
     for (int64_t r = 0; r < rows; ++r) valid += valid_row[r] != T(0);
     const auto [values, values_stride] = key_values(t, j0, rows, mask, w);
+    const auto [next, next_rows] = next_chunk(j0, ld, keys.end);
+    prefetch_rows(t.k_row(next), t.k_stride, next_rows, d);
+    prefetch_rows(t.v_row(next), t.v_stride, next_rows, e);
     if (pairs) {
       // psi(k_j) = the pairs of x~_j = [m_j | m_j k_j]; column 0 of
       // [m | m v] is m_j again.
@@ -435,6 +465,8 @@ void apply_state_pairs(const HeadTensors<T>& t, const KernelOptions& options,
     load_augmented(queries_in.rows, queries_in.stride, rows,
                    pair_padded_tokens(rows), d, static_cast<const T*>(nullptr),
                    kAugmentedColumns, w);
+    const auto [next, next_rows] = next_chunk(i0, ld, queries.end);
+    prefetch_rows(t.q_row(next), t.q_stride, next_rows, d);
     apply_chunk_pairs(w.augmented_chunk(), rows, weighted, d, e, order,
                       w.values.data(), w.den.data());
     for (int64_t r = 0; r < rows; ++r) {
@@ -539,6 +571,11 @@ double backward_queries_pairs(const HeadTensors<T>& t, const BackwardRows<T>& g,
     load_augmented(queries_in.rows, queries_in.stride, rows, padded, d,
                    static_cast<const T*>(nullptr),
                    kAugmentedRows | kAugmentedColumns, w);
+    const auto [next, next_rows] = next_chunk(i0, ld, queries.end);
+    prefetch_rows(t.q_row(next), t.q_stride, next_rows, d);
+    prefetch_rows(g.grad_out + next * g.grad_row_stride, g.grad_row_stride,
+                  next_rows, e);
+    prefetch_rows(g.out + next * e, e, next_rows, e);
     reduce_chunk_pairs(w.augmented_chunk(), w.column.data(), w.rows.data() + 1,
                        e + 1, rows, d, e, order, grad_state_sum.next_block());
     grad_state_sum.chunk_added();
@@ -579,6 +616,9 @@ void backward_keys_pairs(const HeadTensors<T>& t, const T* dS, const Mask& mask,
     T* vt = w.dzt.data();
     write_augmented_columns(t.v_row(j0), t.v_stride, rows, std::min(padded, ld),
                             e, keep, vt, ld);
+    const auto [next, next_rows] = next_chunk(j0, ld, keys.end);
+    prefetch_rows(t.k_row(next), t.k_stride, next_rows, d);
+    prefetch_rows(t.v_row(next), t.v_stride, next_rows, e);
     contract_chunk_pairs(w.augmented_chunk(), vt, rows, grad_state, indices, d,
                          e, w.dxt.data());
     write_operand_gradient(w.dxt.data() + ld, ld, rows, t.k_row(j0), t.k_stride,
