@@ -113,13 +113,40 @@ TS_INLINE A scale_to_unit_range(A* row, Dim d) {
   return s;
 }
 
+// a . b. For a row length known at compile time and a whole number of
+// 64-byte vectors, the products add into one vector of partial sums,
+// summed by a pairwise tree at the end; a running sum over the row would
+// compile to d dependent additions, the row's longest chain.
+template <typename A, typename Dim>
+TS_INLINE A row_dot(const A* a, const A* b, Dim d) {
+  constexpr int kLanes = 64 / int(sizeof(A));
+  if constexpr (!std::is_same_v<Dim, int64_t>) {
+    if constexpr (Dim::value % kLanes == 0) {
+      typedef A Vector __attribute__((vector_size(64)));
+      Vector sums = {};
+      for (int64_t l = 0; l < d; l += kLanes) {
+        Vector x, y;
+        std::memcpy(&x, a + l, sizeof(Vector));
+        std::memcpy(&y, b + l, sizeof(Vector));
+        sums += x * y;
+      }
+      A lanes[kLanes];
+      std::memcpy(lanes, &sums, sizeof(Vector));
+      for (int width = kLanes / 2; width >= 1; width /= 2)
+        for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+      return lanes[0];
+    }
+  }
+  A sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t l = 0; l < d; ++l) sum += a[l] * b[l];
+  return sum;
+}
+
 // n = max(|z|, 1).
 template <typename A, typename Dim>
 TS_INLINE A clamped_norm(const A* z, Dim d) {
-  A squares = 0;
-#pragma omp simd reduction(+ : squares)
-  for (int64_t l = 0; l < d; ++l) squares += z[l] * z[l];
-  return std::max(std::sqrt(squares), A(1));
+  return std::max(std::sqrt(row_dot(z, z, d)), A(1));
 }
 
 // y = f x / |x| for the row of d elements at x (element step `step`),
@@ -145,12 +172,9 @@ TS_INLINE A normalize_row_backward(const T* x, int64_t step, const A* g, Dim d,
   const A n = clamped_norm(u, d);
   // u = z / n (times 1 / n: n is in [1, 2 sqrt(d)]), and dot = u . g.
   const A inverse_n = A(1) / n;
-  A dot = 0;
-#pragma omp simd reduction(+ : dot)
-  for (int64_t c = 0; c < d; ++c) {
-    u[c] *= inverse_n;
-    dot += u[c] * g[c];
-  }
+#pragma omp simd
+  for (int64_t c = 0; c < d; ++c) u[c] *= inverse_n;
+  const A dot = row_dot(u, g, d);
   // dx = (f / n) (g - u dot) / s; the division by the power of two s is
   // exact (see scale_to_unit_range).
   const A r = factor / n;
