@@ -64,15 +64,21 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 def interleaved_ms(runs: dict, rounds: int, statistic: str = "median", clock: str = "wall") -> dict:
     """Milliseconds of each callable in `runs`, timed in interleaved rounds (one call of each per
-    round), so that a change in machine load moves all of them alike; the median over rounds, or
-    the minimum (statistic="min"), the better estimate when other jobs share the cores: they only
-    ever add time. clock="cpu" counts the process's CPU time (all its threads) instead of wall
+    round, the order rotated by one place each round), so that a change in machine load moves all
+    of them alike; the median over rounds, or the minimum (statistic="min"), the better estimate
+    when other jobs share the cores: they only ever add time. clock="cpu" counts the process's CPU time (all its threads) instead of wall
     time: on a machine whose cores are oversubscribed, time spent waiting for a core is not
     counted, so ratios between methods stay meaningful."""
     now = CLOCKS[clock]
     times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
+    names = list(runs)
+    for round_index in range(rounds):
+        # Each round starts one callable later: a call pays for what the one before it left
+        # behind (freed memory returned to the OS and faulted in again, evicted caches), so over
+        # len(runs) rounds every callable takes every place once.
+        offset = round_index % len(names)
+        for name in names[offset:] + names[:offset]:
+            run = runs[name]
             start = now()
             run()
             times[name].append((now() - start) * 1e3)
