@@ -298,9 +298,27 @@ inline void check_backward_arguments(
                   acc, q);
 }
 
-// normalize_rows: x (B, H, L, d) of a floating dtype; factor, if given,
-// (H,) floating on x's device (its dtype may differ: it is read in the
-// accumulation dtype, and its gradient is returned in its own dtype).
+// A per-head factor `name` of x (B, H, L, d): (H,), floating, on x's
+// device (its dtype may differ: it is read in the accumulation dtype, and
+// its gradient is returned in its own dtype).
+inline void check_head_factor(const char* op, const char* name,
+                              const at::Tensor& factor, const at::Tensor& x,
+                              const char* x_name) {
+  TORCH_CHECK_VALUE(
+      (factor.dim() == 1 ? factor.sym_size(0).sym_eq(x.sym_size(1))
+                         : c10::SymBool(false))
+          .expect_true(__FILE__, __LINE__),
+      op, ": ", name, " must have shape (H,) = (", x.sym_size(1), ",), got ",
+      shape_string(factor));
+  TORCH_CHECK_TYPE(at::isFloatingType(factor.scalar_type()), op, ": ", name,
+                   " must be floating, got ",
+                   dtype_string(factor.scalar_type()));
+  TORCH_CHECK_VALUE(factor.device() == x.device(), op, ": ", name, " is on ",
+                    factor.device(), " but ", x_name, " is on ", x.device());
+}
+
+// normalize_rows: x (B, H, L, d) of a floating dtype; factor, if given, a
+// per-head factor (check_head_factor).
 inline void check_normalize_arguments(const char* op, const at::Tensor& x,
                                       const std::optional<at::Tensor>& factor) {
   TORCH_CHECK_VALUE(x.dim() == 4, op,
@@ -312,18 +330,7 @@ inline void check_normalize_arguments(const char* op, const at::Tensor& x,
                    op,
                    ": x must be float16, bfloat16, float32 or float64, got ",
                    dtype_string(dtype));
-  if (!factor) return;
-  TORCH_CHECK_VALUE(
-      (factor->dim() == 1 ? factor->sym_size(0).sym_eq(x.sym_size(1))
-                          : c10::SymBool(false))
-          .expect_true(__FILE__, __LINE__),
-      op, ": factor must have shape (H,) = (", x.sym_size(1), ",), got ",
-      shape_string(*factor));
-  TORCH_CHECK_TYPE(at::isFloatingType(factor->scalar_type()), op,
-                   ": factor must be floating, got ",
-                   dtype_string(factor->scalar_type()));
-  TORCH_CHECK_VALUE(factor->device() == x.device(), op, ": factor is on ",
-                    factor->device(), " but x is on ", x.device());
+  if (factor) check_head_factor(op, "factor", *factor, x, "x");
 }
 
 // normalize_rows_backward: the forward's arguments and grad_y shaped as x.
@@ -334,8 +341,8 @@ inline void check_normalize_backward_arguments(
   check_operand(op, "grad_y", grad_y, x.sym_sizes(), x.scalar_type(), x);
 }
 
-// The efficient operators' normalize and temperature: a temperature (H,),
-// floating, on q's device, and only with normalize (without it, the caller
+// The efficient operators' normalize and temperature: a per-head factor of
+// q (check_head_factor), and only with normalize (without it, the caller
 // scales q itself).
 inline void check_efficient_normalization(
     const char* op, const at::Tensor& q, bool normalize,
@@ -344,18 +351,7 @@ inline void check_efficient_normalization(
   TORCH_CHECK_VALUE(normalize, op,
                     ": temperature applies only with normalize=True (without "
                     "it, scale q by the temperature before the call)");
-  TORCH_CHECK_VALUE(
-      (temperature->dim() == 1 ? temperature->sym_size(0).sym_eq(q.sym_size(1))
-                               : c10::SymBool(false))
-          .expect_true(__FILE__, __LINE__),
-      op, ": temperature must have shape (H,) = (", q.sym_size(1), ",), got ",
-      shape_string(*temperature));
-  TORCH_CHECK_TYPE(at::isFloatingType(temperature->scalar_type()), op,
-                   ": temperature must be floating, got ",
-                   dtype_string(temperature->scalar_type()));
-  TORCH_CHECK_VALUE(temperature->device() == q.device(), op,
-                    ": temperature is on ", temperature->device(),
-                    " but q is on ", q.device());
+  check_head_factor(op, "temperature", *temperature, q, "q");
 }
 
 // efficient_backward's grad_temperature before it is computed: (H,) in
