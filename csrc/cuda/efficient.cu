@@ -1186,7 +1186,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   // This lane's ldmatrix rows for the A fragments of the warp's tokens.
   const int a_row = (warp_row + lane % 16) * width + lane / 16 * 8;
-  uint32_t yf[kSlices][4];
+  uint32_t yf[1][kSlices][4];  // one fragment of 16 rows
   warp::load_a<kDim, width>(yf, ys + warp_row * width, lane);
   // The z column of y' as the A fragment of one more k-step (column 0).
   uint32_t yz[4] = {0u, 0u, 0u, 0u};
@@ -1210,8 +1210,8 @@ __global__ void __launch_bounds__(kThreads)
       uint32_t f[4];
       warp::ldmatrix<4>(f, rows + g_row + s * 16);
       const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
-      warp::mma_16816<T>(gm[0], yf[s], lo);
-      warp::mma_16816<T>(gm[1], yf[s], hi);
+      warp::mma_16816<T>(gm[0], yf[0][s], lo);
+      warp::mma_16816<T>(gm[1], yf[0][s], hi);
     }
     // The z column of rows 0-7 as k 0-7 and again as k 8-15 (which meet
     // the zero columns of yz), then of rows 8-15: B registers ready in
