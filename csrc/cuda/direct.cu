@@ -137,18 +137,18 @@ __global__ void __launch_bounds__(kThreads)
 // the next products (the C layout of two adjacent n8 tiles is the A layout of
 // one k16 step), O += W V (16 kM x kDim, float) and the row sums W m (one
 // more n8 tile, m_j = 1 for a key that exists and is not padding, else 0).
-// Shared
-// memory only stages Q and two buffers of K_J, V_J, m_J, filled by cp.async
-// one tile ahead of the products. kDim is the head dim rounded up to 16, 32,
-// 64 or 128 (zero-padded columns add zeros to S and produce ignored columns
-// of O).
+// Shared memory only stages Q and two buffers of K_J, V_J, m_J, filled by
+// cp.async one tile ahead of the products. kDim is the head dim rounded up to
+// 16, 32, 64 or 128 (zero-padded columns add zeros to S and produce ignored
+// columns of O).
 //
 // kM (row_fragments) is 2 at kDim <= 32, else 1: every B fragment a warp
 // loads (K, V, m) then feeds two HMMA, and the per-tile work (the next tile's
 // copies, barriers) is spread over twice the HMMA; at kDim >= 64 the
 // accumulators would not fit. The backward kernels hold their rows the same
 // way (benchmarks/sass_report.py: sm_90, bf16, d = 32, forward 7.2 -> 4.8
-// warp-instructions per HMMA).
+// warp-instructions per HMMA). The price: half as many blocks at d <= 32 (at
+// N = 1024, B H = 16, 128 blocks for 132 SMs).
 constexpr int kKeys = 64;
 
 template <int kDim>
