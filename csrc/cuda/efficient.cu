@@ -676,13 +676,15 @@ __global__ void __launch_bounds__(kThreads)
   // B = ones in column 0: the z column of the key side's linear and
   // constant rows.
   const uint32_t ones_b = g == 0 ? warp::pack<T>(1.f, 1.f) : 0u;
-  const auto load_tile = [&](int stage, int64_t t0) {
+  KeyCopies<kDim, kTokenTile, T> rows(p.x, p.y, b, h, begin, end,
+                                      kMasked ? &p.mask : nullptr);
+  const auto load_tile = [&](int stage, int64_t t0) {  // the next tile, at t0
     // The flags are read by the next tile's products, after the barrier
     // that follows its copies; the previous reads of this stage ended at a
     // barrier.
-    load_key_rows<kDim, kTokenTile>(ks + stage * kTile, vs + stage * kTile,
-                                    flags + stage * kTokenTile, p.x, p.y, b, h,
-                                    t0, end, kMasked ? &p.mask : nullptr);
+    rows.copy(ks + stage * kTile, vs + stage * kTile,
+              flags + stage * kTokenTile);
+    rows.advance();
     if constexpr (kQuery) {  // w of the tile's tokens, 8 per 16 bytes
       if (threadIdx.x < kTokenTile / 8) {
         const int64_t t = t0 + 8 * threadIdx.x;
