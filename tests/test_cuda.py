@@ -59,8 +59,8 @@ def make_factors(batch, heads, queries, keys, d, e, dtype, seed=0, device=DEVICE
 def make_masks(case, batch, heads, queries, keys, device=DEVICE, seed=1):
     gen = torch.Generator().manual_seed(seed)
     kpm = attn_mask = None
-    causal = case in ("causal", "all")
-    if case in ("key_padding", "all"):
+    causal = case in ("causal", "all", "causal_key_padding")
+    if case in ("key_padding", "all", "causal_key_padding"):
         kpm = torch.rand(batch, keys, generator=gen) < 0.3
         kpm[:, 0] = False
         if batch > 1:
@@ -198,6 +198,16 @@ def test_direct_operator(dtype, d, mask_case):
 )
 def test_efficient_operator(dtype, d, mask_case):
     check_operator("efficient", dtype, d, mask_case)
+
+
+# The 16-bit direct kernels hold 32 rows per warp at d <= 32: blocks of 128 queries (forward, dQ)
+# or keys (dK, dV) against tiles of 64. With causal and no attn_mask, the tiles before a block's
+# diagonal run without the per-element test and the (up to two) tiles holding it with it; 300
+# queries and 257 keys reach blocks with both, with and without key padding.
+@pytest.mark.parametrize("mask_case", ("causal", "causal_key_padding"))
+@pytest.mark.parametrize("d", (16, 32))
+def test_direct_causal_blocks_past_the_diagonal(d, mask_case):
+    check_operator("direct", torch.bfloat16, d, mask_case, shape=(1, 2, 300, 257))
 
 
 @pytest.mark.parametrize("mode", ("direct", "efficient"))

@@ -361,39 +361,136 @@ inline at::Tensor cp_async_rows(const at::Tensor& t) {
   return at::constant_pad_nd(t, {0, pad}).contiguous();
 }
 
-// Rows [t0, t0 + kRows) of `src` (b, h) into a kRows x kDim shared tile of
-// leading dimension kDim + 8 as 16-byte cp.async chunks, landing at the
-// caller's cp_async_wait; zeros past `total` rows and past src.cols: zeros,
-// not garbage, because padded entries meet masked zeros in the products and
-// 0 * NaN = NaN. The padding of the leading dimension puts the 8 rows an
-// ldmatrix reads in 8 different 16-byte bank groups: row stride
+// One thread's share of the 16-byte cp.async copies of kRows x kDim tiles of
+// `src` (b, h), rows [t0, t0 + kRows) then, after each advance(), the next
+// kRows rows, into shared tiles of leading dimension kDim + 8: thread t copies
+// column chunk t % kChunks of rows t / kChunks + s kThreads / kChunks
+// (s < kCopies). The source of copy s is one pointer plus s row steps, moved by
+// kRows rows per tile, so a streamed tile costs each copy an add and a compare
+// instead of its 64-bit address arithmetic. Rows past `total` and columns past
+// src.cols land as zeros, not garbage, because padded entries meet masked zeros
+// in the products and 0 * NaN = NaN. The padding of the leading dimension puts
+// the 8 rows an ldmatrix reads in 8 different 16-byte bank groups: row stride
 // (kDim + 8) * 2 bytes.
+template <int kDim, int kRows, typename T>
+struct RowCopies {
+  static constexpr int kChunks = kDim / 8;          // 16-byte chunks per row
+  static constexpr int kStep = kThreads / kChunks;  // rows between copies
+  static constexpr int kCopies = kRows / kStep;
+  static_assert(kThreads % kChunks == 0 && kRows % kStep == 0);
+  const T* src;       // copy 0's source in the current tile
+  const T* fallback;  // a valid address for the copies that read nothing
+  int64_t step;       // kStep rows, in elements
+  int64_t left;       // rows from copy 0's row of the current tile to `total`
+  int offset;         // copy 0's place in the shared tile
+  bool col_valid;
+
+  __device__ __forceinline__ RowCopies(const TokenRows<T>& rows, int64_t b,
+                                       int64_t h, int64_t t0, int64_t total) {
+    const int r = threadIdx.x / kChunks, col = threadIdx.x % kChunks * 8;
+    src = rows.row(b, h, t0) + r * rows.stride_t + col;
+    fallback = rows.data;
+    step = kStep * rows.stride_t;
+    left = total - t0 - r;
+    offset = r * (kDim + 8) + col;
+    col_valid = col < rows.cols;
+  }
+  // Whether copy s of the current tile reads a row that exists.
+  __device__ __forceinline__ bool row_valid(int s) const {
+    return s * kStep < left;
+  }
+  // Copy s of the current tile into `tile`, reading only if `valid`.
+  __device__ __forceinline__ void copy(T* tile, int s, bool valid) const {
+    valid = valid && col_valid;
+    warp::cp_async_16(tile + offset + s * kStep * (kDim + 8),
+                      valid ? src + s * step : fallback, valid);
+  }
+  // The current tile into `tile`.
+  __device__ __forceinline__ void copy(T* tile) const {
+#pragma unroll
+    for (int s = 0; s < kCopies; ++s) copy(tile, s, row_valid(s));
+  }
+  __device__ __forceinline__ void advance() {
+    src += kCopies * step;
+    left -= kRows;
+  }
+};
+
+// Rows [t0, t0 + kRows) of `src` (b, h) into a kRows x kDim shared tile, as
+// RowCopies, landing at the caller's cp_async_wait.
 template <int kDim, int kRows, typename T>
 __device__ __forceinline__ void load_rows(T* dst, const TokenRows<T>& src,
                                           int64_t b, int64_t h, int64_t t0,
                                           int64_t total) {
-  constexpr int ld = kDim + 8, kChunks = kDim / 8;  // 16-byte chunks per row
-  static_assert(kRows * kChunks % kThreads == 0);
-  const T* base = src.row(b, h, t0);
-#pragma unroll
-  for (int step = 0; step < kRows * kChunks / kThreads; ++step) {
-    const int idx = threadIdx.x + step * kThreads;
-    const int r = idx / kChunks, col = idx % kChunks * 8;
-    const bool valid = t0 + r < total && col < src.cols;
-    warp::cp_async_16(dst + r * ld + col,
-                      valid ? base + r * src.stride_t + col : src.data, valid);
-  }
+  RowCopies<kDim, kRows, T>(src, b, h, t0, total).copy(dst);
 }
 
-// Keys [t0, t0 + kRows) of K and V (both kDim wide after padding) into two
-// tiles as load_rows does, and with `padding` zero rows for padded keys too:
-// a zero K and V row is how the 16-bit kernels drop a key from every product
-// without a per-element test, and without reading its values (which may be
-// NaN or inf). With `weights`, thread r < kRows also writes the key weight
-// m_j = [key j = t0 + r exists and is not padding] there. With `padding`,
-// each key's flag is read once per warp: lane l reads keys t0 + l and
-// t0 + 32 + l and a ballot gives every lane the tile's 64 validity bits, so
-// every 16-byte copy tests a bit instead of loading a flag.
+// Tiles of keys of K and V (both kDim wide after padding), streamed as
+// RowCopies, and with `padding` zero rows for padded keys too: a zero K and V
+// row is how the 16-bit kernels drop a key from every product without a
+// per-element test, and without reading its values (which may be NaN or
+// inf). With `weights`, thread r < kRows also writes the key weight m_j =
+// [key j = t0 + r exists and is not padding] there. With `padding`, each
+// key's flag is read once per warp: lane l reads keys t0 + l and t0 + 32 + l
+// and a ballot gives every lane the tile's 64 validity bits, so every 16-byte
+// copy tests a bit instead of loading a flag.
+template <int kDim, int kRows, typename T>
+struct KeyCopies {
+  static_assert(kRows <= 64 && kRows <= kThreads);
+  using Copies = RowCopies<kDim, kRows, T>;
+  Copies k, v;
+  const Mask* padding;
+  int64_t b, t0, total;
+
+  __device__ __forceinline__ KeyCopies(const TokenRows<T>& k_rows,
+                                       const TokenRows<T>& v_rows, int64_t b,
+                                       int64_t h, int64_t t0, int64_t total,
+                                       const Mask* padding)
+      : k(k_rows, b, h, t0, total),
+        v(v_rows, b, h, t0, total),
+        padding(padding),
+        b(b),
+        t0(t0),
+        total(total) {}
+
+  // The current tile into k_dst, v_dst (and m into `weights`).
+  __device__ __forceinline__ void copy(T* k_dst, T* v_dst, T* weights) const {
+    uint64_t valid_bits = 0;  // bit r: key t0 + r exists and is not padding
+    if (padding != nullptr) {
+      const int lane = threadIdx.x % 32;
+#pragma unroll
+      for (int w = 0; w < (kRows + 31) / 32; ++w) {
+        const int64_t j = t0 + 32 * w + lane;
+        const bool key =
+            32 * w + lane < kRows && j < total && padding->key_valid(b, j);
+        valid_bits |= uint64_t(__ballot_sync(0xffffffffu, key)) << (32 * w);
+      }
+    }
+    const int r0 = threadIdx.x / Copies::kChunks;
+#pragma unroll
+    for (int s = 0; s < Copies::kCopies; ++s) {
+      const bool key = padding == nullptr
+                           ? k.row_valid(s)
+                           : (valid_bits >> (r0 + s * Copies::kStep) & 1) != 0;
+      k.copy(k_dst, s, key);
+      v.copy(v_dst, s, key);
+    }
+    if (weights != nullptr && threadIdx.x < kRows) {
+      const bool key = padding == nullptr
+                           ? t0 + threadIdx.x < total
+                           : (valid_bits >> threadIdx.x & 1) != 0;
+      weights[threadIdx.x] = Num<T>::narrow(key ? 1.f : 0.f);
+    }
+  }
+  __device__ __forceinline__ void advance() {
+    k.advance();
+    v.advance();
+    t0 += kRows;
+  }
+};
+
+// Keys [t0, t0 + kRows) of K and V into two tiles (and m into `weights`), as
+// KeyCopies.
 template <int kDim, int kRows, typename T>
 __device__ __forceinline__ void load_key_rows(T* k_dst, T* v_dst, T* weights,
                                               const TokenRows<T>& k,
@@ -401,40 +498,8 @@ __device__ __forceinline__ void load_key_rows(T* k_dst, T* v_dst, T* weights,
                                               int64_t h, int64_t t0,
                                               int64_t total,
                                               const Mask* padding) {
-  constexpr int ld = kDim + 8, kChunks = kDim / 8;  // 16-byte chunks per row
-  static_assert(kRows * kChunks % kThreads == 0);
-  static_assert(kRows <= 64 && kRows <= kThreads);
-  uint64_t valid_bits = 0;  // bit r: key t0 + r exists and is not padding
-  if (padding != nullptr) {
-    const int lane = threadIdx.x % 32;
-#pragma unroll
-    for (int w = 0; w < (kRows + 31) / 32; ++w) {
-      const int64_t j = t0 + 32 * w + lane;
-      const bool key =
-          32 * w + lane < kRows && j < total && padding->key_valid(b, j);
-      valid_bits |= uint64_t(__ballot_sync(0xffffffffu, key)) << (32 * w);
-    }
-  }
-  const auto key_exists = [&](int r) {
-    return padding == nullptr ? t0 + r < total : (valid_bits >> r & 1) != 0;
-  };
-  const T* k_base = k.row(b, h, t0);
-  const T* v_base = v.row(b, h, t0);
-#pragma unroll
-  for (int step = 0; step < kRows * kChunks / kThreads; ++step) {
-    const int idx = threadIdx.x + step * kThreads;
-    const int r = idx / kChunks, col = idx % kChunks * 8;
-    const bool key = key_exists(r);
-    const bool k_valid = key && col < k.cols, v_valid = key && col < v.cols;
-    warp::cp_async_16(k_dst + r * ld + col,
-                      k_valid ? k_base + r * k.stride_t + col : k.data,
-                      k_valid);
-    warp::cp_async_16(v_dst + r * ld + col,
-                      v_valid ? v_base + r * v.stride_t + col : v.data,
-                      v_valid);
-  }
-  if (weights != nullptr && threadIdx.x < kRows)
-    weights[threadIdx.x] = Num<T>::narrow(key_exists(threadIdx.x) ? 1.f : 0.f);
+  KeyCopies<kDim, kRows, T>(k, v, b, h, t0, total, padding)
+      .copy(k_dst, v_dst, weights);
 }
 
 // Rows row0 + g, row0 + g + 8 of a warp's 16 x kDim accumulator (C layout),

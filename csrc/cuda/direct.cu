@@ -130,17 +130,44 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The 16-bit forward on mma.sync, in the structure of FlashAttention-2.
-// A block of 4 warps owns kRows = 64 queries, 16 per warp, and walks the key
-// tiles of kKeys = 64. Each warp keeps everything of its 16 rows in registers:
-// its Q fragments (loaded once), S = Q K_J^T (16 x 64, float), W = f(S)
-// re-packed in place as the A operand of the next products (the C layout of
-// two adjacent n8 tiles is the A layout of one k16 step), O += W V_J
-// (16 x kDim, float) and the row sums W m_J (one more n8 tile, m_j = 1 for a
-// key that exists and is not padding, else 0). Shared memory only stages Q
-// and two buffers of K_J, V_J, m_J, filled by cp.async one tile ahead of the
-// products. kDim is the head dim rounded up to 16, 32, 64 or 128
-// (zero-padded columns add zeros to S and produce ignored columns of O).
-constexpr int kRows = 64, kKeys = 64;
+// A block of 4 warps owns kRows queries, 16 kM per warp, and walks the key
+// tiles of kKeys = 64, kC keys (chunk_rows) at a time. Each warp keeps
+// everything of its rows in registers: its Q fragments (loaded once), S = Q
+// K^T (16 kM x kC, float), W = f(S) re-packed in place as the A operand of
+// the next products (the C layout of two adjacent n8 tiles is the A layout of
+// one k16 step), O += W V (16 kM x kDim, float) and the row sums W m (one
+// more n8 tile, m_j = 1 for a key that exists and is not padding, else 0).
+// Shared memory only stages Q and two buffers of K_J, V_J, m_J, filled by
+// cp.async one tile ahead of the products. kDim is the head dim rounded up to
+// 16, 32, 64 or 128 (zero-padded columns add zeros to S and produce ignored
+// columns of O).
+//
+// kM (row_fragments) is 2 at kDim <= 32, else 1: every B fragment a warp
+// loads (K, V, m) then feeds two HMMA, and the per-tile work (the next tile's
+// copies, barriers) is spread over twice the HMMA; at kDim >= 64 the
+// accumulators would not fit. The backward kernels hold their rows the same
+// way (benchmarks/sass_report.py: sm_90, bf16, d = 32, forward 7.2 -> 4.8
+// warp-instructions per HMMA). The price: half as many blocks at d <= 32 (at
+// N = 1024, B H = 16, 128 blocks for 132 SMs).
+constexpr int kKeys = 64;
+
+template <int kDim>
+TS_HOST_DEVICE constexpr int row_fragments() {
+  return kDim <= 32 ? 2 : 1;
+}
+
+// The streamed tile's rows taken at a time: all 64 with one fragment; 16 with
+// two, whose S and W of 64 rows would not fit in registers beside the rest.
+template <int kDim>
+TS_HOST_DEVICE constexpr int chunk_rows() {
+  return row_fragments<kDim>() == 1 ? 64 : 16;
+}
+
+// Rows a block owns: 4 warps of row_fragments() x 16.
+template <int kDim>
+TS_HOST_DEVICE constexpr int block_rows() {
+  return kThreads / 32 * 16 * row_fragments<kDim>();
+}
 
 // How the 16-bit kernels apply the mask, fixed at compile time so that the
 // main loop of the common cases holds no per-element test:
@@ -187,21 +214,26 @@ __device__ __forceinline__ bool tile_allows(const MmaArgs<T>& p, int64_t b,
   return j <= row;
 }
 
-// Runs step(tile, elementwise) over the `tiles` key tiles of a query block,
-// elementwise a std::bool_constant telling whether the tile tests the mask
-// per element. With causal and no attn_mask, every key of the tiles before
-// the last precedes every query of the block, so they run without tests; the
-// last holds the diagonal (kRows == kKeys) and runs with them, outside the
-// main loop.
-template <MaskMode kMode, typename T, typename Step>
-__device__ __forceinline__ void walk_key_tiles(const MmaArgs<T>& p, int tiles,
-                                               const Step& step) {
-  const bool diagonal =
-      kMode != MaskMode::kAttnMask && p.mask.causal && tiles > 0;
-  const int full_tiles = diagonal ? tiles - 1 : tiles;
+// Runs step(tile, elementwise) over the `tiles` key tiles of the query block
+// [i0, i0 + kRows), elementwise a std::bool_constant telling whether the tile
+// tests the mask per element. With causal and no attn_mask, every key of the
+// tiles before i0 precedes every query of the block, so they run without
+// tests; the (at most kRows / kKeys) tiles from i0 on hold the diagonal and
+// run with them, unrolled, outside the main loop.
+template <MaskMode kMode, int kRows, typename T, typename Step>
+__device__ __forceinline__ void walk_key_tiles(const MmaArgs<T>& p, int64_t i0,
+                                               int tiles, const Step& step) {
+  static_assert(kRows % kKeys == 0);
+  const bool diagonal = kMode != MaskMode::kAttnMask && p.mask.causal;
+  const int full_tiles =
+      diagonal ? min(tiles, static_cast<int>(i0 / kKeys)) : tiles;
   for (int tile = 0; tile < full_tiles; ++tile)
     step(tile, std::bool_constant<kMode == MaskMode::kAttnMask>());
-  if (diagonal) step(full_tiles, std::true_type());
+  if (diagonal) {
+#pragma unroll
+    for (int t = 0; t < kRows / kKeys; ++t)
+      if (full_tiles + t < tiles) step(full_tiles + t, std::true_type());
+  }
 }
 
 // The weight polynomial in the mma kernels' element loops. Order 2 (the
@@ -227,20 +259,22 @@ __device__ __forceinline__ float mma_weight(float x,
 template <int kDim>
 constexpr size_t mma_forward_smem() {
   // Q, 2 x K, 2 x V, 2 x m
-  return size_t(5) * kRows * (kDim + 8) * 2 + 2 * kKeys * 2;
+  return size_t(block_rows<kDim>() + 4 * kKeys) * (kDim + 8) * 2 +
+         2 * kKeys * 2;
 }
 
 template <typename T, int kDim, MaskMode kMode, bool kQuadratic>
 __global__ void __launch_bounds__(kThreads)
     direct_forward_mma_kernel(MmaArgs<T> p, T* out, float* den) {
-  static_assert(kRows == 16 * (kThreads / 32) && kRows == kKeys);
-  constexpr int ld = kDim + 8, kTile = kRows * ld;
+  constexpr int kM = row_fragments<kDim>(), kRows = block_rows<kDim>();
+  constexpr int kC = chunk_rows<kDim>();
+  constexpr int ld = kDim + 8, kStage = kKeys * ld;
   extern __shared__ __align__(128) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem);
-  T* ks = qs + kTile;      // two stages
-  T* vs = ks + 2 * kTile;  // two stages
-  T* ms = vs + 2 * kTile;  // two stages of m_j
-  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16;
+  T* ks = qs + kRows * ld;  // two stages
+  T* vs = ks + 2 * kStage;  // two stages
+  T* ms = vs + 2 * kStage;  // two stages of m_j
+  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16 * kM;
   const int g = lane / 4, quad = lane % 4;
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows;
@@ -248,75 +282,90 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t key_end = p.mask.key_limit(i0 + kRows, p.keys);
   const int tiles = static_cast<int>((key_end + kKeys - 1) / kKeys);
 
-  // Stage `stage` <- the key tile at j0: K, V and m.
-  const auto load_keys = [&](int stage, int64_t j0) {
-    load_key_rows<kDim, kKeys>(ks + stage * kTile, vs + stage * kTile,
-                               ms + stage * kKeys, p.k, p.v, b, h, j0, p.keys,
-                               padding<kMode>(p));
+  // Stage `stage` <- the next key tile: K, V and m.
+  KeyCopies<kDim, kKeys, T> keys(p.k, p.v, b, h, 0, p.keys, padding<kMode>(p));
+  const auto load_keys = [&](int stage) {
+    keys.copy(ks + stage * kStage, vs + stage * kStage, ms + stage * kKeys);
+    keys.advance();
   };
   load_rows<kDim, kRows>(qs, p.q, b, h, i0, p.queries);
   warp::cp_async_commit();
-  if (tiles > 0) load_keys(0, 0);
+  if (tiles > 0) load_keys(0);
   warp::cp_async_commit();
   warp::cp_async_wait<1>();  // Q has landed
   __syncthreads();
-  uint32_t qf[kDim / 16][4];  // A fragments of this warp's 16 query rows
+  uint32_t qf[kM][kDim / 16][4];  // A fragments of this warp's query rows
   warp::load_a<kDim, ld>(qf, qs + warp_row * ld, lane);
-  float o[kDim / 8][4] = {};  // O, n8 tiles in the C layout
+  float o[kM][kDim / 8][4] = {};  // O, n8 tiles in the C layout
   // W m: every column holds the sums of rows g ([0], [1]) and g + 8 ([2], [3])
-  float row_sum[4] = {};
+  float row_sum[kM][4] = {};
 
-  // One key tile. Element i of n8 tile n of S is (row g + 8 (i / 2), key
-  // 2 quad + i % 2 + 8 n). Only kElementwise tiles test the mask per element:
-  // every tile with an attn_mask, otherwise the causal diagonal only.
+  // One key tile, kC keys at a time. Element i of n8 tile n of fragment f's
+  // S over keys kC c .. kC c + kC - 1 is (row 16 f + g + 8 (i / 2), key
+  // kC c + 8 n + 2 quad + i % 2). Only kElementwise tiles test the mask per
+  // element: every tile with an attn_mask, otherwise the causal diagonal only.
   const auto step = [&](int tile, auto elementwise) {
     constexpr bool kElementwise = decltype(elementwise)::value;
     const int stage = tile % 2;
     if (tile + 1 < tiles) {  // prefetch the next tile into the other stage
-      load_keys(1 - stage, static_cast<int64_t>(tile + 1) * kKeys);
+      load_keys(1 - stage);
       warp::cp_async_commit();
       warp::cp_async_wait<1>();
     } else {
       warp::cp_async_wait<0>();
     }
     __syncthreads();
-    float s[kKeys / 8][4] = {};  // S = Q K^T
-    warp::mma_abt<T, kDim, kKeys, ld>(s, qf, ks + stage * kTile, lane);
+    const T* kt = ks + stage * kStage;
+    const T* vt = vs + stage * kStage;
+    const T* mt = ms + stage * kKeys;
     const int64_t j0 = static_cast<int64_t>(tile) * kKeys;
 #pragma unroll
-    for (int n = 0; n < kKeys / 8; ++n) {
+    for (int c = 0; c < kKeys / kC; ++c) {
+      float s[kM][kC / 8][4] = {};  // S = Q K^T
+      warp::mma_abt<T, kDim, kC, ld>(s, qf, kt + kC * c * ld, lane);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float w = mma_weight<kQuadratic>(s[n][i], p.f);
-        if constexpr (kElementwise) {
-          const int64_t row = i0 + warp_row + g + 8 * (i / 2);
-          const int64_t j = j0 + n * 8 + 2 * quad + i % 2;
-          const bool allowed = tile_allows<kMode>(p, b, h, row, j);
-          if (!allowed) w = 0.f;
+      for (int f = 0; f < kM; ++f) {
+#pragma unroll
+        for (int n = 0; n < kC / 8; ++n) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            float w = mma_weight<kQuadratic>(s[f][n][i], p.f);
+            if constexpr (kElementwise) {
+              const int64_t row = i0 + warp_row + 16 * f + g + 8 * (i / 2);
+              const int64_t j = j0 + kC * c + 8 * n + 2 * quad + i % 2;
+              const bool allowed = tile_allows<kMode>(p, b, h, row, j);
+              if (!allowed) w = 0.f;
+            }
+            s[f][n][i] = w;
+          }
         }
-        s[n][i] = w;
       }
+      uint32_t wf[kM][kC / 16][4];
+#pragma unroll
+      for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(wf[f], s[f]);
+      warp::mma_ab<T, kC, kDim, ld>(o, wf, vt + kC * c * ld, lane);
+      warp::mma_row_sums<T, kC>(row_sum, wf, mt + kC * c, lane);
     }
-    uint32_t wf[kKeys / 16][4];
-    warp::to_a<T, kKeys>(wf, s);
-    warp::mma_ab<T, kKeys, kDim, ld>(o, wf, vs + stage * kTile, lane);
-    warp::mma_row_sums<T, kKeys>(row_sum, wf, ms + stage * kKeys, lane);
     __syncthreads();  // every warp is done with this stage before its refill
   };
-  walk_key_tiles<kMode>(p, tiles, step);
+  walk_key_tiles<kMode, kRows>(p, i0, tiles, step);
   warp::cp_async_wait<0>();  // no copy outlives the block (keys == 0)
 
-  float scale[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = i0 + warp_row + g + 8 * r;
-    const float sum = row_sum[2 * r];
-    scale[r] =
-        row < p.queries ? p.sigma.at(b, h, row) * safe_reciprocal(sum) : 0.f;
-    if (quad == 0 && row < p.queries) den[bh * p.queries + row] = sum;
+  for (int f = 0; f < kM; ++f) {
+    const int64_t row0 = i0 + warp_row + 16 * f;
+    float scale[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = row0 + g + 8 * r;
+      const float sum = row_sum[f][2 * r];
+      scale[r] =
+          row < p.queries ? p.sigma.at(b, h, row) * safe_reciprocal(sum) : 0.f;
+      if (quad == 0 && row < p.queries) den[bh * p.queries + row] = sum;
+    }
+    store_rows<T, kDim>(out + bh * p.queries * p.e, o[f], row0, p.queries, p.e,
+                        scale, lane);
   }
-  store_rows<T, kDim>(out + bh * p.queries * p.e, o, i0 + warp_row, p.queries,
-                      p.e, scale, lane);
 }
 
 template <typename T>
@@ -346,7 +395,8 @@ void launch_mma_forward(const MmaArgs<T>& args, int64_t bh, T* out,
                           : direct_forward_mma_kernel<T, kDim, kMode, false>;
   constexpr size_t bytes = mma_forward_smem<kDim>();
   allow_shared_memory(kernel, bytes);
-  const dim3 grid((args.queries + kRows - 1) / kRows, bh);
+  const dim3 grid((args.queries + block_rows<kDim>() - 1) / block_rows<kDim>(),
+                  bh);
   kernel<<<grid, kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(args, out,
                                                                       den);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -394,12 +444,15 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 // The bfloat16 backward on mma.sync (math.md §2 backward, the same
 // recomputation as the shared-memory kernels below), two kernels whose warps
-// own 16 rows each and keep every product in registers:
-// * key side, a block per 64 keys, looping over query tiles:
-//     S^T = K Q^T, G^T = V gY^T             (16 keys x 64 queries per warp)
+// own 16 kM rows each (kM = row_fragments, as in the forward) and keep every
+// product in registers:
+// * key side, a block per block_rows keys, looping over query tiles of
+//   kQueryTile, kC queries (chunk_rows) at a time:
+//     S^T = K Q^T, G^T = V gY^T             (16 kM keys x kC queries per warp)
 //     P^T = m ⊙ f(S^T) rs,  dX^T = m ⊙ (rs G^T - dl) ⊙ f'(S^T)
 //     dV += P^T gY,  dK += dX^T Q            (P^T, dX^T re-packed as A)
-// * query side, a block per 64 queries, looping over key tiles:
+// * query side, a block per block_rows queries, looping over key tiles of
+//   kKeys, kC keys at a time:
 //     S = Q K^T, G = gY V^T,  dX = m ⊙ (rs G - dl) ⊙ f'(S),  dQ += dX K.
 // Query tiles (Q, gY, rs, dl) or key tiles (K, V) are double-buffered by
 // cp.async. bfloat16 only, for d, e <= 64 and order 2: float16's range cannot
@@ -407,27 +460,32 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // and other orders would cost the main loop its registers (mma_weight); those
 // take the shared-memory kernels.
 constexpr int kBackwardMaxDim = 64;
+constexpr int kQueryTile = 64;  // the key side's query tiles
 
 template <int kDim>
 constexpr size_t mma_backward_smem() {
-  // Six tiles (key side: K, V, 2 x Q, 2 x gY; query side: Q, gY, 2 x K,
-  // 2 x V) and two stages of rs, dl.
-  return size_t(6) * kRows * (kDim + 8) * 2 + 4 * kRows * sizeof(float);
+  // The block's rows (key side: K, V; query side: Q, gY), two stages of two
+  // tiles (key side: Q, gY; query side: K, V; 64 rows each) and two stages of
+  // rs, dl.
+  static_assert(kQueryTile == kKeys);
+  return size_t(2 * block_rows<kDim>() + 4 * kKeys) * (kDim + 8) * 2 +
+         4 * kQueryTile * sizeof(float);
 }
 
-// rs, dl of queries [i0, i0 + kRows) into dst[0..kRows), dst[kRows..2 kRows),
-// zeros past the queries (so that padded query rows contribute nothing).
+// rs, dl of queries [i0, i0 + kQueryTile) into dst[0..kQueryTile),
+// dst[kQueryTile..2 kQueryTile), zeros past the queries (so that padded query
+// rows contribute nothing).
 template <typename T>
 __device__ __forceinline__ void load_row_scalars(float* dst,
                                                  const MmaArgs<T>& p,
                                                  int64_t bh, int64_t i0) {
-  static_assert(kRows <= kThreads);
-  if (threadIdx.x < kRows) {
+  static_assert(kQueryTile <= kThreads);
+  if (threadIdx.x < kQueryTile) {
     const int64_t i = i0 + threadIdx.x;
     const bool valid = i < p.queries;
     const float* s = p.scalars + 2 * (bh * p.queries + i);
     dst[threadIdx.x] = valid ? s[0] : 0.f;
-    dst[kRows + threadIdx.x] = valid ? s[1] : 0.f;
+    dst[kQueryTile + threadIdx.x] = valid ? s[1] : 0.f;
   }
 }
 
@@ -437,117 +495,142 @@ __device__ __forceinline__ void load_row_scalars(float* dst,
 template <typename T, int kDim, MaskMode kMode>
 __global__ void __launch_bounds__(kThreads)
     direct_backward_kv_mma_kernel(MmaArgs<T> p, T* grad_k, T* grad_v) {
-  constexpr int ld = kDim + 8, kTile = kRows * ld;
+  constexpr int kM = row_fragments<kDim>(), kBlockKeys = block_rows<kDim>();
+  constexpr int kC = chunk_rows<kDim>();
+  constexpr int ld = kDim + 8, kStage = kQueryTile * ld;
   extern __shared__ __align__(128) unsigned char smem[];
   T* ks = reinterpret_cast<T*>(smem);
-  T* vs = ks + kTile;
-  T* qs = vs + kTile;                                         // two stages
-  T* gs = qs + 2 * kTile;                                     // two stages
-  float* scalars = reinterpret_cast<float*>(gs + 2 * kTile);  // two stages
-  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16;
+  T* vs = ks + kBlockKeys * ld;
+  T* qs = vs + kBlockKeys * ld;                                // two stages
+  T* gs = qs + 2 * kStage;                                     // two stages
+  float* scalars = reinterpret_cast<float*>(gs + 2 * kStage);  // two stages
+  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16 * kM;
   const int g = lane / 4, quad = lane % 4;
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kKeys;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kBlockKeys;
   // Causal: only queries i >= j >= j0 see these keys.
   const int64_t first = p.mask.causal ? j0 : 0;
   const int tiles =
       p.queries > first
-          ? static_cast<int>((p.queries - first + kRows - 1) / kRows)
+          ? static_cast<int>((p.queries - first + kQueryTile - 1) / kQueryTile)
           : 0;
 
-  load_key_rows<kDim, kKeys>(ks, vs, static_cast<T*>(nullptr), p.k, p.v, b, h,
-                             j0, p.keys, padding<kMode>(p));
+  // load_key_rows reads the padding flags of up to 64 keys at a time.
+#pragma unroll
+  for (int r = 0; r < kBlockKeys; r += kKeys)
+    load_key_rows<kDim, kKeys>(ks + r * ld, vs + r * ld,
+                               static_cast<T*>(nullptr), p.k, p.v, b, h, j0 + r,
+                               p.keys, padding<kMode>(p));
   warp::cp_async_commit();
-  if (tiles > 0) {
-    load_rows<kDim, kRows>(qs, p.q, b, h, first, p.queries);
-    load_rows<kDim, kRows>(gs, p.grad_out, b, h, first, p.queries);
-    load_row_scalars(scalars, p, bh, first);
-  }
+  // Stage `stage` <- the next query tile at i0: Q, gY, rs and dl.
+  RowCopies<kDim, kQueryTile, T> q_rows(p.q, b, h, first, p.queries),
+      g_rows(p.grad_out, b, h, first, p.queries);
+  const auto load_queries = [&](int stage, int64_t i0) {
+    q_rows.copy(qs + stage * kStage);
+    g_rows.copy(gs + stage * kStage);
+    q_rows.advance();
+    g_rows.advance();
+    load_row_scalars(scalars + stage * 2 * kQueryTile, p, bh, i0);
+  };
+  if (tiles > 0) load_queries(0, first);
   warp::cp_async_commit();
 
   warp::cp_async_wait<1>();  // K and V have landed
   __syncthreads();
-  uint32_t kf[kDim / 16][4], vf[kDim / 16][4];  // this warp's 16 keys
+  uint32_t kf[kM][kDim / 16][4], vf[kM][kDim / 16][4];  // this warp's keys
   warp::load_a<kDim, ld>(kf, ks + warp_row * ld, lane);
   warp::load_a<kDim, ld>(vf, vs + warp_row * ld, lane);
-  float dk[kDim / 8][4] = {}, dv[kDim / 8][4] = {};
+  float dk[kM][kDim / 8][4] = {}, dv[kM][kDim / 8][4] = {};
 
-  // One query tile. Element i of n8 tile n: key j0 + warp_row + g +
-  // 8 (i / 2), query i0 + c with c = 8 n + 2 quad + i % 2.
+  // One query tile, kC queries at a time. Element i of n8 tile n of fragment
+  // f over queries kC c .. kC c + kC - 1: key j0 + warp_row + 16 f + g +
+  // 8 (i / 2), query i0 + col with col = kC c + 8 n + 2 quad + i % 2.
   const auto step = [&](int tile, auto elementwise) {
     constexpr bool kElementwise = decltype(elementwise)::value;
-    const int64_t i0 = first + static_cast<int64_t>(tile) * kRows;
+    const int64_t i0 = first + static_cast<int64_t>(tile) * kQueryTile;
     const int stage = tile % 2;
-    const T* qt = qs + stage * kTile;
-    const T* gt = gs + stage * kTile;
-    const float* rs = scalars + stage * 2 * kRows;
-    const float* dl = rs + kRows;
+    const T* qt = qs + stage * kStage;
+    const T* gt = gs + stage * kStage;
+    const float* rs = scalars + stage * 2 * kQueryTile;
+    const float* dl = rs + kQueryTile;
     if (tile + 1 < tiles) {
-      const int next = 1 - stage;
-      load_rows<kDim, kRows>(qs + next * kTile, p.q, b, h, i0 + kRows,
-                             p.queries);
-      load_rows<kDim, kRows>(gs + next * kTile, p.grad_out, b, h, i0 + kRows,
-                             p.queries);
-      load_row_scalars(scalars + next * 2 * kRows, p, bh, i0 + kRows);
+      load_queries(1 - stage, i0 + kQueryTile);
       warp::cp_async_commit();
       warp::cp_async_wait<1>();
     } else {
       warp::cp_async_wait<0>();
     }
     __syncthreads();
-    float st[kRows / 8][4] = {}, dxt[kRows / 8][4] = {};
-    warp::mma_abt<T, kDim, kRows, ld>(st, kf, qt, lane);   // S^T
-    warp::mma_abt<T, kDim, kRows, ld>(dxt, vf, gt, lane);  // G^T
 #pragma unroll
-    for (int n = 0; n < kRows / 8; ++n) {
+    for (int c = 0; c < kQueryTile / kC; ++c) {
+      const T* qc = qt + kC * c * ld;
+      const T* gc = gt + kC * c * ld;
+      float st[kM][kC / 8][4] = {}, dxt[kM][kC / 8][4] = {};
+      warp::mma_abt<T, kDim, kC, ld>(st, kf, qc, lane);   // S^T
+      warp::mma_abt<T, kDim, kC, ld>(dxt, vf, gc, lane);  // G^T
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int c = 8 * n + 2 * quad + i % 2;
-        const float x = st[n][i];
-        float weight = taylor_weight(x, p.f, QuadraticOrder()) * rs[c];
-        float dx = (rs[c] * dxt[n][i] - dl[c]) *
-                   taylor_weight_grad(x, p.f, QuadraticOrder());
-        if constexpr (kElementwise) {
-          const int64_t j = j0 + warp_row + g + 8 * (i / 2), q_row = i0 + c;
-          const bool allowed = tile_allows<kMode>(p, b, h, q_row, j);
-          if (!allowed) {
-            weight = 0.f;
-            dx = 0.f;
+      for (int n = 0; n < kC / 8; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int col = kC * c + 8 * n + 2 * quad + i % 2;
+#pragma unroll
+          for (int f = 0; f < kM; ++f) {
+            const float x = st[f][n][i];
+            float weight = taylor_weight(x, p.f, QuadraticOrder()) * rs[col];
+            float dx = (rs[col] * dxt[f][n][i] - dl[col]) *
+                       taylor_weight_grad(x, p.f, QuadraticOrder());
+            if constexpr (kElementwise) {
+              const int64_t j = j0 + warp_row + 16 * f + g + 8 * (i / 2);
+              const bool allowed = tile_allows<kMode>(p, b, h, i0 + col, j);
+              if (!allowed) {
+                weight = 0.f;
+                dx = 0.f;
+              }
+            }
+            st[f][n][i] = weight;
+            dxt[f][n][i] = dx;
           }
         }
-        st[n][i] = weight;
-        dxt[n][i] = dx;
       }
+      uint32_t af[kM][kC / 16][4];
+#pragma unroll
+      for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], st[f]);
+      warp::mma_ab<T, kC, kDim, ld>(dv, af, gc, lane);  // dV += P^T gY
+#pragma unroll
+      for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], dxt[f]);
+      warp::mma_ab<T, kC, kDim, ld>(dk, af, qc, lane);  // dK += dX^T Q
     }
-    uint32_t af[kRows / 16][4];
-    warp::to_a<T, kRows>(af, st);
-    warp::mma_ab<T, kRows, kDim, ld>(dv, af, gt, lane);  // dV += P^T gY
-    warp::to_a<T, kRows>(af, dxt);
-    warp::mma_ab<T, kRows, kDim, ld>(dk, af, qt, lane);  // dK += dX^T Q
     __syncthreads();  // every warp is done with this stage before its refill
   };
-  // Causal without attn_mask: the first query tile (i0 = j0) holds the
-  // diagonal; every query of the later tiles follows every key here.
-  const bool diagonal =
-      kMode != MaskMode::kAttnMask && p.mask.causal && tiles > 0;
-  if (diagonal) step(0, std::true_type());
-  for (int tile = diagonal ? 1 : 0; tile < tiles; ++tile)
+  // Causal without attn_mask: the query tiles before first + kBlockKeys hold
+  // the diagonal (unrolled, outside the main loop); every query of the later
+  // tiles follows every key here.
+  const bool diagonal = kMode != MaskMode::kAttnMask && p.mask.causal;
+  const int diagonal_tiles = diagonal ? min(tiles, kBlockKeys / kQueryTile) : 0;
+#pragma unroll
+  for (int tile = 0; tile < kBlockKeys / kQueryTile; ++tile)
+    if (tile < diagonal_tiles) step(tile, std::true_type());
+  for (int tile = diagonal_tiles; tile < tiles; ++tile)
     step(tile, std::bool_constant<kMode == MaskMode::kAttnMask>());
   warp::cp_async_wait<0>();  // no copy outlives the block (no query tiles)
 
-  float keep[2];  // 0 for padded keys: their gradients are zero
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t j = j0 + warp_row + g + 8 * r;
-    keep[r] =
-        kMode == MaskMode::kNoPadding || j >= p.keys || p.mask.key_valid(b, j)
-            ? 1.f
-            : 0.f;
+  for (int f = 0; f < kM; ++f) {
+    const int64_t row0 = j0 + warp_row + 16 * f;
+    float keep[2];  // 0 for padded keys: their gradients are zero
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t j = row0 + g + 8 * r;
+      keep[r] =
+          kMode == MaskMode::kNoPadding || j >= p.keys || p.mask.key_valid(b, j)
+              ? 1.f
+              : 0.f;
+    }
+    store_rows<T, kDim>(grad_k + bh * p.keys * p.d, dk[f], row0, p.keys, p.d,
+                        keep, lane);
+    store_rows<T, kDim>(grad_v + bh * p.keys * p.e, dv[f], row0, p.keys, p.e,
+                        keep, lane);
   }
-  store_rows<T, kDim>(grad_k + bh * p.keys * p.d, dk, j0 + warp_row, p.keys,
-                      p.d, keep, lane);
-  store_rows<T, kDim>(grad_v + bh * p.keys * p.e, dv, j0 + warp_row, p.keys,
-                      p.e, keep, lane);
 }
 
 // Query side. Padded keys and the key tail load as zero K and V rows, so
@@ -555,86 +638,106 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, int kDim, MaskMode kMode>
 __global__ void __launch_bounds__(kThreads)
     direct_backward_q_mma_kernel(MmaArgs<T> p, T* grad_q) {
-  constexpr int ld = kDim + 8, kTile = kRows * ld;
+  constexpr int kM = row_fragments<kDim>(), kRows = block_rows<kDim>();
+  constexpr int kC = chunk_rows<kDim>();
+  constexpr int ld = kDim + 8, kStage = kKeys * ld;
   extern __shared__ __align__(128) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem);
-  T* gs = qs + kTile;
-  T* ks = gs + kTile;      // two stages
-  T* vs = ks + 2 * kTile;  // two stages
-  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16;
+  T* gs = qs + kRows * ld;
+  T* ks = gs + kRows * ld;  // two stages
+  T* vs = ks + 2 * kStage;  // two stages
+  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16 * kM;
   const int g = lane / 4, quad = lane % 4;
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t key_end = p.mask.key_limit(i0 + kRows, p.keys);
   const int tiles = static_cast<int>((key_end + kKeys - 1) / kKeys);
 
-  const auto load_keys = [&](int stage, int64_t j0) {
-    load_key_rows<kDim, kKeys>(ks + stage * kTile, vs + stage * kTile,
-                               static_cast<T*>(nullptr), p.k, p.v, b, h, j0,
-                               p.keys, padding<kMode>(p));
+  KeyCopies<kDim, kKeys, T> keys(p.k, p.v, b, h, 0, p.keys, padding<kMode>(p));
+  const auto load_keys = [&](int stage) {  // stage <- the next key tile
+    keys.copy(ks + stage * kStage, vs + stage * kStage,
+              static_cast<T*>(nullptr));
+    keys.advance();
   };
   load_rows<kDim, kRows>(qs, p.q, b, h, i0, p.queries);
   load_rows<kDim, kRows>(gs, p.grad_out, b, h, i0, p.queries);
   warp::cp_async_commit();
-  if (tiles > 0) load_keys(0, 0);
+  if (tiles > 0) load_keys(0);
   warp::cp_async_commit();
-  float rs[2], dl[2];  // rows g and g + 8 of this warp
+  float rs[kM][2], dl[kM][2];  // rows 16 f + g and 16 f + g + 8 of this warp
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = i0 + warp_row + g + 8 * r;
-    const bool valid = row < p.queries;
-    rs[r] = valid ? p.scalars[2 * (bh * p.queries + row)] : 0.f;
-    dl[r] = valid ? p.scalars[2 * (bh * p.queries + row) + 1] : 0.f;
+  for (int f = 0; f < kM; ++f) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = i0 + warp_row + 16 * f + g + 8 * r;
+      const bool valid = row < p.queries;
+      rs[f][r] = valid ? p.scalars[2 * (bh * p.queries + row)] : 0.f;
+      dl[f][r] = valid ? p.scalars[2 * (bh * p.queries + row) + 1] : 0.f;
+    }
   }
 
   warp::cp_async_wait<1>();  // Q and gY have landed
   __syncthreads();
-  uint32_t qf[kDim / 16][4], gf[kDim / 16][4];
+  uint32_t qf[kM][kDim / 16][4], gf[kM][kDim / 16][4];
   warp::load_a<kDim, ld>(qf, qs + warp_row * ld, lane);
   warp::load_a<kDim, ld>(gf, gs + warp_row * ld, lane);
-  float dq[kDim / 8][4] = {};
+  float dq[kM][kDim / 8][4] = {};
 
+  // One key tile, kC keys at a time; element i of n8 tile n of fragment f:
+  // query row 16 f + g + 8 (i / 2) of the warp, key kC c + 8 n + 2 quad +
+  // i % 2 of the tile.
   const auto step = [&](int tile, auto elementwise) {
     constexpr bool kElementwise = decltype(elementwise)::value;
     const int stage = tile % 2;
     if (tile + 1 < tiles) {
-      load_keys(1 - stage, static_cast<int64_t>(tile + 1) * kKeys);
+      load_keys(1 - stage);
       warp::cp_async_commit();
       warp::cp_async_wait<1>();
     } else {
       warp::cp_async_wait<0>();
     }
     __syncthreads();
-    float s[kKeys / 8][4] = {}, dx[kKeys / 8][4] = {};
-    warp::mma_abt<T, kDim, kKeys, ld>(s, qf, ks + stage * kTile, lane);
-    warp::mma_abt<T, kDim, kKeys, ld>(dx, gf, vs + stage * kTile, lane);
     const int64_t j0 = static_cast<int64_t>(tile) * kKeys;
 #pragma unroll
-    for (int n = 0; n < kKeys / 8; ++n) {
+    for (int c = 0; c < kKeys / kC; ++c) {
+      const T* kc = ks + stage * kStage + kC * c * ld;
+      const T* vc = vs + stage * kStage + kC * c * ld;
+      float s[kM][kC / 8][4] = {}, dx[kM][kC / 8][4] = {};
+      warp::mma_abt<T, kDim, kC, ld>(s, qf, kc, lane);
+      warp::mma_abt<T, kDim, kC, ld>(dx, gf, vc, lane);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = i / 2;
-        float value = (rs[r] * dx[n][i] - dl[r]) *
-                      taylor_weight_grad(s[n][i], p.f, QuadraticOrder());
-        if constexpr (kElementwise) {
-          const int64_t row = i0 + warp_row + g + 8 * r;
-          const int64_t j = j0 + 8 * n + 2 * quad + i % 2;
-          const bool allowed = tile_allows<kMode>(p, b, h, row, j);
-          if (!allowed) value = 0.f;
+      for (int f = 0; f < kM; ++f) {
+#pragma unroll
+        for (int n = 0; n < kC / 8; ++n) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int r = i / 2;
+            float value = (rs[f][r] * dx[f][n][i] - dl[f][r]) *
+                          taylor_weight_grad(s[f][n][i], p.f, QuadraticOrder());
+            if constexpr (kElementwise) {
+              const int64_t row = i0 + warp_row + 16 * f + g + 8 * r;
+              const int64_t j = j0 + kC * c + 8 * n + 2 * quad + i % 2;
+              const bool allowed = tile_allows<kMode>(p, b, h, row, j);
+              if (!allowed) value = 0.f;
+            }
+            dx[f][n][i] = value;
+          }
         }
-        dx[n][i] = value;
       }
+      uint32_t af[kM][kC / 16][4];
+#pragma unroll
+      for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], dx[f]);
+      warp::mma_ab<T, kC, kDim, ld>(dq, af, kc, lane);
     }
-    uint32_t af[kKeys / 16][4];
-    warp::to_a<T, kKeys>(af, dx);
-    warp::mma_ab<T, kKeys, kDim, ld>(dq, af, ks + stage * kTile, lane);
     __syncthreads();  // every warp is done with this stage before its refill
   };
-  walk_key_tiles<kMode>(p, tiles, step);
+  walk_key_tiles<kMode, kRows>(p, i0, tiles, step);
   warp::cp_async_wait<0>();  // no copy outlives the block (keys == 0)
   const float one[2] = {1.f, 1.f};
-  store_rows<T, kDim>(grad_q + bh * p.queries * p.d, dq, i0 + warp_row,
-                      p.queries, p.d, one, lane);
+#pragma unroll
+  for (int f = 0; f < kM; ++f)
+    store_rows<T, kDim>(grad_q + bh * p.queries * p.d, dq[f],
+                        i0 + warp_row + 16 * f, p.queries, p.d, one, lane);
 }
 
 template <typename T, int kDim, MaskMode kMode>
@@ -644,12 +747,13 @@ void launch_mma_backward(const MmaArgs<T>& args, int64_t bh, T* grad_q,
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto kv = direct_backward_kv_mma_kernel<T, kDim, kMode>;
   allow_shared_memory(kv, bytes);
-  kv<<<dim3((args.keys + kKeys - 1) / kKeys, bh), kThreads, bytes, stream>>>(
+  constexpr int rows = block_rows<kDim>();
+  kv<<<dim3((args.keys + rows - 1) / rows, bh), kThreads, bytes, stream>>>(
       args, grad_k, grad_v);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto qk = direct_backward_q_mma_kernel<T, kDim, kMode>;
   allow_shared_memory(qk, bytes);
-  qk<<<dim3((args.queries + kRows - 1) / kRows, bh), kThreads, bytes, stream>>>(
+  qk<<<dim3((args.queries + rows - 1) / rows, bh), kThreads, bytes, stream>>>(
       args, grad_q);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -677,13 +677,15 @@ __global__ void __launch_bounds__(kThreads)
   // B = ones in column 0: the z column of the key side's linear and
   // constant rows.
   const uint32_t ones_b = g == 0 ? warp::pack<T>(1.f, 1.f) : 0u;
-  const auto load_tile = [&](int stage, int64_t t0) {
+  KeyCopies<kDim, kTokenTile, T> rows(p.x, p.y, b, h, begin, end,
+                                      kMasked ? &p.mask : nullptr);
+  const auto load_tile = [&](int stage, int64_t t0) {  // the next tile, at t0
     // The flags are read by the next tile's products, after the barrier
     // that follows its copies; the previous reads of this stage ended at a
     // barrier.
-    load_key_rows<kDim, kTokenTile>(ks + stage * kTile, vs + stage * kTile,
-                                    flags + stage * kTokenTile, p.x, p.y, b, h,
-                                    t0, end, kMasked ? &p.mask : nullptr);
+    rows.copy(ks + stage * kTile, vs + stage * kTile,
+              flags + stage * kTokenTile);
+    rows.advance();
     if constexpr (kQuery) {  // w of the tile's tokens, 8 per 16 bytes
       if (threadIdx.x < kTokenTile / 8) {
         const int64_t t = t0 + 8 * threadIdx.x;
@@ -1187,7 +1189,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   // This lane's ldmatrix rows for the A fragments of the warp's tokens.
   const int a_row = (warp_row + lane % 16) * width + lane / 16 * 8;
-  uint32_t yf[kSlices][4];
+  uint32_t yf[1][kSlices][4];  // one fragment of 16 rows
   warp::load_a<kDim, width>(yf, ys + warp_row * width, lane);
   // The z column of y' as the A fragment of one more k-step (column 0).
   uint32_t yz[4] = {0u, 0u, 0u, 0u};
@@ -1211,8 +1213,8 @@ __global__ void __launch_bounds__(kThreads)
       uint32_t f[4];
       warp::ldmatrix<4>(f, rows + g_row + s * 16);
       const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
-      warp::mma_16816<T>(gm[0], yf[s], lo);
-      warp::mma_16816<T>(gm[1], yf[s], hi);
+      warp::mma_16816<T>(gm[0], yf[0][s], lo);
+      warp::mma_16816<T>(gm[1], yf[0][s], hi);
     }
     // The z column of rows 0-7 as k 0-7 and again as k 8-15 (which meet
     // the zero columns of yz), then of rows 8-15: B registers ready in

@@ -181,26 +181,33 @@ __device__ __forceinline__ void cp_async_wait() {
 namespace taylorshift::cuda_kernels::warp {
 
 // Warp tiles on the primitives, shared by the register-resident kernels.
-// A warp owns 16 rows; shared tiles are row-major with leading dimension ld
-// (elements). `lane` is threadIdx.x % 32.
+// A warp owns kM fragments of 16 rows (rows 16 m .. 16 m + 15 of its rows in
+// fragment m); shared tiles are row-major with leading dimension ld
+// (elements). Every B fragment loaded from shared memory feeds the kM
+// fragments' products, so a warp holding more rows loads less per HMMA.
+// `lane` is threadIdx.x % 32.
 
-// The A fragments of 16 rows x kDim columns at `rows`: ldmatrix.x4 with lane
-// l addressing row l % 16, column half l / 16 of each 16-column step.
-template <int kDim, int ld, typename T>
-__device__ __forceinline__ void load_a(uint32_t (&a)[kDim / 16][4],
+// The A fragments of kM x 16 rows x kDim columns at `rows`: ldmatrix.x4 with
+// lane l addressing row l % 16, column half l / 16 of each 16-column step.
+template <int kDim, int ld, int kM, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[kM][kDim / 16][4],
                                        const T* rows, int lane) {
 #pragma unroll
-  for (int kk = 0; kk < kDim / 16; ++kk)
-    ldmatrix<4>(a[kk], rows + (lane % 16) * ld + kk * 16 + lane / 16 * 8);
+  for (int m = 0; m < kM; ++m) {
+#pragma unroll
+    for (int kk = 0; kk < kDim / 16; ++kk)
+      ldmatrix<4>(a[m][kk],
+                  rows + (16 * m + lane % 16) * ld + kk * 16 + lane / 16 * 8);
+  }
 }
 
-// acc (16 x kN) += A (16 x kDim) R^T for a shared tile R of kN rows x kDim
-// (so B[k][n] = R[n][k]): plain ldmatrix.x4 gives the B fragments of two n8
-// tiles (matrices: rows +0/+8 x columns +0/+8, registers {0, 1} one tile,
-// {2, 3} the other).
-template <typename T, int kDim, int kN, int ld>
-__device__ __forceinline__ void mma_abt(float (&acc)[kN / 8][4],
-                                        const uint32_t (&a)[kDim / 16][4],
+// acc (kM x 16 x kN) += A (kM x 16 x kDim) R^T for a shared tile R of kN rows
+// x kDim (so B[k][n] = R[n][k]): plain ldmatrix.x4 gives the B fragments of
+// two n8 tiles (matrices: rows +0/+8 x columns +0/+8, registers {0, 1} one
+// tile, {2, 3} the other).
+template <typename T, int kDim, int kN, int ld, int kM>
+__device__ __forceinline__ void mma_abt(float (&acc)[kM][kN / 8][4],
+                                        const uint32_t (&a)[kM][kDim / 16][4],
                                         const T* r, int lane) {
 #pragma unroll
   for (int kk = 0; kk < kDim / 16; ++kk) {
@@ -210,18 +217,21 @@ __device__ __forceinline__ void mma_abt(float (&acc)[kN / 8][4],
       ldmatrix<4>(f, r + (n * 16 + lane % 8 + lane / 16 * 8) * ld + kk * 16 +
                          lane / 8 % 2 * 8);
       const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
-      mma_16816<T>(acc[2 * n], a[kk], lo);
-      mma_16816<T>(acc[2 * n + 1], a[kk], hi);
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        mma_16816<T>(acc[m][2 * n], a[m][kk], lo);
+        mma_16816<T>(acc[m][2 * n + 1], a[m][kk], hi);
+      }
     }
   }
 }
 
-// acc (16 x kN) += A (16 x kK) R for a shared tile R of kK rows x kN
-// (B = R): ldmatrix.x4.trans gives two n8 tiles (matrices: rows +0/+8 x
+// acc (kM x 16 x kN) += A (kM x 16 x kK) R for a shared tile R of kK rows x
+// kN (B = R): ldmatrix.x4.trans gives two n8 tiles (matrices: rows +0/+8 x
 // columns +0/+8).
-template <typename T, int kK, int kN, int ld>
-__device__ __forceinline__ void mma_ab(float (&acc)[kN / 8][4],
-                                       const uint32_t (&a)[kK / 16][4],
+template <typename T, int kK, int kN, int ld, int kM>
+__device__ __forceinline__ void mma_ab(float (&acc)[kM][kN / 8][4],
+                                       const uint32_t (&a)[kM][kK / 16][4],
                                        const T* r, int lane) {
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
@@ -231,28 +241,32 @@ __device__ __forceinline__ void mma_ab(float (&acc)[kN / 8][4],
       ldmatrix<4, true>(f, r + (kk * 16 + lane % 8 + lane / 8 % 2 * 8) * ld +
                                n * 16 + lane / 16 * 8);
       const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
-      mma_16816<T>(acc[2 * n], a[kk], lo);
-      mma_16816<T>(acc[2 * n + 1], a[kk], hi);
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        mma_16816<T>(acc[m][2 * n], a[m][kk], lo);
+        mma_16816<T>(acc[m][2 * n + 1], a[m][kk], hi);
+      }
     }
   }
 }
 
-// acc (16 x 8) += A (16 x kK) M where every column of M is the vector m of
-// kK 16-bit values at `m` (shared memory): every column of acc receives the
-// m-weighted row sums of A, so each lane holds the sums of its own two rows
-// and no shuffle is needed. As every column of M is the same, lane l's B
-// registers of step kk are the pairs m[16 kk + 2 q, +1] and
+// acc (kM x 16 x 8) += A (kM x 16 x kK) M where every column of M is the
+// vector m of kK 16-bit values at `m` (shared memory): every column of acc
+// receives the m-weighted row sums of A, so each lane holds the sums of its
+// own two rows and no shuffle is needed. As every column of M is the same,
+// lane l's B registers of step kk are the pairs m[16 kk + 2 q, +1] and
 // m[16 kk + 8 + 2 q, +1] (q = l % 4) whatever its column g.
-template <typename T, int kK>
-__device__ __forceinline__ void mma_row_sums(float (&acc)[4],
-                                             const uint32_t (&a)[kK / 16][4],
-                                             const T* m, int lane) {
+template <typename T, int kK, int kM>
+__device__ __forceinline__ void mma_row_sums(
+    float (&acc)[kM][4], const uint32_t (&a)[kM][kK / 16][4], const T* m,
+    int lane) {
   const uint32_t* pairs = reinterpret_cast<const uint32_t*>(m);
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
     const uint32_t b[2] = {pairs[8 * kk + lane % 4],
                            pairs[8 * kk + 4 + lane % 4]};
-    mma_16816<T>(acc, a[kk], b);
+#pragma unroll
+    for (int f = 0; f < kM; ++f) mma_16816<T>(acc[f], a[f][kk], b);
   }
 }
 
