@@ -145,6 +145,52 @@ bool auto_picks_efficient(const at::Tensor& q, const at::Tensor& k,
          TORCH_STATICALLY_KNOWN_TRUE(k.sym_size(2).sym_ge(from));
 }
 
+// mode="auto" with causal=True (M = N): the cost model's choice between
+// causal direct and the chunked causal form, or direct where the length is
+// a symbol (see auto_picks_efficient).
+bool auto_picks_causal_efficient(const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, int order) {
+  const auto M = q.sym_size(2).maybe_as_int(), N = k.sym_size(2).maybe_as_int(),
+             d = q.sym_size(3).maybe_as_int(), e = v.sym_size(3).maybe_as_int();
+  const c10::DeviceType device = q.device().type();
+  return M && N && *M == *N && d && e && efficient_supports(order, device) &&
+         prefer_efficient_causal(*N, *d, *e, device, order);
+}
+
+void check_normalization(const at::Tensor& q, bool normalize,
+                         std::optional<double> scale,
+                         const std::optional<at::Tensor>& temperature) {
+  TORCH_CHECK_VALUE(
+      !(normalize && scale),
+      "taylorshift: scale applies only with normalize=False (with "
+      "normalize=True the logits are cosine similarities times temperature)");
+  if (temperature) check_temperature(*temperature, q);
+}
+
+// Logits x_ij = q_hat_i . k_hat_j: tau cos(q_i, k_j) when normalising,
+// tau scale q_i . k_j otherwise; formed in the accumulation dtype and
+// rounded to the input dtype once. normalize_rows (cpu/normalize.cpp) does
+// it in one pass with its own backward, which saves no (B, H, L, d)
+// temporary.
+std::pair<at::Tensor, at::Tensor> logit_factors(
+    const at::Tensor& q, const at::Tensor& k,
+    const std::optional<at::Tensor>& temperature, bool normalize,
+    std::optional<double> scale) {
+  if (normalize) return {normalize_rows(q, temperature), normalize_rows(k)};
+  const auto acc = accumulate_dtype(q);
+  const c10::SymFloat default_scale =
+      c10::SymFloat(1.0) / c10::SymFloat(q.sym_size(3)).sqrt();
+  const c10::Scalar logit_scale =
+      scale ? c10::Scalar(*scale) : c10::Scalar(default_scale);
+  // One product with the per-head factor scale tau_h: autograd saves q
+  // (the caller's) and the (H,) factor, not a scaled copy of q.
+  const at::Tensor q_hat =
+      temperature ? q.to(acc) * (temperature->to(acc) * logit_scale)
+                                    .view({1, -1, 1, 1})
+                  : q.to(acc) * logit_scale;
+  return {q_hat.to(q.scalar_type()), k};
+}
+
 at::Tensor attention_composite(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& temperature,
@@ -159,11 +205,7 @@ at::Tensor attention_composite(
                     "taylorshift: mode must be \"auto\", \"direct\" or "
                     "\"efficient\", got \"",
                     std::string(mode), "\"");
-  TORCH_CHECK_VALUE(
-      !(normalize && scale),
-      "taylorshift: scale applies only with normalize=False (with "
-      "normalize=True the logits are cosine similarities times temperature)");
-  if (temperature) check_temperature(*temperature, q);
+  check_normalization(q, normalize, scale, temperature);
   if (key_padding_mask) check_key_padding_mask(*key_padding_mask, k);
   std::optional<at::Tensor> full_attn_mask;
   if (attn_mask) full_attn_mask = expand_attn_mask(*attn_mask, q, k);
@@ -177,47 +219,39 @@ at::Tensor attention_composite(
     check_logit_range(f, q.scalar_type(), normalize, radius);
   }
 
-  const bool needs_direct = full_attn_mask.has_value() || causal;
   TORCH_CHECK_NOT_IMPLEMENTED(
-      !(mode == "efficient" && needs_direct),
-      "taylorshift: mode=\"efficient\" supports key_padding_mask only; "
-      "attn_mask and causal need mode=\"direct\" (or \"auto\", which picks "
-      "it)");
+      !(mode == "efficient" && full_attn_mask),
+      "taylorshift: mode=\"efficient\" supports key_padding_mask and causal "
+      "only; attn_mask needs mode=\"direct\" (or \"auto\", which picks it)");
+  // The causal efficient form continues each query's own chunk: query i and
+  // key i are the same token.
+  TORCH_CHECK_VALUE(
+      !(mode == "efficient" && causal &&
+        !q.sym_size(2).sym_eq(k.sym_size(2)).guard_bool(__FILE__, __LINE__)),
+      "taylorshift: causal=True with mode=\"efficient\" requires as many "
+      "queries as keys (M = N), got M = ",
+      q.sym_size(2), ", N = ", k.sym_size(2),
+      "; mode=\"direct\" takes causal with M != N (top-left aligned)");
 
   const bool efficient =
-      mode == "efficient" || (mode == "auto" && !needs_direct &&
-                              auto_picks_efficient(q, k, v, f.order));
+      mode == "efficient" ||
+      (mode == "auto" && !full_attn_mask &&
+       (causal ? auto_picks_causal_efficient(q, k, v, f.order)
+               : auto_picks_efficient(q, k, v, f.order)));
   const KernelOptions options{f, causal, output_scale};
+  if (efficient && causal) {
+    check_efficient_order("taylorshift", f.order,
+                          q.is_cuda() ? kMaxEfficientOrderCuda
+                                      : kMaxEfficientOrder);
+    auto [q_hat, k_hat] = logit_factors(q, k, temperature, normalize, scale);
+    return std::get<0>(
+        causal_efficient(q_hat, k_hat, v, key_padding_mask, options));
+  }
   // The efficient operators normalise q and k themselves, chunk by chunk.
   if (efficient && normalize)
     return std::get<0>(efficient_forward(q, k, v, key_padding_mask, options,
                                          true, temperature));
-
-  // Logits x_ij = q_hat_i . k_hat_j: tau cos(q_i, k_j) when normalising,
-  // tau scale q_i . k_j otherwise; formed in the accumulation dtype and
-  // rounded to the input dtype once. normalize_rows (cpu/normalize.cpp) does
-  // it in one pass with its own backward, which saves no (B, H, L, d)
-  // temporary.
-  at::Tensor q_hat, k_hat;
-  if (normalize) {
-    q_hat = normalize_rows(q, temperature);
-    k_hat = normalize_rows(k);
-  } else {
-    const auto acc = accumulate_dtype(q);
-    const c10::SymFloat default_scale =
-        c10::SymFloat(1.0) / c10::SymFloat(q.sym_size(3)).sqrt();
-    const c10::Scalar logit_scale =
-        scale ? c10::Scalar(*scale) : c10::Scalar(default_scale);
-    // One product with the per-head factor scale tau_h: autograd saves q
-    // (the caller's) and the (H,) factor, not a scaled copy of q.
-    q_hat = temperature
-                ? q.to(acc) *
-                      (temperature->to(acc) * logit_scale).view({1, -1, 1, 1})
-                : q.to(acc) * logit_scale;
-    q_hat = q_hat.to(q.scalar_type());
-    k_hat = k;
-  }
-
+  auto [q_hat, k_hat] = logit_factors(q, k, temperature, normalize, scale);
   if (efficient)
     return std::get<0>(
         efficient_forward(q_hat, k_hat, v, key_padding_mask, options));
@@ -225,10 +259,44 @@ at::Tensor attention_composite(
                                     full_attn_mask, options));
 }
 
+// taylorshift::causal_step: the decoding step of csrc/causal.cpp after the
+// checks `attention` makes, plus those of the state.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_step_composite(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& state, const at::Tensor& valid_keys,
+    const std::optional<at::Tensor>& temperature,
+    const std::optional<at::Tensor>& key_padding_mask, bool normalize,
+    bool output_scale, std::optional<double> scale,
+    c10::ArrayRef<double> coefficients) {
+  check_tensors(q, k, v);
+  TS_SYM_CHECK_VALUE(q.sym_size(2).sym_eq(k.sym_size(2)),
+                     "taylorshift.causal_step: q and k must hold the same "
+                     "tokens (T queries, T keys), got shapes ",
+                     shape_string(q), ", ", shape_string(k));
+  const Coefficients f = polynomial_of(coefficients);
+  check_coefficients(f, q.scalar_type());
+  check_efficient_order(
+      "taylorshift.causal_step", f.order,
+      q.is_cuda() ? kMaxEfficientOrderCuda : kMaxEfficientOrder);
+  check_normalization(q, normalize, scale, temperature);
+  if (key_padding_mask) check_key_padding_mask(*key_padding_mask, k);
+  const c10::SymInt B = q.sym_size(0), H = q.sym_size(1), d = q.sym_size(3),
+                    e = v.sym_size(3);
+  check_operand("taylorshift.causal_step", "state", state,
+                {B, H, feature_count(d, f.order), e + 1}, accumulate_dtype(q),
+                q);
+  check_operand("taylorshift.causal_step", "valid_keys", valid_keys, {B},
+                at::kLong, q);
+  auto [q_hat, k_hat] = logit_factors(q, k, temperature, normalize, scale);
+  return causal_efficient(q_hat, k_hat, v, key_padding_mask,
+                          {f, true, output_scale}, state, valid_keys);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(taylorshift, CompositeImplicitAutograd, m) {
   m.impl("attention", TORCH_FN(attention_composite));
+  m.impl("causal_step", TORCH_FN(causal_step_composite));
 }
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k,
@@ -249,6 +317,31 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k,
                             c10::ArrayRef<double>)>();
   return op.call(q, k, v, temperature, key_padding_mask, attn_mask, causal,
                  mode, normalize, output_scale, scale,
+                 coefficient_list(coefficients));
+}
+
+}  // namespace taylorshift
+
+namespace taylorshift {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_step(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& state, const at::Tensor& valid_keys,
+    const std::optional<at::Tensor>& temperature,
+    const std::optional<at::Tensor>& key_padding_mask, bool normalize,
+    bool output_scale, std::optional<double> scale,
+    Coefficients coefficients) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("taylorshift::causal_step", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, bool, bool,
+              std::optional<double>, c10::ArrayRef<double>)>();
+  return op.call(q, k, v, state, valid_keys, temperature, key_padding_mask,
+                 normalize, output_scale, scale,
                  coefficient_list(coefficients));
 }
 

@@ -70,6 +70,23 @@ bool prefer_efficient(int64_t queries, int64_t keys, int64_t head_dim,
          flops(false, queries, keys, head_dim, value_dim, false);
 }
 
+// Causal: the direct kernels compute the lower triangle only, half the
+// pairs; the chunked form (csrc/causal.cpp) the efficient algorithm's state
+// and application plus, per token, its chunk's C x C square of the direct
+// form. Its ATen products cost kCausalFlopCost times the direct kernels' per
+// FLOP, measured by benchmarks/bench_causal.py.
+bool prefer_efficient_causal(int64_t tokens, int64_t head_dim,
+                             int64_t value_dim, c10::DeviceType device,
+                             int order) {
+  if (!efficient_supports(order, device)) return false;
+  constexpr double kCausalChunk = 128, kCausalFlopCost = 1.0;
+  const double chunked =
+      flops(true, tokens, tokens, head_dim, value_dim, false, order) +
+      2.0 * double(tokens) * kCausalChunk * double(head_dim + value_dim + 1);
+  return chunked * kCausalFlopCost <
+         flops(false, tokens, tokens, head_dim, value_dim, false) / 2;
+}
+
 int64_t crossover(int64_t head_dim, int64_t value_dim, c10::DeviceType device,
                   int order) {
   TORCH_CHECK_VALUE(head_dim > 0 && value_dim > 0,

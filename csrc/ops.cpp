@@ -17,6 +17,16 @@ TORCH_LIBRARY(taylorshift, m) {
       "bool causal=False, str mode=\"auto\", bool normalize=True, "
       "bool output_scale=True, float? scale=None, "
       "float[] coefficients=[0.5, 1.0, 1.0]) -> Tensor");
+  // Decoding: the next T tokens of causal attention after `state`
+  // (B, H, F, e + 1) and `valid_keys` (B,), the unpadded keys before them;
+  // returns their outputs and the state and count after them.
+  m.def(
+      "causal_step(Tensor q, Tensor k, Tensor v, Tensor state, "
+      "Tensor valid_keys, Tensor? temperature=None, "
+      "Tensor? key_padding_mask=None, bool normalize=True, "
+      "bool output_scale=True, float? scale=None, "
+      "float[] coefficients=[0.5, 1.0, 1.0]) -> "
+      "(Tensor out, Tensor state, Tensor valid_keys)");
   m.def(
       "direct_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
       "Tensor? attn_mask, bool causal, bool output_scale, "

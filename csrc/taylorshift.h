@@ -70,6 +70,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> efficient_backward(
     const KernelOptions& options, bool normalize = false,
     const std::optional<at::Tensor>& temperature = {});
 
+// Causal attention in linear time on the logits' factors (csrc/causal.cpp):
+// the chunked efficient form, in ATen operations on every device,
+// differentiable by autograd. q_hat, k_hat (B, H, T, d) and v (B, H, T, e)
+// are T tokens that follow a state: state (B, H, F, e + 1) in the
+// accumulation dtype and valid_keys (B,) int64, the unpadded keys before them
+// (both absent: nothing before). Returns the T outputs, the state and the
+// count after them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient(
+    const at::Tensor& q_hat, const at::Tensor& k_hat, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const KernelOptions& options, const std::optional<at::Tensor>& state = {},
+    const std::optional<at::Tensor>& valid_keys = {});
+
+// Decoding: the next T >= 1 tokens of causal attention after a state, with
+// the arguments of `attention` (logits formed the same way). state and
+// valid_keys as above, zeros before the first token. Returns the tokens'
+// outputs (B, H, T, e), the new state and the new count.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_step(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& state, const at::Tensor& valid_keys,
+    const std::optional<at::Tensor>& temperature = {},
+    const std::optional<at::Tensor>& key_padding_mask = {},
+    bool normalize = true, bool output_scale = true,
+    std::optional<double> scale = {}, Coefficients coefficients = {});
+
 // The logit factors of normalize=True: y = factor_h x / |x| along the last
 // dimension of x (B, H, L, d), in x's dtype (computed in the accumulation
 // dtype, rounded once), exact for every finite x; a zero row gives zeros.
@@ -113,6 +138,11 @@ bool efficient_supports(int order, c10::DeviceType device);
 // order it does not support).
 bool prefer_efficient(int64_t queries, int64_t keys, int64_t head_dim,
                       int64_t value_dim, c10::DeviceType device, int order = 2);
+// The same choice for causal attention over N tokens: causal direct (the
+// lower triangle only) against the chunked causal form (csrc/causal.cpp).
+bool prefer_efficient_causal(int64_t tokens, int64_t head_dim,
+                             int64_t value_dim, c10::DeviceType device,
+                             int order = 2);
 // Sequence length (M = N, e = d) where the two algorithms cost the same.
 int64_t crossover(int64_t head_dim, c10::DeviceType device, int order = 2);
 // The smallest length L with prefer_efficient(L, L, d, e): the cost model is

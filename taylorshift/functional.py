@@ -80,11 +80,14 @@ def taylor_shift_attention(
             exp(bias) exp(x): the weights become exp(bias_ij - max_j bias_ij) f(x_ij), so 0/-inf
             (and -1e9) masks mean what they mean for softmax and ALiBi decays with distance
             (taylorshift/bias.py; PyTorch operations, blockwise with recomputation).
-        causal: query i attends keys j <= i (top-left aligned, as SDPA). Direct mode only.
+        causal: query i attends keys j <= i (top-left aligned, as SDPA). With
+            mode="efficient" in time linear in N, by chunks of 128 tokens (a running state
+            across chunks, the direct form inside each); that needs M = N. For token-by-token
+            generation use taylorshift.CausalState.
         mode: "direct", "efficient", or "auto", which picks the cheaper one for these sizes on
-            this device and order (see taylorshift.crossover), and "direct" for attn_mask or
-            causal or an order the efficient algorithm lacks (it has orders 1-3 on the CPU,
-            1-2 on CUDA; direct has 1-8).
+            this device and order (see taylorshift.crossover; causal too, where M = N), and
+            "direct" for attn_mask or an order the efficient algorithm lacks (it has orders 1-3
+            on the CPU, 1-2 on CUDA; direct has 1-8).
         normalize: logits tau * cos(q_i, k_j) (the paper's); else tau * scale * q_i . k_j.
         output_scale: multiply row i by sqrt(N_i / d), N_i its number of valid keys (the paper's).
         scale: logit scale when normalize=False, default 1/sqrt(d).
@@ -144,10 +147,11 @@ def _reference_attention(
     _check(
         not (mode == "efficient" and order > limit),
         NotImplementedError,
-        f"taylorshift::efficient_forward: the efficient algorithm supports orders 1 to {limit} "
+        f"{'taylorshift' if causal else 'taylorshift::efficient_forward'}: the efficient algorithm supports orders 1 to {limit} "
         f"on this device (symmetric features of degree <= k), got order {order}; "
         f'use mode="direct" (any order up to {MAX_ORDER})',
     )
+    # Causal: the direct reference computes the same function as the chunked form.
     needs_direct = attn_mask is not None or causal
     if (
         mode == "direct"
@@ -495,7 +499,12 @@ def _check_arguments(
     _check_masks(q, k, temperature, key_padding_mask, attn_mask)
     _check_logit_range(coefficients, q.dtype, normalize, temperature)
     _check(
-        not (mode == "efficient" and (attn_mask is not None or causal)),
+        not (mode == "efficient" and attn_mask is not None),
         NotImplementedError,
-        'taylorshift: mode="efficient" supports key_padding_mask only; attn_mask and causal need mode="direct" (or "auto", which picks it)',
+        'taylorshift: mode="efficient" supports key_padding_mask and causal only; attn_mask needs mode="direct" (or "auto", which picks it)',
+    )
+    _check(
+        not (mode == "efficient" and causal and q.shape[2] != k.shape[2]),
+        ValueError,
+        f'taylorshift: causal=True with mode="efficient" requires as many queries as keys (M = N), got M = {q.shape[2]}, N = {k.shape[2]}; mode="direct" takes causal with M != N (top-left aligned)',
     )

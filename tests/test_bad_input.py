@@ -120,12 +120,12 @@ def test_attn_mask_not_broadcastable(qkv, shape):
 
 def test_attn_mask_with_efficient_mode(qkv):
     mask = torch.zeros(M, N, dtype=torch.bool, device=qkv[0].device)
-    with pytest.raises(NotImplementedError, match="attn_mask and causal need mode=.direct"):
+    with pytest.raises(NotImplementedError, match="attn_mask needs mode=.direct"):
         call(*qkv, attn_mask=mask, mode="efficient")
 
 
-def test_causal_with_efficient_mode(qkv):
-    with pytest.raises(NotImplementedError, match="attn_mask and causal need mode=.direct"):
+def test_causal_efficient_needs_as_many_queries_as_keys(qkv):
+    with pytest.raises(ValueError, match=r"requires as many queries as keys \(M = N\), got M = 5, N = 7"):
         call(*qkv, causal=True, mode="efficient")
 
 
@@ -251,7 +251,7 @@ def test_module_constructor_errors():
 def test_module_efficient_mode_with_attn_mask(module_and_input):
     module, x = module_and_input
     module.mode = "efficient"
-    with pytest.raises(NotImplementedError, match="need mode=.direct"):
+    with pytest.raises(NotImplementedError, match="attn_mask needs mode=.direct"):
         module(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.bool, device=x.device))
 
 
