@@ -32,13 +32,17 @@ constexpr int64_t kCausalChunk = 128;
 // The symmetric features of features.h for Taylor order k, built degree by
 // degree: a monomial of degree n extends one of degree n - 1 by an index t
 // no smaller than its last index (sorted multi-indices, the order of
-// features.h). Its position in the (P_{n-1} x d) outer product of the
-// degree n - 1 block with x is p d + t. The query weight is
+// features.h). With the feature dimension outermost, every token's
+// feature p of degree n - 1 and coordinate t are two rows, and the block of
+// degree n is two row gathers and a product (and its backward two row
+// scatters: index_add over whole rows). The query weight is
 // c_n multinomial(n; alpha), and multinomial(n; alpha) =
 // multinomial(n - 1; alpha') n / r with r the multiplicity of t in alpha.
 struct FeatureMap {
-  std::vector<at::Tensor> extension;  // degrees 2..k: (P_n,) int64 positions
-  at::Tensor query_weight;            // (F,) in the accumulation dtype
+  // Degrees 2..k: the row of degree n - 1 and the row of x that each row of
+  // degree n multiplies, (P_n,) int64.
+  std::vector<std::pair<at::Tensor, at::Tensor>> extension;
+  at::Tensor query_weight;  // (F,) in the accumulation dtype
 };
 
 FeatureMap feature_map(int64_t d, const Coefficients& f,
@@ -51,40 +55,39 @@ FeatureMap feature_map(int64_t d, const Coefficients& f,
   for (int64_t t = 0; t < d; ++t) weight.push_back(f.of_degree(1));
   FeatureMap map;
   for (int n = 2; n <= f.order; ++n) {
-    std::vector<int64_t> position, next_last, next_run;
+    std::vector<int64_t> previous, next_last, next_run;
     std::vector<double> next_multinomial;
     for (int64_t p = 0; p < int64_t(last.size()); ++p) {
       for (int64_t t = last[p]; t < d; ++t) {
         const int64_t r = t == last[p] ? run[p] + 1 : 1;
-        position.push_back(p * d + t);
+        previous.push_back(p);
         next_last.push_back(t);
         next_run.push_back(r);
         next_multinomial.push_back(multinomial[p] * n / double(r));
         weight.push_back(f.of_degree(n) * next_multinomial.back());
       }
     }
-    map.extension.push_back(
-        at::tensor(position, acc.dtype(at::kLong)).to(acc.device()));
+    map.extension.emplace_back(
+        at::tensor(previous, at::kLong).to(acc.device()),
+        at::tensor(next_last, at::kLong).to(acc.device()));
     last = std::move(next_last);
     run = std::move(next_run);
     multinomial = std::move(next_multinomial);
   }
   TORCH_INTERNAL_ASSERT(int64_t(weight.size()) == feature_count(d, f.order));
-  map.query_weight = at::tensor(weight, acc.dtype(at::kDouble)).to(acc);
+  map.query_weight = at::tensor(weight, at::kDouble).to(acc);
   return map;
 }
 
-// psi(x) = [x^alpha]_{|alpha| <= k} along the last dimension: (..., F).
-at::Tensor key_features(const at::Tensor& x, const FeatureMap& map) {
-  std::vector<at::Tensor> blocks = {at::ones_like(x.narrow(-1, 0, 1)), x};
-  at::Tensor degree = x;
-  for (const at::Tensor& extension : map.extension) {
-    degree = (degree.unsqueeze(-1) * x.unsqueeze(-2))
-                 .flatten(-2)
-                 .index_select(-1, extension);
+// psi = [x^alpha]_{|alpha| <= k} of xt (d, ...), as (F, ...).
+at::Tensor key_features(const at::Tensor& xt, const FeatureMap& map) {
+  std::vector<at::Tensor> blocks = {at::ones_like(xt.narrow(0, 0, 1)), xt};
+  at::Tensor degree = xt;
+  for (const auto& [previous, column] : map.extension) {
+    degree = degree.index_select(0, previous) * xt.index_select(0, column);
     blocks.push_back(degree);
   }
-  return at::cat(blocks, -1);
+  return at::cat(blocks, 0);
 }
 
 // f(x) by Horner's rule, highest degree first (features.h).
@@ -117,11 +120,18 @@ std::tuple<at::Tensor, at::Tensor> chunked_numerators(const at::Tensor& x,
   };
   const at::Tensor xc = in_chunks(x), yc = in_chunks(y), uc = in_chunks(u);
 
+  // Features (F, B, H, chunks, C), as products read them: psi^T per chunk
+  // (F x C, rows BHcC apart), phi per chunk (C x F).
   const FeatureMap map = feature_map(d, f, x.options());
-  const at::Tensor phi = key_features(xc, map) * map.query_weight;
-  const at::Tensor psi = key_features(yc, map);
+  const auto feature_rows = [&](const at::Tensor& tokens) {
+    return key_features(tokens.permute({4, 0, 1, 2, 3}).contiguous(), map);
+  };
+  const at::Tensor psi = feature_rows(yc).permute({1, 2, 3, 0, 4});
+  const at::Tensor phi = (feature_rows(xc) * map.query_weight.view(
+                                                  {-1, 1, 1, 1, 1}))
+                             .permute({1, 2, 3, 4, 0});
   // S_{<c}: the exclusive prefix sum of the chunks' states, after state0.
-  at::Tensor through = at::matmul(psi.transpose(-1, -2), uc).cumsum(2);
+  at::Tensor through = at::matmul(psi, uc).cumsum(2);
   at::Tensor before = at::zeros_like(through.narrow(2, 0, 1));
   if (state0.defined()) {
     through = through + state0.unsqueeze(2);
@@ -137,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor> chunked_numerators(const at::Tensor& x,
   const at::Tensor w =
       taylor_weights(at::matmul(xc, yc.transpose(-1, -2)), f)
           .masked_fill(later, 0);
-  const at::Tensor z = at::matmul(phi, prefix) + at::matmul(w, uc);
+  const at::Tensor z =
+      at::matmul(phi, prefix) + at::matmul(w, uc);
   return {z.view_symint({B, H, chunks * C, u.sym_size(3)})
               .narrow_symint(2, 0, L),
           state};
