@@ -244,8 +244,12 @@ at::Tensor attention_composite(
                           q.is_cuda() ? kMaxEfficientOrderCuda
                                       : kMaxEfficientOrder);
     auto [q_hat, k_hat] = logit_factors(q, k, temperature, normalize, scale);
+    // The CPU has kernels (cpu/causal.cpp); other devices run the ATen form.
+    if (q.device().is_cpu())
+      return std::get<0>(
+          causal_efficient_forward(q_hat, k_hat, v, key_padding_mask, options));
     return std::get<0>(
-        causal_efficient(q_hat, k_hat, v, key_padding_mask, options));
+        causal_continue(q_hat, k_hat, v, key_padding_mask, options));
   }
   // The efficient operators normalise q and k themselves, chunk by chunk.
   if (efficient && normalize)
@@ -288,8 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_step_composite(
   check_operand("taylorshift.causal_step", "valid_keys", valid_keys, {B},
                 at::kLong, q);
   auto [q_hat, k_hat] = logit_factors(q, k, temperature, normalize, scale);
-  return causal_efficient(q_hat, k_hat, v, key_padding_mask,
-                          {f, true, output_scale}, state, valid_keys);
+  return causal_continue(q_hat, k_hat, v, key_padding_mask,
+                         {f, true, output_scale}, state, valid_keys);
 }
 
 }  // namespace

@@ -70,6 +70,32 @@ class DirectAttention : public torch::autograd::Function<DirectAttention> {
   }
 };
 
+class CausalEfficientAttention
+    : public torch::autograd::Function<CausalEfficientAttention> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+      const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
+      const KernelOptions& options) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, den, states] =
+        causal_efficient_forward(q, k, v, key_padding_mask, options);
+    ctx->save_for_backward({q, k, v, out, den, states});
+    save_options(ctx, options);
+    ctx->saved_data["key_padding_mask"] = key_padding_mask;
+    ctx->mark_non_differentiable({den, states});
+    return {out, den, states};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_q, grad_k, grad_v] = causal_efficient_backward(
+        grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+        saved_mask(ctx, "key_padding_mask"), saved_options(ctx));
+    return with_undefined(grad_q, grad_k, grad_v, 2);
+  }
+};
+
 // With normalize, the operators form q_hat and k_hat themselves: the
 // context saves q and k as given (alive anyway as the caller's inputs) and
 // the (H,) temperature, and the gradients are those of q, k and temperature.
@@ -153,6 +179,26 @@ class EfficientBackward : public torch::autograd::Function<EfficientBackward> {
         efficient_backward(grad_out, q, k, v, out, den, state, key_padding_mask,
                            options, normalize, temperature);
     return {grad_q, grad_k, grad_v, grad_temperature};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    refuse_double_backward();
+  }
+};
+
+class CausalEfficientBackward
+    : public torch::autograd::Function<CausalEfficientBackward> {
+ public:
+  static variable_list forward(
+      AutogradContext*, const at::Tensor& grad_out, const at::Tensor& q,
+      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+      const at::Tensor& den, const at::Tensor& states,
+      const std::optional<at::Tensor>& key_padding_mask,
+      const KernelOptions& options) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_q, grad_k, grad_v] = causal_efficient_backward(
+        grad_out, q, k, v, out, den, states, key_padding_mask, options);
+    return {grad_q, grad_k, grad_v};
   }
 
   static variable_list backward(AutogradContext*, variable_list) {
@@ -252,6 +298,28 @@ efficient_backward_autograd(const at::Tensor& grad_out, const at::Tensor& q,
   return {grads[0], grads[1], grads[2], grads[3]};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_forward_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+    c10::ArrayRef<double> coefficients) {
+  auto outs = CausalEfficientAttention::apply(
+      q, k, v, key_padding_mask,
+      schema_options(true, output_scale, coefficients));
+  return {outs[0], outs[1], outs[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor>
+causal_efficient_backward_autograd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
+    const at::Tensor& states, const std::optional<at::Tensor>& key_padding_mask,
+    bool output_scale, c10::ArrayRef<double> coefficients) {
+  auto grads = CausalEfficientBackward::apply(
+      grad_out, q, k, v, out, den, states, key_padding_mask,
+      schema_options(true, output_scale, coefficients));
+  return {grads[0], grads[1], grads[2]};
+}
+
 at::Tensor normalize_rows_autograd(const at::Tensor& x,
                                    const std::optional<at::Tensor>& factor) {
   return NormalizeRows::apply(x, factor)[0];
@@ -271,6 +339,10 @@ TORCH_LIBRARY_IMPL(taylorshift, Autograd, m) {
   m.impl("efficient_forward", TORCH_FN(efficient_forward_autograd));
   m.impl("direct_backward", TORCH_FN(direct_backward_autograd));
   m.impl("efficient_backward", TORCH_FN(efficient_backward_autograd));
+  m.impl("causal_efficient_forward",
+         TORCH_FN(causal_efficient_forward_autograd));
+  m.impl("causal_efficient_backward",
+         TORCH_FN(causal_efficient_backward_autograd));
   m.impl("normalize_rows", TORCH_FN(normalize_rows_autograd));
   m.impl("normalize_rows_backward", TORCH_FN(normalize_rows_backward_autograd));
 }

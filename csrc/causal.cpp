@@ -24,11 +24,6 @@
 namespace taylorshift {
 namespace {
 
-// C = 128: the triangle's C (d + e + 1) per token is a quarter of the
-// state's 2 F (e + 1) at d = 32, and the per-chunk states (L / C) F (e + 1)
-// stay below the (L, F) features in memory.
-constexpr int64_t kCausalChunk = 128;
-
 // The symmetric features of features.h for Taylor order k, built degree by
 // degree: a monomial of degree n extends one of degree n - 1 by an index t
 // no smaller than its last index (sorted multi-indices, the order of
@@ -156,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor> chunked_numerators(const at::Tensor& x,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_continue(
     const at::Tensor& q_hat, const at::Tensor& k_hat, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask,
     const KernelOptions& options, const std::optional<at::Tensor>& state,

@@ -31,6 +31,13 @@ struct KernelOptions {
   bool output_scale = true;  // y_i *= sigma_i = sqrt(N_i / d)
 };
 
+// Tokens per chunk of the causal efficient form (csrc/causal.cpp,
+// cpu/causal.cpp): the triangle's C (d + e + 1) multiply-adds per token are
+// a quarter of the state's 2 F (e + 1) at d = 32, and a CPU feature tile
+// (F x C float32, 287 KB at d = 32) stays in L2 between its build and its
+// products.
+constexpr int64_t kCausalChunk = 128;
+
 // The polynomial of a schema's `float[] coefficients`, highest degree first:
 // k + 1 numbers for order k, 1 <= k <= kMaxOrder.
 inline Coefficients polynomial_of(c10::ArrayRef<double> coefficients) {

@@ -36,6 +36,17 @@ TORCH_LIBRARY(taylorshift, m) {
       "Tensor out, Tensor den, Tensor? key_padding_mask, Tensor? attn_mask, "
       "bool causal, bool output_scale, float[] coefficients) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // Causal, M = N, in linear time: states holds the state before each chunk
+  // of 128 tokens, (B, H, chunks, F, e + 1), for the backward.
+  m.def(
+      "causal_efficient_forward(Tensor q, Tensor k, Tensor v, "
+      "Tensor? key_padding_mask, bool output_scale, float[] coefficients) -> "
+      "(Tensor out, Tensor den, Tensor states)");
+  m.def(
+      "causal_efficient_backward(Tensor grad_out, Tensor q, Tensor k, "
+      "Tensor v, Tensor out, Tensor den, Tensor states, "
+      "Tensor? key_padding_mask, bool output_scale, float[] coefficients) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // normalize=True: the logits' factors are formed inside, chunk by chunk,
   // as normalize_rows forms them: temperature_h q / |q| and k / |k|.
   // grad_temperature is (H,) in temperature's dtype, or (0,) without one.
@@ -107,6 +118,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_meta(
   return {empty_output(q, v), empty_den(q), state};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_forward_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+    c10::ArrayRef<double> coefficients) {
+  check_forward_arguments("taylorshift::causal_efficient_forward", q, k, v,
+                          key_padding_mask, std::nullopt,
+                          schema_options(true, output_scale, coefficients));
+  const int order = polynomial_of(coefficients).order;
+  check_efficient_order("taylorshift::causal_efficient_forward", order,
+                        kMaxEfficientOrder);
+  at::Tensor states = at::empty_symint(
+      {q.sym_size(0), q.sym_size(1),
+       (q.sym_size(2) + kCausalChunk - 1) / kCausalChunk,
+       feature_count(q.sym_size(3), order), v.sym_size(3) + 1},
+      q.options().dtype(accumulate_dtype(q)));
+  return {empty_output(q, v), empty_den(q), states};
+}
+
 // Gradients are contiguous, whatever the inputs' strides, on every backend.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_gradients(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -124,6 +153,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_meta(
   check_backward_arguments("taylorshift::direct_backward", grad_out, q, k, v,
                            out, den, std::nullopt, key_padding_mask, attn_mask,
                            schema_options(causal, output_scale, coefficients));
+  return empty_gradients(q, k, v);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_backward_meta(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
+    const at::Tensor& states, const std::optional<at::Tensor>& key_padding_mask,
+    bool output_scale, c10::ArrayRef<double> coefficients) {
+  check_backward_arguments("taylorshift::causal_efficient_backward", grad_out,
+                           q, k, v, out, den, std::nullopt, key_padding_mask,
+                           std::nullopt,
+                           schema_options(true, output_scale, coefficients));
   return empty_gradients(q, k, v);
 }
 
@@ -173,6 +214,9 @@ TORCH_LIBRARY_IMPL(taylorshift, Meta, m) {
   m.impl("direct_backward", TORCH_FN(direct_backward_meta));
   m.impl("efficient_forward", TORCH_FN(efficient_forward_meta));
   m.impl("efficient_backward", TORCH_FN(efficient_backward_meta));
+  m.impl("causal_efficient_forward", TORCH_FN(causal_efficient_forward_meta));
+  m.impl("causal_efficient_backward",
+         TORCH_FN(causal_efficient_backward_meta));
   m.impl("normalize_rows", TORCH_FN(normalize_rows_meta));
   m.impl("normalize_rows_backward", TORCH_FN(normalize_rows_backward_meta));
 }
@@ -250,6 +294,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> efficient_backward(
   return op.call(grad_out, q, k, v, out, den, state, key_padding_mask,
                  options.output_scale, coefficient_list(options.coefficients),
                  normalize, temperature);
+}
+
+}  // namespace taylorshift
+
+namespace taylorshift {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const KernelOptions& options) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("taylorshift::causal_efficient_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, bool, c10::ArrayRef<double>)>();
+  return op.call(q, k, v, key_padding_mask, options.output_scale,
+                 coefficient_list(options.coefficients));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
+    const at::Tensor& states, const std::optional<at::Tensor>& key_padding_mask,
+    const KernelOptions& options) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("taylorshift::causal_efficient_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const std::optional<at::Tensor>&, bool,
+              c10::ArrayRef<double>)>();
+  return op.call(grad_out, q, k, v, out, den, states, key_padding_mask,
+                 options.output_scale, coefficient_list(options.coefficients));
 }
 
 }  // namespace taylorshift

@@ -70,14 +70,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> efficient_backward(
     const KernelOptions& options, bool normalize = false,
     const std::optional<at::Tensor>& temperature = {});
 
-// Causal attention in linear time on the logits' factors (csrc/causal.cpp):
-// the chunked efficient form, in ATen operations on every device,
-// differentiable by autograd. q_hat, k_hat (B, H, T, d) and v (B, H, T, e)
-// are T tokens that follow a state: state (B, H, F, e + 1) in the
-// accumulation dtype and valid_keys (B,) int64, the unpadded keys before them
-// (both absent: nothing before). Returns the T outputs, the state and the
-// count after them.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient(
+// Causal attention in linear time on the logits' factors, M = N: the
+// chunked efficient form with the CPU's kernels (cpu/causal.cpp). Returns
+// out, den and the state before each chunk of kCausalChunk tokens,
+// (B, H, chunks, F, e + 1), which the backward reads.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const KernelOptions& options);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
+    const at::Tensor& states, const std::optional<at::Tensor>& key_padding_mask,
+    const KernelOptions& options);
+
+// The same chunked form in ATen operations (csrc/causal.cpp), on every
+// device, differentiable by autograd, continuing from a state: q_hat, k_hat
+// (B, H, T, d) and v (B, H, T, e) are T tokens that follow state
+// (B, H, F, e + 1) in the accumulation dtype and valid_keys (B,) int64, the
+// unpadded keys before them (both absent: nothing before). Returns the T
+// outputs, the state and the count after them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_continue(
     const at::Tensor& q_hat, const at::Tensor& k_hat, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask,
     const KernelOptions& options, const std::optional<at::Tensor>& state = {},

@@ -1,0 +1,396 @@
+// Causal efficient TaylorShift on the CPU (causal-and-order spec §2), linear
+// in the number of tokens. Each (batch, head) runs its chunks of C tokens in
+// order, with the state of the chunks before, S_{<c} = sum_{j before c}
+// psi(k_j) u_j^T, u_j = m_j [1 | v_j]:
+//   z_i = phi(q_i)^T S_{<c} + sum_{j in c, j <= i} f(x_ij) u_j,
+//   y_i = sigma_i z_i[1:] / z_i[0],   sigma_i = sqrt(N_i / d),
+// N_i the unpadded keys up to i. Every product is a BLAS GEMM over a chunk:
+// the feature tiles of feature_tiles.h (F x C) against the state, and the
+// chunk's own C x C triangle of the direct form.
+//
+// Backward, with dz_i = [-(gY_i . y_i) / z_i[0] | sigma_i gY_i / z_i[0]]:
+// - queries see S_{<c}: dq_i gets J_phi(q_i)^T (S_{<c} dz_i);
+// - keys of chunk c reach the queries of every later chunk through the
+//   state: with D_{>c} = sum_{later chunks} sum_i phi(q_i) dz_i^T (a suffix
+//   sum, built by running the chunks in reverse), du_j = D_{>c}^T psi(k_j)
+//   and dk_j = J_psi(k_j)^T (D_{>c} u_j);
+// - inside the chunk, the direct backward on the triangle: with
+//   dW_ij = dz_i . u_j and dX_ij = f'(x_ij) dW_ij (j <= i),
+//   dq_i += sum_j dX_ij k_j, dk_j += sum_i dX_ij q_i, du_j += sum_i W_ij dz_i.
+// The forward returns S_{<c} of every chunk, (B, H, chunks, F, e + 1), so
+// the backward reads them instead of rebuilding them. The running sums S
+// and D are kept in float64 and rounded once per chunk, as ChunkSum does
+// for the non-causal state.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../kernel_checks.h"
+#include "common.h"
+#include "feature_tiles.h"
+#include "pair_kernels.h"
+
+namespace taylorshift::cpu {
+namespace {
+
+constexpr int64_t kChunk = kCausalChunk;
+
+template <typename T>
+struct CausalWorkspace {
+  std::vector<T> qt, kt;            // d x C: the chunk's q, k transposed
+  std::vector<T> query_tile;        // F x C: phi of the chunk's queries
+  std::vector<T> key_tile;          // F x C: psi of the chunk's keys
+  std::vector<T> gradient_tile;     // F x C: S dz or D u, feature-major
+  std::vector<T> u, dz, du;         // C x (e + 1)
+  std::vector<T> z;                 // C x (e + 1)
+  std::vector<T> x, w, dw;          // C x C: logits, weights, their gradient
+  std::vector<T> valid;             // C: m_j
+  std::vector<T> grad_qt, grad_kt;  // d x C
+  std::vector<T> key_side_t;        // d x C
+  std::vector<T> product;           // F x (e + 1): one chunk's share
+  std::vector<double> sum;          // F x (e + 1): the running S or D
+  std::vector<T> rounded;           // F x (e + 1): the sum, rounded
+
+  CausalWorkspace(int64_t d, int64_t e, int64_t F)
+      : qt(d * kChunk),
+        kt(d * kChunk),
+        query_tile(F * kChunk),
+        key_tile(F * kChunk),
+        gradient_tile(F * kChunk),
+        u(kChunk * (e + 1)),
+        dz(kChunk * (e + 1)),
+        du(kChunk * (e + 1)),
+        z(kChunk * (e + 1)),
+        x(kChunk * kChunk),
+        w(kChunk * kChunk),
+        dw(kChunk * kChunk),
+        valid(kChunk),
+        grad_qt(d * kChunk),
+        grad_kt(d * kChunk),
+        key_side_t(d * kChunk),
+        product(F * (e + 1)),
+        sum(F * (e + 1), 0.0),
+        rounded(F * (e + 1), T(0)) {}
+
+  // sum += product, and rounded = sum.
+  void accumulate() {
+    for (size_t i = 0; i < sum.size(); ++i) {
+      sum[i] += product[i];
+      rounded[i] = T(sum[i]);
+    }
+  }
+};
+
+// One (batch, head), its tokens' rows read in place through their strides.
+template <typename T>
+struct CausalHead {
+  const T *q, *k, *v;
+  int64_t q_stride, k_stride, v_stride;
+  int64_t tokens, d, e, F;
+  Polynomial<T> f;
+  bool output_scale;
+  const bool* key_padding;  // (tokens,) or nullptr
+  int64_t key_padding_stride;
+};
+
+// The chunk [i0, i0 + rows) loaded into w: q and k transposed (a padded
+// key's column zero: its row may hold NaN), m_j, u_j, the query and key
+// feature tiles, the logits x = q_hat k_hat^T and the weights W of the
+// triangle (0 above the diagonal; a padded key's column is finite and meets
+// u_j = 0, dW_ij = 0).
+template <typename T>
+void load_chunk(const CausalHead<T>& t, int64_t i0, int64_t rows,
+                CausalWorkspace<T>& w) {
+  const int64_t d = t.d, e = t.e;
+  for (int64_t r = 0; r < rows; ++r)
+    w.valid[r] = t.key_padding == nullptr ||
+                         !t.key_padding[(i0 + r) * t.key_padding_stride]
+                     ? T(1)
+                     : T(0);
+  const T* keep = t.key_padding != nullptr ? w.valid.data() : nullptr;
+  transpose_chunk(t.q + i0 * t.q_stride, t.q_stride, rows, d,
+                  static_cast<const T*>(nullptr), w.qt.data(), kChunk);
+  transpose_chunk(t.k + i0 * t.k_stride, t.k_stride, rows, d, keep,
+                  w.kt.data(), kChunk);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* u = w.u.data() + r * (e + 1);
+    const T* v = t.v + (i0 + r) * t.v_stride;
+    u[0] = w.valid[r];
+    for (int64_t col = 0; col < e; ++col)
+      u[1 + col] = w.valid[r] != T(0) ? v[col] : T(0);
+  }
+  query_feature_tile(w.qt.data(), d, rows, kChunk,
+                     FeatureWeights<T>::queries(t.f), w.query_tile.data(),
+                     RowExtras<T>{});
+  key_feature_tile(w.kt.data(), w.valid.data(), d, rows, kChunk,
+                   w.key_tile.data(), RowExtras<T>{}, t.f.order);
+  gemm<T>(true, false, rows, rows, d, T(1), w.qt.data(), kChunk, w.kt.data(),
+          kChunk, T(0), w.x.data(), kChunk);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* x = w.x.data() + i * kChunk;
+    T* weight = w.w.data() + i * kChunk;
+    for (int64_t j = 0; j <= i; ++j) weight[j] = taylor_weight(x[j], t.f);
+    for (int64_t j = i + 1; j < rows; ++j) weight[j] = T(0);
+  }
+}
+
+// sigma_i of the chunk's rows from the count of unpadded keys before it.
+template <typename T>
+T row_scale(const CausalHead<T>& t, int64_t seen) {
+  return output_scale_factor<T>(t.output_scale, seen, t.d);
+}
+
+template <typename T>
+void forward_head(const CausalHead<T>& t, T* out, T* den, T* states,
+                  CausalWorkspace<T>& w) {
+  const int64_t e = t.e, FE = t.F * (e + 1);
+  int64_t seen = 0;
+  for (int64_t i0 = 0, c = 0; i0 < t.tokens; i0 += kChunk, ++c) {
+    const int64_t rows = std::min(kChunk, t.tokens - i0);
+    std::copy(w.rounded.begin(), w.rounded.end(), states + c * FE);
+    load_chunk(t, i0, rows, w);
+    // z = phi(Q)^T S_{<c} + W U.
+    gemm<T>(true, false, rows, e + 1, t.F, T(1), w.query_tile.data(), kChunk,
+            w.rounded.data(), e + 1, T(0), w.z.data(), e + 1);
+    gemm<T>(false, false, rows, e + 1, rows, T(1), w.w.data(), kChunk,
+            w.u.data(), e + 1, T(1), w.z.data(), e + 1);
+    for (int64_t r = 0; r < rows; ++r) {
+      seen += w.valid[r] != T(0);
+      const T* z = w.z.data() + r * (e + 1);
+      den[i0 + r] = z[0];
+      const T factor = row_scale(t, seen) * safe_reciprocal(z[0]);
+      for (int64_t col = 0; col < e; ++col)
+        out[(i0 + r) * e + col] = factor * z[1 + col];
+    }
+    // S_{<c+1} = S_{<c} + psi(K)^T U.
+    gemm<T>(false, false, t.F, e + 1, rows, T(1), w.key_tile.data(), kChunk,
+            w.u.data(), e + 1, T(0), w.product.data(), e + 1);
+    w.accumulate();
+  }
+}
+
+template <typename T>
+void backward_head(const CausalHead<T>& t, const T* grad_out,
+                   int64_t grad_stride, const T* out, const T* den,
+                   const T* states, T* grad_q, T* grad_k, T* grad_v,
+                   CausalWorkspace<T>& w) {
+  const int64_t d = t.d, e = t.e, F = t.F, FE = F * (e + 1);
+  const int64_t chunks = blocks_of(t.tokens, kChunk);
+  // Unpadded keys before each chunk, for sigma_i.
+  std::vector<int64_t> seen_before(chunks + 1, 0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    int64_t seen = seen_before[c];
+    for (int64_t j = c * kChunk; j < std::min((c + 1) * kChunk, t.tokens); ++j)
+      seen += t.key_padding == nullptr || !t.key_padding[j * t.key_padding_stride];
+    seen_before[c + 1] = seen;
+  }
+  const auto query_weights = FeatureWeights<T>::queries(t.f);
+  const auto key_weights = FeatureWeights<T>::keys(t.f.order);
+  for (int64_t c = chunks - 1; c >= 0; --c) {
+    const int64_t i0 = c * kChunk, rows = std::min(kChunk, t.tokens - i0);
+    const T* state = states + c * FE;
+    load_chunk(t, i0, rows, w);
+    int64_t seen = seen_before[c];
+    for (int64_t r = 0; r < rows; ++r) {
+      seen += w.valid[r] != T(0);
+      const int64_t i = i0 + r;
+      const T inv_den = safe_reciprocal(den[i]);
+      const T sigma = row_scale(t, seen);
+      const T* g = grad_out + i * grad_stride;
+      const T* y = out + i * e;
+      T* dz = w.dz.data() + r * (e + 1);
+      T dot = 0;
+      for (int64_t col = 0; col < e; ++col) {
+        dot += g[col] * y[col];
+        dz[1 + col] = sigma * g[col] * inv_den;
+      }
+      dz[0] = -dot * inv_den;
+    }
+    // Queries through the state: (S_{<c} dz_i)_f for f >= 1, feature-major,
+    // then through phi's Jacobian.
+    gemm<T>(false, true, F - 1, rows, e + 1, T(1), state + (e + 1), e + 1,
+            w.dz.data(), e + 1, T(0), w.gradient_tile.data() + kChunk, kChunk);
+    feature_gradient_tile(w.gradient_tile.data() + kChunk, w.qt.data(), d, rows,
+                          kChunk, query_weights, w.grad_qt.data());
+    // The triangle: dW = dZ U^T, dX = f'(X) dW below the diagonal.
+    gemm<T>(false, true, rows, rows, e + 1, T(1), w.dz.data(), e + 1,
+            w.u.data(), e + 1, T(0), w.dw.data(), kChunk);
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* x = w.x.data() + i * kChunk;
+      T* dx = w.dw.data() + i * kChunk;
+      for (int64_t j = 0; j <= i; ++j)
+        dx[j] = taylor_weight_grad(x[j], t.f) * dx[j];
+      for (int64_t j = i + 1; j < rows; ++j) dx[j] = T(0);
+    }
+    // dq^T += K^T dX^T, dk^T = Q^T dX, dU = W^T dZ.
+    gemm<T>(false, true, d, rows, rows, T(1), w.kt.data(), kChunk, w.dw.data(),
+            kChunk, T(1), w.grad_qt.data(), kChunk);
+    gemm<T>(false, false, d, rows, rows, T(1), w.qt.data(), kChunk, w.dw.data(),
+            kChunk, T(0), w.grad_kt.data(), kChunk);
+    gemm<T>(true, false, rows, e + 1, rows, T(1), w.w.data(), kChunk,
+            w.dz.data(), e + 1, T(0), w.du.data(), e + 1);
+    // Keys through the later chunks' queries (w.rounded = D_{>c}):
+    // dU += psi(K)^T D, and (D u_j)_f for f >= 1 through psi's Jacobian.
+    gemm<T>(true, false, rows, e + 1, F, T(1), w.key_tile.data(), kChunk,
+            w.rounded.data(), e + 1, T(1), w.du.data(), e + 1);
+    gemm<T>(false, true, F - 1, rows, e + 1, T(1), w.rounded.data() + (e + 1),
+            e + 1, w.u.data(), e + 1, T(0), w.gradient_tile.data() + kChunk,
+            kChunk);
+    feature_gradient_tile(w.gradient_tile.data() + kChunk, w.kt.data(), d, rows,
+                          kChunk, key_weights, w.key_side_t.data());
+    for (int64_t l = 0; l < d; ++l)
+      for (int64_t r = 0; r < rows; ++r)
+        w.grad_kt[l * kChunk + r] += w.key_side_t[l * kChunk + r];
+    // D_{>c-1} = D_{>c} + phi(Q)^T dZ.
+    gemm<T>(false, false, F, e + 1, rows, T(1), w.query_tile.data(), kChunk,
+            w.dz.data(), e + 1, T(0), w.product.data(), e + 1);
+    w.accumulate();
+
+    transpose_chunk(w.grad_qt.data(), kChunk, d, rows,
+                    static_cast<const T*>(nullptr), grad_q + i0 * d, d);
+    // A padded key has u_j = 0 and a zero column in kt: its dk and dv are 0
+    // by construction, and by selection for dv's column of ones.
+    transpose_chunk(w.grad_kt.data(), kChunk, d, rows,
+                    static_cast<const T*>(nullptr), grad_k + i0 * d, d);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t col = 0; col < e; ++col)
+        grad_v[(i0 + r) * e + col] =
+            w.valid[r] != T(0) ? w.du[r * (e + 1) + 1 + col] : T(0);
+  }
+}
+
+template <typename T>
+CausalHead<T> causal_head(const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v,
+                          const std::optional<at::Tensor>& key_padding_mask,
+                          const KernelOptions& options, int64_t bh) {
+  const int64_t H = q.size(1), b = bh / H, h = bh % H;
+  const TokenRows<T> qr = token_rows<T>(q), kr = token_rows<T>(k),
+                     vr = token_rows<T>(v);
+  CausalHead<T> t{qr.head(b, h),
+                  kr.head(b, h),
+                  vr.head(b, h),
+                  qr.row_stride,
+                  kr.row_stride,
+                  vr.row_stride,
+                  q.size(2),
+                  q.size(3),
+                  v.size(3),
+                  feature_count(q.size(3), options.coefficients.order),
+                  options.coefficients.template cast<T>(),
+                  options.output_scale,
+                  nullptr,
+                  0};
+  if (key_padding_mask) {
+    t.key_padding = key_padding_mask->const_data_ptr<bool>() +
+                    b * key_padding_mask->stride(0);
+    t.key_padding_stride = key_padding_mask->stride(1);
+  }
+  return t;
+}
+
+void check_causal_arguments(const char* op, const at::Tensor& q,
+                            const at::Tensor& k, const KernelOptions& options) {
+  TORCH_CHECK_VALUE(q.size(2) == k.size(2), op,
+                    ": q and k must hold the same tokens (M = N), got ",
+                    q.size(2), " and ", k.size(2));
+  check_efficient_order(op, options.coefficients.order, kMaxEfficientOrder);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_forward_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+    c10::ArrayRef<double> coefficients) {
+  const char* op = "taylorshift::causal_efficient_forward";
+  const KernelOptions options = schema_options(true, output_scale, coefficients);
+  check_forward_arguments(op, q_in, k_in, v_in, key_padding_mask, std::nullopt,
+                          options);
+  check_causal_arguments(op, q_in, k_in, options);
+  const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
+                   v = compute_operand(v_in);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3),
+                e = v.size(3),
+                F = feature_count(d, options.coefficients.order);
+  const auto compute = q.options().dtype(accumulate_dtype(q_in));
+  at::Tensor out = at::empty({B, H, L, e}, compute);
+  at::Tensor den = at::empty({B, H, L}, compute);
+  at::Tensor states = at::empty({B, H, blocks_of(L, kChunk), F, e + 1}, compute);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "causal_forward_cpu", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      CausalWorkspace<T> w(d, e, F);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        std::fill(w.sum.begin(), w.sum.end(), 0.0);
+        std::fill(w.rounded.begin(), w.rounded.end(), T(0));
+        forward_head(causal_head<T>(q, k, v, key_padding_mask, options, bh),
+                     out.data_ptr<T>() + bh * L * e,
+                     den.data_ptr<T>() + bh * L,
+                     states.data_ptr<T>() + bh * states.stride(1), w);
+      }
+    });
+  });
+  return {out.to(q_in.scalar_type()), den, states};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
+    const at::Tensor& den_in, const at::Tensor& states_in,
+    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+    c10::ArrayRef<double> coefficients) {
+  const char* op = "taylorshift::causal_efficient_backward";
+  const KernelOptions options = schema_options(true, output_scale, coefficients);
+  check_backward_arguments(op, grad_out_in, q_in, k_in, v_in, out_in, den_in,
+                           std::nullopt, key_padding_mask, std::nullopt,
+                           options);
+  check_causal_arguments(op, q_in, k_in, options);
+  const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
+                   v = compute_operand(v_in),
+                   grad_out = compute_operand(grad_out_in);
+  const auto compute = q.options().dtype(accumulate_dtype(q_in));
+  const at::Tensor out = out_in.to(compute).contiguous(),
+                   den = den_in.to(compute).contiguous(),
+                   states = states_in.to(compute).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3),
+                e = v.size(3),
+                F = feature_count(d, options.coefficients.order);
+  TORCH_CHECK_VALUE(
+      states.dim() == 5 && states.size(0) == B && states.size(1) == H &&
+          states.size(2) == blocks_of(L, kChunk) && states.size(3) == F &&
+          states.size(4) == e + 1,
+      op, ": states must be the forward's, (B, H, chunks, F, e + 1), got ",
+      shape_string(states_in));
+  at::Tensor grad_q = at::empty({B, H, L, d}, compute),
+             grad_k = at::empty({B, H, L, d}, compute),
+             grad_v = at::empty({B, H, L, e}, compute);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "causal_backward_cpu", [&] {
+    using T = scalar_t;
+    const TokenRows<T> grad_rows = token_rows<T>(grad_out);
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      CausalWorkspace<T> w(d, e, F);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        std::fill(w.sum.begin(), w.sum.end(), 0.0);
+        std::fill(w.rounded.begin(), w.rounded.end(), T(0));
+        backward_head(causal_head<T>(q, k, v, key_padding_mask, options, bh),
+                      grad_rows.head(bh / H, bh % H), grad_rows.row_stride,
+                      out.const_data_ptr<T>() + bh * L * e,
+                      den.const_data_ptr<T>() + bh * L,
+                      states.const_data_ptr<T>() + bh * states.stride(1),
+                      grad_q.data_ptr<T>() + bh * L * d,
+                      grad_k.data_ptr<T>() + bh * L * d,
+                      grad_v.data_ptr<T>() + bh * L * e, w);
+      }
+    });
+  });
+  return {grad_q.to(q_in.scalar_type()), grad_k.to(k_in.scalar_type()),
+          grad_v.to(v_in.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(taylorshift, CPU, m) {
+  m.impl("causal_efficient_forward", TORCH_FN(causal_forward_cpu));
+  m.impl("causal_efficient_backward", TORCH_FN(causal_backward_cpu));
+}
+
+}  // namespace taylorshift::cpu
