@@ -60,18 +60,19 @@ def padding_mask(tokens, padded):
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("padded", [False, True])
-def test_steps_match_causal_attention(schedule, normalize, padded):
+def test_steps_match_causal_attention(device, schedule, normalize, padded):
     tokens = sum(SCHEDULES[schedule])
     q, k, v, t = make_inputs(B, H, tokens, tokens, D, E)
     mask = padding_mask(tokens, padded)
-    options = {"normalize": normalize, "output_scale": True}
-    state = CausalState(B, H, D, E, dtype=torch.float64, normalize=normalize)
-    out = stepped(state, q, k, v, t, SCHEDULES[schedule], mask)
-    expected = causal_direct(q, k, v, t, key_padding_mask=mask, **options)
-    torch.testing.assert_close(out, expected, **TOL)
+    state = CausalState(B, H, D, E, dtype=torch.float64, device=device, normalize=normalize)
+    on_device = [x.to(device) for x in (q, k, v, t)]
+    out = stepped(state, *on_device, SCHEDULES[schedule], None if mask is None else mask.to(device))
+    assert out.device == state.state.device == torch.device(device)
+    expected = causal_direct(q, k, v, t, key_padding_mask=mask, normalize=normalize)
+    torch.testing.assert_close(out.cpu(), expected, **TOL)
     assert state.tokens == tokens
     unpadded = tokens if mask is None else (~mask).sum(1)
-    assert torch.equal(state.valid_keys, torch.as_tensor(unpadded).expand(B))
+    assert torch.equal(state.valid_keys.cpu(), torch.as_tensor(unpadded).expand(B))
 
 
 @pytest.mark.parametrize(
@@ -321,8 +322,9 @@ def test_module_decode_unbatched_and_float_mask():
 
 @pytest.mark.parametrize("mode", ["efficient", "auto"])
 def test_module_is_causal_runs_the_efficient_algorithm(mode):
-    """is_causal=True with mode="efficient" (linear in L), alone or with attn_mask the causal
-    mask (nn.Transformer*'s with its is_causal hint: the mask is dropped), equals direct."""
+    """is_causal=True with mode="efficient" (linear in L; "auto" picks by cost), alone or with
+    attn_mask the causal mask (nn.Transformer*'s, with its is_causal hint: the mask is dropped,
+    else mode="efficient" would raise), equals direct."""
     tokens = 140
     module = module64(batch_first=True, mode=mode)
     x = torch.randn(
