@@ -45,9 +45,9 @@ class CausalState:
     T = its length (the chunked linear-time form), generation one step per token.
 
     Memory: a (B, H, F, e + 1) state in the accumulation dtype (float32; float64 for float64
-    inputs) and a (B,) count, F = C(d + k, k) for Taylor order k (561 at d = 32, k = 2): 74 KiB
-    per head at d = e = 32 in float32, whatever the context. Time per token: about
-    4 F (e + 1) multiply-adds per head, whatever the context.
+    inputs) and a (B,) count, F = C(d + k, k) for Taylor order k (561 at d = 32, k = 2): 72 KiB
+    per head at d = e = 32 in float32, whatever the context. Work per token: 2 F (e + 1)
+    multiply-adds per head (apply the state, add the token to it), whatever the context.
 
     Args:
         batch, heads, head_dim, value_dim: B, H, d, e of the tokens `step` will take.
