@@ -3,10 +3,12 @@
 from taylorshift import reference
 from taylorshift._extension import available as extension_available
 from taylorshift.crossover import crossover, flops, paper_thresholds
+from taylorshift.decoding import CausalState
 from taylorshift.functional import taylor_shift_attention
 from taylorshift.modules import TaylorShiftAttention, replace_attention, restore_attention
 
 __all__ = [
+    "CausalState",
     "TaylorShiftAttention",
     "crossover",
     "extension_available",

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from taylorshift import reference
 from taylorshift.bias import biased_direct_attention, biased_weights, check_mode
+from taylorshift.decoding import CausalState
 from taylorshift.functional import resolve_coefficients, taylor_shift_attention
 
 
@@ -60,6 +61,17 @@ def _attn_mask_or_bias(mask: Tensor | None, mode: str) -> Tensor | None:
     return mask
 
 
+def _is_causal_mask(mask: Tensor, target_len: int, source_len: int) -> bool:
+    """Whether a bool attn_mask, (L, S) or (B, H, L, S), is exactly the causal mask (True above
+    the diagonal, L = S): then causal=True alone is the same function, and the efficient
+    algorithm may run. Eager only (it reads the mask: one host synchronisation, O(L S) work, as
+    the float-mask check costs); under torch.compile the mask stays, without a graph break."""
+    if mask.dtype != torch.bool or target_len != source_len or torch.compiler.is_compiling():
+        return False
+    causal = torch.ones(target_len, source_len, dtype=torch.bool, device=mask.device).triu(1)
+    return bool((mask == causal).all())
+
+
 class TaylorShiftAttention(nn.MultiheadAttention):
     """Multi-head TaylorShift attention; an nn.MultiheadAttention whose forward is TaylorShift's.
 
@@ -85,13 +97,22 @@ class TaylorShiftAttention(nn.MultiheadAttention):
       output (before out_proj), not to the weights, which neither fused algorithm forms; with
       `need_weights=True` the weights are formed (O(L S) memory, as nn.MultiheadAttention does),
       dropped, returned and applied, as nn.MultiheadAttention does;
-    - `is_causal=True` without attn_mask means causal attention (nn.MultiheadAttention raises);
-      with attn_mask it is combined with it (the same when attn_mask is causal, its hint);
+    - `is_causal=True` without attn_mask means causal attention (nn.MultiheadAttention raises),
+      with either algorithm (mode="auto" picks the efficient one, linear in L, for long
+      self-attention); with attn_mask it is combined with it, and an attn_mask that is exactly
+      the causal mask (checked, in eager mode) is dropped, so that nn.Transformer*'s causal
+      masks with their `is_causal` hint can run the efficient algorithm too;
     - torch.jit.script raises (the Python operator dispatch is not TorchScript); torch.compile
       and torch.export trace it;
     - `_qkv_same_embed_dim` reads False: nn.TransformerEncoderLayer and nn.TransformerEncoder
       (in eval mode) run a fused softmax kernel on this module's weights, without calling
       forward, when it is True. Which projections exist is told by in_proj_weight being None.
+
+    Incremental decoding (causal self-attention, constant memory and time per token):
+    `state = module.initial_state(batch)` (a taylorshift.CausalState), then
+    `out = module.decode_step(x, state)` for each next chunk of tokens x (a prompt, then one
+    token at a time), which updates `state` in place; the outputs are the rows of
+    `module(x_all, x_all, x_all, is_causal=True)` for those tokens.
     """
 
     def __init__(
@@ -288,7 +309,7 @@ class TaylorShiftAttention(nn.MultiheadAttention):
         query (L, B, E) ((B, L, E) if batch_first, or unbatched (L, E)); key (S, B, kdim);
         value (S, B, vdim); key_padding_mask (B, S), True = ignore; attn_mask (L, S) or
         (B * num_heads, L, S), True = not allowed; is_causal: causal attention (combined
-        with attn_mask when both are given).
+        with attn_mask when both are given; an attn_mask that is exactly causal is dropped).
         """
         batched, batch, target_len, source_len = self._check_shapes(
             query, key, value, key_padding_mask, attn_mask
@@ -304,6 +325,12 @@ class TaylorShiftAttention(nn.MultiheadAttention):
         attn_mask = _attn_mask_or_bias(attn_mask, self.mode)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.view(batch, self.num_heads, target_len, source_len)
+        if (
+            is_causal
+            and attn_mask is not None
+            and _is_causal_mask(attn_mask, target_len, source_len)
+        ):
+            attn_mask = None
 
         q, k, v = self._projections(query, key, value, self_attention)
         if self.bias_k is not None:
@@ -352,6 +379,89 @@ class TaylorShiftAttention(nn.MultiheadAttention):
             if weights is not None:
                 weights = weights.squeeze(0)
         return out, weights
+
+    def initial_state(
+        self,
+        batch: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> CausalState:
+        """An empty taylorshift.CausalState for `decode_step` with this module's heads and
+        options, for `batch` sequences, on the device and in the dtype of the module's weights
+        unless given."""
+        if self.bias_k is not None or self.add_zero_attn:
+            raise NotImplementedError(
+                "taylorshift: decoding with add_bias_kv or add_zero_attn is not supported: they "
+                "append a key after the whole sequence, which a growing sequence does not have"
+            )
+        if self.in_proj_weight is None:
+            raise ValueError(
+                "taylorshift: decoding is causal self-attention, which needs kdim == vdim == "
+                f"embed_dim, got kdim={self.kdim}, vdim={self.vdim}, embed_dim={self.embed_dim}"
+            )
+        weight = self.out_proj.weight
+        return CausalState(
+            batch,
+            self.num_heads,
+            self.head_dim,
+            self.head_dim,
+            dtype=weight.dtype if dtype is None else dtype,
+            device=weight.device if device is None else device,
+            normalize=self.normalize,
+            output_scale=self.output_scale,
+            coefficients=self.coefficients,
+        )
+
+    def decode_step(
+        self, x: Tensor, state: CausalState, key_padding_mask: Tensor | None = None
+    ) -> Tensor:
+        """Causal self-attention of the next T >= 1 tokens x after those `state` has seen:
+        x is (T, B, E) ((B, T, E) if batch_first, or unbatched (T, E)), key_padding_mask (B, T)
+        ((T,) unbatched), bool True = padding or float 0 / -inf. Returns the attention output
+        in x's layout, the rows of `self(x_all, x_all, x_all, is_causal=True,
+        key_padding_mask=...)[0]` for these tokens, and updates `state` (from
+        `initial_state`) in place. Any `mode` gives the same function; decoding always runs
+        the recurrent form. Dropout applies in training, as in forward."""
+        if not isinstance(state, CausalState):
+            raise TypeError(
+                "taylorshift: decode_step needs a taylorshift.CausalState from "
+                f"module.initial_state(batch), got {type(state).__name__}"
+            )
+        if x.dim() not in (2, 3) or x.shape[-1] != self.embed_dim:
+            raise ValueError(
+                "taylorshift: decode_step takes x of shape "
+                f"{'(B, T, E)' if self.batch_first else '(T, B, E)'} or (T, E) with "
+                f"E = embed_dim = {self.embed_dim}, got {list(x.shape)}"
+            )
+        mine = (self.num_heads, self.head_dim, self.head_dim, self.normalize, self.output_scale)
+        theirs = (state.heads, state.head_dim, state.value_dim, state.normalize, state.output_scale)
+        if mine != theirs or state.scale is not None or state.coefficients != self.coefficients:
+            raise ValueError(
+                f"taylorshift: the state ({state!r}, normalize={state.normalize}, "
+                f"output_scale={state.output_scale}, coefficients={state.coefficients}) was not "
+                "made for this module; use module.initial_state(batch)"
+            )
+        batched = x.dim() == 3
+        if not batched:
+            x = x.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if not self.batch_first or not batched:
+            x = x.transpose(0, 1)
+        if x.shape[0] != state.batch:
+            raise ValueError(
+                f"taylorshift: decode_step got a batch of {x.shape[0]} sequences but the state "
+                f"holds {state.batch}"
+            )
+        key_padding_mask = _bool_mask(key_padding_mask, "key_padding_mask")
+        q, k, v = (self._heads(t) for t in self._projections(x, x, x, True))
+        out = state.step(q, k, v, self.temperature, key_padding_mask)
+        out = nn.functional.dropout(out, p=self.dropout, training=self.training)
+        out = self.out_proj(out.transpose(1, 2).flatten(2))
+        if not self.batch_first or not batched:
+            out = out.transpose(0, 1)
+        return out if batched else out.squeeze(1)
 
     def _projections(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool):
         """q, k, v projections of batch-first inputs, (B, L, E) -> (B, L, E); one matmul when
