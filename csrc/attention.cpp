@@ -167,6 +167,19 @@ void check_normalization(const at::Tensor& q, bool normalize,
   if (temperature) check_temperature(*temperature, q);
 }
 
+// An odd order is valid only on bounded logits, |x| <= max_h |tau_h| with
+// normalize=True: that maximum is read on the host (a device sync on CUDA;
+// no value to read while torch.compile traces).
+void check_odd_order_range(const Coefficients& f, const at::Tensor& q,
+                           bool normalize,
+                           const std::optional<at::Tensor>& temperature) {
+  if (f.order % 2 == 0) return;
+  const double radius = temperature && normalize
+                            ? temperature->detach().abs().max().item<double>()
+                            : 1.0;
+  check_logit_range(f, q.scalar_type(), normalize, radius);
+}
+
 // Logits x_ij = q_hat_i . k_hat_j: tau cos(q_i, k_j) when normalising,
 // tau scale q_i . k_j otherwise; formed in the accumulation dtype and
 // rounded to the input dtype once. normalize_rows (cpu/normalize.cpp) does
@@ -209,15 +222,7 @@ at::Tensor attention_composite(
   if (key_padding_mask) check_key_padding_mask(*key_padding_mask, k);
   std::optional<at::Tensor> full_attn_mask;
   if (attn_mask) full_attn_mask = expand_attn_mask(*attn_mask, q, k);
-  if (f.order % 2 == 1) {
-    // An odd order is valid only on bounded logits, |x| <= max_h |tau_h|
-    // with normalize=True: that maximum is read on the host (a device sync
-    // on CUDA; no value to read while torch.compile traces).
-    const double radius = temperature && normalize
-                              ? temperature->detach().abs().max().item<double>()
-                              : 1.0;
-    check_logit_range(f, q.scalar_type(), normalize, radius);
-  }
+  check_odd_order_range(f, q, normalize, temperature);
 
   TORCH_CHECK_NOT_IMPLEMENTED(
       !(mode == "efficient" && full_attn_mask),
@@ -283,6 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_step_composite(
       "taylorshift.causal_step", f.order,
       q.is_cuda() ? kMaxEfficientOrderCuda : kMaxEfficientOrder);
   check_normalization(q, normalize, scale, temperature);
+  check_odd_order_range(f, q, normalize, temperature);
   if (key_padding_mask) check_key_padding_mask(*key_padding_mask, k);
   const c10::SymInt B = q.sym_size(0), H = q.sym_size(1), d = q.sym_size(3),
                     e = v.sym_size(3);

@@ -126,15 +126,22 @@ std::tuple<at::Tensor, at::Tensor> chunked_numerators(const at::Tensor& x,
                                                   {-1, 1, 1, 1, 1}))
                              .permute({1, 2, 3, 4, 0});
   // S_{<c}: the exclusive prefix sum of the chunks' states, after state0.
-  at::Tensor through = at::matmul(psi, uc).cumsum(2);
-  at::Tensor before = at::zeros_like(through.narrow(2, 0, 1));
-  if (state0.defined()) {
-    through = through + state0.unsqueeze(2);
-    before = state0.unsqueeze(2);
-  }
-  const at::Tensor prefix = at::cat(
-      {before, through.narrow_symint(2, 0, chunks - 1)}, /*dim=*/2);
+  // One chunk (a decoding step) needs no sum: its state is state0.
+  const bool one_chunk = known && *known <= C;
+  at::Tensor through = at::matmul(psi, uc);
+  if (!one_chunk) through = through.cumsum(2);
+  if (state0.defined()) through = through + state0.unsqueeze(2);
   const at::Tensor state = through.select(2, -1);
+  at::Tensor inter;
+  if (!one_chunk) {
+    const at::Tensor before = state0.defined()
+                                  ? state0.unsqueeze(2)
+                                  : at::zeros_like(through.narrow(2, 0, 1));
+    inter = at::matmul(
+        phi, at::cat({before, through.narrow_symint(2, 0, chunks - 1)}, 2));
+  } else if (state0.defined()) {
+    inter = at::matmul(phi, state0.unsqueeze(2));
+  }
 
   // Inside a chunk, the direct form on its lower triangle (j <= i).
   const at::Tensor later =
@@ -142,8 +149,8 @@ std::tuple<at::Tensor, at::Tensor> chunked_numerators(const at::Tensor& x,
   const at::Tensor w =
       taylor_weights(at::matmul(xc, yc.transpose(-1, -2)), f)
           .masked_fill(later, 0);
-  const at::Tensor z =
-      at::matmul(phi, prefix) + at::matmul(w, uc);
+  at::Tensor z = at::matmul(w, uc);
+  if (inter.defined()) z = z + inter;
   return {z.view_symint({B, H, chunks * C, u.sym_size(3)})
               .narrow_symint(2, 0, L),
           state};
