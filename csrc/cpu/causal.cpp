@@ -45,6 +45,8 @@ struct CausalWorkspace {
   std::vector<T> z;                 // C x (e + 1)
   std::vector<T> x, w, dw;          // C x C: logits, weights, their gradient
   std::vector<T> valid;             // C: m_j
+  std::vector<T> column;            // C: one column of z or dz
+  std::vector<T> dots;              // F: a chunk's share of a column 0
   std::vector<T> grad_qt, grad_kt;  // d x C
   std::vector<T> key_side_t;        // d x C
   std::vector<T> product;           // F x (e + 1): one chunk's share
@@ -65,6 +67,8 @@ struct CausalWorkspace {
         w(kChunk * kChunk),
         dw(kChunk * kChunk),
         valid(kChunk),
+        column(kChunk),
+        dots(F),
         grad_qt(d * kChunk),
         grad_kt(d * kChunk),
         key_side_t(d * kChunk),
@@ -93,14 +97,37 @@ struct CausalHead {
   int64_t key_padding_stride;
 };
 
-// The chunk [i0, i0 + rows) loaded into w: q and k transposed (a padded
-// key's column zero: its row may hold NaN), m_j, u_j, the query and key
-// feature tiles, the logits x = q_hat k_hat^T and the weights W of the
-// triangle (0 above the diagonal; a padded key's column is finite and meets
-// u_j = 0, dW_ij = 0).
+// The triangle's element-wise passes, vectorised (TS_VECTOR_CLONES) with
+// the polynomial's order a constant (with_order): W = f(X) and, in place,
+// dX = f'(X) dW, both 0 above the diagonal (j > i).
+template <typename T, typename Order>
+TS_VECTOR_CLONES void triangle_weights(const T* x, T* w, int64_t rows,
+                                       const Polynomial<T>& f, Order order) {
+  for (int64_t i = 0; i < rows; ++i, x += kChunk, w += kChunk) {
+#pragma omp simd
+    for (int64_t j = 0; j < rows; ++j)
+      w[j] = j <= i ? taylor_weight(x[j], f, order) : T(0);
+  }
+}
+
+template <typename T, typename Order>
+TS_VECTOR_CLONES void triangle_score_gradient(const T* x, T* dw, int64_t rows,
+                                              const Polynomial<T>& f,
+                                              Order order) {
+  for (int64_t i = 0; i < rows; ++i, x += kChunk, dw += kChunk) {
+#pragma omp simd
+    for (int64_t j = 0; j < rows; ++j)
+      dw[j] = j <= i ? taylor_weight_grad(x[j], f, order) * dw[j] : T(0);
+  }
+}
+
+// The tokens [i0, i0 + rows) loaded into w: q and k transposed (a padded
+// key's column zero: its row may hold NaN), m_j, u_j, the logits
+// X = q_hat k_hat^T and the weights W of the triangle (a padded key's
+// column is finite and meets u_j = 0 and dW_ij = 0).
 template <typename T>
-void load_chunk(const CausalHead<T>& t, int64_t i0, int64_t rows,
-                CausalWorkspace<T>& w) {
+void load_tokens(const CausalHead<T>& t, int64_t i0, int64_t rows,
+                 CausalWorkspace<T>& w) {
   const int64_t d = t.d, e = t.e;
   for (int64_t r = 0; r < rows; ++r)
     w.valid[r] = t.key_padding == nullptr ||
@@ -119,20 +146,17 @@ void load_chunk(const CausalHead<T>& t, int64_t i0, int64_t rows,
     for (int64_t col = 0; col < e; ++col)
       u[1 + col] = w.valid[r] != T(0) ? v[col] : T(0);
   }
-  query_feature_tile(w.qt.data(), d, rows, kChunk,
-                     FeatureWeights<T>::queries(t.f), w.query_tile.data(),
-                     RowExtras<T>{});
-  key_feature_tile(w.kt.data(), w.valid.data(), d, rows, kChunk,
-                   w.key_tile.data(), RowExtras<T>{}, t.f.order);
   gemm<T>(true, false, rows, rows, d, T(1), w.qt.data(), kChunk, w.kt.data(),
           kChunk, T(0), w.x.data(), kChunk);
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* x = w.x.data() + i * kChunk;
-    T* weight = w.w.data() + i * kChunk;
-    for (int64_t j = 0; j <= i; ++j) weight[j] = taylor_weight(x[j], t.f);
-    for (int64_t j = i + 1; j < rows; ++j) weight[j] = T(0);
-  }
+  with_order(t.f.order, [&](auto order) {
+    triangle_weights(w.x.data(), w.w.data(), rows, t.f, order);
+  });
 }
+
+// The state's column 0 (the denominators) stays out of the GEMMs, so that
+// they have e columns, not e + 1 (BLAS blocks columns in 16s: 33 take about
+// as long as 48); the tile builds compute it from each feature row
+// (RowExtras), as efficient.cpp does.
 
 // sigma_i of the chunk's rows from the count of unpadded keys before it.
 template <typename T>
@@ -144,14 +168,28 @@ template <typename T>
 void forward_head(const CausalHead<T>& t, T* out, T* den, T* states,
                   CausalWorkspace<T>& w) {
   const int64_t e = t.e, FE = t.F * (e + 1);
+  const auto query_weights = FeatureWeights<T>::queries(t.f);
   int64_t seen = 0;
   for (int64_t i0 = 0, c = 0; i0 < t.tokens; i0 += kChunk, ++c) {
     const int64_t rows = std::min(kChunk, t.tokens - i0);
     std::copy(w.rounded.begin(), w.rounded.end(), states + c * FE);
-    load_chunk(t, i0, rows, w);
-    // z = phi(Q)^T S_{<c} + W U.
-    gemm<T>(true, false, rows, e + 1, t.F, T(1), w.query_tile.data(), kChunk,
-            w.rounded.data(), e + 1, T(0), w.z.data(), e + 1);
+    load_tokens(t, i0, rows, w);
+    // z = phi(Q)^T S_{<c} + W U; phi's constant feature c_0 (row 0) last,
+    // so that its dominant term does not round the others.
+    const T* state = w.rounded.data();
+    const T c0 = query_weights.constant;
+    std::fill(w.column.begin(), w.column.begin() + rows, T(0));
+    query_feature_tile(w.qt.data(), t.d, rows, kChunk, query_weights,
+                       w.query_tile.data(),
+                       RowExtras<T>{nullptr, nullptr, state, e + 1,
+                                    w.column.data()});
+    gemm<T>(true, false, rows, e, t.F - 1, T(1), w.query_tile.data() + kChunk,
+            kChunk, state + (e + 1) + 1, e + 1, T(0), w.z.data() + 1, e + 1);
+    for (int64_t r = 0; r < rows; ++r) {
+      T* z = w.z.data() + r * (e + 1);
+      z[0] = w.column[r] + c0 * state[0];
+      for (int64_t col = 1; col <= e; ++col) z[col] += c0 * state[col];
+    }
     gemm<T>(false, false, rows, e + 1, rows, T(1), w.w.data(), kChunk,
             w.u.data(), e + 1, T(1), w.z.data(), e + 1);
     for (int64_t r = 0; r < rows; ++r) {
@@ -162,9 +200,13 @@ void forward_head(const CausalHead<T>& t, T* out, T* den, T* states,
       for (int64_t col = 0; col < e; ++col)
         out[(i0 + r) * e + col] = factor * z[1 + col];
     }
-    // S_{<c+1} = S_{<c} + psi(K)^T U.
-    gemm<T>(false, false, t.F, e + 1, rows, T(1), w.key_tile.data(), kChunk,
-            w.u.data(), e + 1, T(0), w.product.data(), e + 1);
+    // S_{<c+1} = S_{<c} + psi(K)^T U, column 0 (psi(K)^T m) from the build.
+    key_feature_tile(w.kt.data(), w.valid.data(), t.d, rows, kChunk,
+                     w.key_tile.data(),
+                     RowExtras<T>{w.valid.data(), w.dots.data()}, t.f.order);
+    gemm<T>(false, false, t.F, e, rows, T(1), w.key_tile.data(), kChunk,
+            w.u.data() + 1, e + 1, T(0), w.product.data() + 1, e + 1);
+    for (int64_t f = 0; f < t.F; ++f) w.product[f * (e + 1)] = w.dots[f];
     w.accumulate();
   }
 }
@@ -189,7 +231,7 @@ void backward_head(const CausalHead<T>& t, const T* grad_out,
   for (int64_t c = chunks - 1; c >= 0; --c) {
     const int64_t i0 = c * kChunk, rows = std::min(kChunk, t.tokens - i0);
     const T* state = states + c * FE;
-    load_chunk(t, i0, rows, w);
+    load_tokens(t, i0, rows, w);
     int64_t seen = seen_before[c];
     for (int64_t r = 0; r < rows; ++r) {
       seen += w.valid[r] != T(0);
@@ -205,7 +247,12 @@ void backward_head(const CausalHead<T>& t, const T* grad_out,
         dz[1 + col] = sigma * g[col] * inv_den;
       }
       dz[0] = -dot * inv_den;
+      w.column[r] = dz[0];
     }
+    // phi(Q), and its column-0 share of D: phi(Q)^T dz[:, 0].
+    query_feature_tile(w.qt.data(), d, rows, kChunk, query_weights,
+                       w.query_tile.data(),
+                       RowExtras<T>{w.column.data(), w.dots.data()});
     // Queries through the state: (S_{<c} dz_i)_f for f >= 1, feature-major,
     // then through phi's Jacobian.
     gemm<T>(false, true, F - 1, rows, e + 1, T(1), state + (e + 1), e + 1,
@@ -215,24 +262,24 @@ void backward_head(const CausalHead<T>& t, const T* grad_out,
     // The triangle: dW = dZ U^T, dX = f'(X) dW below the diagonal.
     gemm<T>(false, true, rows, rows, e + 1, T(1), w.dz.data(), e + 1,
             w.u.data(), e + 1, T(0), w.dw.data(), kChunk);
-    for (int64_t i = 0; i < rows; ++i) {
-      const T* x = w.x.data() + i * kChunk;
-      T* dx = w.dw.data() + i * kChunk;
-      for (int64_t j = 0; j <= i; ++j)
-        dx[j] = taylor_weight_grad(x[j], t.f) * dx[j];
-      for (int64_t j = i + 1; j < rows; ++j) dx[j] = T(0);
-    }
-    // dq^T += K^T dX^T, dk^T = Q^T dX, dU = W^T dZ.
+    with_order(t.f.order, [&](auto order) {
+      triangle_score_gradient(w.x.data(), w.dw.data(), rows, t.f, order);
+    });
+    // dq^T += K^T dX^T, dk^T = Q^T dX, dv = (W^T dZ)[:, 1:] (the column of
+    // ones has no gradient to pass on).
     gemm<T>(false, true, d, rows, rows, T(1), w.kt.data(), kChunk, w.dw.data(),
             kChunk, T(1), w.grad_qt.data(), kChunk);
     gemm<T>(false, false, d, rows, rows, T(1), w.qt.data(), kChunk, w.dw.data(),
             kChunk, T(0), w.grad_kt.data(), kChunk);
-    gemm<T>(true, false, rows, e + 1, rows, T(1), w.w.data(), kChunk,
-            w.dz.data(), e + 1, T(0), w.du.data(), e + 1);
+    gemm<T>(true, false, rows, e, rows, T(1), w.w.data(), kChunk,
+            w.dz.data() + 1, e + 1, T(0), w.du.data() + 1, e + 1);
     // Keys through the later chunks' queries (w.rounded = D_{>c}):
-    // dU += psi(K)^T D, and (D u_j)_f for f >= 1 through psi's Jacobian.
-    gemm<T>(true, false, rows, e + 1, F, T(1), w.key_tile.data(), kChunk,
-            w.rounded.data(), e + 1, T(1), w.du.data(), e + 1);
+    // dv += (psi(K)^T D)[:, 1:], and (D u_j)_f for f >= 1 through psi's
+    // Jacobian.
+    key_feature_tile(w.kt.data(), w.valid.data(), d, rows, kChunk,
+                     w.key_tile.data(), RowExtras<T>{}, t.f.order);
+    gemm<T>(true, false, rows, e, F, T(1), w.key_tile.data(), kChunk,
+            w.rounded.data() + 1, e + 1, T(1), w.du.data() + 1, e + 1);
     gemm<T>(false, true, F - 1, rows, e + 1, T(1), w.rounded.data() + (e + 1),
             e + 1, w.u.data(), e + 1, T(0), w.gradient_tile.data() + kChunk,
             kChunk);
@@ -241,9 +288,10 @@ void backward_head(const CausalHead<T>& t, const T* grad_out,
     for (int64_t l = 0; l < d; ++l)
       for (int64_t r = 0; r < rows; ++r)
         w.grad_kt[l * kChunk + r] += w.key_side_t[l * kChunk + r];
-    // D_{>c-1} = D_{>c} + phi(Q)^T dZ.
-    gemm<T>(false, false, F, e + 1, rows, T(1), w.query_tile.data(), kChunk,
-            w.dz.data(), e + 1, T(0), w.product.data(), e + 1);
+    // D_{>c-1} = D_{>c} + phi(Q)^T dZ, column 0 from the build.
+    gemm<T>(false, false, F, e, rows, T(1), w.query_tile.data(), kChunk,
+            w.dz.data() + 1, e + 1, T(0), w.product.data() + 1, e + 1);
+    for (int64_t f = 0; f < F; ++f) w.product[f * (e + 1)] = w.dots[f];
     w.accumulate();
 
     transpose_chunk(w.grad_qt.data(), kChunk, d, rows,
