@@ -71,19 +71,25 @@ bool prefer_efficient(int64_t queries, int64_t keys, int64_t head_dim,
 }
 
 // Causal: the direct kernels compute the lower triangle only, half the
-// pairs; the chunked form (csrc/causal.cpp) the efficient algorithm's state
+// pairs; the chunked form (cpu/causal.cpp) the efficient algorithm's state
 // and application plus, per token, its chunk's C x C square of the direct
-// form. Its ATen products cost kCausalFlopCost times the direct kernels' per
-// FLOP, measured by benchmarks/bench_causal.py.
+// form, forward counts of each. Per FLOP its BLAS products over feature
+// tiles cost more than the direct kernels', the more so the larger d:
+// 1.15 + d / 100 fits the crossovers measured by benchmarks/bench_causal.py
+// (N = 512-1024 at d = 16, 2048 at d = 32, past 4096 at d = 64; 2 threads).
+// Other devices run the ATen form, not measured: FLOP parity.
 bool prefer_efficient_causal(int64_t tokens, int64_t head_dim,
                              int64_t value_dim, c10::DeviceType device,
                              int order) {
   if (!efficient_supports(order, device)) return false;
-  constexpr double kCausalChunk = 128, kCausalFlopCost = 1.0;
+  const double cost = device == c10::DeviceType::CPU
+                          ? 1.15 + double(head_dim) / 100.0
+                          : 1.0;
   const double chunked =
       flops(true, tokens, tokens, head_dim, value_dim, false, order) +
-      2.0 * double(tokens) * kCausalChunk * double(head_dim + value_dim + 1);
-  return chunked * kCausalFlopCost <
+      2.0 * double(tokens) * double(kCausalChunk) *
+          double(head_dim + value_dim + 1);
+  return chunked * cost <
          flops(false, tokens, tokens, head_dim, value_dim, false) / 2;
 }
 
