@@ -176,6 +176,28 @@ def test_efficient_runs_the_chunked_operators():
     assert "taylorshift::direct_forward" not in names
 
 
+def test_states_are_the_state_before_each_chunk():
+    # states[:, :, c] is the prefix state S_<c (spec section 2): the non-causal efficient
+    # state of the keys of chunks 0..c-1 (zero for c = 0); its constant feature's count column
+    # counts their unpadded keys. Batch 0's padded prefix leaves chunks 0 and 1 empty.
+    q, k, v, _ = make_inputs(2, 2, 300, 300, 8, 5)
+    q, k = (torch.nn.functional.normalize(x, dim=-1) for x in (q, k))
+    mask = padding("prefix", 2, 300)
+    coefficients = [0.5, 1.0, 1.0]
+    _, _, states = torch.ops.taylorshift.causal_efficient_forward(q, k, v, mask, True, coefficients)
+    assert states.shape == (2, 2, 3, 45, 6)  # (B, H, ceil(300 / 128), C(8 + 2, 2), e + 1)
+    assert (states[:, :, 0] == 0).all()
+    for chunk in (1, 2):
+        keys = slice(0, chunk * CHUNK)
+        _, _, state = torch.ops.taylorshift.efficient_forward(
+            q[:, :, keys], k[:, :, keys], v[:, :, keys], mask[:, keys], True, coefficients
+        )
+        assert_exact(states[:, :, chunk], state, f"state before chunk {chunk}")
+        counts = (~mask[:, keys]).sum(1, dtype=torch.float64)
+        assert torch.equal(states[:, :, chunk, 0, 0], counts[:, None].expand(2, 2))
+    assert states[0, :, 1, 0, 0].eq(0).all()
+
+
 def test_order1_temperature_out_of_range_is_refused():
     # The odd-order check: 1 + x is negative below -1, so |temperature| > 1 is refused.
     q, k, v, t = make_inputs(1, 2, 130, 130, 8, 4)
