@@ -155,13 +155,14 @@ def test_matches_direct_causal_float64(name):
 
     mask = options.get("key_padding_mask")
     if mask is not None:
-        # Queries that see no unpadded key (a padded prefix, a whole padded row) get zeros,
-        # and the keys and queries of a whole padded row get zero gradients.
+        # Queries that see no unpadded key (a padded first token or prefix, a whole padded
+        # row) get zeros and zero gradients; padded keys and values get zero gradients.
         seen = (~mask).cumsum(1) > 0  # (B, N): query i sees some unpadded key j <= i
+        grad_q, grad_k, grad_v, _ = mine
         assert (out.transpose(1, 2)[~seen] == 0).all()
-        empty_rows = mask.all(1)
-        for g in mine[:3]:
-            assert (g[empty_rows] == 0).all()
+        assert (grad_q.transpose(1, 2)[~seen] == 0).all()
+        assert (grad_k.transpose(1, 2)[mask] == 0).all()
+        assert (grad_v.transpose(1, 2)[mask] == 0).all()
 
 
 def test_efficient_runs_the_chunked_operators():
@@ -365,8 +366,10 @@ def test_errors():
     q, k, v, t = make_inputs(1, 2, 5, 7, 4, 3)
     with pytest.raises(ValueError, match=r"M = N.*M = 5, N = 7"):
         causal_efficient(q, k, v, t)
+    with pytest.raises(ValueError, match=r"causal_efficient_forward: .*\(M = N\), got 5 and 7"):
+        torch.ops.taylorshift.causal_efficient_forward(q, k, v, None, True, [0.5, 1.0, 1.0])
     q, k, v, t = make_inputs(1, 2, 6, 6, 4, 3)
-    with pytest.raises(NotImplementedError, match="order"):
+    with pytest.raises(NotImplementedError, match="orders 1 to 3 .*got order 4"):
         causal_efficient(q, k, v, t, order=4)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     coefficients = [0.5, 1.0, 1.0]
@@ -376,7 +379,7 @@ def test_errors():
         )
     grad_out = torch.ones_like(out)
     for bad in (states[:, :, 0], states[..., :-1], torch.cat([states, states], dim=2)):
-        with pytest.raises(ValueError, match="states"):
+        with pytest.raises(ValueError, match=r"states must be the forward's, \(B, H, chunks"):
             torch.ops.taylorshift.causal_efficient_backward(
                 grad_out, q, k, v, out, den, bad, None, True, coefficients
             )
