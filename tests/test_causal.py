@@ -199,6 +199,27 @@ def test_states_are_the_state_before_each_chunk():
     assert states[0, :, 1, 0, 0].eq(0).all()
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_non_finite_padded_key_does_not_contribute(poison):
+    # As test_numerics_edge.py for the non-causal algorithms: padded keys are zeroed by
+    # selection, so NaN or inf there changes nothing, in the forward or in the gradients of q, v,
+    # temperature and the unpadded keys (the poisoned keys' own gradient is that of normalizing
+    # a non-finite vector, not asserted).
+    q, k, v, t = make_inputs(2, 2, 300, 300, 8, 5)
+    mask = padding("prefix", 2, 300)
+    poisoned = k.clone()
+    poisoned.transpose(1, 2)[mask] = poison
+    options = {"key_padding_mask": mask}
+    assert_exact(
+        causal_efficient(q, poisoned, v, t, **options), causal_efficient(q, k, v, t, **options)
+    )
+    mine = input_gradients(q, poisoned, v, t, lambda *x: causal_efficient(*x, **options))
+    clean = input_gradients(q, k, v, t, lambda *x: causal_efficient(*x, **options))
+    mine[1], clean[1] = (g.transpose(1, 2)[~mask] for g in (mine[1], clean[1]))
+    for what, g, g_clean in zip("qkvt", mine, clean, strict=True):
+        assert_exact(g, g_clean, f"grad {what}")
+
+
 def test_order1_temperature_out_of_range_is_refused():
     # The odd-order check: 1 + x is negative below -1, so |temperature| > 1 is refused.
     q, k, v, t = make_inputs(1, 2, 130, 130, 8, 4)
