@@ -198,9 +198,9 @@ std::pair<at::Tensor, at::Tensor> logit_factors(
   // One product with the per-head factor scale tau_h: autograd saves q
   // (the caller's) and the (H,) factor, not a scaled copy of q.
   const at::Tensor q_hat =
-      temperature ? q.to(acc) * (temperature->to(acc) * logit_scale)
-                                    .view({1, -1, 1, 1})
-                  : q.to(acc) * logit_scale;
+      temperature
+          ? q.to(acc) * (temperature->to(acc) * logit_scale).view({1, -1, 1, 1})
+          : q.to(acc) * logit_scale;
   return {q_hat.to(q.scalar_type()), k};
 }
 
@@ -245,9 +245,9 @@ at::Tensor attention_composite(
                : auto_picks_efficient(q, k, v, f.order)));
   const KernelOptions options{f, causal, output_scale};
   if (efficient && causal) {
-    check_efficient_order("taylorshift", f.order,
-                          q.is_cuda() ? kMaxEfficientOrderCuda
-                                      : kMaxEfficientOrder);
+    check_efficient_order(
+        "taylorshift", f.order,
+        q.is_cuda() ? kMaxEfficientOrderCuda : kMaxEfficientOrder);
     auto [q_hat, k_hat] = logit_factors(q, k, temperature, normalize, scale);
     // The CPU has kernels (cpu/causal.cpp); other devices run the ATen form.
     if (q.device().is_cpu())
@@ -339,17 +339,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_step(
     const at::Tensor& state, const at::Tensor& valid_keys,
     const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& key_padding_mask, bool normalize,
-    bool output_scale, std::optional<double> scale,
-    Coefficients coefficients) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("taylorshift::causal_step", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&,
-              const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, bool, bool,
-              std::optional<double>, c10::ArrayRef<double>)>();
+    bool output_scale, std::optional<double> scale, Coefficients coefficients) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("taylorshift::causal_step", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&, bool, bool,
+                           std::optional<double>, c10::ArrayRef<double>)>();
   return op.call(q, k, v, state, valid_keys, temperature, key_padding_mask,
                  normalize, output_scale, scale,
                  coefficient_list(coefficients));

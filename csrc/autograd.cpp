@@ -298,7 +298,8 @@ efficient_backward_autograd(const at::Tensor& grad_out, const at::Tensor& q,
   return {grads[0], grads[1], grads[2], grads[3]};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_forward_autograd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor>
+causal_efficient_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
     c10::ArrayRef<double> coefficients) {

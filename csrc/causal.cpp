@@ -122,9 +122,9 @@ std::tuple<at::Tensor, at::Tensor> chunked_numerators(const at::Tensor& x,
     return key_features(tokens.permute({4, 0, 1, 2, 3}).contiguous(), map);
   };
   const at::Tensor psi = feature_rows(yc).permute({1, 2, 3, 0, 4});
-  const at::Tensor phi = (feature_rows(xc) * map.query_weight.view(
-                                                  {-1, 1, 1, 1, 1}))
-                             .permute({1, 2, 3, 4, 0});
+  const at::Tensor phi =
+      (feature_rows(xc) * map.query_weight.view({-1, 1, 1, 1, 1}))
+          .permute({1, 2, 3, 4, 0});
   // S_{<c}: the exclusive prefix sum of the chunks' states, after state0.
   // One chunk (a decoding step) needs no sum: its state is state0.
   const bool one_chunk = known && *known <= C;
@@ -146,14 +146,13 @@ std::tuple<at::Tensor, at::Tensor> chunked_numerators(const at::Tensor& x,
   // Inside a chunk, the direct form on its lower triangle (j <= i).
   const at::Tensor later =
       at::ones({C, C}, x.options().dtype(at::kBool)).triu(1);
-  const at::Tensor w =
-      taylor_weights(at::matmul(xc, yc.transpose(-1, -2)), f)
-          .masked_fill(later, 0);
+  const at::Tensor w = taylor_weights(at::matmul(xc, yc.transpose(-1, -2)), f)
+                           .masked_fill(later, 0);
   at::Tensor z = at::matmul(w, uc);
   if (inter.defined()) z = z + inter;
-  return {z.view_symint({B, H, chunks * C, u.sym_size(3)})
-              .narrow_symint(2, 0, L),
-          state};
+  return {
+      z.view_symint({B, H, chunks * C, u.sym_size(3)}).narrow_symint(2, 0, L),
+      state};
 }
 
 }  // namespace
@@ -166,9 +165,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_continue(
   const auto acc = q_hat.options().dtype(accumulate_dtype(q_hat));
   const c10::SymInt B = q_hat.sym_size(0), L = q_hat.sym_size(2);
   // m_j = 0 for a padded key: its u_j and its count vanish.
-  const at::Tensor valid =
-      key_padding_mask ? key_padding_mask->logical_not()
-                       : at::ones_symint({B, L}, acc.dtype(at::kBool));
+  const at::Tensor valid = key_padding_mask
+                               ? key_padding_mask->logical_not()
+                               : at::ones_symint({B, L}, acc.dtype(at::kBool));
   // A padded key's own values are never read (they may be NaN or inf).
   const at::Tensor rows = valid.unsqueeze(1).unsqueeze(-1);
   const at::Tensor u = at::where(

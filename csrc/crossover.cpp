@@ -82,9 +82,8 @@ bool prefer_efficient_causal(int64_t tokens, int64_t head_dim,
                              int64_t value_dim, c10::DeviceType device,
                              int order) {
   if (!efficient_supports(order, device)) return false;
-  const double cost = device == c10::DeviceType::CPU
-                          ? 1.15 + double(head_dim) / 100.0
-                          : 1.0;
+  const double cost =
+      device == c10::DeviceType::CPU ? 1.15 + double(head_dim) / 100.0 : 1.0;
   const double chunked =
       flops(true, tokens, tokens, head_dim, value_dim, false, order) +
       2.0 * double(tokens) * double(kCausalChunk) *

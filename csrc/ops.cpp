@@ -128,11 +128,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_forward_meta(
   const int order = polynomial_of(coefficients).order;
   check_efficient_order("taylorshift::causal_efficient_forward", order,
                         kMaxEfficientOrder);
-  at::Tensor states = at::empty_symint(
-      {q.sym_size(0), q.sym_size(1),
-       (q.sym_size(2) + kCausalChunk - 1) / kCausalChunk,
-       feature_count(q.sym_size(3), order), v.sym_size(3) + 1},
-      q.options().dtype(accumulate_dtype(q)));
+  at::Tensor states =
+      at::empty_symint({q.sym_size(0), q.sym_size(1),
+                        (q.sym_size(2) + kCausalChunk - 1) / kCausalChunk,
+                        feature_count(q.sym_size(3), order), v.sym_size(3) + 1},
+                       q.options().dtype(accumulate_dtype(q)));
   return {empty_output(q, v), empty_den(q), states};
 }
 
@@ -215,8 +215,7 @@ TORCH_LIBRARY_IMPL(taylorshift, Meta, m) {
   m.impl("efficient_forward", TORCH_FN(efficient_forward_meta));
   m.impl("efficient_backward", TORCH_FN(efficient_backward_meta));
   m.impl("causal_efficient_forward", TORCH_FN(causal_efficient_forward_meta));
-  m.impl("causal_efficient_backward",
-         TORCH_FN(causal_efficient_backward_meta));
+  m.impl("causal_efficient_backward", TORCH_FN(causal_efficient_backward_meta));
   m.impl("normalize_rows", TORCH_FN(normalize_rows_meta));
   m.impl("normalize_rows_backward", TORCH_FN(normalize_rows_backward_meta));
 }

@@ -171,3 +171,9 @@ def input_gradients(q, k, v, t, fn, seed=0):
 
 def attention(q, k, v, temperature=None, **options):
     return taylorshift.taylor_shift_attention(q, k, v, temperature, **options)
+
+
+def causal_direct(q, k, v, temperature=None, **options):
+    """Causal attention by the direct algorithm: the exact reference of the causal efficient
+    form and of decoding."""
+    return attention(q, k, v, temperature, causal=True, mode="direct", **options)

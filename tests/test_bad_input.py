@@ -125,7 +125,9 @@ def test_attn_mask_with_efficient_mode(qkv):
 
 
 def test_causal_efficient_needs_as_many_queries_as_keys(qkv):
-    with pytest.raises(ValueError, match=r"requires as many queries as keys \(M = N\), got M = 5, N = 7"):
+    with pytest.raises(
+        ValueError, match=r"requires as many queries as keys \(M = N\), got M = 5, N = 7"
+    ):
         call(*qkv, causal=True, mode="efficient")
 
 

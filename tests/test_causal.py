@@ -13,6 +13,7 @@ from torch.library import opcheck
 from ts_testing import (
     LOW_PRECISION,
     attention,
+    causal_direct,
     error_bound,
     input_gradients,
     make_inputs,
@@ -49,10 +50,6 @@ def assert_exact(x: torch.Tensor, exact: torch.Tensor, what: str = "out") -> Non
 
 def causal_efficient(q, k, v, t, **options):
     return attention(q, k, v, t, causal=True, mode="efficient", **options)
-
-
-def causal_direct(q, k, v, t, **options):
-    return attention(q, k, v, t, causal=True, mode="direct", **options)
 
 
 def padding(kind: str | None, batch: int, tokens: int) -> torch.Tensor | None:

@@ -9,9 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from ts_testing import error_bound, input_gradients, make_inputs, max_error, random_key_padding_mask
+from ts_testing import (
+    causal_direct,
+    error_bound,
+    input_gradients,
+    make_inputs,
+    max_error,
+    random_key_padding_mask,
+)
 
-import taylorshift
 from taylorshift import CausalState, TaylorShiftAttention, _extension, reference
 
 # Both sides evaluate the same function in float64 (unit roundoff 1.1e-16) with at most a few
@@ -38,12 +44,6 @@ def stepped(state, q, k, v, temperature, schedule, key_padding_mask=None):
         start += size
     assert start == q.shape[2]
     return torch.cat(outs, dim=2)
-
-
-def causal_direct(q, k, v, temperature, **options):
-    return taylorshift.taylor_shift_attention(
-        q, k, v, temperature, causal=True, mode="direct", **options
-    )
 
 
 def padding_mask(tokens, padded):

@@ -137,8 +137,8 @@ void load_tokens(const CausalHead<T>& t, int64_t i0, int64_t rows,
   const T* keep = t.key_padding != nullptr ? w.valid.data() : nullptr;
   transpose_chunk(t.q + i0 * t.q_stride, t.q_stride, rows, d,
                   static_cast<const T*>(nullptr), w.qt.data(), kChunk);
-  transpose_chunk(t.k + i0 * t.k_stride, t.k_stride, rows, d, keep,
-                  w.kt.data(), kChunk);
+  transpose_chunk(t.k + i0 * t.k_stride, t.k_stride, rows, d, keep, w.kt.data(),
+                  kChunk);
   for (int64_t r = 0; r < rows; ++r) {
     T* u = w.u.data() + r * (e + 1);
     const T* v = t.v + (i0 + r) * t.v_stride;
@@ -179,10 +179,9 @@ void forward_head(const CausalHead<T>& t, T* out, T* den, T* states,
     const T* state = w.rounded.data();
     const T c0 = query_weights.constant;
     std::fill(w.column.begin(), w.column.begin() + rows, T(0));
-    query_feature_tile(w.qt.data(), t.d, rows, kChunk, query_weights,
-                       w.query_tile.data(),
-                       RowExtras<T>{nullptr, nullptr, state, e + 1,
-                                    w.column.data()});
+    query_feature_tile(
+        w.qt.data(), t.d, rows, kChunk, query_weights, w.query_tile.data(),
+        RowExtras<T>{nullptr, nullptr, state, e + 1, w.column.data()});
     gemm<T>(true, false, rows, e, t.F - 1, T(1), w.query_tile.data() + kChunk,
             kChunk, state + (e + 1) + 1, e + 1, T(0), w.z.data() + 1, e + 1);
     for (int64_t r = 0; r < rows; ++r) {
@@ -223,7 +222,8 @@ void backward_head(const CausalHead<T>& t, const T* grad_out,
   for (int64_t c = 0; c < chunks; ++c) {
     int64_t seen = seen_before[c];
     for (int64_t j = c * kChunk; j < std::min((c + 1) * kChunk, t.tokens); ++j)
-      seen += t.key_padding == nullptr || !t.key_padding[j * t.key_padding_stride];
+      seen +=
+          t.key_padding == nullptr || !t.key_padding[j * t.key_padding_stride];
     seen_before[c + 1] = seen;
   }
   const auto query_weights = FeatureWeights<T>::queries(t.f);
@@ -350,19 +350,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_forward_cpu(
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
     c10::ArrayRef<double> coefficients) {
   const char* op = "taylorshift::causal_efficient_forward";
-  const KernelOptions options = schema_options(true, output_scale, coefficients);
+  const KernelOptions options =
+      schema_options(true, output_scale, coefficients);
   check_forward_arguments(op, q_in, k_in, v_in, key_padding_mask, std::nullopt,
                           options);
   check_causal_arguments(op, q_in, k_in, options);
   const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
                    v = compute_operand(v_in);
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3),
-                e = v.size(3),
-                F = feature_count(d, options.coefficients.order);
+                e = v.size(3), F = feature_count(d, options.coefficients.order);
   const auto compute = q.options().dtype(accumulate_dtype(q_in));
   at::Tensor out = at::empty({B, H, L, e}, compute);
   at::Tensor den = at::empty({B, H, L}, compute);
-  at::Tensor states = at::empty({B, H, blocks_of(L, kChunk), F, e + 1}, compute);
+  at::Tensor states =
+      at::empty({B, H, blocks_of(L, kChunk), F, e + 1}, compute);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "causal_forward_cpu", [&] {
     using T = scalar_t;
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
@@ -371,8 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_forward_cpu(
         std::fill(w.sum.begin(), w.sum.end(), 0.0);
         std::fill(w.rounded.begin(), w.rounded.end(), T(0));
         forward_head(causal_head<T>(q, k, v, key_padding_mask, options, bh),
-                     out.data_ptr<T>() + bh * L * e,
-                     den.data_ptr<T>() + bh * L,
+                     out.data_ptr<T>() + bh * L * e, den.data_ptr<T>() + bh * L,
                      states.data_ptr<T>() + bh * states.stride(1), w);
       }
     });
@@ -387,7 +387,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_backward_cpu(
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
     c10::ArrayRef<double> coefficients) {
   const char* op = "taylorshift::causal_efficient_backward";
-  const KernelOptions options = schema_options(true, output_scale, coefficients);
+  const KernelOptions options =
+      schema_options(true, output_scale, coefficients);
   check_backward_arguments(op, grad_out_in, q_in, k_in, v_in, out_in, den_in,
                            std::nullopt, key_padding_mask, std::nullopt,
                            options);
@@ -400,8 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_backward_cpu(
                    den = den_in.to(compute).contiguous(),
                    states = states_in.to(compute).contiguous();
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3),
-                e = v.size(3),
-                F = feature_count(d, options.coefficients.order);
+                e = v.size(3), F = feature_count(d, options.coefficients.order);
   TORCH_CHECK_VALUE(
       states.dim() == 5 && states.size(0) == B && states.size(1) == H &&
           states.size(2) == blocks_of(L, kChunk) && states.size(3) == F &&

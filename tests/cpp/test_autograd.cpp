@@ -74,3 +74,21 @@ TEST_CASE("C++ autograd through attn_mask and causal (direct)") {
   for (size_t i = 0; i < inputs.size(); ++i)
     REQUIRE(max_abs_diff(grads[i], expected_grads[i]) < 1e-10);
 }
+
+TEST_CASE("C++ autograd through causal efficient (CPU kernels)") {
+  const int64_t B = 1, H = 2, L = 150, d = 5;
+  const at::Tensor q = leaf({B, H, L, d}), k = leaf({B, H, L, d}),
+                   v = leaf({B, H, L, d});
+  const at::Tensor temperature =
+      at::ones({H}, at::kDouble).requires_grad_(true);
+  const at::Tensor allowed = at::ones({L, L}, at::kBool).tril();
+  const at::Tensor out =
+      taylorshift::attention(q, k, v, temperature, {}, {}, true, "efficient");
+  const at::Tensor expected = reference(q, k, v, temperature, allowed);
+  REQUIRE(max_abs_diff(out, expected) < 1e-12);
+  const auto inputs = std::vector<at::Tensor>{q, k, v, temperature};
+  const auto grads = torch::autograd::grad({out.sum()}, inputs);
+  const auto expected_grads = torch::autograd::grad({expected.sum()}, inputs);
+  for (size_t i = 0; i < inputs.size(); ++i)
+    REQUIRE(max_abs_diff(grads[i], expected_grads[i]) < 1e-10);
+}

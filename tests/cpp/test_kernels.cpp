@@ -151,6 +151,34 @@ TEST_CASE("direct forward with attn_mask and causal matches the reference") {
                                                 {0.5, 1.0, 1.0})) < kTolerance);
 }
 
+TEST_CASE(
+    "causal efficient forward (chunked, with a state) matches the reference") {
+  // 300 tokens: two whole chunks of 128 and a partial one.
+  const int64_t B = 2, H = 2, L = 300, d = 8, e = 6;
+  const at::Tensor q = randn({B, H, L, d}), k = randn({B, H, L, d}),
+                   v = randn({B, H, L, e});
+  const at::Tensor padding = at::rand({B, L}).lt(0.2);
+  const at::Tensor allowed =
+      at::ones({L, L}, at::kBool).tril() & (~padding).view({B, 1, 1, L});
+  const at::Tensor expected =
+      reference_attention(q, k, v, allowed, true, {0.5, 1.0, 1.0});
+  taylorshift::KernelOptions options;
+  options.causal = true;
+  auto [out, den, states] =
+      taylorshift::causal_efficient_forward(q, k, v, padding, options);
+  REQUIRE(states.sizes() == at::IntArrayRef({B, H, 3, 45, e + 1}));
+  REQUIRE(max_abs_diff(out, expected) < kTolerance);
+  // The ATen form, continuing from a state: the first 200 tokens, then 100.
+  auto [first, state, valid] = taylorshift::causal_continue(
+      q.narrow(2, 0, 200), k.narrow(2, 0, 200), v.narrow(2, 0, 200),
+      padding.narrow(1, 0, 200), options);
+  auto [second, state2, valid2] = taylorshift::causal_continue(
+      q.narrow(2, 200, 100), k.narrow(2, 200, 100), v.narrow(2, 200, 100),
+      padding.narrow(1, 200, 100), options, state, valid);
+  REQUIRE(max_abs_diff(at::cat({first, second}, 2), expected) < kTolerance);
+  REQUIRE(at::equal(valid2, (~padding).sum(1)));
+}
+
 TEST_CASE("a row whose keys are all masked gives zeros") {
   const int64_t B = 2, H = 1, M = 5, N = 7, d = 4;
   const at::Tensor q = randn({B, H, M, d}), k = randn({B, H, N, d}),
@@ -199,9 +227,10 @@ TEST_CASE("bad input raises a ValueError naming the problem") {
       taylorshift::attention(q, k, v, {}, {}, {}, false, "auto", true, true, {},
                              taylorshift::polynomial_of({0.5, 1.0, 0.4})),
       c10::ValueError);
+  // Causal efficient continues each query's own chunk: M must equal N.
   REQUIRE_THROWS_AS(
       taylorshift::attention(q, k, v, {}, {}, {}, true, "efficient"),
-      c10::NotImplementedError);
+      c10::ValueError);
   // Order 1 needs bounded logits (normalize=True) ...
   REQUIRE_THROWS_AS(
       taylorshift::attention(q, k, v, {}, {}, {}, false, "direct", false, true,
