@@ -196,23 +196,28 @@ def test_states_are_the_state_before_each_chunk():
     assert states[0, :, 1, 0, 0].eq(0).all()
 
 
+@pytest.mark.parametrize("mode", ["efficient", "direct"])
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
-def test_non_finite_padded_key_does_not_contribute(poison):
+def test_non_finite_padded_key_does_not_contribute(poison, mode):
     # As test_numerics_edge.py for the non-causal algorithms: padded keys are zeroed by
-    # selection, so NaN or inf there changes nothing, in the forward or in the gradients of q, v,
-    # temperature and the unpadded keys (the poisoned keys' own gradient is that of normalizing
-    # a non-finite vector, not asserted).
+    # selection, so NaN or inf in their k or v changes nothing, in the forward or in the
+    # gradients of q, v, temperature and the unpadded keys (the poisoned keys' own gradient is
+    # that of normalizing a non-finite vector, not asserted). Direct too: its products once
+    # spread a padded key's NaN into dq through 0 * NaN.
     q, k, v, t = make_inputs(2, 2, 300, 300, 8, 5)
     mask = padding("prefix", 2, 300)
-    poisoned = k.clone()
-    poisoned.transpose(1, 2)[mask] = poison
-    options = {"key_padding_mask": mask}
-    assert_exact(
-        causal_efficient(q, poisoned, v, t, **options), causal_efficient(q, k, v, t, **options)
-    )
-    mine = input_gradients(q, poisoned, v, t, lambda *x: causal_efficient(*x, **options))
-    clean = input_gradients(q, k, v, t, lambda *x: causal_efficient(*x, **options))
-    mine[1], clean[1] = (g.transpose(1, 2)[~mask] for g in (mine[1], clean[1]))
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k.transpose(1, 2)[mask] = poison
+    poisoned_v.transpose(1, 2)[mask] = poison
+
+    def run(*x):
+        return attention(*x, key_padding_mask=mask, causal=True, mode=mode)
+
+    assert_exact(run(q, poisoned_k, poisoned_v, t), run(q, k, v, t))
+    mine = input_gradients(q, poisoned_k, poisoned_v, t, run)
+    clean = input_gradients(q, k, v, t, run)
+    for i in (1, 2):
+        mine[i], clean[i] = (g.transpose(1, 2)[~mask] for g in (mine[i], clean[i]))
     for what, g, g_clean in zip("qkvt", mine, clean, strict=True):
         assert_exact(g, g_clean, f"grad {what}")
 

@@ -161,6 +161,17 @@ inline at::Tensor compute_operand(const at::Tensor& t) {
   return readable ? t : t.to(accumulate_dtype(t)).contiguous();
 }
 
+// k or v with the rows of padded keys zeroed (key_padding_mask (B, N), True
+// = padding), as compute_operand: a padded key's values are never read, yet
+// a product that multiplies its row by a zero weight still spreads a NaN or
+// inf in it (0 * inf = NaN). Without padding, or with none padded, x itself.
+inline at::Tensor key_operand(const at::Tensor& x,
+                              const std::optional<at::Tensor>& padding) {
+  const at::Tensor t = compute_operand(x);
+  if (!padding || !padding->any().item<bool>()) return t;
+  return t.masked_fill(padding->view({t.size(0), 1, t.size(2), 1}), 0);
+}
+
 template <typename T>
 TokenRows<T> token_rows(const at::Tensor& t) {
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1),

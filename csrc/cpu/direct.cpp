@@ -326,8 +326,9 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cpu(
   check_forward_arguments("taylorshift::direct_forward", q_in, k_in, v_in,
                           key_padding_mask, attn_mask,
                           schema_options(causal, output_scale, coefficients));
-  const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
-                   v = compute_operand(v_in);
+  const at::Tensor q = compute_operand(q_in),
+                   k = key_operand(k_in, key_padding_mask),
+                   v = key_operand(v_in, key_padding_mask);
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), e = v.size(3);
   const auto compute = q.options().dtype(accumulate_dtype(q_in));
   at::Tensor out = at::empty({B, H, M, e}, compute);
@@ -358,8 +359,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cpu(
                            k_in, v_in, out_in, den_in, std::nullopt,
                            key_padding_mask, attn_mask,
                            schema_options(causal, output_scale, coefficients));
-  const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
-                   v = compute_operand(v_in),
+  const at::Tensor q = compute_operand(q_in),
+                   k = key_operand(k_in, key_padding_mask),
+                   v = key_operand(v_in, key_padding_mask),
                    grad_out = compute_operand(grad_out_in);
   const auto compute = q.options().dtype(accumulate_dtype(q_in));
   const at::Tensor out = out_in.to(compute).contiguous(),
