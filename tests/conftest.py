@@ -177,3 +177,13 @@ def causal_direct(q, k, v, temperature=None, **options):
     """Causal attention by the direct algorithm: the exact reference of the causal efficient
     form and of decoding."""
     return attention(q, k, v, temperature, causal=True, mode="direct", **options)
+
+
+def loss_and_gradients(fn, inputs, mask):
+    """fn(*inputs, mask) (a scalar loss) and the gradients of `inputs`, for comparing a compiled
+    function with its eager self."""
+    for x in inputs:
+        x.grad = None
+    loss = fn(*inputs, mask)
+    loss.backward()
+    return [loss.detach()] + [x.grad.clone() for x in inputs]

@@ -16,6 +16,7 @@ from ts_testing import (
     causal_direct,
     error_bound,
     input_gradients,
+    loss_and_gradients,
     make_inputs,
     max_error,
     random_key_padding_mask,
@@ -346,14 +347,6 @@ def _loss(q, k, v, t, mask):
     return (y * y).sum()
 
 
-def _loss_and_grads(fn, inputs, mask):
-    for x in inputs:
-        x.grad = None
-    loss = fn(*inputs, mask)
-    loss.backward()
-    return [loss.detach()] + [x.grad.clone() for x in inputs]
-
-
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_compile_fullgraph_matches_eager(dynamic):
     torch._dynamo.reset()
@@ -362,9 +355,9 @@ def test_compile_fullgraph_matches_eager(dynamic):
     for tokens in (130, 300) if dynamic else (130,):
         inputs = make_inputs(2, 2, tokens, tokens, 4, 3, requires_grad=True)
         mask = padding("first", 2, tokens)
-        expected = _loss_and_grads(_loss, inputs, mask)
+        expected = loss_and_gradients(_loss, inputs, mask)
         with torch._dynamo.config.patch(error_on_recompile=tokens != 130):
-            got = _loss_and_grads(compiled, inputs, mask)
+            got = loss_and_gradients(compiled, inputs, mask)
         for g, e in zip(got, expected, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 

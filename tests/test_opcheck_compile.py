@@ -5,7 +5,13 @@ import pytest
 import torch
 from torch import nn
 from torch.library import opcheck
-from ts_testing import DEVICES, make_inputs, random_attn_mask, random_key_padding_mask
+from ts_testing import (
+    DEVICES,
+    loss_and_gradients,
+    make_inputs,
+    random_attn_mask,
+    random_key_padding_mask,
+)
 
 import taylorshift
 
@@ -168,14 +174,6 @@ def test_compile_module_fullgraph_matches_eager(mode):
             torch.testing.assert_close(grads[name], grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
-def _loss_and_grads(fn, inputs, mask):
-    for x in inputs:
-        x.grad = None
-    loss = fn(*inputs, mask)
-    loss.backward()
-    return [loss.detach()] + [x.grad.clone() for x in inputs]
-
-
 def _attention_loss(q, k, v, t, mask):
     y = taylorshift.taylor_shift_attention(q, k, v, t, attn_mask=mask, causal=True)
     return (y * y).sum()
@@ -186,9 +184,9 @@ def test_compile_function_fullgraph_inductor_matches_eager():
         torch._dynamo.reset()
         inputs = make_inputs(2, 2, 9, 11, 4, 3, device=device, requires_grad=True)
         mask = random_attn_mask(9, 11, device=device)
-        expected = _loss_and_grads(_attention_loss, inputs, mask)
+        expected = loss_and_gradients(_attention_loss, inputs, mask)
         compiled = torch.compile(_attention_loss, fullgraph=True)
-        got = _loss_and_grads(compiled, inputs, mask)
+        got = loss_and_gradients(compiled, inputs, mask)
         for g, e in zip(got, expected, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
@@ -220,7 +218,7 @@ def test_compile_dynamic_shapes_fullgraph_matches_eager():
         for keys in (11, 17, 30):
             inputs = make_inputs(2, 2, 5, keys, 4, 3, device=device, requires_grad=True)
             mask = random_key_padding_mask(2, keys, device=device)
-            expected = _loss_and_grads(_padded_loss, inputs, mask)
-            got = _loss_and_grads(compiled, inputs, mask)
+            expected = loss_and_gradients(_padded_loss, inputs, mask)
+            got = loss_and_gradients(compiled, inputs, mask)
             for g, e in zip(got, expected, strict=True):
                 torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)

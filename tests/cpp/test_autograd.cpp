@@ -27,6 +27,16 @@ at::Tensor reference(const at::Tensor& q, const at::Tensor& k,
   return reference_attention(q_hat, k_hat, v, allowed, true, {0.5, 1.0, 1.0});
 }
 
+// out and its gradients (of out.sum()) against expected's, for inputs.
+void require_same_gradients(const at::Tensor& out, const at::Tensor& expected,
+                            const std::vector<at::Tensor>& inputs) {
+  REQUIRE(max_abs_diff(out, expected) < 1e-12);
+  const auto grads = torch::autograd::grad({out.sum()}, inputs);
+  const auto expected_grads = torch::autograd::grad({expected.sum()}, inputs);
+  for (size_t i = 0; i < inputs.size(); ++i)
+    REQUIRE(max_abs_diff(grads[i], expected_grads[i]) < 1e-10);
+}
+
 }  // namespace
 
 TEST_CASE("C++ autograd gradients match the reference") {
@@ -64,15 +74,9 @@ TEST_CASE("C++ autograd through attn_mask and causal (direct)") {
       at::ones({H}, at::kDouble).requires_grad_(true);
   const at::Tensor attn_mask = at::rand({M, N}).lt(0.3);
   const at::Tensor allowed = (~attn_mask) & at::ones({M, N}, at::kBool).tril();
-  const at::Tensor out =
-      taylorshift::attention(q, k, v, temperature, {}, attn_mask, true, "auto");
-  const at::Tensor expected = reference(q, k, v, temperature, allowed);
-  REQUIRE(max_abs_diff(out, expected) < 1e-12);
-  const auto inputs = std::vector<at::Tensor>{q, k, v, temperature};
-  const auto grads = torch::autograd::grad({out.sum()}, inputs);
-  const auto expected_grads = torch::autograd::grad({expected.sum()}, inputs);
-  for (size_t i = 0; i < inputs.size(); ++i)
-    REQUIRE(max_abs_diff(grads[i], expected_grads[i]) < 1e-10);
+  require_same_gradients(
+      taylorshift::attention(q, k, v, temperature, {}, attn_mask, true, "auto"),
+      reference(q, k, v, temperature, allowed), {q, k, v, temperature});
 }
 
 TEST_CASE("C++ autograd through causal efficient (CPU kernels)") {
@@ -82,13 +86,7 @@ TEST_CASE("C++ autograd through causal efficient (CPU kernels)") {
   const at::Tensor temperature =
       at::ones({H}, at::kDouble).requires_grad_(true);
   const at::Tensor allowed = at::ones({L, L}, at::kBool).tril();
-  const at::Tensor out =
-      taylorshift::attention(q, k, v, temperature, {}, {}, true, "efficient");
-  const at::Tensor expected = reference(q, k, v, temperature, allowed);
-  REQUIRE(max_abs_diff(out, expected) < 1e-12);
-  const auto inputs = std::vector<at::Tensor>{q, k, v, temperature};
-  const auto grads = torch::autograd::grad({out.sum()}, inputs);
-  const auto expected_grads = torch::autograd::grad({expected.sum()}, inputs);
-  for (size_t i = 0; i < inputs.size(); ++i)
-    REQUIRE(max_abs_diff(grads[i], expected_grads[i]) < 1e-10);
+  require_same_gradients(
+      taylorshift::attention(q, k, v, temperature, {}, {}, true, "efficient"),
+      reference(q, k, v, temperature, allowed), {q, k, v, temperature});
 }
