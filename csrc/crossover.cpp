@@ -74,16 +74,15 @@ bool prefer_efficient(int64_t queries, int64_t keys, int64_t head_dim,
 // pairs; the chunked form (cpu/causal.cpp) the efficient algorithm's state
 // and application plus, per token, its chunk's C x C square of the direct
 // form, forward counts of each. Per FLOP its BLAS products over feature
-// tiles cost more than the direct kernels', the more so the larger d:
-// 1.15 + d / 100 fits the crossovers measured by benchmarks/bench_causal.py
-// (N = 512-1024 at d = 16, 2048 at d = 32, past 4096 at d = 64; 2 threads).
-// Other devices run the ATen form, not measured: FLOP parity.
+// tiles cost about 1.35 times the direct kernels': the crossovers measured by
+// benchmarks/bench_causal.py (N = 512-1024 at d = 16, 2048 at d = 32,
+// 4096-8192 at d = 64; 2 threads) give 1.2-1.45, and 1.35 puts them at 797,
+// 1913 and 6230. Other devices run the ATen form, not measured: FLOP parity.
 bool prefer_efficient_causal(int64_t tokens, int64_t head_dim,
                              int64_t value_dim, c10::DeviceType device,
                              int order) {
   if (!efficient_supports(order, device)) return false;
-  const double cost =
-      device == c10::DeviceType::CPU ? 1.15 + double(head_dim) / 100.0 : 1.0;
+  const double cost = device == c10::DeviceType::CPU ? 1.35 : 1.0;
   const double chunked =
       flops(true, tokens, tokens, head_dim, value_dim, false, order) +
       2.0 * double(tokens) * double(kCausalChunk) *
