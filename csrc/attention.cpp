@@ -298,6 +298,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_step_composite(
   check_operand("taylorshift.causal_step", "valid_keys", valid_keys, {B},
                 at::kLong, q);
   auto [q_hat, k_hat] = logit_factors(q, k, temperature, normalize, scale);
+  // Without gradients, the CPU's kernels (cpu/causal.cpp) continue from the
+  // state; with them, or elsewhere, the ATen form, which autograd follows.
+  const bool differentiable =
+      at::GradMode::is_enabled() &&
+      (q.requires_grad() || k.requires_grad() || v.requires_grad() ||
+       state.requires_grad() || (temperature && temperature->requires_grad()));
+  if (q.device().is_cpu() && !differentiable) {
+    static auto step =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("taylorshift::causal_efficient_step", "")
+            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                const at::Tensor&, const at::Tensor&,
+                const std::optional<at::Tensor>&, bool,
+                c10::ArrayRef<double>)>();
+    return step.call(q_hat, k_hat, v, state, valid_keys, key_padding_mask,
+                     output_scale, coefficient_list(f));
+  }
   return causal_continue(q_hat, k_hat, v, key_padding_mask,
                          {f, true, output_scale}, state, valid_keys);
 }

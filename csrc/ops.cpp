@@ -42,6 +42,12 @@ TORCH_LIBRARY(taylorshift, m) {
       "causal_efficient_forward(Tensor q, Tensor k, Tensor v, "
       "Tensor? key_padding_mask, bool output_scale, float[] coefficients) -> "
       "(Tensor out, Tensor den, Tensor states)");
+  // Decoding without autograd (the CPU's kernels; causal_step picks it when
+  // no gradient is needed): the forward above after a state and a count.
+  m.def(
+      "causal_efficient_step(Tensor q, Tensor k, Tensor v, Tensor state, "
+      "Tensor valid_keys, Tensor? key_padding_mask, bool output_scale, "
+      "float[] coefficients) -> (Tensor out, Tensor state, Tensor valid_keys)");
   m.def(
       "causal_efficient_backward(Tensor grad_out, Tensor q, Tensor k, "
       "Tensor v, Tensor out, Tensor den, Tensor states, "
@@ -156,6 +162,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_meta(
   return empty_gradients(q, k, v);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_step_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& state, const at::Tensor& valid_keys,
+    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+    c10::ArrayRef<double> coefficients) {
+  check_forward_arguments("taylorshift::causal_efficient_step", q, k, v,
+                          key_padding_mask, std::nullopt,
+                          schema_options(true, output_scale, coefficients));
+  return {empty_output(q, v),
+          at::empty_symint(state.sym_sizes(), state.options()),
+          at::empty_symint(valid_keys.sym_sizes(), valid_keys.options())};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_backward_meta(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
@@ -216,6 +235,7 @@ TORCH_LIBRARY_IMPL(taylorshift, Meta, m) {
   m.impl("efficient_backward", TORCH_FN(efficient_backward_meta));
   m.impl("causal_efficient_forward", TORCH_FN(causal_efficient_forward_meta));
   m.impl("causal_efficient_backward", TORCH_FN(causal_efficient_backward_meta));
+  m.impl("causal_efficient_step", TORCH_FN(causal_efficient_step_meta));
   m.impl("normalize_rows", TORCH_FN(normalize_rows_meta));
   m.impl("normalize_rows_backward", TORCH_FN(normalize_rows_backward_meta));
 }

@@ -143,6 +143,35 @@ def test_gradients_through_steps():
         torch.testing.assert_close(got, want, **TOL)
 
 
+def test_kernels_and_aten_form_agree():
+    """On the CPU a step without gradients runs the kernels (taylorshift::causal_efficient_step),
+    one that needs them the ATen form: the same outputs and state, step after step."""
+    schedule = [1, 200, 1, 7]
+    tokens = sum(schedule)
+    q, k, v, t = make_inputs(B, H, tokens, tokens, D, E, seed=3)
+    mask = padding_mask(tokens, True)
+    kernels = CausalState(B, H, D, E, dtype=torch.float64)
+    aten = CausalState(B, H, D, E, dtype=torch.float64)
+    with torch.no_grad():
+        plain = stepped(kernels, q, k, v, t, schedule, mask)
+    graph = stepped(aten, q.requires_grad_(), k, v, t, schedule, mask)
+    assert graph.requires_grad and not plain.requires_grad
+    torch.testing.assert_close(plain, graph.detach(), **TOL)
+    torch.testing.assert_close(kernels.state, aten.state.detach(), **TOL)
+    assert torch.equal(kernels.valid_keys, aten.valid_keys)
+
+
+def test_step_operator_opcheck():
+    """The no-gradient step operator's schema, Meta kernel and fake-tensor tracing."""
+    q, k, v, _ = make_inputs(B, H, 5, 5, D, E, seed=4)
+    state = CausalState(B, H, D, E, dtype=torch.float64)
+    state.step(q, k, v)
+    q, k, v = (torch.nn.functional.normalize(x, dim=-1) for x in (q, k, v))
+    args = (q, k, v, state.state, state.valid_keys, padding_mask(5, True), True, [0.5, 1.0, 1.0])
+    result = torch.library.opcheck(torch.ops.taylorshift.causal_efficient_step, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
 def test_reset_detach_memory_and_to():
     q, k, v, t = make_inputs(B, H, 10, 10, D, E)
     state = CausalState(B, H, D, E, dtype=torch.float64)

@@ -37,6 +37,9 @@ constexpr int64_t kChunk = kCausalChunk;
 
 template <typename T>
 struct CausalWorkspace {
+  // Columns of the tiles, C: a chunk, or fewer tokens (a decoding step).
+  // Declared first: the buffers' sizes are read from it.
+  int64_t ld;
   std::vector<T> qt, kt;            // d x C: the chunk's q, k transposed
   std::vector<T> query_tile;        // F x C: phi of the chunk's queries
   std::vector<T> key_tile;          // F x C: psi of the chunk's keys
@@ -53,25 +56,26 @@ struct CausalWorkspace {
   std::vector<double> sum;          // F x (e + 1): the running S or D
   std::vector<T> rounded;           // F x (e + 1): the sum, rounded
 
-  CausalWorkspace(int64_t d, int64_t e, int64_t F)
-      : qt(d * kChunk),
-        kt(d * kChunk),
-        query_tile(F * kChunk),
-        key_tile(F * kChunk),
-        gradient_tile(F * kChunk),
-        u(kChunk * (e + 1)),
-        dz(kChunk * (e + 1)),
-        du(kChunk * (e + 1)),
-        z(kChunk * (e + 1)),
-        x(kChunk * kChunk),
-        w(kChunk * kChunk),
-        dw(kChunk * kChunk),
-        valid(kChunk),
-        column(kChunk),
+  CausalWorkspace(int64_t d, int64_t e, int64_t F, int64_t tokens)
+      : ld(std::max<int64_t>(1, std::min(kChunk, tokens))),
+        qt(d * ld),
+        kt(d * ld),
+        query_tile(F * ld),
+        key_tile(F * ld),
+        gradient_tile(F * ld),
+        u(ld * (e + 1)),
+        dz(ld * (e + 1)),
+        du(ld * (e + 1)),
+        z(ld * (e + 1)),
+        x(ld * ld),
+        w(ld * ld),
+        dw(ld * ld),
+        valid(ld),
+        column(ld),
         dots(F),
-        grad_qt(d * kChunk),
-        grad_kt(d * kChunk),
-        key_side_t(d * kChunk),
+        grad_qt(d * ld),
+        grad_kt(d * ld),
+        key_side_t(d * ld),
         product(F * (e + 1)),
         sum(F * (e + 1), 0.0),
         rounded(F * (e + 1), T(0)) {}
@@ -102,8 +106,9 @@ struct CausalHead {
 // dX = f'(X) dW, both 0 above the diagonal (j > i).
 template <typename T, typename Order>
 TS_VECTOR_CLONES void triangle_weights(const T* x, T* w, int64_t rows,
-                                       const Polynomial<T>& f, Order order) {
-  for (int64_t i = 0; i < rows; ++i, x += kChunk, w += kChunk) {
+                                       int64_t ld, const Polynomial<T>& f,
+                                       Order order) {
+  for (int64_t i = 0; i < rows; ++i, x += ld, w += ld) {
 #pragma omp simd
     for (int64_t j = 0; j < rows; ++j)
       w[j] = j <= i ? taylor_weight(x[j], f, order) : T(0);
@@ -112,9 +117,10 @@ TS_VECTOR_CLONES void triangle_weights(const T* x, T* w, int64_t rows,
 
 template <typename T, typename Order>
 TS_VECTOR_CLONES void triangle_score_gradient(const T* x, T* dw, int64_t rows,
+                                              int64_t ld,
                                               const Polynomial<T>& f,
                                               Order order) {
-  for (int64_t i = 0; i < rows; ++i, x += kChunk, dw += kChunk) {
+  for (int64_t i = 0; i < rows; ++i, x += ld, dw += ld) {
 #pragma omp simd
     for (int64_t j = 0; j < rows; ++j)
       dw[j] = j <= i ? taylor_weight_grad(x[j], f, order) * dw[j] : T(0);
@@ -136,9 +142,9 @@ void load_tokens(const CausalHead<T>& t, int64_t i0, int64_t rows,
                      : T(0);
   const T* keep = t.key_padding != nullptr ? w.valid.data() : nullptr;
   transpose_chunk(t.q + i0 * t.q_stride, t.q_stride, rows, d,
-                  static_cast<const T*>(nullptr), w.qt.data(), kChunk);
+                  static_cast<const T*>(nullptr), w.qt.data(), w.ld);
   transpose_chunk(t.k + i0 * t.k_stride, t.k_stride, rows, d, keep, w.kt.data(),
-                  kChunk);
+                  w.ld);
   for (int64_t r = 0; r < rows; ++r) {
     T* u = w.u.data() + r * (e + 1);
     const T* v = t.v + (i0 + r) * t.v_stride;
@@ -146,10 +152,10 @@ void load_tokens(const CausalHead<T>& t, int64_t i0, int64_t rows,
     for (int64_t col = 0; col < e; ++col)
       u[1 + col] = w.valid[r] != T(0) ? v[col] : T(0);
   }
-  gemm<T>(true, false, rows, rows, d, T(1), w.qt.data(), kChunk, w.kt.data(),
-          kChunk, T(0), w.x.data(), kChunk);
+  gemm<T>(true, false, rows, rows, d, T(1), w.qt.data(), w.ld, w.kt.data(),
+          w.ld, T(0), w.x.data(), w.ld);
   with_order(t.f.order, [&](auto order) {
-    triangle_weights(w.x.data(), w.w.data(), rows, t.f, order);
+    triangle_weights(w.x.data(), w.w.data(), rows, w.ld, t.f, order);
   });
 }
 
@@ -164,15 +170,19 @@ T row_scale(const CausalHead<T>& t, int64_t seen) {
   return output_scale_factor<T>(t.output_scale, seen, t.d);
 }
 
+// The forward of one head after `seen` unpadded keys and the state in w
+// (w.sum, w.rounded), which it leaves holding the state after the last
+// token; states, where not nullptr, receives the state before each chunk.
+// Returns the count of unpadded keys after the last token.
 template <typename T>
-void forward_head(const CausalHead<T>& t, T* out, T* den, T* states,
-                  CausalWorkspace<T>& w) {
+int64_t forward_head(const CausalHead<T>& t, int64_t seen, T* out, T* den,
+                     T* states, CausalWorkspace<T>& w) {
   const int64_t e = t.e, FE = t.F * (e + 1);
   const auto query_weights = FeatureWeights<T>::queries(t.f);
-  int64_t seen = 0;
   for (int64_t i0 = 0, c = 0; i0 < t.tokens; i0 += kChunk, ++c) {
     const int64_t rows = std::min(kChunk, t.tokens - i0);
-    std::copy(w.rounded.begin(), w.rounded.end(), states + c * FE);
+    if (states != nullptr)
+      std::copy(w.rounded.begin(), w.rounded.end(), states + c * FE);
     load_tokens(t, i0, rows, w);
     // z = phi(Q)^T S_{<c} + W U; phi's constant feature c_0 (row 0) last,
     // so that its dominant term does not round the others.
@@ -180,17 +190,17 @@ void forward_head(const CausalHead<T>& t, T* out, T* den, T* states,
     const T c0 = query_weights.constant;
     std::fill(w.column.begin(), w.column.begin() + rows, T(0));
     query_feature_tile(
-        w.qt.data(), t.d, rows, kChunk, query_weights, w.query_tile.data(),
+        w.qt.data(), t.d, rows, w.ld, query_weights, w.query_tile.data(),
         RowExtras<T>{nullptr, nullptr, state, e + 1, w.column.data()});
-    gemm<T>(true, false, rows, e, t.F - 1, T(1), w.query_tile.data() + kChunk,
-            kChunk, state + (e + 1) + 1, e + 1, T(0), w.z.data() + 1, e + 1);
+    gemm<T>(true, false, rows, e, t.F - 1, T(1), w.query_tile.data() + w.ld,
+            w.ld, state + (e + 1) + 1, e + 1, T(0), w.z.data() + 1, e + 1);
     for (int64_t r = 0; r < rows; ++r) {
       T* z = w.z.data() + r * (e + 1);
       z[0] = w.column[r] + c0 * state[0];
       for (int64_t col = 1; col <= e; ++col) z[col] += c0 * state[col];
     }
-    gemm<T>(false, false, rows, e + 1, rows, T(1), w.w.data(), kChunk,
-            w.u.data(), e + 1, T(1), w.z.data(), e + 1);
+    gemm<T>(false, false, rows, e + 1, rows, T(1), w.w.data(), w.ld, w.u.data(),
+            e + 1, T(1), w.z.data(), e + 1);
     for (int64_t r = 0; r < rows; ++r) {
       seen += w.valid[r] != T(0);
       const T* z = w.z.data() + r * (e + 1);
@@ -200,14 +210,15 @@ void forward_head(const CausalHead<T>& t, T* out, T* den, T* states,
         out[(i0 + r) * e + col] = factor * z[1 + col];
     }
     // S_{<c+1} = S_{<c} + psi(K)^T U, column 0 (psi(K)^T m) from the build.
-    key_feature_tile(w.kt.data(), w.valid.data(), t.d, rows, kChunk,
+    key_feature_tile(w.kt.data(), w.valid.data(), t.d, rows, w.ld,
                      w.key_tile.data(),
                      RowExtras<T>{w.valid.data(), w.dots.data()}, t.f.order);
-    gemm<T>(false, false, t.F, e, rows, T(1), w.key_tile.data(), kChunk,
+    gemm<T>(false, false, t.F, e, rows, T(1), w.key_tile.data(), w.ld,
             w.u.data() + 1, e + 1, T(0), w.product.data() + 1, e + 1);
     for (int64_t f = 0; f < t.F; ++f) w.product[f * (e + 1)] = w.dots[f];
     w.accumulate();
   }
+  return seen;
 }
 
 template <typename T>
@@ -250,55 +261,55 @@ void backward_head(const CausalHead<T>& t, const T* grad_out,
       w.column[r] = dz[0];
     }
     // phi(Q), and its column-0 share of D: phi(Q)^T dz[:, 0].
-    query_feature_tile(w.qt.data(), d, rows, kChunk, query_weights,
+    query_feature_tile(w.qt.data(), d, rows, w.ld, query_weights,
                        w.query_tile.data(),
                        RowExtras<T>{w.column.data(), w.dots.data()});
     // Queries through the state: (S_{<c} dz_i)_f for f >= 1, feature-major,
     // then through phi's Jacobian.
     gemm<T>(false, true, F - 1, rows, e + 1, T(1), state + (e + 1), e + 1,
-            w.dz.data(), e + 1, T(0), w.gradient_tile.data() + kChunk, kChunk);
-    feature_gradient_tile(w.gradient_tile.data() + kChunk, w.qt.data(), d, rows,
-                          kChunk, query_weights, w.grad_qt.data());
+            w.dz.data(), e + 1, T(0), w.gradient_tile.data() + w.ld, w.ld);
+    feature_gradient_tile(w.gradient_tile.data() + w.ld, w.qt.data(), d, rows,
+                          w.ld, query_weights, w.grad_qt.data());
     // The triangle: dW = dZ U^T, dX = f'(X) dW below the diagonal.
     gemm<T>(false, true, rows, rows, e + 1, T(1), w.dz.data(), e + 1,
-            w.u.data(), e + 1, T(0), w.dw.data(), kChunk);
+            w.u.data(), e + 1, T(0), w.dw.data(), w.ld);
     with_order(t.f.order, [&](auto order) {
-      triangle_score_gradient(w.x.data(), w.dw.data(), rows, t.f, order);
+      triangle_score_gradient(w.x.data(), w.dw.data(), rows, w.ld, t.f, order);
     });
     // dq^T += K^T dX^T, dk^T = Q^T dX, dv = (W^T dZ)[:, 1:] (the column of
     // ones has no gradient to pass on).
-    gemm<T>(false, true, d, rows, rows, T(1), w.kt.data(), kChunk, w.dw.data(),
-            kChunk, T(1), w.grad_qt.data(), kChunk);
-    gemm<T>(false, false, d, rows, rows, T(1), w.qt.data(), kChunk, w.dw.data(),
-            kChunk, T(0), w.grad_kt.data(), kChunk);
-    gemm<T>(true, false, rows, e, rows, T(1), w.w.data(), kChunk,
-            w.dz.data() + 1, e + 1, T(0), w.du.data() + 1, e + 1);
+    gemm<T>(false, true, d, rows, rows, T(1), w.kt.data(), w.ld, w.dw.data(),
+            w.ld, T(1), w.grad_qt.data(), w.ld);
+    gemm<T>(false, false, d, rows, rows, T(1), w.qt.data(), w.ld, w.dw.data(),
+            w.ld, T(0), w.grad_kt.data(), w.ld);
+    gemm<T>(true, false, rows, e, rows, T(1), w.w.data(), w.ld, w.dz.data() + 1,
+            e + 1, T(0), w.du.data() + 1, e + 1);
     // Keys through the later chunks' queries (w.rounded = D_{>c}):
     // dv += (psi(K)^T D)[:, 1:], and (D u_j)_f for f >= 1 through psi's
     // Jacobian.
-    key_feature_tile(w.kt.data(), w.valid.data(), d, rows, kChunk,
+    key_feature_tile(w.kt.data(), w.valid.data(), d, rows, w.ld,
                      w.key_tile.data(), RowExtras<T>{}, t.f.order);
-    gemm<T>(true, false, rows, e, F, T(1), w.key_tile.data(), kChunk,
+    gemm<T>(true, false, rows, e, F, T(1), w.key_tile.data(), w.ld,
             w.rounded.data() + 1, e + 1, T(1), w.du.data() + 1, e + 1);
     gemm<T>(false, true, F - 1, rows, e + 1, T(1), w.rounded.data() + (e + 1),
-            e + 1, w.u.data(), e + 1, T(0), w.gradient_tile.data() + kChunk,
-            kChunk);
-    feature_gradient_tile(w.gradient_tile.data() + kChunk, w.kt.data(), d, rows,
-                          kChunk, key_weights, w.key_side_t.data());
+            e + 1, w.u.data(), e + 1, T(0), w.gradient_tile.data() + w.ld,
+            w.ld);
+    feature_gradient_tile(w.gradient_tile.data() + w.ld, w.kt.data(), d, rows,
+                          w.ld, key_weights, w.key_side_t.data());
     for (int64_t l = 0; l < d; ++l)
       for (int64_t r = 0; r < rows; ++r)
-        w.grad_kt[l * kChunk + r] += w.key_side_t[l * kChunk + r];
+        w.grad_kt[l * w.ld + r] += w.key_side_t[l * w.ld + r];
     // D_{>c-1} = D_{>c} + phi(Q)^T dZ, column 0 from the build.
-    gemm<T>(false, false, F, e, rows, T(1), w.query_tile.data(), kChunk,
+    gemm<T>(false, false, F, e, rows, T(1), w.query_tile.data(), w.ld,
             w.dz.data() + 1, e + 1, T(0), w.product.data() + 1, e + 1);
     for (int64_t f = 0; f < F; ++f) w.product[f * (e + 1)] = w.dots[f];
     w.accumulate();
 
-    transpose_chunk(w.grad_qt.data(), kChunk, d, rows,
+    transpose_chunk(w.grad_qt.data(), w.ld, d, rows,
                     static_cast<const T*>(nullptr), grad_q + i0 * d, d);
     // A padded key has u_j = 0 and a zero column in kt: its dk and dv are 0
     // by construction, and by selection for dv's column of ones.
-    transpose_chunk(w.grad_kt.data(), kChunk, d, rows,
+    transpose_chunk(w.grad_kt.data(), w.ld, d, rows,
                     static_cast<const T*>(nullptr), grad_k + i0 * d, d);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t col = 0; col < e; ++col)
@@ -367,11 +378,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "causal_forward_cpu", [&] {
     using T = scalar_t;
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      CausalWorkspace<T> w(d, e, F);
+      CausalWorkspace<T> w(d, e, F, L);
       for (int64_t bh = begin; bh < end; ++bh) {
         std::fill(w.sum.begin(), w.sum.end(), 0.0);
         std::fill(w.rounded.begin(), w.rounded.end(), T(0));
-        forward_head(causal_head<T>(q, k, v, key_padding_mask, options, bh),
+        forward_head(causal_head<T>(q, k, v, key_padding_mask, options, bh), 0,
                      out.data_ptr<T>() + bh * L * e, den.data_ptr<T>() + bh * L,
                      states.data_ptr<T>() + bh * states.stride(1), w);
       }
@@ -415,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_backward_cpu(
     using T = scalar_t;
     const TokenRows<T> grad_rows = token_rows<T>(grad_out);
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      CausalWorkspace<T> w(d, e, F);
+      CausalWorkspace<T> w(d, e, F, L);
       for (int64_t bh = begin; bh < end; ++bh) {
         std::fill(w.sum.begin(), w.sum.end(), 0.0);
         std::fill(w.rounded.begin(), w.rounded.end(), T(0));
@@ -434,9 +445,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_backward_cpu(
           grad_v.to(v_in.scalar_type())};
 }
 
+// Decoding without autograd: T tokens after state (B, H, F, e + 1) and
+// valid_keys (B,), the forward above started from them. Returns the tokens'
+// outputs and the state and count after them (new tensors; the inputs are
+// not written).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_step_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& state_in, const at::Tensor& valid_keys,
+    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+    c10::ArrayRef<double> coefficients) {
+  const char* op = "taylorshift::causal_efficient_step";
+  const KernelOptions options =
+      schema_options(true, output_scale, coefficients);
+  check_forward_arguments(op, q_in, k_in, v_in, key_padding_mask, std::nullopt,
+                          options);
+  check_causal_arguments(op, q_in, k_in, options);
+  const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
+                   v = compute_operand(v_in);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3),
+                e = v.size(3), F = feature_count(d, options.coefficients.order);
+  const auto compute = q.options().dtype(accumulate_dtype(q_in));
+  check_operand(op, "state", state_in, {B, H, F, e + 1},
+                compute.dtype().toScalarType(), q_in);
+  check_operand(op, "valid_keys", valid_keys, {B}, at::kLong, q_in);
+  const at::Tensor state = state_in.contiguous();
+  const at::Tensor before = valid_keys.contiguous();
+  at::Tensor out = at::empty({B, H, L, e}, compute);
+  at::Tensor den = at::empty({B, H, L}, compute);
+  at::Tensor after = at::empty({B, H, F, e + 1}, compute);
+  at::Tensor seen = at::empty({B}, before.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "causal_step_cpu", [&] {
+    using T = scalar_t;
+    const int64_t FE = F * (e + 1);
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      CausalWorkspace<T> w(d, e, F, L);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const T* s0 = state.const_data_ptr<T>() + bh * FE;
+        for (int64_t i = 0; i < FE; ++i) {
+          w.sum[i] = double(s0[i]);
+          w.rounded[i] = s0[i];
+        }
+        const int64_t count = forward_head(
+            causal_head<T>(q, k, v, key_padding_mask, options, bh),
+            before.const_data_ptr<int64_t>()[bh / H],
+            out.data_ptr<T>() + bh * L * e, den.data_ptr<T>() + bh * L,
+            static_cast<T*>(nullptr), w);
+        std::copy(w.rounded.begin(), w.rounded.end(),
+                  after.data_ptr<T>() + bh * FE);
+        if (bh % H == 0) seen.data_ptr<int64_t>()[bh / H] = count;
+      }
+    });
+  });
+  return {out.to(q_in.scalar_type()), after, seen};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(taylorshift, CPU, m) {
+  m.impl("causal_efficient_step", TORCH_FN(causal_step_cpu));
   m.impl("causal_efficient_forward", TORCH_FN(causal_forward_cpu));
   m.impl("causal_efficient_backward", TORCH_FN(causal_backward_cpu));
 }
