@@ -1,8 +1,11 @@
 // Causal TaylorShift in linear time (causal-and-order spec §2) and its
-// continuation from a state (§3, decoding), written once in ATen operations:
-// it runs on every device, and autograd differentiates it (the backward of
-// the prefix sum over chunks is the suffix sum D_{>c} of the spec, the
-// backward of each chunk's products the direct backward on its triangle).
+// continuation from a state (§3, decoding), in ATen operations: it runs on
+// every device, and autograd differentiates it (the backward of the prefix
+// sum over chunks is the suffix sum D_{>c} of the spec, the backward of each
+// chunk's products the direct backward on its triangle). The CPU has its own
+// kernels of the same form (cpu/causal.cpp) for training and for decoding
+// without gradients; this one serves the other devices, and decoding steps
+// that autograd must follow.
 //
 // Tokens are split into chunks of C. With u_j = m_j [1 | v_j] and the state
 // S_{<c} = S_0 + sum over the chunks before c of psi(k_j) u_j^T, row i of
@@ -122,9 +125,10 @@ std::tuple<at::Tensor, at::Tensor> chunked_numerators(const at::Tensor& x,
     return key_features(tokens.permute({4, 0, 1, 2, 3}).contiguous(), map);
   };
   const at::Tensor psi = feature_rows(yc).permute({1, 2, 3, 0, 4});
-  const at::Tensor phi =
-      (feature_rows(xc) * map.query_weight.view({-1, 1, 1, 1, 1}))
-          .permute({1, 2, 3, 4, 0});
+  const auto phi = [&] {
+    return (feature_rows(xc) * map.query_weight.view({-1, 1, 1, 1, 1}))
+        .permute({1, 2, 3, 4, 0});
+  };
   // S_{<c}: the exclusive prefix sum of the chunks' states, after state0.
   // One chunk (a decoding step) needs no sum: its state is state0.
   const bool one_chunk = known && *known <= C;
@@ -138,9 +142,9 @@ std::tuple<at::Tensor, at::Tensor> chunked_numerators(const at::Tensor& x,
                                   ? state0.unsqueeze(2)
                                   : at::zeros_like(through.narrow(2, 0, 1));
     inter = at::matmul(
-        phi, at::cat({before, through.narrow_symint(2, 0, chunks - 1)}, 2));
+        phi(), at::cat({before, through.narrow_symint(2, 0, chunks - 1)}, 2));
   } else if (state0.defined()) {
-    inter = at::matmul(phi, state0.unsqueeze(2));
+    inter = at::matmul(phi(), state0.unsqueeze(2));
   }
 
   // Inside a chunk, the direct form on its lower triangle (j <= i).
