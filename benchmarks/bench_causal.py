@@ -37,7 +37,7 @@ def main() -> None:
 
     import torch
     import torch.nn.functional as F
-    from common import forward_backward, interleaved_ms, make_inputs
+    from common import make_inputs, time_methods
 
     import taylorshift
 
@@ -46,7 +46,6 @@ def main() -> None:
         methods[mode] = functools.partial(
             taylorshift.taylor_shift_attention, causal=True, mode=mode
         )
-    mm_a, mm_b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
         f"B={args.batch}, H={args.heads}, e = d, {args.statistic} of interleaved rounds "
@@ -65,13 +64,9 @@ def main() -> None:
             grad_out = torch.randn_like(v)
             names = [m for m in methods if m != "direct" or tokens <= DIRECT_MAX_TOKENS]
             rounds = args.rounds if tokens <= 4096 else max(2, args.rounds // 2)
-            for name in names:  # warm-up
-                forward_backward(methods[name], q, k, v, grad_out)
-            runs = {"mm": functools.partial(torch.mm, mm_a, mm_b)}
-            for name in names:
-                runs[name] = functools.partial(forward_backward, methods[name], q, k, v, grad_out)
-            ms = interleaved_ms(runs, rounds, args.statistic, args.clock)
-            mm_rate = 2 * 1024**3 / (ms["mm"] * 1e-3) / 1e9
+            ms, mm_rate = time_methods(
+                methods, names, q, k, v, grad_out, rounds, args.statistic, args.clock
+            )
             direct = ms.get("direct")
             best = min(ms["efficient"], direct) if direct else ms["efficient"]
             cells = [

@@ -100,14 +100,13 @@ def compare_with_sdpa(args):
     """The comparison table: ms per forward + backward and model GFLOP/s, interleaved rounds."""
     import torch
     import torch.nn.functional as F
-    from common import flops, forward_backward, interleaved_ms, make_inputs
+    from common import flops, make_inputs, time_methods
 
     import taylorshift
 
     methods = {"sdpa": F.scaled_dot_product_attention}
     for mode in ("direct", "efficient", "auto"):
         methods[mode] = functools.partial(taylorshift.taylor_shift_attention, mode=mode)
-    mm_a, mm_b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     header = (
         "| d | N | SDPA ms | direct ms | efficient ms | auto ms | best / SDPA | auto / best | "
         "SDPA GF/s | direct GF/s | efficient GF/s | mm GF/s | efficient / mm |"
@@ -121,14 +120,11 @@ def compare_with_sdpa(args):
             grad_out = torch.randn_like(v)
             names = [m for m in methods if m != "direct" or tokens <= DIRECT_MAX_TOKENS]
             rounds = args.rounds if tokens <= 4096 else max(1, args.rounds // 2)
-            if tokens <= 4096:  # warm-up; the long runs are their own warm-up
-                for name in names:
-                    forward_backward(methods[name], q, k, v, grad_out)
-            runs = {"mm": functools.partial(torch.mm, mm_a, mm_b)}
-            for name in names:
-                runs[name] = functools.partial(forward_backward, methods[name], q, k, v, grad_out)
-            ms = interleaved_ms(runs, rounds, args.statistic, args.clock)
-            mm_rate = 2 * 1024**3 / (ms["mm"] * 1e-3) / 1e9
+            # The long runs are their own warm-up.
+            ms, mm_rate = time_methods(
+                methods, names, q, k, v, grad_out, rounds, args.statistic, args.clock,
+                warm_up=tokens <= 4096,
+            )  # fmt: skip
 
             work = {
                 name: flops(

@@ -86,6 +86,23 @@ def interleaved_ms(runs: dict, rounds: int, statistic: str = "median", clock: st
     return {name: pick(t) for name, t in times.items()}
 
 
+def time_methods(methods: dict, names, q, k, v, grad_out, rounds, statistic, clock, warm_up=True):
+    """Milliseconds of one forward + backward of each of `names` (keys of `methods`) on these
+    inputs, in interleaved rounds with torch.mm (1024 x 1024 float32) among them, and that mm's
+    GFLOP/s: the machine's own rate in the same rounds."""
+    import functools
+
+    mm_a, mm_b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    if warm_up:
+        for name in names:
+            forward_backward(methods[name], q, k, v, grad_out)
+    runs = {"mm": functools.partial(torch.mm, mm_a, mm_b)}
+    for name in names:
+        runs[name] = functools.partial(forward_backward, methods[name], q, k, v, grad_out)
+    ms = interleaved_ms(runs, rounds, statistic, clock)
+    return ms, 2 * 1024**3 / (ms["mm"] * 1e-3) / 1e9
+
+
 def flops(mode: str, batch, heads, tokens, head_dim, backward=True) -> float:
     """All heads' FLOPs at M = N, e = d: taylorshift.flops, the cost model's own counts."""
     return batch * heads * taylorshift.flops(mode, tokens, tokens, head_dim, backward=backward)

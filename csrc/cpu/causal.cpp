@@ -356,21 +356,49 @@ void check_causal_arguments(const char* op, const at::Tensor& q,
   check_efficient_order(op, options.coefficients.order, kMaxEfficientOrder);
 }
 
+// A forward's arguments checked, read in the accumulation dtype (q, k, v),
+// with their sizes.
+struct CausalInputs {
+  KernelOptions options;
+  at::Tensor q, k, v;
+  int64_t B, H, L, d, e, F;
+  at::TensorOptions compute;
+};
+
+CausalInputs causal_inputs(const char* op, const at::Tensor& q_in,
+                           const at::Tensor& k_in, const at::Tensor& v_in,
+                           const std::optional<at::Tensor>& key_padding_mask,
+                           bool output_scale,
+                           c10::ArrayRef<double> coefficients) {
+  CausalInputs in;
+  in.options = schema_options(true, output_scale, coefficients);
+  check_forward_arguments(op, q_in, k_in, v_in, key_padding_mask, std::nullopt,
+                          in.options);
+  check_causal_arguments(op, q_in, k_in, in.options);
+  in.q = compute_operand(q_in);
+  in.k = compute_operand(k_in);
+  in.v = compute_operand(v_in);
+  in.B = in.q.size(0);
+  in.H = in.q.size(1);
+  in.L = in.q.size(2);
+  in.d = in.q.size(3);
+  in.e = in.v.size(3);
+  in.F = feature_count(in.d, in.options.coefficients.order);
+  in.compute = in.q.options().dtype(accumulate_dtype(q_in));
+  return in;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_forward_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
     c10::ArrayRef<double> coefficients) {
   const char* op = "taylorshift::causal_efficient_forward";
-  const KernelOptions options =
-      schema_options(true, output_scale, coefficients);
-  check_forward_arguments(op, q_in, k_in, v_in, key_padding_mask, std::nullopt,
-                          options);
-  check_causal_arguments(op, q_in, k_in, options);
-  const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
-                   v = compute_operand(v_in);
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3),
-                e = v.size(3), F = feature_count(d, options.coefficients.order);
-  const auto compute = q.options().dtype(accumulate_dtype(q_in));
+  const CausalInputs in = causal_inputs(op, q_in, k_in, v_in, key_padding_mask,
+                                        output_scale, coefficients);
+  const at::Tensor &q = in.q, &k = in.k, &v = in.v;
+  const KernelOptions& options = in.options;
+  const int64_t B = in.B, H = in.H, L = in.L, d = in.d, e = in.e, F = in.F;
+  const auto compute = in.compute;
   at::Tensor out = at::empty({B, H, L, e}, compute);
   at::Tensor den = at::empty({B, H, L}, compute);
   at::Tensor states =
@@ -455,16 +483,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_step_cpu(
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
     c10::ArrayRef<double> coefficients) {
   const char* op = "taylorshift::causal_efficient_step";
-  const KernelOptions options =
-      schema_options(true, output_scale, coefficients);
-  check_forward_arguments(op, q_in, k_in, v_in, key_padding_mask, std::nullopt,
-                          options);
-  check_causal_arguments(op, q_in, k_in, options);
-  const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
-                   v = compute_operand(v_in);
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3),
-                e = v.size(3), F = feature_count(d, options.coefficients.order);
-  const auto compute = q.options().dtype(accumulate_dtype(q_in));
+  const CausalInputs in = causal_inputs(op, q_in, k_in, v_in, key_padding_mask,
+                                        output_scale, coefficients);
+  const at::Tensor &q = in.q, &k = in.k, &v = in.v;
+  const KernelOptions& options = in.options;
+  const int64_t B = in.B, H = in.H, L = in.L, d = in.d, e = in.e, F = in.F;
+  const auto compute = in.compute;
   check_operand(op, "state", state_in, {B, H, F, e + 1},
                 compute.dtype().toScalarType(), q_in);
   check_operand(op, "valid_keys", valid_keys, {B}, at::kLong, q_in);
