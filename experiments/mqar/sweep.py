@@ -35,10 +35,11 @@ LENGTHS = (64, 128, 256, 512)
 WIDTHS = (64, 128)
 SEEDS = (0, 1, 2)
 VOCAB_SIZE = 128
-# Key-value pairs per sequence length (see README.md for why these).
-PAIRS = {64: 8, 128: 16, 256: 32, 512: 32}
-# Sequences per training batch, per length.
-BATCH = {64: 32, 128: 16, 256: 8, 512: 8}
+# Key-value pairs per sequence length: one pair per 16 tokens, so that longer sequences hold more
+# associations, as in Zoology (see README.md for why these).
+PAIRS = {length: length // 16 for length in LENGTHS}
+# Sequences per training batch: 2048 tokens and 128 queries in every step at every length.
+BATCH = {length: 2048 // length for length in LENGTHS}
 MAX_STEPS = 1000
 HEADS = 2
 SHORT_CONV = 2
