@@ -1,0 +1,1 @@
+"""Multi-query associative recall (MQAR): softmax, TaylorShift and linear attention compared."""
