@@ -22,9 +22,11 @@
 // and phi(Q) state (efficient, the state scaled by a power of two so that it
 // fits fp16). Backward operands whose range depends on N or on the loss scale
 // (dz, dS, dX, W / den) need the float exponent range: for bfloat16 inputs
-// they stay bfloat16, for fp16 inputs every backward product runs in TF32,
-// whose 10-bit mantissa matches fp16's, so fp16 gradients keep fp16 accuracy
-// without overflowing or flushing to zero.
+// they stay bfloat16, for fp16 inputs the backward products of these kernels
+// run in TF32, whose 10-bit mantissa matches fp16's, so fp16 gradients keep
+// fp16 accuracy without overflowing or flushing to zero. (The direct mma
+// backward bounds P and dX independently of N and keeps them in fp16; see
+// direct.cu.)
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,9 +1,10 @@
 // Direct TaylorShift attention (docs/math.md §2) on CUDA: a fused tiled kernel
 // in the style of FlashAttention, and its recomputation backward.
 //
-// float16/bfloat16 forward: direct_forward_mma_kernel, register-resident on
-// mma.sync (warp.cuh), described at the kernel. float32/float64 forward and
-// every backward: shared-memory tiles and block_mma, as follows.
+// float16/bfloat16: direct_forward_mma_kernel and (order 2, d, e <= 64) the
+// backward's direct_backward_kv_mma_kernel and direct_backward_q_mma_kernel,
+// register-resident on mma.sync (warp.cuh), described at the kernels. Every
+// other case: shared-memory tiles and block_mma, as follows.
 //
 // Forward, for one (batch, head) and one tile of queries I:
 //     for each key tile J:   X = Q_I K_J^T              (tensor cores)
@@ -185,6 +186,88 @@ MaskMode mask_mode(const std::optional<at::Tensor>& key_padding_mask,
   return key_padding_mask ? MaskMode::kKeyPadding : MaskMode::kNoPadding;
 }
 
+// kAttnMask's mask as bits, so that the main loops test one bit per element
+// where Mask::allowed costs a 64-bit address and a byte load per element
+// (33 to 162 warp-instructions per HMMA on sm_90, sass_report.py). Word w of
+// row r of (b, h) holds bit t = whether (r, 64 w + t) may attend, with the
+// attn_mask, the key padding and causality folded in; bits past the columns
+// are 0. A 64-key (or 64-query) tile of the mma kernels is one word. The
+// table broadcasts over b and h where the mask does (stride 0).
+struct AllowedBits {
+  const uint64_t* words = nullptr;
+  int64_t stride_b = 0, stride_h = 0, rows = 0, row_words = 0;
+  __device__ __forceinline__ uint64_t word(int64_t b, int64_t h, int64_t row,
+                                           int64_t w) const {
+    return row < rows ? words[b * stride_b + h * stride_h + row * row_words + w]
+                      : 0;
+  }
+};
+
+// Words of the table built per warp: their loads issue together, and the
+// emulation launches a 32nd of the blocks one word per warp would take.
+constexpr int kWordsPerWarp = 8;
+
+// Fills the (tables_b, tables_h, rows, row_words) table: a warp per
+// kWordsPerWarp consecutive words, lane t testing columns 64 w + t and
+// 64 w + 32 + t, __ballot_sync gathering the bits. `by_key`: rows are keys and
+// columns queries (the key-side backward reads S^T).
+__global__ void __launch_bounds__(kThreads)
+    pack_allowed_kernel(Mask mask, uint64_t* words, int64_t tables_h,
+                        int64_t rows, int64_t cols, int64_t row_words,
+                        int64_t total_words, bool by_key) {
+  const int lane = threadIdx.x % 32;
+  const int64_t first =
+      (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32 *
+      kWordsPerWarp;
+  uint64_t packed[kWordsPerWarp];
+#pragma unroll
+  for (int n = 0; n < kWordsPerWarp; ++n) {
+    const int64_t w = first + n;  // warp-uniform, as __ballot_sync needs
+    const int64_t col_word = w % row_words, row = w / row_words % rows;
+    const int64_t table = w / row_words / rows;
+    const int64_t b = table / tables_h, h = table % tables_h;
+    uint32_t half[2];
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int64_t col = 64 * col_word + 32 * s + lane;
+      const int64_t i = by_key ? col : row, j = by_key ? row : col;
+      half[s] = __ballot_sync(0xffffffffu, w < total_words && col < cols &&
+                                               mask.allowed(b, h, i, j));
+    }
+    packed[n] = half[0] | static_cast<uint64_t>(half[1]) << 32;
+  }
+#pragma unroll
+  for (int n = 0; n < kWordsPerWarp; ++n)
+    if (lane == n && first + n < total_words) words[first + n] = packed[n];
+}
+
+// The table of `rows` x `cols` (queries x keys, or keys x queries `by_key`)
+// for the mask; `storage` keeps it alive.
+AllowedBits allowed_bits(const Mask& mask, const at::Tensor& q, int64_t rows,
+                         int64_t cols, bool by_key, at::Tensor& storage) {
+  // One table for every b (h) where neither the attn_mask nor the key
+  // padding depends on it.
+  const int64_t tables_b =
+      mask.am_stride_b == 0 && mask.key_padding == nullptr ? 1 : q.size(0);
+  const int64_t tables_h = mask.am_stride_h == 0 ? 1 : q.size(1);
+  AllowedBits bits;
+  bits.rows = rows;
+  bits.row_words = (cols + 63) / 64;
+  bits.stride_h = tables_h == 1 ? 0 : rows * bits.row_words;
+  bits.stride_b = tables_b == 1 ? 0 : tables_h * rows * bits.row_words;
+  const int64_t total = tables_b * tables_h * rows * bits.row_words;
+  storage = at::empty({total}, q.options().dtype(at::kLong));
+  bits.words = reinterpret_cast<const uint64_t*>(storage.data_ptr<int64_t>());
+  if (total == 0) return bits;
+  constexpr int64_t kWordsPerBlock = kThreads / 32 * kWordsPerWarp;
+  pack_allowed_kernel<<<(total + kWordsPerBlock - 1) / kWordsPerBlock, kThreads,
+                        0, at::cuda::getCurrentCUDAStream()>>>(
+      mask, reinterpret_cast<uint64_t*>(storage.data_ptr<int64_t>()), tables_h,
+      rows, cols, bits.row_words, total, by_key);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return bits;
+}
+
 template <typename T>
 struct MmaArgs {
   TokenRows<T> q, k, v;
@@ -193,6 +276,8 @@ struct MmaArgs {
   int64_t heads, queries, keys;
   int d, e;
   Mask mask;
+  // kAttnMask only: queries x keys (forward, dQ) and keys x queries (dK, dV).
+  AllowedBits allowed, allowed_by_key;
   RowValues<float> sigma;  // forward only
   Polynomial<float> f;     // the weight polynomial, by value
 };
@@ -203,15 +288,25 @@ __device__ __forceinline__ const Mask* padding(const MmaArgs<T>& p) {
   return kMode == MaskMode::kNoPadding ? nullptr : &p.mask;
 }
 
-// Whether query `row` may see key j in a tile that tests the mask per
-// element: every tile with an attn_mask (whose reads must stay inside it, so
-// rows and keys past the ends are out), otherwise only the causal diagonal.
-template <MaskMode kMode, typename T>
-__device__ __forceinline__ bool tile_allows(const MmaArgs<T>& p, int64_t b,
-                                            int64_t h, int64_t row, int64_t j) {
-  if constexpr (kMode == MaskMode::kAttnMask)
-    return row < p.queries && j < p.keys && p.mask.allowed(b, h, row, j);
-  return j <= row;
+// This thread's rows of a 64-column tile in the allowed table (kAttnMask):
+// bits[f][r] for row row0 + 16 f + 8 r, shifted by 2 quad so that the
+// element at tile column kC c + 8 n + 2 quad + i % 2 (the C layout) is bit
+// kC c + 8 n + i % 2, a compile-time position.
+template <int kM>
+__device__ __forceinline__ void load_tile_bits(uint64_t (&bits)[kM][2],
+                                               const AllowedBits& table,
+                                               int64_t b, int64_t h,
+                                               int64_t row0, int64_t tile,
+                                               int quad) {
+#pragma unroll
+  for (int f = 0; f < kM; ++f)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      bits[f][r] = table.word(b, h, row0 + 16 * f + 8 * r, tile) >> (2 * quad);
+}
+
+__device__ __forceinline__ bool bit_set(uint64_t bits, int position) {
+  return (bits >> position) & 1;
 }
 
 // Runs step(tile, elementwise) over the `tiles` key tiles of the query block
@@ -319,6 +414,9 @@ __global__ void __launch_bounds__(kThreads)
     const T* vt = vs + stage * kStage;
     const T* mt = ms + stage * kKeys;
     const int64_t j0 = static_cast<int64_t>(tile) * kKeys;
+    uint64_t bits[kM][2];
+    if constexpr (kMode == MaskMode::kAttnMask)
+      load_tile_bits(bits, p.allowed, b, h, i0 + warp_row + g, tile, quad);
 #pragma unroll
     for (int c = 0; c < kKeys / kC; ++c) {
       float s[kM][kC / 8][4] = {};  // S = Q K^T
@@ -330,11 +428,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             float w = mma_weight<kQuadratic>(s[f][n][i], p.f);
-            if constexpr (kElementwise) {
+            if constexpr (kMode == MaskMode::kAttnMask) {
+              if (!bit_set(bits[f][i / 2], kC * c + 8 * n + i % 2)) w = 0.f;
+            } else if constexpr (kElementwise) {  // the causal diagonal
               const int64_t row = i0 + warp_row + 16 * f + g + 8 * (i / 2);
               const int64_t j = j0 + kC * c + 8 * n + 2 * quad + i % 2;
-              const bool allowed = tile_allows<kMode>(p, b, h, row, j);
-              if (!allowed) w = 0.f;
+              if (j > row) w = 0.f;
             }
             s[f][n][i] = w;
           }
@@ -428,6 +527,9 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    vr = cp_async_rows(v);
   MmaArgs<T> args = mma_args<T>(qr, kr, vr, d, e, mask, f);
   args.sigma = row_values<float>(sigma);
+  at::Tensor allowed;
+  if (mode == MaskMode::kAttnMask)
+    args.allowed = allowed_bits(mask, q, q.size(2), k.size(2), false, allowed);
   const int64_t bh = q.size(0) * q.size(1);
   T* o = reinterpret_cast<T*>(out.data_ptr());
   float* dn = den.data_ptr<float>();
@@ -455,10 +557,22 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 //   kKeys, kC keys at a time:
 //     S = Q K^T, G = gY V^T,  dX = m ⊙ (rs G - dl) ⊙ f'(S),  dQ += dX K.
 // Query tiles (Q, gY, rs, dl) or key tiles (K, V) are double-buffered by
-// cp.async. bfloat16 only, for d, e <= 64 and order 2: float16's range cannot
-// hold dX and dS (common.cuh), at 128 the key side's registers would spill,
-// and other orders would cost the main loop its registers (mma_weight); those
-// take the shared-memory kernels.
+// cp.async. For d, e <= 64 and order 2: at 128 the key side's registers would
+// spill, and other orders would cost the main loop its registers
+// (mma_weight); those take the shared-memory kernels.
+//
+// The derived A operands P^T and dX^T are rounded to the input dtype, float16
+// included (where the shared-memory kernels use TF32, common.cuh), because
+// their range does not grow with N. With f >= 0, den_i = sum_j m_j w_ij:
+//   0 <= P_ij = m_j w_ij sigma_i / den_i <= sigma_i = sqrt(N_i / d),
+// below float16's 65504 up to N_i / d = 4e9; and, with den_i >= N_i min f,
+// |y_i| <= sigma_i max_j |v_j| and |f'(x)| <= 2 a |x| + |b| on |x| <= tau:
+//   |dX_ij| <= 2 (2 a tau + |b|) |gY_i| max_j |v_j| / (sqrt(d) min f),
+// that is 4 (1 + tau) |gY_i| max|v_j| / sqrt(d) for the paper's f, so dX
+// overflows float16 only where |gY_i| |v_j| nears 65504 sqrt(d) / (4 (1 +
+// tau)), gradients that a loss scaler backs off from anyway. FlashAttention
+// keeps P and dS in float16 on the same grounds. (The efficient backward's dS
+// is a sum over N tokens and does need float's range.)
 constexpr int kBackwardMaxDim = 64;
 constexpr int kQueryTile = 64;  // the key side's query tiles
 
@@ -548,6 +662,10 @@ __global__ void __launch_bounds__(kThreads)
   const auto step = [&](int tile, auto elementwise) {
     constexpr bool kElementwise = decltype(elementwise)::value;
     const int64_t i0 = first + static_cast<int64_t>(tile) * kQueryTile;
+    uint64_t bits[kM][2];  // first is a multiple of 64: i0 starts a word
+    if constexpr (kMode == MaskMode::kAttnMask)
+      load_tile_bits(bits, p.allowed_by_key, b, h, j0 + warp_row + g,
+                     i0 / kQueryTile, quad);
     const int stage = tile % 2;
     const T* qt = qs + stage * kStage;
     const T* gt = gs + stage * kStage;
@@ -579,13 +697,15 @@ __global__ void __launch_bounds__(kThreads)
             float weight = taylor_weight(x, p.f, QuadraticOrder()) * rs[col];
             float dx = (rs[col] * dxt[f][n][i] - dl[col]) *
                        taylor_weight_grad(x, p.f, QuadraticOrder());
-            if constexpr (kElementwise) {
-              const int64_t j = j0 + warp_row + 16 * f + g + 8 * (i / 2);
-              const bool allowed = tile_allows<kMode>(p, b, h, i0 + col, j);
-              if (!allowed) {
-                weight = 0.f;
-                dx = 0.f;
-              }
+            bool allowed = true;
+            if constexpr (kMode == MaskMode::kAttnMask) {
+              allowed = bit_set(bits[f][i / 2], kC * c + 8 * n + i % 2);
+            } else if constexpr (kElementwise) {  // the causal diagonal
+              allowed = j0 + warp_row + 16 * f + g + 8 * (i / 2) <= i0 + col;
+            }
+            if (!allowed) {
+              weight = 0.f;
+              dx = 0.f;
             }
             st[f][n][i] = weight;
             dxt[f][n][i] = dx;
@@ -698,6 +818,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     const int64_t j0 = static_cast<int64_t>(tile) * kKeys;
+    uint64_t bits[kM][2];
+    if constexpr (kMode == MaskMode::kAttnMask)
+      load_tile_bits(bits, p.allowed, b, h, i0 + warp_row + g, tile, quad);
 #pragma unroll
     for (int c = 0; c < kKeys / kC; ++c) {
       const T* kc = ks + stage * kStage + kC * c * ld;
@@ -714,11 +837,12 @@ __global__ void __launch_bounds__(kThreads)
             const int r = i / 2;
             float value = (rs[f][r] * dx[f][n][i] - dl[f][r]) *
                           taylor_weight_grad(s[f][n][i], p.f, QuadraticOrder());
-            if constexpr (kElementwise) {
+            if constexpr (kMode == MaskMode::kAttnMask) {
+              if (!bit_set(bits[f][r], kC * c + 8 * n + i % 2)) value = 0.f;
+            } else if constexpr (kElementwise) {  // the causal diagonal
               const int64_t row = i0 + warp_row + 16 * f + g + 8 * r;
               const int64_t j = j0 + kC * c + 8 * n + 2 * quad + i % 2;
-              const bool allowed = tile_allows<kMode>(p, b, h, row, j);
-              if (!allowed) value = 0.f;
+              if (j > row) value = 0.f;
             }
             dx[f][n][i] = value;
           }
@@ -788,6 +912,12 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
   const at::Tensor g = cp_async_rows(grad_out);
   args.grad_out = token_rows<T>(g, e);
   args.scalars = scalars.data_ptr<float>();
+  at::Tensor allowed, allowed_by_key;
+  if (mode == MaskMode::kAttnMask) {
+    args.allowed = allowed_bits(mask, q, q.size(2), k.size(2), false, allowed);
+    args.allowed_by_key =
+        allowed_bits(mask, q, k.size(2), q.size(2), true, allowed_by_key);
+  }
   const int64_t bh = q.size(0) * q.size(1);
   T* gq = reinterpret_cast<T*>(grad_q.data_ptr());
   T* gk = reinterpret_cast<T*>(grad_k.data_ptr());
@@ -1073,11 +1203,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
                                          attn_mask, causal, output_scale);
   const at::Tensor scalars = backward_row_scalars(grad_out, out, den, sigma);
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
-  if (q.scalar_type() == at::kBFloat16 &&
+  if ((q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) &&
       std::max(q.size(3), v.size(3)) <= kBackwardMaxDim && f.order == 2) {
-    mma_backward<__nv_bfloat16>(grad_out, q, k, v, scalars, mask,
-                                mask_mode(key_padding_mask, attn_mask), f,
-                                grad_q, grad_k, grad_v);
+    const MaskMode mode = mask_mode(key_padding_mask, attn_mask);
+    if (q.scalar_type() == at::kHalf) {
+      mma_backward<__half>(grad_out, q, k, v, scalars, mask, mode, f, grad_q,
+                           grad_k, grad_v);
+    } else {
+      mma_backward<__nv_bfloat16>(grad_out, q, k, v, scalars, mask, mode, f,
+                                  grad_q, grad_k, grad_v);
+    }
     return {grad_q, grad_k, grad_v};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
