@@ -211,9 +211,10 @@ def test_efficient_operator(dtype, d, mask_case):
 # The 16-bit direct kernels hold 32 rows per warp at d <= 32: blocks of 128 queries (forward, dQ)
 # or keys (dK, dV) against tiles of 64. With causal and no attn_mask, the tiles before a block's
 # diagonal run without the per-element test and the (up to two) tiles holding it with it; 300
-# queries and 257 keys reach blocks with both, with and without key padding.
+# queries and 257 keys reach blocks with both, with and without key padding. At d = 128 the
+# backward takes 16-row chunks and its key side re-reads K and V for each.
 @pytest.mark.parametrize("mask_case", ("causal", "causal_key_padding"))
-@pytest.mark.parametrize("d", (16, 32))
+@pytest.mark.parametrize("d", (16, 32, 128))
 def test_direct_causal_blocks_past_the_diagonal(d, mask_case):
     check_operator("direct", torch.bfloat16, d, mask_case, shape=(1, 2, 300, 257))
 

@@ -557,9 +557,13 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 //   kKeys, kC keys at a time:
 //     S = Q K^T, G = gY V^T,  dX = m ⊙ (rs G - dl) ⊙ f'(S),  dQ += dX K.
 // Query tiles (Q, gY, rs, dl) or key tiles (K, V) are double-buffered by
-// cp.async. For d, e <= 64 and order 2: at 128 the key side's registers would
-// spill, and other orders would cost the main loop its registers
-// (mma_weight); those take the shared-memory kernels.
+// cp.async. Order 2 only: other orders would cost the main loop its
+// registers (mma_weight) and take the shared-memory kernels. At d = 128 the
+// key side's accumulators dK and dV alone take 128 registers a thread, so
+// there its warps re-read their K and V fragments from shared memory one
+// k-step at a time (warp::mma_abt_rows: 16 more ldmatrix.x4 per 64 HMMA)
+// instead of holding them, and both kernels take 16 rows a chunk
+// (backward_chunk_rows).
 //
 // The derived A operands P^T and dX^T are rounded to the input dtype, float16
 // included (where the shared-memory kernels use TF32, common.cuh), because
@@ -573,8 +577,15 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // tau)), gradients that a loss scaler backs off from anyway. FlashAttention
 // keeps P and dS in float16 on the same grounds. (The efficient backward's dS
 // is a sum over N tokens and does need float's range.)
-constexpr int kBackwardMaxDim = 64;
 constexpr int kQueryTile = 64;  // the key side's query tiles
+
+// The streamed tile's rows taken at a time in the backward: as the forward,
+// but 16 at d = 128, where S and dX (or S^T and dX^T) of 64 rows would not fit
+// in registers beside the 128-column accumulators.
+template <int kDim>
+TS_HOST_DEVICE constexpr int backward_chunk_rows() {
+  return kDim == 128 ? 16 : chunk_rows<kDim>();
+}
 
 template <int kDim>
 constexpr size_t mma_backward_smem() {
@@ -610,7 +621,8 @@ template <typename T, int kDim, MaskMode kMode>
 __global__ void __launch_bounds__(kThreads)
     direct_backward_kv_mma_kernel(MmaArgs<T> p, T* grad_k, T* grad_v) {
   constexpr int kM = row_fragments<kDim>(), kBlockKeys = block_rows<kDim>();
-  constexpr int kC = chunk_rows<kDim>();
+  constexpr int kC = backward_chunk_rows<kDim>();
+  constexpr bool kHoldKeys = kDim <= 64;  // K, V fragments held in registers
   constexpr int ld = kDim + 8, kStage = kQueryTile * ld;
   extern __shared__ __align__(128) unsigned char smem[];
   T* ks = reinterpret_cast<T*>(smem);
@@ -651,9 +663,12 @@ __global__ void __launch_bounds__(kThreads)
 
   warp::cp_async_wait<1>();  // K and V have landed
   __syncthreads();
-  uint32_t kf[kM][kDim / 16][4], vf[kM][kDim / 16][4];  // this warp's keys
-  warp::load_a<kDim, ld>(kf, ks + warp_row * ld, lane);
-  warp::load_a<kDim, ld>(vf, vs + warp_row * ld, lane);
+  // This warp's keys (d <= 64; at 128 mma_abt_rows re-reads them).
+  uint32_t kf[kM][kDim / 16][4], vf[kM][kDim / 16][4];
+  if constexpr (kHoldKeys) {
+    warp::load_a<kDim, ld>(kf, ks + warp_row * ld, lane);
+    warp::load_a<kDim, ld>(vf, vs + warp_row * ld, lane);
+  }
   float dk[kM][kDim / 8][4] = {}, dv[kM][kDim / 8][4] = {};
 
   // One query tile, kC queries at a time. Element i of n8 tile n of fragment
@@ -684,8 +699,13 @@ __global__ void __launch_bounds__(kThreads)
       const T* qc = qt + kC * c * ld;
       const T* gc = gt + kC * c * ld;
       float st[kM][kC / 8][4] = {}, dxt[kM][kC / 8][4] = {};
-      warp::mma_abt<T, kDim, kC, ld>(st, kf, qc, lane);   // S^T
-      warp::mma_abt<T, kDim, kC, ld>(dxt, vf, gc, lane);  // G^T
+      if constexpr (kHoldKeys) {
+        warp::mma_abt<T, kDim, kC, ld>(st, kf, qc, lane);   // S^T
+        warp::mma_abt<T, kDim, kC, ld>(dxt, vf, gc, lane);  // G^T
+      } else {
+        warp::mma_abt_rows<T, kDim, kC, ld>(st, ks + warp_row * ld, qc, lane);
+        warp::mma_abt_rows<T, kDim, kC, ld>(dxt, vs + warp_row * ld, gc, lane);
+      }
 #pragma unroll
       for (int n = 0; n < kC / 8; ++n) {
 #pragma unroll
@@ -759,7 +779,7 @@ template <typename T, int kDim, MaskMode kMode>
 __global__ void __launch_bounds__(kThreads)
     direct_backward_q_mma_kernel(MmaArgs<T> p, T* grad_q) {
   constexpr int kM = row_fragments<kDim>(), kRows = block_rows<kDim>();
-  constexpr int kC = chunk_rows<kDim>();
+  constexpr int kC = backward_chunk_rows<kDim>();
   constexpr int ld = kDim + 8, kStage = kKeys * ld;
   extern __shared__ __align__(128) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem);
@@ -926,8 +946,10 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
     launch_mma_backward<T, 16>(args, mode, bh, gq, gk, gv);
   } else if (dim <= 32) {
     launch_mma_backward<T, 32>(args, mode, bh, gq, gk, gv);
-  } else {
+  } else if (dim <= 64) {
     launch_mma_backward<T, 64>(args, mode, bh, gq, gk, gv);
+  } else {
+    launch_mma_backward<T, 128>(args, mode, bh, gq, gk, gv);
   }
 }
 
@@ -1204,7 +1226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   const at::Tensor scalars = backward_row_scalars(grad_out, out, den, sigma);
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   if ((q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) &&
-      std::max(q.size(3), v.size(3)) <= kBackwardMaxDim && f.order == 2) {
+      f.order == 2) {
     const MaskMode mode = mask_mode(key_padding_mask, attn_mask);
     if (q.scalar_type() == at::kHalf) {
       mma_backward<__half>(grad_out, q, k, v, scalars, mask, mode, f, grad_q,

@@ -226,6 +226,20 @@ __device__ __forceinline__ void mma_abt(float (&acc)[kM][kN / 8][4],
   }
 }
 
+// As mma_abt, with A read from its kM x 16 rows in shared memory (`a`) one
+// 16-column k-step at a time: 4 kM registers of A live instead of kDim kM / 4,
+// for 16 ldmatrix.x4 per 16 kM x kDim of A and every product.
+template <typename T, int kDim, int kN, int ld, int kM>
+__device__ __forceinline__ void mma_abt_rows(float (&acc)[kM][kN / 8][4],
+                                             const T* a, const T* r, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kDim / 16; ++kk) {
+    uint32_t step[kM][1][4];
+    load_a<16, ld>(step, a + 16 * kk, lane);
+    mma_abt<T, 16, kN, ld>(acc, step, r + 16 * kk, lane);
+  }
+}
+
 // acc (kM x 16 x kN) += A (kM x 16 x kK) R for a shared tile R of kK rows x
 // kN (B = R): ldmatrix.x4.trans gives two n8 tiles (matrices: rows +0/+8 x
 // columns +0/+8).
