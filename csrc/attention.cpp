@@ -304,20 +304,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_step_composite(
       at::GradMode::is_enabled() &&
       (q.requires_grad() || k.requires_grad() || v.requires_grad() ||
        state.requires_grad() || (temperature && temperature->requires_grad()));
-  if (q.device().is_cpu() && !differentiable) {
-    static auto step =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("taylorshift::causal_efficient_step", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                const at::Tensor&, const at::Tensor&,
-                const std::optional<at::Tensor>&, bool,
-                c10::ArrayRef<double>)>();
-    return step.call(q_hat, k_hat, v, state, valid_keys, key_padding_mask,
-                     output_scale, coefficient_list(f));
-  }
-  return causal_continue(q_hat, k_hat, v, key_padding_mask,
-                         {f, true, output_scale}, state, valid_keys);
+  const KernelOptions options{f, true, output_scale};
+  if (q.device().is_cpu() && !differentiable)
+    return causal_efficient_step(q_hat, k_hat, v, state, valid_keys,
+                                 key_padding_mask, options);
+  return causal_continue(q_hat, k_hat, v, key_padding_mask, options, state,
+                         valid_keys);
 }
 
 }  // namespace

@@ -315,10 +315,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> efficient_backward(
                  normalize, temperature);
 }
 
-}  // namespace taylorshift
-
-namespace taylorshift {
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask,
@@ -347,6 +343,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_backward(
               const at::Tensor&, const std::optional<at::Tensor>&, bool,
               c10::ArrayRef<double>)>();
   return op.call(grad_out, q, k, v, out, den, states, key_padding_mask,
+                 options.output_scale, coefficient_list(options.coefficients));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_step(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& state, const at::Tensor& valid_keys,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const KernelOptions& options) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("taylorshift::causal_efficient_step", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, bool, c10::ArrayRef<double>)>();
+  return op.call(q, k, v, state, valid_keys, key_padding_mask,
                  options.output_scale, coefficient_list(options.coefficients));
 }
 

@@ -85,6 +85,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_backward(
     const at::Tensor& states, const std::optional<at::Tensor>& key_padding_mask,
     const KernelOptions& options);
 
+// The forward above continued from a state (B, H, F, e + 1) and valid_keys
+// (B,), the unpadded keys before q, k, v; without autograd (causal_step
+// calls it when no gradient is needed). Returns out, the state and the count
+// after the tokens.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_step(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& state, const at::Tensor& valid_keys,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const KernelOptions& options);
+
 // The same chunked form in ATen operations (csrc/causal.cpp), on every
 // device, differentiable by autograd, continuing from a state: q_hat, k_hat
 // (B, H, T, d) and v (B, H, T, e) are T tokens that follow state

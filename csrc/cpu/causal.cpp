@@ -53,10 +53,20 @@ struct CausalWorkspace {
   std::vector<T> grad_qt, grad_kt;  // d x C
   std::vector<T> key_side_t;        // d x C
   std::vector<T> product;           // F x (e + 1): one chunk's share
-  std::vector<double> sum;          // F x (e + 1): the running S or D
-  std::vector<T> rounded;           // F x (e + 1): the sum, rounded
+  // The running S or D: `rounded` (F x (e + 1)), which the products read,
+  // rounded once per chunk from the float64 `sum`. start() points it at the
+  // workspace's own buffer, zeroed; start_from(state) at a decoding step's
+  // output state, updated in place, where a step of one chunk or less keeps
+  // no float64 sum: its one addition in T rounds as the float64 sum would.
+  std::vector<double> sum;
+  std::vector<T> own;
+  T* rounded = nullptr;
+  bool summing = true;
 
-  CausalWorkspace(int64_t d, int64_t e, int64_t F, int64_t tokens)
+  // own_state: the forward and backward ops (start); a decoding step
+  // (start_from) has its output state instead.
+  CausalWorkspace(int64_t d, int64_t e, int64_t F, int64_t tokens,
+                  bool own_state = true)
       : ld(std::max<int64_t>(1, std::min(kChunk, tokens))),
         qt(d * ld),
         kt(d * ld),
@@ -77,12 +87,29 @@ struct CausalWorkspace {
         grad_kt(d * ld),
         key_side_t(d * ld),
         product(F * (e + 1)),
-        sum(F * (e + 1), 0.0),
-        rounded(F * (e + 1), T(0)) {}
+        sum(own_state || tokens > kChunk ? F * (e + 1) : 0),
+        own(own_state ? F * (e + 1) : 0) {}
 
-  // sum += product, and rounded = sum.
+  void start() {
+    std::fill(sum.begin(), sum.end(), 0.0);
+    std::fill(own.begin(), own.end(), T(0));
+    rounded = own.data();
+    summing = true;
+  }
+
+  void start_from(T* state) {
+    rounded = state;
+    summing = !sum.empty();
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] = double(state[i]);
+  }
+
+  // The running state += product.
   void accumulate() {
-    for (size_t i = 0; i < sum.size(); ++i) {
+    if (!summing) {
+      for (size_t i = 0; i < product.size(); ++i) rounded[i] += product[i];
+      return;
+    }
+    for (size_t i = 0; i < product.size(); ++i) {
       sum[i] += product[i];
       rounded[i] = T(sum[i]);
     }
@@ -145,13 +172,8 @@ void load_tokens(const CausalHead<T>& t, int64_t i0, int64_t rows,
                   static_cast<const T*>(nullptr), w.qt.data(), w.ld);
   transpose_chunk(t.k + i0 * t.k_stride, t.k_stride, rows, d, keep, w.kt.data(),
                   w.ld);
-  for (int64_t r = 0; r < rows; ++r) {
-    T* u = w.u.data() + r * (e + 1);
-    const T* v = t.v + (i0 + r) * t.v_stride;
-    u[0] = w.valid[r];
-    for (int64_t col = 0; col < e; ++col)
-      u[1 + col] = w.valid[r] != T(0) ? v[col] : T(0);
-  }
+  write_augmented_values(t.v + i0 * t.v_stride, t.v_stride, rows, e,
+                         w.valid.data(), w.u.data());
   gemm<T>(true, false, rows, rows, d, T(1), w.qt.data(), w.ld, w.kt.data(),
           w.ld, T(0), w.x.data(), w.ld);
   with_order(t.f.order, [&](auto order) {
@@ -171,8 +193,8 @@ T row_scale(const CausalHead<T>& t, int64_t seen) {
 }
 
 // The forward of one head after `seen` unpadded keys and the state in w
-// (w.sum, w.rounded), which it leaves holding the state after the last
-// token; states, where not nullptr, receives the state before each chunk.
+// (w.rounded), which it leaves holding the state after the last token;
+// states, where not nullptr, receives the state before each chunk.
 // Returns the count of unpadded keys after the last token.
 template <typename T>
 int64_t forward_head(const CausalHead<T>& t, int64_t seen, T* out, T* den,
@@ -182,11 +204,11 @@ int64_t forward_head(const CausalHead<T>& t, int64_t seen, T* out, T* den,
   for (int64_t i0 = 0, c = 0; i0 < t.tokens; i0 += kChunk, ++c) {
     const int64_t rows = std::min(kChunk, t.tokens - i0);
     if (states != nullptr)
-      std::copy(w.rounded.begin(), w.rounded.end(), states + c * FE);
+      std::copy(w.rounded, w.rounded + FE, states + c * FE);
     load_tokens(t, i0, rows, w);
     // z = phi(Q)^T S_{<c} + W U; phi's constant feature c_0 (row 0) last,
     // so that its dominant term does not round the others.
-    const T* state = w.rounded.data();
+    const T* state = w.rounded;
     const T c0 = query_weights.constant;
     std::fill(w.column.begin(), w.column.begin() + rows, T(0));
     query_feature_tile(
@@ -290,10 +312,9 @@ void backward_head(const CausalHead<T>& t, const T* grad_out,
     key_feature_tile(w.kt.data(), w.valid.data(), d, rows, w.ld,
                      w.key_tile.data(), RowExtras<T>{}, t.f.order);
     gemm<T>(true, false, rows, e, F, T(1), w.key_tile.data(), w.ld,
-            w.rounded.data() + 1, e + 1, T(1), w.du.data() + 1, e + 1);
-    gemm<T>(false, true, F - 1, rows, e + 1, T(1), w.rounded.data() + (e + 1),
-            e + 1, w.u.data(), e + 1, T(0), w.gradient_tile.data() + w.ld,
-            w.ld);
+            w.rounded + 1, e + 1, T(1), w.du.data() + 1, e + 1);
+    gemm<T>(false, true, F - 1, rows, e + 1, T(1), w.rounded + (e + 1), e + 1,
+            w.u.data(), e + 1, T(0), w.gradient_tile.data() + w.ld, w.ld);
     feature_gradient_tile(w.gradient_tile.data() + w.ld, w.kt.data(), d, rows,
                           w.ld, key_weights, w.key_side_t.data());
     for (int64_t l = 0; l < d; ++l)
@@ -408,8 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_forward_cpu(
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       CausalWorkspace<T> w(d, e, F, L);
       for (int64_t bh = begin; bh < end; ++bh) {
-        std::fill(w.sum.begin(), w.sum.end(), 0.0);
-        std::fill(w.rounded.begin(), w.rounded.end(), T(0));
+        w.start();
         forward_head(causal_head<T>(q, k, v, key_padding_mask, options, bh), 0,
                      out.data_ptr<T>() + bh * L * e, den.data_ptr<T>() + bh * L,
                      states.data_ptr<T>() + bh * states.stride(1), w);
@@ -456,8 +476,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_backward_cpu(
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       CausalWorkspace<T> w(d, e, F, L);
       for (int64_t bh = begin; bh < end; ++bh) {
-        std::fill(w.sum.begin(), w.sum.end(), 0.0);
-        std::fill(w.rounded.begin(), w.rounded.end(), T(0));
+        w.start();
         backward_head(causal_head<T>(q, k, v, key_padding_mask, options, bh),
                       grad_rows.head(bh / H, bh % H), grad_rows.row_stride,
                       out.const_data_ptr<T>() + bh * L * e,
@@ -476,7 +495,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_backward_cpu(
 // Decoding without autograd: T tokens after state (B, H, F, e + 1) and
 // valid_keys (B,), the forward above started from them. Returns the tokens'
 // outputs and the state and count after them (new tensors; the inputs are
-// not written).
+// not written). The output state starts as a copy of the input and the
+// chunks add to it in place (CausalWorkspace::start_from): a one-token step
+// makes one pass over the state to copy it and one to add to it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_step_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& state_in, const at::Tensor& valid_keys,
@@ -492,30 +513,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_step_cpu(
   check_operand(op, "state", state_in, {B, H, F, e + 1},
                 compute.dtype().toScalarType(), q_in);
   check_operand(op, "valid_keys", valid_keys, {B}, at::kLong, q_in);
-  const at::Tensor state = state_in.contiguous();
   const at::Tensor before = valid_keys.contiguous();
   at::Tensor out = at::empty({B, H, L, e}, compute);
   at::Tensor den = at::empty({B, H, L}, compute);
-  at::Tensor after = at::empty({B, H, F, e + 1}, compute);
+  at::Tensor after = state_in.clone(at::MemoryFormat::Contiguous);
   at::Tensor seen = at::empty({B}, before.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "causal_step_cpu", [&] {
     using T = scalar_t;
     const int64_t FE = F * (e + 1);
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      CausalWorkspace<T> w(d, e, F, L);
+      CausalWorkspace<T> w(d, e, F, L, /*own_state=*/false);
       for (int64_t bh = begin; bh < end; ++bh) {
-        const T* s0 = state.const_data_ptr<T>() + bh * FE;
-        for (int64_t i = 0; i < FE; ++i) {
-          w.sum[i] = double(s0[i]);
-          w.rounded[i] = s0[i];
-        }
+        w.start_from(after.data_ptr<T>() + bh * FE);
         const int64_t count = forward_head(
             causal_head<T>(q, k, v, key_padding_mask, options, bh),
             before.const_data_ptr<int64_t>()[bh / H],
             out.data_ptr<T>() + bh * L * e, den.data_ptr<T>() + bh * L,
             static_cast<T*>(nullptr), w);
-        std::copy(w.rounded.begin(), w.rounded.end(),
-                  after.data_ptr<T>() + bh * FE);
         if (bh % H == 0) seen.data_ptr<int64_t>()[bh / H] = count;
       }
     });

@@ -172,6 +172,24 @@ inline at::Tensor key_operand(const at::Tensor& x,
   return t.masked_fill(padding->view({t.size(0), 1, t.size(2), 1}), 0);
 }
 
+// m_r [1 | v_r] rows (row stride e + 1) of `rows` tokens whose value rows
+// start at v, `stride` apart: the value side of the state's outer product
+// (efficient.cpp, causal.cpp), zero by selection where valid[r] == 0, so
+// that a padded key's values (which may be NaN or inf) are never read.
+template <typename T>
+void write_augmented_values(const T* v, int64_t stride, int64_t rows, int64_t e,
+                            const T* valid, T* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = out + r * (e + 1);
+    if (valid[r] == T(0)) {
+      std::fill(row, row + e + 1, T(0));
+      continue;
+    }
+    row[0] = T(1);
+    std::copy(v + r * stride, v + r * stride + e, row + 1);
+  }
+}
+
 template <typename T>
 TokenRows<T> token_rows(const at::Tensor& t) {
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1),

@@ -309,23 +309,6 @@ void load_keys(const HeadTensors<T>& t, int64_t j0, int64_t rows,
                   w.chunk);
 }
 
-// m_j [1 | v_j] rows of keys [j0, j0 + rows) (row stride e + 1), the value
-// side of the state's outer product, zero by selection for masked keys.
-template <typename T>
-void write_augmented_values(const HeadTensors<T>& t, int64_t j0, int64_t rows,
-                            const T* valid, T* out) {
-  const int64_t e = t.value_dim;
-  for (int64_t r = 0; r < rows; ++r) {
-    T* row = out + r * (e + 1);
-    if (valid[r] == T(0)) {
-      std::fill(row, row + e + 1, T(0));
-      continue;
-    }
-    row[0] = T(1);
-    std::copy(t.v_row(j0 + r), t.v_row(j0 + r) + e, row + 1);
-  }
-}
-
 // The state and its gradient have e + 1 columns: column 0 carries the
 // denominator (the ones column of [1 | v]), columns 1..e the values. The
 // reductions keep column 0 apart, so that their GEMMs have exactly e columns
@@ -400,7 +383,8 @@ std::pair<const T*, int64_t> key_values(const HeadTensors<T>& t, int64_t j0,
                                         int64_t rows, const Mask& mask,
                                         Workspace<T>& w) {
   if (mask.key_padding == nullptr) return {t.v_row(j0), t.v_stride};
-  write_augmented_values(t, j0, rows, w.valid.data(), w.rows.data());
+  write_augmented_values(t.v_row(j0), t.v_stride, rows, t.value_dim,
+                         w.valid.data(), w.rows.data());
   return {w.rows.data() + 1, t.value_dim + 1};
 }
 
@@ -719,7 +703,8 @@ void backward_keys(const HeadTensors<T>& t, const T* dS, const Mask& mask,
     const int64_t rows = block_end(j0, ld, keys.end) - j0;
     load_keys(t, j0, rows, mask, batch, w);
     key_feature_tile(xt, valid_row, d, rows, ld, tile, RowExtras<T>{}, order);
-    write_augmented_values(t, j0, rows, valid_row, rows_e1);
+    write_augmented_values(t.v_row(j0), t.v_stride, rows, t.value_dim,
+                           valid_row, rows_e1);
     // dv = psi(K)[1:]^T dS[1:, 1:] + m dS[0, 1:]: the constant feature last,
     // as in the forward; masked keys get zeros by selection.
     T* dv = grad_v + j0 * e;

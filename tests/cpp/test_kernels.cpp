@@ -177,6 +177,33 @@ TEST_CASE(
       padding.narrow(1, 200, 100), options, state, valid);
   REQUIRE(max_abs_diff(at::cat({first, second}, 2), expected) < kTolerance);
   REQUIRE(at::equal(valid2, (~padding).sum(1)));
+  // The CPU kernels' step from the same state: the 100 tokens as one step
+  // (one chunk, added to the state in place), then token by token, and the
+  // first 200 from an empty state (two chunks, a float64 running sum).
+  auto [stepped, state3, valid3] = taylorshift::causal_efficient_step(
+      q.narrow(2, 200, 100), k.narrow(2, 200, 100), v.narrow(2, 200, 100),
+      state, valid, padding.narrow(1, 200, 100), options);
+  REQUIRE(max_abs_diff(stepped, second) < kTolerance);
+  const double state_scale = state2.abs().max().item<double>();
+  REQUIRE(max_abs_diff(state3, state2) < kTolerance * state_scale);
+  REQUIRE(at::equal(valid3, valid2));
+  at::Tensor running = at::zeros_like(state), seen = at::zeros({B}, at::kLong);
+  std::vector<at::Tensor> outputs;
+  auto [head, after, count] = taylorshift::causal_efficient_step(
+      q.narrow(2, 0, 200), k.narrow(2, 0, 200), v.narrow(2, 0, 200), running,
+      seen, padding.narrow(1, 0, 200), options);
+  outputs.push_back(head);
+  for (int64_t i = 200; i < L; ++i) {
+    auto [one, next, next_count] = taylorshift::causal_efficient_step(
+        q.narrow(2, i, 1), k.narrow(2, i, 1), v.narrow(2, i, 1), after, count,
+        padding.narrow(1, i, 1), options);
+    outputs.push_back(one);
+    after = next;
+    count = next_count;
+  }
+  REQUIRE(max_abs_diff(at::cat(outputs, 2), expected) < kTolerance);
+  REQUIRE(max_abs_diff(after, state2) < kTolerance * state_scale);
+  REQUIRE(at::all(running == 0).item<bool>());  // the input is not written
 }
 
 TEST_CASE("a row whose keys are all masked gives zeros") {
