@@ -1,8 +1,9 @@
 """A small causal language model whose attention is softmax, TaylorShift (order 2) or linear
 (TaylorShift of order 1, f(x) = 1 + x).
 
-Embedding + learned positions, `depth` pre-norm blocks x + attention(LN(x)), x + MLP(LN(x)), a
-final LayerNorm and a linear head over the vocabulary. The three arms share every parameter but
+Embedding + learned positions, `depth` pre-norm blocks x + attention(LN(x)), x + MLP(LN(x)) (the
+MLP left out when mlp_ratio is 0, as in Zoology's MQAR models), a final LayerNorm and a linear head
+over the vocabulary. The three arms share every parameter but
 TaylorShift's per-head temperature: the comparison measures the attention function alone.
 """
 
@@ -84,16 +85,20 @@ class Block(nn.Module):
         self.short_conv = ShortConv(dim, short_conv) if short_conv else None
         self.attention_norm = nn.LayerNorm(dim)
         self.attention = CausalSelfAttention(dim, heads, attention, mode)
-        self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)
-        )
+        self.mlp_norm, self.mlp = None, None
+        if mlp_ratio:
+            self.mlp_norm = nn.LayerNorm(dim)
+            self.mlp = nn.Sequential(
+                nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.short_conv is not None:
             x = x + self.short_conv(x)
         x = x + self.attention(self.attention_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x
 
 
 class CausalLM(nn.Module):

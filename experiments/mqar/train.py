@@ -52,23 +52,26 @@ def parse_args(argv=None):
     data.add_argument("--vocab-size", type=int, default=256)
     data.add_argument("--seq-len", type=int, default=64)
     data.add_argument("--num-pairs", type=int, default=8)
-    data.add_argument("--num-val", type=int, default=256, help="held-out validation examples")
-    data.add_argument("--num-test", type=int, default=1000, help="held-out test examples")
+    data.add_argument("--num-val", type=int, default=128, help="held-out validation examples")
+    data.add_argument("--num-test", type=int, default=500, help="held-out test examples")
     model = parser.add_argument_group("model")
     model.add_argument("--dim", type=int, default=64)
     model.add_argument("--depth", type=int, default=2)
     model.add_argument("--heads", type=int, default=2)
     model.add_argument(
+        "--mlp-ratio", type=int, default=0, help="MLP width / model width; 0: no MLP"
+    )
+    model.add_argument(
         "--short-conv", type=int, default=0, help="kernel of a causal short convolution per block"
     )
     training = parser.add_argument_group("training")
-    training.add_argument("--max-steps", type=int, default=1000)
+    training.add_argument("--max-steps", type=int, default=1500)
     training.add_argument("--batch-size", type=int, default=32)
-    training.add_argument("--eval-batch-size", type=int, default=250)
+    training.add_argument("--eval-batch-size", type=int, default=32)
     training.add_argument("--lr", type=float, default=3e-3)
     training.add_argument("--warmup-steps", type=int, default=50)
     training.add_argument("--weight-decay", type=float, default=0.1)
-    training.add_argument("--eval-every", type=int, default=250)
+    training.add_argument("--eval-every", type=int, default=300)
     training.add_argument("--log-every", type=int, default=50, help="steps between train rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
@@ -169,7 +172,8 @@ def run(args) -> dict | None:
     torch.manual_seed(args.seed)
     model = CausalLM(
         args.vocab_size, args.seq_len, args.dim, args.attention,
-        depth=args.depth, heads=args.heads, mode=args.mode, short_conv=args.short_conv,
+        depth=args.depth, heads=args.heads, mode=args.mode, mlp_ratio=args.mlp_ratio,
+        short_conv=args.short_conv,
     )  # fmt: skip
     config = train_config(args)
     optimizer, progress = make_optimizer(model, config), Progress()
@@ -262,6 +266,7 @@ def run(args) -> dict | None:
         "dim": args.dim,
         "depth": args.depth,
         "heads": args.heads,
+        "mlp_ratio": args.mlp_ratio,
         "short_conv": args.short_conv,
         "seed": args.seed,
         "steps": progress.step,

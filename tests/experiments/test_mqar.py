@@ -64,11 +64,15 @@ def test_generator_rejects_impossible_sizes(vocab, length, pairs, message):
         generate_mqar(1, vocab, length, pairs, torch.Generator())
 
 
+@pytest.mark.parametrize("mlp_ratio", [0, 4])
 @pytest.mark.parametrize("attention", ATTENTIONS)
-def test_model_is_causal(attention):
+def test_model_is_causal(attention, mlp_ratio):
     # float64, so that "unchanged" can be asked to 1e-12 whatever order the kernels sum in.
     torch.manual_seed(0)
-    model = CausalLM(32, 24, 16, attention, heads=2, short_conv=2).double().eval()
+    model = CausalLM(32, 24, 16, attention, heads=2, short_conv=2, mlp_ratio=mlp_ratio)
+    model = model.double().eval()
+    # mlp_ratio 0 leaves the MLP out: no parameter of it exists.
+    assert any("mlp" in name for name, _ in model.named_parameters()) == bool(mlp_ratio)
     tokens = torch.randint(32, (2, 24))
     changed_at = 13
     altered = tokens.clone()
@@ -164,6 +168,10 @@ def test_sweep_trains_a_toy_grid(tmp_path):
     table = (out / "accuracy.md").read_text()
     assert "PARTIAL" not in table and "| taylorshift | 16 |" in table
     assert "Wall time of this call" in (out / "sweep.md").read_text()
+    # The runs were trained with the sweep's settings, not train.py's defaults.
+    config = json.loads((tmp_path / "runs" / "taylorshift-L64-d16-s0" / "config.json").read_text())
+    assert config["mlp_ratio"] == sweep.MLP_RATIO and config["num_test"] == sweep.NUM_TEST
+    assert config["eval_batch_size"] * 64 == sweep.EVAL_TOKENS
     # A second call finds every run finished and trains nothing.
     sweep.main(argv)
     assert "(0 runs trained" in (out / "sweep.md").read_text()
