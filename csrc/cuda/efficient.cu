@@ -1189,14 +1189,8 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   // This lane's ldmatrix rows for the A fragments of the warp's tokens.
   const int a_row = (warp_row + lane % 16) * width + lane / 16 * 8;
-  // y's A fragments (one fragment of 16 rows), held in registers but at
-  // d = 128 on the key side, where dx and dv take 128 of them: there
-  // g_product re-reads each k-step's fragment (one more ldmatrix.x4 per two
-  // HMMA of G, 8 per 34 HMMA with dv's) instead of spilling.
-  constexpr bool kHoldY = !(kKeySide && kDim == 128);
-  uint32_t yf[1][kSlices][4];
-  if constexpr (kHoldY)
-    warp::load_a<kDim, width>(yf, ys + warp_row * width, lane);
+  uint32_t yf[1][kSlices][4];  // one fragment of 16 rows
+  warp::load_a<kDim, width>(yf, ys + warp_row * width, lane);
   // The z column of y' as the A fragment of one more k-step (column 0).
   uint32_t yz[4] = {0u, 0u, 0u, 0u};
   if (quad == 0) {
@@ -1216,13 +1210,11 @@ __global__ void __launch_bounds__(kThreads)
   const auto g_product = [&](float (&gm)[2][4], const T* rows) {
 #pragma unroll
     for (int s = 0; s < kSlices; ++s) {
-      uint32_t f[4], a[4];
+      uint32_t f[4];
       warp::ldmatrix<4>(f, rows + g_row + s * 16);
-      if constexpr (!kHoldY) warp::ldmatrix<4>(a, ys + a_row + s * 16);
-      const uint32_t (&ys_a)[4] = kHoldY ? yf[0][s] : a;
       const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
-      warp::mma_16816<T>(gm[0], ys_a, lo);
-      warp::mma_16816<T>(gm[1], ys_a, hi);
+      warp::mma_16816<T>(gm[0], yf[0][s], lo);
+      warp::mma_16816<T>(gm[1], yf[0][s], hi);
     }
     // The z column of rows 0-7 as k 0-7 and again as k 8-15 (which meet
     // the zero columns of yz), then of rows 8-15: B registers ready in
