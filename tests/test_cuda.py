@@ -224,9 +224,14 @@ def test_direct_causal_blocks_past_the_diagonal(d, mask_case):
 # batch rows and heads (test_direct_operator), one per batch row and head here. 140 queries and
 # 130 keys span three 64-bit words per row and two or three blocks in both orientations (the dK/dV
 # kernel reads the table by key).
-@pytest.mark.parametrize("mask_case", ("per_head", "per_head_all"))
 @pytest.mark.parametrize(
-    "dtype,d", [(torch.bfloat16, 16), (torch.bfloat16, 64), (torch.float16, 32)]
+    "dtype,d,mask_case",
+    [
+        (torch.bfloat16, 16, "per_head_all"),
+        (torch.bfloat16, 64, "per_head"),
+        (torch.float16, 32, "per_head_all"),
+    ],
+    ids=str,
 )
 def test_direct_attn_mask_per_batch_row_and_head(dtype, d, mask_case):
     check_operator("direct", dtype, d, mask_case, shape=(2, 2, 140, 130))
