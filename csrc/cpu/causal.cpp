@@ -61,7 +61,6 @@ struct CausalWorkspace {
   std::vector<double> sum;
   std::vector<T> own;
   T* rounded = nullptr;
-  bool summing = true;
 
   // own_state: the forward and backward ops (start); a decoding step
   // (start_from) has its output state instead.
@@ -94,18 +93,16 @@ struct CausalWorkspace {
     std::fill(sum.begin(), sum.end(), 0.0);
     std::fill(own.begin(), own.end(), T(0));
     rounded = own.data();
-    summing = true;
   }
 
   void start_from(T* state) {
     rounded = state;
-    summing = !sum.empty();
     for (size_t i = 0; i < sum.size(); ++i) sum[i] = double(state[i]);
   }
 
   // The running state += product.
   void accumulate() {
-    if (!summing) {
+    if (sum.empty()) {
       for (size_t i = 0; i < product.size(); ++i) rounded[i] += product[i];
       return;
     }
