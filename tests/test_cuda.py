@@ -6,10 +6,10 @@ composite op does. Error yardstick, as in conftest.assert_matches_reference: at 
 PyTorch makes computing the same function (reference.direct, autograd for gradients) in the same
 dtype on the same GPU, plus 2 units in the last place of the result's scale.
 
-Backward products run in the inputs' dtype (bfloat16; float16 in the direct mma kernels, whose P and
-dX are bounded independently of N, csrc/cuda/direct.cu) or in TF32 (fp16's mantissa, float32's
-range: the other float16 kernels, csrc/cuda/common.cuh), so both dtypes are held to their own
-yardstick.
+Backward products run in the inputs' dtype (bfloat16; float16 in the mma kernels: the direct ones
+bound P and dX independently of N, csrc/cuda/direct.cu, the efficient ones scale their operands per
+head by powers of two, csrc/cuda/efficient.cu) or in TF32 (fp16's mantissa, float32's range: the
+other float16 kernels, csrc/cuda/common.cuh), so both dtypes are held to their own yardstick.
 
 Without a GPU, under the emulation plugin (`-p emulate`, csrc/cuda/emulation), the operator tests
 run the CUDA kernels' code on CPU tensors. The emulation is slow, so by default it runs a sample
@@ -191,9 +191,8 @@ def operator_grid(masks, emulation_dtypes):
 
 
 # Under the emulation the direct sample covers the 16-bit kernels (direct_forward_mma_kernel), the
-# efficient sample the register-resident bfloat16 kernels (d = 16 and 128; float16's forward at
-# d = 16 in test_efficient_non_finite_padded_keys_change_nothing); the efficient kernels' float
-# paths are exercised by tests/test_forward.py there.
+# efficient sample the register-resident kernels; the efficient kernels' float paths are exercised
+# by tests/test_forward.py there.
 @pytest.mark.parametrize(
     "dtype,d,mask_case", operator_grid(DIRECT_MASKS, (torch.bfloat16, torch.float16)), ids=str
 )
@@ -201,11 +200,44 @@ def test_direct_operator(dtype, d, mask_case):
     check_operator("direct", dtype, d, mask_case)
 
 
-@pytest.mark.parametrize(
-    "dtype,d,mask_case", operator_grid(EFFICIENT_MASKS, (torch.bfloat16,)), ids=str
-)
+# float16's efficient backward under the emulation: one case of the grid (d = 64 and 128 take
+# minutes there each; TS_EMULATION_EXHAUSTIVE=1 runs them) and the loss-scale test below.
+EFFICIENT_CASES = operator_grid(EFFICIENT_MASKS, (torch.bfloat16,))
+if (torch.float16, 32, "key_padding") not in EFFICIENT_CASES:
+    EFFICIENT_CASES.append((torch.float16, 32, "key_padding"))
+
+
+@pytest.mark.parametrize("dtype,d,mask_case", EFFICIENT_CASES, ids=str)
 def test_efficient_operator(dtype, d, mask_case):
     check_operator("efficient", dtype, d, mask_case)
+
+
+@pytest.mark.parametrize("d", (16, 32))
+def test_efficient_float16_backward_is_loss_scale_invariant(d):
+    """float16's efficient backward scales dz, the state and dS per head by powers of two taken from
+    their largest magnitudes (csrc/cuda/efficient.cu, float16_operand_scale), so multiplying grad_out
+    by 2^j multiplies every gradient by exactly 2^j wherever both results are normal float16 numbers,
+    as in exact arithmetic. At 2^-10, unscaled, rs gY (about 2^-16 here) would be subnormal in
+    float16 and keep only a few bits."""
+    dtype = torch.float16
+    q, k, v = make_factors(1, 2, 70, 130, d, d, dtype, seed=15)
+    kpm, _, _ = make_masks("key_padding", 1, 2, 70, 130)
+    args = (kpm, True, list(COEFFICIENTS))
+    out, den, state = ops.efficient_forward(q, k, v, *args)
+    gen = torch.Generator().manual_seed(16)
+    # |grad_out| in [1/2, 3/2): scaled by 2^-10 it stays normal (>= 2^-14), so exact.
+    magnitude = 0.5 + torch.rand(out.shape, generator=gen)
+    sign = torch.where(torch.rand(out.shape, generator=gen) < 0.5, -1.0, 1.0)
+    grad_out = (sign * magnitude).to(DEVICE, dtype)
+    base = ops.efficient_backward(grad_out, q, k, v, out, den, state, *args)[:3]
+    smallest_normal = torch.finfo(dtype).tiny
+    for j in (-10, 12):
+        scaled = ops.efficient_backward(grad_out * 2.0**j, q, k, v, out, den, state, *args)[:3]
+        for name, unscaled, got in zip(("dq", "dk", "dv"), base, scaled):
+            want = unscaled.double() * 2.0**j
+            normal = torch.minimum(unscaled.abs(), want.abs()) >= smallest_normal
+            assert normal.sum() > 0.5 * (unscaled != 0).sum(), f"{name} 2^{j}: few normal values"
+            assert torch.equal(got.double()[normal], want[normal]), f"{name} 2^{j}"
 
 
 # The 16-bit direct kernels hold 32 rows per warp at d <= 32: blocks of 128 queries (forward, dQ)

@@ -4,16 +4,15 @@
 // direct.cu and efficient.cu, 16-bit inputs) keep every product's operands
 // and accumulators in registers as mma.sync fragments (warp.cuh) and use
 // shared memory only for cp.async staged tiles (load_rows). The others
-// (float32/float64, the efficient algorithm's other head dims, float16's
-// backward) have this shape: a block of kThreads
-// threads stages tiles of its operands in shared memory, multiplies them with
-// `block_mma` into float (double for float64) accumulators that also live in
-// shared memory, and applies the TaylorShift-specific elementwise steps
-// (masking, the polynomial, feature expansion, contractions) between the
-// products. Dimensions (head dims, tile sizes) are run-time values padded to
-// multiples of 16, so one instantiation per dtype covers every head dim up to
-// kMaxHeadDim, and the host picks the largest tile whose shared memory fits the
-// device.
+// (float32/float64, and the efficient algorithm's other head dims) have this
+// shape: a block of kThreads threads stages tiles of its operands in shared
+// memory, multiplies them with `block_mma` into float (double for float64)
+// accumulators that also live in shared memory, and applies the
+// TaylorShift-specific elementwise steps (masking, the polynomial, feature
+// expansion, contractions) between the products. Dimensions (head dims, tile
+// sizes) are run-time values padded to multiples of 16, so one instantiation
+// per dtype covers every head dim up to kMaxHeadDim, and the host picks the
+// largest tile whose shared memory fits the device.
 //
 // Operand types. Products run on tensor cores for half, bfloat16 and TF32
 // operands (wmma, float accumulation, sm_80+); float and double operands take
@@ -24,9 +23,10 @@
 // (dz, dS, dX, W / den) need the float exponent range: for bfloat16 inputs
 // they stay bfloat16, for fp16 inputs the backward products of these kernels
 // run in TF32, whose 10-bit mantissa matches fp16's, so fp16 gradients keep
-// fp16 accuracy without overflowing or flushing to zero. (The direct mma
-// backward bounds P and dX independently of N and keeps them in fp16; see
-// direct.cu.)
+// fp16 accuracy without overflowing or flushing to zero. (The mma kernels
+// keep fp16: the direct backward bounds P and dX independently of N, see
+// direct.cu; the efficient backward scales dz, the state and dS per head by
+// powers of two, see float16_operand_scale in efficient.cu.)
 #pragma once
 
 #include <ATen/ATen.h>

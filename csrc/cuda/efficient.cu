@@ -5,13 +5,13 @@
 // so that phi(q) . psi(k) = f(q . k). Neither feature map is ever written to
 // global memory.
 //
-// float16/bfloat16 with d = e in {16, 32, 64, 128} (the forward; the backward
-// for bfloat16) runs on the register-resident kernels of the second half of
-// this file, which build feature fragments in registers; see there. Every
-// other case runs on the shared-memory kernels of the first half, which
-// expand the features of one tile of tokens and one tile of the feature axis
-// in shared memory, straight from the q or k tile, right before the
-// tensor-core product that consumes them.
+// float16/bfloat16 with d = e in {16, 32, 64, 128}, forward and backward, runs
+// on the register-resident kernels of the second half of this file, which
+// build feature fragments in registers; see there. Every other case runs on the
+// shared-memory kernels of the first half, which expand the features of one
+// tile of tokens and one tile of the feature axis in shared memory, straight
+// from the q or k tile, right before the tensor-core product that consumes
+// them.
 //
 // Three kinds of shared-memory kernel cover forward and backward.
 // * reduce: R = sum_t feat(x_t) y_t^T over tokens, F x (e+1).
@@ -35,6 +35,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include "../kernel_checks.h"
@@ -833,14 +835,16 @@ inline FeatureWeights query_weights(double a, double b, double c) {
 inline FeatureWeights key_weights() { return {1.f, 1.f, 1.f, 0.5f, 1.f}; }
 
 // The sum of `splits` partial states, in split order, into `state` (unless
-// null), and the operand of its products: weight * scale * sum, rounded to T
-// once. Every operand element is written once (a pair l != m of a diagonal
-// block twice, as (l, m) and (m, l)); padding stays zero.
+// null), and the operand of its products: weight * scale * head_scales[bh] *
+// sum (head_scales may be null: 1), rounded to T once. Every operand element
+// is written once (a pair l != m of a diagonal block twice, as (l, m) and
+// (m, l)); padding stays zero.
 template <typename T, int kDim>
 __global__ void finalize_state_mma_kernel(const float* partial, int64_t splits,
                                           int64_t count, float* state,
                                           T* operand, FeatureWeights w,
-                                          float scale) {
+                                          float scale,
+                                          const float* head_scales) {
   using Blocks = PairBlocks<kDim>;
   constexpr int d = kDim, e1 = kDim + 1, width = Blocks::kWidth;
   constexpr int64_t features = 1 + d + d * (d + 1) / 2;
@@ -851,6 +855,7 @@ __global__ void finalize_state_mma_kernel(const float* partial, int64_t splits,
     if (state != nullptr) state[i] = sum;
     const int col = static_cast<int>(i % e1);
     const int64_t f = i / e1 % features, bh = i / (e1 * features);
+    if (head_scales != nullptr) sum *= head_scales[bh];
     T* op = operand + bh * Blocks::kRows * width + (col == 0 ? d : col - 1);
     if (f < linear_feature_offset()) {
       op[Blocks::kConstantRow * width] =
@@ -1121,6 +1126,9 @@ struct ContractMmaArgs {
   const T* w;      // query side: -dl, (B H, w_stride)
   int64_t w_stride;
   const T* operand;  // (B H, rows, kDim + 8): state (query), dS (key)
+  // float16: (B H) powers of two by which the gradients are multiplied, the
+  // inverse of the scales in the operand and y (mma_backward); null: 1.
+  const float* grad_scale;
   int64_t heads, tokens;
   Mask mask;  // key side: key padding
 };
@@ -1362,11 +1370,12 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   // Masked keys get zero gradients.
+  const float grad_scale = p.grad_scale != nullptr ? p.grad_scale[bh] : 1.f;
   float scale[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t row = i0 + warp_row + g + 8 * r;
-    scale[r] = row < p.tokens && key_valid(row) ? 1.f : 0.f;
+    scale[r] = row < p.tokens && key_valid(row) ? grad_scale : 0.f;
   }
   store_rows<T, kDim>(grad_x + bh * p.tokens * kDim, dx, i0 + warp_row,
                       p.tokens, kDim, scale, lane);
@@ -1403,23 +1412,26 @@ __global__ void finalize_dstate_mma_kernel(const float* partial, int64_t splits,
   }
 }
 
-// The query side's dz rows: y = rs gY (B H, M, cols) and w = -dl (B H,
-// w_stride, zero-padded), from the row scalars (rs, dl); gY is read through
-// its strides.
+// The query side's dz rows, times the head's dz_scale (null: 1): y = rs gY
+// (B H, M, cols) and w = -dl (B H, w_stride, zero-padded), from the row
+// scalars (rs, dl); gY is read through its strides.
 template <typename T>
 __global__ void dz_rows_kernel(TokenRows<T> grad_out, const float* scalars,
-                               int64_t heads, int64_t tokens, int64_t w_stride,
-                               int64_t count, T* y, T* w) {
+                               const float* dz_scale, int64_t heads,
+                               int64_t tokens, int64_t w_stride, int64_t count,
+                               T* y, T* w) {
   const int cols = grad_out.cols;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
        i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int col = static_cast<int>(i % cols);
     const int64_t row = i / cols, t = row % tokens, bh = row / tokens;
     const float* s = scalars + 2 * row;
-    y[i] = Num<T>::narrow(
-        s[0] * Num<T>::widen(grad_out.row(bh / heads, bh % heads,
-                                          t)[col * grad_out.stride_c]));
-    if (col == 0) w[bh * w_stride + t] = Num<T>::narrow(-s[1]);
+    const float scale = dz_scale != nullptr ? dz_scale[bh] : 1.f;
+    y[i] =
+        Num<T>::narrow(scale * s[0] *
+                       Num<T>::widen(grad_out.row(bh / heads, bh % heads,
+                                                  t)[col * grad_out.stride_c]));
+    if (col == 0) w[bh * w_stride + t] = Num<T>::narrow(-scale * s[1]);
   }
 }
 
@@ -1464,11 +1476,12 @@ std::pair<at::Tensor, int64_t> mma_state_reduce(StateMmaArgs<T> args,
 
 // finalize_state_mma_kernel: the operand (B H, rows, kDim + 8) of the
 // `splits` partial states in `partial` (B, H, F, kDim + 1 each), whose sum
-// goes to `state` too unless it is null.
+// goes to `state` too unless it is null; head_scales as there.
 template <typename T, int kDim>
 at::Tensor state_operand(const at::Tensor& partial, int64_t splits,
                          at::Tensor* state, FeatureWeights weights, float scale,
-                         const at::TensorOptions& options) {
+                         const at::TensorOptions& options,
+                         const float* head_scales = nullptr) {
   using Blocks = PairBlocks<kDim>;
   const int64_t count = partial.numel() / splits;
   const int64_t bh = count / (feature_count<int64_t>(kDim) * (kDim + 1));
@@ -1478,7 +1491,8 @@ at::Tensor state_operand(const at::Tensor& partial, int64_t splits,
          at::cuda::getCurrentCUDAStream()>>>(
           partial.data_ptr<float>(), splits, count,
           state != nullptr ? state->data_ptr<float>() : nullptr,
-          reinterpret_cast<T*>(operand.data_ptr()), weights, scale);
+          reinterpret_cast<T*>(operand.data_ptr()), weights, scale,
+          head_scales);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return operand;
 }
@@ -1529,10 +1543,43 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The backward for d = e = kDim, bfloat16: dS on the query-side reduce,
-// then dq and (dk, dv) on the contraction kernel, from operands of the state
-// (query weights) and of dS (key weights), neither scaled (bfloat16 has
-// float's range).
+// float16's exponents span 2^-14 (smallest normal) to 65504. The backward's
+// 16-bit operands are dz = [-dl | rs gY], whose size is |gY| sigma / den
+// (about |gY| / sqrt(N d): it falls with N, and gY carries the loss scale),
+// and the state and dS, sums over N tokens. No fixed scale fits all three,
+// so each is scaled per head by a power of two taken from its largest
+// magnitude m = f 2^p (frexp: f in [1/2, 1)): 2^(15 - p) brings m to
+// [2^14, 2^15), below 65504, and keeps values down to 2^-29 m normal. A
+// power of two changes no mantissa, so the products are those of the
+// unscaled values rounded to float16's 11 bits, and scaling gY by 2^j
+// scales every gradient by exactly 2^j. The contraction multiplies the
+// gradients by the inverse scales (ContractMmaArgs::grad_scale) before
+// rounding them. All on the device (no host synchronisation), as integer
+// exponents: float16_scale_exponent gives 15 - p for the per-head maxima
+// (B, H), p clamped to +-45 so that the sum of two exponents, negated, stays
+// a normal float's; power_of_two makes the floats (B H) bit by bit.
+at::Tensor float16_scale_exponent(const at::Tensor& largest) {
+  return 15 - at::clamp(std::get<1>(at::frexp(largest)), -45, 45)
+                  .reshape(-1)
+                  .to(at::kInt);
+}
+
+at::Tensor power_of_two(const at::Tensor& exponent) {
+  return at::bitwise_left_shift(exponent + 127, 23).view(at::kFloat);
+}
+
+// The largest magnitude per head of a (B, H, ...) tensor, as float (B, H).
+at::Tensor largest_per_head(const at::Tensor& x) {
+  return at::linalg_vector_norm(x.flatten(2),
+                                std::numeric_limits<double>::infinity(), {2},
+                                false, at::kFloat);
+}
+
+// The backward for d = e = kDim: dS on the query-side reduce, then dq and
+// (dk, dv) on the contraction kernel, from operands of the state (query
+// weights) and of dS (key weights). bfloat16 has float's range: nothing is
+// scaled. float16: dz, the state operand and the dS operand are scaled as
+// float16_scale_exponent says (dS is then the scaled dz's: dz_scale dS).
 template <typename T, int kDim>
 void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v,
@@ -1545,6 +1592,31 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
                 keys = k.size(2);
   const at::Tensor qr = cp_async_rows(q), kr = cp_async_rows(k),
                    vr = cp_async_rows(v);
+  constexpr bool kScaled = std::is_same_v<T, __half>;
+  at::Tensor dz_exponent, state_exponent;  // (B H), float16 only
+  at::Tensor dz_scale, state_scale;
+  if constexpr (kScaled) {
+    // |dz| per head: max over rows of |rs| max|gY_row| and of |dl|. (The
+    // row maxima are exact in float16; converting them, not gY, copies no
+    // (B, H, M, e) tensor.)
+    const at::Tensor gy_largest =
+        at::linalg_vector_norm(grad_out,
+                               std::numeric_limits<double>::infinity(), {-1})
+            .to(at::kFloat);
+    dz_exponent = float16_scale_exponent(
+        at::maximum((scalars.select(-1, 0).abs() * gy_largest).amax(-1),
+                    scalars.select(-1, 1).abs().amax(-1)));
+    dz_scale = power_of_two(dz_exponent);
+    // The state operand is the state times query weights up to max(|c|,
+    // |b|, 2|a|).
+    state_exponent = float16_scale_exponent(
+        largest_per_head(state) *
+        std::max({std::abs(c), std::abs(b), 2 * std::abs(a)}));
+    state_scale = power_of_two(state_exponent);
+  }
+  const auto data = [](const at::Tensor& t) {
+    return t.defined() ? t.data_ptr<float>() : nullptr;
+  };
   // dz rows: y = rs gY and w = -dl.
   at::Tensor y = at::empty({q.size(0), q.size(1), queries, kDim}, q.options());
   const int64_t w_stride = (queries + 7) / 8 * 8;
@@ -1553,7 +1625,7 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
   dz_rows_kernel<T>
       <<<std::min<int64_t>((count + 255) / 256, grid_stride_blocks()), 256, 0,
          stream>>>(token_rows<T>(grad_out, kDim), scalars.data_ptr<float>(),
-                   q.size(1), queries, w_stride, count,
+                   data(dz_scale), q.size(1), queries, w_stride, count,
                    reinterpret_cast<T*>(y.data_ptr()),
                    reinterpret_cast<T*>(w.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1573,13 +1645,25 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
                    dstate.data_ptr<float>(), static_cast<float>(a),
                    static_cast<float>(b), static_cast<float>(c));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // The gradients' scales: dq = G(state operand, dz) x, dk and dv through
+  // the dS operand (key weights are at most 1).
+  at::Tensor dstate_scale, grad_q_scale, grad_kv_scale;
+  if constexpr (kScaled) {
+    const at::Tensor dstate_exponent =
+        float16_scale_exponent(largest_per_head(dstate));
+    dstate_scale = power_of_two(dstate_exponent);
+    grad_q_scale = power_of_two(-(state_exponent + dz_exponent));
+    grad_kv_scale = power_of_two(-(dstate_exponent + dz_exponent));
+  }
 
   constexpr size_t bytes = contract_mma_smem<kDim>();
   for (bool key_side : {false, true}) {
     const at::Tensor operand = state_operand<T, kDim>(
         key_side ? dstate : state, 1, nullptr,
-        key_side ? key_weights() : query_weights(a, b, c), 1.f, q.options());
+        key_side ? key_weights() : query_weights(a, b, c), 1.f, q.options(),
+        data(key_side ? dstate_scale : state_scale));
     ContractMmaArgs<T> contract{};
+    contract.grad_scale = data(key_side ? grad_kv_scale : grad_q_scale);
     contract.x = token_rows<T>(key_side ? kr : qr, kDim);
     contract.y = token_rows<T>(key_side ? vr : y, kDim);
     contract.w = reinterpret_cast<const T*>(w.data_ptr());
@@ -1643,9 +1727,9 @@ bool try_mma_forward(const at::Tensor& q, const at::Tensor& k,
   }
 }
 
-// The backward on the register-resident kernels where they apply:
-// bfloat16 (float16 cannot hold dz and dS, see common.cuh), d = e in 16, 32,
-// 64, 128.
+// The backward on the register-resident kernels where they apply: 16-bit
+// inputs (float16's operands scaled, see float16_scale_exponent), d = e in
+// 16, 32, 64, 128.
 template <typename T>
 bool try_mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
                       const at::Tensor& k, const at::Tensor& v,
@@ -1653,7 +1737,7 @@ bool try_mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
                       const Mask& mask, bool masked, double a, double b,
                       double c, at::Tensor& dstate, at::Tensor& grad_q,
                       at::Tensor& grad_k, at::Tensor& grad_v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+  if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
     return with_mma_dim(q.size(3), v.size(3), [&](auto dim) {
       mma_backward<T, decltype(dim)::value>(grad_out, q, k, v, state, scalars,
                                             mask, masked, a, b, c, dstate,
