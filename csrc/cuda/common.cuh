@@ -433,12 +433,12 @@ __device__ __forceinline__ void load_rows(T* dst, const TokenRows<T>& src,
 // per-element test, and without reading its values (which may be NaN or
 // inf). With `weights`, thread r < kRows also writes the key weight m_j =
 // [key j = t0 + r exists and is not padding] there. With `padding`, each
-// key's flag is read once per warp: lane l reads keys t0 + l and t0 + 32 + l
-// and a ballot gives every lane the tile's 64 validity bits, so every 16-byte
-// copy tests a bit instead of loading a flag.
+// key's flag is read once per warp: lane l reads keys t0 + 32 w + l and a
+// ballot per w gives every lane the tile's validity bits (64 per word), so
+// every 16-byte copy tests a bit instead of loading a flag.
 template <int kDim, int kRows, typename T>
 struct KeyCopies {
-  static_assert(kRows <= 64 && kRows <= kThreads);
+  static_assert(kRows <= 128 && kRows <= kThreads);
   using Copies = RowCopies<kDim, kRows, T>;
   Copies k, v;
   const Mask* padding;
@@ -457,7 +457,10 @@ struct KeyCopies {
 
   // The current tile into k_dst, v_dst (and m into `weights`).
   __device__ __forceinline__ void copy(T* k_dst, T* v_dst, T* weights) const {
-    uint64_t valid_bits = 0;  // bit r: key t0 + r exists and is not padding
+    // Bit r of low (r < 64), or r - 64 of high: key t0 + r exists and is
+    // not padding (two words, not an array, which a run-time index would put
+    // in local memory).
+    uint64_t low = 0, high = 0;
     if (padding != nullptr) {
       const int lane = threadIdx.x % 32;
 #pragma unroll
@@ -465,22 +468,28 @@ struct KeyCopies {
         const int64_t j = t0 + 32 * w + lane;
         const bool key =
             32 * w + lane < kRows && j < total && padding->key_valid(b, j);
-        valid_bits |= uint64_t(__ballot_sync(0xffffffffu, key)) << (32 * w);
+        (w < 2 ? low : high) |= uint64_t(__ballot_sync(0xffffffffu, key))
+                                << (32 * (w % 2));
       }
     }
+    const auto valid = [&](int r) {
+      if constexpr (kRows <= 64) {
+        return (low >> r & 1) != 0;
+      } else {
+        return ((r < 64 ? low : high) >> (r % 64) & 1) != 0;
+      }
+    };
     const int r0 = threadIdx.x / Copies::kChunks;
 #pragma unroll
     for (int s = 0; s < Copies::kCopies; ++s) {
-      const bool key = padding == nullptr
-                           ? k.row_valid(s)
-                           : (valid_bits >> (r0 + s * Copies::kStep) & 1) != 0;
+      const bool key =
+          padding == nullptr ? k.row_valid(s) : valid(r0 + s * Copies::kStep);
       k.copy(k_dst, s, key);
       v.copy(v_dst, s, key);
     }
     if (weights != nullptr && threadIdx.x < kRows) {
-      const bool key = padding == nullptr
-                           ? t0 + threadIdx.x < total
-                           : (valid_bits >> threadIdx.x & 1) != 0;
+      const bool key =
+          padding == nullptr ? t0 + threadIdx.x < total : valid(threadIdx.x);
       weights[threadIdx.x] = Num<T>::narrow(key ? 1.f : 0.f);
     }
   }

@@ -603,7 +603,10 @@ int64_t grid_stride_blocks() {
 //   buffers of kStageRows rows, one stage ahead of the products
 //   (OperandStream); the pair rows run as one flat loop over stages, so
 //   nothing but the stage's own work repeats per stage.
-constexpr int kTokenTile = 64;   // keys per staged tile (reduce)
+// Tokens per staged tile of the reduce: 128 at d = 16, where a tile of 64
+// holds too few products (48 HMMA) to amortise its copies and barrier.
+template <int kDim>
+constexpr int kTokenTile = kDim == 16 ? 128 : 64;
 constexpr int kQueryTile = 64;   // tokens per CTA (contraction), 16 per warp
 constexpr int kStageRows = 128;  // operand rows per stage: 8 l of a block pair
 
@@ -648,12 +651,13 @@ __global__ void __launch_bounds__(kThreads)
     state_reduce_mma_kernel(StateMmaArgs<T> p) {
   using Blocks = PairBlocks<kDim>;
   constexpr int kEv = Blocks::kValueTile, kN = kEv / 8;
-  constexpr int ld = kDim + 8, kTile = kTokenTile * ld;
+  constexpr int kTokens = kTokenTile<kDim>;
+  constexpr int ld = kDim + 8, kTile = kTokens * ld;
   extern __shared__ __align__(128) unsigned char smem[];
   T* ks = reinterpret_cast<T*>(smem);  // two stages each: x, y, flags, w
   T* vs = ks + 2 * kTile;
   T* flags = vs + 2 * kTile;  // 1 for the valid tokens of the chunk, else 0
-  T* ws = flags + 2 * kTokenTile;
+  T* ws = flags + 2 * kTokens;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, quad = lane % 4;
   const int value_tile = blockIdx.x % Blocks::kValueTiles;
@@ -664,9 +668,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = split * p.chunk;
   const int64_t end = min(p.tokens, begin + p.chunk);
   const int tiles =
-      end > begin
-          ? static_cast<int>((end - begin + kTokenTile - 1) / kTokenTile)
-          : 0;
+      end > begin ? static_cast<int>((end - begin + kTokens - 1) / kTokens) : 0;
   // The warps' extra products (see above), uniform per warp and CTA.
   const bool z_pairs = !kQuery && value_tile == 0 && warp < 2;
   const bool linear = L == M && warp == 2;
@@ -679,20 +681,19 @@ __global__ void __launch_bounds__(kThreads)
   // B = ones in column 0: the z column of the key side's linear and
   // constant rows.
   const uint32_t ones_b = g == 0 ? warp::pack<T>(1.f, 1.f) : 0u;
-  KeyCopies<kDim, kTokenTile, T> rows(p.x, p.y, b, h, begin, end,
-                                      kMasked ? &p.mask : nullptr);
+  KeyCopies<kDim, kTokens, T> rows(p.x, p.y, b, h, begin, end,
+                                   kMasked ? &p.mask : nullptr);
   const auto load_tile = [&](int stage, int64_t t0) {  // the next tile, at t0
     // The flags are read by the next tile's products, after the barrier
     // that follows its copies; the previous reads of this stage ended at a
     // barrier.
-    rows.copy(ks + stage * kTile, vs + stage * kTile,
-              flags + stage * kTokenTile);
+    rows.copy(ks + stage * kTile, vs + stage * kTile, flags + stage * kTokens);
     rows.advance();
     if constexpr (kQuery) {  // w of the tile's tokens, 8 per 16 bytes
-      if (threadIdx.x < kTokenTile / 8) {
+      if (threadIdx.x < kTokens / 8) {
         const int64_t t = t0 + 8 * threadIdx.x;
         const bool valid = t < p.w_stride;
-        warp::cp_async_16(ws + stage * kTokenTile + 8 * threadIdx.x,
+        warp::cp_async_16(ws + stage * kTokens + 8 * threadIdx.x,
                           valid ? p.w + bh * p.w_stride + t : p.w, valid);
       }
     }
@@ -700,9 +701,9 @@ __global__ void __launch_bounds__(kThreads)
   if (tiles > 0) load_tile(0, begin);
   warp::cp_async_commit();
   for (int tile = 0; tile < tiles; ++tile) {
-    const int64_t t0 = begin + static_cast<int64_t>(tile) * kTokenTile;
+    const int64_t t0 = begin + static_cast<int64_t>(tile) * kTokens;
     if (tile + 1 < tiles) {  // prefetch the next tile into the other stage
-      load_tile((tile + 1) % 2, t0 + kTokenTile);
+      load_tile((tile + 1) % 2, t0 + kTokens);
       warp::cp_async_commit();
       warp::cp_async_wait<1>();
     } else {
@@ -712,7 +713,7 @@ __global__ void __launch_bounds__(kThreads)
     const T* kt = ks + tile % 2 * kTile;
     const T* vt = vs + tile % 2 * kTile;
 #pragma unroll
-    for (int kk = 0; kk < kTokenTile / 16; ++kk) {
+    for (int kk = 0; kk < kTokens / 16; ++kk) {
       const T* krows = kt + kk * 16 * ld;
       // A of K[M]^T (16 m x 16 tokens): .trans of the token-major tile.
       uint32_t km[4];
@@ -743,7 +744,7 @@ __global__ void __launch_bounds__(kThreads)
       uint32_t zb[2] = {ones_b, ones_b};
       if constexpr (kQuery) {
         const uint32_t* w = reinterpret_cast<const uint32_t*>(
-            ws + tile % 2 * kTokenTile + kk * 16 + 2 * quad);
+            ws + tile % 2 * kTokens + kk * 16 + 2 * quad);
         zb[0] = g == 0 ? w[0] : 0u;
         zb[1] = g == 0 ? w[4] : 0u;
       }
@@ -772,7 +773,7 @@ __global__ void __launch_bounds__(kThreads)
         uint32_t a[4] = {km[0], km[1], km[2], km[3]};
         if (constant) {
           const uint32_t* m = reinterpret_cast<const uint32_t*>(
-              flags + tile % 2 * kTokenTile + kk * 16 + 2 * quad);
+              flags + tile % 2 * kTokens + kk * 16 + 2 * quad);
           a[0] = g == 0 ? m[0] : 0u;
           a[2] = g == 0 ? m[4] : 0u;
           a[1] = a[3] = 0u;
@@ -995,8 +996,8 @@ constexpr size_t apply_mma_smem() {
 // side's w.
 template <int kDim, bool kQuery>
 constexpr size_t reduce_mma_smem() {
-  return (size_t(4) * kTokenTile * (kDim + 8) + (kQuery ? 4 : 2) * kTokenTile) *
-         2;
+  constexpr size_t tokens = kTokenTile<kDim>;
+  return (4 * tokens * (kDim + 8) + (kQuery ? 4 : 2) * tokens) * 2;
 }
 
 template <typename T, int kDim>
@@ -1458,13 +1459,14 @@ std::pair<at::Tensor, int64_t> mma_state_reduce(StateMmaArgs<T> args,
       static_cast<int64_t>(
           at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   const int64_t base = Blocks::kPairs * Blocks::kValueTiles * bh;
-  const int64_t token_tiles = (args.tokens + kTokenTile - 1) / kTokenTile;
+  const int64_t token_tiles =
+      (args.tokens + kTokenTile<kDim> - 1) / kTokenTile<kDim>;
   int64_t splits = std::clamp<int64_t>(capacity / base, 1,
                                        std::max<int64_t>(1, token_tiles));
   const int64_t chunk_tiles =
       std::max<int64_t>(1, (token_tiles + splits - 1) / splits);
   splits = std::max<int64_t>(1, (token_tiles + chunk_tiles - 1) / chunk_tiles);
-  args.chunk = chunk_tiles * kTokenTile;
+  args.chunk = chunk_tiles * kTokenTile<kDim>;
   at::Tensor partial =
       splits == 1 ? out : at::empty({splits, out.numel()}, out.options());
   args.partial = partial.data_ptr<float>();
