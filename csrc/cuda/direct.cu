@@ -188,18 +188,36 @@ MaskMode mask_mode(const std::optional<at::Tensor>& key_padding_mask,
 
 // kAttnMask's mask as bits, so that the main loops test one bit per element
 // where Mask::allowed costs a 64-bit address and a byte load per element
-// (33 to 162 warp-instructions per HMMA on sm_90, sass_report.py). Word w of
-// row r of (b, h) holds bit t = whether (r, 64 w + t) may attend, with the
-// attn_mask, the key padding and causality folded in; bits past the columns
-// are 0. A 64-key (or 64-query) tile of the mma kernels is one word. The
-// table broadcasts over b and h where the mask does (stride 0).
+// (33 to 162 warp-instructions per HMMA on sm_90, sass_report.py), with the
+// attn_mask, the key padding and causality folded in: bit = whether query i
+// may attend key j. The mma kernels hold a 64-column tile (keys, or queries
+// for the key side) of 16 rows as C fragments: lane (g, quad) has rows g and
+// g + 8, columns 8 n + 2 quad + t (n = 0..7, t = 0, 1). So the table stores
+// per 16 rows and 64 columns 32 words of 32 bits, word `lane` holding that
+// lane's 32 elements: row g + 8 r, column 8 n + 2 quad + t at bit
+// 16 r + 8 t + 7 - n. A lane loads one word per 16 rows and tile; shifted
+// left by n, its four byte sign bits are the elements (r, t) of n8 tile n,
+// which mask_pairs turns into masks of packed pairs. Per table the words run
+// 16-row group by group and then tile by tile (tile w of group G at
+// 32 (w padded_rows / 16 + G)), so a lane finds its words of every tile at
+// fixed offsets from one pointer; padded_rows (the rows rounded up to
+// kPaddedRows, a multiple of every block's rows, with all bits 0) spares the
+// kernels a bounds test. The table broadcasts over b and h where the mask
+// does (stride 0).
+constexpr int kPaddedRows = 128;
+
 struct AllowedBits {
-  const uint64_t* words = nullptr;
-  int64_t stride_b = 0, stride_h = 0, rows = 0, row_words = 0;
-  __device__ __forceinline__ uint64_t word(int64_t b, int64_t h, int64_t row,
-                                           int64_t w) const {
-    return row < rows ? words[b * stride_b + h * stride_h + row * row_words + w]
-                      : 0;
+  const uint32_t* words = nullptr;
+  int64_t stride_b = 0, stride_h = 0, padded_rows = 0;
+  // The word of tile 0 for lane `lane` of the 16 rows from row0 (a multiple
+  // of 16); tile w's at [tile_stride() w].
+  __device__ __forceinline__ const uint32_t* lane_words(int64_t b, int64_t h,
+                                                        int64_t row0,
+                                                        int lane) const {
+    return words + b * stride_b + h * stride_h + 2 * row0 + lane;
+  }
+  __device__ __forceinline__ int64_t tile_stride() const {
+    return 2 * padded_rows;
   }
 };
 
@@ -207,14 +225,16 @@ struct AllowedBits {
 // emulation launches a 32nd of the blocks one word per warp would take.
 constexpr int kWordsPerWarp = 8;
 
-// Fills the (tables_b, tables_h, rows, row_words) table: a warp per
-// kWordsPerWarp consecutive words, lane t testing columns 64 w + t and
-// 64 w + 32 + t, __ballot_sync gathering the bits. `by_key`: rows are keys and
-// columns queries (the key-side backward reads S^T).
+// Fills the (tables_b, tables_h, row_words, padded_rows / 16, 32) table of
+// 32-bit words two at a time: a warp per kWordsPerWarp consecutive pairs,
+// lane l testing the elements of bits l and 32 + l of the pair, whose words
+// belong to lanes (slots) 2 k and 2 k + 1 of their 16 rows, __ballot_sync
+// gathering the bits. `by_key`: rows are keys and columns queries (the
+// key-side backward reads S^T).
 __global__ void __launch_bounds__(kThreads)
-    pack_allowed_kernel(Mask mask, uint64_t* words, int64_t tables_h,
-                        int64_t rows, int64_t cols, int64_t row_words,
-                        int64_t total_words, bool by_key) {
+    pack_allowed_kernel(Mask mask, uint64_t* pairs, int64_t tables_h,
+                        int64_t rows, int64_t padded_rows, int64_t cols,
+                        int64_t row_words, int64_t total_pairs, bool by_key) {
   const int lane = threadIdx.x % 32;
   const int64_t first =
       (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32 *
@@ -223,22 +243,29 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int n = 0; n < kWordsPerWarp; ++n) {
     const int64_t w = first + n;  // warp-uniform, as __ballot_sync needs
-    const int64_t col_word = w % row_words, row = w / row_words % rows;
-    const int64_t table = w / row_words / rows;
+    // pair k of 16 rows from row0, tile col_word
+    const int64_t k = w % 16, row0 = w / 16 * 16 % padded_rows;
+    const int64_t col_word = w / padded_rows % row_words;
+    const int64_t table = w / padded_rows / row_words;
     const int64_t b = table / tables_h, h = table % tables_h;
     uint32_t half[2];
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-      const int64_t col = 64 * col_word + 32 * s + lane;
+      // bit 16 r + 8 t + 7 - n8 of the word of slot g * 4 + quad
+      const int slot = 2 * k + s, g = slot / 4, quad = slot % 4;
+      const int r = lane / 16, t = lane / 8 % 2, n8 = 7 - lane % 8;
+      const int64_t row = row0 + g + 8 * r;
+      const int64_t col = 64 * col_word + 8 * n8 + 2 * quad + t;
       const int64_t i = by_key ? col : row, j = by_key ? row : col;
-      half[s] = __ballot_sync(0xffffffffu, w < total_words && col < cols &&
+      half[s] = __ballot_sync(0xffffffffu, w < total_pairs && row < rows &&
+                                               col < cols &&
                                                mask.allowed(b, h, i, j));
     }
     packed[n] = half[0] | static_cast<uint64_t>(half[1]) << 32;
   }
 #pragma unroll
   for (int n = 0; n < kWordsPerWarp; ++n)
-    if (lane == n && first + n < total_words) words[first + n] = packed[n];
+    if (lane == n && first + n < total_pairs) pairs[first + n] = packed[n];
 }
 
 // The table of `rows` x `cols` (queries x keys, or keys x queries `by_key`)
@@ -250,20 +277,22 @@ AllowedBits allowed_bits(const Mask& mask, const at::Tensor& q, int64_t rows,
   const int64_t tables_b =
       mask.am_stride_b == 0 && mask.key_padding == nullptr ? 1 : q.size(0);
   const int64_t tables_h = mask.am_stride_h == 0 ? 1 : q.size(1);
+  const int64_t row_words = (cols + 63) / 64;
   AllowedBits bits;
-  bits.rows = rows;
-  bits.row_words = (cols + 63) / 64;
-  bits.stride_h = tables_h == 1 ? 0 : rows * bits.row_words;
-  bits.stride_b = tables_b == 1 ? 0 : tables_h * rows * bits.row_words;
-  const int64_t total = tables_b * tables_h * rows * bits.row_words;
+  bits.padded_rows = (rows + kPaddedRows - 1) / kPaddedRows * kPaddedRows;
+  // a pair of 32-bit words per row and 64 columns
+  const int64_t table_pairs = row_words * bits.padded_rows;
+  bits.stride_h = tables_h == 1 ? 0 : 2 * table_pairs;
+  bits.stride_b = tables_b == 1 ? 0 : 2 * tables_h * table_pairs;
+  const int64_t total = tables_b * tables_h * table_pairs;
   storage = at::empty({total}, q.options().dtype(at::kLong));
-  bits.words = reinterpret_cast<const uint64_t*>(storage.data_ptr<int64_t>());
+  bits.words = reinterpret_cast<const uint32_t*>(storage.data_ptr<int64_t>());
   if (total == 0) return bits;
   constexpr int64_t kWordsPerBlock = kThreads / 32 * kWordsPerWarp;
   pack_allowed_kernel<<<(total + kWordsPerBlock - 1) / kWordsPerBlock, kThreads,
                         0, at::cuda::getCurrentCUDAStream()>>>(
       mask, reinterpret_cast<uint64_t*>(storage.data_ptr<int64_t>()), tables_h,
-      rows, cols, bits.row_words, total, by_key);
+      rows, bits.padded_rows, cols, row_words, total, by_key);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return bits;
 }
@@ -288,25 +317,51 @@ __device__ __forceinline__ const Mask* padding(const MmaArgs<T>& p) {
   return kMode == MaskMode::kNoPadding ? nullptr : &p.mask;
 }
 
-// This thread's rows of a 64-column tile in the allowed table (kAttnMask):
-// bits[f][r] for row row0 + 16 f + 8 r, shifted by 2 quad so that the
-// element at tile column kC c + 8 n + 2 quad + i % 2 (the C layout) is bit
-// kC c + 8 n + i % 2, a compile-time position.
+// This lane's words of a 64-column tile of the allowed table (kAttnMask),
+// one per fragment f (rows 16 f .. 16 f + 15 from `words`, its
+// AllowedBits::lane_words).
 template <int kM>
-__device__ __forceinline__ void load_tile_bits(uint64_t (&bits)[kM][2],
+__device__ __forceinline__ void load_tile_bits(uint32_t (&bits)[kM],
+                                               const uint32_t* words,
                                                const AllowedBits& table,
-                                               int64_t b, int64_t h,
-                                               int64_t row0, int64_t tile,
-                                               int quad) {
+                                               int tile) {
+  const uint32_t* at = words + table.tile_stride() * tile;
+#pragma unroll
+  for (int f = 0; f < kM; ++f) bits[f] = at[32 * f];
+}
+
+// The masks of the A fragments of columns kC c .. kC c + kC - 1 of a tile
+// (warp::to_a of kC / 8 n8 tiles of C): register j of k-step kk packs the
+// elements (row g + 8 (j % 2), n8 tile kC c / 8 + 2 kk + j / 2, t = 0, 1),
+// whose bits 16 r + 8 t + 7 - n sit, after a left shift by n, at the sign
+// bits of bytes 2 r + t: warp::byte_signs spreads them over the 16-bit halves
+// (0xffff keeps an element, 0 zeroes it), and an AND masks both at once.
+template <int kC, int kM>
+__device__ __forceinline__ void pair_masks(uint32_t (&masks)[kM][kC / 16][4],
+                                           const uint32_t (&bits)[kM], int c) {
+#pragma unroll
+  for (int f = 0; f < kM; ++f) {
+#pragma unroll
+    for (int kk = 0; kk < kC / 16; ++kk) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t shifted = bits[f] << (kC * c / 8 + 2 * kk + j / 2);
+        masks[f][kk][j] = j % 2 == 0 ? warp::byte_signs<0x1100>(shifted)
+                                     : warp::byte_signs<0x3322>(shifted);
+      }
+    }
+  }
+}
+
+template <int kC, int kM>
+__device__ __forceinline__ void mask_pairs(
+    uint32_t (&a)[kM][kC / 16][4], const uint32_t (&masks)[kM][kC / 16][4]) {
 #pragma unroll
   for (int f = 0; f < kM; ++f)
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-      bits[f][r] = table.word(b, h, row0 + 16 * f + 8 * r, tile) >> (2 * quad);
-}
-
-__device__ __forceinline__ bool bit_set(uint64_t bits, int position) {
-  return (bits >> position) & 1;
+    for (int kk = 0; kk < kC / 16; ++kk)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) a[f][kk][j] &= masks[f][kk][j];
 }
 
 // Runs step(tile, elementwise) over the `tiles` key tiles of the query block
@@ -394,6 +449,10 @@ __global__ void __launch_bounds__(kThreads)
   float o[kM][kDim / 8][4] = {};  // O, n8 tiles in the C layout
   // W m: every column holds the sums of rows g ([0], [1]) and g + 8 ([2], [3])
   float row_sum[kM][4] = {};
+  const uint32_t* mask_words =
+      kMode == MaskMode::kAttnMask
+          ? p.allowed.lane_words(b, h, i0 + warp_row, lane)
+          : nullptr;
 
   // One key tile, kC keys at a time. Element i of n8 tile n of fragment f's
   // S over keys kC c .. kC c + kC - 1 is (row 16 f + g + 8 (i / 2), key
@@ -414,9 +473,9 @@ __global__ void __launch_bounds__(kThreads)
     const T* vt = vs + stage * kStage;
     const T* mt = ms + stage * kKeys;
     const int64_t j0 = static_cast<int64_t>(tile) * kKeys;
-    uint64_t bits[kM][2];
+    [[maybe_unused]] uint32_t bits[kM];
     if constexpr (kMode == MaskMode::kAttnMask)
-      load_tile_bits(bits, p.allowed, b, h, i0 + warp_row + g, tile, quad);
+      load_tile_bits(bits, mask_words, p.allowed, tile);
 #pragma unroll
     for (int c = 0; c < kKeys / kC; ++c) {
       float s[kM][kC / 8][4] = {};  // S = Q K^T
@@ -428,9 +487,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             float w = mma_weight<kQuadratic>(s[f][n][i], p.f);
-            if constexpr (kMode == MaskMode::kAttnMask) {
-              if (!bit_set(bits[f][i / 2], kC * c + 8 * n + i % 2)) w = 0.f;
-            } else if constexpr (kElementwise) {  // the causal diagonal
+            if constexpr (kMode != MaskMode::kAttnMask &&
+                          kElementwise) {  // the causal diagonal
               const int64_t row = i0 + warp_row + 16 * f + g + 8 * (i / 2);
               const int64_t j = j0 + kC * c + 8 * n + 2 * quad + i % 2;
               if (j > row) w = 0.f;
@@ -442,6 +500,11 @@ __global__ void __launch_bounds__(kThreads)
       uint32_t wf[kM][kC / 16][4];
 #pragma unroll
       for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(wf[f], s[f]);
+      if constexpr (kMode == MaskMode::kAttnMask) {
+        uint32_t masks[kM][kC / 16][4];
+        pair_masks<kC>(masks, bits, c);
+        mask_pairs<kC>(wf, masks);
+      }
       warp::mma_ab<T, kC, kDim, ld>(o, wf, vt + kC * c * ld, lane);
       warp::mma_row_sums<T, kC>(row_sum, wf, mt + kC * c, lane);
     }
@@ -670,6 +733,10 @@ __global__ void __launch_bounds__(kThreads)
     warp::load_a<kDim, ld>(vf, vs + warp_row * ld, lane);
   }
   float dk[kM][kDim / 8][4] = {}, dv[kM][kDim / 8][4] = {};
+  const uint32_t* mask_words =
+      kMode == MaskMode::kAttnMask
+          ? p.allowed_by_key.lane_words(b, h, j0 + warp_row, lane)
+          : nullptr;
 
   // One query tile, kC queries at a time. Element i of n8 tile n of fragment
   // f over queries kC c .. kC c + kC - 1: key j0 + warp_row + 16 f + g +
@@ -677,10 +744,10 @@ __global__ void __launch_bounds__(kThreads)
   const auto step = [&](int tile, auto elementwise) {
     constexpr bool kElementwise = decltype(elementwise)::value;
     const int64_t i0 = first + static_cast<int64_t>(tile) * kQueryTile;
-    uint64_t bits[kM][2];  // first is a multiple of 64: i0 starts a word
+    [[maybe_unused]] uint32_t
+        bits[kM];  // first is a multiple of 64: i0 starts a tile
     if constexpr (kMode == MaskMode::kAttnMask)
-      load_tile_bits(bits, p.allowed_by_key, b, h, j0 + warp_row + g,
-                     i0 / kQueryTile, quad);
+      load_tile_bits(bits, mask_words, p.allowed_by_key, i0 / kQueryTile);
     const int stage = tile % 2;
     const T* qt = qs + stage * kStage;
     const T* gt = gs + stage * kStage;
@@ -717,15 +784,12 @@ __global__ void __launch_bounds__(kThreads)
             float weight = taylor_weight(x, p.f, QuadraticOrder()) * rs[col];
             float dx = (rs[col] * dxt[f][n][i] - dl[col]) *
                        taylor_weight_grad(x, p.f, QuadraticOrder());
-            bool allowed = true;
-            if constexpr (kMode == MaskMode::kAttnMask) {
-              allowed = bit_set(bits[f][i / 2], kC * c + 8 * n + i % 2);
-            } else if constexpr (kElementwise) {  // the causal diagonal
-              allowed = j0 + warp_row + 16 * f + g + 8 * (i / 2) <= i0 + col;
-            }
-            if (!allowed) {
-              weight = 0.f;
-              dx = 0.f;
+            if constexpr (kMode != MaskMode::kAttnMask && kElementwise) {
+              // the causal diagonal
+              if (j0 + warp_row + 16 * f + g + 8 * (i / 2) > i0 + col) {
+                weight = 0.f;
+                dx = 0.f;
+              }
             }
             st[f][n][i] = weight;
             dxt[f][n][i] = dx;
@@ -733,11 +797,16 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       uint32_t af[kM][kC / 16][4];
+      [[maybe_unused]] uint32_t masks[kM][kC / 16][4];
+      if constexpr (kMode == MaskMode::kAttnMask)
+        pair_masks<kC>(masks, bits, c);
 #pragma unroll
       for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], st[f]);
+      if constexpr (kMode == MaskMode::kAttnMask) mask_pairs<kC>(af, masks);
       warp::mma_ab<T, kC, kDim, ld>(dv, af, gc, lane);  // dV += P^T gY
 #pragma unroll
       for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], dxt[f]);
+      if constexpr (kMode == MaskMode::kAttnMask) mask_pairs<kC>(af, masks);
       warp::mma_ab<T, kC, kDim, ld>(dk, af, qc, lane);  // dK += dX^T Q
     }
     __syncthreads();  // every warp is done with this stage before its refill
@@ -822,6 +891,10 @@ __global__ void __launch_bounds__(kThreads)
   warp::load_a<kDim, ld>(qf, qs + warp_row * ld, lane);
   warp::load_a<kDim, ld>(gf, gs + warp_row * ld, lane);
   float dq[kM][kDim / 8][4] = {};
+  const uint32_t* mask_words =
+      kMode == MaskMode::kAttnMask
+          ? p.allowed.lane_words(b, h, i0 + warp_row, lane)
+          : nullptr;
 
   // One key tile, kC keys at a time; element i of n8 tile n of fragment f:
   // query row 16 f + g + 8 (i / 2) of the warp, key kC c + 8 n + 2 quad +
@@ -838,9 +911,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     const int64_t j0 = static_cast<int64_t>(tile) * kKeys;
-    uint64_t bits[kM][2];
+    [[maybe_unused]] uint32_t bits[kM];
     if constexpr (kMode == MaskMode::kAttnMask)
-      load_tile_bits(bits, p.allowed, b, h, i0 + warp_row + g, tile, quad);
+      load_tile_bits(bits, mask_words, p.allowed, tile);
 #pragma unroll
     for (int c = 0; c < kKeys / kC; ++c) {
       const T* kc = ks + stage * kStage + kC * c * ld;
@@ -857,9 +930,8 @@ __global__ void __launch_bounds__(kThreads)
             const int r = i / 2;
             float value = (rs[f][r] * dx[f][n][i] - dl[f][r]) *
                           taylor_weight_grad(s[f][n][i], p.f, QuadraticOrder());
-            if constexpr (kMode == MaskMode::kAttnMask) {
-              if (!bit_set(bits[f][r], kC * c + 8 * n + i % 2)) value = 0.f;
-            } else if constexpr (kElementwise) {  // the causal diagonal
+            if constexpr (kMode != MaskMode::kAttnMask && kElementwise) {
+              // the causal diagonal
               const int64_t row = i0 + warp_row + 16 * f + g + 8 * r;
               const int64_t j = j0 + kC * c + 8 * n + 2 * quad + i % 2;
               if (j > row) value = 0.f;
@@ -871,6 +943,11 @@ __global__ void __launch_bounds__(kThreads)
       uint32_t af[kM][kC / 16][4];
 #pragma unroll
       for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], dx[f]);
+      if constexpr (kMode == MaskMode::kAttnMask) {
+        uint32_t masks[kM][kC / 16][4];
+        pair_masks<kC>(masks, bits, c);
+        mask_pairs<kC>(af, masks);
+      }
       warp::mma_ab<T, kC, kDim, ld>(dq, af, kc, lane);
     }
     __syncthreads();  // every warp is done with this stage before its refill
