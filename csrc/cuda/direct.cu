@@ -177,13 +177,26 @@ TS_HOST_DEVICE constexpr int block_rows() {
 //   any product, even if their inputs are NaN or inf. A causal mask needs a
 //   per-element test only on the one tile that holds the diagonal, which runs
 //   outside the main loop.
-// - kAttnMask: an explicit attn_mask is tested per element in every tile.
+// - kAttnMask: an explicit attn_mask, tested per element in every tile
+//   (AllowedBits, with the key padding and causality folded in). Its main
+//   loops test no key padding: the host zeroes padded keys' K and V rows
+//   instead (zero_padded_keys), so that their values never reach a product
+//   (a masked W or dX is 0, but 0 * NaN = NaN), and the row sums take every
+//   key with weight 1 (the masked W of a padded key or the key tail is 0).
 enum class MaskMode { kNoPadding, kKeyPadding, kAttnMask };
 
 MaskMode mask_mode(const std::optional<at::Tensor>& key_padding_mask,
                    const std::optional<at::Tensor>& attn_mask) {
   if (attn_mask) return MaskMode::kAttnMask;
   return key_padding_mask ? MaskMode::kKeyPadding : MaskMode::kNoPadding;
+}
+
+// K or V (B, H, N, d) with the rows of padded keys zeroed, for kAttnMask;
+// one elementwise pass where the kernels' loops would test each key tile.
+at::Tensor zero_padded_keys(const at::Tensor& t,
+                            const std::optional<at::Tensor>& key_padding_mask) {
+  if (!key_padding_mask) return t;
+  return t.masked_fill(key_padding_mask->unsqueeze(1).unsqueeze(-1), 0);
 }
 
 // kAttnMask's mask as bits, so that the main loops test one bit per element
@@ -311,10 +324,10 @@ struct MmaArgs {
   Polynomial<float> f;     // the weight polynomial, by value
 };
 
-// The mask view with which load_key_rows zeroes padded keys' rows.
+// The mask view with which load_key_rows zeroes padded keys' rows (MaskMode).
 template <MaskMode kMode, typename T>
 __device__ __forceinline__ const Mask* padding(const MmaArgs<T>& p) {
-  return kMode == MaskMode::kNoPadding ? nullptr : &p.mask;
+  return kMode == MaskMode::kKeyPadding ? &p.mask : nullptr;
 }
 
 // This lane's words of a 64-column tile of the allowed table (kAttnMask),
@@ -435,7 +448,8 @@ __global__ void __launch_bounds__(kThreads)
   // Stage `stage` <- the next key tile: K, V and m.
   KeyCopies<kDim, kKeys, T> keys(p.k, p.v, b, h, 0, p.keys, padding<kMode>(p));
   const auto load_keys = [&](int stage) {
-    keys.copy(ks + stage * kStage, vs + stage * kStage, ms + stage * kKeys);
+    keys.copy(ks + stage * kStage, vs + stage * kStage,
+              kMode == MaskMode::kAttnMask ? nullptr : ms + stage * kKeys);
     keys.advance();
   };
   load_rows<kDim, kRows>(qs, p.q, b, h, i0, p.queries);
@@ -471,7 +485,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     const T* kt = ks + stage * kStage;
     const T* vt = vs + stage * kStage;
-    const T* mt = ms + stage * kKeys;
+    [[maybe_unused]] const T* mt = ms + stage * kKeys;  // not kAttnMask
     const int64_t j0 = static_cast<int64_t>(tile) * kKeys;
     [[maybe_unused]] uint32_t bits[kM];
     if constexpr (kMode == MaskMode::kAttnMask)
@@ -506,7 +520,11 @@ __global__ void __launch_bounds__(kThreads)
         mask_pairs<kC>(wf, masks);
       }
       warp::mma_ab<T, kC, kDim, ld>(o, wf, vt + kC * c * ld, lane);
-      warp::mma_row_sums<T, kC>(row_sum, wf, mt + kC * c, lane);
+      if constexpr (kMode == MaskMode::kAttnMask) {
+        warp::mma_row_sums_ones<T, kC>(row_sum, wf);
+      } else {
+        warp::mma_row_sums<T, kC>(row_sum, wf, mt + kC * c, lane);
+      }
     }
     __syncthreads();  // every warp is done with this stage before its refill
   };
@@ -1252,10 +1270,14 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   const MaskMode mode = mask_mode(key_padding_mask, attn_mask);
   if (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) {
+    const bool zero = mode == MaskMode::kAttnMask;
+    const at::Tensor keys = zero ? zero_padded_keys(k, key_padding_mask) : k,
+                     values = zero ? zero_padded_keys(v, key_padding_mask) : v;
     if (q.scalar_type() == at::kHalf) {
-      mma_forward<__half>(q, k, v, mask, mode, sigma, f, out, den);
+      mma_forward<__half>(q, keys, values, mask, mode, sigma, f, out, den);
     } else {
-      mma_forward<__nv_bfloat16>(q, k, v, mask, mode, sigma, f, out, den);
+      mma_forward<__nv_bfloat16>(q, keys, values, mask, mode, sigma, f, out,
+                                 den);
     }
     return {out, den};
   }
@@ -1305,12 +1327,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   if ((q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) &&
       f.order == 2) {
     const MaskMode mode = mask_mode(key_padding_mask, attn_mask);
+    const bool zero = mode == MaskMode::kAttnMask;
+    const at::Tensor keys = zero ? zero_padded_keys(k, key_padding_mask) : k,
+                     values = zero ? zero_padded_keys(v, key_padding_mask) : v;
     if (q.scalar_type() == at::kHalf) {
-      mma_backward<__half>(grad_out, q, k, v, scalars, mask, mode, f, grad_q,
-                           grad_k, grad_v);
+      mma_backward<__half>(grad_out, q, keys, values, scalars, mask, mode, f,
+                           grad_q, grad_k, grad_v);
     } else {
-      mma_backward<__nv_bfloat16>(grad_out, q, k, v, scalars, mask, mode, f,
-                                  grad_q, grad_k, grad_v);
+      mma_backward<__nv_bfloat16>(grad_out, q, keys, values, scalars, mask,
+                                  mode, f, grad_q, grad_k, grad_v);
     }
     return {grad_q, grad_k, grad_v};
   }

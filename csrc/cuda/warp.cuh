@@ -296,6 +296,20 @@ __device__ __forceinline__ void mma_row_sums(
   }
 }
 
+// acc (kM x 16 x 8) += A (kM x 16 x kK) 1: mma_row_sums with m = 1, its B
+// registers the constant pair (1, 1), so no shared memory is read.
+template <typename T, int kK, int kM>
+__device__ __forceinline__ void mma_row_sums_ones(
+    float (&acc)[kM][4], const uint32_t (&a)[kM][kK / 16][4]) {
+  const uint32_t one = pack<T>(1.f, 1.f);
+  const uint32_t b[2] = {one, one};
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+#pragma unroll
+    for (int f = 0; f < kM; ++f) mma_16816<T>(acc[f], a[f][kk], b);
+  }
+}
+
 // A 16 x kN accumulator (C layout) rounded to T as the A operand of the next
 // product: the C elements of n8 tiles 2 kk and 2 kk + 1 sit exactly where the
 // A layout wants columns 16 kk .. 16 kk + 15 (rows g / g + 8, columns 2 q +
