@@ -229,8 +229,10 @@ struct AllowedBits {
                                                         int lane) const {
     return words + b * stride_b + h * stride_h + 2 * row0 + lane;
   }
-  __device__ __forceinline__ int64_t tile_stride() const {
-    return 2 * padded_rows;
+  // 32 bits (a table of 2^31 words per tile is 2^30 rows): the offset of a
+  // tile is one wide multiply-add.
+  __device__ __forceinline__ int tile_stride() const {
+    return static_cast<int>(2 * padded_rows);
   }
 };
 
@@ -315,6 +317,8 @@ struct MmaArgs {
   TokenRows<T> q, k, v;
   TokenRows<T> grad_out;  // backward only
   const float* scalars;   // backward only: (B, H, M, 2) = (rs, dl)
+  // backward's key side: (B, H, M, 2) = (rs, -dl / rs), load_query_factors
+  const float* key_side_scalars;
   int64_t heads, queries, keys;
   int d, e;
   Mask mask;
@@ -338,7 +342,7 @@ __device__ __forceinline__ void load_tile_bits(uint32_t (&bits)[kM],
                                                const uint32_t* words,
                                                const AllowedBits& table,
                                                int tile) {
-  const uint32_t* at = words + table.tile_stride() * tile;
+  const uint32_t* at = words + static_cast<int64_t>(tile) * table.tile_stride();
 #pragma unroll
   for (int f = 0; f < kM; ++f) bits[f] = at[32 * f];
 }
@@ -668,30 +672,47 @@ TS_HOST_DEVICE constexpr int backward_chunk_rows() {
   return kDim == 128 ? 16 : chunk_rows<kDim>();
 }
 
+// The key side's per-query factors (load_query_factors), floats per stage.
+constexpr int kQueryFactors = 6 * kQueryTile;
+
 template <int kDim>
 constexpr size_t mma_backward_smem() {
   // The block's rows (key side: K, V; query side: Q, gY), two stages of two
   // tiles (key side: Q, gY; query side: K, V; 64 rows each) and two stages of
-  // rs, dl.
+  // the key side's query factors.
   static_assert(kQueryTile == kKeys);
   return size_t(2 * block_rows<kDim>() + 4 * kKeys) * (kDim + 8) * 2 +
-         4 * kQueryTile * sizeof(float);
+         2 * kQueryFactors * sizeof(float);
 }
 
-// rs, dl of queries [i0, i0 + kQueryTile) into dst[0..kQueryTile),
-// dst[kQueryTile..2 kQueryTile), zeros past the queries (so that padded query
-// rows contribute nothing).
+// The key side's element step, with rs, dl of query i and f(x) = a x^2 + b x
+// + c, in factors of the query alone:
+//   P^T  = rs f(x)               = (a rs) x^2 + (b rs) x + c rs
+//   dX^T = (rs G^T - dl) f'(x)   = (G^T - dl / rs) (2 a rs x + b rs)
+// so an element costs four multiply-adds where rs f(x) and (rs G^T - dl) f'(x)
+// cost six, and G^T - dl / rs is G^T's product accumulated from -dl / rs
+// instead of 0 (the host divides, mma_backward: rs = 0, a query with no
+// keys, has dl = 0 and takes 0). From p.key_side_scalars (rs, -dl / rs), for
+// queries [i0, i0 + kQueryTile), zeros past the queries (so that padded
+// query rows contribute nothing), dst holds (a rs, b rs, c rs, 2 a rs) at
+// [4 i], one 16-byte load, and -dl / rs at [4 kQueryTile + 4 (i / 2) + i % 2]
+// and [.. + 2]: the start of one n8 tile of G^T in the C layout (lane columns
+// 2 quad, 2 quad + 1 in rows g and g + 8) is one 16-byte load too.
 template <typename T>
-__device__ __forceinline__ void load_row_scalars(float* dst,
-                                                 const MmaArgs<T>& p,
-                                                 int64_t bh, int64_t i0) {
+__device__ __forceinline__ void load_query_factors(float* dst,
+                                                   const MmaArgs<T>& p,
+                                                   int64_t bh, int64_t i0) {
   static_assert(kQueryTile <= kThreads);
-  if (threadIdx.x < kQueryTile) {
-    const int64_t i = i0 + threadIdx.x;
-    const bool valid = i < p.queries;
-    const float* s = p.scalars + 2 * (bh * p.queries + i);
-    dst[threadIdx.x] = valid ? s[0] : 0.f;
-    dst[kQueryTile + threadIdx.x] = valid ? s[1] : 0.f;
+  const int i = threadIdx.x;
+  if (i < kQueryTile) {
+    const bool valid = i0 + i < p.queries;
+    const float* s = p.key_side_scalars + 2 * (bh * p.queries + i0 + i);
+    const float rs = valid ? s[0] : 0.f, shift = valid ? s[1] : 0.f;
+    const float a = p.f.of_degree(2), b = p.f.of_degree(1);
+    *reinterpret_cast<float4*>(dst + 4 * i) =
+        make_float4(a * rs, b * rs, p.f.of_degree(0) * rs, 2.f * a * rs);
+    dst[4 * kQueryTile + 4 * (i / 2) + i % 2] = shift;
+    dst[4 * kQueryTile + 4 * (i / 2) + 2 + i % 2] = shift;
   }
 }
 
@@ -710,7 +731,7 @@ __global__ void __launch_bounds__(kThreads)
   T* vs = ks + kBlockKeys * ld;
   T* qs = vs + kBlockKeys * ld;                                // two stages
   T* gs = qs + 2 * kStage;                                     // two stages
-  float* scalars = reinterpret_cast<float*>(gs + 2 * kStage);  // two stages
+  float* factors = reinterpret_cast<float*>(gs + 2 * kStage);  // two stages
   const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16 * kM;
   const int g = lane / 4, quad = lane % 4;
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
@@ -737,7 +758,7 @@ __global__ void __launch_bounds__(kThreads)
     g_rows.copy(gs + stage * kStage);
     q_rows.advance();
     g_rows.advance();
-    load_row_scalars(scalars + stage * 2 * kQueryTile, p, bh, i0);
+    load_query_factors(factors + stage * kQueryFactors, p, bh, i0);
   };
   if (tiles > 0) load_queries(0, first);
   warp::cp_async_commit();
@@ -753,7 +774,8 @@ __global__ void __launch_bounds__(kThreads)
   float dk[kM][kDim / 8][4] = {}, dv[kM][kDim / 8][4] = {};
   const uint32_t* mask_words =
       kMode == MaskMode::kAttnMask
-          ? p.allowed_by_key.lane_words(b, h, j0 + warp_row, lane)
+          ? p.allowed_by_key.lane_words(b, h, j0 + warp_row, lane) +
+                first / kQueryTile * p.allowed_by_key.tile_stride()
           : nullptr;
 
   // One query tile, kC queries at a time. Element i of n8 tile n of fragment
@@ -762,15 +784,15 @@ __global__ void __launch_bounds__(kThreads)
   const auto step = [&](int tile, auto elementwise) {
     constexpr bool kElementwise = decltype(elementwise)::value;
     const int64_t i0 = first + static_cast<int64_t>(tile) * kQueryTile;
-    [[maybe_unused]] uint32_t
-        bits[kM];  // first is a multiple of 64: i0 starts a tile
+    [[maybe_unused]] uint32_t bits[kM];  // first: a multiple of kQueryTile
     if constexpr (kMode == MaskMode::kAttnMask)
-      load_tile_bits(bits, mask_words, p.allowed_by_key, i0 / kQueryTile);
+      load_tile_bits(bits, mask_words, p.allowed_by_key, tile);
     const int stage = tile % 2;
     const T* qt = qs + stage * kStage;
     const T* gt = gs + stage * kStage;
-    const float* rs = scalars + stage * 2 * kQueryTile;
-    const float* dl = rs + kQueryTile;
+    const float4* query_factors =
+        reinterpret_cast<const float4*>(factors + stage * kQueryFactors);
+    const float* shifts = factors + stage * kQueryFactors + 4 * kQueryTile;
     if (tile + 1 < tiles) {
       load_queries(1 - stage, i0 + kQueryTile);
       warp::cp_async_commit();
@@ -783,7 +805,19 @@ __global__ void __launch_bounds__(kThreads)
     for (int c = 0; c < kQueryTile / kC; ++c) {
       const T* qc = qt + kC * c * ld;
       const T* gc = gt + kC * c * ld;
-      float st[kM][kC / 8][4] = {}, dxt[kM][kC / 8][4] = {};
+      float st[kM][kC / 8][4] = {}, dxt[kM][kC / 8][4];
+#pragma unroll
+      for (int n = 0; n < kC / 8; ++n) {  // G^T - dl / rs
+        const float4 shift = *reinterpret_cast<const float4*>(
+            shifts + 4 * ((kC * c + 8 * n) / 2 + quad));
+#pragma unroll
+        for (int f = 0; f < kM; ++f) {
+          dxt[f][n][0] = shift.x;
+          dxt[f][n][1] = shift.y;
+          dxt[f][n][2] = shift.z;
+          dxt[f][n][3] = shift.w;
+        }
+      }
       if constexpr (kHoldKeys) {
         warp::mma_abt<T, kDim, kC, ld>(st, kf, qc, lane);   // S^T
         warp::mma_abt<T, kDim, kC, ld>(dxt, vf, gc, lane);  // G^T
@@ -799,9 +833,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int f = 0; f < kM; ++f) {
             const float x = st[f][n][i];
-            float weight = taylor_weight(x, p.f, QuadraticOrder()) * rs[col];
-            float dx = (rs[col] * dxt[f][n][i] - dl[col]) *
-                       taylor_weight_grad(x, p.f, QuadraticOrder());
+            const float4 factor = query_factors[col];
+            float weight = (factor.x * x + factor.y) * x + factor.z;
+            float dx = dxt[f][n][i] * (factor.w * x + factor.y);
             if constexpr (kMode != MaskMode::kAttnMask && kElementwise) {
               // the causal diagonal
               if (j0 + warp_row + 16 * f + g + 8 * (i / 2) > i0 + col) {
@@ -1027,6 +1061,10 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
   const at::Tensor g = cp_async_rows(grad_out);
   args.grad_out = token_rows<T>(g, e);
   args.scalars = scalars.data_ptr<float>();
+  const at::Tensor rs = scalars.select(-1, 0), dl = scalars.select(-1, 1);
+  const at::Tensor key_side_scalars =
+      at::stack({rs, at::where(rs != 0, -dl / rs, at::zeros_like(rs))}, -1);
+  args.key_side_scalars = key_side_scalars.data_ptr<float>();
   at::Tensor allowed, allowed_by_key;
   if (mode == MaskMode::kAttnMask) {
     args.allowed = allowed_bits(mask, q, q.size(2), k.size(2), false, allowed);
