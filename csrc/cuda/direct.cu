@@ -673,7 +673,7 @@ TS_HOST_DEVICE constexpr int backward_chunk_rows() {
 }
 
 // The key side's per-query factors (load_query_factors), floats per stage.
-constexpr int kQueryFactors = 6 * kQueryTile;
+constexpr int kQueryFactors = 7 * kQueryTile;
 
 template <int kDim>
 constexpr size_t mma_backward_smem() {
@@ -697,7 +697,18 @@ constexpr size_t mma_backward_smem() {
 // query rows contribute nothing), dst holds (a rs, b rs, c rs, 2 a rs) at
 // [4 i], one 16-byte load, and -dl / rs at [4 kQueryTile + 4 (i / 2) + i % 2]
 // and [.. + 2]: the start of one n8 tile of G^T in the C layout (lane columns
-// 2 quad, 2 quad + 1 in rows g and g + 8) is one 16-byte load too.
+// 2 quad, 2 quad + 1 in rows g and g + 8) is one 16-byte load too, and rs
+// at [6 kQueryTile + i]. At d = 128, where dK and dV take 128 registers, four
+// factors per column held through a chunk added spills (40 to 48 bytes,
+// sass_report.py), so there the loop reads rs and multiplies (the dK/dV
+// kernel's main loop: 3.4 -> 3.6 warp-instructions per HMMA).
+__device__ __forceinline__ float4 query_factors(const Polynomial<float>& f,
+                                                float rs) {
+  const float a = f.of_degree(2);
+  return make_float4(a * rs, f.of_degree(1) * rs, f.of_degree(0) * rs,
+                     2.f * a * rs);
+}
+
 template <typename T>
 __device__ __forceinline__ void load_query_factors(float* dst,
                                                    const MmaArgs<T>& p,
@@ -708,9 +719,8 @@ __device__ __forceinline__ void load_query_factors(float* dst,
     const bool valid = i0 + i < p.queries;
     const float* s = p.key_side_scalars + 2 * (bh * p.queries + i0 + i);
     const float rs = valid ? s[0] : 0.f, shift = valid ? s[1] : 0.f;
-    const float a = p.f.of_degree(2), b = p.f.of_degree(1);
-    *reinterpret_cast<float4*>(dst + 4 * i) =
-        make_float4(a * rs, b * rs, p.f.of_degree(0) * rs, 2.f * a * rs);
+    *reinterpret_cast<float4*>(dst + 4 * i) = query_factors(p.f, rs);
+    dst[6 * kQueryTile + i] = rs;
     dst[4 * kQueryTile + 4 * (i / 2) + i % 2] = shift;
     dst[4 * kQueryTile + 4 * (i / 2) + 2 + i % 2] = shift;
   }
@@ -790,9 +800,10 @@ __global__ void __launch_bounds__(kThreads)
     const int stage = tile % 2;
     const T* qt = qs + stage * kStage;
     const T* gt = gs + stage * kStage;
-    const float4* query_factors =
+    const float4* column_factors =
         reinterpret_cast<const float4*>(factors + stage * kQueryFactors);
     const float* shifts = factors + stage * kQueryFactors + 4 * kQueryTile;
+    const float* column_rs = shifts + 2 * kQueryTile;
     if (tile + 1 < tiles) {
       load_queries(1 - stage, i0 + kQueryTile);
       warp::cp_async_commit();
@@ -833,7 +844,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int f = 0; f < kM; ++f) {
             const float x = st[f][n][i];
-            const float4 factor = query_factors[col];
+            const float4 factor = kHoldKeys
+                                      ? column_factors[col]
+                                      : query_factors(p.f, column_rs[col]);
             float weight = (factor.x * x + factor.y) * x + factor.z;
             float dx = dxt[f][n][i] * (factor.w * x + factor.y);
             if constexpr (kMode != MaskMode::kAttnMask && kElementwise) {
