@@ -256,8 +256,8 @@ def test_direct_causal_blocks_past_the_diagonal(d, mask_case):
 # With an attn_mask the 16-bit direct kernels test one bit per element of a table built from the
 # mask, the key padding and causality (direct.cu: AllowedBits): one table where they broadcast over
 # batch rows and heads (test_direct_operator), one per batch row and head here. 140 queries and
-# 130 keys span three 64-bit words per row and two or three blocks in both orientations (the dK/dV
-# kernel reads the table by key).
+# 130 keys span three 64-column tiles per row and two or three blocks in both orientations (the
+# dK/dV kernel reads the table by key).
 @pytest.mark.parametrize(
     "dtype,d,mask_case",
     [

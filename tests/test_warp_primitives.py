@@ -2,7 +2,8 @@
 definition of their per-lane layouts: CuTe's MMA_Traits and Copy_Traits from the nvidia-cutlass
 headers (mma.sync m16n8k16 A/B/C fragments for bf16 and fp16; ldmatrix x1/x2/x4 with and without
 .trans), plus the emulated mma against a float64 product, cp.async's deferred landing, and the paired
-16-bit multiply (mul2) against the toolkit's host __hmul2_rn.
+16-bit multiply (mul2) against the toolkit's host __hmul2_rn, and the byte-sign spread (byte_signs,
+prmt) against the PTX ISA's definition.
 
 csrc/cuda/emulation/warp_check.cpp does the comparisons on the host and prints one line per check;
 every CUDA kernel test under `-p emulate` relies on these layouts being the hardware's.
@@ -31,6 +32,7 @@ CHECKS = {
     "cp_async": 32,
     "mul2_bf16": 65536,
     "mul2_f16": 65536,
+    "byte_signs": 6 * (32 + 4096),
 }
 
 

@@ -177,7 +177,12 @@ TS_HOST_DEVICE constexpr int block_rows() {
 //   any product, even if their inputs are NaN or inf. A causal mask needs a
 //   per-element test only on the one tile that holds the diagonal, which runs
 //   outside the main loop.
-// - kAttnMask: an explicit attn_mask is tested per element in every tile.
+// - kAttnMask: an explicit attn_mask, tested per element in every tile
+//   (AllowedBits, with the key padding and causality folded in). Its main
+//   loops test no key padding: the host zeroes padded keys' K and V rows
+//   instead (zero_padded_keys), so that their values never reach a product
+//   (a masked W or dX is 0, but 0 * NaN = NaN), and the row sums take every
+//   key with weight 1 (the masked W of a padded key or the key tail is 0).
 enum class MaskMode { kNoPadding, kKeyPadding, kAttnMask };
 
 MaskMode mask_mode(const std::optional<at::Tensor>& key_padding_mask,
@@ -186,20 +191,48 @@ MaskMode mask_mode(const std::optional<at::Tensor>& key_padding_mask,
   return key_padding_mask ? MaskMode::kKeyPadding : MaskMode::kNoPadding;
 }
 
+// K or V (B, H, N, d) with the rows of padded keys zeroed, for kAttnMask;
+// one elementwise pass where the kernels' loops would test each key tile.
+at::Tensor zero_padded_keys(const at::Tensor& t,
+                            const std::optional<at::Tensor>& key_padding_mask) {
+  if (!key_padding_mask) return t;
+  return t.masked_fill(key_padding_mask->unsqueeze(1).unsqueeze(-1), 0);
+}
+
 // kAttnMask's mask as bits, so that the main loops test one bit per element
 // where Mask::allowed costs a 64-bit address and a byte load per element
-// (33 to 162 warp-instructions per HMMA on sm_90, sass_report.py). Word w of
-// row r of (b, h) holds bit t = whether (r, 64 w + t) may attend, with the
-// attn_mask, the key padding and causality folded in; bits past the columns
-// are 0. A 64-key (or 64-query) tile of the mma kernels is one word. The
-// table broadcasts over b and h where the mask does (stride 0).
+// (33 to 162 warp-instructions per HMMA on sm_90, sass_report.py), with the
+// attn_mask, the key padding and causality folded in: bit = whether query i
+// may attend key j. The mma kernels hold a 64-column tile (keys, or queries
+// for the key side) of 16 rows as C fragments: lane (g, quad) has rows g and
+// g + 8, columns 8 n + 2 quad + t (n = 0..7, t = 0, 1). So the table stores
+// per 16 rows and 64 columns 32 words of 32 bits, word `lane` holding that
+// lane's 32 elements: row g + 8 r, column 8 n + 2 quad + t at bit
+// 16 r + 8 t + 7 - n. A lane loads one word per 16 rows and tile; shifted
+// left by n, its four byte sign bits are the elements (r, t) of n8 tile n,
+// which mask_pairs turns into masks of packed pairs. Per table the words run
+// 16-row group by group and then tile by tile (tile w of group G at
+// 32 (w padded_rows / 16 + G)), so a lane finds its words of every tile at
+// fixed offsets from one pointer; padded_rows (the rows rounded up to
+// kPaddedRows, a multiple of every block's rows, with all bits 0) spares the
+// kernels a bounds test. The table broadcasts over b and h where the mask
+// does (stride 0).
+constexpr int kPaddedRows = 128;
+
 struct AllowedBits {
-  const uint64_t* words = nullptr;
-  int64_t stride_b = 0, stride_h = 0, rows = 0, row_words = 0;
-  __device__ __forceinline__ uint64_t word(int64_t b, int64_t h, int64_t row,
-                                           int64_t w) const {
-    return row < rows ? words[b * stride_b + h * stride_h + row * row_words + w]
-                      : 0;
+  const uint32_t* words = nullptr;
+  int64_t stride_b = 0, stride_h = 0, padded_rows = 0;
+  // The word of tile 0 for lane `lane` of the 16 rows from row0 (a multiple
+  // of 16); tile w's at [tile_stride() w].
+  __device__ __forceinline__ const uint32_t* lane_words(int64_t b, int64_t h,
+                                                        int64_t row0,
+                                                        int lane) const {
+    return words + b * stride_b + h * stride_h + 2 * row0 + lane;
+  }
+  // 32 bits (a table of 2^31 words per tile is 2^30 rows): the offset of a
+  // tile is one wide multiply-add.
+  __device__ __forceinline__ int tile_stride() const {
+    return static_cast<int>(2 * padded_rows);
   }
 };
 
@@ -207,14 +240,16 @@ struct AllowedBits {
 // emulation launches a 32nd of the blocks one word per warp would take.
 constexpr int kWordsPerWarp = 8;
 
-// Fills the (tables_b, tables_h, rows, row_words) table: a warp per
-// kWordsPerWarp consecutive words, lane t testing columns 64 w + t and
-// 64 w + 32 + t, __ballot_sync gathering the bits. `by_key`: rows are keys and
-// columns queries (the key-side backward reads S^T).
+// Fills the (tables_b, tables_h, row_words, padded_rows / 16, 32) table of
+// 32-bit words two at a time: a warp per kWordsPerWarp consecutive pairs,
+// lane l testing the elements of bits l and 32 + l of the pair, whose words
+// belong to lanes (slots) 2 k and 2 k + 1 of their 16 rows, __ballot_sync
+// gathering the bits. `by_key`: rows are keys and columns queries (the
+// key-side backward reads S^T).
 __global__ void __launch_bounds__(kThreads)
-    pack_allowed_kernel(Mask mask, uint64_t* words, int64_t tables_h,
-                        int64_t rows, int64_t cols, int64_t row_words,
-                        int64_t total_words, bool by_key) {
+    pack_allowed_kernel(Mask mask, uint64_t* pairs, int64_t tables_h,
+                        int64_t rows, int64_t padded_rows, int64_t cols,
+                        int64_t row_words, int64_t total_pairs, bool by_key) {
   const int lane = threadIdx.x % 32;
   const int64_t first =
       (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32 *
@@ -223,22 +258,29 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int n = 0; n < kWordsPerWarp; ++n) {
     const int64_t w = first + n;  // warp-uniform, as __ballot_sync needs
-    const int64_t col_word = w % row_words, row = w / row_words % rows;
-    const int64_t table = w / row_words / rows;
+    // pair k of 16 rows from row0, tile col_word
+    const int64_t k = w % 16, row0 = w / 16 * 16 % padded_rows;
+    const int64_t col_word = w / padded_rows % row_words;
+    const int64_t table = w / padded_rows / row_words;
     const int64_t b = table / tables_h, h = table % tables_h;
     uint32_t half[2];
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-      const int64_t col = 64 * col_word + 32 * s + lane;
+      // bit 16 r + 8 t + 7 - n8 of the word of slot g * 4 + quad
+      const int slot = 2 * k + s, g = slot / 4, quad = slot % 4;
+      const int r = lane / 16, t = lane / 8 % 2, n8 = 7 - lane % 8;
+      const int64_t row = row0 + g + 8 * r;
+      const int64_t col = 64 * col_word + 8 * n8 + 2 * quad + t;
       const int64_t i = by_key ? col : row, j = by_key ? row : col;
-      half[s] = __ballot_sync(0xffffffffu, w < total_words && col < cols &&
+      half[s] = __ballot_sync(0xffffffffu, w < total_pairs && row < rows &&
+                                               col < cols &&
                                                mask.allowed(b, h, i, j));
     }
     packed[n] = half[0] | static_cast<uint64_t>(half[1]) << 32;
   }
 #pragma unroll
   for (int n = 0; n < kWordsPerWarp; ++n)
-    if (lane == n && first + n < total_words) words[first + n] = packed[n];
+    if (lane == n && first + n < total_pairs) pairs[first + n] = packed[n];
 }
 
 // The table of `rows` x `cols` (queries x keys, or keys x queries `by_key`)
@@ -250,20 +292,22 @@ AllowedBits allowed_bits(const Mask& mask, const at::Tensor& q, int64_t rows,
   const int64_t tables_b =
       mask.am_stride_b == 0 && mask.key_padding == nullptr ? 1 : q.size(0);
   const int64_t tables_h = mask.am_stride_h == 0 ? 1 : q.size(1);
+  const int64_t row_words = (cols + 63) / 64;
   AllowedBits bits;
-  bits.rows = rows;
-  bits.row_words = (cols + 63) / 64;
-  bits.stride_h = tables_h == 1 ? 0 : rows * bits.row_words;
-  bits.stride_b = tables_b == 1 ? 0 : tables_h * rows * bits.row_words;
-  const int64_t total = tables_b * tables_h * rows * bits.row_words;
+  bits.padded_rows = (rows + kPaddedRows - 1) / kPaddedRows * kPaddedRows;
+  // a pair of 32-bit words per row and 64 columns
+  const int64_t table_pairs = row_words * bits.padded_rows;
+  bits.stride_h = tables_h == 1 ? 0 : 2 * table_pairs;
+  bits.stride_b = tables_b == 1 ? 0 : 2 * tables_h * table_pairs;
+  const int64_t total = tables_b * tables_h * table_pairs;
   storage = at::empty({total}, q.options().dtype(at::kLong));
-  bits.words = reinterpret_cast<const uint64_t*>(storage.data_ptr<int64_t>());
+  bits.words = reinterpret_cast<const uint32_t*>(storage.data_ptr<int64_t>());
   if (total == 0) return bits;
   constexpr int64_t kWordsPerBlock = kThreads / 32 * kWordsPerWarp;
   pack_allowed_kernel<<<(total + kWordsPerBlock - 1) / kWordsPerBlock, kThreads,
                         0, at::cuda::getCurrentCUDAStream()>>>(
       mask, reinterpret_cast<uint64_t*>(storage.data_ptr<int64_t>()), tables_h,
-      rows, cols, bits.row_words, total, by_key);
+      rows, bits.padded_rows, cols, row_words, total, by_key);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return bits;
 }
@@ -273,6 +317,8 @@ struct MmaArgs {
   TokenRows<T> q, k, v;
   TokenRows<T> grad_out;  // backward only
   const float* scalars;   // backward only: (B, H, M, 2) = (rs, dl)
+  // backward's key side: (B, H, M, 2) = (rs, -dl / rs), load_query_factors
+  const float* key_side_scalars;
   int64_t heads, queries, keys;
   int d, e;
   Mask mask;
@@ -282,31 +328,57 @@ struct MmaArgs {
   Polynomial<float> f;     // the weight polynomial, by value
 };
 
-// The mask view with which load_key_rows zeroes padded keys' rows.
+// The mask view with which load_key_rows zeroes padded keys' rows (MaskMode).
 template <MaskMode kMode, typename T>
 __device__ __forceinline__ const Mask* padding(const MmaArgs<T>& p) {
-  return kMode == MaskMode::kNoPadding ? nullptr : &p.mask;
+  return kMode == MaskMode::kKeyPadding ? &p.mask : nullptr;
 }
 
-// This thread's rows of a 64-column tile in the allowed table (kAttnMask):
-// bits[f][r] for row row0 + 16 f + 8 r, shifted by 2 quad so that the
-// element at tile column kC c + 8 n + 2 quad + i % 2 (the C layout) is bit
-// kC c + 8 n + i % 2, a compile-time position.
+// This lane's words of a 64-column tile of the allowed table (kAttnMask),
+// one per fragment f (rows 16 f .. 16 f + 15 from `words`, its
+// AllowedBits::lane_words).
 template <int kM>
-__device__ __forceinline__ void load_tile_bits(uint64_t (&bits)[kM][2],
+__device__ __forceinline__ void load_tile_bits(uint32_t (&bits)[kM],
+                                               const uint32_t* words,
                                                const AllowedBits& table,
-                                               int64_t b, int64_t h,
-                                               int64_t row0, int64_t tile,
-                                               int quad) {
+                                               int tile) {
+  const uint32_t* at = words + static_cast<int64_t>(tile) * table.tile_stride();
+#pragma unroll
+  for (int f = 0; f < kM; ++f) bits[f] = at[32 * f];
+}
+
+// The masks of the A fragments of columns kC c .. kC c + kC - 1 of a tile
+// (warp::to_a of kC / 8 n8 tiles of C): register j of k-step kk packs the
+// elements (row g + 8 (j % 2), n8 tile kC c / 8 + 2 kk + j / 2, t = 0, 1),
+// whose bits 16 r + 8 t + 7 - n sit, after a left shift by n, at the sign
+// bits of bytes 2 r + t: warp::byte_signs spreads them over the 16-bit halves
+// (0xffff keeps an element, 0 zeroes it), and an AND masks both at once.
+template <int kC, int kM>
+__device__ __forceinline__ void pair_masks(uint32_t (&masks)[kM][kC / 16][4],
+                                           const uint32_t (&bits)[kM], int c) {
+#pragma unroll
+  for (int f = 0; f < kM; ++f) {
+#pragma unroll
+    for (int kk = 0; kk < kC / 16; ++kk) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t shifted = bits[f] << (kC * c / 8 + 2 * kk + j / 2);
+        masks[f][kk][j] = j % 2 == 0 ? warp::byte_signs<0x1100>(shifted)
+                                     : warp::byte_signs<0x3322>(shifted);
+      }
+    }
+  }
+}
+
+template <int kC, int kM>
+__device__ __forceinline__ void mask_pairs(
+    uint32_t (&a)[kM][kC / 16][4], const uint32_t (&masks)[kM][kC / 16][4]) {
 #pragma unroll
   for (int f = 0; f < kM; ++f)
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-      bits[f][r] = table.word(b, h, row0 + 16 * f + 8 * r, tile) >> (2 * quad);
-}
-
-__device__ __forceinline__ bool bit_set(uint64_t bits, int position) {
-  return (bits >> position) & 1;
+    for (int kk = 0; kk < kC / 16; ++kk)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) a[f][kk][j] &= masks[f][kk][j];
 }
 
 // Runs step(tile, elementwise) over the `tiles` key tiles of the query block
@@ -380,7 +452,8 @@ __global__ void __launch_bounds__(kThreads)
   // Stage `stage` <- the next key tile: K, V and m.
   KeyCopies<kDim, kKeys, T> keys(p.k, p.v, b, h, 0, p.keys, padding<kMode>(p));
   const auto load_keys = [&](int stage) {
-    keys.copy(ks + stage * kStage, vs + stage * kStage, ms + stage * kKeys);
+    keys.copy(ks + stage * kStage, vs + stage * kStage,
+              kMode == MaskMode::kAttnMask ? nullptr : ms + stage * kKeys);
     keys.advance();
   };
   load_rows<kDim, kRows>(qs, p.q, b, h, i0, p.queries);
@@ -394,6 +467,10 @@ __global__ void __launch_bounds__(kThreads)
   float o[kM][kDim / 8][4] = {};  // O, n8 tiles in the C layout
   // W m: every column holds the sums of rows g ([0], [1]) and g + 8 ([2], [3])
   float row_sum[kM][4] = {};
+  const uint32_t* mask_words =
+      kMode == MaskMode::kAttnMask
+          ? p.allowed.lane_words(b, h, i0 + warp_row, lane)
+          : nullptr;
 
   // One key tile, kC keys at a time. Element i of n8 tile n of fragment f's
   // S over keys kC c .. kC c + kC - 1 is (row 16 f + g + 8 (i / 2), key
@@ -412,11 +489,11 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     const T* kt = ks + stage * kStage;
     const T* vt = vs + stage * kStage;
-    const T* mt = ms + stage * kKeys;
+    [[maybe_unused]] const T* mt = ms + stage * kKeys;  // not kAttnMask
     const int64_t j0 = static_cast<int64_t>(tile) * kKeys;
-    uint64_t bits[kM][2];
+    [[maybe_unused]] uint32_t bits[kM];
     if constexpr (kMode == MaskMode::kAttnMask)
-      load_tile_bits(bits, p.allowed, b, h, i0 + warp_row + g, tile, quad);
+      load_tile_bits(bits, mask_words, p.allowed, tile);
 #pragma unroll
     for (int c = 0; c < kKeys / kC; ++c) {
       float s[kM][kC / 8][4] = {};  // S = Q K^T
@@ -428,9 +505,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             float w = mma_weight<kQuadratic>(s[f][n][i], p.f);
-            if constexpr (kMode == MaskMode::kAttnMask) {
-              if (!bit_set(bits[f][i / 2], kC * c + 8 * n + i % 2)) w = 0.f;
-            } else if constexpr (kElementwise) {  // the causal diagonal
+            if constexpr (kMode != MaskMode::kAttnMask &&
+                          kElementwise) {  // the causal diagonal
               const int64_t row = i0 + warp_row + 16 * f + g + 8 * (i / 2);
               const int64_t j = j0 + kC * c + 8 * n + 2 * quad + i % 2;
               if (j > row) w = 0.f;
@@ -442,8 +518,17 @@ __global__ void __launch_bounds__(kThreads)
       uint32_t wf[kM][kC / 16][4];
 #pragma unroll
       for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(wf[f], s[f]);
+      if constexpr (kMode == MaskMode::kAttnMask) {
+        uint32_t masks[kM][kC / 16][4];
+        pair_masks<kC>(masks, bits, c);
+        mask_pairs<kC>(wf, masks);
+      }
       warp::mma_ab<T, kC, kDim, ld>(o, wf, vt + kC * c * ld, lane);
-      warp::mma_row_sums<T, kC>(row_sum, wf, mt + kC * c, lane);
+      if constexpr (kMode == MaskMode::kAttnMask) {
+        warp::mma_row_sums_ones<T, kC>(row_sum, wf);
+      } else {
+        warp::mma_row_sums<T, kC>(row_sum, wf, mt + kC * c, lane);
+      }
     }
     __syncthreads();  // every warp is done with this stage before its refill
   };
@@ -587,30 +672,57 @@ TS_HOST_DEVICE constexpr int backward_chunk_rows() {
   return kDim == 128 ? 16 : chunk_rows<kDim>();
 }
 
+// The key side's per-query factors (load_query_factors), floats per stage.
+constexpr int kQueryFactors = 7 * kQueryTile;
+
 template <int kDim>
 constexpr size_t mma_backward_smem() {
   // The block's rows (key side: K, V; query side: Q, gY), two stages of two
   // tiles (key side: Q, gY; query side: K, V; 64 rows each) and two stages of
-  // rs, dl.
+  // the key side's query factors.
   static_assert(kQueryTile == kKeys);
   return size_t(2 * block_rows<kDim>() + 4 * kKeys) * (kDim + 8) * 2 +
-         4 * kQueryTile * sizeof(float);
+         2 * kQueryFactors * sizeof(float);
 }
 
-// rs, dl of queries [i0, i0 + kQueryTile) into dst[0..kQueryTile),
-// dst[kQueryTile..2 kQueryTile), zeros past the queries (so that padded query
-// rows contribute nothing).
+// The key side's element step, with rs, dl of query i and f(x) = a x^2 + b x
+// + c, in factors of the query alone:
+//   P^T  = rs f(x)               = (a rs) x^2 + (b rs) x + c rs
+//   dX^T = (rs G^T - dl) f'(x)   = (G^T - dl / rs) (2 a rs x + b rs)
+// so an element costs four multiply-adds where rs f(x) and (rs G^T - dl) f'(x)
+// cost six, and G^T - dl / rs is G^T's product accumulated from -dl / rs
+// instead of 0 (the host divides, mma_backward: rs = 0, a query with no
+// keys, has dl = 0 and takes 0). From p.key_side_scalars (rs, -dl / rs), for
+// queries [i0, i0 + kQueryTile), zeros past the queries (so that padded
+// query rows contribute nothing), dst holds (a rs, b rs, c rs, 2 a rs) at
+// [4 i], one 16-byte load, and -dl / rs at [4 kQueryTile + 4 (i / 2) + i % 2]
+// and [.. + 2]: the start of one n8 tile of G^T in the C layout (lane columns
+// 2 quad, 2 quad + 1 in rows g and g + 8) is one 16-byte load too, and rs
+// at [6 kQueryTile + i]. At d = 128, where dK and dV take 128 registers, four
+// factors per column held through a chunk added spills (40 to 48 bytes,
+// sass_report.py), so there the loop reads rs and multiplies (the dK/dV
+// kernel's main loop: 3.4 -> 3.6 warp-instructions per HMMA).
+__device__ __forceinline__ float4 query_factors(const Polynomial<float>& f,
+                                                float rs) {
+  const float a = f.of_degree(2);
+  return make_float4(a * rs, f.of_degree(1) * rs, f.of_degree(0) * rs,
+                     2.f * a * rs);
+}
+
 template <typename T>
-__device__ __forceinline__ void load_row_scalars(float* dst,
-                                                 const MmaArgs<T>& p,
-                                                 int64_t bh, int64_t i0) {
+__device__ __forceinline__ void load_query_factors(float* dst,
+                                                   const MmaArgs<T>& p,
+                                                   int64_t bh, int64_t i0) {
   static_assert(kQueryTile <= kThreads);
-  if (threadIdx.x < kQueryTile) {
-    const int64_t i = i0 + threadIdx.x;
-    const bool valid = i < p.queries;
-    const float* s = p.scalars + 2 * (bh * p.queries + i);
-    dst[threadIdx.x] = valid ? s[0] : 0.f;
-    dst[kQueryTile + threadIdx.x] = valid ? s[1] : 0.f;
+  const int i = threadIdx.x;
+  if (i < kQueryTile) {
+    const bool valid = i0 + i < p.queries;
+    const float* s = p.key_side_scalars + 2 * (bh * p.queries + i0 + i);
+    const float rs = valid ? s[0] : 0.f, shift = valid ? s[1] : 0.f;
+    *reinterpret_cast<float4*>(dst + 4 * i) = query_factors(p.f, rs);
+    dst[6 * kQueryTile + i] = rs;
+    dst[4 * kQueryTile + 4 * (i / 2) + i % 2] = shift;
+    dst[4 * kQueryTile + 4 * (i / 2) + 2 + i % 2] = shift;
   }
 }
 
@@ -629,7 +741,7 @@ __global__ void __launch_bounds__(kThreads)
   T* vs = ks + kBlockKeys * ld;
   T* qs = vs + kBlockKeys * ld;                                // two stages
   T* gs = qs + 2 * kStage;                                     // two stages
-  float* scalars = reinterpret_cast<float*>(gs + 2 * kStage);  // two stages
+  float* factors = reinterpret_cast<float*>(gs + 2 * kStage);  // two stages
   const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16 * kM;
   const int g = lane / 4, quad = lane % 4;
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
@@ -656,7 +768,7 @@ __global__ void __launch_bounds__(kThreads)
     g_rows.copy(gs + stage * kStage);
     q_rows.advance();
     g_rows.advance();
-    load_row_scalars(scalars + stage * 2 * kQueryTile, p, bh, i0);
+    load_query_factors(factors + stage * kQueryFactors, p, bh, i0);
   };
   if (tiles > 0) load_queries(0, first);
   warp::cp_async_commit();
@@ -670,6 +782,11 @@ __global__ void __launch_bounds__(kThreads)
     warp::load_a<kDim, ld>(vf, vs + warp_row * ld, lane);
   }
   float dk[kM][kDim / 8][4] = {}, dv[kM][kDim / 8][4] = {};
+  const uint32_t* mask_words =
+      kMode == MaskMode::kAttnMask
+          ? p.allowed_by_key.lane_words(b, h, j0 + warp_row, lane) +
+                first / kQueryTile * p.allowed_by_key.tile_stride()
+          : nullptr;
 
   // One query tile, kC queries at a time. Element i of n8 tile n of fragment
   // f over queries kC c .. kC c + kC - 1: key j0 + warp_row + 16 f + g +
@@ -677,15 +794,16 @@ __global__ void __launch_bounds__(kThreads)
   const auto step = [&](int tile, auto elementwise) {
     constexpr bool kElementwise = decltype(elementwise)::value;
     const int64_t i0 = first + static_cast<int64_t>(tile) * kQueryTile;
-    uint64_t bits[kM][2];  // first is a multiple of 64: i0 starts a word
+    [[maybe_unused]] uint32_t bits[kM];  // first: a multiple of kQueryTile
     if constexpr (kMode == MaskMode::kAttnMask)
-      load_tile_bits(bits, p.allowed_by_key, b, h, j0 + warp_row + g,
-                     i0 / kQueryTile, quad);
+      load_tile_bits(bits, mask_words, p.allowed_by_key, tile);
     const int stage = tile % 2;
     const T* qt = qs + stage * kStage;
     const T* gt = gs + stage * kStage;
-    const float* rs = scalars + stage * 2 * kQueryTile;
-    const float* dl = rs + kQueryTile;
+    const float4* column_factors =
+        reinterpret_cast<const float4*>(factors + stage * kQueryFactors);
+    const float* shifts = factors + stage * kQueryFactors + 4 * kQueryTile;
+    const float* column_rs = shifts + 2 * kQueryTile;
     if (tile + 1 < tiles) {
       load_queries(1 - stage, i0 + kQueryTile);
       warp::cp_async_commit();
@@ -698,7 +816,19 @@ __global__ void __launch_bounds__(kThreads)
     for (int c = 0; c < kQueryTile / kC; ++c) {
       const T* qc = qt + kC * c * ld;
       const T* gc = gt + kC * c * ld;
-      float st[kM][kC / 8][4] = {}, dxt[kM][kC / 8][4] = {};
+      float st[kM][kC / 8][4] = {}, dxt[kM][kC / 8][4];
+#pragma unroll
+      for (int n = 0; n < kC / 8; ++n) {  // G^T - dl / rs
+        const float4 shift = *reinterpret_cast<const float4*>(
+            shifts + 4 * ((kC * c + 8 * n) / 2 + quad));
+#pragma unroll
+        for (int f = 0; f < kM; ++f) {
+          dxt[f][n][0] = shift.x;
+          dxt[f][n][1] = shift.y;
+          dxt[f][n][2] = shift.z;
+          dxt[f][n][3] = shift.w;
+        }
+      }
       if constexpr (kHoldKeys) {
         warp::mma_abt<T, kDim, kC, ld>(st, kf, qc, lane);   // S^T
         warp::mma_abt<T, kDim, kC, ld>(dxt, vf, gc, lane);  // G^T
@@ -714,18 +844,17 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int f = 0; f < kM; ++f) {
             const float x = st[f][n][i];
-            float weight = taylor_weight(x, p.f, QuadraticOrder()) * rs[col];
-            float dx = (rs[col] * dxt[f][n][i] - dl[col]) *
-                       taylor_weight_grad(x, p.f, QuadraticOrder());
-            bool allowed = true;
-            if constexpr (kMode == MaskMode::kAttnMask) {
-              allowed = bit_set(bits[f][i / 2], kC * c + 8 * n + i % 2);
-            } else if constexpr (kElementwise) {  // the causal diagonal
-              allowed = j0 + warp_row + 16 * f + g + 8 * (i / 2) <= i0 + col;
-            }
-            if (!allowed) {
-              weight = 0.f;
-              dx = 0.f;
+            const float4 factor = kHoldKeys
+                                      ? column_factors[col]
+                                      : query_factors(p.f, column_rs[col]);
+            float weight = (factor.x * x + factor.y) * x + factor.z;
+            float dx = dxt[f][n][i] * (factor.w * x + factor.y);
+            if constexpr (kMode != MaskMode::kAttnMask && kElementwise) {
+              // the causal diagonal
+              if (j0 + warp_row + 16 * f + g + 8 * (i / 2) > i0 + col) {
+                weight = 0.f;
+                dx = 0.f;
+              }
             }
             st[f][n][i] = weight;
             dxt[f][n][i] = dx;
@@ -733,11 +862,16 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       uint32_t af[kM][kC / 16][4];
+      [[maybe_unused]] uint32_t masks[kM][kC / 16][4];
+      if constexpr (kMode == MaskMode::kAttnMask)
+        pair_masks<kC>(masks, bits, c);
 #pragma unroll
       for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], st[f]);
+      if constexpr (kMode == MaskMode::kAttnMask) mask_pairs<kC>(af, masks);
       warp::mma_ab<T, kC, kDim, ld>(dv, af, gc, lane);  // dV += P^T gY
 #pragma unroll
       for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], dxt[f]);
+      if constexpr (kMode == MaskMode::kAttnMask) mask_pairs<kC>(af, masks);
       warp::mma_ab<T, kC, kDim, ld>(dk, af, qc, lane);  // dK += dX^T Q
     }
     __syncthreads();  // every warp is done with this stage before its refill
@@ -822,6 +956,10 @@ __global__ void __launch_bounds__(kThreads)
   warp::load_a<kDim, ld>(qf, qs + warp_row * ld, lane);
   warp::load_a<kDim, ld>(gf, gs + warp_row * ld, lane);
   float dq[kM][kDim / 8][4] = {};
+  const uint32_t* mask_words =
+      kMode == MaskMode::kAttnMask
+          ? p.allowed.lane_words(b, h, i0 + warp_row, lane)
+          : nullptr;
 
   // One key tile, kC keys at a time; element i of n8 tile n of fragment f:
   // query row 16 f + g + 8 (i / 2) of the warp, key kC c + 8 n + 2 quad +
@@ -838,9 +976,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     const int64_t j0 = static_cast<int64_t>(tile) * kKeys;
-    uint64_t bits[kM][2];
+    [[maybe_unused]] uint32_t bits[kM];
     if constexpr (kMode == MaskMode::kAttnMask)
-      load_tile_bits(bits, p.allowed, b, h, i0 + warp_row + g, tile, quad);
+      load_tile_bits(bits, mask_words, p.allowed, tile);
 #pragma unroll
     for (int c = 0; c < kKeys / kC; ++c) {
       const T* kc = ks + stage * kStage + kC * c * ld;
@@ -857,9 +995,8 @@ __global__ void __launch_bounds__(kThreads)
             const int r = i / 2;
             float value = (rs[f][r] * dx[f][n][i] - dl[f][r]) *
                           taylor_weight_grad(s[f][n][i], p.f, QuadraticOrder());
-            if constexpr (kMode == MaskMode::kAttnMask) {
-              if (!bit_set(bits[f][r], kC * c + 8 * n + i % 2)) value = 0.f;
-            } else if constexpr (kElementwise) {  // the causal diagonal
+            if constexpr (kMode != MaskMode::kAttnMask && kElementwise) {
+              // the causal diagonal
               const int64_t row = i0 + warp_row + 16 * f + g + 8 * r;
               const int64_t j = j0 + kC * c + 8 * n + 2 * quad + i % 2;
               if (j > row) value = 0.f;
@@ -871,6 +1008,11 @@ __global__ void __launch_bounds__(kThreads)
       uint32_t af[kM][kC / 16][4];
 #pragma unroll
       for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], dx[f]);
+      if constexpr (kMode == MaskMode::kAttnMask) {
+        uint32_t masks[kM][kC / 16][4];
+        pair_masks<kC>(masks, bits, c);
+        mask_pairs<kC>(af, masks);
+      }
       warp::mma_ab<T, kC, kDim, ld>(dq, af, kc, lane);
     }
     __syncthreads();  // every warp is done with this stage before its refill
@@ -932,6 +1074,10 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
   const at::Tensor g = cp_async_rows(grad_out);
   args.grad_out = token_rows<T>(g, e);
   args.scalars = scalars.data_ptr<float>();
+  const at::Tensor rs = scalars.select(-1, 0), dl = scalars.select(-1, 1);
+  const at::Tensor key_side_scalars =
+      at::stack({rs, at::where(rs != 0, -dl / rs, at::zeros_like(rs))}, -1);
+  args.key_side_scalars = key_side_scalars.data_ptr<float>();
   at::Tensor allowed, allowed_by_key;
   if (mode == MaskMode::kAttnMask) {
     args.allowed = allowed_bits(mask, q, q.size(2), k.size(2), false, allowed);
@@ -1175,10 +1321,14 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   const MaskMode mode = mask_mode(key_padding_mask, attn_mask);
   if (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) {
+    const bool zero = mode == MaskMode::kAttnMask;
+    const at::Tensor keys = zero ? zero_padded_keys(k, key_padding_mask) : k,
+                     values = zero ? zero_padded_keys(v, key_padding_mask) : v;
     if (q.scalar_type() == at::kHalf) {
-      mma_forward<__half>(q, k, v, mask, mode, sigma, f, out, den);
+      mma_forward<__half>(q, keys, values, mask, mode, sigma, f, out, den);
     } else {
-      mma_forward<__nv_bfloat16>(q, k, v, mask, mode, sigma, f, out, den);
+      mma_forward<__nv_bfloat16>(q, keys, values, mask, mode, sigma, f, out,
+                                 den);
     }
     return {out, den};
   }
@@ -1228,12 +1378,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   if ((q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) &&
       f.order == 2) {
     const MaskMode mode = mask_mode(key_padding_mask, attn_mask);
+    const bool zero = mode == MaskMode::kAttnMask;
+    const at::Tensor keys = zero ? zero_padded_keys(k, key_padding_mask) : k,
+                     values = zero ? zero_padded_keys(v, key_padding_mask) : v;
     if (q.scalar_type() == at::kHalf) {
-      mma_backward<__half>(grad_out, q, k, v, scalars, mask, mode, f, grad_q,
-                           grad_k, grad_v);
+      mma_backward<__half>(grad_out, q, keys, values, scalars, mask, mode, f,
+                           grad_q, grad_k, grad_v);
     } else {
-      mma_backward<__nv_bfloat16>(grad_out, q, k, v, scalars, mask, mode, f,
-                                  grad_q, grad_k, grad_v);
+      mma_backward<__nv_bfloat16>(grad_out, q, keys, values, scalars, mask,
+                                  mode, f, grad_q, grad_k, grad_v);
     }
     return {grad_q, grad_k, grad_v};
   }

@@ -1,7 +1,7 @@
 // Warp-level primitives of the tensor-core kernels: ldmatrix, mma.sync
-// m16n8k16 with float accumulators, 16-byte cp.async with commit/wait, and the
+// m16n8k16 with float accumulators, 16-byte cp.async with commit/wait, the
 // paired 16-bit multiplies (mul2, mul2_half) that build feature fragments in
-// registers.
+// registers, and byte_signs (prmt) that turns mask bits into byte masks.
 //
 // Register fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16"), per lane
 // with g = lane / 4 and q = lane % 4, each 32-bit register holding two 16-bit
@@ -90,6 +90,18 @@ __device__ __forceinline__ uint32_t mul2_half(uint32_t x, uint32_t y,
     bits = *reinterpret_cast<const uint32_t*>(&r);
   }
   return bits;
+}
+
+// Byte k of the result is 0xff if the sign bit (bit 7) of byte
+// (kBytes >> 4 k) & 3 of x is set, else 0 (prmt.b32 with every selector
+// nibble's sign-replicate bit set): one instruction that spreads chosen bits
+// of a mask word over whole bytes, e.g. the 16-bit halves of a packed pair.
+template <uint32_t kBytes>
+__device__ __forceinline__ uint32_t byte_signs(uint32_t x) {
+  static_assert((kBytes & 0xcccc) == 0, "byte indices 0..3");
+  uint32_t r;
+  asm("prmt.b32 %0, %1, 0, %2;\n" : "=r"(r) : "r"(x), "n"(kBytes | 0x8888));
+  return r;
 }
 
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
@@ -279,6 +291,20 @@ __device__ __forceinline__ void mma_row_sums(
   for (int kk = 0; kk < kK / 16; ++kk) {
     const uint32_t b[2] = {pairs[8 * kk + lane % 4],
                            pairs[8 * kk + 4 + lane % 4]};
+#pragma unroll
+    for (int f = 0; f < kM; ++f) mma_16816<T>(acc[f], a[f][kk], b);
+  }
+}
+
+// acc (kM x 16 x 8) += A (kM x 16 x kK) 1: mma_row_sums with m = 1, its B
+// registers the constant pair (1, 1), so no shared memory is read.
+template <typename T, int kK, int kM>
+__device__ __forceinline__ void mma_row_sums_ones(
+    float (&acc)[kM][4], const uint32_t (&a)[kM][kK / 16][4]) {
+  const uint32_t one = pack<T>(1.f, 1.f);
+  const uint32_t b[2] = {one, one};
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
 #pragma unroll
     for (int f = 0; f < kM; ++f) mma_16816<T>(acc[f], a[f][kk], b);
   }

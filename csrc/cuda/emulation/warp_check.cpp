@@ -214,6 +214,40 @@ void mul2_product(const char* name) {
   report(name, cases, bad);
 }
 
+// byte_signs against the PTX ISA's words for prmt.b32 with a selector nibble
+// whose msb is set: "the sign (msb of the byte) should be replicated over all
+// 8 bits of the target position", of source byte (nibble & 7) of {b, a} = {0,
+// x}: every byte choice of the selectors the kernels use and others, on
+// pseudo-random words and every single set bit.
+template <uint32_t kBytes>
+long byte_signs_of(uint32_t x) {
+  uint32_t want = 0;
+  for (int k = 0; k < 4; ++k) {
+    const int source = (kBytes >> 4 * k) & 7;
+    const bool sign = (x >> (8 * source + 7)) & 1;
+    if (sign) want |= 0xffu << 8 * k;
+  }
+  return warp::byte_signs<kBytes>(x) != want;
+}
+
+void byte_signs() {
+  long cases = 0, bad = 0;
+  uint32_t state = 777;
+  std::vector<uint32_t> words;
+  for (int bit = 0; bit < 32; ++bit) words.push_back(1u << bit);
+  for (int n = 0; n < 4096; ++n) {
+    state = state * 1664525u + 1013904223u;
+    words.push_back(state);
+  }
+  for (const uint32_t x : words) {
+    bad += byte_signs_of<0x1100>(x) + byte_signs_of<0x3322>(x) +
+           byte_signs_of<0x3210>(x) + byte_signs_of<0x0123>(x) +
+           byte_signs_of<0x0000>(x) + byte_signs_of<0x3333>(x);
+    cases += 6;
+  }
+  report("byte_signs", cases, bad);
+}
+
 }  // namespace
 
 int main() {
@@ -232,5 +266,6 @@ int main() {
   cp_async();
   mul2_product<__nv_bfloat16, __nv_bfloat162>("mul2_bf16");
   mul2_product<__half, __half2>("mul2_f16");
+  byte_signs();
   return failures;
 }

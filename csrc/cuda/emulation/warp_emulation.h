@@ -129,6 +129,19 @@ uint32_t mul2(uint32_t x, uint32_t y) {
                      detail::to_float<T>(detail::half_of(y, 1)));
 }
 
+// prmt.b32 with sign replication: byte k of the result is byte
+// (kBytes >> 4 k) & 3 of x shifted arithmetically right by 7.
+template <uint32_t kBytes>
+uint32_t byte_signs(uint32_t x) {
+  static_assert((kBytes & 0xcccc) == 0, "byte indices 0..3");
+  uint32_t r = 0;
+  for (int k = 0; k < 4; ++k) {
+    const int8_t byte = static_cast<int8_t>(x >> 8 * ((kBytes >> 4 * k) & 3));
+    r |= uint32_t(static_cast<uint8_t>(byte >> 7)) << 8 * k;
+  }
+  return r;
+}
+
 // mul2 by the chosen half of y in both halves.
 template <typename T>
 uint32_t mul2_half(uint32_t x, uint32_t y, bool high) {
