@@ -20,7 +20,9 @@ Columns
 Main loop. A loop is the address range of a backward branch in the SASS. The main loop is the
 widest loop that holds as many tensor-core instructions (HMMA) as any loop; its instructions are
 counted statically, each once (nested loops once), and divided by its HMMA count. That ratio is
-the number of warp-instructions the SM's schedulers issue per tensor-core instruction.
+the number of warp-instructions the SM's schedulers issue per tensor-core instruction. A kernel
+whose loops all unroll (no loop holds an HMMA; e.g. the d = 16 contraction) is counted whole,
+prologue and epilogue included, and its HMMA count is marked "whole".
 
 Model (issue 9). An SM has 4 schedulers issuing one warp-instruction per cycle each; a kernel
 whose main loop issues r instructions per m16n8k16 HMMA (4096 multiply-adds) is issue-bound at
@@ -283,8 +285,9 @@ def is_tensor_op(opcode: str) -> bool:
     return opcode.startswith(("HMMA", "HGMMA"))
 
 
-def main_loop(kernel: Kernel) -> tuple[int, int]:
-    """(instructions, HMMA) of the main loop as defined in the module docstring."""
+def main_loop(kernel: Kernel) -> tuple[int, int, bool]:
+    """(instructions, HMMA, whether the whole kernel was counted) of the main loop as defined in
+    the module docstring."""
     loops = [
         (target, address)
         for address, _, target in kernel.instructions
@@ -297,7 +300,13 @@ def main_loop(kernel: Kernel) -> tuple[int, int]:
         key = (hmma, end - start, len(body))
         if hmma > 0 and key > best:
             best = key
-    return best[2], best[0]
+    if best[0] == 0:  # up to the last EXIT: the padding after it never issues
+        ops = [op for _, op, _ in kernel.instructions]
+        exits = [i for i, op in enumerate(ops) if op.startswith("EXIT")]
+        ops = ops[: exits[-1] + 1] if exits else ops
+        hmma = sum(map(is_tensor_op, ops))
+        return (len(ops), hmma, True) if hmma else (0, 0, False)
+    return best[2], best[0], False
 
 
 def ctas_per_sm(kernel: Kernel) -> int:
@@ -363,7 +372,7 @@ def report(
             for kernel in sorted(kernels.values(), key=lambda k: k.name):
                 if "<" in kernel.name and DTYPES[dtype] not in kernel.name:
                     continue
-                instructions, hmma = main_loop(kernel)
+                instructions, hmma, whole = main_loop(kernel)
                 ratio = instructions / hmma if hmma else None
                 work = WORK.get(kernel.name) if kernel.name in modelled else None
                 ms = tflops = "-"
@@ -376,7 +385,8 @@ def report(
                 lines.append(
                     f"| `{kernel.name}` | {kernel.regs} | {kernel.spill} | "
                     f"{'dyn' if kernel.dynamic_smem else kernel.smem} | {ctas_per_sm(kernel)} | "
-                    f"{hmma or '-'} | {f'{ratio:.1f}' if ratio else '-'} | {ms} | {tflops} |"
+                    f"{hmma or '-'}{' whole' if whole else ''} | "
+                    f"{f'{ratio:.1f}' if ratio else '-'} | {ms} | {tflops} |"
                 )
             if totals:
                 lines.append("\nModelled totals on an H200 (see the model in the docstring):\n")
