@@ -79,9 +79,11 @@ def make_masks(case, batch, heads, queries, keys, device=DEVICE, seed=1):
     return kpm, attn_mask, causal
 
 
-def reference_outputs(q, k, v, kpm, attn_mask, causal, output_scale=True):
+def reference_outputs(
+    q, k, v, kpm, attn_mask, causal, output_scale=True, coefficients=COEFFICIENTS
+):
     """(out, den) of reference.direct on x = q . k, differentiable, in q's dtype and device."""
-    a, b, c = COEFFICIENTS
+    a, b, c = coefficients
     out = reference.direct(
         q,
         k,
@@ -92,7 +94,7 @@ def reference_outputs(q, k, v, kpm, attn_mask, causal, output_scale=True):
         normalize=False,
         scale=1.0,
         output_scale=output_scale,
-        coefficients=COEFFICIENTS,
+        coefficients=coefficients,
     )
     x = q @ k.transpose(-1, -2)
     allowed = reference.allowed_keys(q, k, key_padding_mask=kpm, attn_mask=attn_mask, causal=causal)
@@ -124,12 +126,14 @@ def assert_close_to_reference(name, got, exact, approx, dtype):
     assert error <= bound, f"{name} {dtype}: error {error:.3e} > bound {bound:.3e}"
 
 
-def check_operator(mode, dtype, d, mask_case, *, shape=(2, 2, 70, 130), e=None):
+def check_operator(
+    mode, dtype, d, mask_case, *, shape=(2, 2, 70, 130), e=None, coefficients=COEFFICIENTS
+):
     batch, heads, queries, keys = shape
     e = d if e is None else e
     q, k, v = make_factors(batch, heads, queries, keys, d, e, dtype)
     kpm, attn_mask, causal = make_masks(mask_case, batch, heads, queries, keys)
-    a, b, c = COEFFICIENTS
+    a, b, c = coefficients
     if mode == "direct":
         out, den = ops.direct_forward(q, k, v, kpm, attn_mask, causal, True, [a, b, c])
     else:
@@ -139,11 +143,12 @@ def check_operator(mode, dtype, d, mask_case, *, shape=(2, 2, 70, 130), e=None):
     )
 
     # float64 truth from the rounded inputs, and PyTorch's own error in the same dtype.
+    masks = (kpm, attn_mask, causal)
     leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
-    out64, den64 = reference_outputs(*leaves64, kpm, attn_mask, causal)
+    out64, den64 = reference_outputs(*leaves64, *masks, coefficients=coefficients)
     leaves_low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out_low = reference_outputs(*leaves_low, kpm, attn_mask, causal)[0]
-    approx_out = reference_outputs(q, k, v, kpm, attn_mask, causal)[0]
+    out_low = reference_outputs(*leaves_low, *masks, coefficients=coefficients)[0]
+    approx_out = reference_outputs(q, k, v, *masks, coefficients=coefficients)[0]
     assert_close_to_reference(f"{mode} out", out, out64, approx_out, dtype)
     den_rtol = max(8 * torch.finfo(dtype).eps, 1e-12)
     torch.testing.assert_close(den.double(), den64.detach(), rtol=den_rtol, atol=0, msg="den")
@@ -198,6 +203,19 @@ def operator_grid(masks, emulation_dtypes):
 )
 def test_direct_operator(dtype, d, mask_case):
     check_operator("direct", dtype, d, mask_case)
+
+
+# The 16-bit direct kernels take order 2 in vertex form, a ((x + beta)^2 + gamma), where a, beta
+# and gamma are moderate (csrc/cuda/direct.cu, vertex_form); other coefficients take Horner's rule
+# (the runtime-order forward, the shared-memory backward). One polynomial of each kind, both
+# positive on the logits' range: (1/4, -1/2, 2) has beta = -1, gamma = 7; (1/50, 1, 20) has
+# beta = 25 and gamma = 375.
+@pytest.mark.parametrize(
+    "coefficients", [(0.25, -0.5, 2.0), (0.02, 1.0, 20.0)], ids=["vertex", "horner"]
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_direct_order_2_coefficients(dtype, coefficients):
+    check_operator("direct", dtype, 32, "key_padding", coefficients=coefficients)
 
 
 # Under the emulation, two cases beyond the sample, cheap there: float16's backward (d = 64 and

@@ -312,6 +312,67 @@ AllowedBits allowed_bits(const Mask& mask, const at::Tensor& q, int64_t rows,
   return bits;
 }
 
+// The weight polynomial in the mma kernels' element loops. Order 2 (the
+// paper's, every default) runs in vertex form:
+//   f(x)  = a x^2 + b x + c = a ((x + beta)^2 + gamma),
+//   f'(x) = 2 a (x + beta),  beta = b / (2 a),  gamma = c / a - beta^2.
+// The kernels start S's accumulators at beta instead of 0 (one constant C
+// operand shared by every mma: no instruction), so s = x + beta comes out of
+// the product, f(x) / a = s s + gamma is one multiply-add where Horner's rule
+// takes two, and f'(x) / (2 a) = s takes none where Horner's takes one. The
+// factor a goes where it costs nothing: the forward's output divides by its
+// row sum, which cancels a (den = a * the row sum of f / a), and the
+// backward folds 2 a into its per-row factors.
+//
+// It applies where a, beta and gamma are moderate (vertex_form): there s's
+// rounding, 2^-24 |s| in float, costs f / a an absolute 2^-23 s^2, within a
+// small factor of Horner's 2^-24 (|a| x^2 + |b x| + |c|) / |a|, and f / a
+// stays within 2^6 of f, so it fits in float16 where f does. Other
+// coefficients and orders take Horner's rule: a run-time order unrolls to
+// kMaxOrder steps with exits, which in these loops tripled the instructions
+// per HMMA and added 50-100 registers (sm_90, benchmarks/sass_report.py); so
+// the forward is compiled for both and the coefficients pick one at launch,
+// and the backward mma kernels take the vertex form only (other polynomials
+// run the shared-memory kernels, direct_backward_cuda).
+struct VertexForm {
+  float a, beta, gamma;
+};
+
+// f's vertex form where the mma kernels may take it (above), else nullopt.
+inline std::optional<VertexForm> vertex_form(const Coefficients& f) {
+  if (f.order != 2 || f.of_degree(2) == 0) return std::nullopt;
+  const double a = f.of_degree(2), beta = f.of_degree(1) / (2 * a),
+               gamma = f.of_degree(0) / a - beta * beta;
+  const bool moderate = std::abs(a) >= 0x1p-6 && std::abs(a) <= 0x1p6 &&
+                        std::abs(beta) <= 16 && std::abs(gamma) <= 256;
+  if (!moderate) return std::nullopt;
+  return VertexForm{static_cast<float>(a), static_cast<float>(beta),
+                    static_cast<float>(gamma)};
+}
+
+// Element i of an n8 tile of S, where kVertex starts it at beta: the weight
+// f(x) / a in vertex form, else f(x) by Horner's rule.
+template <bool kVertex>
+__device__ __forceinline__ float mma_weight(float s, const VertexForm& vertex,
+                                            const Polynomial<float>& f) {
+  if constexpr (kVertex) {
+    return s * s + vertex.gamma;
+  } else {
+    return taylor_weight(s, f);
+  }
+}
+
+// Every element of the C-layout tiles `c` set to `value` (S's start).
+template <int kM, int kN>
+__device__ __forceinline__ void fill(float (&c)[kM][kN][4], float value) {
+#pragma unroll
+  for (int f = 0; f < kM; ++f)
+#pragma unroll
+    for (int n = 0; n < kN; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) c[f][n][i] = value;
+}
+
 template <typename T>
 struct MmaArgs {
   TokenRows<T> q, k, v;
@@ -326,6 +387,7 @@ struct MmaArgs {
   AllowedBits allowed, allowed_by_key;
   RowValues<float> sigma;  // forward only
   Polynomial<float> f;     // the weight polynomial, by value
+  VertexForm vertex;       // f's vertex form (vertex_form), else a = 0
 };
 
 // The mask view with which load_key_rows zeroes padded keys' rows (MaskMode).
@@ -403,26 +465,6 @@ __device__ __forceinline__ void walk_key_tiles(const MmaArgs<T>& p, int64_t i0,
   }
 }
 
-// The weight polynomial in the mma kernels' element loops. Order 2 (the
-// paper's, every default) is evaluated with the order a compile-time
-// constant: two FMA on coefficients read from the kernel's argument space. A
-// run-time order unrolls to kMaxOrder steps with exits, which in these loops
-// tripled the instructions per HMMA and added 50-100 registers (sm_90,
-// benchmarks/sass_report.py); so the forward is compiled for both and the
-// order picks one at launch, and the backward mma kernels are order 2 only
-// (other orders run the shared-memory kernels, direct_backward_cuda).
-using QuadraticOrder = std::integral_constant<int, 2>;
-
-template <bool kQuadratic>
-__device__ __forceinline__ float mma_weight(float x,
-                                            const Polynomial<float>& f) {
-  if constexpr (kQuadratic) {
-    return taylor_weight(x, f, QuadraticOrder());
-  } else {
-    return taylor_weight(x, f);
-  }
-}
-
 template <int kDim>
 constexpr size_t mma_forward_smem() {
   // Q, 2 x K, 2 x V, 2 x m
@@ -430,7 +472,7 @@ constexpr size_t mma_forward_smem() {
          2 * kKeys * 2;
 }
 
-template <typename T, int kDim, MaskMode kMode, bool kQuadratic>
+template <typename T, int kDim, MaskMode kMode, bool kVertex>
 __global__ void __launch_bounds__(kThreads)
     direct_forward_mma_kernel(MmaArgs<T> p, T* out, float* den) {
   constexpr int kM = row_fragments<kDim>(), kRows = block_rows<kDim>();
@@ -464,9 +506,12 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   uint32_t qf[kM][kDim / 16][4];  // A fragments of this warp's query rows
   warp::load_a<kDim, ld>(qf, qs + warp_row * ld, lane);
-  float o[kM][kDim / 8][4] = {};  // O, n8 tiles in the C layout
-  // W m: every column holds the sums of rows g ([0], [1]) and g + 8 ([2], [3])
+  // O and the row sums W m of W = f(S) (f / a with kVertex), n8 tiles in the
+  // C layout; every column of W m holds the sums of rows g ([0], [1]) and
+  // g + 8 ([2], [3])
+  float o[kM][kDim / 8][4] = {};
   float row_sum[kM][4] = {};
+  const float s_start = kVertex ? p.vertex.beta : 0.f;
   const uint32_t* mask_words =
       kMode == MaskMode::kAttnMask
           ? p.allowed.lane_words(b, h, i0 + warp_row, lane)
@@ -496,7 +541,8 @@ __global__ void __launch_bounds__(kThreads)
       load_tile_bits(bits, mask_words, p.allowed, tile);
 #pragma unroll
     for (int c = 0; c < kKeys / kC; ++c) {
-      float s[kM][kC / 8][4] = {};  // S = Q K^T
+      float s[kM][kC / 8][4];  // S = Q K^T (+ beta)
+      fill(s, s_start);
       warp::mma_abt<T, kDim, kC, ld>(s, qf, kt + kC * c * ld, lane);
 #pragma unroll
       for (int f = 0; f < kM; ++f) {
@@ -504,7 +550,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int n = 0; n < kC / 8; ++n) {
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            float w = mma_weight<kQuadratic>(s[f][n][i], p.f);
+            float w = mma_weight<kVertex>(s[f][n][i], p.vertex, p.f);
             if constexpr (kMode != MaskMode::kAttnMask &&
                           kElementwise) {  // the causal diagonal
               const int64_t row = i0 + warp_row + 16 * f + g + 8 * (i / 2);
@@ -542,10 +588,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t row = row0 + g + 8 * r;
-      const float sum = row_sum[f][2 * r];
+      const float sum = row_sum[f][2 * r];  // den / a with kVertex
       scale[r] =
           row < p.queries ? p.sigma.at(b, h, row) * safe_reciprocal(sum) : 0.f;
-      if (quad == 0 && row < p.queries) den[bh * p.queries + row] = sum;
+      if (quad == 0 && row < p.queries)
+        den[bh * p.queries + row] = kVertex ? p.vertex.a * sum : sum;
     }
     store_rows<T, kDim>(out + bh * p.queries * p.e, o[f], row0, p.queries, p.e,
                         scale, lane);
@@ -567,6 +614,7 @@ MmaArgs<T> mma_args(const at::Tensor& q, const at::Tensor& k,
   args.e = static_cast<int>(e);
   args.mask = mask;
   args.f = f.cast<float>();
+  if (const auto vertex = vertex_form(f)) args.vertex = *vertex;
   return args;
 }
 
@@ -574,7 +622,7 @@ MmaArgs<T> mma_args(const at::Tensor& q, const at::Tensor& k,
 template <typename T, int kDim, MaskMode kMode>
 void launch_mma_forward(const MmaArgs<T>& args, int64_t bh, T* out,
                         float* den) {
-  const auto kernel = args.f.order == 2
+  const auto kernel = args.vertex.a != 0
                           ? direct_forward_mma_kernel<T, kDim, kMode, true>
                           : direct_forward_mma_kernel<T, kDim, kMode, false>;
   constexpr size_t bytes = mma_forward_smem<kDim>();
@@ -642,8 +690,9 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 //   kKeys, kC keys at a time:
 //     S = Q K^T, G = gY V^T,  dX = m ⊙ (rs G - dl) ⊙ f'(S),  dQ += dX K.
 // Query tiles (Q, gY, rs, dl) or key tiles (K, V) are double-buffered by
-// cp.async. Order 2 only: other orders would cost the main loop its
-// registers (mma_weight) and take the shared-memory kernels. At d = 128 the
+// cp.async. f in vertex form only (vertex_form): other polynomials would
+// cost the main loop its registers and take the shared-memory kernels. At
+// d = 128 the
 // key side's accumulators dK and dV alone take 128 registers a thread, so
 // there its warps re-read their K and V fragments from shared memory one
 // k-step at a time (warp::mma_abt_rows: 16 more ldmatrix.x4 per 64 HMMA)
@@ -673,7 +722,7 @@ TS_HOST_DEVICE constexpr int backward_chunk_rows() {
 }
 
 // The key side's per-query factors (load_query_factors), floats per stage.
-constexpr int kQueryFactors = 7 * kQueryTile;
+constexpr int kQueryFactors = 4 * kQueryTile;
 
 template <int kDim>
 constexpr size_t mma_backward_smem() {
@@ -685,30 +734,21 @@ constexpr size_t mma_backward_smem() {
          2 * kQueryFactors * sizeof(float);
 }
 
-// The key side's element step, with rs, dl of query i and f(x) = a x^2 + b x
-// + c, in factors of the query alone:
-//   P^T  = rs f(x)               = (a rs) x^2 + (b rs) x + c rs
-//   dX^T = (rs G^T - dl) f'(x)   = (G^T - dl / rs) (2 a rs x + b rs)
-// so an element costs four multiply-adds where rs f(x) and (rs G^T - dl) f'(x)
-// cost six, and G^T - dl / rs is G^T's product accumulated from -dl / rs
-// instead of 0 (the host divides, mma_backward: rs = 0, a query with no
-// keys, has dl = 0 and takes 0). From p.key_side_scalars (rs, -dl / rs), for
-// queries [i0, i0 + kQueryTile), zeros past the queries (so that padded
-// query rows contribute nothing), dst holds (a rs, b rs, c rs, 2 a rs) at
-// [4 i], one 16-byte load, and -dl / rs at [4 kQueryTile + 4 (i / 2) + i % 2]
-// and [.. + 2]: the start of one n8 tile of G^T in the C layout (lane columns
-// 2 quad, 2 quad + 1 in rows g and g + 8) is one 16-byte load too, and rs
-// at [6 kQueryTile + i]. At d = 128, where dK and dV take 128 registers, four
-// factors per column held through a chunk added spills (40 to 48 bytes,
-// sass_report.py), so there the loop reads rs and multiplies (the dK/dV
-// kernel's main loop: 3.4 -> 3.6 warp-instructions per HMMA).
-__device__ __forceinline__ float4 query_factors(const Polynomial<float>& f,
-                                                float rs) {
-  const float a = f.of_degree(2);
-  return make_float4(a * rs, f.of_degree(1) * rs, f.of_degree(0) * rs,
-                     2.f * a * rs);
-}
-
+// The key side's element step, with rs, dl of query i and f in vertex form
+// (vertex_form; s = x + beta is S^T's element, started at beta):
+//   P^T  = rs f(x)              = (a rs s) s + a rs gamma
+//   dX^T = (rs G^T - dl) f'(x)  = 2 (G^T - dl / rs) (a rs s)
+// so an element costs three instructions, t = (a rs) s, P^T = t s + a rs
+// gamma and dX^T / 2 = (G^T - dl / rs) t, with two factors of the query
+// alone; the 2 goes to dK's store, and G^T - dl / rs is G^T's product
+// accumulated from -dl / rs instead of 0 (the host divides, mma_backward:
+// rs = 0, a query with no keys, has dl = 0 and takes 0). From
+// p.key_side_scalars (rs, -dl / rs), for queries [i0, i0 + kQueryTile), zeros
+// past the queries (so that padded query rows contribute nothing), dst holds
+// (a rs, a rs gamma) at [2 i], one 8-byte load, and -dl / rs at [2 kQueryTile
+// + 4 (i / 2) + i % 2] and [.. + 2]: the start of one n8 tile of G^T in the C
+// layout (lane columns 2 quad, 2 quad + 1 in rows g and g + 8) is one 16-byte
+// load.
 template <typename T>
 __device__ __forceinline__ void load_query_factors(float* dst,
                                                    const MmaArgs<T>& p,
@@ -718,11 +758,12 @@ __device__ __forceinline__ void load_query_factors(float* dst,
   if (i < kQueryTile) {
     const bool valid = i0 + i < p.queries;
     const float* s = p.key_side_scalars + 2 * (bh * p.queries + i0 + i);
-    const float rs = valid ? s[0] : 0.f, shift = valid ? s[1] : 0.f;
-    *reinterpret_cast<float4*>(dst + 4 * i) = query_factors(p.f, rs);
-    dst[6 * kQueryTile + i] = rs;
-    dst[4 * kQueryTile + 4 * (i / 2) + i % 2] = shift;
-    dst[4 * kQueryTile + 4 * (i / 2) + 2 + i % 2] = shift;
+    const float ars = valid ? p.vertex.a * s[0] : 0.f,
+                shift = valid ? s[1] : 0.f;
+    *reinterpret_cast<float2*>(dst + 2 * i) =
+        make_float2(ars, ars * p.vertex.gamma);
+    dst[2 * kQueryTile + 4 * (i / 2) + i % 2] = shift;
+    dst[2 * kQueryTile + 4 * (i / 2) + 2 + i % 2] = shift;
   }
 }
 
@@ -800,10 +841,9 @@ __global__ void __launch_bounds__(kThreads)
     const int stage = tile % 2;
     const T* qt = qs + stage * kStage;
     const T* gt = gs + stage * kStage;
-    const float4* column_factors =
-        reinterpret_cast<const float4*>(factors + stage * kQueryFactors);
-    const float* shifts = factors + stage * kQueryFactors + 4 * kQueryTile;
-    const float* column_rs = shifts + 2 * kQueryTile;
+    const float2* column_factors =
+        reinterpret_cast<const float2*>(factors + stage * kQueryFactors);
+    const float* shifts = factors + stage * kQueryFactors + 2 * kQueryTile;
     if (tile + 1 < tiles) {
       load_queries(1 - stage, i0 + kQueryTile);
       warp::cp_async_commit();
@@ -816,7 +856,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int c = 0; c < kQueryTile / kC; ++c) {
       const T* qc = qt + kC * c * ld;
       const T* gc = gt + kC * c * ld;
-      float st[kM][kC / 8][4] = {}, dxt[kM][kC / 8][4];
+      float st[kM][kC / 8][4], dxt[kM][kC / 8][4];  // S^T + beta, G^T - dl / rs
+      fill(st, p.vertex.beta);
 #pragma unroll
       for (int n = 0; n < kC / 8; ++n) {  // G^T - dl / rs
         const float4 shift = *reinterpret_cast<const float4*>(
@@ -843,12 +884,11 @@ __global__ void __launch_bounds__(kThreads)
           const int col = kC * c + 8 * n + 2 * quad + i % 2;
 #pragma unroll
           for (int f = 0; f < kM; ++f) {
-            const float x = st[f][n][i];
-            const float4 factor = kHoldKeys
-                                      ? column_factors[col]
-                                      : query_factors(p.f, column_rs[col]);
-            float weight = (factor.x * x + factor.y) * x + factor.z;
-            float dx = dxt[f][n][i] * (factor.w * x + factor.y);
+            const float s = st[f][n][i];
+            const float2 factor = column_factors[col];  // a rs, a rs gamma
+            const float t = factor.x * s;
+            float weight = t * s + factor.y;  // P^T
+            float dx = dxt[f][n][i] * t;      // dX^T / 2
             if constexpr (kMode != MaskMode::kAttnMask && kElementwise) {
               // the causal diagonal
               if (j0 + warp_row + 16 * f + g + 8 * (i / 2) > i0 + col) {
@@ -891,7 +931,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int f = 0; f < kM; ++f) {
     const int64_t row0 = j0 + warp_row + 16 * f;
-    float keep[2];  // 0 for padded keys: their gradients are zero
+    // 0 for padded keys (their gradients are zero); dk holds dK / 2
+    float keep[2], keep_dk[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t j = row0 + g + 8 * r;
@@ -899,9 +940,10 @@ __global__ void __launch_bounds__(kThreads)
           kMode == MaskMode::kNoPadding || j >= p.keys || p.mask.key_valid(b, j)
               ? 1.f
               : 0.f;
+      keep_dk[r] = 2.f * keep[r];
     }
     store_rows<T, kDim>(grad_k + bh * p.keys * p.d, dk[f], row0, p.keys, p.d,
-                        keep, lane);
+                        keep_dk, lane);
     store_rows<T, kDim>(grad_v + bh * p.keys * p.e, dv[f], row0, p.keys, p.e,
                         keep, lane);
   }
@@ -938,15 +980,19 @@ __global__ void __launch_bounds__(kThreads)
   warp::cp_async_commit();
   if (tiles > 0) load_keys(0);
   warp::cp_async_commit();
-  float rs[kM][2], dl[kM][2];  // rows 16 f + g and 16 f + g + 8 of this warp
+  // dX = (rs G - dl) f'(x) = (2 a rs G - 2 a dl) s with s = x + beta (the
+  // vertex form, S's start): per row (16 f + g + 8 r of this warp) 2 a rs
+  // and 2 a dl, one multiply-add and one multiply an element.
+  float rs2a[kM][2], dl2a[kM][2];
 #pragma unroll
   for (int f = 0; f < kM; ++f) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t row = i0 + warp_row + 16 * f + g + 8 * r;
       const bool valid = row < p.queries;
-      rs[f][r] = valid ? p.scalars[2 * (bh * p.queries + row)] : 0.f;
-      dl[f][r] = valid ? p.scalars[2 * (bh * p.queries + row) + 1] : 0.f;
+      const float* scalars = p.scalars + 2 * (bh * p.queries + row);
+      rs2a[f][r] = valid ? 2.f * p.vertex.a * scalars[0] : 0.f;
+      dl2a[f][r] = valid ? 2.f * p.vertex.a * scalars[1] : 0.f;
     }
   }
 
@@ -983,7 +1029,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int c = 0; c < kKeys / kC; ++c) {
       const T* kc = ks + stage * kStage + kC * c * ld;
       const T* vc = vs + stage * kStage + kC * c * ld;
-      float s[kM][kC / 8][4] = {}, dx[kM][kC / 8][4] = {};
+      float s[kM][kC / 8][4], dx[kM][kC / 8][4] = {};  // S + beta, G
+      fill(s, p.vertex.beta);
       warp::mma_abt<T, kDim, kC, ld>(s, qf, kc, lane);
       warp::mma_abt<T, kDim, kC, ld>(dx, gf, vc, lane);
 #pragma unroll
@@ -993,8 +1040,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const int r = i / 2;
-            float value = (rs[f][r] * dx[f][n][i] - dl[f][r]) *
-                          taylor_weight_grad(s[f][n][i], p.f, QuadraticOrder());
+            float value = (rs2a[f][r] * dx[f][n][i] - dl2a[f][r]) * s[f][n][i];
             if constexpr (kMode != MaskMode::kAttnMask && kElementwise) {
               // the causal diagonal
               const int64_t row = i0 + warp_row + 16 * f + g + 8 * r;
@@ -1376,7 +1422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   const at::Tensor scalars = backward_row_scalars(grad_out, out, den, sigma);
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   if ((q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) &&
-      f.order == 2) {
+      vertex_form(f)) {
     const MaskMode mode = mask_mode(key_padding_mask, attn_mask);
     const bool zero = mode == MaskMode::kAttnMask;
     const at::Tensor keys = zero ? zero_padded_keys(k, key_padding_mask) : k,
