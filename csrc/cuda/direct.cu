@@ -132,9 +132,9 @@ __global__ void __launch_bounds__(kThreads)
 
 // The 16-bit forward on mma.sync, in the structure of FlashAttention-2.
 // A block of 4 warps owns kRows queries, 16 kM per warp, and walks the key
-// tiles of kKeys = 64, kC keys (chunk_rows) at a time. Each warp keeps
-// everything of its rows in registers: its Q fragments (loaded once), S = Q
-// K^T (16 kM x kC, float), W = f(S) re-packed in place as the A operand of
+// tiles of kTile (tile_rows) keys, kC keys (chunk_rows) at a time. Each warp
+// keeps everything of its rows in registers: its Q fragments (loaded once), S =
+// Q K^T (16 kM x kC, float), W = f(S) re-packed in place as the A operand of
 // the next products (the C layout of two adjacent n8 tiles is the A layout of
 // one k16 step), O += W V (16 kM x kDim, float) and the row sums W m (one
 // more n8 tile, m_j = 1 for a key that exists and is not padding, else 0).
@@ -150,7 +150,16 @@ __global__ void __launch_bounds__(kThreads)
 // way (benchmarks/sass_report.py: sm_90, bf16, d = 32, forward 7.2 -> 4.8
 // warp-instructions per HMMA). The price: half as many blocks at d <= 32 (at
 // N = 1024, B H = 16, 128 blocks for 132 SMs).
-constexpr int kKeys = 64;
+
+// The streamed tiles' rows (key tiles of the forward and dQ, query tiles of
+// dK/dV): 64, and 128 at kDim = 16, where a 64-row tile holds only 40 to 64
+// HMMA against its copies, barrier and prefetch test (sass_report.py, sm_90,
+// bf16, d = 16, warp-instructions per HMMA: forward 6.4 -> 5.7, dQ 6.5 ->
+// 6.1, dK/dV 7.0 -> 6.7).
+template <int kDim>
+TS_HOST_DEVICE constexpr int tile_rows() {
+  return kDim == 16 ? 128 : 64;
+}
 
 template <int kDim>
 TS_HOST_DEVICE constexpr int row_fragments() {
@@ -292,7 +301,9 @@ AllowedBits allowed_bits(const Mask& mask, const at::Tensor& q, int64_t rows,
   const int64_t tables_b =
       mask.am_stride_b == 0 && mask.key_padding == nullptr ? 1 : q.size(0);
   const int64_t tables_h = mask.am_stride_h == 0 ? 1 : q.size(1);
-  const int64_t row_words = (cols + 63) / 64;
+  // 64-column groups, an even count: the kernels' tiles at d = 16 read two
+  // (tile_rows), and the last group's missing columns are 0 bits.
+  const int64_t row_words = (cols + 127) / 128 * 2;
   AllowedBits bits;
   bits.padded_rows = (rows + kPaddedRows - 1) / kPaddedRows * kPaddedRows;
   // a pair of 32-bit words per row and 64 columns
@@ -396,17 +407,21 @@ __device__ __forceinline__ const Mask* padding(const MmaArgs<T>& p) {
   return kMode == MaskMode::kKeyPadding ? &p.mask : nullptr;
 }
 
-// This lane's words of a 64-column tile of the allowed table (kAttnMask),
+// This lane's words of a streamed tile of the allowed table (kAttnMask),
 // one per fragment f (rows 16 f .. 16 f + 15 from `words`, its
-// AllowedBits::lane_words).
-template <int kM>
-__device__ __forceinline__ void load_tile_bits(uint32_t (&bits)[kM],
+// AllowedBits::lane_words) and 64 columns w of the tile: bits[f][w].
+template <int kM, int kGroups>
+__device__ __forceinline__ void load_tile_bits(uint32_t (&bits)[kM][kGroups],
                                                const uint32_t* words,
                                                const AllowedBits& table,
                                                int tile) {
-  const uint32_t* at = words + static_cast<int64_t>(tile) * table.tile_stride();
+  const uint32_t* at =
+      words + static_cast<int64_t>(tile) * kGroups * table.tile_stride();
 #pragma unroll
-  for (int f = 0; f < kM; ++f) bits[f] = at[32 * f];
+  for (int f = 0; f < kM; ++f)
+#pragma unroll
+    for (int w = 0; w < kGroups; ++w)
+      bits[f][w] = at[w * table.tile_stride() + 32 * f];
 }
 
 // The masks of the A fragments of columns kC c .. kC c + kC - 1 of a tile
@@ -415,16 +430,18 @@ __device__ __forceinline__ void load_tile_bits(uint32_t (&bits)[kM],
 // whose bits 16 r + 8 t + 7 - n sit, after a left shift by n, at the sign
 // bits of bytes 2 r + t: warp::byte_signs spreads them over the 16-bit halves
 // (0xffff keeps an element, 0 zeroes it), and an AND masks both at once.
-template <int kC, int kM>
+template <int kC, int kM, int kGroups>
 __device__ __forceinline__ void pair_masks(uint32_t (&masks)[kM][kC / 16][4],
-                                           const uint32_t (&bits)[kM], int c) {
+                                           const uint32_t (&bits)[kM][kGroups],
+                                           int c) {
+  const int group = kC * c / 64, n0 = kC * c % 64 / 8;  // of column kC c
 #pragma unroll
   for (int f = 0; f < kM; ++f) {
 #pragma unroll
     for (int kk = 0; kk < kC / 16; ++kk) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const uint32_t shifted = bits[f] << (kC * c / 8 + 2 * kk + j / 2);
+        const uint32_t shifted = bits[f][group] << (n0 + 2 * kk + j / 2);
         masks[f][kk][j] = j % 2 == 0 ? warp::byte_signs<0x1100>(shifted)
                                      : warp::byte_signs<0x3322>(shifted);
       }
@@ -447,20 +464,20 @@ __device__ __forceinline__ void mask_pairs(
 // [i0, i0 + kRows), elementwise a std::bool_constant telling whether the tile
 // tests the mask per element. With causal and no attn_mask, every key of the
 // tiles before i0 precedes every query of the block, so they run without
-// tests; the (at most kRows / kKeys) tiles from i0 on hold the diagonal and
+// tests; the (at most kRows / kTile) tiles from i0 on hold the diagonal and
 // run with them, unrolled, outside the main loop.
-template <MaskMode kMode, int kRows, typename T, typename Step>
+template <MaskMode kMode, int kRows, int kTile, typename T, typename Step>
 __device__ __forceinline__ void walk_key_tiles(const MmaArgs<T>& p, int64_t i0,
                                                int tiles, const Step& step) {
-  static_assert(kRows % kKeys == 0);
+  static_assert(kRows % kTile == 0);
   const bool diagonal = kMode != MaskMode::kAttnMask && p.mask.causal;
   const int full_tiles =
-      diagonal ? min(tiles, static_cast<int>(i0 / kKeys)) : tiles;
+      diagonal ? min(tiles, static_cast<int>(i0 / kTile)) : tiles;
   for (int tile = 0; tile < full_tiles; ++tile)
     step(tile, std::bool_constant<kMode == MaskMode::kAttnMask>());
   if (diagonal) {
 #pragma unroll
-    for (int t = 0; t < kRows / kKeys; ++t)
+    for (int t = 0; t < kRows / kTile; ++t)
       if (full_tiles + t < tiles) step(full_tiles + t, std::true_type());
   }
 }
@@ -468,16 +485,16 @@ __device__ __forceinline__ void walk_key_tiles(const MmaArgs<T>& p, int64_t i0,
 template <int kDim>
 constexpr size_t mma_forward_smem() {
   // Q, 2 x K, 2 x V, 2 x m
-  return size_t(block_rows<kDim>() + 4 * kKeys) * (kDim + 8) * 2 +
-         2 * kKeys * 2;
+  return size_t(block_rows<kDim>() + 4 * tile_rows<kDim>()) * (kDim + 8) * 2 +
+         2 * tile_rows<kDim>() * 2;
 }
 
 template <typename T, int kDim, MaskMode kMode, bool kVertex>
 __global__ void __launch_bounds__(kThreads)
     direct_forward_mma_kernel(MmaArgs<T> p, T* out, float* den) {
   constexpr int kM = row_fragments<kDim>(), kRows = block_rows<kDim>();
-  constexpr int kC = chunk_rows<kDim>();
-  constexpr int ld = kDim + 8, kStage = kKeys * ld;
+  constexpr int kC = chunk_rows<kDim>(), kTile = tile_rows<kDim>();
+  constexpr int ld = kDim + 8, kStage = kTile * ld;
   extern __shared__ __align__(128) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem);
   T* ks = qs + kRows * ld;  // two stages
@@ -489,13 +506,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows;
   // Causal: keys j <= i < i0 + kRows only.
   const int64_t key_end = p.mask.key_limit(i0 + kRows, p.keys);
-  const int tiles = static_cast<int>((key_end + kKeys - 1) / kKeys);
+  const int tiles = static_cast<int>((key_end + kTile - 1) / kTile);
 
   // Stage `stage` <- the next key tile: K, V and m.
-  KeyCopies<kDim, kKeys, T> keys(p.k, p.v, b, h, 0, p.keys, padding<kMode>(p));
+  KeyCopies<kDim, kTile, T> keys(p.k, p.v, b, h, 0, p.keys, padding<kMode>(p));
   const auto load_keys = [&](int stage) {
     keys.copy(ks + stage * kStage, vs + stage * kStage,
-              kMode == MaskMode::kAttnMask ? nullptr : ms + stage * kKeys);
+              kMode == MaskMode::kAttnMask ? nullptr : ms + stage * kTile);
     keys.advance();
   };
   load_rows<kDim, kRows>(qs, p.q, b, h, i0, p.queries);
@@ -534,13 +551,13 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     const T* kt = ks + stage * kStage;
     const T* vt = vs + stage * kStage;
-    [[maybe_unused]] const T* mt = ms + stage * kKeys;  // not kAttnMask
-    const int64_t j0 = static_cast<int64_t>(tile) * kKeys;
-    [[maybe_unused]] uint32_t bits[kM];
+    [[maybe_unused]] const T* mt = ms + stage * kTile;  // not kAttnMask
+    const int64_t j0 = static_cast<int64_t>(tile) * kTile;
+    [[maybe_unused]] uint32_t bits[kM][kTile / 64];
     if constexpr (kMode == MaskMode::kAttnMask)
       load_tile_bits(bits, mask_words, p.allowed, tile);
 #pragma unroll
-    for (int c = 0; c < kKeys / kC; ++c) {
+    for (int c = 0; c < kTile / kC; ++c) {
       float s[kM][kC / 8][4];  // S = Q K^T (+ beta)
       fill(s, s_start);
       warp::mma_abt<T, kDim, kC, ld>(s, qf, kt + kC * c * ld, lane);
@@ -578,7 +595,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();  // every warp is done with this stage before its refill
   };
-  walk_key_tiles<kMode, kRows>(p, i0, tiles, step);
+  walk_key_tiles<kMode, kRows, kTile>(p, i0, tiles, step);
   warp::cp_async_wait<0>();  // no copy outlives the block (keys == 0)
 
 #pragma unroll
@@ -682,20 +699,19 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // own 16 kM rows each (kM = row_fragments, as in the forward) and keep every
 // product in registers:
 // * key side, a block per block_rows keys, looping over query tiles of
-//   kQueryTile, kC queries (chunk_rows) at a time:
+//   tile_rows, kC queries (backward_chunk_rows) at a time:
 //     S^T = K Q^T, G^T = V gY^T             (16 kM keys x kC queries per warp)
 //     P^T = m ⊙ f(S^T) rs,  dX^T = m ⊙ (rs G^T - dl) ⊙ f'(S^T)
 //     dV += P^T gY,  dK += dX^T Q            (P^T, dX^T re-packed as A)
 // * query side, a block per block_rows queries, looping over key tiles of
-//   kKeys, kC keys at a time:
+//   tile_rows, kC keys at a time:
 //     S = Q K^T, G = gY V^T,  dX = m ⊙ (rs G - dl) ⊙ f'(S),  dQ += dX K.
 // Query tiles (Q, gY, rs, dl) or key tiles (K, V) are double-buffered by
 // cp.async. f in vertex form only (vertex_form): other polynomials would
 // cost the main loop its registers and take the shared-memory kernels. At
-// d = 128 the
-// key side's accumulators dK and dV alone take 128 registers a thread, so
-// there its warps re-read their K and V fragments from shared memory one
-// k-step at a time (warp::mma_abt_rows: 16 more ldmatrix.x4 per 64 HMMA)
+// d = 128 the key side's accumulators dK and dV alone take 128 registers a
+// thread, so there its warps re-read their K and V fragments from shared memory
+// one k-step at a time (warp::mma_abt_rows: 16 more ldmatrix.x4 per 64 HMMA)
 // instead of holding them, and both kernels take 16 rows a chunk
 // (backward_chunk_rows).
 //
@@ -711,7 +727,6 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // tau)), gradients that a loss scaler backs off from anyway. FlashAttention
 // keeps P and dS in float16 on the same grounds. (The efficient backward's dS
 // is a sum over N tokens and does need float's range.)
-constexpr int kQueryTile = 64;  // the key side's query tiles
 
 // The streamed tile's rows taken at a time in the backward: as the forward,
 // but 16 at d = 128, where S and dX (or S^T and dX^T) of 64 rows would not fit
@@ -722,16 +737,19 @@ TS_HOST_DEVICE constexpr int backward_chunk_rows() {
 }
 
 // The key side's per-query factors (load_query_factors), floats per stage.
-constexpr int kQueryFactors = 4 * kQueryTile;
+template <int kDim>
+TS_HOST_DEVICE constexpr int query_factor_floats() {
+  return 4 * tile_rows<kDim>();
+}
 
 template <int kDim>
 constexpr size_t mma_backward_smem() {
   // The block's rows (key side: K, V; query side: Q, gY), two stages of two
-  // tiles (key side: Q, gY; query side: K, V; 64 rows each) and two stages of
-  // the key side's query factors.
-  static_assert(kQueryTile == kKeys);
-  return size_t(2 * block_rows<kDim>() + 4 * kKeys) * (kDim + 8) * 2 +
-         2 * kQueryFactors * sizeof(float);
+  // tiles (key side: Q, gY; query side: K, V) and two stages of the key
+  // side's query factors.
+  return size_t(2 * block_rows<kDim>() + 4 * tile_rows<kDim>()) * (kDim + 8) *
+             2 +
+         2 * query_factor_floats<kDim>() * sizeof(float);
 }
 
 // The key side's element step, with rs, dl of query i and f in vertex form
@@ -743,27 +761,27 @@ constexpr size_t mma_backward_smem() {
 // alone; the 2 goes to dK's store, and G^T - dl / rs is G^T's product
 // accumulated from -dl / rs instead of 0 (the host divides, mma_backward:
 // rs = 0, a query with no keys, has dl = 0 and takes 0). From
-// p.key_side_scalars (rs, -dl / rs), for queries [i0, i0 + kQueryTile), zeros
+// p.key_side_scalars (rs, -dl / rs), for queries [i0, i0 + kTile), zeros
 // past the queries (so that padded query rows contribute nothing), dst holds
-// (a rs, a rs gamma) at [2 i], one 8-byte load, and -dl / rs at [2 kQueryTile
+// (a rs, a rs gamma) at [2 i], one 8-byte load, and -dl / rs at [2 kTile
 // + 4 (i / 2) + i % 2] and [.. + 2]: the start of one n8 tile of G^T in the C
 // layout (lane columns 2 quad, 2 quad + 1 in rows g and g + 8) is one 16-byte
 // load.
-template <typename T>
+template <int kTile, typename T>
 __device__ __forceinline__ void load_query_factors(float* dst,
                                                    const MmaArgs<T>& p,
                                                    int64_t bh, int64_t i0) {
-  static_assert(kQueryTile <= kThreads);
+  static_assert(kTile <= kThreads);
   const int i = threadIdx.x;
-  if (i < kQueryTile) {
+  if (i < kTile) {
     const bool valid = i0 + i < p.queries;
     const float* s = p.key_side_scalars + 2 * (bh * p.queries + i0 + i);
     const float ars = valid ? p.vertex.a * s[0] : 0.f,
                 shift = valid ? s[1] : 0.f;
     *reinterpret_cast<float2*>(dst + 2 * i) =
         make_float2(ars, ars * p.vertex.gamma);
-    dst[2 * kQueryTile + 4 * (i / 2) + i % 2] = shift;
-    dst[2 * kQueryTile + 4 * (i / 2) + 2 + i % 2] = shift;
+    dst[2 * kTile + 4 * (i / 2) + i % 2] = shift;
+    dst[2 * kTile + 4 * (i / 2) + 2 + i % 2] = shift;
   }
 }
 
@@ -775,8 +793,10 @@ __global__ void __launch_bounds__(kThreads)
     direct_backward_kv_mma_kernel(MmaArgs<T> p, T* grad_k, T* grad_v) {
   constexpr int kM = row_fragments<kDim>(), kBlockKeys = block_rows<kDim>();
   constexpr int kC = backward_chunk_rows<kDim>();
-  constexpr bool kHoldKeys = kDim <= 64;  // K, V fragments held in registers
-  constexpr int ld = kDim + 8, kStage = kQueryTile * ld;
+  constexpr bool kHoldKeys = kDim <= 64;    // K, V fragments held in registers
+  constexpr int kTile = tile_rows<kDim>();  // queries a tile
+  constexpr int kFactors = query_factor_floats<kDim>();
+  constexpr int ld = kDim + 8, kStage = kTile * ld;
   extern __shared__ __align__(128) unsigned char smem[];
   T* ks = reinterpret_cast<T*>(smem);
   T* vs = ks + kBlockKeys * ld;
@@ -791,25 +811,24 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t first = p.mask.causal ? j0 : 0;
   const int tiles =
       p.queries > first
-          ? static_cast<int>((p.queries - first + kQueryTile - 1) / kQueryTile)
+          ? static_cast<int>((p.queries - first + kTile - 1) / kTile)
           : 0;
 
   // load_key_rows reads the padding flags of up to 64 keys at a time.
 #pragma unroll
-  for (int r = 0; r < kBlockKeys; r += kKeys)
-    load_key_rows<kDim, kKeys>(ks + r * ld, vs + r * ld,
-                               static_cast<T*>(nullptr), p.k, p.v, b, h, j0 + r,
-                               p.keys, padding<kMode>(p));
+  for (int r = 0; r < kBlockKeys; r += 64)
+    load_key_rows<kDim, 64>(ks + r * ld, vs + r * ld, static_cast<T*>(nullptr),
+                            p.k, p.v, b, h, j0 + r, p.keys, padding<kMode>(p));
   warp::cp_async_commit();
   // Stage `stage` <- the next query tile at i0: Q, gY, rs and dl.
-  RowCopies<kDim, kQueryTile, T> q_rows(p.q, b, h, first, p.queries),
+  RowCopies<kDim, kTile, T> q_rows(p.q, b, h, first, p.queries),
       g_rows(p.grad_out, b, h, first, p.queries);
   const auto load_queries = [&](int stage, int64_t i0) {
     q_rows.copy(qs + stage * kStage);
     g_rows.copy(gs + stage * kStage);
     q_rows.advance();
     g_rows.advance();
-    load_query_factors(factors + stage * kQueryFactors, p, bh, i0);
+    load_query_factors<kTile>(factors + stage * kFactors, p, bh, i0);
   };
   if (tiles > 0) load_queries(0, first);
   warp::cp_async_commit();
@@ -826,7 +845,7 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t* mask_words =
       kMode == MaskMode::kAttnMask
           ? p.allowed_by_key.lane_words(b, h, j0 + warp_row, lane) +
-                first / kQueryTile * p.allowed_by_key.tile_stride()
+                first / 64 * p.allowed_by_key.tile_stride()
           : nullptr;
 
   // One query tile, kC queries at a time. Element i of n8 tile n of fragment
@@ -834,18 +853,18 @@ __global__ void __launch_bounds__(kThreads)
   // 8 (i / 2), query i0 + col with col = kC c + 8 n + 2 quad + i % 2.
   const auto step = [&](int tile, auto elementwise) {
     constexpr bool kElementwise = decltype(elementwise)::value;
-    const int64_t i0 = first + static_cast<int64_t>(tile) * kQueryTile;
-    [[maybe_unused]] uint32_t bits[kM];  // first: a multiple of kQueryTile
+    const int64_t i0 = first + static_cast<int64_t>(tile) * kTile;
+    [[maybe_unused]] uint32_t bits[kM][kTile / 64];  // first: kTile | first
     if constexpr (kMode == MaskMode::kAttnMask)
       load_tile_bits(bits, mask_words, p.allowed_by_key, tile);
     const int stage = tile % 2;
     const T* qt = qs + stage * kStage;
     const T* gt = gs + stage * kStage;
     const float2* column_factors =
-        reinterpret_cast<const float2*>(factors + stage * kQueryFactors);
-    const float* shifts = factors + stage * kQueryFactors + 2 * kQueryTile;
+        reinterpret_cast<const float2*>(factors + stage * kFactors);
+    const float* shifts = factors + stage * kFactors + 2 * kTile;
     if (tile + 1 < tiles) {
-      load_queries(1 - stage, i0 + kQueryTile);
+      load_queries(1 - stage, i0 + kTile);
       warp::cp_async_commit();
       warp::cp_async_wait<1>();
     } else {
@@ -853,7 +872,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 #pragma unroll
-    for (int c = 0; c < kQueryTile / kC; ++c) {
+    for (int c = 0; c < kTile / kC; ++c) {
       const T* qc = qt + kC * c * ld;
       const T* gc = gt + kC * c * ld;
       float st[kM][kC / 8][4], dxt[kM][kC / 8][4];  // S^T + beta, G^T - dl / rs
@@ -920,9 +939,9 @@ __global__ void __launch_bounds__(kThreads)
   // the diagonal (unrolled, outside the main loop); every query of the later
   // tiles follows every key here.
   const bool diagonal = kMode != MaskMode::kAttnMask && p.mask.causal;
-  const int diagonal_tiles = diagonal ? min(tiles, kBlockKeys / kQueryTile) : 0;
+  const int diagonal_tiles = diagonal ? min(tiles, kBlockKeys / kTile) : 0;
 #pragma unroll
-  for (int tile = 0; tile < kBlockKeys / kQueryTile; ++tile)
+  for (int tile = 0; tile < kBlockKeys / kTile; ++tile)
     if (tile < diagonal_tiles) step(tile, std::true_type());
   for (int tile = diagonal_tiles; tile < tiles; ++tile)
     step(tile, std::bool_constant<kMode == MaskMode::kAttnMask>());
@@ -955,8 +974,8 @@ template <typename T, int kDim, MaskMode kMode>
 __global__ void __launch_bounds__(kThreads)
     direct_backward_q_mma_kernel(MmaArgs<T> p, T* grad_q) {
   constexpr int kM = row_fragments<kDim>(), kRows = block_rows<kDim>();
-  constexpr int kC = backward_chunk_rows<kDim>();
-  constexpr int ld = kDim + 8, kStage = kKeys * ld;
+  constexpr int kC = backward_chunk_rows<kDim>(), kTile = tile_rows<kDim>();
+  constexpr int ld = kDim + 8, kStage = kTile * ld;
   extern __shared__ __align__(128) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem);
   T* gs = qs + kRows * ld;
@@ -967,9 +986,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t key_end = p.mask.key_limit(i0 + kRows, p.keys);
-  const int tiles = static_cast<int>((key_end + kKeys - 1) / kKeys);
+  const int tiles = static_cast<int>((key_end + kTile - 1) / kTile);
 
-  KeyCopies<kDim, kKeys, T> keys(p.k, p.v, b, h, 0, p.keys, padding<kMode>(p));
+  KeyCopies<kDim, kTile, T> keys(p.k, p.v, b, h, 0, p.keys, padding<kMode>(p));
   const auto load_keys = [&](int stage) {  // stage <- the next key tile
     keys.copy(ks + stage * kStage, vs + stage * kStage,
               static_cast<T*>(nullptr));
@@ -1021,12 +1040,12 @@ __global__ void __launch_bounds__(kThreads)
       warp::cp_async_wait<0>();
     }
     __syncthreads();
-    const int64_t j0 = static_cast<int64_t>(tile) * kKeys;
-    [[maybe_unused]] uint32_t bits[kM];
+    const int64_t j0 = static_cast<int64_t>(tile) * kTile;
+    [[maybe_unused]] uint32_t bits[kM][kTile / 64];
     if constexpr (kMode == MaskMode::kAttnMask)
       load_tile_bits(bits, mask_words, p.allowed, tile);
 #pragma unroll
-    for (int c = 0; c < kKeys / kC; ++c) {
+    for (int c = 0; c < kTile / kC; ++c) {
       const T* kc = ks + stage * kStage + kC * c * ld;
       const T* vc = vs + stage * kStage + kC * c * ld;
       float s[kM][kC / 8][4], dx[kM][kC / 8][4] = {};  // S + beta, G
@@ -1063,7 +1082,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();  // every warp is done with this stage before its refill
   };
-  walk_key_tiles<kMode, kRows>(p, i0, tiles, step);
+  walk_key_tiles<kMode, kRows, kTile>(p, i0, tiles, step);
   warp::cp_async_wait<0>();  // no copy outlives the block (keys == 0)
   const float one[2] = {1.f, 1.f};
 #pragma unroll
