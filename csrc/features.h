@@ -107,6 +107,19 @@ struct Polynomial {
     for (int n = 0; n <= kMaxOrder; ++n) out.coefficient[n] = U(coefficient[n]);
     return out;
   }
+
+  // The same polynomial as one of order kMaxOrder: leading zero
+  // coefficients, which Horner's rule passes exactly for finite x (0 x + 0 =
+  // 0, then 0 x + c_k = c_k), so a loop of kMaxOrder steps without exits
+  // gives the same value.
+  TS_HOST_DEVICE Polynomial padded() const {
+    Polynomial out;
+    out.order = kMaxOrder;
+    for (int n = 0; n <= kMaxOrder; ++n)
+      out.coefficient[n] =
+          n < kMaxOrder - order ? T(0) : coefficient[n - (kMaxOrder - order)];
+    return out;
+  }
 };
 
 // f(x) by Horner's rule, f = (..(c_k x + c_{k-1}) x + ..) x + c_0: k

@@ -339,12 +339,14 @@ AllowedBits allowed_bits(const Mask& mask, const at::Tensor& q, int64_t rows,
 // rounding, 2^-24 |s| in float, costs f / a an absolute 2^-23 s^2, within a
 // small factor of Horner's 2^-24 (|a| x^2 + |b x| + |c|) / |a|, and f / a
 // stays within 2^6 of f, so it fits in float16 where f does. Other
-// coefficients and orders take Horner's rule: a run-time order unrolls to
-// kMaxOrder steps with exits, which in these loops tripled the instructions
-// per HMMA and added 50-100 registers (sm_90, benchmarks/sass_report.py); so
-// the forward is compiled for both and the coefficients pick one at launch,
-// and the backward mma kernels take the vertex form only (other polynomials
-// run the shared-memory kernels, direct_backward_cuda).
+// coefficients and orders take Horner's rule over kMaxOrder steps, f padded
+// with leading zeros (Polynomial::padded): exact, and without the exits of a
+// run-time order, which in these loops cost 2 to 2.5 times the instructions
+// per HMMA (sm_90, bf16, benchmarks/sass_report.py: d = 16 39.5 -> 16.6,
+// d = 64 14.1 -> 7.5). So the forward is compiled for both and the
+// coefficients pick one at launch; the backward mma kernels take the vertex
+// form only (other polynomials run the shared-memory kernels,
+// direct_backward_cuda).
 struct VertexForm {
   float a, beta, gamma;
 };
@@ -368,8 +370,8 @@ __device__ __forceinline__ float mma_weight(float s, const VertexForm& vertex,
                                             const Polynomial<float>& f) {
   if constexpr (kVertex) {
     return s * s + vertex.gamma;
-  } else {
-    return taylor_weight(s, f);
+  } else {  // f padded to kMaxOrder (mma_args)
+    return taylor_weight(s, f, std::integral_constant<int, kMaxOrder>());
   }
 }
 
@@ -397,8 +399,8 @@ struct MmaArgs {
   // kAttnMask only: queries x keys (forward, dQ) and keys x queries (dK, dV).
   AllowedBits allowed, allowed_by_key;
   RowValues<float> sigma;  // forward only
-  Polynomial<float> f;     // the weight polynomial, by value
-  VertexForm vertex;       // f's vertex form (vertex_form), else a = 0
+  Polynomial<float> f;  // the weight polynomial padded to kMaxOrder, by value
+  VertexForm vertex;    // f's vertex form (vertex_form), else a = 0
 };
 
 // The mask view with which load_key_rows zeroes padded keys' rows (MaskMode).
@@ -630,7 +632,7 @@ MmaArgs<T> mma_args(const at::Tensor& q, const at::Tensor& k,
   args.d = static_cast<int>(d);
   args.e = static_cast<int>(e);
   args.mask = mask;
-  args.f = f.cast<float>();
+  args.f = f.cast<float>().padded();
   if (const auto vertex = vertex_form(f)) args.vertex = *vertex;
   return args;
 }
