@@ -646,6 +646,9 @@ struct StateMmaArgs {
   float* partial;  // (splits, B H, F, e + 1)
 };
 
+// A reduce warp's products beside its pair rows (state_reduce_mma_kernel).
+enum class ExtraProducts { kNone, kZPairs, kLinear, kConstant };
+
 template <typename T, int kDim, bool kQuery, bool kMasked>
 __global__ void __launch_bounds__(kThreads)
     state_reduce_mma_kernel(StateMmaArgs<T> p) {
@@ -673,6 +676,12 @@ __global__ void __launch_bounds__(kThreads)
   const bool z_pairs = !kQuery && value_tile == 0 && warp < 2;
   const bool linear = L == M && warp == 2;
   const bool constant = L == 0 && M == 0 && warp == 3;
+  const ExtraProducts role = z_pairs    ? ExtraProducts::kZPairs
+                             : linear   ? ExtraProducts::kLinear
+                             : constant ? ExtraProducts::kConstant
+                                        : ExtraProducts::kNone;
+  // The query side's z column (acc_z), on the first value tile.
+  [[maybe_unused]] const bool z_column = kQuery && value_tile == 0;
   const int col0 = value_tile * kEv;
 
   float acc[4][kN][4] = {};     // S rows (4 w + j, m) x kEv values
@@ -712,76 +721,103 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     const T* kt = ks + tile % 2 * kTile;
     const T* vt = vs + tile % 2 * kTile;
+    // The tile's products, for this warp's extra products and z column as
+    // compile-time constants: one copy of the loop per role, no branch in it.
+    const auto products = [&](auto extra_products, auto with_z_column) {
+      constexpr ExtraProducts kExtra = decltype(extra_products)::value;
+      constexpr bool kZColumn = decltype(with_z_column)::value;
 #pragma unroll
-    for (int kk = 0; kk < kTokens / 16; ++kk) {
-      const T* krows = kt + kk * 16 * ld;
-      // A of K[M]^T (16 m x 16 tokens): .trans of the token-major tile.
-      uint32_t km[4];
-      warp::ldmatrix<4, true>(km, krows + (lane % 8 + lane / 16 * 8) * ld +
-                                      M * 16 + lane / 8 % 2 * 8);
-      // B of K[L] (16 tokens x 16 l), two n8 tiles: {0, 1} l < 8, {2, 3}.
-      uint32_t kl[4];
-      warp::ldmatrix<4, true>(kl, krows + (lane % 8 + lane / 8 % 2 * 8) * ld +
-                                      L * 16 + lane / 16 * 8);
-      uint32_t vb[kN][2];
+      for (int kk = 0; kk < kTokens / 16; ++kk) {
+        const T* krows = kt + kk * 16 * ld;
+        // A of K[M]^T (16 m x 16 tokens): .trans of the token-major tile.
+        uint32_t km[4];
+        warp::ldmatrix<4, true>(km, krows + (lane % 8 + lane / 16 * 8) * ld +
+                                        M * 16 + lane / 8 % 2 * 8);
+        // B of K[L] (16 tokens x 16 l), two n8 tiles: {0, 1} l < 8, {2, 3}.
+        uint32_t kl[4];
+        warp::ldmatrix<4, true>(kl, krows + (lane % 8 + lane / 8 % 2 * 8) * ld +
+                                        L * 16 + lane / 16 * 8);
+        uint32_t vb[kN][2];
 #pragma unroll
-      for (int n = 0; n < kN / 2; ++n) {
-        uint32_t f[4];
-        warp::ldmatrix<4, true>(
-            f, vt + (kk * 16 + lane % 8 + lane / 8 % 2 * 8) * ld + col0 +
-                   n * 16 + lane / 16 * 8);
-        vb[2 * n][0] = f[0];
-        vb[2 * n][1] = f[1];
-        vb[2 * n + 1][0] = f[2];
-        vb[2 * n + 1][1] = f[3];
-      }
-      // k_l of tokens 2 quad, 2 quad + 1 (lo) and + 8 (hi) for this warp's
-      // l = 4 warp + j: B register of lane 4 (l % 8) + quad in n8 tile l / 8.
-      const uint32_t kl_lo = warp < 2 ? kl[0] : kl[2];
-      const uint32_t kl_hi = warp < 2 ? kl[1] : kl[3];
-      // The z column as B: query side w (rows 2 quad + {0, 1}, + 8 of
-      // column 0), key side ones.
-      uint32_t zb[2] = {ones_b, ones_b};
-      if constexpr (kQuery) {
-        const uint32_t* w = reinterpret_cast<const uint32_t*>(
-            ws + tile % 2 * kTokens + kk * 16 + 2 * quad);
-        zb[0] = g == 0 ? w[0] : 0u;
-        zb[1] = g == 0 ? w[4] : 0u;
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int source = (4 * warp + j) % 8 * 4 + quad;
-        const uint32_t lo = __shfl_sync(0xffffffffu, kl_lo, source);
-        const uint32_t hi = __shfl_sync(0xffffffffu, kl_hi, source);
-        const uint32_t a[4] = {
-            warp::mul2<T>(km[0], lo), warp::mul2<T>(km[1], lo),
-            warp::mul2<T>(km[2], hi), warp::mul2<T>(km[3], hi)};
-#pragma unroll
-        for (int n = 0; n < kN; ++n) warp::mma_16816<T>(acc[j][n], a, vb[n]);
+        for (int n = 0; n < kN / 2; ++n) {
+          uint32_t f[4];
+          warp::ldmatrix<4, true>(
+              f, vt + (kk * 16 + lane % 8 + lane / 8 % 2 * 8) * ld + col0 +
+                     n * 16 + lane / 16 * 8);
+          vb[2 * n][0] = f[0];
+          vb[2 * n][1] = f[1];
+          vb[2 * n + 1][0] = f[2];
+          vb[2 * n + 1][1] = f[3];
+        }
+        // k_l of tokens 2 quad, 2 quad + 1 (lo) and + 8 (hi) for this warp's
+        // l = 4 warp + j: B register of lane 4 (l % 8) + quad in n8 tile l / 8.
+        const uint32_t kl_lo = warp < 2 ? kl[0] : kl[2];
+        const uint32_t kl_hi = warp < 2 ? kl[1] : kl[3];
+        // The z column as B: query side w (rows 2 quad + {0, 1}, + 8 of
+        // column 0), key side ones.
+        uint32_t zb[2] = {ones_b, ones_b};
         if constexpr (kQuery) {
-          if (value_tile == 0) warp::mma_16816<T>(acc_z[j], a, zb);
-        }
-      }
-      if (z_pairs) {  // z (m, l) += sum_t k_tm k_tl, l in n8 tile `warp`
-        const uint32_t kb[2] = {warp == 0 ? kl[0] : kl[2],
-                                warp == 0 ? kl[1] : kl[3]};
-        warp::mma_16816<T>(extra[0], km, kb);
-      } else if (linear || constant) {
-        // Linear: A = K[L]^T (= km, L = M). Constant: A = the token flags
-        // as row 0 (tokens 2 quad + {0, 1}, + 8), so z counts the valid
-        // keys.
-        uint32_t a[4] = {km[0], km[1], km[2], km[3]};
-        if (constant) {
-          const uint32_t* m = reinterpret_cast<const uint32_t*>(
-              flags + tile % 2 * kTokens + kk * 16 + 2 * quad);
-          a[0] = g == 0 ? m[0] : 0u;
-          a[2] = g == 0 ? m[4] : 0u;
-          a[1] = a[3] = 0u;
+          const uint32_t* w = reinterpret_cast<const uint32_t*>(
+              ws + tile % 2 * kTokens + kk * 16 + 2 * quad);
+          zb[0] = g == 0 ? w[0] : 0u;
+          zb[1] = g == 0 ? w[4] : 0u;
         }
 #pragma unroll
-        for (int n = 0; n < kN; ++n) warp::mma_16816<T>(extra[n], a, vb[n]);
-        warp::mma_16816<T>(extra[kN], a, zb);
+        for (int j = 0; j < 4; ++j) {
+          const int source = (4 * warp + j) % 8 * 4 + quad;
+          const uint32_t lo = __shfl_sync(0xffffffffu, kl_lo, source);
+          const uint32_t hi = __shfl_sync(0xffffffffu, kl_hi, source);
+          const uint32_t a[4] = {
+              warp::mul2<T>(km[0], lo), warp::mul2<T>(km[1], lo),
+              warp::mul2<T>(km[2], hi), warp::mul2<T>(km[3], hi)};
+#pragma unroll
+          for (int n = 0; n < kN; ++n) warp::mma_16816<T>(acc[j][n], a, vb[n]);
+          if constexpr (kZColumn) {
+            warp::mma_16816<T>(acc_z[j], a, zb);
+          } else if constexpr (kQuery) {  // two value tiles: the first
+            if (z_column) warp::mma_16816<T>(acc_z[j], a, zb);
+          }
+        }
+        if constexpr (kExtra == ExtraProducts::kZPairs) {
+          // z (m, l) += sum_t k_tm k_tl, l in n8 tile `warp`
+          const uint32_t kb[2] = {warp == 0 ? kl[0] : kl[2],
+                                  warp == 0 ? kl[1] : kl[3]};
+          warp::mma_16816<T>(extra[0], km, kb);
+        } else if constexpr (kExtra != ExtraProducts::kNone) {
+          // Linear: A = K[L]^T (= km, L = M). Constant: A = the token flags
+          // as row 0 (tokens 2 quad + {0, 1}, + 8), so z counts the valid
+          // keys.
+          uint32_t a[4] = {km[0], km[1], km[2], km[3]};
+          if constexpr (kExtra == ExtraProducts::kConstant) {
+            const uint32_t* m = reinterpret_cast<const uint32_t*>(
+                flags + tile % 2 * kTokens + kk * 16 + 2 * quad);
+            a[0] = g == 0 ? m[0] : 0u;
+            a[2] = g == 0 ? m[4] : 0u;
+            a[1] = a[3] = 0u;
+          }
+#pragma unroll
+          for (int n = 0; n < kN; ++n) warp::mma_16816<T>(extra[n], a, vb[n]);
+          warp::mma_16816<T>(extra[kN], a, zb);
+        }
       }
+    };
+    // The query side's z column is a constant where there is one value tile.
+    using Extra = ExtraProducts;
+    using ZColumn = std::bool_constant<kQuery && Blocks::kValueTiles == 1>;
+    switch (role) {
+      case Extra::kZPairs:
+        if constexpr (!kQuery)
+          products(std::integral_constant<Extra, Extra::kZPairs>(), ZColumn());
+        break;
+      case Extra::kLinear:
+        products(std::integral_constant<Extra, Extra::kLinear>(), ZColumn());
+        break;
+      case Extra::kConstant:
+        products(std::integral_constant<Extra, Extra::kConstant>(), ZColumn());
+        break;
+      case Extra::kNone:
+        products(std::integral_constant<Extra, Extra::kNone>(), ZColumn());
+        break;
     }
     __syncthreads();  // every warp is done with this stage before its refill
   }
