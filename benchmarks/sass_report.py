@@ -82,14 +82,8 @@ WORK = {
     f"state_reduce_mma_kernel<{BF16}, {D}, false, false>": ("efficient fwd", EFFICIENT_PRODUCT),
     f"efficient_apply_mma_kernel<{BF16}, {D}>": ("efficient fwd", EFFICIENT_PRODUCT),
     f"state_reduce_mma_kernel<{BF16}, {D}, true, false>": ("efficient bwd", EFFICIENT_PRODUCT),
-    f"efficient_contract_mma_kernel<{BF16}, {D}, false, false>": (
-        "efficient bwd",
-        2 * EFFICIENT_PRODUCT,
-    ),
-    f"efficient_contract_mma_kernel<{BF16}, {D}, true, false>": (
-        "efficient bwd",
-        2 * EFFICIENT_PRODUCT,
-    ),
+    f"efficient_dq_tiles_kernel<{BF16}, {D}>": ("efficient bwd", 2 * EFFICIENT_PRODUCT),
+    f"efficient_contract_mma_kernel<{BF16}, {D}, false>": ("efficient bwd", 2 * EFFICIENT_PRODUCT),
     f"feature_reduce_kernel<{BF16}, float, true>": ("efficient bwd", EFFICIENT_PRODUCT),
     f"feature_reduce_kernel<{BF16}, float, false>": ("efficient fwd", EFFICIENT_PRODUCT),
     f"efficient_apply_kernel<{BF16}, float>": ("efficient fwd", EFFICIENT_PRODUCT),
@@ -102,9 +96,9 @@ WORK = {
 # tokens, all CTAs; nb = D / 16 slices, P = nb (nb + 1) / 2 block pairs of 256 features, n = e / 8
 # value tiles). The model's counted work is F (e + 1) per token and product; these kernels do more
 # tensor work (whole diagonal blocks, 16 x 16 instead of 136 pairs; separate z products; the z
-# column as an extra n8 tile or k-step) and the contraction kernels do one of their two counted
-# products in FFMA (which the instr/HMMA ratio counts), so the modelled time scales the HMMA
-# count by these factors.
+# column as an extra n8 tile or k-step) and the key side's contraction does one of its two
+# counted products in FFMA (which the instr/HMMA ratio counts), so the modelled time scales the
+# HMMA count by these factors.
 NB = D // 16
 PAIRS = NB * (NB + 1) // 2
 COUNTED_HMMA = 16 * F * (D + 1) / MADDS_PER_HMMA
@@ -120,11 +114,10 @@ PADDING = {
     # 16 operand rows per step: 16 P + nb + 1 steps of n + 1 HMMA
     f"efficient_apply_mma_kernel<{BF16}, {D}>": ((16 * PAIRS + NB + 1) * (D // 8 + 1))
     / COUNTED_HMMA,
-    # G: 16 P + nb steps of 2 (nb + 1) HMMA; counted 2 products
-    f"efficient_contract_mma_kernel<{BF16}, {D}, false, false>": ((16 * PAIRS + NB) * 2 * (NB + 1))
-    / (2 * COUNTED_HMMA),
-    # G as on the query side, and dv: 16 P + nb + 1 steps of n HMMA
-    f"efficient_contract_mma_kernel<{BF16}, {D}, true, false>": (
+    # dq: e + 1 pair tiles and the linear tile of nb k-steps x n HMMA; counted 2 products
+    f"efficient_dq_tiles_kernel<{BF16}, {D}>": ((D + 2) * NB * (D // 8)) / (2 * COUNTED_HMMA),
+    # G: 16 P + nb steps of 2 (nb + 1) HMMA, and dv: 16 P + nb + 1 steps of n HMMA
+    f"efficient_contract_mma_kernel<{BF16}, {D}, false>": (
         (16 * PAIRS + NB) * 2 * (NB + 1) + (16 * PAIRS + NB + 1) * (D // 8)
     )
     / (2 * COUNTED_HMMA),

@@ -1156,13 +1156,16 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The backward's contractions: efficient_contract_mma_kernel (key side: dk,
+// dv from the dS operand) and efficient_dq_tiles_kernel (query side: dq from
+// the state's gradient tiles).
 template <typename T>
 struct ContractMmaArgs {
   TokenRows<T> x;  // q (query side) or k (key side)
   TokenRows<T> y;  // query side: rs gY (dz_rows_kernel); key side: v
   const T* w;      // query side: -dl, (B H, w_stride)
   int64_t w_stride;
-  const T* operand;  // (B H, rows, kDim + 8): state (query), dS (key)
+  const T* operand;  // key side: (B H, rows, kDim + 8), dS
   // float16: (B H) powers of two by which the gradients are multiplied, the
   // inverse of the scales in the operand and y (mma_backward); null: 1.
   const float* grad_scale;
@@ -1170,23 +1173,21 @@ struct ContractMmaArgs {
   Mask mask;  // key side: key padding
 };
 
-// x and y tiles, the query side's w, two operand stages.
+// x and y tiles, two operand stages.
 template <int kDim>
 constexpr size_t contract_mma_smem() {
-  return (size_t(kQueryTile + kQueryTile + 2 * kStageRows) * (kDim + 8) +
-          kQueryTile) *
-         2;
+  return size_t(kQueryTile + kQueryTile + 2 * kStageRows) * (kDim + 8) * 2;
 }
 
-// The gradients through the quadratic features (docs/math.md §3), 16 tokens
-// per warp, 64 per CTA, over the operand rows streamed as in the apply
-// kernel. With y'_t = [y_t | z_t] (query side: y = rs gY, z = -dl; key side:
-// y = v, z = 1) and O the operand, for every 16 operand rows (l, m in M):
+// The key side's gradients through the quadratic features (docs/math.md §3),
+// 16 tokens per warp, 64 per CTA, over the dS operand's rows streamed as in
+// the apply kernel. With y'_t = [v_t | 1] and O the operand, for every 16
+// operand rows (l, m in M):
 //     G = y' O_l^T       (16 tokens x 16 m; mma, the z column one more k-step)
 //     dx_m += G_m x_l,   dx_l += sum_m G_m x_m
 // This is d(x_l x_m O_lm . y')/dx for both factors: the operand's weights
 // make the diagonal blocks' (l, m) and (m, l) add up. Linear rows give
-// dx_l += G directly; the constant row has no gradient. The key side also
+// dx_l += G directly; the constant row has no gradient. The kernel also
 // forms dv = sum_f feat_f(k) O_f as the apply kernel forms o (A = k_l k[M]).
 // dx and dv stay in registers (C layout) across the whole loop.
 // The two sums in registers, for the lane's elements of G (rows g, g + 8;
@@ -1199,7 +1200,7 @@ constexpr size_t contract_mma_smem() {
 //   2 per l for a full reduction per l) that leaves in lane quad exactly the
 //   totals of l = l0 + 2 quad + {0, 1}, C elements of dx[L]; they gather in
 //   dx_l registers over M >= L, added to dx[L] when L ends.
-template <typename T, int kDim, bool kKeySide, bool kMasked>
+template <typename T, int kDim, bool kMasked>
 __global__ void __launch_bounds__(kThreads)
     efficient_contract_mma_kernel(ContractMmaArgs<T> p, T* grad_x, T* grad_v) {
   using Blocks = PairBlocks<kDim>;
@@ -1209,46 +1210,29 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(128) unsigned char smem[];
   T* xs = reinterpret_cast<T*>(smem);
   T* ys = xs + kQueryTile * width;
-  T* ws = ys + kQueryTile * width;
   const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16;
   const int g = lane / 4, quad = lane % 4;
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kQueryTile;
   OperandStream<T, kDim> stream(p.operand + bh * Blocks::kRows * width,
-                                ws + kQueryTile);
+                                ys + kQueryTile * width);
   const auto key_valid = [&](int64_t t) {
     return !kMasked || p.mask.key_valid(b, t);
   };
   load_key_rows<kDim, kQueryTile>(xs, ys, static_cast<T*>(nullptr), p.x, p.y, b,
                                   h, i0, p.tokens, kMasked ? &p.mask : nullptr);
-  if constexpr (!kKeySide) {
-    if (threadIdx.x < kQueryTile / 8) {
-      const int64_t t = i0 + 8 * threadIdx.x;
-      const bool valid = t < p.w_stride;
-      warp::cp_async_16(ws + 8 * threadIdx.x,
-                        valid ? p.w + bh * p.w_stride + t : p.w, valid);
-    }
-  }
-  stream.start();  // x, y, w land with stage 0
+  stream.start();  // x, y land with stage 0
   warp::cp_async_wait<0>();
   __syncthreads();
   // This lane's ldmatrix rows for the A fragments of the warp's tokens.
   const int a_row = (warp_row + lane % 16) * width + lane / 16 * 8;
   uint32_t yf[1][kSlices][4];  // one fragment of 16 rows
   warp::load_a<kDim, width>(yf, ys + warp_row * width, lane);
-  // The z column of y' as the A fragment of one more k-step (column 0).
+  // The z column of y' (ones) as the A fragment of one more k-step (column
+  // 0).
   uint32_t yz[4] = {0u, 0u, 0u, 0u};
-  if (quad == 0) {
-    if constexpr (kKeySide) {
-      yz[0] = yz[1] = warp::pack<T>(1.f, 0.f);
-    } else {
-      const uint16_t* w_bits = reinterpret_cast<const uint16_t*>(ws);
-      yz[0] = w_bits[warp_row + g];
-      yz[1] = w_bits[warp_row + g + 8];
-    }
-  }
-  float dx[kN][4] = {};
-  float dv[kKeySide ? kN : 1][4] = {};
+  if (quad == 0) yz[0] = yz[1] = warp::pack<T>(1.f, 0.f);
+  float dx[kN][4] = {}, dv[kN][4] = {};
   // G = y' O^T for 16 operand rows: two n8 tiles of m.
   const int g_row = (lane % 8 + lane / 16 * 8) * width + lane / 8 % 2 * 8;
   const int z_row = (lane % 8 + lane / 16 * 8) * width + kDim;
@@ -1270,18 +1254,16 @@ __global__ void __launch_bounds__(kThreads)
     warp::mma_16816<T>(gm[0], yz, lo);
     warp::mma_16816<T>(gm[1], yz, hi);
   };
-  // dv += A O for 16 operand rows (key side).
+  // dv += A O for 16 operand rows.
   const int v_row = (lane % 8 + lane / 8 % 2 * 8) * width + lane / 16 * 8;
   const auto v_product = [&](const uint32_t (&a)[4], const T* rows) {
-    if constexpr (kKeySide) {
 #pragma unroll
-      for (int n = 0; n < kDim / 16; ++n) {
-        uint32_t f[4];
-        warp::ldmatrix<4, true>(f, rows + v_row + n * 16);
-        const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
-        warp::mma_16816<T>(dv[2 * n], a, lo);
-        warp::mma_16816<T>(dv[2 * n + 1], a, hi);
-      }
+    for (int n = 0; n < kDim / 16; ++n) {
+      uint32_t f[4];
+      warp::ldmatrix<4, true>(f, rows + v_row + n * 16);
+      const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+      warp::mma_16816<T>(dv[2 * n], a, lo);
+      warp::mma_16816<T>(dv[2 * n + 1], a, hi);
     }
   };
   const T* x_row = xs + (warp_row + g) * width;  // and + 8 rows
@@ -1323,15 +1305,12 @@ __global__ void __launch_bounds__(kThreads)
               dx_m[n][i] += gm[n][i] * x_l[i / 2];
               part[j][i / 2] += gm[n][i] * x_m[n][i];
             }
-          if constexpr (kKeySide) {
-            const bool high = j % 2 == 1;
-            const uint32_t a[4] = {
-                warp::mul2_half<T>(xm[0], xl[0][j / 2], high),
-                warp::mul2_half<T>(xm[1], xl[1][j / 2], high),
-                warp::mul2_half<T>(xm[2], xl[0][j / 2], high),
-                warp::mul2_half<T>(xm[3], xl[1][j / 2], high)};
-            v_product(a, rows);
-          }
+          const bool high = j % 2 == 1;
+          const uint32_t a[4] = {warp::mul2_half<T>(xm[0], xl[0][j / 2], high),
+                                 warp::mul2_half<T>(xm[1], xl[1][j / 2], high),
+                                 warp::mul2_half<T>(xm[2], xl[0][j / 2], high),
+                                 warp::mul2_half<T>(xm[3], xl[1][j / 2], high)};
+          v_product(a, rows);
         }
         // Reduce-scatter of part over the quad: xor 2, lanes 0, 1 keep
         // j < 4 and lanes 2, 3 the rest; xor 1, lanes 0, 2 keep j % 4 < 2.
@@ -1394,12 +1373,10 @@ __global__ void __launch_bounds__(kThreads)
         for (int n = 0; n < 2; ++n)
 #pragma unroll
           for (int i = 0; i < 4; ++i) dx[2 * u + n][i] += gm[n][i];
-        if constexpr (kKeySide) {
-          uint32_t xu[4];
-          warp::ldmatrix<4>(xu, xs + a_row + 16 * u);
-          v_product(xu, rows);
-        }
-      } else if (u == kSlices && kKeySide) {
+        uint32_t xu[4];
+        warp::ldmatrix<4>(xu, xs + a_row + 16 * u);
+        v_product(xu, rows);
+      } else if (u == kSlices) {
         const uint32_t one = quad == 0 ? warp::pack<T>(1.f, 0.f) : 0u;
         const uint32_t a[4] = {one, one, 0u, 0u};
         v_product(a, rows);
@@ -1416,9 +1393,255 @@ __global__ void __launch_bounds__(kThreads)
   }
   store_rows<T, kDim>(grad_x + bh * p.tokens * kDim, dx, i0 + warp_row,
                       p.tokens, kDim, scale, lane);
-  if constexpr (kKeySide) {
-    store_rows<T, kDim>(grad_v + bh * p.tokens * kDim, dv, i0 + warp_row,
-                        p.tokens, kDim, scale, lane);
+  store_rows<T, kDim>(grad_v + bh * p.tokens * kDim, dv, i0 + warp_row,
+                      p.tokens, kDim, scale, lane);
+}
+
+// The query side's dq through the tensor cores. With the state S (query
+// weights: pairs l < m weigh 2a, squares a) the output's pair terms are sum_{l
+// <= m} w_lm x_l x_m S_lm . y', so
+//   dq_t[p] = sum_{q, c} x_t[q] y'_t[c] W[p][q][c] + sum_c y'_t[c] Wl[p][c]
+// with W[p][q][c] = 2a S_{min(p, q), max(p, q)}[c] and Wl = b S_linear: a
+// product with A_t[(q, c)] = x_t[q] y'_t[c], built per c as the x fragment
+// times y'_t[c] of its rows (one mul2 per register, as the reduce builds its
+// features), and B the tiles W[.][.][c]. The same multiply-adds as
+// efficient_contract_mma_kernel's G products, without their per-element FFMA
+// and reduce-scatter, and without the z column's k-step of 16 (c = e is one
+// more tile). The key side's dk has the same form from dS (W[p][p] = 2 dS_pp,
+// W[p][q] = dS_pq).
+template <int kDim>
+struct GradientTiles {
+  static constexpr int kPitch = kDim + 8;      // ldmatrix rows in 8 banks
+  static constexpr int kTile = kDim * kPitch;  // elements of one tile
+  // e + 1 pair tiles (c = 0 .. e - 1 the values, c = e the z column), then
+  // the linear tile Wl[p][c], c < e
+  static constexpr int kTiles = kDim + 2;
+  // Tiles per stage: 6 to 34 KB a stage (the smaller tiles share a stage's
+  // barrier and copies), and whole stages of zero tiles after kTiles.
+  static constexpr int kStageTiles = 128 / kDim;
+  static constexpr int kStages = (kTiles + kStageTiles - 1) / kStageTiles;
+  static constexpr int kStoredTiles = kStages * kStageTiles;
+};
+
+// The tiles (B H, kStoredTiles, kDim, kPitch) of a state (B H, F, e + 1): the
+// pair tiles W[p][q][c] = (p == q ? diagonal : other) S_pq[c], the linear tile
+// linear S_linear[p][c], times scale and head_scales[bh] (null: 1), rounded to
+// T; the linear z column S_linear[p][z] likewise into linear_z (B H, kDim),
+// float. Padding columns stay as allocated (zeros).
+template <typename T, int kDim>
+__global__ void gradient_tiles_kernel(const float* state, int64_t count,
+                                      T* tiles, float* linear_z, float diagonal,
+                                      float other, float linear, float scale,
+                                      const float* head_scales) {
+  using Tiles = GradientTiles<kDim>;
+  constexpr int d = kDim, e1 = kDim + 1;
+  constexpr int64_t features = 1 + d + d * (d + 1) / 2;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int q = static_cast<int>(i % d), p = static_cast<int>(i / d % d);
+    const int t = static_cast<int>(i / (d * d) % Tiles::kTiles);
+    const int64_t bh = i / (int64_t(d) * d * Tiles::kTiles);
+    const float factor =
+        scale * (head_scales != nullptr ? head_scales[bh] : 1.f);
+    const float* S = state + bh * features * e1;
+    float value;
+    if (t <= d) {  // pair tile c = t; state column 0 is z
+      const int col = t < d ? t + 1 : 0, l = min(p, q), m = max(p, q);
+      value = (p == q ? diagonal : other) *
+              S[(pair_feature_offset(d) + pair_index(l, m, d)) * e1 + col];
+    } else {  // linear tile, column c = q
+      const float* row = S + (linear_feature_offset() + p) * e1;
+      value = linear * row[q + 1];
+      if (q == 0) linear_z[bh * d + p] = linear * factor * row[0];
+    }
+    tiles[(bh * Tiles::kStoredTiles + t) * Tiles::kTile + p * Tiles::kPitch +
+          q] = Num<T>::narrow(factor * value);
+  }
+}
+
+// dq (query side): kFrags fragments of 16 tokens per warp (2 at d <= 32,
+// where a tile's B fragments would feed too few HMMA, else 1), the head's
+// tiles streamed through two shared buffers of kStageTiles tiles by
+// cp.async.
+template <int kDim>
+TS_HOST_DEVICE constexpr int dq_fragments() {
+  return kDim <= 32 ? 2 : 1;
+}
+
+template <int kDim>
+constexpr size_t dq_tiles_smem() {
+  constexpr size_t tokens = 64 * dq_fragments<kDim>();
+  return (2 * tokens * (kDim + 8) + tokens +
+          2 * GradientTiles<kDim>::kStageTiles * GradientTiles<kDim>::kTile) *
+         2;
+}
+
+template <typename T, int kDim>
+__global__ void __launch_bounds__(kThreads)
+    efficient_dq_tiles_kernel(ContractMmaArgs<T> p, const T* tiles,
+                              const float* linear_z, T* grad_q) {
+  using Tiles = GradientTiles<kDim>;
+  constexpr int width = kDim + 8, kSlices = kDim / 16, kN = kDim / 8;
+  constexpr int kFrags = dq_fragments<kDim>(), kTokens = 64 * kFrags;
+  constexpr int kStage = Tiles::kStageTiles * Tiles::kTile;
+  constexpr int kChunks = kStage / 8;  // 16-byte copies per stage
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* xs = reinterpret_cast<T*>(smem);
+  T* ys = xs + kTokens * width;
+  T* ws = ys + kTokens * width;
+  T* buffers = ws + kTokens;  // two stages
+  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16 * kFrags;
+  const int g = lane / 4, quad = lane % 4;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTokens;
+  const T* head_tiles = tiles + bh * Tiles::kStoredTiles * Tiles::kTile;
+  const auto load_stage = [&](int s) {
+    const T* src = head_tiles + int64_t(s) * kStage + 8 * threadIdx.x;
+    T* dst = buffers + s % 2 * kStage + 8 * threadIdx.x;
+#pragma unroll
+    for (int step = 0; step < (kChunks + kThreads - 1) / kThreads; ++step)
+      if (kChunks % kThreads == 0 || threadIdx.x + step * kThreads < kChunks)
+        warp::cp_async_16(dst + step * kThreads * 8, src + step * kThreads * 8,
+                          true);
+  };
+  load_key_rows<kDim, kTokens>(xs, ys, static_cast<T*>(nullptr), p.x, p.y, b, h,
+                               i0, p.tokens, nullptr);
+  if (threadIdx.x < kTokens / 8) {
+    const int64_t t = i0 + 8 * threadIdx.x;
+    const bool valid = t < p.w_stride;
+    warp::cp_async_16(ws + 8 * threadIdx.x,
+                      valid ? p.w + bh * p.w_stride + t : p.w, valid);
+  }
+  load_stage(0);
+  warp::cp_async_commit();
+  warp::cp_async_wait<0>();
+  __syncthreads();
+  uint32_t xf[kFrags][kSlices][4], yf[kFrags][kSlices][4];
+  warp::load_a<kDim, width>(xf, xs + warp_row * width, lane);
+  warp::load_a<kDim, width>(yf, ys + warp_row * width, lane);
+  const uint16_t* w_bits = reinterpret_cast<const uint16_t*>(ws);
+  const int row_g = warp_row + g;  // fragment fr: + 16 fr, and + 8
+  // ldmatrix rows of B (rows p, 16 columns from a tile's column 16 k):
+  // matrices {rows +0, +8} x {columns +0, +8}, registers {0, 1} n8 tile
+  // p0 .. p0 + 7, {2, 3} the next.
+  const int b_row =
+      (lane % 8 + lane / 16 * 8) * Tiles::kPitch + lane / 8 % 2 * 8;
+  float dq[kFrags][kN][4] = {};
+  // dq += A B^T for one tile, A of kSlices k-steps per fragment: every B
+  // fragment feeds all fragments.
+  const auto tile_product = [&](const uint32_t (&a)[kFrags][kSlices][4],
+                                const T* tile) {
+#pragma unroll
+    for (int k = 0; k < kSlices; ++k)
+#pragma unroll
+      for (int n = 0; n < kDim / 16; ++n) {
+        uint32_t f[4];
+        warp::ldmatrix<4>(f, tile + n * 16 * Tiles::kPitch + b_row + 16 * k);
+        const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+#pragma unroll
+        for (int fr = 0; fr < kFrags; ++fr) {
+          warp::mma_16816<T>(dq[fr][2 * n], a[fr][k], lo);
+          warp::mma_16816<T>(dq[fr][2 * n + 1], a[fr][k], hi);
+        }
+      }
+  };
+  // Pair tile c with A = x times y'_t[c] of its rows: half `high` of
+  // pairs[fr][r] holds y'_t[c] of row 16 fr + g + 8 r (mul2_half multiplies
+  // by it in place).
+  const auto pair_tile = [&](const uint32_t (&pairs)[kFrags][2], bool high,
+                             const T* tile) {
+    uint32_t a[kFrags][kSlices][4];
+#pragma unroll
+    for (int fr = 0; fr < kFrags; ++fr)
+#pragma unroll
+      for (int k = 0; k < kSlices; ++k)
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          a[fr][k][r] =
+              warp::mul2_half<T>(xf[fr][k][r], pairs[fr][r % 2], high);
+    tile_product(a, tile);
+  };
+  const auto next_stage = [&](int s) {  // stage s, after its barrier
+    if (s > 0) {
+      warp::cp_async_wait<0>();
+      __syncthreads();  // stage s landed; every warp is done with s - 1
+    }
+    if (s + 1 < Tiles::kStages) {
+      load_stage(s + 1);
+      warp::cp_async_commit();
+    }
+    return buffers + s % 2 * kStage;
+  };
+  // The value tiles c < e, kStageTiles a stage: y'_t[c] of the fragments'
+  // rows from y, the stage's c in one load per row (kWords 32-bit words).
+  constexpr int kValueStages = kDim / Tiles::kStageTiles;
+  constexpr int kWords = Tiles::kStageTiles > 1 ? Tiles::kStageTiles / 2 : 1;
+  using Words =
+      std::conditional_t<kWords == 4, uint4,
+                         std::conditional_t<kWords == 2, uint2, uint32_t>>;
+  const T* y_rows = ys + row_g * width;
+  for (int s = 0; s < kValueStages; ++s) {
+    const T* st = next_stage(s);
+    const int c0 = s * Tiles::kStageTiles;
+    uint32_t words[kFrags][2][kWords];
+#pragma unroll
+    for (int fr = 0; fr < kFrags; ++fr)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const Words w = *reinterpret_cast<const Words*>(
+            y_rows + (16 * fr + 8 * r) * width + c0 / 2 * 2);
+        memcpy(words[fr][r], &w, sizeof(w));
+      }
+#pragma unroll
+    for (int tt = 0; tt < Tiles::kStageTiles; ++tt) {
+      const int c = c0 + tt, word = (c - c0 / 2 * 2) / 2;
+      uint32_t pairs[kFrags][2];
+#pragma unroll
+      for (int fr = 0; fr < kFrags; ++fr)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) pairs[fr][r] = words[fr][r][word];
+      pair_tile(pairs, c % 2 == 1, st + tt * Tiles::kTile);
+    }
+  }
+  // Then the z tile (c = e, y'_t[e] = w_t) and the linear tile (A = y).
+#pragma unroll
+  for (int t = kDim; t < Tiles::kTiles; ++t) {
+    const int s = t / Tiles::kStageTiles;
+    const T* st =
+        t % Tiles::kStageTiles == 0 ? next_stage(s) : buffers + s % 2 * kStage;
+    const T* tile = st + t % Tiles::kStageTiles * Tiles::kTile;
+    if (t == kDim) {
+      uint32_t pairs[kFrags][2];
+#pragma unroll
+      for (int fr = 0; fr < kFrags; ++fr)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          pairs[fr][r] = w_bits[row_g + 16 * fr + 8 * r];
+      pair_tile(pairs, false, tile);
+    } else {
+      tile_product(yf, tile);
+    }
+  }
+  // The linear z column: dq[p] += w_t linear_z[p]; then the gradients'
+  // scale (float16) on the rows that exist.
+  const float* lz = linear_z + bh * kDim;
+  const float grad_scale = p.grad_scale != nullptr ? p.grad_scale[bh] : 1.f;
+#pragma unroll
+  for (int fr = 0; fr < kFrags; ++fr) {
+    float z[2], scale[2];
+    const int64_t row0 = i0 + warp_row + 16 * fr;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      z[r] = widen_half<T>(w_bits[row_g + 16 * fr + 8 * r], false);
+      scale[r] = row0 + g + 8 * r < p.tokens ? grad_scale : 0.f;
+    }
+#pragma unroll
+    for (int n = 0; n < kN; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        dq[fr][n][i] += z[i / 2] * lz[8 * n + 2 * quad + i % 2];
+    store_rows<T, kDim>(grad_q + bh * p.tokens * kDim, dq[fr], row0, p.tokens,
+                        kDim, scale, lane);
   }
 }
 
@@ -1613,11 +1836,12 @@ at::Tensor largest_per_head(const at::Tensor& x) {
                                 false, at::kFloat);
 }
 
-// The backward for d = e = kDim: dS on the query-side reduce, then dq and
-// (dk, dv) on the contraction kernel, from operands of the state (query
-// weights) and of dS (key weights). bfloat16 has float's range: nothing is
-// scaled. float16: dz, the state operand and the dS operand are scaled as
-// float16_scale_exponent says (dS is then the scaled dz's: dz_scale dS).
+// The backward for d = e = kDim: dS on the query-side reduce, then dq on
+// efficient_dq_tiles_kernel from the state's gradient tiles, and dk, dv on
+// the contraction kernel from the operand of dS (key weights). bfloat16 has
+// float's range: nothing is scaled. float16: dz, the state operand and the dS
+// operand are scaled as float16_scale_exponent says (dS is then the scaled
+// dz's: dz_scale dS).
 template <typename T, int kDim>
 void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v,
@@ -1694,33 +1918,58 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
     grad_kv_scale = power_of_two(-(dstate_exponent + dz_exponent));
   }
 
-  constexpr size_t bytes = contract_mma_smem<kDim>();
-  for (bool key_side : {false, true}) {
-    const at::Tensor operand = state_operand<T, kDim>(
-        key_side ? dstate : state, 1, nullptr,
-        key_side ? key_weights() : query_weights(a, b, c), 1.f, q.options(),
-        data(key_side ? dstate_scale : state_scale));
+  {  // dq through the gradient tiles of the state
+    using Tiles = GradientTiles<kDim>;
+    at::Tensor tiles =
+        at::zeros({bh, Tiles::kStoredTiles, kDim, Tiles::kPitch}, q.options());
+    at::Tensor linear_z = at::empty({bh, kDim}, q.options().dtype(at::kFloat));
+    const int64_t count = bh * Tiles::kTiles * kDim * kDim;
+    gradient_tiles_kernel<T, kDim>
+        <<<std::min<int64_t>((count + 255) / 256, grid_stride_blocks()), 256, 0,
+           stream>>>(state.data_ptr<float>(), count,
+                     reinterpret_cast<T*>(tiles.data_ptr()),
+                     linear_z.data_ptr<float>(), static_cast<float>(2 * a),
+                     static_cast<float>(2 * a), static_cast<float>(b), 1.f,
+                     data(state_scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     ContractMmaArgs<T> contract{};
-    contract.grad_scale = data(key_side ? grad_kv_scale : grad_q_scale);
-    contract.x = token_rows<T>(key_side ? kr : qr, kDim);
-    contract.y = token_rows<T>(key_side ? vr : y, kDim);
+    contract.grad_scale = data(grad_q_scale);
+    contract.x = token_rows<T>(qr, kDim);
+    contract.y = token_rows<T>(y, kDim);
     contract.w = reinterpret_cast<const T*>(w.data_ptr());
     contract.w_stride = w_stride;
-    contract.operand = reinterpret_cast<const T*>(operand.data_ptr());
     contract.heads = q.size(1);
-    contract.tokens = key_side ? keys : queries;
+    contract.tokens = queries;
     contract.mask = mask;
-    const auto kernel =
-        !key_side ? efficient_contract_mma_kernel<T, kDim, false, false>
-        : masked  ? efficient_contract_mma_kernel<T, kDim, true, true>
-                  : efficient_contract_mma_kernel<T, kDim, true, false>;
-    allow_shared_memory(kernel, bytes);
-    kernel<<<dim3((contract.tokens + kQueryTile - 1) / kQueryTile, bh),
-             kThreads, bytes, stream>>>(
-        contract, reinterpret_cast<T*>((key_side ? grad_k : grad_q).data_ptr()),
-        reinterpret_cast<T*>(grad_v.data_ptr()));
+    const auto kernel = efficient_dq_tiles_kernel<T, kDim>;
+    constexpr size_t dq_bytes = dq_tiles_smem<kDim>();
+    allow_shared_memory(kernel, dq_bytes);
+    constexpr int dq_tokens = 64 * dq_fragments<kDim>();
+    kernel<<<dim3((queries + dq_tokens - 1) / dq_tokens, bh), kThreads,
+             dq_bytes, stream>>>(
+        contract, reinterpret_cast<const T*>(tiles.data_ptr()),
+        linear_z.data_ptr<float>(), reinterpret_cast<T*>(grad_q.data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  // dk, dv through the dS operand (key weights).
+  const at::Tensor operand = state_operand<T, kDim>(
+      dstate, 1, nullptr, key_weights(), 1.f, q.options(), data(dstate_scale));
+  ContractMmaArgs<T> contract{};
+  contract.grad_scale = data(grad_kv_scale);
+  contract.x = token_rows<T>(kr, kDim);
+  contract.y = token_rows<T>(vr, kDim);
+  contract.operand = reinterpret_cast<const T*>(operand.data_ptr());
+  contract.heads = q.size(1);
+  contract.tokens = keys;
+  contract.mask = mask;
+  const auto kernel = masked ? efficient_contract_mma_kernel<T, kDim, true>
+                             : efficient_contract_mma_kernel<T, kDim, false>;
+  constexpr size_t bytes = contract_mma_smem<kDim>();
+  allow_shared_memory(kernel, bytes);
+  kernel<<<dim3((keys + kQueryTile - 1) / kQueryTile, bh), kThreads, bytes,
+           stream>>>(contract, reinterpret_cast<T*>(grad_k.data_ptr()),
+                     reinterpret_cast<T*>(grad_v.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Calls run(std::integral_constant<int, kDim>) and returns true where the
