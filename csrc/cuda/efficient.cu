@@ -917,24 +917,23 @@ __global__ void finalize_state_mma_kernel(const float* partial, int64_t splits,
   }
 }
 
-// A head's operand rows streamed through two shared buffers of kStageRows
-// rows by 16-byte cp.async. next() waits for stage s, the only copy group in
+// A head's operand, kStages stages of kStage elements, streamed through two
+// shared buffers by 16-byte cp.async. next() waits for stage s, the only copy
+// group in
 // flight (with the first stage, whatever the block staged before start()),
 // and after the barrier, which also tells that every warp is done with stage
 // s - 1, refills that stage's buffer with stage s + 1: its copy overlaps the
 // products of stage s, at one barrier per stage. No copy is in flight after
 // the last stage.
-template <typename T, int kDim>
-struct OperandStream {
-  static constexpr int kStage = kStageRows * PairBlocks<kDim>::kWidth;
-  static constexpr int kStages = PairBlocks<kDim>::kRows / kStageRows;
+template <typename T, int kStage, int kStages>
+struct StageStream {
   static constexpr int kChunks = kStage / 8;  // 16-byte copies per stage
   const T* src;  // this thread's first chunk of the next stage to load
   T* buffers;    // 2 kStage elements of shared memory
   int stage = 0;
 
   // head: the head's operand; shared: the two buffers.
-  __device__ __forceinline__ OperandStream(const T* head, T* shared)
+  __device__ __forceinline__ StageStream(const T* head, T* shared)
       : src(head + threadIdx.x * 8), buffers(shared) {}
   // The next stage into buffer s % 2: the thread's chunks are kThreads
   // chunks apart, constant offsets from two pointers.
@@ -962,6 +961,11 @@ struct OperandStream {
     return buffers + stage++ % 2 * kStage;
   }
 };
+
+// The operand rows of the apply and contraction kernels, kStageRows a stage.
+template <typename T, int kDim>
+using OperandStream = StageStream<T, kStageRows * PairBlocks<kDim>::kWidth,
+                                  PairBlocks<kDim>::kRows / kStageRows>;
 
 // The pair stages of a head's operand in row order: block pair (L, M) in the
 // order of pair_index, 8 l per stage (l0 = 0, 8); step() moves to the next.
@@ -1484,7 +1488,6 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int width = kDim + 8, kSlices = kDim / 16, kN = kDim / 8;
   constexpr int kFrags = dq_fragments<kDim>(), kTokens = 64 * kFrags;
   constexpr int kStage = Tiles::kStageTiles * Tiles::kTile;
-  constexpr int kChunks = kStage / 8;  // 16-byte copies per stage
   extern __shared__ __align__(128) unsigned char smem[];
   T* xs = reinterpret_cast<T*>(smem);
   T* ys = xs + kTokens * width;
@@ -1495,15 +1498,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTokens;
   const T* head_tiles = tiles + bh * Tiles::kStoredTiles * Tiles::kTile;
-  const auto load_stage = [&](int s) {
-    const T* src = head_tiles + int64_t(s) * kStage + 8 * threadIdx.x;
-    T* dst = buffers + s % 2 * kStage + 8 * threadIdx.x;
-#pragma unroll
-    for (int step = 0; step < (kChunks + kThreads - 1) / kThreads; ++step)
-      if (kChunks % kThreads == 0 || threadIdx.x + step * kThreads < kChunks)
-        warp::cp_async_16(dst + step * kThreads * 8, src + step * kThreads * 8,
-                          true);
-  };
+  StageStream<T, kStage, Tiles::kStages> stream(head_tiles, buffers);
   load_key_rows<kDim, kTokens>(xs, ys, static_cast<T*>(nullptr), p.x, p.y, b, h,
                                i0, p.tokens, nullptr);
   if (threadIdx.x < kTokens / 8) {
@@ -1512,8 +1507,7 @@ __global__ void __launch_bounds__(kThreads)
     warp::cp_async_16(ws + 8 * threadIdx.x,
                       valid ? p.w + bh * p.w_stride + t : p.w, valid);
   }
-  load_stage(0);
-  warp::cp_async_commit();
+  stream.start();  // x, y, w land with stage 0
   warp::cp_async_wait<0>();
   __syncthreads();
   uint32_t xf[kFrags][kSlices][4], yf[kFrags][kSlices][4];
@@ -1561,17 +1555,6 @@ __global__ void __launch_bounds__(kThreads)
               warp::mul2_half<T>(xf[fr][k][r], pairs[fr][r % 2], high);
     tile_product(a, tile);
   };
-  const auto next_stage = [&](int s) {  // stage s, after its barrier
-    if (s > 0) {
-      warp::cp_async_wait<0>();
-      __syncthreads();  // stage s landed; every warp is done with s - 1
-    }
-    if (s + 1 < Tiles::kStages) {
-      load_stage(s + 1);
-      warp::cp_async_commit();
-    }
-    return buffers + s % 2 * kStage;
-  };
   // The value tiles c < e, kStageTiles a stage: y'_t[c] of the fragments'
   // rows from y, the stage's c in one load per row (kWords 32-bit words).
   constexpr int kValueStages = kDim / Tiles::kStageTiles;
@@ -1581,7 +1564,7 @@ __global__ void __launch_bounds__(kThreads)
                          std::conditional_t<kWords == 2, uint2, uint32_t>>;
   const T* y_rows = ys + row_g * width;
   for (int s = 0; s < kValueStages; ++s) {
-    const T* st = next_stage(s);
+    const T* st = stream.next();
     const int c0 = s * Tiles::kStageTiles;
     uint32_t words[kFrags][2][kWords];
 #pragma unroll
@@ -1608,7 +1591,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int t = kDim; t < Tiles::kTiles; ++t) {
     const int s = t / Tiles::kStageTiles;
     const T* st =
-        t % Tiles::kStageTiles == 0 ? next_stage(s) : buffers + s % 2 * kStage;
+        t % Tiles::kStageTiles == 0 ? stream.next() : buffers + s % 2 * kStage;
     const T* tile = st + t % Tiles::kStageTiles * Tiles::kTile;
     if (t == kDim) {
       uint32_t pairs[kFrags][2];
