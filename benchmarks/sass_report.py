@@ -21,13 +21,15 @@ Main loop. A loop is the address range of a backward branch in the SASS. The mai
 widest loop that holds as many tensor-core instructions (HMMA) as any loop; its instructions are
 counted statically, each once (nested loops once), and divided by its HMMA count. That ratio is
 the number of warp-instructions the SM's schedulers issue per tensor-core instruction. A kernel
-whose loops all unroll (no loop holds an HMMA; e.g. the d = 16 contraction) is counted whole,
+whose loops all unroll (no loop holds an HMMA) is counted whole,
 prologue and epilogue included, and its HMMA count is marked "whole".
 
 Model (issue 9). An SM has 4 schedulers issuing one warp-instruction per cycle each; a kernel
-whose main loop issues r instructions per m16n8k16 HMMA (4096 multiply-adds) is issue-bound at
-    t = (multiply-adds / 4096) * r / (SMs * 4 * clock)
-and tensor-bound at (multiply-adds * 2) / mma_sync_peak; the modelled time is the larger. The
+whose main loop issues r instructions per m16n8k16 HMMA (2048 multiply-adds) is issue-bound at
+    t = (multiply-adds / 2048) * r / (SMs * 4 * clock)
+and tensor-bound at (multiply-adds * 2) / mma_sync_peak; the modelled time is the larger. On an
+H200 the two meet at r = 6.5: below it the tensor work alone sets the time, so a kernel that
+trades per-element FFMA for more HMMA gains only above it. The
 multiply-adds are the algorithm's counted work (below), times the executed/counted HMMA factor of
 the register-resident efficient kernels (PADDING, derived at their definition); the shared-memory
 kernels' padding (the ones column, feature tiles) is not counted, so the model is optimistic for
@@ -65,7 +67,8 @@ N_DIRECT, N_EFFICIENT, D, BH = 1024, 65536, 64, 16
 F = (D + 1) * (D + 2) // 2  # features of the efficient algorithm
 # Counted multiply-adds per kernel (all heads). Direct: each N x N x d product is N^2 d.
 # Efficient: each N x F x (e + 1) product is N F (e + 1); forward = reduce + apply (2 products),
-# backward = dS reduce + the two contraction kernels (2 products each): 12 N F (e + 1) flops.
+# backward = dS reduce + dq (g = S dz) + dk (h = dS u) + dv (4 products): 12 N F (e + 1) flops in
+# all, as the issue counts them.
 DIRECT_PRODUCT = N_DIRECT * N_DIRECT * D * BH
 EFFICIENT_PRODUCT = N_EFFICIENT * F * (D + 1) * BH
 # The bfloat16 kernels each pass runs at those shapes (d = 64, no mask), by kernel name: the
@@ -80,10 +83,14 @@ WORK = {
     f"direct_backward_kv_kernel<{BF16}, float>": ("direct bwd", 4 * DIRECT_PRODUCT),
     f"direct_backward_q_kernel<{BF16}, float>": ("direct bwd", 3 * DIRECT_PRODUCT),
     f"state_reduce_mma_kernel<{BF16}, {D}, false, false>": ("efficient fwd", EFFICIENT_PRODUCT),
-    f"efficient_apply_mma_kernel<{BF16}, {D}>": ("efficient fwd", EFFICIENT_PRODUCT),
+    f"efficient_apply_mma_kernel<{BF16}, {D}, kAttention>": ("efficient fwd", EFFICIENT_PRODUCT),
     f"state_reduce_mma_kernel<{BF16}, {D}, true, false>": ("efficient bwd", EFFICIENT_PRODUCT),
-    f"efficient_dq_tiles_kernel<{BF16}, {D}>": ("efficient bwd", 2 * EFFICIENT_PRODUCT),
-    f"efficient_contract_mma_kernel<{BF16}, {D}, false>": ("efficient bwd", 2 * EFFICIENT_PRODUCT),
+    # run twice: dq and dk
+    f"efficient_dx_tiles_kernel<{BF16}, {D}>": ("efficient bwd", 2 * EFFICIENT_PRODUCT),
+    f"efficient_apply_mma_kernel<{BF16}, {D}, kValueGradient>": (
+        "efficient bwd",
+        EFFICIENT_PRODUCT,
+    ),
     f"feature_reduce_kernel<{BF16}, float, true>": ("efficient bwd", EFFICIENT_PRODUCT),
     f"feature_reduce_kernel<{BF16}, float, false>": ("efficient fwd", EFFICIENT_PRODUCT),
     f"efficient_apply_kernel<{BF16}, float>": ("efficient fwd", EFFICIENT_PRODUCT),
@@ -96,8 +103,8 @@ WORK = {
 # tokens, all CTAs; nb = D / 16 slices, P = nb (nb + 1) / 2 block pairs of 256 features, n = e / 8
 # value tiles). The model's counted work is F (e + 1) per token and product; these kernels do more
 # tensor work (whole diagonal blocks, 16 x 16 instead of 136 pairs; separate z products; the z
-# column as an extra n8 tile or k-step) and the key side's contraction does one of its two
-# counted products in FFMA (which the instr/HMMA ratio counts), so the modelled time scales the
+# column as an extra n8 tile; dq and dk with their feature contraction fused into the product,
+# which takes each pair (l, m) twice, as (l, m) and (m, l)), so the modelled time scales the
 # HMMA count by these factors.
 NB = D // 16
 PAIRS = NB * (NB + 1) // 2
@@ -111,26 +118,37 @@ PADDING = {
     # pairs with their z tile 16 P (n + 1), linear and constant rows (nb + 1) (n + 1)
     f"state_reduce_mma_kernel<{BF16}, {D}, true, false>": ((16 * PAIRS + NB + 1) * (D // 8 + 1))
     / COUNTED_HMMA,
-    # 16 operand rows per step: 16 P + nb + 1 steps of n + 1 HMMA
-    f"efficient_apply_mma_kernel<{BF16}, {D}>": ((16 * PAIRS + NB + 1) * (D // 8 + 1))
+    # 16 operand rows per step: 16 P + nb + 1 steps of n + 1 HMMA (the z tile for den)
+    f"efficient_apply_mma_kernel<{BF16}, {D}, kAttention>": ((16 * PAIRS + NB + 1) * (D // 8 + 1))
     / COUNTED_HMMA,
-    # dq: e + 1 pair tiles and the linear tile of nb k-steps x n HMMA; counted 2 products
-    f"efficient_dq_tiles_kernel<{BF16}, {D}>": ((D + 2) * NB * (D // 8)) / (2 * COUNTED_HMMA),
-    # G: 16 P + nb steps of 2 (nb + 1) HMMA, and dv: 16 P + nb + 1 steps of n HMMA
-    f"efficient_contract_mma_kernel<{BF16}, {D}, false>": (
-        (16 * PAIRS + NB) * 2 * (NB + 1) + (16 * PAIRS + NB + 1) * (D // 8)
-    )
-    / (2 * COUNTED_HMMA),
+    # dv: the same steps without the z tile
+    f"efficient_apply_mma_kernel<{BF16}, {D}, kValueGradient>": ((16 * PAIRS + NB + 1) * (D // 8))
+    / COUNTED_HMMA,
+    # dq and dk: e + 1 pair tiles and the linear tile of nb k-steps x n HMMA each
+    f"efficient_dx_tiles_kernel<{BF16}, {D}>": ((D + 2) * NB * (D // 8)) / COUNTED_HMMA,
+}
+
+# main's shared-memory kernels, which run only where a pass has no register-resident kernel.
+SHARED_MEMORY_KERNELS = {
+    f"direct_forward_kernel<{BF16}, float>",
+    f"direct_backward_kv_kernel<{BF16}, float>",
+    f"direct_backward_q_kernel<{BF16}, float>",
+    f"feature_reduce_kernel<{BF16}, float, true>",
+    f"feature_reduce_kernel<{BF16}, float, false>",
+    f"efficient_apply_kernel<{BF16}, float>",
+    f"efficient_backward_kv_kernel<{BF16}, float>",
+    f"efficient_backward_q_kernel<{BF16}, float>",
 }
 
 
 def kernels_run(names: set[str]) -> set[str]:
-    """The WORK kernels a pass runs: a pass with any *_mma_kernel in the build runs only those."""
+    """The WORK kernels a pass runs: a pass with any register-resident kernel in the build runs
+    only those."""
     run = set()
     for group in {g for g, _ in WORK.values()}:
         members = [n for n, (g, _) in WORK.items() if g == group and n in names]
-        mma = [n for n in members if "_mma_kernel" in n]
-        run.update(mma or members)
+        resident = [n for n in members if n not in SHARED_MEMORY_KERNELS]
+        run.update(resident or members)
     return run
 
 
@@ -261,7 +279,11 @@ def demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, out.stdout.splitlines(), strict=True))
 
 
-MASK_MODES = ("kNoPadding", "kKeyPadding", "kAttnMask")  # csrc/cuda/direct.cu's MaskMode
+# Enum template arguments, which demangle as casts: (MaskMode)1 -> kKeyPadding.
+ENUMS = {
+    "MaskMode": ("kNoPadding", "kKeyPadding", "kAttnMask"),  # csrc/cuda/direct.cu
+    "ApplyOutput": ("kAttention", "kValueGradient"),  # csrc/cuda/efficient.cu
+}
 
 
 def short_name(demangled: str) -> str:
@@ -269,8 +291,11 @@ def short_name(demangled: str) -> str:
     `direct_forward_kernel<__nv_bfloat16, float>`."""
     name = demangled.removeprefix("void ").replace("(anonymous namespace)::", "")
     name = name.replace("taylorshift::cuda_kernels::", "")
-    # Enum template arguments demangle as casts: (MaskMode)1 -> kKeyPadding.
-    name = re.sub(r"\(MaskMode\)(\d)", lambda m: MASK_MODES[int(m.group(1))], name)
+    name = re.sub(
+        r"\((\w+)\)(\d+)",
+        lambda m: ENUMS[m.group(1)][int(m.group(2))] if m.group(1) in ENUMS else m.group(0),
+        name,
+    )
     return name.split("(", 1)[0]
 
 

@@ -455,7 +455,8 @@ struct KeyCopies {
         t0(t0),
         total(total) {}
 
-  // The current tile into k_dst, v_dst (and m into `weights`).
+  // The current tile into k_dst, v_dst (and m into `weights`); a null v_dst
+  // copies K alone.
   __device__ __forceinline__ void copy(T* k_dst, T* v_dst, T* weights) const {
     // Bit r of low (r < 64), or r - 64 of high: key t0 + r exists and is
     // not padding (two words, not an array, which a run-time index would put
@@ -485,7 +486,7 @@ struct KeyCopies {
       const bool key =
           padding == nullptr ? k.row_valid(s) : valid(r0 + s * Copies::kStep);
       k.copy(k_dst, s, key);
-      v.copy(v_dst, s, key);
+      if (v_dst != nullptr) v.copy(v_dst, s, key);
     }
     if (weights != nullptr && threadIdx.x < kRows) {
       const bool key =

@@ -607,7 +607,6 @@ int64_t grid_stride_blocks() {
 // holds too few products (48 HMMA) to amortise its copies and barrier.
 template <int kDim>
 constexpr int kTokenTile = kDim == 16 ? 128 : 64;
-constexpr int kQueryTile = 64;   // tokens per CTA (contraction), 16 per warp
 constexpr int kStageRows = 128;  // operand rows per stage: 8 l of a block pair
 
 template <int kDim>
@@ -962,7 +961,7 @@ struct StageStream {
   }
 };
 
-// The operand rows of the apply and contraction kernels, kStageRows a stage.
+// The operand rows of the apply kernel, kStageRows a stage.
 template <typename T, int kDim>
 using OperandStream = StageStream<T, kStageRows * PairBlocks<kDim>::kWidth,
                                   PairBlocks<kDim>::kRows / kStageRows>;
@@ -1007,14 +1006,25 @@ __device__ __forceinline__ void load_pairs(uint32_t (&r)[4], const T* src) {
   r[3] = v.w;
 }
 
+// What efficient_apply_mma_kernel computes from the feature rows x of its
+// tokens and an operand: the forward's output y = sigma (phi(q) S) / den
+// (x = q, the state's operand), or the key side's value gradient dv =
+// phi(k) dS over the value columns (x = k, the operand of dS with key
+// weights; docs/math.md §3), zero for padded keys.
+enum class ApplyOutput { kAttention, kValueGradient };
+
 template <typename T>
 struct ApplyMmaArgs {
-  TokenRows<T> q;
+  TokenRows<T> q;    // the tokens' rows: q, or k for kValueGradient
   const T* operand;  // (B H, rows, kDim + 8)
   int64_t heads, tokens;
   int e;
-  RowValues<float> sigma;
-  float state_scale;
+  RowValues<float> sigma;  // kAttention
+  float state_scale;       // kAttention
+  // kValueGradient: key padding, and float16's (B H) gradient scales (null:
+  // 1; see DxTilesArgs::grad_scale).
+  Mask mask;
+  const float* grad_scale;
 };
 
 // A fragments (16 queries each) per warp of the apply kernel: two up to
@@ -1040,9 +1050,10 @@ constexpr size_t reduce_mma_smem() {
   return (4 * tokens * (kDim + 8) + (kQuery ? 4 : 2) * tokens) * 2;
 }
 
-template <typename T, int kDim>
+template <typename T, int kDim, ApplyOutput kOut>
 __global__ void __launch_bounds__(kThreads)
     efficient_apply_mma_kernel(ApplyMmaArgs<T> p, T* out, float* den) {
+  constexpr bool kGradient = kOut == ApplyOutput::kValueGradient;
   using Blocks = PairBlocks<kDim>;
   constexpr int width = Blocks::kWidth, kSlices = Blocks::kSlices;
   constexpr int kFrags = ApplyTile<kDim>::kFragments;
@@ -1055,8 +1066,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kQueries;
   OperandStream<T, kDim> stream(p.operand + bh * Blocks::kRows * width,
                                 qs + kQueries * width);
-  load_rows<kDim, kQueries>(qs, p.q, b, h, i0, p.tokens);
-  stream.start();  // Q lands with stage 0
+  if constexpr (kGradient) {  // padded keys as zero rows
+    load_key_rows<kDim, kQueries>(
+        qs, static_cast<T*>(nullptr), static_cast<T*>(nullptr), p.q, p.q, b, h,
+        i0, p.tokens, p.mask.key_padding != nullptr ? &p.mask : nullptr);
+  } else {
+    load_rows<kDim, kQueries>(qs, p.q, b, h, i0, p.tokens);
+  }
+  stream.start();  // the rows land with stage 0
 
   float o[kFrags][kDim / 8][4] = {};
   float z[kFrags][4] = {};
@@ -1065,7 +1082,8 @@ __global__ void __launch_bounds__(kThreads)
   const T* q_a = qs + (warp_row + lane % 16) * width + lane / 16 * 8;
   const int b_row = (lane % 8 + lane / 8 % 2 * 8) * width;
   const int b_col = lane / 16 * 8;
-  // 16 operand rows times the A fragments: o += A values, z += A z-column.
+  // 16 operand rows times the A fragments: o += A values, z += A z-column
+  // (the denominator; a gradient has none).
   const auto product = [&](const uint32_t (&a)[kFrags][4], const T* rows) {
 #pragma unroll
     for (int n = 0; n < kDim / 16; ++n) {
@@ -1078,10 +1096,12 @@ __global__ void __launch_bounds__(kThreads)
         warp::mma_16816<T>(o[fr][2 * n + 1], a[fr], hi);
       }
     }
-    uint32_t f[2];
-    warp::ldmatrix<2, true>(f, rows + b_row + kDim);
+    if constexpr (!kGradient) {
+      uint32_t f[2];
+      warp::ldmatrix<2, true>(f, rows + b_row + kDim);
 #pragma unroll
-    for (int fr = 0; fr < kFrags; ++fr) warp::mma_16816<T>(z[fr], a[fr], f);
+      for (int fr = 0; fr < kFrags; ++fr) warp::mma_16816<T>(z[fr], a[fr], f);
+    }
   };
 
   // Pair rows: stage (L, M, l0) holds l = 16 L + l0 + j, j < 8, 16 rows each.
@@ -1140,279 +1160,66 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+  const float grad_scale =
+      kGradient && p.grad_scale != nullptr ? p.grad_scale[bh] : 1.f;
 #pragma unroll
   for (int fr = 0; fr < kFrags; ++fr) {
     const int64_t row0 = i0 + warp_row + 16 * fr;
-    // den of rows g, g + 8 sits in column 0 of z: lane 4 g.
     float scale[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float row_sum = __shfl_sync(0xffffffffu, z[fr][2 * r], g * 4);
       const int64_t row = row0 + g + 8 * r;
-      scale[r] = row < p.tokens
-                     ? p.sigma.at(b, h, row) * safe_reciprocal(row_sum)
-                     : 0.f;
-      if (quad == 0 && row < p.tokens)
-        den[bh * p.tokens + row] = row_sum / p.state_scale;
+      if constexpr (kGradient) {
+        scale[r] =
+            row < p.tokens && p.mask.key_valid(b, row) ? grad_scale : 0.f;
+      } else {
+        // den of rows g, g + 8 sits in column 0 of z: lane 4 g.
+        const float row_sum = __shfl_sync(0xffffffffu, z[fr][2 * r], g * 4);
+        scale[r] = row < p.tokens
+                       ? p.sigma.at(b, h, row) * safe_reciprocal(row_sum)
+                       : 0.f;
+        if (quad == 0 && row < p.tokens)
+          den[bh * p.tokens + row] = row_sum / p.state_scale;
+      }
     }
     store_rows<T, kDim>(out + bh * p.tokens * p.e, o[fr], row0, p.tokens, p.e,
                         scale, lane);
   }
 }
 
-// The backward's contractions: efficient_contract_mma_kernel (key side: dk,
-// dv from the dS operand) and efficient_dq_tiles_kernel (query side: dq from
-// the state's gradient tiles).
+// The backward's feature gradients dq (query side, from the state) and dk
+// (key side, from dS): efficient_dx_tiles_kernel. (The key side's dv is the
+// apply kernel's product with the dS operand, ApplyOutput::kValueGradient.)
 template <typename T>
-struct ContractMmaArgs {
+struct DxTilesArgs {
   TokenRows<T> x;  // q (query side) or k (key side)
   TokenRows<T> y;  // query side: rs gY (dz_rows_kernel); key side: v
-  const T* w;      // query side: -dl, (B H, w_stride)
+  // The z column of y' = [y | w]: query side -dl, (B H, w_stride); key side
+  // null, the ones of [v | 1].
+  const T* w;
   int64_t w_stride;
-  const T* operand;  // key side: (B H, rows, kDim + 8), dS
   // float16: (B H) powers of two by which the gradients are multiplied, the
-  // inverse of the scales in the operand and y (mma_backward); null: 1.
+  // inverse of the scales in the tiles and y (mma_backward); null: 1.
   const float* grad_scale;
   int64_t heads, tokens;
-  Mask mask;  // key side: key padding
+  Mask mask;  // key side: key padding (padded keys get zero gradients)
 };
 
-// x and y tiles, two operand stages.
-template <int kDim>
-constexpr size_t contract_mma_smem() {
-  return size_t(kQueryTile + kQueryTile + 2 * kStageRows) * (kDim + 8) * 2;
-}
-
-// The key side's gradients through the quadratic features (docs/math.md §3),
-// 16 tokens per warp, 64 per CTA, over the dS operand's rows streamed as in
-// the apply kernel. With y'_t = [v_t | 1] and O the operand, for every 16
-// operand rows (l, m in M):
-//     G = y' O_l^T       (16 tokens x 16 m; mma, the z column one more k-step)
-//     dx_m += G_m x_l,   dx_l += sum_m G_m x_m
-// This is d(x_l x_m O_lm . y')/dx for both factors: the operand's weights
-// make the diagonal blocks' (l, m) and (m, l) add up. Linear rows give
-// dx_l += G directly; the constant row has no gradient. The kernel also
-// forms dv = sum_f feat_f(k) O_f as the apply kernel forms o (A = k_l k[M]).
-// dx and dv stay in registers (C layout) across the whole loop.
-// The two sums in registers, for the lane's elements of G (rows g, g + 8;
-// columns m = 16 M + 8 n + 2 quad + {0, 1}):
-// * dx_m: G times x_l of the element's row, summed over the block pair's l
-//   in dx_m registers of the lane's own m, added to dx[M] when the pair ends.
-// * dx_l: the sum over m spans the 4 lanes of a quad. Each lane sums its own
-//   m for the stage's 8 l (part), then the quad adds them by a
-//   reduce-scatter (xor 2, then xor 1: 6 shuffles per row for 8 l, against
-//   2 per l for a full reduction per l) that leaves in lane quad exactly the
-//   totals of l = l0 + 2 quad + {0, 1}, C elements of dx[L]; they gather in
-//   dx_l registers over M >= L, added to dx[L] when L ends.
-template <typename T, int kDim, bool kMasked>
-__global__ void __launch_bounds__(kThreads)
-    efficient_contract_mma_kernel(ContractMmaArgs<T> p, T* grad_x, T* grad_v) {
-  using Blocks = PairBlocks<kDim>;
-  constexpr int width = Blocks::kWidth;
-  constexpr int kSlices = Blocks::kSlices, kN = kDim / 8;
-  constexpr int kStageL = kStageRows / 16;  // l per stage
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* xs = reinterpret_cast<T*>(smem);
-  T* ys = xs + kQueryTile * width;
-  const int lane = threadIdx.x % 32, warp_row = threadIdx.x / 32 * 16;
-  const int g = lane / 4, quad = lane % 4;
-  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kQueryTile;
-  OperandStream<T, kDim> stream(p.operand + bh * Blocks::kRows * width,
-                                ys + kQueryTile * width);
-  const auto key_valid = [&](int64_t t) {
-    return !kMasked || p.mask.key_valid(b, t);
-  };
-  load_key_rows<kDim, kQueryTile>(xs, ys, static_cast<T*>(nullptr), p.x, p.y, b,
-                                  h, i0, p.tokens, kMasked ? &p.mask : nullptr);
-  stream.start();  // x, y land with stage 0
-  warp::cp_async_wait<0>();
-  __syncthreads();
-  // This lane's ldmatrix rows for the A fragments of the warp's tokens.
-  const int a_row = (warp_row + lane % 16) * width + lane / 16 * 8;
-  uint32_t yf[1][kSlices][4];  // one fragment of 16 rows
-  warp::load_a<kDim, width>(yf, ys + warp_row * width, lane);
-  // The z column of y' (ones) as the A fragment of one more k-step (column
-  // 0).
-  uint32_t yz[4] = {0u, 0u, 0u, 0u};
-  if (quad == 0) yz[0] = yz[1] = warp::pack<T>(1.f, 0.f);
-  float dx[kN][4] = {}, dv[kN][4] = {};
-  // G = y' O^T for 16 operand rows: two n8 tiles of m.
-  const int g_row = (lane % 8 + lane / 16 * 8) * width + lane / 8 % 2 * 8;
-  const int z_row = (lane % 8 + lane / 16 * 8) * width + kDim;
-  const auto g_product = [&](float (&gm)[2][4], const T* rows) {
-#pragma unroll
-    for (int s = 0; s < kSlices; ++s) {
-      uint32_t f[4];
-      warp::ldmatrix<4>(f, rows + g_row + s * 16);
-      const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
-      warp::mma_16816<T>(gm[0], yf[0][s], lo);
-      warp::mma_16816<T>(gm[1], yf[0][s], hi);
-    }
-    // The z column of rows 0-7 as k 0-7 and again as k 8-15 (which meet
-    // the zero columns of yz), then of rows 8-15: B registers ready in
-    // pairs, no moves.
-    uint32_t f[4];
-    warp::ldmatrix<4>(f, rows + z_row);
-    const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
-    warp::mma_16816<T>(gm[0], yz, lo);
-    warp::mma_16816<T>(gm[1], yz, hi);
-  };
-  // dv += A O for 16 operand rows.
-  const int v_row = (lane % 8 + lane / 8 % 2 * 8) * width + lane / 16 * 8;
-  const auto v_product = [&](const uint32_t (&a)[4], const T* rows) {
-#pragma unroll
-    for (int n = 0; n < kDim / 16; ++n) {
-      uint32_t f[4];
-      warp::ldmatrix<4, true>(f, rows + v_row + n * 16);
-      const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
-      warp::mma_16816<T>(dv[2 * n], a, lo);
-      warp::mma_16816<T>(dv[2 * n + 1], a, hi);
-    }
-  };
-  const T* x_row = xs + (warp_row + g) * width;  // and + 8 rows
-  for (int L = 0; L < kSlices; ++L) {
-    float dx_l[2][4] = {};  // dx[L], C layout, summed over M >= L
-    for (int M = L; M < kSlices; ++M) {
-      uint32_t xm[4];  // A fragment of x[M]
-      warp::ldmatrix<4>(xm, xs + a_row + 16 * M);
-      // x_m of the lane's G elements: element i of n8 tile n (row g + 8 (i /
-      // 2), m = 16 M + 8 n + 2 quad + i % 2) is half i % 2 of A register
-      // 2 n + i / 2.
-      float x_m[2][4];
-#pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          x_m[n][i] = widen_half<T>(xm[2 * n + i / 2], i % 2);
-      float dx_m[2][4] = {};
-#pragma unroll
-      for (int l0 = 0; l0 < 16; l0 += kStageL) {
-        const T* st = stream.next();
-        uint32_t xl[2][4];  // x_l of rows g, g + 8: pairs (l, l + 1)
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-          load_pairs(xl[r], x_row + r * 8 * width + 16 * L + l0);
-        float part[kStageL][2];  // the lane's share of dx_l, l = l0 + j
-#pragma unroll
-        for (int j = 0; j < kStageL; ++j) {
-          const T* rows = st + j * 16 * width;
-          float gm[2][4] = {};
-          g_product(gm, rows);
-          const float x_l[2] = {widen_half<T>(xl[0][j / 2], j % 2),
-                                widen_half<T>(xl[1][j / 2], j % 2)};
-          part[j][0] = part[j][1] = 0.f;
-#pragma unroll
-          for (int n = 0; n < 2; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              dx_m[n][i] += gm[n][i] * x_l[i / 2];
-              part[j][i / 2] += gm[n][i] * x_m[n][i];
-            }
-          const bool high = j % 2 == 1;
-          const uint32_t a[4] = {warp::mul2_half<T>(xm[0], xl[0][j / 2], high),
-                                 warp::mul2_half<T>(xm[1], xl[1][j / 2], high),
-                                 warp::mul2_half<T>(xm[2], xl[0][j / 2], high),
-                                 warp::mul2_half<T>(xm[3], xl[1][j / 2], high)};
-          v_product(a, rows);
-        }
-        // Reduce-scatter of part over the quad: xor 2, lanes 0, 1 keep
-        // j < 4 and lanes 2, 3 the rest; xor 1, lanes 0, 2 keep j % 4 < 2.
-        // Lane quad ends with the totals of j = 2 quad + {0, 1}: columns
-        // l0 + 2 quad + {0, 1} of dx[L], C elements 2 r + {0, 1} of n8 tile
-        // l0 / 8.
-        const bool upper = quad & 2, odd = quad & 1;
-        float kept[4][2];
-#pragma unroll
-        for (int k = 0; k < 4; ++k)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const float keep = upper ? part[k + 4][r] : part[k][r];
-            const float send = upper ? part[k][r] : part[k + 4][r];
-            kept[k][r] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
-          }
-#pragma unroll
-        for (int c = 0; c < 2; ++c)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const float keep = odd ? kept[c + 2][r] : kept[c][r];
-            const float send = odd ? kept[c][r] : kept[c + 2][r];
-            dx_l[l0 / 8][2 * r + c] +=
-                keep + __shfl_xor_sync(0xffffffffu, send, 1);
-          }
-      }
-#pragma unroll
-      for (int s = 0; s < kSlices; ++s) {
-        if (s == M) {
-#pragma unroll
-          for (int n = 0; n < 2; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) dx[2 * s + n][i] += dx_m[n][i];
-        }
-      }
-    }
-#pragma unroll
-    for (int s = 0; s < kSlices; ++s) {
-      if (s == L) {
-#pragma unroll
-        for (int n = 0; n < 2; ++n)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) dx[2 * s + n][i] += dx_l[n][i];
-      }
-    }
-  }
-  // Linear rows: dx[u] += G; key side dv += x[u] O. Constant row: dv += O.
-  constexpr int kUnits = kSlices + 1;
-#pragma unroll
-  for (int u0 = 0; u0 < kUnits; u0 += kStageL) {
-    const T* st = stream.next();
-#pragma unroll
-    for (int j = 0; j < kStageL; ++j) {
-      const int u = u0 + j;
-      const T* rows = st + j * 16 * width;
-      if (u < kSlices) {
-        float gm[2][4] = {};
-        g_product(gm, rows);
-#pragma unroll
-        for (int n = 0; n < 2; ++n)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) dx[2 * u + n][i] += gm[n][i];
-        uint32_t xu[4];
-        warp::ldmatrix<4>(xu, xs + a_row + 16 * u);
-        v_product(xu, rows);
-      } else if (u == kSlices) {
-        const uint32_t one = quad == 0 ? warp::pack<T>(1.f, 0.f) : 0u;
-        const uint32_t a[4] = {one, one, 0u, 0u};
-        v_product(a, rows);
-      }
-    }
-  }
-  // Masked keys get zero gradients.
-  const float grad_scale = p.grad_scale != nullptr ? p.grad_scale[bh] : 1.f;
-  float scale[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = i0 + warp_row + g + 8 * r;
-    scale[r] = row < p.tokens && key_valid(row) ? grad_scale : 0.f;
-  }
-  store_rows<T, kDim>(grad_x + bh * p.tokens * kDim, dx, i0 + warp_row,
-                      p.tokens, kDim, scale, lane);
-  store_rows<T, kDim>(grad_v + bh * p.tokens * kDim, dv, i0 + warp_row,
-                      p.tokens, kDim, scale, lane);
-}
-
-// The query side's dq through the tensor cores. With the state S (query
-// weights: pairs l < m weigh 2a, squares a) the output's pair terms are sum_{l
-// <= m} w_lm x_l x_m S_lm . y', so
-//   dq_t[p] = sum_{q, c} x_t[q] y'_t[c] W[p][q][c] + sum_c y'_t[c] Wl[p][c]
-// with W[p][q][c] = 2a S_{min(p, q), max(p, q)}[c] and Wl = b S_linear: a
-// product with A_t[(q, c)] = x_t[q] y'_t[c], built per c as the x fragment
+// The feature gradients through the tensor cores (docs/math.md §3). With a
+// state S (B H, F, e + 1) whose pair (l, m) term is w_lm x_l x_m S_lm . y'
+// for a token's rows x and y' = [y | w], the gradient of every pair and
+// linear term is
+//   dx_t[p] = sum_{q, c} x_t[q] y'_t[c] W[p][q][c] + sum_c y'_t[c] Wl[p][c]
+// with W[p][q][c] = (p == q ? w_pp 2 : w_pq) S_{min(p, q), max(p, q)}[c]:
+// * query side, dq from the state (weights a on squares, 2a off them):
+//   W[p][p] = W[p][q] = 2a S, Wl = b S_linear, y' = dz = [rs gY | -dl];
+// * key side, dk from dS (weights 1): W[p][p] = 2 dS_pp, W[p][q] = dS_pq,
+//   Wl = dS_linear, y' = [v | 1].
+// A product with A_t[(q, c)] = x_t[q] y'_t[c], built per c as the x fragment
 // times y'_t[c] of its rows (one mul2 per register, as the reduce builds its
-// features), and B the tiles W[.][.][c]. The same multiply-adds as
-// efficient_contract_mma_kernel's G products, without their per-element FFMA
-// and reduce-scatter, and without the z column's k-step of 16 (c = e is one
-// more tile). The key side's dk has the same form from dS (W[p][p] = 2 dS_pp,
-// W[p][q] = dS_pq).
+// features), and B the tiles W[.][.][c]: g = S y' and its contraction with x
+// in one product, with no per-element work beside the tensor cores and the z
+// column one more tile (c = e).
 template <int kDim>
 struct GradientTiles {
   static constexpr int kPitch = kDim + 8;      // ldmatrix rows in 8 banks
@@ -1429,13 +1236,13 @@ struct GradientTiles {
 
 // The tiles (B H, kStoredTiles, kDim, kPitch) of a state (B H, F, e + 1): the
 // pair tiles W[p][q][c] = (p == q ? diagonal : other) S_pq[c], the linear tile
-// linear S_linear[p][c], times scale and head_scales[bh] (null: 1), rounded to
-// T; the linear z column S_linear[p][z] likewise into linear_z (B H, kDim),
-// float. Padding columns stay as allocated (zeros).
+// linear S_linear[p][c], times head_scales[bh] (null: 1), rounded to T; the
+// linear z column S_linear[p][z] likewise into linear_z (B H, kDim), float.
+// Padding columns stay as allocated (zeros).
 template <typename T, int kDim>
 __global__ void gradient_tiles_kernel(const float* state, int64_t count,
                                       T* tiles, float* linear_z, float diagonal,
-                                      float other, float linear, float scale,
+                                      float other, float linear,
                                       const float* head_scales) {
   using Tiles = GradientTiles<kDim>;
   constexpr int d = kDim, e1 = kDim + 1;
@@ -1445,8 +1252,7 @@ __global__ void gradient_tiles_kernel(const float* state, int64_t count,
     const int q = static_cast<int>(i % d), p = static_cast<int>(i / d % d);
     const int t = static_cast<int>(i / (d * d) % Tiles::kTiles);
     const int64_t bh = i / (int64_t(d) * d * Tiles::kTiles);
-    const float factor =
-        scale * (head_scales != nullptr ? head_scales[bh] : 1.f);
+    const float factor = head_scales != nullptr ? head_scales[bh] : 1.f;
     const float* S = state + bh * features * e1;
     float value;
     if (t <= d) {  // pair tile c = t; state column 0 is z
@@ -1463,18 +1269,17 @@ __global__ void gradient_tiles_kernel(const float* state, int64_t count,
   }
 }
 
-// dq (query side): kFrags fragments of 16 tokens per warp (2 at d <= 32,
-// where a tile's B fragments would feed too few HMMA, else 1), the head's
-// tiles streamed through two shared buffers of kStageTiles tiles by
-// cp.async.
+// dq or dk: kFrags fragments of 16 tokens per warp (2 at d <= 32, where a
+// tile's B fragments would feed too few HMMA, else 1), the head's tiles
+// streamed through two shared buffers of kStageTiles tiles by cp.async.
 template <int kDim>
-TS_HOST_DEVICE constexpr int dq_fragments() {
+TS_HOST_DEVICE constexpr int dx_fragments() {
   return kDim <= 32 ? 2 : 1;
 }
 
 template <int kDim>
-constexpr size_t dq_tiles_smem() {
-  constexpr size_t tokens = 64 * dq_fragments<kDim>();
+constexpr size_t dx_tiles_smem() {
+  constexpr size_t tokens = 64 * dx_fragments<kDim>();
   return (2 * tokens * (kDim + 8) + tokens +
           2 * GradientTiles<kDim>::kStageTiles * GradientTiles<kDim>::kTile) *
          2;
@@ -1482,11 +1287,11 @@ constexpr size_t dq_tiles_smem() {
 
 template <typename T, int kDim>
 __global__ void __launch_bounds__(kThreads)
-    efficient_dq_tiles_kernel(ContractMmaArgs<T> p, const T* tiles,
-                              const float* linear_z, T* grad_q) {
+    efficient_dx_tiles_kernel(DxTilesArgs<T> p, const T* tiles,
+                              const float* linear_z, T* grad_x) {
   using Tiles = GradientTiles<kDim>;
   constexpr int width = kDim + 8, kSlices = kDim / 16, kN = kDim / 8;
-  constexpr int kFrags = dq_fragments<kDim>(), kTokens = 64 * kFrags;
+  constexpr int kFrags = dx_fragments<kDim>(), kTokens = 64 * kFrags;
   constexpr int kStage = Tiles::kStageTiles * Tiles::kTile;
   extern __shared__ __align__(128) unsigned char smem[];
   T* xs = reinterpret_cast<T*>(smem);
@@ -1499,9 +1304,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTokens;
   const T* head_tiles = tiles + bh * Tiles::kStoredTiles * Tiles::kTile;
   StageStream<T, kStage, Tiles::kStages> stream(head_tiles, buffers);
+  // Padded keys as zero rows of x and y: no term of theirs reaches the
+  // products, whatever their values.
+  const Mask* padding = p.mask.key_padding != nullptr ? &p.mask : nullptr;
   load_key_rows<kDim, kTokens>(xs, ys, static_cast<T*>(nullptr), p.x, p.y, b, h,
-                               i0, p.tokens, nullptr);
-  if (threadIdx.x < kTokens / 8) {
+                               i0, p.tokens, padding);
+  if (p.w == nullptr) {
+    if (threadIdx.x < kTokens) ws[threadIdx.x] = Num<T>::narrow(1.f);
+  } else if (threadIdx.x < kTokens / 8) {
     const int64_t t = i0 + 8 * threadIdx.x;
     const bool valid = t < p.w_stride;
     warp::cp_async_16(ws + 8 * threadIdx.x,
@@ -1520,8 +1330,8 @@ __global__ void __launch_bounds__(kThreads)
   // p0 .. p0 + 7, {2, 3} the next.
   const int b_row =
       (lane % 8 + lane / 16 * 8) * Tiles::kPitch + lane / 8 % 2 * 8;
-  float dq[kFrags][kN][4] = {};
-  // dq += A B^T for one tile, A of kSlices k-steps per fragment: every B
+  float dx[kFrags][kN][4] = {};
+  // dx += A B^T for one tile, A of kSlices k-steps per fragment: every B
   // fragment feeds all fragments.
   const auto tile_product = [&](const uint32_t (&a)[kFrags][kSlices][4],
                                 const T* tile) {
@@ -1534,8 +1344,8 @@ __global__ void __launch_bounds__(kThreads)
         const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
 #pragma unroll
         for (int fr = 0; fr < kFrags; ++fr) {
-          warp::mma_16816<T>(dq[fr][2 * n], a[fr][k], lo);
-          warp::mma_16816<T>(dq[fr][2 * n + 1], a[fr][k], hi);
+          warp::mma_16816<T>(dx[fr][2 * n], a[fr][k], lo);
+          warp::mma_16816<T>(dx[fr][2 * n + 1], a[fr][k], hi);
         }
       }
   };
@@ -1605,8 +1415,8 @@ __global__ void __launch_bounds__(kThreads)
       tile_product(yf, tile);
     }
   }
-  // The linear z column: dq[p] += w_t linear_z[p]; then the gradients'
-  // scale (float16) on the rows that exist.
+  // The linear z column: dx[p] += w_t linear_z[p]; then the gradients'
+  // scale (float16) on the rows that exist (zero for padded keys).
   const float* lz = linear_z + bh * kDim;
   const float grad_scale = p.grad_scale != nullptr ? p.grad_scale[bh] : 1.f;
 #pragma unroll
@@ -1616,14 +1426,15 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       z[r] = widen_half<T>(w_bits[row_g + 16 * fr + 8 * r], false);
-      scale[r] = row0 + g + 8 * r < p.tokens ? grad_scale : 0.f;
+      const int64_t row = row0 + g + 8 * r;
+      scale[r] = row < p.tokens && p.mask.key_valid(b, row) ? grad_scale : 0.f;
     }
 #pragma unroll
     for (int n = 0; n < kN; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        dq[fr][n][i] += z[i / 2] * lz[8 * n + 2 * quad + i % 2];
-    store_rows<T, kDim>(grad_q + bh * p.tokens * kDim, dq[fr], row0, p.tokens,
+        dx[fr][n][i] += z[i / 2] * lz[8 * n + 2 * quad + i % 2];
+    store_rows<T, kDim>(grad_x + bh * p.tokens * kDim, dx[fr], row0, p.tokens,
                         kDim, scale, lane);
   }
 }
@@ -1741,6 +1552,51 @@ at::Tensor state_operand(const at::Tensor& partial, int64_t splits,
   return operand;
 }
 
+// Runs efficient_apply_mma_kernel over p.tokens rows of B H = gridDim.y heads.
+template <typename T, int kDim, ApplyOutput kOut>
+void mma_apply(const ApplyMmaArgs<T>& p, int64_t bh, T* out, float* den) {
+  const auto apply = efficient_apply_mma_kernel<T, kDim, kOut>;
+  constexpr size_t bytes = apply_mma_smem<kDim>();
+  allow_shared_memory(apply, bytes);
+  constexpr int rows = ApplyTile<kDim>::kQueries;
+  apply<<<dim3((p.tokens + rows - 1) / rows, bh), kThreads, bytes,
+          at::cuda::getCurrentCUDAStream()>>>(p, out, den);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Runs efficient_dx_tiles_kernel over p.tokens rows: the gradient tiles of
+// `state` (B, H, F, kDim + 1; weights as gradient_tiles_kernel's, times
+// head_scales, null: 1), then their products into grad_x.
+template <typename T, int kDim>
+void mma_dx_tiles(const DxTilesArgs<T>& p, const at::Tensor& state,
+                  double diagonal, double other, double linear,
+                  const float* head_scales, at::Tensor& grad_x) {
+  using Tiles = GradientTiles<kDim>;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t bh = state.size(0) * state.size(1);
+  const auto options = grad_x.options();
+  at::Tensor tiles =
+      at::zeros({bh, Tiles::kStoredTiles, kDim, Tiles::kPitch}, options);
+  at::Tensor linear_z = at::empty({bh, kDim}, options.dtype(at::kFloat));
+  const int64_t count = bh * Tiles::kTiles * kDim * kDim;
+  gradient_tiles_kernel<T, kDim>
+      <<<std::min<int64_t>((count + 255) / 256, grid_stride_blocks()), 256, 0,
+         stream>>>(state.data_ptr<float>(), count,
+                   reinterpret_cast<T*>(tiles.data_ptr()),
+                   linear_z.data_ptr<float>(), static_cast<float>(diagonal),
+                   static_cast<float>(other), static_cast<float>(linear),
+                   head_scales);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto kernel = efficient_dx_tiles_kernel<T, kDim>;
+  constexpr size_t bytes = dx_tiles_smem<kDim>();
+  allow_shared_memory(kernel, bytes);
+  constexpr int rows = 64 * dx_fragments<kDim>();
+  kernel<<<dim3((p.tokens + rows - 1) / rows, bh), kThreads, bytes, stream>>>(
+      p, reinterpret_cast<const T*>(tiles.data_ptr()),
+      linear_z.data_ptr<float>(), reinterpret_cast<T*>(grad_x.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Runs the register-resident forward for d = e = kDim (see above).
 template <typename T, int kDim>
 void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -1777,14 +1633,9 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   apply_args.e = kDim;
   apply_args.sigma = row_values<float>(sigma);
   apply_args.state_scale = state_scale;
-  const auto apply = efficient_apply_mma_kernel<T, kDim>;
-  constexpr size_t apply_bytes = apply_mma_smem<kDim>();
-  allow_shared_memory(apply, apply_bytes);
-  constexpr int queries = ApplyTile<kDim>::kQueries;
-  apply<<<dim3((q.size(2) + queries - 1) / queries, bh), kThreads, apply_bytes,
-          stream>>>(apply_args, reinterpret_cast<T*>(out.data_ptr()),
-                    den.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  mma_apply<T, kDim, ApplyOutput::kAttention>(
+      apply_args, bh, reinterpret_cast<T*>(out.data_ptr()),
+      den.data_ptr<float>());
 }
 
 // float16's exponents span 2^-14 (smallest normal) to 65504. The backward's
@@ -1796,12 +1647,13 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // [2^14, 2^15), below 65504, and keeps values down to 2^-29 m normal. A
 // power of two changes no mantissa, so the products are those of the
 // unscaled values rounded to float16's 11 bits, and scaling gY by 2^j
-// scales every gradient by exactly 2^j. The contraction multiplies the
-// gradients by the inverse scales (ContractMmaArgs::grad_scale) before
-// rounding them. All on the device (no host synchronisation), as integer
-// exponents: float16_scale_exponent gives 15 - p for the per-head maxima
-// (B, H), p clamped to +-45 so that the sum of two exponents, negated, stays
-// a normal float's; power_of_two makes the floats (B H) bit by bit.
+// scales every gradient by exactly 2^j. The gradient kernels multiply the
+// gradients by the inverse scales (DxTilesArgs::grad_scale,
+// ApplyMmaArgs::grad_scale) before rounding them. All on the device (no host
+// synchronisation), as integer exponents: float16_scale_exponent gives 15 - p
+// for the per-head maxima (B, H), p clamped to +-45 so that the sum of two
+// exponents, negated, stays a normal float's; power_of_two makes the floats (B
+// H) bit by bit.
 at::Tensor float16_scale_exponent(const at::Tensor& largest) {
   return 15 - at::clamp(std::get<1>(at::frexp(largest)), -45, 45)
                   .reshape(-1)
@@ -1819,12 +1671,12 @@ at::Tensor largest_per_head(const at::Tensor& x) {
                                 false, at::kFloat);
 }
 
-// The backward for d = e = kDim: dS on the query-side reduce, then dq on
-// efficient_dq_tiles_kernel from the state's gradient tiles, and dk, dv on
-// the contraction kernel from the operand of dS (key weights). bfloat16 has
-// float's range: nothing is scaled. float16: dz, the state operand and the dS
-// operand are scaled as float16_scale_exponent says (dS is then the scaled
-// dz's: dz_scale dS).
+// The backward for d = e = kDim: dS on the query-side reduce, then dq and dk
+// on efficient_dx_tiles_kernel from the gradient tiles of the state and of
+// dS, and dv on the apply kernel from the operand of dS (key weights).
+// bfloat16 has float's range: nothing is scaled. float16: dz, the state's
+// tiles and dS's tiles and operand are scaled as float16_scale_exponent says
+// (dS is then the scaled dz's: dz_scale dS).
 template <typename T, int kDim>
 void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v,
@@ -1890,69 +1742,51 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
                    dstate.data_ptr<float>(), static_cast<float>(a),
                    static_cast<float>(b), static_cast<float>(c));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // The gradients' scales: dq = G(state operand, dz) x, dk and dv through
-  // the dS operand (key weights are at most 1).
+  // The gradients' scales: dq is a product of dz and the state's tiles; dk
+  // and dv of v and k with dS's tiles and operand.
   at::Tensor dstate_scale, grad_q_scale, grad_kv_scale;
   if constexpr (kScaled) {
+    // dS's tiles hold up to 2 |dS| (the squares' 2 dS_pp).
     const at::Tensor dstate_exponent =
-        float16_scale_exponent(largest_per_head(dstate));
+        float16_scale_exponent(2 * largest_per_head(dstate));
     dstate_scale = power_of_two(dstate_exponent);
     grad_q_scale = power_of_two(-(state_exponent + dz_exponent));
     grad_kv_scale = power_of_two(-(dstate_exponent + dz_exponent));
   }
 
-  {  // dq through the gradient tiles of the state
-    using Tiles = GradientTiles<kDim>;
-    at::Tensor tiles =
-        at::zeros({bh, Tiles::kStoredTiles, kDim, Tiles::kPitch}, q.options());
-    at::Tensor linear_z = at::empty({bh, kDim}, q.options().dtype(at::kFloat));
-    const int64_t count = bh * Tiles::kTiles * kDim * kDim;
-    gradient_tiles_kernel<T, kDim>
-        <<<std::min<int64_t>((count + 255) / 256, grid_stride_blocks()), 256, 0,
-           stream>>>(state.data_ptr<float>(), count,
-                     reinterpret_cast<T*>(tiles.data_ptr()),
-                     linear_z.data_ptr<float>(), static_cast<float>(2 * a),
-                     static_cast<float>(2 * a), static_cast<float>(b), 1.f,
-                     data(state_scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ContractMmaArgs<T> contract{};
-    contract.grad_scale = data(grad_q_scale);
-    contract.x = token_rows<T>(qr, kDim);
-    contract.y = token_rows<T>(y, kDim);
-    contract.w = reinterpret_cast<const T*>(w.data_ptr());
-    contract.w_stride = w_stride;
-    contract.heads = q.size(1);
-    contract.tokens = queries;
-    contract.mask = mask;
-    const auto kernel = efficient_dq_tiles_kernel<T, kDim>;
-    constexpr size_t dq_bytes = dq_tiles_smem<kDim>();
-    allow_shared_memory(kernel, dq_bytes);
-    constexpr int dq_tokens = 64 * dq_fragments<kDim>();
-    kernel<<<dim3((queries + dq_tokens - 1) / dq_tokens, bh), kThreads,
-             dq_bytes, stream>>>(
-        contract, reinterpret_cast<const T*>(tiles.data_ptr()),
-        linear_z.data_ptr<float>(), reinterpret_cast<T*>(grad_q.data_ptr()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  // dk, dv through the dS operand (key weights).
+  // dq from the state's gradient tiles (query weights), with y' = dz.
+  DxTilesArgs<T> query{};
+  query.grad_scale = data(grad_q_scale);
+  query.x = token_rows<T>(qr, kDim);
+  query.y = token_rows<T>(y, kDim);
+  query.w = reinterpret_cast<const T*>(w.data_ptr());
+  query.w_stride = w_stride;
+  query.heads = q.size(1);
+  query.tokens = queries;
+  mma_dx_tiles<T, kDim>(query, state, 2 * a, 2 * a, b, data(state_scale),
+                        grad_q);
+  // dk from dS's gradient tiles (key weights), with y' = [v | 1].
+  DxTilesArgs<T> key{};
+  key.grad_scale = data(grad_kv_scale);
+  key.x = token_rows<T>(kr, kDim);
+  key.y = token_rows<T>(vr, kDim);
+  key.heads = q.size(1);
+  key.tokens = keys;
+  key.mask = mask;
+  mma_dx_tiles<T, kDim>(key, dstate, 2, 1, 1, data(dstate_scale), grad_k);
+  // dv = phi(k) dS on the apply kernel, from the dS operand (key weights).
   const at::Tensor operand = state_operand<T, kDim>(
       dstate, 1, nullptr, key_weights(), 1.f, q.options(), data(dstate_scale));
-  ContractMmaArgs<T> contract{};
-  contract.grad_scale = data(grad_kv_scale);
-  contract.x = token_rows<T>(kr, kDim);
-  contract.y = token_rows<T>(vr, kDim);
-  contract.operand = reinterpret_cast<const T*>(operand.data_ptr());
-  contract.heads = q.size(1);
-  contract.tokens = keys;
-  contract.mask = mask;
-  const auto kernel = masked ? efficient_contract_mma_kernel<T, kDim, true>
-                             : efficient_contract_mma_kernel<T, kDim, false>;
-  constexpr size_t bytes = contract_mma_smem<kDim>();
-  allow_shared_memory(kernel, bytes);
-  kernel<<<dim3((keys + kQueryTile - 1) / kQueryTile, bh), kThreads, bytes,
-           stream>>>(contract, reinterpret_cast<T*>(grad_k.data_ptr()),
-                     reinterpret_cast<T*>(grad_v.data_ptr()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  ApplyMmaArgs<T> value{};
+  value.q = token_rows<T>(kr, kDim);
+  value.operand = reinterpret_cast<const T*>(operand.data_ptr());
+  value.heads = q.size(1);
+  value.tokens = keys;
+  value.e = kDim;
+  value.mask = mask;
+  value.grad_scale = data(grad_kv_scale);
+  mma_apply<T, kDim, ApplyOutput::kValueGradient>(
+      value, bh, reinterpret_cast<T*>(grad_v.data_ptr()), nullptr);
 }
 
 // Calls run(std::integral_constant<int, kDim>) and returns true where the
