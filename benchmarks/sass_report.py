@@ -76,9 +76,9 @@ EFFICIENT_PRODUCT = N_EFFICIENT * F * (D + 1) * BH
 # for other dtypes and head dims).
 BF16 = "__nv_bfloat16"
 WORK = {
-    f"direct_forward_mma_kernel<{BF16}, {D}, kNoPadding, true>": ("direct fwd", 2 * DIRECT_PRODUCT),
-    f"direct_backward_kv_mma_kernel<{BF16}, {D}, kNoPadding>": ("direct bwd", 4 * DIRECT_PRODUCT),
-    f"direct_backward_q_mma_kernel<{BF16}, {D}, kNoPadding>": ("direct bwd", 3 * DIRECT_PRODUCT),
+    f"direct_forward_mma_kernel<{BF16}, {D}, kKeyMask, true>": ("direct fwd", 2 * DIRECT_PRODUCT),
+    f"direct_backward_kv_mma_kernel<{BF16}, {D}, kKeyMask>": ("direct bwd", 4 * DIRECT_PRODUCT),
+    f"direct_backward_q_mma_kernel<{BF16}, {D}, kKeyMask>": ("direct bwd", 3 * DIRECT_PRODUCT),
     f"direct_forward_kernel<{BF16}, float>": ("direct fwd", 2 * DIRECT_PRODUCT),
     f"direct_backward_kv_kernel<{BF16}, float>": ("direct bwd", 4 * DIRECT_PRODUCT),
     f"direct_backward_q_kernel<{BF16}, float>": ("direct bwd", 3 * DIRECT_PRODUCT),
@@ -279,9 +279,9 @@ def demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, out.stdout.splitlines(), strict=True))
 
 
-# Enum template arguments, which demangle as casts: (MaskMode)1 -> kKeyPadding.
+# Enum template arguments, which demangle as casts: (MaskMode)1 -> kAttnMask.
 ENUMS = {
-    "MaskMode": ("kNoPadding", "kKeyPadding", "kAttnMask"),  # csrc/cuda/direct.cu
+    "MaskMode": ("kKeyMask", "kAttnMask"),  # csrc/cuda/direct.cu
     "ApplyOutput": ("kAttention", "kValueGradient"),  # csrc/cuda/efficient.cu
 }
 

@@ -455,9 +455,24 @@ struct KeyCopies {
         t0(t0),
         total(total) {}
 
-  // The current tile into k_dst, v_dst (and m into `weights`); a null v_dst
-  // copies K alone.
+  // The current tile into k_dst, v_dst (and m into `weights`).
   __device__ __forceinline__ void copy(T* k_dst, T* v_dst, T* weights) const {
+    copy_rows<true>(k_dst, v_dst, weights);
+  }
+  // The current tile of K alone into k_dst.
+  __device__ __forceinline__ void copy_keys(T* k_dst) const {
+    copy_rows<false>(k_dst, nullptr, nullptr);
+  }
+  __device__ __forceinline__ void advance() {
+    k.advance();
+    v.advance();
+    t0 += kRows;
+  }
+
+ private:
+  template <bool kValues>
+  __device__ __forceinline__ void copy_rows(T* k_dst, T* v_dst,
+                                            T* weights) const {
     // Bit r of low (r < 64), or r - 64 of high: key t0 + r exists and is
     // not padding (two words, not an array, which a run-time index would put
     // in local memory).
@@ -486,18 +501,13 @@ struct KeyCopies {
       const bool key =
           padding == nullptr ? k.row_valid(s) : valid(r0 + s * Copies::kStep);
       k.copy(k_dst, s, key);
-      if (v_dst != nullptr) v.copy(v_dst, s, key);
+      if constexpr (kValues) v.copy(v_dst, s, key);
     }
     if (weights != nullptr && threadIdx.x < kRows) {
       const bool key =
           padding == nullptr ? t0 + threadIdx.x < total : valid(threadIdx.x);
       weights[threadIdx.x] = Num<T>::narrow(key ? 1.f : 0.f);
     }
-  }
-  __device__ __forceinline__ void advance() {
-    k.advance();
-    v.advance();
-    t0 += kRows;
   }
 };
 

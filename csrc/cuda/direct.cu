@@ -1,10 +1,11 @@
 // Direct TaylorShift attention (docs/math.md §2) on CUDA: a fused tiled kernel
 // in the style of FlashAttention, and its recomputation backward.
 //
-// float16/bfloat16: direct_forward_mma_kernel and (order 2, d, e <= 64) the
-// backward's direct_backward_kv_mma_kernel and direct_backward_q_mma_kernel,
-// register-resident on mma.sync (warp.cuh), described at the kernels. Every
-// other case: shared-memory tiles and block_mma, as follows.
+// float16/bfloat16: direct_forward_mma_kernel and (f in vertex form, d, e <=
+// 128) the backward's direct_backward_kv_mma_kernel and
+// direct_backward_q_mma_kernel, register-resident on mma.sync (warp.cuh),
+// described at the kernels. Every other case: shared-memory tiles and
+// block_mma, as follows.
 //
 // Forward, for one (batch, head) and one tile of queries I:
 //     for each key tile J:   X = Q_I K_J^T              (tensor cores)
@@ -25,6 +26,8 @@
 // over key tiles. Each output element is owned by one block: deterministic,
 // no atomics.
 #include <torch/library.h>
+
+#include <vector>
 
 #include "../kernel_checks.h"
 #include "common.cuh"
@@ -181,27 +184,28 @@ TS_HOST_DEVICE constexpr int block_rows() {
 
 // How the 16-bit kernels apply the mask, fixed at compile time so that the
 // main loop of the common cases holds no per-element test:
-// - kNoPadding, kKeyPadding: the key tail and (kKeyPadding) padded keys get
-//   zero K and V rows (load_key_rows) and m_j = 0, so they add nothing to
-//   any product, even if their inputs are NaN or inf. A causal mask needs a
-//   per-element test only on the one tile that holds the diagonal, which runs
-//   outside the main loop.
+// - kKeyMask (no mask, key padding, causal): the key tail gets zero K and V
+//   rows (RowCopies) and padded keys too: the host zeroes their rows
+//   (zero_padded_keys, one elementwise pass), so that their values, NaN or
+//   inf included, never reach a product (0 * NaN = NaN). The forward's row
+//   sums weigh key j by the host's m_j (key_weight_rows: 0 for padded keys
+//   and the tail), copied with each key tile, and the key side's stores zero
+//   padded keys' gradient rows; the other products need no test, a zero key
+//   row adding nothing. So no main loop reads a padding flag. A causal mask
+//   needs a per-element test only on the one tile that holds the diagonal,
+//   which runs outside the main loop.
 // - kAttnMask: an explicit attn_mask, tested per element in every tile
-//   (AllowedBits, with the key padding and causality folded in). Its main
-//   loops test no key padding: the host zeroes padded keys' K and V rows
-//   instead (zero_padded_keys), so that their values never reach a product
-//   (a masked W or dX is 0, but 0 * NaN = NaN), and the row sums take every
-//   key with weight 1 (the masked W of a padded key or the key tail is 0).
-enum class MaskMode { kNoPadding, kKeyPadding, kAttnMask };
+//   (AllowedBits, with the key padding and causality folded in), padded keys
+//   zeroed as above, and the row sums take every key with weight 1 (the
+//   masked W of a padded key or the key tail is 0).
+enum class MaskMode { kKeyMask, kAttnMask };
 
-MaskMode mask_mode(const std::optional<at::Tensor>& key_padding_mask,
-                   const std::optional<at::Tensor>& attn_mask) {
-  if (attn_mask) return MaskMode::kAttnMask;
-  return key_padding_mask ? MaskMode::kKeyPadding : MaskMode::kNoPadding;
+MaskMode mask_mode(const std::optional<at::Tensor>& attn_mask) {
+  return attn_mask ? MaskMode::kAttnMask : MaskMode::kKeyMask;
 }
 
-// K or V (B, H, N, d) with the rows of padded keys zeroed, for kAttnMask;
-// one elementwise pass where the kernels' loops would test each key tile.
+// K or V (B, H, N, d) with the rows of padded keys zeroed (MaskMode); one
+// elementwise pass where the kernels' loops would test each key tile.
 at::Tensor zero_padded_keys(const at::Tensor& t,
                             const std::optional<at::Tensor>& key_padding_mask) {
   if (!key_padding_mask) return t;
@@ -389,10 +393,10 @@ __device__ __forceinline__ void fill(float (&c)[kM][kN][4], float value) {
 template <typename T>
 struct MmaArgs {
   TokenRows<T> q, k, v;
-  TokenRows<T> grad_out;  // backward only
-  const float* scalars;   // backward only: (B, H, M, 2) = (rs, dl)
-  // backward's key side: (B, H, M, 2) = (rs, -dl / rs), load_query_factors
-  const float* key_side_scalars;
+  // backward only (mma_backward): gY' = a rs_i gY_i (B, H, M, e) and the
+  // shifts -a dl_i (B, H, M)
+  TokenRows<T> scaled_grad_out;
+  const float* shifts;
   int64_t heads, queries, keys;
   int d, e;
   Mask mask;
@@ -401,13 +405,11 @@ struct MmaArgs {
   RowValues<float> sigma;  // forward only
   Polynomial<float> f;  // the weight polynomial padded to kMaxOrder, by value
   VertexForm vertex;    // f's vertex form (vertex_form), else a = 0
+  // kKeyMask's forward: m_j (key_weight_rows), batch b at key_weights +
+  // b key_weights_batch, zeros from key_weights_stride on
+  const T* key_weights;
+  int64_t key_weights_stride, key_weights_batch;
 };
-
-// The mask view with which load_key_rows zeroes padded keys' rows (MaskMode).
-template <MaskMode kMode, typename T>
-__device__ __forceinline__ const Mask* padding(const MmaArgs<T>& p) {
-  return kMode == MaskMode::kKeyPadding ? &p.mask : nullptr;
-}
 
 // This lane's words of a streamed tile of the allowed table (kAttnMask),
 // one per fragment f (rows 16 f .. 16 f + 15 from `words`, its
@@ -510,11 +512,21 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t key_end = p.mask.key_limit(i0 + kRows, p.keys);
   const int tiles = static_cast<int>((key_end + kTile - 1) / kTile);
 
-  // Stage `stage` <- the next key tile: K, V and m.
-  KeyCopies<kDim, kTile, T> keys(p.k, p.v, b, h, 0, p.keys, padding<kMode>(p));
+  // Stage `stage` <- the next key tile: K, V and (kKeyMask) m.
+  KeyCopies<kDim, kTile, T> keys(p.k, p.v, b, h, 0, p.keys, nullptr);
   const auto load_keys = [&](int stage) {
     keys.copy(ks + stage * kStage, vs + stage * kStage,
-              kMode == MaskMode::kAttnMask ? nullptr : ms + stage * kTile);
+              static_cast<T*>(nullptr));
+    if constexpr (kMode == MaskMode::kKeyMask) {
+      if (threadIdx.x < kTile / 8) {
+        const int64_t j = keys.t0 + 8 * threadIdx.x;
+        const bool valid = j < p.key_weights_stride;
+        warp::cp_async_16(
+            ms + stage * kTile + 8 * threadIdx.x,
+            valid ? p.key_weights + b * p.key_weights_batch + j : p.key_weights,
+            valid);
+      }
+    }
     keys.advance();
   };
   load_rows<kDim, kRows>(qs, p.q, b, h, i0, p.queries);
@@ -657,31 +669,47 @@ template <typename T, int kDim>
 void launch_mma_forward(const MmaArgs<T>& args, MaskMode mode, int64_t bh,
                         T* out, float* den) {
   switch (mode) {
-    case MaskMode::kNoPadding:
-      return launch_mma_forward<T, kDim, MaskMode::kNoPadding>(args, bh, out,
-                                                               den);
-    case MaskMode::kKeyPadding:
-      return launch_mma_forward<T, kDim, MaskMode::kKeyPadding>(args, bh, out,
-                                                                den);
+    case MaskMode::kKeyMask:
+      return launch_mma_forward<T, kDim, MaskMode::kKeyMask>(args, bh, out,
+                                                             den);
     case MaskMode::kAttnMask:
       return launch_mma_forward<T, kDim, MaskMode::kAttnMask>(args, bh, out,
                                                               den);
   }
 }
 
+// kKeyMask's key weights m_j in `dtype`: !key_padding_mask[b, j] (B, N), or
+// one row of ones (1, N) shared by every batch, with zeros after N up to a
+// multiple of 8, so that a key tile's weights are whole 16-byte copies.
+at::Tensor key_weight_rows(const std::optional<at::Tensor>& key_padding_mask,
+                           int64_t keys, const at::TensorOptions& options) {
+  const at::Tensor m = key_padding_mask
+                           ? key_padding_mask->logical_not().to(options)
+                           : at::ones({1, keys}, options);
+  return at::constant_pad_nd(m, {0, (8 - keys % 8) % 8}).contiguous();
+}
+
 template <typename T>
 void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const Mask& mask, MaskMode mode, const at::Tensor& sigma,
-                 const Coefficients& f, at::Tensor& out, at::Tensor& den) {
+                 const Mask& mask, MaskMode mode,
+                 const std::optional<at::Tensor>& key_padding_mask,
+                 const at::Tensor& sigma, const Coefficients& f,
+                 at::Tensor& out, at::Tensor& den) {
   const int64_t d = q.size(3), e = v.size(3), dim = std::max(d, e);
   // Kept alive until the launches: the arguments point into them.
   const at::Tensor qr = cp_async_rows(q), kr = cp_async_rows(k),
                    vr = cp_async_rows(v);
   MmaArgs<T> args = mma_args<T>(qr, kr, vr, d, e, mask, f);
   args.sigma = row_values<float>(sigma);
-  at::Tensor allowed;
+  at::Tensor allowed, key_weights;
   if (mode == MaskMode::kAttnMask)
     args.allowed = allowed_bits(mask, q, q.size(2), k.size(2), false, allowed);
+  if (mode == MaskMode::kKeyMask) {
+    key_weights = key_weight_rows(key_padding_mask, k.size(2), q.options());
+    args.key_weights = reinterpret_cast<const T*>(key_weights.data_ptr());
+    args.key_weights_stride = key_weights.size(1);
+    args.key_weights_batch = key_weights.size(0) == 1 ? 0 : key_weights.size(1);
+  }
   const int64_t bh = q.size(0) * q.size(1);
   T* o = reinterpret_cast<T*>(out.data_ptr());
   float* dn = den.data_ptr<float>();
@@ -708,20 +736,26 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // * query side, a block per block_rows queries, looping over key tiles of
 //   tile_rows, kC keys at a time:
 //     S = Q K^T, G = gY V^T,  dX = m ⊙ (rs G - dl) ⊙ f'(S),  dQ += dX K.
-// Query tiles (Q, gY, rs, dl) or key tiles (K, V) are double-buffered by
-// cp.async. f in vertex form only (vertex_form): other polynomials would
-// cost the main loop its registers and take the shared-memory kernels. At
+// Both fold a rs into gY's rows beforehand (gY' = a rs gY, mma_backward) and
+// start G's products at the rows' shifts -a dl, so that an element of dX / 2
+// is one multiply (load_query_factors).
+// Query tiles (Q, gY' and their shifts) or key tiles (K, V) are
+// double-buffered by cp.async. f in vertex form only (vertex_form): other
+// polynomials would cost the main loop its registers and take the
+// shared-memory kernels. At
 // d = 128 the key side's accumulators dK and dV alone take 128 registers a
 // thread, so there its warps re-read their K and V fragments from shared memory
 // one k-step at a time (warp::mma_abt_rows: 16 more ldmatrix.x4 per 64 HMMA)
 // instead of holding them, and both kernels take 16 rows a chunk
 // (backward_chunk_rows).
 //
-// The derived A operands P^T and dX^T are rounded to the input dtype, float16
-// included (where the shared-memory kernels use TF32, common.cuh), because
-// their range does not grow with N. With f >= 0, den_i = sum_j m_j w_ij:
-//   0 <= P_ij = m_j w_ij sigma_i / den_i <= sigma_i = sqrt(N_i / d),
-// below float16's 65504 up to N_i / d = 4e9; and, with den_i >= N_i min f,
+// The derived operands are rounded to the input dtype, float16 included
+// (where the shared-memory kernels use TF32, common.cuh), because their range
+// does not grow with N. The key side's P'^T = f / a is at most (tau + |beta|)^2
+// + |gamma|, and its gY' = a rs gY is at most a |gY_i| / (sqrt(N_i d) min f):
+// it shrinks with N as a typical dX_ij = 2 (gY'_i . v_j - a dl_i) s_ij does,
+// so in float16 both leave the normal range at about the same |gY|. With
+// f >= 0, den_i = sum_j m_j w_ij, and den_i >= N_i min f,
 // |y_i| <= sigma_i max_j |v_j| and |f'(x)| <= 2 a |x| + |b| on |x| <= tau:
 //   |dX_ij| <= 2 (2 a tau + |b|) |gY_i| max_j |v_j| / (sqrt(d) min f),
 // that is 4 (1 + tau) |gY_i| max|v_j| / sqrt(d) for the paper's f, so dX
@@ -738,17 +772,17 @@ TS_HOST_DEVICE constexpr int backward_chunk_rows() {
   return kDim == 128 ? 16 : chunk_rows<kDim>();
 }
 
-// The key side's per-query factors (load_query_factors), floats per stage.
+// The key side's per-query shifts (load_query_factors), floats per stage.
 template <int kDim>
 TS_HOST_DEVICE constexpr int query_factor_floats() {
-  return 4 * tile_rows<kDim>();
+  return 2 * tile_rows<kDim>();
 }
 
 template <int kDim>
 constexpr size_t mma_backward_smem() {
   // The block's rows (key side: K, V; query side: Q, gY), two stages of two
-  // tiles (key side: Q, gY; query side: K, V) and two stages of the key
-  // side's query factors.
+  // tiles (key side: Q, a rs gY; query side: K, V) and two stages of the key
+  // side's query shifts.
   return size_t(2 * block_rows<kDim>() + 4 * tile_rows<kDim>()) * (kDim + 8) *
              2 +
          2 * query_factor_floats<kDim>() * sizeof(float);
@@ -756,19 +790,19 @@ constexpr size_t mma_backward_smem() {
 
 // The key side's element step, with rs, dl of query i and f in vertex form
 // (vertex_form; s = x + beta is S^T's element, started at beta):
-//   P^T  = rs f(x)              = (a rs s) s + a rs gamma
-//   dX^T = (rs G^T - dl) f'(x)  = 2 (G^T - dl / rs) (a rs s)
-// so an element costs three instructions, t = (a rs) s, P^T = t s + a rs
-// gamma and dX^T / 2 = (G^T - dl / rs) t, with two factors of the query
-// alone; the 2 goes to dK's store, and G^T - dl / rs is G^T's product
-// accumulated from -dl / rs instead of 0 (the host divides, mma_backward:
-// rs = 0, a query with no keys, has dl = 0 and takes 0). From
-// p.key_side_scalars (rs, -dl / rs), for queries [i0, i0 + kTile), zeros
-// past the queries (so that padded query rows contribute nothing), dst holds
-// (a rs, a rs gamma) at [2 i], one 8-byte load, and -dl / rs at [2 kTile
-// + 4 (i / 2) + i % 2] and [.. + 2]: the start of one n8 tile of G^T in the C
-// layout (lane columns 2 quad, 2 quad + 1 in rows g and g + 8) is one 16-byte
-// load.
+//   P^T  = rs f(x)              = (a rs) (s s + gamma)
+//   dX^T = (rs G^T - dl) f'(x)  = 2 (a rs G^T - a dl) s
+// The factor a rs of query i goes into its row of gY before the kernel
+// (mma_backward: gY' = a rs gY, rounded to T once), so that
+//   dV = P gY = (s s + gamma) gY',   G'^T = V gY'^T = a rs G^T,
+// and an element costs two instructions, P'^T = s s + gamma and dX^T / 2 =
+// (G'^T - a dl) s, with no factor of the query in the loop: the 2 goes to
+// dK's store, and G'^T - a dl is G'^T's product accumulated from -a dl
+// instead of 0. From p.shifts (-a dl), for queries [i0, i0 +
+// kTile), zeros past the queries (whose gY' rows are zeros too, so that they
+// contribute nothing), dst holds -a dl at [4 (i / 2) + i % 2] and [.. + 2]:
+// the start of one n8 tile of G'^T in the C layout (lane columns 2 quad,
+// 2 quad + 1 in rows g and g + 8) is one 16-byte load.
 template <int kTile, typename T>
 __device__ __forceinline__ void load_query_factors(float* dst,
                                                    const MmaArgs<T>& p,
@@ -777,19 +811,15 @@ __device__ __forceinline__ void load_query_factors(float* dst,
   const int i = threadIdx.x;
   if (i < kTile) {
     const bool valid = i0 + i < p.queries;
-    const float* s = p.key_side_scalars + 2 * (bh * p.queries + i0 + i);
-    const float ars = valid ? p.vertex.a * s[0] : 0.f,
-                shift = valid ? s[1] : 0.f;
-    *reinterpret_cast<float2*>(dst + 2 * i) =
-        make_float2(ars, ars * p.vertex.gamma);
-    dst[2 * kTile + 4 * (i / 2) + i % 2] = shift;
-    dst[2 * kTile + 4 * (i / 2) + 2 + i % 2] = shift;
+    const float shift = valid ? p.shifts[bh * p.queries + i0 + i] : 0.f;
+    dst[4 * (i / 2) + i % 2] = shift;
+    dst[4 * (i / 2) + 2 + i % 2] = shift;
   }
 }
 
-// Key side. Padded keys' K and V rows load as zeros (no NaN or inf from
-// them) and their dK, dV rows are stored as zeros; padded query rows have
-// zero Q, gY, rs and dl, so they contribute nothing.
+// Key side. Padded keys' K and V rows are zeros (zero_padded_keys: no NaN or
+// inf from them) and their dK, dV rows are stored as zeros; padded query rows
+// have zero Q, gY' and shifts, so they contribute nothing.
 template <typename T, int kDim, MaskMode kMode>
 __global__ void __launch_bounds__(kThreads)
     direct_backward_kv_mma_kernel(MmaArgs<T> p, T* grad_k, T* grad_v) {
@@ -816,15 +846,12 @@ __global__ void __launch_bounds__(kThreads)
           ? static_cast<int>((p.queries - first + kTile - 1) / kTile)
           : 0;
 
-  // load_key_rows reads the padding flags of up to 64 keys at a time.
-#pragma unroll
-  for (int r = 0; r < kBlockKeys; r += 64)
-    load_key_rows<kDim, 64>(ks + r * ld, vs + r * ld, static_cast<T*>(nullptr),
-                            p.k, p.v, b, h, j0 + r, p.keys, padding<kMode>(p));
+  load_rows<kDim, kBlockKeys>(ks, p.k, b, h, j0, p.keys);
+  load_rows<kDim, kBlockKeys>(vs, p.v, b, h, j0, p.keys);
   warp::cp_async_commit();
-  // Stage `stage` <- the next query tile at i0: Q, gY, rs and dl.
+  // Stage `stage` <- the next query tile at i0: Q, gY' = a rs gY and -a dl.
   RowCopies<kDim, kTile, T> q_rows(p.q, b, h, first, p.queries),
-      g_rows(p.grad_out, b, h, first, p.queries);
+      g_rows(p.scaled_grad_out, b, h, first, p.queries);
   const auto load_queries = [&](int stage, int64_t i0) {
     q_rows.copy(qs + stage * kStage);
     g_rows.copy(gs + stage * kStage);
@@ -862,9 +889,7 @@ __global__ void __launch_bounds__(kThreads)
     const int stage = tile % 2;
     const T* qt = qs + stage * kStage;
     const T* gt = gs + stage * kStage;
-    const float2* column_factors =
-        reinterpret_cast<const float2*>(factors + stage * kFactors);
-    const float* shifts = factors + stage * kFactors + 2 * kTile;
+    const float* shifts = factors + stage * kFactors;
     if (tile + 1 < tiles) {
       load_queries(1 - stage, i0 + kTile);
       warp::cp_async_commit();
@@ -877,10 +902,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int c = 0; c < kTile / kC; ++c) {
       const T* qc = qt + kC * c * ld;
       const T* gc = gt + kC * c * ld;
-      float st[kM][kC / 8][4], dxt[kM][kC / 8][4];  // S^T + beta, G^T - dl / rs
+      float st[kM][kC / 8][4], dxt[kM][kC / 8][4];  // S^T + beta, G'^T - a dl
       fill(st, p.vertex.beta);
 #pragma unroll
-      for (int n = 0; n < kC / 8; ++n) {  // G^T - dl / rs
+      for (int n = 0; n < kC / 8; ++n) {  // G'^T - a dl
         const float4 shift = *reinterpret_cast<const float4*>(
             shifts + 4 * ((kC * c + 8 * n) / 2 + quad));
 #pragma unroll
@@ -893,7 +918,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       if constexpr (kHoldKeys) {
         warp::mma_abt<T, kDim, kC, ld>(st, kf, qc, lane);   // S^T
-        warp::mma_abt<T, kDim, kC, ld>(dxt, vf, gc, lane);  // G^T
+        warp::mma_abt<T, kDim, kC, ld>(dxt, vf, gc, lane);  // G'^T
       } else {
         warp::mma_abt_rows<T, kDim, kC, ld>(st, ks + warp_row * ld, qc, lane);
         warp::mma_abt_rows<T, kDim, kC, ld>(dxt, vs + warp_row * ld, gc, lane);
@@ -906,10 +931,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int f = 0; f < kM; ++f) {
             const float s = st[f][n][i];
-            const float2 factor = column_factors[col];  // a rs, a rs gamma
-            const float t = factor.x * s;
-            float weight = t * s + factor.y;  // P^T
-            float dx = dxt[f][n][i] * t;      // dX^T / 2
+            float weight = s * s + p.vertex.gamma;  // P'^T
+            float dx = dxt[f][n][i] * s;            // dX^T / 2
             if constexpr (kMode != MaskMode::kAttnMask && kElementwise) {
               // the causal diagonal
               if (j0 + warp_row + 16 * f + g + 8 * (i / 2) > i0 + col) {
@@ -929,7 +952,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], st[f]);
       if constexpr (kMode == MaskMode::kAttnMask) mask_pairs<kC>(af, masks);
-      warp::mma_ab<T, kC, kDim, ld>(dv, af, gc, lane);  // dV += P^T gY
+      warp::mma_ab<T, kC, kDim, ld>(dv, af, gc, lane);  // dV += P'^T gY'
 #pragma unroll
       for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], dxt[f]);
       if constexpr (kMode == MaskMode::kAttnMask) mask_pairs<kC>(af, masks);
@@ -957,10 +980,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t j = row0 + g + 8 * r;
-      keep[r] =
-          kMode == MaskMode::kNoPadding || j >= p.keys || p.mask.key_valid(b, j)
-              ? 1.f
-              : 0.f;
+      keep[r] = j >= p.keys || p.mask.key_valid(b, j) ? 1.f : 0.f;
       keep_dk[r] = 2.f * keep[r];
     }
     store_rows<T, kDim>(grad_k + bh * p.keys * p.d, dk[f], row0, p.keys, p.d,
@@ -970,8 +990,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Query side. Padded keys and the key tail load as zero K and V rows, so
-// their dX (= -dl f'(0), finite) meets a zero row of K in dQ += dX K.
+// Query side. Padded keys and the key tail are zero K and V rows
+// (zero_padded_keys, RowCopies), so their dX (= -dl f'(0), finite) meets a
+// zero row of K in dQ += dX K.
 template <typename T, int kDim, MaskMode kMode>
 __global__ void __launch_bounds__(kThreads)
     direct_backward_q_mma_kernel(MmaArgs<T> p, T* grad_q) {
@@ -990,34 +1011,33 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t key_end = p.mask.key_limit(i0 + kRows, p.keys);
   const int tiles = static_cast<int>((key_end + kTile - 1) / kTile);
 
-  KeyCopies<kDim, kTile, T> keys(p.k, p.v, b, h, 0, p.keys, padding<kMode>(p));
+  KeyCopies<kDim, kTile, T> keys(p.k, p.v, b, h, 0, p.keys, nullptr);
   const auto load_keys = [&](int stage) {  // stage <- the next key tile
     keys.copy(ks + stage * kStage, vs + stage * kStage,
               static_cast<T*>(nullptr));
     keys.advance();
   };
   load_rows<kDim, kRows>(qs, p.q, b, h, i0, p.queries);
-  load_rows<kDim, kRows>(gs, p.grad_out, b, h, i0, p.queries);
+  load_rows<kDim, kRows>(gs, p.scaled_grad_out, b, h, i0, p.queries);
   warp::cp_async_commit();
   if (tiles > 0) load_keys(0);
   warp::cp_async_commit();
-  // dX = (rs G - dl) f'(x) = (2 a rs G - 2 a dl) s with s = x + beta (the
-  // vertex form, S's start): per row (16 f + g + 8 r of this warp) 2 a rs
-  // and 2 a dl, one multiply-add and one multiply an element.
-  float rs2a[kM][2], dl2a[kM][2];
+  // dX = (rs G - dl) f'(x) = 2 (a rs G - a dl) s with s = x + beta (the
+  // vertex form, S's start), and a rs G = G' = gY' V^T (gY' = a rs gY, as
+  // the key side's): G' accumulated from the row's shift -a dl gives dX / 2
+  // = G' s, one multiply an element; the 2 goes to dQ's store. Per row
+  // (16 f + g + 8 r of this warp) its shift, 0 past the queries.
+  float shift[kM][2];
 #pragma unroll
   for (int f = 0; f < kM; ++f) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t row = i0 + warp_row + 16 * f + g + 8 * r;
-      const bool valid = row < p.queries;
-      const float* scalars = p.scalars + 2 * (bh * p.queries + row);
-      rs2a[f][r] = valid ? 2.f * p.vertex.a * scalars[0] : 0.f;
-      dl2a[f][r] = valid ? 2.f * p.vertex.a * scalars[1] : 0.f;
+      shift[f][r] = row < p.queries ? p.shifts[bh * p.queries + row] : 0.f;
     }
   }
 
-  warp::cp_async_wait<1>();  // Q and gY have landed
+  warp::cp_async_wait<1>();  // Q and gY' have landed
   __syncthreads();
   uint32_t qf[kM][kDim / 16][4], gf[kM][kDim / 16][4];
   warp::load_a<kDim, ld>(qf, qs + warp_row * ld, lane);
@@ -1050,8 +1070,14 @@ __global__ void __launch_bounds__(kThreads)
     for (int c = 0; c < kTile / kC; ++c) {
       const T* kc = ks + stage * kStage + kC * c * ld;
       const T* vc = vs + stage * kStage + kC * c * ld;
-      float s[kM][kC / 8][4], dx[kM][kC / 8][4] = {};  // S + beta, G
+      float s[kM][kC / 8][4], dx[kM][kC / 8][4];  // S + beta, G' - a dl
       fill(s, p.vertex.beta);
+#pragma unroll
+      for (int f = 0; f < kM; ++f)
+#pragma unroll
+        for (int n = 0; n < kC / 8; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) dx[f][n][i] = shift[f][i / 2];
       warp::mma_abt<T, kDim, kC, ld>(s, qf, kc, lane);
       warp::mma_abt<T, kDim, kC, ld>(dx, gf, vc, lane);
 #pragma unroll
@@ -1061,7 +1087,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const int r = i / 2;
-            float value = (rs2a[f][r] * dx[f][n][i] - dl2a[f][r]) * s[f][n][i];
+            float value = dx[f][n][i] * s[f][n][i];  // dX / 2
             if constexpr (kMode != MaskMode::kAttnMask && kElementwise) {
               // the causal diagonal
               const int64_t row = i0 + warp_row + 16 * f + g + 8 * r;
@@ -1085,12 +1111,12 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // every warp is done with this stage before its refill
   };
   walk_key_tiles<kMode, kRows, kTile>(p, i0, tiles, step);
-  warp::cp_async_wait<0>();  // no copy outlives the block (keys == 0)
-  const float one[2] = {1.f, 1.f};
+  warp::cp_async_wait<0>();         // no copy outlives the block (keys == 0)
+  const float two[2] = {2.f, 2.f};  // dq holds dQ / 2
 #pragma unroll
   for (int f = 0; f < kM; ++f)
     store_rows<T, kDim>(grad_q + bh * p.queries * p.d, dq[f],
-                        i0 + warp_row + 16 * f, p.queries, p.d, one, lane);
+                        i0 + warp_row + 16 * f, p.queries, p.d, two, lane);
 }
 
 template <typename T, int kDim, MaskMode kMode>
@@ -1115,12 +1141,9 @@ template <typename T, int kDim>
 void launch_mma_backward(const MmaArgs<T>& args, MaskMode mode, int64_t bh,
                          T* grad_q, T* grad_k, T* grad_v) {
   switch (mode) {
-    case MaskMode::kNoPadding:
-      return launch_mma_backward<T, kDim, MaskMode::kNoPadding>(
-          args, bh, grad_q, grad_k, grad_v);
-    case MaskMode::kKeyPadding:
-      return launch_mma_backward<T, kDim, MaskMode::kKeyPadding>(
-          args, bh, grad_q, grad_k, grad_v);
+    case MaskMode::kKeyMask:
+      return launch_mma_backward<T, kDim, MaskMode::kKeyMask>(args, bh, grad_q,
+                                                              grad_k, grad_v);
     case MaskMode::kAttnMask:
       return launch_mma_backward<T, kDim, MaskMode::kAttnMask>(args, bh, grad_q,
                                                                grad_k, grad_v);
@@ -1138,13 +1161,20 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
   const at::Tensor qr = cp_async_rows(q), kr = cp_async_rows(k),
                    vr = cp_async_rows(v);
   MmaArgs<T> args = mma_args<T>(qr, kr, vr, d, e, mask, f);
-  const at::Tensor g = cp_async_rows(grad_out);
-  args.grad_out = token_rows<T>(g, e);
-  args.scalars = scalars.data_ptr<float>();
-  const at::Tensor rs = scalars.select(-1, 0), dl = scalars.select(-1, 1);
-  const at::Tensor key_side_scalars =
-      at::stack({rs, at::where(rs != 0, -dl / rs, at::zeros_like(rs))}, -1);
-  args.key_side_scalars = key_side_scalars.data_ptr<float>();
+  // gY' = a rs gY, a float product rounded to T once into rows of whole
+  // 16-byte copies (zero columns after e, as cp_async_rows pads), and the
+  // shifts -a dl.
+  const double a = args.vertex.a;
+  const int64_t width = (e + 7) / 8 * 8;
+  std::vector<int64_t> shape = grad_out.sizes().vec();
+  shape.back() = width;
+  const at::Tensor scaled_grad_out = width == e ? at::empty(shape, q.options())
+                                                : at::zeros(shape, q.options());
+  at::Tensor scaled_rows = scaled_grad_out.narrow(-1, 0, e);
+  at::mul_out(scaled_rows, grad_out, (a * scalars.select(-1, 0)).unsqueeze(-1));
+  const at::Tensor shifts = (-a * scalars.select(-1, 1)).contiguous();
+  args.scaled_grad_out = token_rows<T>(scaled_grad_out, e);
+  args.shifts = shifts.data_ptr<float>();
   at::Tensor allowed, allowed_by_key;
   if (mode == MaskMode::kAttnMask) {
     args.allowed = allowed_bits(mask, q, q.size(2), k.size(2), false, allowed);
@@ -1386,16 +1416,16 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          attn_mask, causal, output_scale);
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
-  const MaskMode mode = mask_mode(key_padding_mask, attn_mask);
+  const MaskMode mode = mask_mode(attn_mask);
   if (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) {
-    const bool zero = mode == MaskMode::kAttnMask;
-    const at::Tensor keys = zero ? zero_padded_keys(k, key_padding_mask) : k,
-                     values = zero ? zero_padded_keys(v, key_padding_mask) : v;
+    const at::Tensor keys = zero_padded_keys(k, key_padding_mask),
+                     values = zero_padded_keys(v, key_padding_mask);
     if (q.scalar_type() == at::kHalf) {
-      mma_forward<__half>(q, keys, values, mask, mode, sigma, f, out, den);
+      mma_forward<__half>(q, keys, values, mask, mode, key_padding_mask, sigma,
+                          f, out, den);
     } else {
-      mma_forward<__nv_bfloat16>(q, keys, values, mask, mode, sigma, f, out,
-                                 den);
+      mma_forward<__nv_bfloat16>(q, keys, values, mask, mode, key_padding_mask,
+                                 sigma, f, out, den);
     }
     return {out, den};
   }
@@ -1444,10 +1474,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   if ((q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) &&
       vertex_form(f)) {
-    const MaskMode mode = mask_mode(key_padding_mask, attn_mask);
-    const bool zero = mode == MaskMode::kAttnMask;
-    const at::Tensor keys = zero ? zero_padded_keys(k, key_padding_mask) : k,
-                     values = zero ? zero_padded_keys(v, key_padding_mask) : v;
+    const MaskMode mode = mask_mode(attn_mask);
+    const at::Tensor keys = zero_padded_keys(k, key_padding_mask),
+                     values = zero_padded_keys(v, key_padding_mask);
     if (q.scalar_type() == at::kHalf) {
       mma_backward<__half>(grad_out, q, keys, values, scalars, mask, mode, f,
                            grad_q, grad_k, grad_v);

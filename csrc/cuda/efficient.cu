@@ -1067,9 +1067,10 @@ __global__ void __launch_bounds__(kThreads)
   OperandStream<T, kDim> stream(p.operand + bh * Blocks::kRows * width,
                                 qs + kQueries * width);
   if constexpr (kGradient) {  // padded keys as zero rows
-    load_key_rows<kDim, kQueries>(
-        qs, static_cast<T*>(nullptr), static_cast<T*>(nullptr), p.q, p.q, b, h,
-        i0, p.tokens, p.mask.key_padding != nullptr ? &p.mask : nullptr);
+    KeyCopies<kDim, kQueries, T>(
+        p.q, p.q, b, h, i0, p.tokens,
+        p.mask.key_padding != nullptr ? &p.mask : nullptr)
+        .copy_keys(qs);
   } else {
     load_rows<kDim, kQueries>(qs, p.q, b, h, i0, p.tokens);
   }
