@@ -548,6 +548,38 @@ __device__ __forceinline__ void store_rows(T* dst,
   }
 }
 
+// Blocks of 256 threads for the grid-stride elementwise kernels: eight per
+// multiprocessor keep the memory system busy.
+inline int64_t grid_stride_blocks() {
+  return 8 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+// The backward's dz rows from gY (read through its strides) and the row
+// scalars (rs, dl) (B H, M, 2), times `factor` and the head's dz_scale (null:
+// 1): y = factor dz_scale rs gY into the first cols of rows of y_ld elements
+// (B H, M, y_ld), and, unless w is null, w = -dz_scale dl (B H, w_stride).
+// Each rounded to T once. count = B H M cols.
+template <typename T>
+__global__ void dz_rows_kernel(TokenRows<T> grad_out, const float* scalars,
+                               float factor, const float* dz_scale,
+                               int64_t heads, int64_t tokens, int64_t y_ld,
+                               int64_t w_stride, int64_t count, T* y, T* w) {
+  const int cols = grad_out.cols;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int col = static_cast<int>(i % cols);
+    const int64_t row = i / cols, t = row % tokens, bh = row / tokens;
+    const float* s = scalars + 2 * row;
+    const float scale = dz_scale != nullptr ? dz_scale[bh] : 1.f;
+    y[row * y_ld + col] =
+        Num<T>::narrow(factor * scale * s[0] *
+                       Num<T>::widen(grad_out.row(bh / heads, bh % heads,
+                                                  t)[col * grad_out.stride_c]));
+    if (w != nullptr && col == 0)
+      w[bh * w_stride + t] = Num<T>::narrow(-scale * s[1]);
+  }
+}
+
 // Per-row values as a (B, H, M) view with arbitrary (possibly zero) strides.
 template <typename Acc>
 struct RowValues {

@@ -1170,8 +1170,14 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
   shape.back() = width;
   const at::Tensor scaled_grad_out = width == e ? at::empty(shape, q.options())
                                                 : at::zeros(shape, q.options());
-  at::Tensor scaled_rows = scaled_grad_out.narrow(-1, 0, e);
-  at::mul_out(scaled_rows, grad_out, (a * scalars.select(-1, 0)).unsqueeze(-1));
+  const int64_t count = grad_out.numel();
+  dz_rows_kernel<T>
+      <<<std::min<int64_t>((count + 255) / 256, grid_stride_blocks()), 256, 0,
+         at::cuda::getCurrentCUDAStream()>>>(
+          token_rows<T>(grad_out, e), scalars.data_ptr<float>(),
+          static_cast<float>(a), nullptr, q.size(1), q.size(2), width, 0, count,
+          reinterpret_cast<T*>(scaled_grad_out.data_ptr()), nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor shifts = (-a * scalars.select(-1, 1)).contiguous();
   args.scaled_grad_out = token_rows<T>(scaled_grad_out, e);
   args.shifts = shifts.data_ptr<float>();

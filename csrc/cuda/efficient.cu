@@ -549,12 +549,6 @@ EfficientArgs<T, Acc> make_args(const at::Tensor& x, const at::Tensor& y,
   return args;
 }
 
-// Blocks of 256 threads for the grid-stride elementwise kernels: eight per
-// multiprocessor keep the memory system busy.
-int64_t grid_stride_blocks() {
-  return 8 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-}
-
 // ---------------------------------------------------------------------------
 // float16/bfloat16 with d = e = kDim in {16, 32, 64, 128}: register-resident
 // kernels on mma.sync (warp.cuh), in place of the shared-memory ones above.
@@ -1467,29 +1461,6 @@ __global__ void finalize_dstate_mma_kernel(const float* partial, int64_t splits,
   }
 }
 
-// The query side's dz rows, times the head's dz_scale (null: 1): y = rs gY
-// (B H, M, cols) and w = -dl (B H, w_stride, zero-padded), from the row
-// scalars (rs, dl); gY is read through its strides.
-template <typename T>
-__global__ void dz_rows_kernel(TokenRows<T> grad_out, const float* scalars,
-                               const float* dz_scale, int64_t heads,
-                               int64_t tokens, int64_t w_stride, int64_t count,
-                               T* y, T* w) {
-  const int cols = grad_out.cols;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int col = static_cast<int>(i % cols);
-    const int64_t row = i / cols, t = row % tokens, bh = row / tokens;
-    const float* s = scalars + 2 * row;
-    const float scale = dz_scale != nullptr ? dz_scale[bh] : 1.f;
-    y[i] =
-        Num<T>::narrow(scale * s[0] *
-                       Num<T>::widen(grad_out.row(bh / heads, bh % heads,
-                                                  t)[col * grad_out.stride_c]));
-    if (col == 0) w[bh * w_stride + t] = Num<T>::narrow(-scale * s[1]);
-  }
-}
-
 // Runs state_reduce_mma_kernel over `tokens`; returns the partial sums
 // (`out` itself when there is one split) and the number of splits.
 template <typename T, int kDim, bool kQuery>
@@ -1723,8 +1694,8 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
   dz_rows_kernel<T>
       <<<std::min<int64_t>((count + 255) / 256, grid_stride_blocks()), 256, 0,
          stream>>>(token_rows<T>(grad_out, kDim), scalars.data_ptr<float>(),
-                   data(dz_scale), q.size(1), queries, w_stride, count,
-                   reinterpret_cast<T*>(y.data_ptr()),
+                   1.f, data(dz_scale), q.size(1), queries, kDim, w_stride,
+                   count, reinterpret_cast<T*>(y.data_ptr()),
                    reinterpret_cast<T*>(w.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   StateMmaArgs<T> args{};
