@@ -75,13 +75,12 @@ EFFICIENT_PRODUCT = N_EFFICIENT * F * (D + 1) * BH
 # register-resident kernels where the build has them, else main's shared-memory ones (which stay
 # for other dtypes and head dims).
 BF16 = "__nv_bfloat16"
-WORK = {
+# The register-resident kernels, and main's shared-memory ones, which run only where a pass has
+# no register-resident kernel.
+RESIDENT_WORK = {
     f"direct_forward_mma_kernel<{BF16}, {D}, kKeyMask, true>": ("direct fwd", 2 * DIRECT_PRODUCT),
     f"direct_backward_kv_mma_kernel<{BF16}, {D}, kKeyMask>": ("direct bwd", 4 * DIRECT_PRODUCT),
     f"direct_backward_q_mma_kernel<{BF16}, {D}, kKeyMask>": ("direct bwd", 3 * DIRECT_PRODUCT),
-    f"direct_forward_kernel<{BF16}, float>": ("direct fwd", 2 * DIRECT_PRODUCT),
-    f"direct_backward_kv_kernel<{BF16}, float>": ("direct bwd", 4 * DIRECT_PRODUCT),
-    f"direct_backward_q_kernel<{BF16}, float>": ("direct bwd", 3 * DIRECT_PRODUCT),
     f"state_reduce_mma_kernel<{BF16}, {D}, false, false>": ("efficient fwd", EFFICIENT_PRODUCT),
     f"efficient_apply_mma_kernel<{BF16}, {D}, kAttention>": ("efficient fwd", EFFICIENT_PRODUCT),
     f"state_reduce_mma_kernel<{BF16}, {D}, true, false>": ("efficient bwd", EFFICIENT_PRODUCT),
@@ -91,12 +90,18 @@ WORK = {
         "efficient bwd",
         EFFICIENT_PRODUCT,
     ),
+}
+SHARED_MEMORY_WORK = {
+    f"direct_forward_kernel<{BF16}, float>": ("direct fwd", 2 * DIRECT_PRODUCT),
+    f"direct_backward_kv_kernel<{BF16}, float>": ("direct bwd", 4 * DIRECT_PRODUCT),
+    f"direct_backward_q_kernel<{BF16}, float>": ("direct bwd", 3 * DIRECT_PRODUCT),
     f"feature_reduce_kernel<{BF16}, float, true>": ("efficient bwd", EFFICIENT_PRODUCT),
     f"feature_reduce_kernel<{BF16}, float, false>": ("efficient fwd", EFFICIENT_PRODUCT),
     f"efficient_apply_kernel<{BF16}, float>": ("efficient fwd", EFFICIENT_PRODUCT),
     f"efficient_backward_kv_kernel<{BF16}, float>": ("efficient bwd", 2 * EFFICIENT_PRODUCT),
     f"efficient_backward_q_kernel<{BF16}, float>": ("efficient bwd", 2 * EFFICIENT_PRODUCT),
 }
+WORK = RESIDENT_WORK | SHARED_MEMORY_WORK
 
 
 # Executed HMMA per counted HMMA of the register-resident efficient kernels at d = e = D (per 16
@@ -128,18 +133,6 @@ PADDING = {
     f"efficient_dx_tiles_kernel<{BF16}, {D}>": ((D + 2) * NB * (D // 8)) / COUNTED_HMMA,
 }
 
-# main's shared-memory kernels, which run only where a pass has no register-resident kernel.
-SHARED_MEMORY_KERNELS = {
-    f"direct_forward_kernel<{BF16}, float>",
-    f"direct_backward_kv_kernel<{BF16}, float>",
-    f"direct_backward_q_kernel<{BF16}, float>",
-    f"feature_reduce_kernel<{BF16}, float, true>",
-    f"feature_reduce_kernel<{BF16}, float, false>",
-    f"efficient_apply_kernel<{BF16}, float>",
-    f"efficient_backward_kv_kernel<{BF16}, float>",
-    f"efficient_backward_q_kernel<{BF16}, float>",
-}
-
 
 def kernels_run(names: set[str]) -> set[str]:
     """The WORK kernels a pass runs: a pass with any register-resident kernel in the build runs
@@ -147,7 +140,7 @@ def kernels_run(names: set[str]) -> set[str]:
     run = set()
     for group in {g for g, _ in WORK.values()}:
         members = [n for n, (g, _) in WORK.items() if g == group and n in names]
-        resident = [n for n in members if n not in SHARED_MEMORY_KERNELS]
+        resident = [n for n in members if n in RESIDENT_WORK]
         run.update(resident or members)
     return run
 
