@@ -108,16 +108,16 @@ struct Polynomial {
     return out;
   }
 
-  // The same polynomial as one of order kMaxOrder: leading zero
+  // The same polynomial as one of order `to` >= order: leading zero
   // coefficients, which Horner's rule passes exactly for finite x (0 x + 0 =
-  // 0, then 0 x + c_k = c_k), so a loop of kMaxOrder steps without exits
-  // gives the same value.
-  TS_HOST_DEVICE Polynomial padded() const {
+  // 0, then 0 x + c_k = c_k), so a loop of `to` steps without exits gives
+  // the same value.
+  TS_HOST_DEVICE Polynomial padded(int to) const {
     Polynomial out;
-    out.order = kMaxOrder;
+    out.order = to;
     for (int n = 0; n <= kMaxOrder; ++n)
       out.coefficient[n] =
-          n < kMaxOrder - order ? T(0) : coefficient[n - (kMaxOrder - order)];
+          n < to - order || n > to ? T(0) : coefficient[n - (to - order)];
     return out;
   }
 };

@@ -343,17 +343,33 @@ AllowedBits allowed_bits(const Mask& mask, const at::Tensor& q, int64_t rows,
 // rounding, 2^-24 |s| in float, costs f / a an absolute 2^-23 s^2, within a
 // small factor of Horner's 2^-24 (|a| x^2 + |b x| + |c|) / |a|, and f / a
 // stays within 2^6 of f, so it fits in float16 where f does. Other
-// coefficients and orders take Horner's rule over kMaxOrder steps, f padded
-// with leading zeros (Polynomial::padded): exact, and without the exits of a
-// run-time order, which in these loops cost 2 to 2.5 times the instructions
-// per HMMA (sm_90, bf16, benchmarks/sass_report.py: d = 16 39.5 -> 16.6,
-// d = 64 14.1 -> 7.5). So the forward is compiled for both and the
-// coefficients pick one at launch; the backward mma kernels take the vertex
-// form only (other polynomials run the shared-memory kernels,
+// coefficients and orders take Horner's rule, one multiply-add per order,
+// over a compile-time number of steps: f padded with leading zeros
+// (Polynomial::padded) to the smallest of kHornerOrders at or above its own
+// order, exact, and without the exits of a run-time order, which in these
+// loops cost 2 to 2.5 times the instructions per HMMA (sm_90, bf16,
+// benchmarks/sass_report.py: d = 16 39.5 -> 16.6, d = 64 14.1 -> 7.5). So
+// the forward is compiled for the vertex form and each Horner order, and
+// the coefficients pick one at launch; the backward mma kernels take the
+// vertex form only (other polynomials run the shared-memory kernels,
 // direct_backward_cuda).
 struct VertexForm {
   float a, beta, gamma;
 };
+
+// The forward's compiled Horner orders: order 1 (linear attention) as is,
+// 2 to 4 (Taylor orders 3 and 4, order 2 outside the vertex form) padded to
+// 4, the rest to kMaxOrder. Each costs its order in multiply-adds an
+// element, which at d = 16 outweigh the element's share of the products
+// (sass_report.py: order 1 as the vertex form, 8 three times its
+// instructions per HMMA).
+constexpr int kHornerOrders[] = {1, 4, kMaxOrder};
+
+int horner_order(int order) {
+  for (const int compiled : kHornerOrders)
+    if (order <= compiled) return compiled;
+  TORCH_CHECK(false, "taylorshift: order ", order, " above ", kMaxOrder);
+}
 
 // f's vertex form where the mma kernels may take it (above), else nullopt.
 inline std::optional<VertexForm> vertex_form(const Coefficients& f) {
@@ -367,15 +383,16 @@ inline std::optional<VertexForm> vertex_form(const Coefficients& f) {
                     static_cast<float>(gamma)};
 }
 
-// Element i of an n8 tile of S, where kVertex starts it at beta: the weight
-// f(x) / a in vertex form, else f(x) by Horner's rule.
-template <bool kVertex>
+// Element i of an n8 tile of S, where kHorner == 0 (the vertex form) starts
+// it at beta: the weight f(x) / a in vertex form, else f(x) by Horner's rule
+// of order kHorner (f padded to it, mma_args).
+template <int kHorner>
 __device__ __forceinline__ float mma_weight(float s, const VertexForm& vertex,
                                             const Polynomial<float>& f) {
-  if constexpr (kVertex) {
+  if constexpr (kHorner == 0) {
     return s * s + vertex.gamma;
-  } else {  // f padded to kMaxOrder (mma_args)
-    return taylor_weight(s, f, std::integral_constant<int, kMaxOrder>());
+  } else {
+    return taylor_weight(s, f, std::integral_constant<int, kHorner>());
   }
 }
 
@@ -493,7 +510,9 @@ constexpr size_t mma_forward_smem() {
          2 * tile_rows<kDim>() * 2;
 }
 
-template <typename T, int kDim, MaskMode kMode, bool kVertex>
+// kHorner: 0 for f's vertex form, else the order of Horner's rule
+// (kHornerOrders).
+template <typename T, int kDim, MaskMode kMode, int kHorner>
 __global__ void __launch_bounds__(kThreads)
     direct_forward_mma_kernel(MmaArgs<T> p, T* out, float* den) {
   constexpr int kM = row_fragments<kDim>(), kRows = block_rows<kDim>();
@@ -537,12 +556,12 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   uint32_t qf[kM][kDim / 16][4];  // A fragments of this warp's query rows
   warp::load_a<kDim, ld>(qf, qs + warp_row * ld, lane);
-  // O and the row sums W m of W = f(S) (f / a with kVertex), n8 tiles in the
+  // O and the row sums W m of W = f(S) (f / a in vertex form), n8 tiles in the
   // C layout; every column of W m holds the sums of rows g ([0], [1]) and
   // g + 8 ([2], [3])
   float o[kM][kDim / 8][4] = {};
   float row_sum[kM][4] = {};
-  const float s_start = kVertex ? p.vertex.beta : 0.f;
+  const float s_start = kHorner == 0 ? p.vertex.beta : 0.f;
   const uint32_t* mask_words =
       kMode == MaskMode::kAttnMask
           ? p.allowed.lane_words(b, h, i0 + warp_row, lane)
@@ -581,7 +600,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int n = 0; n < kC / 8; ++n) {
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            float w = mma_weight<kVertex>(s[f][n][i], p.vertex, p.f);
+            float w = mma_weight<kHorner>(s[f][n][i], p.vertex, p.f);
             if constexpr (kMode != MaskMode::kAttnMask &&
                           kElementwise) {  // the causal diagonal
               const int64_t row = i0 + warp_row + 16 * f + g + 8 * (i / 2);
@@ -619,11 +638,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t row = row0 + g + 8 * r;
-      const float sum = row_sum[f][2 * r];  // den / a with kVertex
+      const float sum = row_sum[f][2 * r];  // den / a in vertex form
       scale[r] =
           row < p.queries ? p.sigma.at(b, h, row) * safe_reciprocal(sum) : 0.f;
       if (quad == 0 && row < p.queries)
-        den[bh * p.queries + row] = kVertex ? p.vertex.a * sum : sum;
+        den[bh * p.queries + row] = kHorner == 0 ? p.vertex.a * sum : sum;
     }
     store_rows<T, kDim>(out + bh * p.queries * p.e, o[f], row0, p.queries, p.e,
                         scale, lane);
@@ -644,7 +663,7 @@ MmaArgs<T> mma_args(const at::Tensor& q, const at::Tensor& k,
   args.d = static_cast<int>(d);
   args.e = static_cast<int>(e);
   args.mask = mask;
-  args.f = f.cast<float>().padded();
+  args.f = f.cast<float>().padded(horner_order(f.order));
   if (const auto vertex = vertex_form(f)) args.vertex = *vertex;
   return args;
 }
@@ -653,9 +672,12 @@ MmaArgs<T> mma_args(const at::Tensor& q, const at::Tensor& k,
 template <typename T, int kDim, MaskMode kMode>
 void launch_mma_forward(const MmaArgs<T>& args, int64_t bh, T* out,
                         float* den) {
-  const auto kernel = args.vertex.a != 0
-                          ? direct_forward_mma_kernel<T, kDim, kMode, true>
-                          : direct_forward_mma_kernel<T, kDim, kMode, false>;
+  const auto kernel =
+      args.vertex.a != 0  ? direct_forward_mma_kernel<T, kDim, kMode, 0>
+      : args.f.order == 1 ? direct_forward_mma_kernel<T, kDim, kMode, 1>
+      : args.f.order == 4
+          ? direct_forward_mma_kernel<T, kDim, kMode, 4>
+          : direct_forward_mma_kernel<T, kDim, kMode, kMaxOrder>;
   constexpr size_t bytes = mma_forward_smem<kDim>();
   allow_shared_memory(kernel, bytes);
   const dim3 grid((args.queries + block_rows<kDim>() - 1) / block_rows<kDim>(),
