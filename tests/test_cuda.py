@@ -72,6 +72,13 @@ def make_masks(case, batch, heads, queries, keys, device=DEVICE, seed=1):
         # Expanded over batch and heads (stride 0), as users pass broadcast masks.
         attn_mask = (torch.rand(1, 1, queries, keys, generator=gen) < 0.3).to(device)
         attn_mask = attn_mask.expand(batch, heads, queries, keys)
+    if case == "blocks":
+        # Key block <= query block in 64 x 64 blocks, with holes in queries 64..79 x keys 0..63:
+        # per warp and 64-column tile, every element masked, every one allowed, or mixed.
+        i, j = torch.arange(queries)[:, None], torch.arange(keys)[None, :]
+        attn_mask = j // 64 > i // 64
+        attn_mask[64:80, :64] |= torch.rand(16, min(keys, 64), generator=gen) < 0.5
+        attn_mask = attn_mask.to(device).expand(batch, heads, queries, keys)
     if case in ("per_head", "per_head_all"):
         # A different mask for every batch row and head, read through a transposed view.
         attn_mask = (torch.rand(batch, heads, keys, queries, generator=gen) < 0.3).to(device)
@@ -287,6 +294,17 @@ def test_direct_causal_blocks_past_the_diagonal(d, mask_case):
 )
 def test_direct_attn_mask_per_batch_row_and_head(dtype, d, mask_case):
     check_operator("direct", dtype, d, mask_case, shape=(2, 2, 140, 130))
+
+
+# A warp skips the products of a tile whose elements the attn_mask all masks for its rows, and
+# takes those of a tile it all allows without the per-element masks (direct.cu, tile_cover); only
+# mixed tiles test each element. The "blocks" mask has tiles of all three kinds in both the
+# query-side and the key-side orientation, the 130 keys' tail tile mixed.
+@pytest.mark.parametrize(
+    "dtype,d", [(torch.bfloat16, 16), (torch.float16, 64), (torch.bfloat16, 128)], ids=str
+)
+def test_direct_attn_mask_whole_tiles_skipped_or_unmasked(dtype, d):
+    check_operator("direct", dtype, d, "blocks", shape=(1, 2, 140, 130))
 
 
 @pytest.mark.parametrize("mode", ("direct", "efficient"))

@@ -194,8 +194,10 @@ TS_HOST_DEVICE constexpr int block_rows() {
 //   row adding nothing. So no main loop reads a padding flag. A causal mask
 //   needs a per-element test only on the one tile that holds the diagonal,
 //   which runs outside the main loop.
-// - kAttnMask: an explicit attn_mask, tested per element in every tile
-//   (AllowedBits, with the key padding and causality folded in), padded keys
+// - kAttnMask: an explicit attn_mask, tested per element in the tiles that
+//   mix allowed and masked elements for a warp's rows (AllowedBits, with the
+//   key padding and causality folded in; tile_cover: the others run
+//   unmasked, or not at all where all are masked), padded keys
 //   zeroed as above, and the row sums take every key with weight 1 (the
 //   masked W of a padded key or the key tail is 0).
 enum class MaskMode { kKeyMask, kAttnMask };
@@ -481,6 +483,49 @@ __device__ __forceinline__ void mask_pairs(
       for (int j = 0; j < 4; ++j) a[f][kk][j] &= masks[f][kk][j];
 }
 
+// How a streamed tile meets this warp's rows (kAttnMask), from the lanes'
+// words of the allowed table: no element allowed (the warp skips the tile's
+// products), every element allowed (the products without the per-element
+// masks), or mixed. A block mask, or causality or padding passed as an
+// attn_mask, leaves most tiles one of the first two. Warp-uniform (ballots).
+enum class TileCover { kNone, kAll, kMixed };
+
+template <int kM, int kGroups>
+__device__ __forceinline__ TileCover
+tile_cover(const uint32_t (&bits)[kM][kGroups]) {
+  uint32_t any = 0, all = ~0u;
+#pragma unroll
+  for (int f = 0; f < kM; ++f)
+#pragma unroll
+    for (int w = 0; w < kGroups; ++w) {
+      any |= bits[f][w];
+      all &= bits[f][w];
+    }
+  if (__ballot_sync(0xffffffffu, any != 0) == 0) return TileCover::kNone;
+  return __ballot_sync(0xffffffffu, all != ~0u) == 0 ? TileCover::kAll
+                                                     : TileCover::kMixed;
+}
+
+// A tile's products, products(masked) with masked a std::bool_constant
+// telling whether they mask each element by `bits`: with kAttnMask by the
+// tile's cover (tile_cover; none: no products), otherwise unmasked.
+template <MaskMode kMode, int kM, int kGroups, typename Products>
+__device__ __forceinline__ void tile_products(
+    const uint32_t (&bits)[kM][kGroups], const Products& products) {
+  if constexpr (kMode == MaskMode::kAttnMask) {
+    switch (tile_cover(bits)) {
+      case TileCover::kNone:
+        return;
+      case TileCover::kAll:
+        return products(std::false_type());
+      case TileCover::kMixed:
+        return products(std::true_type());
+    }
+  } else {
+    products(std::false_type());
+  }
+}
+
 // Runs step(tile, elementwise) over the `tiles` key tiles of the query block
 // [i0, i0 + kRows), elementwise a std::bool_constant telling whether the tile
 // tests the mask per element. With causal and no attn_mask, every key of the
@@ -569,8 +614,8 @@ __global__ void __launch_bounds__(kThreads)
 
   // One key tile, kC keys at a time. Element i of n8 tile n of fragment f's
   // S over keys kC c .. kC c + kC - 1 is (row 16 f + g + 8 (i / 2), key
-  // kC c + 8 n + 2 quad + i % 2). Only kElementwise tiles test the mask per
-  // element: every tile with an attn_mask, otherwise the causal diagonal only.
+  // kC c + 8 n + 2 quad + i % 2). Without an attn_mask only kElementwise
+  // tiles, the causal diagonal's, test the mask per element.
   const auto step = [&](int tile, auto elementwise) {
     constexpr bool kElementwise = decltype(elementwise)::value;
     const int stage = tile % 2;
@@ -589,43 +634,46 @@ __global__ void __launch_bounds__(kThreads)
     [[maybe_unused]] uint32_t bits[kM][kTile / 64];
     if constexpr (kMode == MaskMode::kAttnMask)
       load_tile_bits(bits, mask_words, p.allowed, tile);
+    tile_products<kMode>(bits, [&](auto masked) {
+      constexpr bool kMasked = decltype(masked)::value;
 #pragma unroll
-    for (int c = 0; c < kTile / kC; ++c) {
-      float s[kM][kC / 8][4];  // S = Q K^T (+ beta)
-      fill(s, s_start);
-      warp::mma_abt<T, kDim, kC, ld>(s, qf, kt + kC * c * ld, lane);
+      for (int c = 0; c < kTile / kC; ++c) {
+        float s[kM][kC / 8][4];  // S = Q K^T (+ beta)
+        fill(s, s_start);
+        warp::mma_abt<T, kDim, kC, ld>(s, qf, kt + kC * c * ld, lane);
 #pragma unroll
-      for (int f = 0; f < kM; ++f) {
+        for (int f = 0; f < kM; ++f) {
 #pragma unroll
-        for (int n = 0; n < kC / 8; ++n) {
+          for (int n = 0; n < kC / 8; ++n) {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            float w = mma_weight<kHorner>(s[f][n][i], p.vertex, p.f);
-            if constexpr (kMode != MaskMode::kAttnMask &&
-                          kElementwise) {  // the causal diagonal
-              const int64_t row = i0 + warp_row + 16 * f + g + 8 * (i / 2);
-              const int64_t j = j0 + kC * c + 8 * n + 2 * quad + i % 2;
-              if (j > row) w = 0.f;
+            for (int i = 0; i < 4; ++i) {
+              float w = mma_weight<kHorner>(s[f][n][i], p.vertex, p.f);
+              if constexpr (kMode != MaskMode::kAttnMask &&
+                            kElementwise) {  // the causal diagonal
+                const int64_t row = i0 + warp_row + 16 * f + g + 8 * (i / 2);
+                const int64_t j = j0 + kC * c + 8 * n + 2 * quad + i % 2;
+                if (j > row) w = 0.f;
+              }
+              s[f][n][i] = w;
             }
-            s[f][n][i] = w;
           }
         }
-      }
-      uint32_t wf[kM][kC / 16][4];
+        uint32_t wf[kM][kC / 16][4];
 #pragma unroll
-      for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(wf[f], s[f]);
-      if constexpr (kMode == MaskMode::kAttnMask) {
-        uint32_t masks[kM][kC / 16][4];
-        pair_masks<kC>(masks, bits, c);
-        mask_pairs<kC>(wf, masks);
+        for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(wf[f], s[f]);
+        if constexpr (kMasked) {
+          uint32_t masks[kM][kC / 16][4];
+          pair_masks<kC>(masks, bits, c);
+          mask_pairs<kC>(wf, masks);
+        }
+        warp::mma_ab<T, kC, kDim, ld>(o, wf, vt + kC * c * ld, lane);
+        if constexpr (kMode == MaskMode::kAttnMask) {
+          warp::mma_row_sums_ones<T, kC>(row_sum, wf);
+        } else {
+          warp::mma_row_sums<T, kC>(row_sum, wf, mt + kC * c, lane);
+        }
       }
-      warp::mma_ab<T, kC, kDim, ld>(o, wf, vt + kC * c * ld, lane);
-      if constexpr (kMode == MaskMode::kAttnMask) {
-        warp::mma_row_sums_ones<T, kC>(row_sum, wf);
-      } else {
-        warp::mma_row_sums<T, kC>(row_sum, wf, mt + kC * c, lane);
-      }
-    }
+    });
     __syncthreads();  // every warp is done with this stage before its refill
   };
   walk_key_tiles<kMode, kRows, kTile>(p, i0, tiles, step);
@@ -920,66 +968,69 @@ __global__ void __launch_bounds__(kThreads)
       warp::cp_async_wait<0>();
     }
     __syncthreads();
+    tile_products<kMode>(bits, [&](auto masked) {
+      constexpr bool kMasked = decltype(masked)::value;
 #pragma unroll
-    for (int c = 0; c < kTile / kC; ++c) {
-      const T* qc = qt + kC * c * ld;
-      const T* gc = gt + kC * c * ld;
-      float st[kM][kC / 8][4], dxt[kM][kC / 8][4];  // S^T + beta, G'^T - a dl
-      fill(st, p.vertex.beta);
+      for (int c = 0; c < kTile / kC; ++c) {
+        const T* qc = qt + kC * c * ld;
+        const T* gc = gt + kC * c * ld;
+        float st[kM][kC / 8][4], dxt[kM][kC / 8][4];  // S^T + beta, G'^T - a dl
+        fill(st, p.vertex.beta);
 #pragma unroll
-      for (int n = 0; n < kC / 8; ++n) {  // G'^T - a dl
-        const float4 shift = *reinterpret_cast<const float4*>(
-            shifts + 4 * ((kC * c + 8 * n) / 2 + quad));
-#pragma unroll
-        for (int f = 0; f < kM; ++f) {
-          dxt[f][n][0] = shift.x;
-          dxt[f][n][1] = shift.y;
-          dxt[f][n][2] = shift.z;
-          dxt[f][n][3] = shift.w;
-        }
-      }
-      if constexpr (kHoldKeys) {
-        warp::mma_abt<T, kDim, kC, ld>(st, kf, qc, lane);   // S^T
-        warp::mma_abt<T, kDim, kC, ld>(dxt, vf, gc, lane);  // G'^T
-      } else {
-        warp::mma_abt_rows<T, kDim, kC, ld>(st, ks + warp_row * ld, qc, lane);
-        warp::mma_abt_rows<T, kDim, kC, ld>(dxt, vs + warp_row * ld, gc, lane);
-      }
-#pragma unroll
-      for (int n = 0; n < kC / 8; ++n) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int col = kC * c + 8 * n + 2 * quad + i % 2;
+        for (int n = 0; n < kC / 8; ++n) {  // G'^T - a dl
+          const float4 shift = *reinterpret_cast<const float4*>(
+              shifts + 4 * ((kC * c + 8 * n) / 2 + quad));
 #pragma unroll
           for (int f = 0; f < kM; ++f) {
-            const float s = st[f][n][i];
-            float weight = s * s + p.vertex.gamma;  // P'^T
-            float dx = dxt[f][n][i] * s;            // dX^T / 2
-            if constexpr (kMode != MaskMode::kAttnMask && kElementwise) {
-              // the causal diagonal
-              if (j0 + warp_row + 16 * f + g + 8 * (i / 2) > i0 + col) {
-                weight = 0.f;
-                dx = 0.f;
-              }
-            }
-            st[f][n][i] = weight;
-            dxt[f][n][i] = dx;
+            dxt[f][n][0] = shift.x;
+            dxt[f][n][1] = shift.y;
+            dxt[f][n][2] = shift.z;
+            dxt[f][n][3] = shift.w;
           }
         }
+        if constexpr (kHoldKeys) {
+          warp::mma_abt<T, kDim, kC, ld>(st, kf, qc, lane);   // S^T
+          warp::mma_abt<T, kDim, kC, ld>(dxt, vf, gc, lane);  // G'^T
+        } else {
+          warp::mma_abt_rows<T, kDim, kC, ld>(st, ks + warp_row * ld, qc, lane);
+          warp::mma_abt_rows<T, kDim, kC, ld>(dxt, vs + warp_row * ld, gc,
+                                              lane);
+        }
+#pragma unroll
+        for (int n = 0; n < kC / 8; ++n) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int col = kC * c + 8 * n + 2 * quad + i % 2;
+#pragma unroll
+            for (int f = 0; f < kM; ++f) {
+              const float s = st[f][n][i];
+              float weight = s * s + p.vertex.gamma;  // P'^T
+              float dx = dxt[f][n][i] * s;            // dX^T / 2
+              if constexpr (kMode != MaskMode::kAttnMask && kElementwise) {
+                // the causal diagonal
+                if (j0 + warp_row + 16 * f + g + 8 * (i / 2) > i0 + col) {
+                  weight = 0.f;
+                  dx = 0.f;
+                }
+              }
+              st[f][n][i] = weight;
+              dxt[f][n][i] = dx;
+            }
+          }
+        }
+        uint32_t af[kM][kC / 16][4];
+        [[maybe_unused]] uint32_t masks[kM][kC / 16][4];
+        if constexpr (kMasked) pair_masks<kC>(masks, bits, c);
+#pragma unroll
+        for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], st[f]);
+        if constexpr (kMasked) mask_pairs<kC>(af, masks);
+        warp::mma_ab<T, kC, kDim, ld>(dv, af, gc, lane);  // dV += P'^T gY'
+#pragma unroll
+        for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], dxt[f]);
+        if constexpr (kMasked) mask_pairs<kC>(af, masks);
+        warp::mma_ab<T, kC, kDim, ld>(dk, af, qc, lane);  // dK += dX^T Q
       }
-      uint32_t af[kM][kC / 16][4];
-      [[maybe_unused]] uint32_t masks[kM][kC / 16][4];
-      if constexpr (kMode == MaskMode::kAttnMask)
-        pair_masks<kC>(masks, bits, c);
-#pragma unroll
-      for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], st[f]);
-      if constexpr (kMode == MaskMode::kAttnMask) mask_pairs<kC>(af, masks);
-      warp::mma_ab<T, kC, kDim, ld>(dv, af, gc, lane);  // dV += P'^T gY'
-#pragma unroll
-      for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], dxt[f]);
-      if constexpr (kMode == MaskMode::kAttnMask) mask_pairs<kC>(af, masks);
-      warp::mma_ab<T, kC, kDim, ld>(dk, af, qc, lane);  // dK += dX^T Q
-    }
+    });
     __syncthreads();  // every warp is done with this stage before its refill
   };
   // Causal without attn_mask: the query tiles before first + kBlockKeys hold
@@ -1088,48 +1139,51 @@ __global__ void __launch_bounds__(kThreads)
     [[maybe_unused]] uint32_t bits[kM][kTile / 64];
     if constexpr (kMode == MaskMode::kAttnMask)
       load_tile_bits(bits, mask_words, p.allowed, tile);
+    tile_products<kMode>(bits, [&](auto masked) {
+      constexpr bool kMasked = decltype(masked)::value;
 #pragma unroll
-    for (int c = 0; c < kTile / kC; ++c) {
-      const T* kc = ks + stage * kStage + kC * c * ld;
-      const T* vc = vs + stage * kStage + kC * c * ld;
-      float s[kM][kC / 8][4], dx[kM][kC / 8][4];  // S + beta, G' - a dl
-      fill(s, p.vertex.beta);
+      for (int c = 0; c < kTile / kC; ++c) {
+        const T* kc = ks + stage * kStage + kC * c * ld;
+        const T* vc = vs + stage * kStage + kC * c * ld;
+        float s[kM][kC / 8][4], dx[kM][kC / 8][4];  // S + beta, G' - a dl
+        fill(s, p.vertex.beta);
 #pragma unroll
-      for (int f = 0; f < kM; ++f)
+        for (int f = 0; f < kM; ++f)
 #pragma unroll
-        for (int n = 0; n < kC / 8; ++n)
+          for (int n = 0; n < kC / 8; ++n)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) dx[f][n][i] = shift[f][i / 2];
-      warp::mma_abt<T, kDim, kC, ld>(s, qf, kc, lane);
-      warp::mma_abt<T, kDim, kC, ld>(dx, gf, vc, lane);
+            for (int i = 0; i < 4; ++i) dx[f][n][i] = shift[f][i / 2];
+        warp::mma_abt<T, kDim, kC, ld>(s, qf, kc, lane);
+        warp::mma_abt<T, kDim, kC, ld>(dx, gf, vc, lane);
 #pragma unroll
-      for (int f = 0; f < kM; ++f) {
+        for (int f = 0; f < kM; ++f) {
 #pragma unroll
-        for (int n = 0; n < kC / 8; ++n) {
+          for (int n = 0; n < kC / 8; ++n) {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int r = i / 2;
-            float value = dx[f][n][i] * s[f][n][i];  // dX / 2
-            if constexpr (kMode != MaskMode::kAttnMask && kElementwise) {
-              // the causal diagonal
-              const int64_t row = i0 + warp_row + 16 * f + g + 8 * r;
-              const int64_t j = j0 + kC * c + 8 * n + 2 * quad + i % 2;
-              if (j > row) value = 0.f;
+            for (int i = 0; i < 4; ++i) {
+              const int r = i / 2;
+              float value = dx[f][n][i] * s[f][n][i];  // dX / 2
+              if constexpr (kMode != MaskMode::kAttnMask && kElementwise) {
+                // the causal diagonal
+                const int64_t row = i0 + warp_row + 16 * f + g + 8 * r;
+                const int64_t j = j0 + kC * c + 8 * n + 2 * quad + i % 2;
+                if (j > row) value = 0.f;
+              }
+              dx[f][n][i] = value;
             }
-            dx[f][n][i] = value;
           }
         }
-      }
-      uint32_t af[kM][kC / 16][4];
+        uint32_t af[kM][kC / 16][4];
 #pragma unroll
-      for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], dx[f]);
-      if constexpr (kMode == MaskMode::kAttnMask) {
-        uint32_t masks[kM][kC / 16][4];
-        pair_masks<kC>(masks, bits, c);
-        mask_pairs<kC>(af, masks);
+        for (int f = 0; f < kM; ++f) warp::to_a<T, kC>(af[f], dx[f]);
+        if constexpr (kMasked) {
+          uint32_t masks[kM][kC / 16][4];
+          pair_masks<kC>(masks, bits, c);
+          mask_pairs<kC>(af, masks);
+        }
+        warp::mma_ab<T, kC, kDim, ld>(dq, af, kc, lane);
       }
-      warp::mma_ab<T, kC, kDim, ld>(dq, af, kc, lane);
-    }
+    });
     __syncthreads();  // every warp is done with this stage before its refill
   };
   walk_key_tiles<kMode, kRows, kTile>(p, i0, tiles, step);
