@@ -22,7 +22,10 @@ widest loop that holds as many tensor-core instructions (HMMA) as any loop; its 
 counted statically, each once (nested loops once), and divided by its HMMA count. That ratio is
 the number of warp-instructions the SM's schedulers issue per tensor-core instruction. A kernel
 whose loops all unroll (no loop holds an HMMA) is counted whole,
-prologue and epilogue included, and its HMMA count is marked "whole".
+prologue and epilogue included, and its HMMA count is marked "whole". A loop that holds two
+variants of its body, one taken per pass (the direct kernels with an attn_mask: tiles without
+per-element masks and mixed tiles, direct.cu tile_products), is counted with both, so its ratio
+is their mean, and its HMMA count is twice a pass's.
 
 Model (issue 9). An SM has 4 schedulers issuing one warp-instruction per cycle each; a kernel
 whose main loop issues r instructions per m16n8k16 HMMA (2048 multiply-adds) is issue-bound at
