@@ -21,6 +21,9 @@ sys.modules.setdefault("ts_testing", sys.modules[__name__])
 
 # Every test that computes runs on each available device; results are compared on the CPU.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Under the emulation plugin (-p emulate, csrc/cuda/emulation) the CUDA kernels' code serves CPU
+# tensors, one OS thread per CUDA thread: correct but slow.
+EMULATED = not torch.cuda.is_available() and "emulate" in sys.modules
 MODES = ("direct", "efficient")
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -236,7 +236,10 @@ for case in ((torch.float16, 32, "key_padding"), (torch.bfloat16, 16, "key_paddi
 
 @pytest.mark.parametrize("dtype,d,mask_case", EFFICIENT_CASES, ids=str)
 def test_efficient_operator(dtype, d, mask_case):
-    check_operator("efficient", dtype, d, mask_case)
+    # Emulated, d = 128 (8385 features a token) took 5 to 10 minutes at two heads: one head there,
+    # the batch of two kept for its fully padded row.
+    shape = (2, 1, 70, 130) if EMULATED and d == 128 else (2, 2, 70, 130)
+    check_operator("efficient", dtype, d, mask_case, shape=shape)
 
 
 @pytest.mark.parametrize("d", (16, 32))

@@ -4,6 +4,7 @@ float32 gradients against float64 reference gradients, and gradients through the
 import pytest
 import torch
 from ts_testing import (
+    EMULATED,
     LOW_PRECISION,
     MODES,
     error_bound,
@@ -36,6 +37,11 @@ def _gradcheck(device, mode, shape, seed=0, fast_mode=False, **options):
 # Small sizes: gradcheck perturbs every input element (here ~100) one at a time.
 SMALL = (2, 2, 4, 5, 3, 2)
 
+# Under the emulation a full Jacobian costs two emulated launches per input element, up to minutes
+# a check: there test_gradcheck keeps the full Jacobian and the option variants below take
+# fast_mode (random projections v^T J u). Without the emulation every check is full.
+VARIANT_FAST_MODE = EMULATED
+
 
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck(device, mode):
@@ -60,35 +66,49 @@ def test_gradcheck_fast_mode_across_direct_tiles(device, causal):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_cross_attention(device, mode):
-    _gradcheck(device, mode, (1, 2, 7, 3, 4, 5), seed=1)
+    _gradcheck(device, mode, (1, 2, 7, 3, 4, 5), seed=1, fast_mode=VARIANT_FAST_MODE)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_key_padding_mask(device, mode):
     mask = torch.tensor([[False, True, False, False, True], [True, True, True, True, True]])
     # Batch 1 is all padding: its rows are zero and their gradients too.
-    _gradcheck(device, mode, SMALL, key_padding_mask=mask.to(device))
+    _gradcheck(device, mode, SMALL, key_padding_mask=mask.to(device), fast_mode=VARIANT_FAST_MODE)
 
 
 def test_gradcheck_attn_mask_direct(device):
     mask = random_attn_mask(2, 1, 4, 5, device=device, p=0.4)
     mask[0, 0, 2] = True  # one all-masked row
-    _gradcheck(device, "direct", SMALL, attn_mask=mask)
+    _gradcheck(device, "direct", SMALL, attn_mask=mask, fast_mode=VARIANT_FAST_MODE)
 
 
 def test_gradcheck_causal_direct(device):
     mask = torch.tensor([[False, False, True, False, False], [True, False, False, False, False]])
-    _gradcheck(device, "direct", SMALL, causal=True, key_padding_mask=mask.to(device))
+    _gradcheck(
+        device,
+        "direct",
+        SMALL,
+        causal=True,
+        key_padding_mask=mask.to(device),
+        fast_mode=VARIANT_FAST_MODE,
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_normalize_false(device, mode):
-    _gradcheck(device, mode, SMALL, normalize=False, scale=0.7)
+    _gradcheck(device, mode, SMALL, normalize=False, scale=0.7, fast_mode=VARIANT_FAST_MODE)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_output_scale_false_and_coefficients(device, mode):
-    _gradcheck(device, mode, SMALL, output_scale=False, coefficients=(0.3, -0.4, 0.9))
+    _gradcheck(
+        device,
+        mode,
+        SMALL,
+        output_scale=False,
+        coefficients=(0.3, -0.4, 0.9),
+        fast_mode=VARIANT_FAST_MODE,
+    )
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
