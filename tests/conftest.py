@@ -9,6 +9,7 @@ directory's conftest.py (tests/experiments has one).
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -22,8 +23,10 @@ sys.modules.setdefault("ts_testing", sys.modules[__name__])
 # Every test that computes runs on each available device; results are compared on the CPU.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Under the emulation plugin (-p emulate, csrc/cuda/emulation) the CUDA kernels' code serves CPU
-# tensors, one OS thread per CUDA thread: correct but slow.
+# tensors, one OS thread per CUDA thread: correct but slow, so the tests there sample their grids
+# and shapes (EMULATION_SAMPLED) unless TS_EMULATION_EXHAUSTIVE=1.
 EMULATED = not torch.cuda.is_available() and "emulate" in sys.modules
+EMULATION_SAMPLED = EMULATED and os.environ.get("TS_EMULATION_EXHAUSTIVE") != "1"
 MODES = ("direct", "efficient")
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -21,12 +21,11 @@ devices, a million tokens) need one.
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 
 import pytest
 import torch
-from ts_testing import error_bound, max_error
+from ts_testing import EMULATION_SAMPLED, error_bound, max_error
 
 import taylorshift
 from taylorshift import reference
@@ -191,7 +190,7 @@ def operator_grid(masks, emulation_dtypes):
     emulation by default a diagonal sample of emulation_dtypes x HEAD_DIMS x masks in which every
     dtype, head dim and mask case occurs (a quarter of the cases)."""
     cases = list(itertools.product(DTYPES, HEAD_DIMS, masks))
-    if not EMULATED or os.environ.get("TS_EMULATION_EXHAUSTIVE") == "1":
+    if not EMULATION_SAMPLED:
         return cases
     return [
         (dtype, d, mask)
@@ -238,7 +237,7 @@ for case in ((torch.float16, 32, "key_padding"), (torch.bfloat16, 16, "key_paddi
 def test_efficient_operator(dtype, d, mask_case):
     # Emulated, d = 128 (8385 features a token) took 5 to 10 minutes at two heads: one head there,
     # the batch of two kept for its fully padded row.
-    shape = (2, 1, 70, 130) if EMULATED and d == 128 else (2, 2, 70, 130)
+    shape = (2, 1, 70, 130) if EMULATION_SAMPLED and d == 128 else (2, 2, 70, 130)
     check_operator("efficient", dtype, d, mask_case, shape=shape)
 
 
