@@ -367,10 +367,11 @@ struct VertexForm {
 // instructions per HMMA).
 constexpr int kHornerOrders[] = {1, 4, kMaxOrder};
 
+// The smallest at or above `order` (1 to kMaxOrder: polynomial_of checks).
 int horner_order(int order) {
   for (const int compiled : kHornerOrders)
     if (order <= compiled) return compiled;
-  TORCH_CHECK(false, "taylorshift: order ", order, " above ", kMaxOrder);
+  return kMaxOrder;
 }
 
 // f's vertex form where the mma kernels may take it (above), else nullopt.
