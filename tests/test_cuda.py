@@ -21,17 +21,15 @@ devices, a million tokens) need one.
 from __future__ import annotations
 
 import itertools
-import sys
 
 import pytest
 import torch
-from ts_testing import EMULATION_SAMPLED, error_bound, max_error
+from ts_testing import EMULATED, EMULATION_SAMPLED, error_bound, max_error
 
 import taylorshift
 from taylorshift import reference
 
 GPU = torch.cuda.is_available()
-EMULATED = not GPU and "emulate" in sys.modules  # the kernels registered for CPU tensors
 DEVICE = "cuda" if GPU else "cpu"
 pytestmark = pytest.mark.skipif(
     not (GPU or EMULATED), reason="needs a CUDA GPU or the emulation plugin (-p emulate)"

@@ -529,7 +529,8 @@ __device__ __forceinline__ void tile_products(
 
 // Runs step(tile, elementwise) over the `tiles` key tiles of the query block
 // [i0, i0 + kRows), elementwise a std::bool_constant telling whether the tile
-// tests the mask per element. With causal and no attn_mask, every key of the
+// holds the causal diagonal, tested per element (an attn_mask is tested by
+// tile_products instead). With causal and no attn_mask, every key of the
 // tiles before i0 precedes every query of the block, so they run without
 // tests; the (at most kRows / kTile) tiles from i0 on hold the diagonal and
 // run with them, unrolled, outside the main loop.
@@ -540,8 +541,7 @@ __device__ __forceinline__ void walk_key_tiles(const MmaArgs<T>& p, int64_t i0,
   const bool diagonal = kMode != MaskMode::kAttnMask && p.mask.causal;
   const int full_tiles =
       diagonal ? min(tiles, static_cast<int>(i0 / kTile)) : tiles;
-  for (int tile = 0; tile < full_tiles; ++tile)
-    step(tile, std::bool_constant<kMode == MaskMode::kAttnMask>());
+  for (int tile = 0; tile < full_tiles; ++tile) step(tile, std::false_type());
   if (diagonal) {
 #pragma unroll
     for (int t = 0; t < kRows / kTile; ++t)
@@ -1043,7 +1043,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int tile = 0; tile < kBlockKeys / kTile; ++tile)
     if (tile < diagonal_tiles) step(tile, std::true_type());
   for (int tile = diagonal_tiles; tile < tiles; ++tile)
-    step(tile, std::bool_constant<kMode == MaskMode::kAttnMask>());
+    step(tile, std::false_type());
   warp::cp_async_wait<0>();  // no copy outlives the block (no query tiles)
 
 #pragma unroll
