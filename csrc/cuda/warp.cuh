@@ -21,6 +21,24 @@
 // (lane / 16) of a row-major 16x16 tile yields the A fragment, and the same
 // load with .trans of a row-major k x n tile yields two B fragments.
 //
+// wgmma (sm_90a, PTX ISA "Asynchronous Warpgroup Level Matrix Multiply"):
+// the 4 warps of a warpgroup (128 threads) issue one m64nNk16 product
+// together, A from registers and B from shared memory through a matrix
+// descriptor. Warp w holds rows 16 w .. 16 w + 15 of A and D, in exactly the
+// A and C fragments above (D's n8 tiles in order), so a warp's mma.sync code
+// keeps its fragments. B (k x n) lies in 8x8 core matrices of 128 contiguous
+// bytes, no swizzle: with n contiguous ("MN-major", imm-trans-b = 1)
+// element (k, n) is at
+//   start + (k / 8) LBO + (n / 8) SBO + 16 (k % 8) + 2 (n % 8)  bytes,
+// the descriptor holding start, LBO and SBO in 16-byte units
+// (bits 0-13, 16-29, 32-45; layout type 0 in bits 62-63).
+// The product runs asynchronously: D and the registers of A belong to it
+// from its issue to the wgmma_wait that covers its commit group, and B's
+// shared memory must not change in that time; wgmma_fence orders the
+// registers written before it (A, D) for the products issued after it.
+// kWgmma says whether this compilation has them: the sm_90a pass of nvcc,
+// and the emulation built with TAYLORSHIFT_EMULATE_WGMMA.
+//
 // On the host (csrc/cuda/emulation, which defines TAYLORSHIFT_EMULATION) the
 // same functions are collectives over the 32 emulated lanes of a warp that
 // move exactly these elements: emulation/warp_emulation.h.
@@ -31,6 +49,27 @@
 
 #include <cstdint>
 #include <type_traits>
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(TAYLORSHIFT_EMULATE_WGMMA)
+#define TAYLORSHIFT_WGMMA 1
+#endif
+
+namespace taylorshift::cuda_kernels::warp {
+#ifdef TAYLORSHIFT_WGMMA
+inline constexpr bool kWgmma = true;
+#else
+inline constexpr bool kWgmma = false;
+#endif
+
+// The descriptor of a no-swizzle B operand at byte offset `start` of shared
+// memory (see above): LBO and SBO in bytes, multiples of 16.
+__host__ __device__ constexpr uint64_t matrix_descriptor(uint32_t start,
+                                                         uint32_t lbo,
+                                                         uint32_t sbo) {
+  return uint64_t(start >> 4 & 0x3fff) | uint64_t(lbo >> 4 & 0x3fff) << 16 |
+         uint64_t(sbo >> 4 & 0x3fff) << 32;
+}
+}  // namespace taylorshift::cuda_kernels::warp
 
 #ifndef TAYLORSHIFT_EMULATION
 namespace taylorshift::cuda_kernels::warp {
@@ -186,6 +225,102 @@ template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
+
+// wgmma.fence: registers written before it are ready for the products
+// issued after it (every warp of the warpgroup).
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef TAYLORSHIFT_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Closes the group of wgmma issued since the last commit.
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef TAYLORSHIFT_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most kPending committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+#ifdef TAYLORSHIFT_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending)
+               : "memory");
+#endif
+}
+
+// The warpgroup's D (64 x kN) += A (64 x 16, registers) B (16 x kN, shared,
+// MN-major, `desc`); this warp's part of D is d, its part of A is a.
+#define TS_WGMMA_D8(n) \
+  "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])
+template <typename T, int kN>
+__device__ __forceinline__ void wgmma_rs(float (&d)[kN / 8][4],
+                                         const uint32_t (&a)[4],
+                                         uint64_t desc) {
+#ifdef TAYLORSHIFT_WGMMA
+  static_assert(kN == 16 || kN == 32 || kN == 64);
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  static_assert(kBf16 || std::is_same_v<T, __half>);
+  if constexpr (kN == 16) {
+    if constexpr (kBf16)
+      asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+          "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, "
+          "1, 1;\n}\n"
+          : TS_WGMMA_D8(0), TS_WGMMA_D8(1)
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    else
+      asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
+          "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, "
+          "1, 1;\n}\n"
+          : TS_WGMMA_D8(0), TS_WGMMA_D8(1)
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+  } else if constexpr (kN == 32) {
+    if constexpr (kBf16)
+      asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+          "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, "
+          "%15}, {%16, %17, %18, %19}, %20, p, 1, 1, 1;\n}\n"
+          : TS_WGMMA_D8(0), TS_WGMMA_D8(1), TS_WGMMA_D8(2), TS_WGMMA_D8(3)
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    else
+      asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
+          "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, "
+          "%15}, {%16, %17, %18, %19}, %20, p, 1, 1, 1;\n}\n"
+          : TS_WGMMA_D8(0), TS_WGMMA_D8(1), TS_WGMMA_D8(2), TS_WGMMA_D8(3)
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+  } else {
+    if constexpr (kBf16)
+      asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+          "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, "
+          "%15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, "
+          "%28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+          : TS_WGMMA_D8(0), TS_WGMMA_D8(1), TS_WGMMA_D8(2), TS_WGMMA_D8(3),
+            TS_WGMMA_D8(4), TS_WGMMA_D8(5), TS_WGMMA_D8(6), TS_WGMMA_D8(7)
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    else
+      asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+          "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, "
+          "%15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, "
+          "%28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+          : TS_WGMMA_D8(0), TS_WGMMA_D8(1), TS_WGMMA_D8(2), TS_WGMMA_D8(3),
+            TS_WGMMA_D8(4), TS_WGMMA_D8(5), TS_WGMMA_D8(6), TS_WGMMA_D8(7)
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+  }
+#endif
+}
+#undef TS_WGMMA_D8
 
 }  // namespace taylorshift::cuda_kernels::warp
 #endif

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cute/atom/copy_traits_sm75.hpp>
 #include <cute/atom/mma_traits_sm80.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
 
 #include "host_shim.h"
 // After the shim: warp.cuh then takes the emulated primitives.
@@ -47,6 +48,48 @@ void mma_layouts(const char* name) {
       bad += idx != e.row + M * e.col;
     }
   }
+  report(name, cases, bad);
+}
+
+// wgmma's register fragments: CuTe's RS traits (A from registers, 128
+// threads) against layout::wgmma_a and layout::wgmma_d.
+template <typename Traits>
+void wgmma_layouts(const char* name) {
+  using MNK = typename Traits::Shape_MNK;
+  constexpr int M = size<0>(MNK{}), N = size<1>(MNK{});
+  long cases = 0, bad = 0;
+  for (int t = 0; t < 128; ++t) {
+    for (int v = 0; v < 8; ++v, ++cases) {
+      const int idx = typename Traits::ALayout{}(t, v);
+      const auto e = warp::layout::wgmma_a(t, v);
+      bad += idx != e.row + M * e.col;
+    }
+    for (int v = 0; v < N / 2; ++v, ++cases) {
+      const int idx = typename Traits::CLayout{}(t, v);
+      const auto e = warp::layout::wgmma_d(t, v);
+      bad += idx != e.row + M * e.col;
+    }
+  }
+  report(name, cases, bad);
+}
+
+// A no-swizzle MN-major B operand (N x 16 in CuTe's (n, k) order) at the
+// start of shared memory: CuTe's make_gmma_desc of it against
+// matrix_descriptor(0, lbo, sbo), and every element's address as
+// layout::descriptor_offset decodes CuTe's descriptor against CuTe's layout.
+// (On the host CuTe cannot convert a shared pointer and takes start 0.)
+template <typename Layout>
+void descriptor(const char* name, Layout layout, uint32_t lbo, uint32_t sbo) {
+  using bf16 = cutlass::bfloat16_t;
+  const auto tensor = make_tensor(
+      make_smem_ptr(reinterpret_cast<const bf16*>(emu::smem)), layout);
+  const uint64_t desc =
+      SM90::GMMA::make_gmma_desc<SM90::GMMA::Major::MN>(tensor);
+  long cases = 1, bad = desc != warp::matrix_descriptor(0, lbo, sbo);
+  for (int n = 0; n < size<0>(layout); ++n)
+    for (int k = 0; k < 16; ++k, ++cases)
+      bad += warp::layout::descriptor_offset(desc, true, k, n) !=
+             2 * uint32_t(layout(n, k));
   report(name, cases, bad);
 }
 
@@ -134,6 +177,69 @@ void mma_product(const char* name) {
   long cases = 0, bad = 0;
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 8; ++j, ++cases) {
+      double ref = C[i][j];
+      for (int k = 0; k < 16; ++k) ref += double(A[i][k]) * B[k][j];
+      bad += std::fabs(D[i][j] - ref) > 1e-5 * (1 + std::fabs(ref));
+    }
+  report(name, cases, bad);
+}
+
+// D = A B + C on wgmma: a warpgroup holding A (64 x 16) in registers and B
+// (16 x kN) in the kernels' value-tile layout (8x8 core matrices, token
+// groups 16 kN bytes apart); D unchanged until the wait, then against a
+// double-precision product.
+template <typename T, int kN>
+void wgmma_product(const char* name) {
+  float A[64][16], B[16][kN], C[64][kN], D[64][kN];
+  for (int i = 0; i < 64; ++i)
+    for (int k = 0; k < 16; ++k)
+      A[i][k] = warp::detail::to_float<T>(
+          warp::detail::from_float<T>(float((i * 7 + k * 3) % 11) / 8 - 0.6f));
+  for (int k = 0; k < 16; ++k)
+    for (int j = 0; j < kN; ++j)
+      B[k][j] = warp::detail::to_float<T>(
+          warp::detail::from_float<T>(float((k * 5 + j * 9) % 13) / 4 - 1.4f));
+  for (int i = 0; i < 64; ++i)
+    for (int j = 0; j < kN; ++j) C[i][j] = float(i - j) / 3;
+  uint16_t* b_tile = reinterpret_cast<uint16_t*>(emu::smem) + 64;
+  std::atomic<long> early{0};
+  emu::launch(
+      [&] {
+        const int t = emu::threadIdx_.x;
+        if (t == 0)
+          for (int k = 0; k < 16; ++k)
+            for (int j = 0; j < kN; ++j)
+              b_tile[k / 8 * 8 * kN + j / 8 * 64 + k % 8 * 8 + j % 8] =
+                  warp::detail::from_float<T>(B[k][j]);
+        emu::sync();
+        uint32_t a[4];
+        for (int r = 0; r < 4; ++r) {
+          const auto lo = warp::layout::wgmma_a(t, 2 * r);
+          const auto hi = warp::layout::wgmma_a(t, 2 * r + 1);
+          a[r] = warp::pack<T>(A[lo.row][lo.col], A[hi.row][hi.col]);
+        }
+        float d[kN / 8][4];
+        for (int i = 0; i < kN / 2; ++i) {
+          const auto e = warp::layout::wgmma_d(t, i);
+          d[i / 4][i % 4] = C[e.row][e.col];
+        }
+        warp::wgmma_fence();
+        warp::wgmma_rs<T, kN>(d, a, warp::matrix_descriptor(128, 16 * kN, 128));
+        warp::wgmma_commit();
+        for (int i = 0; i < kN / 2; ++i) {
+          const auto e = warp::layout::wgmma_d(t, i);
+          early += d[i / 4][i % 4] != C[e.row][e.col];
+        }
+        warp::wgmma_wait<0>();
+        for (int i = 0; i < kN / 2; ++i) {
+          const auto e = warp::layout::wgmma_d(t, i);
+          D[e.row][e.col] = d[i / 4][i % 4];
+        }
+      },
+      1, 128)();
+  long cases = 1, bad = early.load() != 0;
+  for (int i = 0; i < 64; ++i)
+    for (int j = 0; j < kN; ++j, ++cases) {
       double ref = C[i][j];
       for (int k = 0; k < 16; ++k) ref += double(A[i][k]) * B[k][j];
       bad += std::fabs(D[i][j] - ref) > 1e-5 * (1 + std::fabs(ref));
@@ -267,5 +373,29 @@ int main() {
   mul2_product<__nv_bfloat16, __nv_bfloat162>("mul2_bf16");
   mul2_product<__half, __half2>("mul2_f16");
   byte_signs();
+  using namespace SM90::GMMA;
+  wgmma_layouts<MMA_Traits<MMA_64x16x16_F32BF16BF16_RS<Major::K, Major::MN>>>(
+      "layout_SM90_64x16x16_F32BF16BF16_RS");
+  wgmma_layouts<MMA_Traits<MMA_64x32x16_F32F16F16_RS<Major::K, Major::MN>>>(
+      "layout_SM90_64x32x16_F32F16F16_RS");
+  wgmma_layouts<MMA_Traits<MMA_64x64x16_F32BF16BF16_RS<Major::K, Major::MN>>>(
+      "layout_SM90_64x64x16_F32BF16BF16_RS");
+  // CuTe's canonical atom tiled to the operand (n groups 128 bytes apart),
+  // and the kernels' value tiles (token groups 16 N bytes apart).
+  using bf16 = cutlass::bfloat16_t;
+  descriptor("descriptor_MN_INTER_atom_64x16",
+             tile_to_shape(Layout_MN_INTER_Atom<bf16>{}, Shape<_64, _16>{}),
+             1024, 128);
+  descriptor("descriptor_value_tile_16",
+             make_layout(Shape<Shape<_8, _2>, Shape<_8, _2>>{},
+                         Stride<Stride<_1, _64>, Stride<_8, _128>>{}),
+             256, 128);
+  descriptor("descriptor_value_tile_64",
+             make_layout(Shape<Shape<_8, _8>, Shape<_8, _2>>{},
+                         Stride<Stride<_1, _64>, Stride<_8, _512>>{}),
+             1024, 128);
+  wgmma_product<__nv_bfloat16, 16>("wgmma_64x16x16_bf16");
+  wgmma_product<__half, 32>("wgmma_64x32x16_f16");
+  wgmma_product<__nv_bfloat16, 64>("wgmma_64x64x16_bf16");
   return failures;
 }

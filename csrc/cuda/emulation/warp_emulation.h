@@ -7,9 +7,14 @@
 // Copy_Traits (tests/test_warp_primitives.py). Misuse the hardware would
 // punish aborts: unaligned or non-shared ldmatrix rows, unaligned cp.async,
 // reading a cp.async destination before its wait (the copy lands at the wait,
-// so an early read sees the 0xff fill of shared memory: NaN).
+// so an early read sees the 0xff fill of shared memory: NaN). A wgmma lands
+// in its accumulators at the wgmma_wait that covers it, as late as the
+// hardware may; changing its B operand's shared memory or its accumulators
+// before then, or issuing it without a wgmma_fence since the last commit,
+// aborts.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstdio>
@@ -39,6 +44,29 @@ inline Coord c(int lane, int i) {  // C/D 16x8, element i in 0..3
 inline Coord ldmatrix(int lane, int h, bool trans) {
   return trans ? Coord{2 * (lane % 4) + h, lane / 4}
                : Coord{lane / 4, 2 * (lane % 4) + h};
+}
+// wgmma m64nNk16 (thread t of the warpgroup, warp t / 32): A 64 x 16,
+// element i in 0..7, and D 64 x N, element i in 0..N/2-1 (n8 tile i / 4).
+inline Coord wgmma_a(int t, int i) {
+  const Coord e = a(t % 32, i);
+  return {e.row + 16 * (t / 32 % 4), e.col};
+}
+inline Coord wgmma_d(int t, int i) {
+  const Coord e = c(t % 32, i % 4);
+  return {e.row + 16 * (t / 32 % 4), e.col + 8 * (i / 4)};
+}
+// Byte offset from shared memory's start of element (k, n) of a B operand
+// described by `desc` (no swizzle; 16-bit elements): n contiguous
+// (MN-major) or k contiguous (K-major), in 8x8 core matrices of 16-byte
+// rows, LBO apart along k (MN-major) or along k's 8-element halves
+// (K-major), SBO apart along n.
+inline uint32_t descriptor_offset(uint64_t desc, bool mn_major, int k, int n) {
+  const uint32_t start = uint32_t(desc & 0x3fff) << 4;
+  const uint32_t lbo = uint32_t(desc >> 16 & 0x3fff) << 4;
+  const uint32_t sbo = uint32_t(desc >> 32 & 0x3fff) << 4;
+  return mn_major
+             ? start + k / 8 * lbo + n / 8 * sbo + 16 * (k % 8) + 2 * (n % 8)
+             : start + k / 8 * lbo + n / 8 * sbo + 16 * (n % 8) + 2 * (k % 8);
 }
 }  // namespace layout
 
@@ -111,6 +139,35 @@ struct Copy {
 };
 inline thread_local std::vector<Copy> open_group;
 inline thread_local std::vector<std::vector<Copy>> committed;
+
+// wgmma issued by this emulated thread, landing at the wait: its lane's two
+// rows of A, the B operand as read at the issue, and its accumulators.
+struct Product {
+  float* d;
+  int count;     // accumulator registers, N / 2
+  bool chained;  // d also belongs to an earlier product still in flight
+  std::vector<float> d_at_issue;
+  float a[2][16];  // rows g and g + 8 of the warp's 16 rows
+  uint64_t desc;
+  std::vector<uint16_t> b;   // k x N, as read at the issue
+  float (*value)(uint16_t);  // to_float of the operand type
+};
+inline thread_local std::vector<Product> open_products;
+inline thread_local std::vector<std::vector<Product>> committed_products;
+inline thread_local bool fenced = false;
+
+// B (16 x n, MN-major) read through the descriptor.
+inline std::vector<uint16_t> read_b(uint64_t desc, int n) {
+  std::vector<uint16_t> b(16 * n);
+  for (int k = 0; k < 16; ++k)
+    for (int c = 0; c < n; ++c) {
+      const unsigned char* e =
+          emu::smem + layout::descriptor_offset(desc, true, k, c);
+      if (!in_shared(e, 2)) fail("wgmma B operand outside shared memory");
+      std::memcpy(&b[k * n + c], e, 2);
+    }
+  return b;
+}
 }  // namespace detail
 
 template <typename T>
@@ -230,6 +287,77 @@ void cp_async_wait() {
         std::memset(c.dst, 0, 16);
     }
     detail::committed.erase(detail::committed.begin());
+  }
+}
+
+inline void wgmma_fence() { detail::fenced = true; }
+
+inline void wgmma_commit() {
+  detail::committed_products.push_back(std::move(detail::open_products));
+  detail::open_products.clear();
+  detail::fenced = false;
+}
+
+// This warp's part of the warpgroup's product: its rows of D depend on its
+// rows of A and on B alone, so the warp's 32 lanes suffice to compute it.
+template <typename T, int kN>
+void wgmma_rs(float (&d)[kN / 8][4], const uint32_t (&a)[4], uint64_t desc) {
+  static_assert(kN == 16 || kN == 32 || kN == 64);
+  if (!detail::fenced)
+    detail::fail("wgmma issued without a wgmma_fence since the last commit");
+  if ((desc >> 62) != 0) detail::fail("wgmma descriptor with a swizzle");
+  struct Operands {
+    uint32_t a[4];
+  };
+  Operands mine;
+  std::memcpy(mine.a, a, sizeof(mine.a));
+  const auto all = detail::gather(mine);
+  float A[16][16];
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 8; ++i) {
+      const layout::Coord e = layout::a(lane, i);
+      A[e.row][e.col] =
+          detail::to_float<T>(detail::half_of(all[lane].a[i / 2], i % 2));
+    }
+  const int g = emu::threadIdx_.x % 32 / 4;
+  detail::Product p;
+  p.d = &d[0][0];
+  p.count = kN / 2;
+  p.chained = false;
+  for (const auto& group : detail::committed_products)
+    for (const auto& q : group) p.chained = p.chained || q.d == p.d;
+  for (const auto& q : detail::open_products)
+    p.chained = p.chained || q.d == p.d;
+  p.d_at_issue.assign(p.d, p.d + p.count);
+  std::memcpy(p.a[0], A[g], sizeof(p.a[0]));
+  std::memcpy(p.a[1], A[g + 8], sizeof(p.a[1]));
+  p.desc = desc;
+  p.b = detail::read_b(desc, kN);
+  p.value = &detail::to_float<T>;
+  detail::open_products.push_back(std::move(p));
+}
+
+// The products of the groups past the kPending newest land, in issue order.
+template <int kPending>
+void wgmma_wait() {
+  const int t = emu::threadIdx_.x, g = t % 32 / 4;
+  while (detail::committed_products.size() > size_t(kPending)) {
+    for (const detail::Product& p : detail::committed_products.front()) {
+      const int n = 2 * p.count;
+      if (detail::read_b(p.desc, n) != p.b)
+        detail::fail("wgmma B operand changed before its wait");
+      if (!p.chained && !std::equal(p.d, p.d + p.count, p.d_at_issue.begin()))
+        detail::fail("wgmma accumulators changed before its wait");
+      for (int i = 0; i < p.count; ++i) {
+        const layout::Coord e = layout::wgmma_d(t, i);
+        const float* a = p.a[e.row % 16 == g ? 0 : 1];
+        // Products of 16-bit operands are exact in float; the sum is float.
+        float s = p.d[i];
+        for (int k = 0; k < 16; ++k) s += a[k] * p.value(p.b[k * n + e.col]);
+        p.d[i] = s;
+      }
+    }
+    detail::committed_products.erase(detail::committed_products.begin());
   }
 }
 
