@@ -7,7 +7,7 @@ environment would pull a second torch of several GB).
 Switches (environment variables):
   TAYLORSHIFT_FORCE_CPU=1   build the CPU kernels only, even where CUDA is found
   TAYLORSHIFT_FORCE_CUDA=1  fail unless the CUDA kernels can be built
-  TORCH_CUDA_ARCH_LIST      GPU architectures (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST      GPU architectures (default "8.0;9.0a": 9.0a is H100/H200 with wgmma)
   MAX_JOBS                  parallel compile jobs (read by torch's builder)
 """
 
@@ -18,7 +18,7 @@ import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0a"
 
 
 def want_cuda() -> bool:

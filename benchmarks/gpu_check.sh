@@ -26,6 +26,8 @@ finish() {
 # time of the default list, and runs natively (no PTX JIT at start).
 arch=$($python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") ||
   finish "no CUDA GPU visible to torch" 1
+# Hopper's wgmma kernels need the architecture-specific target.
+[ "$arch" = "9.0" ] && arch=9.0a
 export TORCH_CUDA_ARCH_LIST="$arch" TAYLORSHIFT_FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda

@@ -1,21 +1,22 @@
 """Static report of the CUDA kernels' machine code (no GPU needed).
 
-Compiles every csrc/cuda/*.cu for sm_80 and sm_90 with nvcc (or takes the objects of a finished
+Compiles every csrc/cuda/*.cu for sm_80, sm_90 and sm_90a with nvcc (or takes the objects of a finished
 build, --objects), reads resource usage and disassembly with cuobjdump (the toolkit's, or the
 nvidia-cuda-cuobjdump wheel's) and prints one row per kernel instantiation:
 
-    python benchmarks/sass_report.py [--arch 80 90] [--dtype bf16] [--ref GIT_REV] [--out FILE]
+    python benchmarks/sass_report.py [--arch 80 90 90a] [--dtype bf16] [--ref GIT_REV] [--out FILE]
 
 --ref compiles csrc/ as of a git revision (extracted with git archive) instead of the work tree,
 for before/after tables. --objects DIR reads DIR/**/csrc/cuda/*.o, e.g. the build/ folder of
-`python setup.py build_ext --inplace` (built for TORCH_CUDA_ARCH_LIST, by default 8.0;9.0).
+`python setup.py build_ext --inplace` (built for TORCH_CUDA_ARCH_LIST, by default 8.0;9.0a).
 
 Columns
   regs, stack+local (bytes per thread of stack frame and local memory: register spills live
   there), smem (static shared memory; "dyn" when the kernel takes dynamic shared memory, whose size
   the host picks at run time), CTAs/SM (bounded by registers, threads and static shared memory;
-  dynamic shared memory is not counted), HMMA (static tensor-core instructions in the main loop),
-  instr/HMMA.
+  dynamic shared memory is not counted), HMMA (static tensor-core instructions in the main loop,
+  in m16n8k16 equivalents: sm_90a's HGMMA 64xNx16 counts N / 8, the share of each of the
+  warpgroup's 4 warps, which each issue it once), instr/HMMA.
 
 Main loop. A loop is the address range of a backward branch in the SASS. The main loop is the
 widest loop that holds as many tensor-core instructions (HMMA) as any loop; its instructions are
@@ -44,7 +45,8 @@ epilogues, memory latency and the small elementwise kernels are ignored. sm_90 o
 of shared memory for some kernels that declare none (the CTA's reserved shared memory); "dyn" is
 only detected where that is 0. H200: 132 SMs at
 1.98 GHz; mma.sync peak taken as 660 TFLOP/s (2/3 of the 989 dense bf16 TFLOP/s, which only
-wgmma reaches).
+wgmma reaches); on sm_90a the tensor-bound time takes the HGMMA share of a kernel's tensor work at
+989 TFLOP/s and the rest at 660.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SMS, CLOCK_HZ, MMA_SYNC_PEAK = 132, 1.98e9, 660e12
+SMS, CLOCK_HZ, MMA_SYNC_PEAK, WGMMA_PEAK = 132, 1.98e9, 660e12, 989e12
 MADDS_PER_HMMA = 16 * 8 * 16
 
 # The issue's target shapes: direct at N = 1024, efficient at N = 65536; d = e = 64, B*H = 16.
@@ -198,7 +200,7 @@ def compile_flags() -> list[str]:
     ]
 
 
-def build(source: Path, arch: int, workdir: Path) -> Path:
+def build(source: Path, arch: str, workdir: Path) -> Path:
     obj = workdir / f"{source.stem}.sm_{arch}.o"
     command = [
         tool("nvcc"),
@@ -219,7 +221,7 @@ RESOURCE_FUNCTION = re.compile(r"Function (\S+):")
 RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
-def resources(obj: Path, arch: int, kernels: dict[str, Kernel]) -> None:
+def resources(obj: Path, arch: str, kernels: dict[str, Kernel]) -> None:
     text = subprocess.run(
         [tool("cuobjdump"), "-res-usage", "-arch", f"sm_{arch}", str(obj)],
         capture_output=True,
@@ -237,11 +239,12 @@ def resources(obj: Path, arch: int, kernels: dict[str, Kernel]) -> None:
 
 
 SASS_FUNCTION = re.compile(r"Function : (\S+)")
-SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
+# An opcode: upper case, but for the shape of HGMMA (HGMMA.64x72x16.F32.BF16).
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)(.*?);")
 BRANCH_TARGET = re.compile(r"(?:BRA|BRX|JMP)\b.*?(0x[0-9a-f]+)")
 
 
-def disassemble(obj: Path, arch: int, kernels: dict[str, Kernel]) -> None:
+def disassemble(obj: Path, arch: str, kernels: dict[str, Kernel]) -> None:
     sass = subprocess.run(
         [tool("cuobjdump"), "-sass", "-arch", f"sm_{arch}", str(obj)],
         capture_output=True,
@@ -295,8 +298,21 @@ def short_name(demangled: str) -> str:
     return name.split("(", 1)[0]
 
 
+HGMMA_SHAPE = re.compile(r"HGMMA\.64x(\d+)x16")
+
+
+def tensor_weight(opcode: str) -> int:
+    """m16n8k16 HMMA-equivalents of one warp-instruction: 1 for an HMMA, N / 8 for an HGMMA
+    64xNx16 (each of the warpgroup's 4 warps issues it for its 16 rows), 0 otherwise."""
+    if opcode.startswith("HMMA"):
+        return 1
+    if m := HGMMA_SHAPE.match(opcode):
+        return int(m.group(1)) // 8
+    return 0
+
+
 def is_tensor_op(opcode: str) -> bool:
-    return opcode.startswith(("HMMA", "HGMMA"))
+    return tensor_weight(opcode) > 0
 
 
 def main_loop(kernel: Kernel) -> tuple[int, int, bool]:
@@ -310,7 +326,7 @@ def main_loop(kernel: Kernel) -> tuple[int, int, bool]:
     best = (0, 0, 0)  # (hmma, width, instructions)
     for start, end in loops:
         body = [op for address, op, _ in kernel.instructions if start <= address <= end]
-        hmma = sum(map(is_tensor_op, body))
+        hmma = sum(map(tensor_weight, body))
         key = (hmma, end - start, len(body))
         if hmma > 0 and key > best:
             best = key
@@ -318,7 +334,7 @@ def main_loop(kernel: Kernel) -> tuple[int, int, bool]:
         ops = [op for _, op, _ in kernel.instructions]
         exits = [i for i, op in enumerate(ops) if op.startswith("EXIT")]
         ops = ops[: exits[-1] + 1] if exits else ops
-        hmma = sum(map(is_tensor_op, ops))
+        hmma = sum(map(tensor_weight, ops))
         return (len(ops), hmma, True) if hmma else (0, 0, False)
     return best[2], best[0], False
 
@@ -334,14 +350,21 @@ def ctas_per_sm(kernel: Kernel) -> int:
     return min(by_regs, by_threads, by_smem, 32)
 
 
-def modelled_seconds(madds: float, ratio: float) -> float:
+def modelled_seconds(madds: float, ratio: float, wgmma_share: float = 0.0) -> float:
     issue = madds / MADDS_PER_HMMA * ratio / (SMS * 4 * CLOCK_HZ)
-    tensor = 2 * madds / MMA_SYNC_PEAK
+    tensor = 2 * madds * (wgmma_share / WGMMA_PEAK + (1 - wgmma_share) / MMA_SYNC_PEAK)
     return max(issue, tensor)
 
 
+def wgmma_share(kernel: Kernel) -> float:
+    """The share of the main loop's HMMA-equivalents that are HGMMA."""
+    ops = [op for _, op, _ in kernel.instructions]
+    total = sum(map(tensor_weight, ops))
+    return sum(tensor_weight(op) for op in ops if op.startswith("HGMMA")) / total if total else 0.0
+
+
 def report(
-    arches: list[int],
+    arches: list[str],
     dtype: str,
     ref: str | None,
     files: list[str] | None = None,
@@ -390,8 +413,10 @@ def report(
                 ratio = instructions / hmma if hmma else None
                 work = WORK.get(kernel.name) if kernel.name in modelled else None
                 ms = tflops = "-"
-                if work and ratio and arch == 90:
-                    seconds = modelled_seconds(work[1] * PADDING.get(kernel.name, 1.0), ratio)
+                if work and ratio and arch.startswith("90"):
+                    seconds = modelled_seconds(
+                        work[1] * PADDING.get(kernel.name, 1.0), ratio, wgmma_share(kernel)
+                    )
                     ms, tflops = f"{seconds * 1e3:.3f}", f"{2 * work[1] / seconds / 1e12:.0f}"
                     total = totals.setdefault(work[0], [0.0, 0.0])
                     total[0] += seconds
@@ -426,7 +451,7 @@ def report(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--arch", nargs="+", default=["80", "90", "90a"])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--ref", help="git revision whose csrc/ to compile (default: work tree)")
     parser.add_argument("--files", nargs="+", help="only these csrc/cuda/*.cu stems")

@@ -14,8 +14,10 @@ other float16 kernels, csrc/cuda/common.cuh), so both dtypes are held to their o
 Without a GPU, under the emulation plugin (`-p emulate`, csrc/cuda/emulation), the operator tests
 run the CUDA kernels' code on CPU tensors. The emulation is slow, so by default it runs a sample
 of the operator grid that still covers every head dim, mask case and 16-bit dtype of the direct
-kernels; TS_EMULATION_EXHAUSTIVE=1 runs the whole grid. Tests of what only a GPU has (streams,
-devices, a million tokens) need one.
+kernels; TS_EMULATION_EXHAUSTIVE=1 runs the whole grid. With TS_EMULATION_WGMMA=1 the emulation
+builds the kernels as nvcc's sm_90a pass does, whose big products run on wgmma (scripts/test.sh runs
+the cases that reach them). Tests of what only a GPU has (streams, devices, a million tokens) need
+one.
 """
 
 from __future__ import annotations

@@ -41,11 +41,16 @@ CHECKS = {
     "layout_SM90_64x32x16_F32F16F16_RS": 128 * (8 + 16),
     "layout_SM90_64x64x16_F32BF16BF16_RS": 128 * (8 + 32),
     "descriptor_MN_INTER_atom_64x16": 1 + 64 * 16,
+    "descriptor_K_INTER_atom_64x16": 1 + 64 * 16,
+    "descriptor_gradient_tile_64": 1 + 64 * 16,
     "descriptor_value_tile_16": 1 + 16 * 16,
     "descriptor_value_tile_64": 1 + 64 * 16,
     "wgmma_64x16x16_bf16": 1 + 64 * 16,
     "wgmma_64x32x16_f16": 1 + 64 * 32,
     "wgmma_64x64x16_bf16": 1 + 64 * 64,
+    "wgmma_64x72x16_bf16": 1 + 64 * 72,
+    "wgmma_64x64x16_f16_kmajor": 1 + 64 * 64,
+    "wgmma_64x136x16_bf16_kmajor": 1 + 64 * 136,
 }
 
 

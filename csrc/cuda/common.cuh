@@ -363,38 +363,64 @@ inline at::Tensor cp_async_rows(const at::Tensor& t) {
   return at::constant_pad_nd(t, {0, pad}).contiguous();
 }
 
+// Where element (r, c) of a shared tile of kDim columns lives.
+// * kPadded: rows of kDim + 8 elements. The padding puts the 8 rows an
+//   ldmatrix reads in 8 different 16-byte bank groups.
+// * kCoreMatrices: 8x8 core matrices of 128 contiguous bytes, the kDim / 8 of
+//   each group of 8 rows one after another: the no-swizzle operand layout of
+//   wgmma (warp.cuh; LBO = 16 kDim bytes from one row group to the next, SBO
+//   = 128 bytes from one column group to the next), and just as free of bank
+//   conflicts for ldmatrix, whose 8 row addresses then cover one core matrix.
+enum class TileLayout { kPadded, kCoreMatrices };
+
+template <int kDim, TileLayout kLayout>
+__host__ __device__ constexpr int tile_offset(int r, int c) {
+  if constexpr (kLayout == TileLayout::kPadded) {
+    return r * (kDim + 8) + c;
+  } else {
+    return r / 8 * 8 * kDim + c / 8 * 64 + r % 8 * 8 + c % 8;
+  }
+}
+
 // One thread's share of the 16-byte cp.async copies of kRows x kDim tiles of
 // `src` (b, h), rows [t0, t0 + kRows) then, after each advance(), the next
-// kRows rows, into shared tiles of leading dimension kDim + 8: thread t copies
-// column chunk t % kChunks of rows t / kChunks + s kThreads / kChunks
-// (s < kCopies). The source of copy s is one pointer plus s row steps, moved by
-// kRows rows per tile, so a streamed tile costs each copy an add and a compare
-// instead of its 64-bit address arithmetic. Rows past `total` and columns past
-// src.cols land as zeros, not garbage, because padded entries meet masked zeros
-// in the products and 0 * NaN = NaN. The padding of the leading dimension puts
-// the 8 rows an ldmatrix reads in 8 different 16-byte bank groups: row stride
-// (kDim + 8) * 2 bytes.
-template <int kDim, int kRows, typename T>
+// kRows rows, into shared tiles laid out as kLayout: thread t copies column
+// chunk c of row r + s kThreads / kChunks (s < kCopies), with
+//   kPadded:        c = t % kChunks,      r = t / kChunks
+//   kCoreMatrices:  c = t / 8 % kChunks,  r = t % 8 + 8 (t / (8 kChunks))
+// so that 8 consecutive threads write 8 different bank groups either way (a
+// padded row, or one core matrix). The source of copy s is one pointer plus s
+// row steps, moved by kRows rows per tile, so a streamed tile costs each copy
+// an add and a compare instead of its 64-bit address arithmetic. Rows past
+// `total` and columns past src.cols land as zeros, not garbage, because padded
+// entries meet masked zeros in the products and 0 * NaN = NaN.
+template <int kDim, int kRows, typename T,
+          TileLayout kLayout = TileLayout::kPadded>
 struct RowCopies {
   static constexpr int kChunks = kDim / 8;          // 16-byte chunks per row
   static constexpr int kStep = kThreads / kChunks;  // rows between copies
   static constexpr int kCopies = kRows / kStep;
-  static_assert(kThreads % kChunks == 0 && kRows % kStep == 0);
+  static_assert(kThreads % kChunks == 0 && kRows % kStep == 0 &&
+                kStep % 8 == 0);
   const T* src;       // copy 0's source in the current tile
   const T* fallback;  // a valid address for the copies that read nothing
   int64_t step;       // kStep rows, in elements
   int64_t left;       // rows from copy 0's row of the current tile to `total`
+  int row;            // copy 0's row in the tile
   int offset;         // copy 0's place in the shared tile
   bool col_valid;
 
   __device__ __forceinline__ RowCopies(const TokenRows<T>& rows, int64_t b,
                                        int64_t h, int64_t t0, int64_t total) {
-    const int r = threadIdx.x / kChunks, col = threadIdx.x % kChunks * 8;
-    src = rows.row(b, h, t0) + r * rows.stride_t + col;
+    const int t = threadIdx.x;
+    const bool padded = kLayout == TileLayout::kPadded;
+    row = padded ? t / kChunks : t % 8 + 8 * (t / (8 * kChunks));
+    const int col = (padded ? t % kChunks : t / 8 % kChunks) * 8;
+    src = rows.row(b, h, t0) + row * rows.stride_t + col;
     fallback = rows.data;
     step = kStep * rows.stride_t;
-    left = total - t0 - r;
-    offset = r * (kDim + 8) + col;
+    left = total - t0 - row;
+    offset = tile_offset<kDim, kLayout>(row, col);
     col_valid = col < rows.cols;
   }
   // Whether copy s of the current tile reads a row that exists.
@@ -404,7 +430,7 @@ struct RowCopies {
   // Copy s of the current tile into `tile`, reading only if `valid`.
   __device__ __forceinline__ void copy(T* tile, int s, bool valid) const {
     valid = valid && col_valid;
-    warp::cp_async_16(tile + offset + s * kStep * (kDim + 8),
+    warp::cp_async_16(tile + offset + tile_offset<kDim, kLayout>(s * kStep, 0),
                       valid ? src + s * step : fallback, valid);
   }
   // The current tile into `tile`.
@@ -435,11 +461,13 @@ __device__ __forceinline__ void load_rows(T* dst, const TokenRows<T>& src,
 // [key j = t0 + r exists and is not padding] there. With `padding`, each
 // key's flag is read once per warp: lane l reads keys t0 + 32 w + l and a
 // ballot per w gives every lane the tile's validity bits (64 per word), so
-// every 16-byte copy tests a bit instead of loading a flag.
-template <int kDim, int kRows, typename T>
+// every 16-byte copy tests a bit instead of loading a flag. Both tiles are
+// laid out as kLayout.
+template <int kDim, int kRows, typename T,
+          TileLayout kLayout = TileLayout::kPadded>
 struct KeyCopies {
   static_assert(kRows <= 128 && kRows <= kThreads);
-  using Copies = RowCopies<kDim, kRows, T>;
+  using Copies = RowCopies<kDim, kRows, T, kLayout>;
   Copies k, v;
   const Mask* padding;
   int64_t b, t0, total;
@@ -495,11 +523,10 @@ struct KeyCopies {
         return ((r < 64 ? low : high) >> (r % 64) & 1) != 0;
       }
     };
-    const int r0 = threadIdx.x / Copies::kChunks;
 #pragma unroll
     for (int s = 0; s < Copies::kCopies; ++s) {
-      const bool key =
-          padding == nullptr ? k.row_valid(s) : valid(r0 + s * Copies::kStep);
+      const bool key = padding == nullptr ? k.row_valid(s)
+                                          : valid(k.row + s * Copies::kStep);
       k.copy(k_dst, s, key);
       if constexpr (kValues) v.copy(v_dst, s, key);
     }
@@ -524,14 +551,15 @@ __device__ __forceinline__ void load_key_rows(T* k_dst, T* v_dst, T* weights,
       .copy(k_dst, v_dst, weights);
 }
 
-// Rows row0 + g, row0 + g + 8 of a warp's 16 x kDim accumulator (C layout),
-// times scale[0] / scale[1], into the first `cols` columns of the
-// contiguous (rows, cols) matrix `dst`.
-template <typename T, int kDim>
+// Rows row0 + g, row0 + g + 8 of a warp's 16 x kDim accumulator (C layout;
+// the first kDim / 8 of its n8 tiles), times scale[0] / scale[1], into the
+// first `cols` columns of the contiguous (rows, cols) matrix `dst`.
+template <typename T, int kDim, int kTiles>
 __device__ __forceinline__ void store_rows(T* dst,
-                                           const float (&acc)[kDim / 8][4],
+                                           const float (&acc)[kTiles][4],
                                            int64_t row0, int64_t rows, int cols,
                                            const float (&scale)[2], int lane) {
+  static_assert(kTiles >= kDim / 8);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t row = row0 + lane / 4 + 8 * r;

@@ -564,6 +564,16 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kM = row_fragments<kDim>(), kRows = block_rows<kDim>();
   constexpr int kC = chunk_rows<kDim>(), kTile = tile_rows<kDim>();
   constexpr int ld = kDim + 8, kStage = kTile * ld;
+  // On sm_90a, from d = 64 on, the products of a mask without an attn_mask
+  // run on wgmma (an attn_mask's tile cover differs from warp to warp, and
+  // wgmma needs the whole warpgroup), with the key tiles in core matrices: B
+  // straight from them, K-major for S = Q K^T, MN-major for O += W V. Below
+  // d = 64 a chunk is 16 keys: S's product is too narrow to amortise the
+  // fence, commit and wait that W = f(S) needs after it.
+  constexpr bool kWgmma =
+      warp::kWgmma && kMode == MaskMode::kKeyMask && kDim >= 64;
+  constexpr TileLayout kLayout =
+      kWgmma ? TileLayout::kCoreMatrices : TileLayout::kPadded;
   extern __shared__ __align__(128) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem);
   T* ks = qs + kRows * ld;  // two stages
@@ -578,7 +588,7 @@ __global__ void __launch_bounds__(kThreads)
   const int tiles = static_cast<int>((key_end + kTile - 1) / kTile);
 
   // Stage `stage` <- the next key tile: K, V and (kKeyMask) m.
-  KeyCopies<kDim, kTile, T> keys(p.k, p.v, b, h, 0, p.keys, nullptr);
+  KeyCopies<kDim, kTile, T, kLayout> keys(p.k, p.v, b, h, 0, p.keys, nullptr);
   const auto load_keys = [&](int stage) {
     keys.copy(ks + stage * kStage, vs + stage * kStage,
               static_cast<T*>(nullptr));
@@ -641,7 +651,22 @@ __global__ void __launch_bounds__(kThreads)
       for (int c = 0; c < kTile / kC; ++c) {
         float s[kM][kC / 8][4];  // S = Q K^T (+ beta)
         fill(s, s_start);
-        warp::mma_abt<T, kDim, kC, ld>(s, qf, kt + kC * c * ld, lane);
+        if constexpr (kWgmma) {
+          // Keys kC c.. of the tile, k-step kk 2 core matrices on.
+          const uint64_t keys_desc = warp::matrix_descriptor(
+              warp::shared_address(kt + kC * c * kDim), 128, 16 * kDim);
+          warp::wgmma_fence();
+#pragma unroll
+          for (int f = 0; f < kM; ++f)
+#pragma unroll
+            for (int kk = 0; kk < kDim / 16; ++kk)
+              warp::wgmma_rs<T, kC, warp::Major::kK>(s[f], qf[f][kk],
+                                                     keys_desc + 16 * kk);
+          warp::wgmma_commit();
+          warp::wgmma_wait<0>();  // W = f(S) needs S
+        } else {
+          warp::mma_abt<T, kDim, kC, ld>(s, qf, kt + kC * c * ld, lane);
+        }
 #pragma unroll
         for (int f = 0; f < kM; ++f) {
 #pragma unroll
@@ -667,7 +692,21 @@ __global__ void __launch_bounds__(kThreads)
           pair_masks<kC>(masks, bits, c);
           mask_pairs<kC>(wf, masks);
         }
-        warp::mma_ab<T, kC, kDim, ld>(o, wf, vt + kC * c * ld, lane);
+        if constexpr (kWgmma) {
+          // Keys kC c + 16 kk.. of the tile: 2 kk row groups further on.
+          const uint64_t values_desc = warp::matrix_descriptor(
+              warp::shared_address(vt + kC * c * kDim), 16 * kDim, 128);
+          warp::wgmma_fence();
+#pragma unroll
+          for (int f = 0; f < kM; ++f)
+#pragma unroll
+            for (int kk = 0; kk < kC / 16; ++kk)
+              warp::wgmma_rs<T, kDim, warp::Major::kMN>(
+                  o[f], wf[f][kk], values_desc + 2 * kDim * kk);
+          warp::wgmma_commit();  // lands by the next S's wait
+        } else {
+          warp::mma_ab<T, kC, kDim, ld>(o, wf, vt + kC * c * ld, lane);
+        }
         if constexpr (kMode == MaskMode::kAttnMask) {
           warp::mma_row_sums_ones<T, kC>(row_sum, wf);
         } else {
@@ -675,6 +714,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     });
+    if constexpr (kWgmma) warp::wgmma_wait<0>();  // the stage's last products
     __syncthreads();  // every warp is done with this stage before its refill
   };
   walk_key_tiles<kMode, kRows, kTile>(p, i0, tiles, step);

@@ -565,6 +565,18 @@ EfficientArgs<T, Acc> make_args(const at::Tensor& x, const at::Tensor& y,
 // mirror l < m, and the query side weights every entry by a (pairs l != m
 // then get a + a = 2a, as phi requires).
 //
+// On sm_90a (kWgmma) the same kernels issue their big products as
+// wgmma, A still the feature fragments each warp builds in registers (the
+// warpgroup's 64 rows are the 4 warps' 16), B straight from the staged tile,
+// which is why every such tile lies in core matrices
+// (TileLayout::kCoreMatrices): the reduce's values (B MN-major, N = the value
+// tile), the apply's operand rows (MN-major, N = kDim + 8: values and z in
+// one product; kDim for dv) and the dx kernel's gradient tiles (K-major,
+// N = kDim). The small per-warp products (the reduce's z pairs, linear and
+// constant rows, z column) stay on mma.sync. A product's A registers are
+// free once the next one is issued (wgmma_wait<1>), a stage's buffer once its
+// products land (wgmma_wait<0> before the barrier that precedes its refill).
+//
 // Forward.
 // * state_reduce_mma_kernel, one CTA per (block pair, value tile of
 //   kValueTile columns, token split, head): for each 16 tokens t,
@@ -597,6 +609,14 @@ EfficientArgs<T, Acc> make_args(const at::Tensor& x, const at::Tensor& y,
 //   buffers of kStageRows rows, one stage ahead of the products
 //   (OperandStream); the pair rows run as one flat loop over stages, so
 //   nothing but the stage's own work repeats per stage.
+// Whether the kernels of head dim kDim issue their big products as wgmma: on
+// sm_90a from d = 32 on. At d = 16 a product is 16 or 24 columns wide, too
+// narrow to amortise the fence, commit and wait around it: its main loops
+// issue more instructions per tensor-core op than on mma.sync
+// (benchmarks/results/sass_wgmma.md).
+template <int kDim>
+constexpr bool kWgmma = warp::kWgmma && kDim >= 32;
+
 // Tokens per staged tile of the reduce: 128 at d = 16, where a tile of 64
 // holds too few products (48 HMMA) to amortise its copies and barrier.
 template <int kDim>
@@ -639,8 +659,9 @@ struct StateMmaArgs {
   float* partial;  // (splits, B H, F, e + 1)
 };
 
-// A reduce warp's products beside its pair rows (state_reduce_mma_kernel).
-enum class ExtraProducts { kNone, kZPairs, kLinear, kConstant };
+// A reduce warp's products beside its pair rows (state_reduce_mma_kernel);
+// kAny: whichever its role is, decided per step.
+enum class ExtraProducts { kNone, kZPairs, kLinear, kConstant, kAny };
 
 template <typename T, int kDim, bool kQuery, bool kMasked>
 __global__ void __launch_bounds__(kThreads)
@@ -648,7 +669,11 @@ __global__ void __launch_bounds__(kThreads)
   using Blocks = PairBlocks<kDim>;
   constexpr int kEv = Blocks::kValueTile, kN = kEv / 8;
   constexpr int kTokens = kTokenTile<kDim>;
-  constexpr int ld = kDim + 8, kTile = kTokens * ld;
+  // K and V tiles in core matrices (TileLayout::kCoreMatrices): the values
+  // are wgmma's B operand as they land.
+  constexpr TileLayout kLayout = TileLayout::kCoreMatrices;
+  constexpr int kTile = kTokens * kDim;
+  const auto at = [](int r, int c) { return tile_offset<kDim, kLayout>(r, c); };
   extern __shared__ __align__(128) unsigned char smem[];
   T* ks = reinterpret_cast<T*>(smem);  // two stages each: x, y, flags, w
   T* vs = ks + 2 * kTile;
@@ -657,6 +682,11 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, quad = lane % 4;
   const int value_tile = blockIdx.x % Blocks::kValueTiles;
+  // The lanes' ldmatrix rows (.trans, 16 x 16 per load; whole core matrices,
+  // so that a 16-aligned block's offset adds to them): matrices {tokens +0,
+  // +8} x {columns +0, +8} in the order A (km) or B (kl, the values) wants.
+  const int km_lane = at(lane % 8 + lane / 16 * 8, lane / 8 % 2 * 8);
+  const int kl_lane = at(lane % 8 + lane / 8 % 2 * 8, lane / 16 * 8);
   int L, M;
   block_pair<Blocks::kSlices>(blockIdx.x / Blocks::kValueTiles, L, M);
   const int64_t split = blockIdx.y, bh = blockIdx.z;
@@ -683,8 +713,8 @@ __global__ void __launch_bounds__(kThreads)
   // B = ones in column 0: the z column of the key side's linear and
   // constant rows.
   const uint32_t ones_b = g == 0 ? warp::pack<T>(1.f, 1.f) : 0u;
-  KeyCopies<kDim, kTokens, T> rows(p.x, p.y, b, h, begin, end,
-                                   kMasked ? &p.mask : nullptr);
+  KeyCopies<kDim, kTokens, T, kLayout> rows(p.x, p.y, b, h, begin, end,
+                                            kMasked ? &p.mask : nullptr);
   const auto load_tile = [&](int stage, int64_t t0) {  // the next tile, at t0
     // The flags are read by the next tile's products, after the barrier
     // that follows its copies; the previous reads of this stage ended at a
@@ -712,36 +742,40 @@ __global__ void __launch_bounds__(kThreads)
       warp::cp_async_wait<0>();
     }
     __syncthreads();
-    const T* kt = ks + tile % 2 * kTile;
+    const T* kt = ks + tile % 2 * kTile + km_lane;
     const T* vt = vs + tile % 2 * kTile;
+    // wgmma's B operand: the stage's values from column col0 on.
+    [[maybe_unused]] const uint64_t values = warp::matrix_descriptor(
+        warp::shared_address(vt + at(0, col0)), 16 * kDim, 128);
     // The tile's products, for this warp's extra products and z column as
-    // compile-time constants: one copy of the loop per role, no branch in it.
+    // compile-time constants: one copy of the loop per role, no branch in it
+    // (kAny: the role is read per step, so that every warp runs the same
+    // copy, as wgmma needs).
     const auto products = [&](auto extra_products, auto with_z_column) {
       constexpr ExtraProducts kExtra = decltype(extra_products)::value;
       constexpr bool kZColumn = decltype(with_z_column)::value;
 #pragma unroll
       for (int kk = 0; kk < kTokens / 16; ++kk) {
-        const T* krows = kt + kk * 16 * ld;
         // A of K[M]^T (16 m x 16 tokens): .trans of the token-major tile.
         uint32_t km[4];
-        warp::ldmatrix<4, true>(km, krows + (lane % 8 + lane / 16 * 8) * ld +
-                                        M * 16 + lane / 8 % 2 * 8);
+        warp::ldmatrix<4, true>(km, kt + at(kk * 16, M * 16));
         // B of K[L] (16 tokens x 16 l), two n8 tiles: {0, 1} l < 8, {2, 3}.
         uint32_t kl[4];
-        warp::ldmatrix<4, true>(kl, krows + (lane % 8 + lane / 8 % 2 * 8) * ld +
-                                        L * 16 + lane / 16 * 8);
-        uint32_t vb[kN][2];
+        warp::ldmatrix<4, true>(kl,
+                                kt - km_lane + kl_lane + at(kk * 16, L * 16));
+        // B of the tile's values, kN n8 tiles.
+        const auto value_fragments = [&](uint32_t (&vb)[kN][2]) {
 #pragma unroll
-        for (int n = 0; n < kN / 2; ++n) {
-          uint32_t f[4];
-          warp::ldmatrix<4, true>(
-              f, vt + (kk * 16 + lane % 8 + lane / 8 % 2 * 8) * ld + col0 +
-                     n * 16 + lane / 16 * 8);
-          vb[2 * n][0] = f[0];
-          vb[2 * n][1] = f[1];
-          vb[2 * n + 1][0] = f[2];
-          vb[2 * n + 1][1] = f[3];
-        }
+          for (int n = 0; n < kN / 2; ++n) {
+            uint32_t f[4];
+            warp::ldmatrix<4, true>(f,
+                                    vt + kl_lane + at(kk * 16, col0 + n * 16));
+            vb[2 * n][0] = f[0];
+            vb[2 * n][1] = f[1];
+            vb[2 * n + 1][0] = f[2];
+            vb[2 * n + 1][1] = f[3];
+          }
+        };
         // k_l of tokens 2 quad, 2 quad + 1 (lo) and + 8 (hi) for this warp's
         // l = 4 warp + j: B register of lane 4 (l % 8) + quad in n8 tile l / 8.
         const uint32_t kl_lo = warp < 2 ? kl[0] : kl[2];
@@ -755,62 +789,127 @@ __global__ void __launch_bounds__(kThreads)
           zb[0] = g == 0 ? w[0] : 0u;
           zb[1] = g == 0 ? w[4] : 0u;
         }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        // A of rows (l = 4 warp + j, m in M): K[M]^T times k_l of its
+        // tokens, one mul2 per register.
+        const auto feature_a = [&](int j, uint32_t (&a)[4]) {
           const int source = (4 * warp + j) % 8 * 4 + quad;
           const uint32_t lo = __shfl_sync(0xffffffffu, kl_lo, source);
           const uint32_t hi = __shfl_sync(0xffffffffu, kl_hi, source);
-          const uint32_t a[4] = {
-              warp::mul2<T>(km[0], lo), warp::mul2<T>(km[1], lo),
-              warp::mul2<T>(km[2], hi), warp::mul2<T>(km[3], hi)};
-#pragma unroll
-          for (int n = 0; n < kN; ++n) warp::mma_16816<T>(acc[j][n], a, vb[n]);
+          a[0] = warp::mul2<T>(km[0], lo);
+          a[1] = warp::mul2<T>(km[1], lo);
+          a[2] = warp::mul2<T>(km[2], hi);
+          a[3] = warp::mul2<T>(km[3], hi);
+        };
+        const auto z_column_product = [&](int j, const uint32_t (&a)[4]) {
           if constexpr (kZColumn) {
             warp::mma_16816<T>(acc_z[j], a, zb);
           } else if constexpr (kQuery) {  // two value tiles: the first
             if (z_column) warp::mma_16816<T>(acc_z[j], a, zb);
           }
-        }
-        if constexpr (kExtra == ExtraProducts::kZPairs) {
-          // z (m, l) += sum_t k_tm k_tl, l in n8 tile `warp`
-          const uint32_t kb[2] = {warp == 0 ? kl[0] : kl[2],
-                                  warp == 0 ? kl[1] : kl[3]};
-          warp::mma_16816<T>(extra[0], km, kb);
-        } else if constexpr (kExtra != ExtraProducts::kNone) {
-          // Linear: A = K[L]^T (= km, L = M). Constant: A = the token flags
-          // as row 0 (tokens 2 quad + {0, 1}, + 8), so z counts the valid
-          // keys.
-          uint32_t a[4] = {km[0], km[1], km[2], km[3]};
-          if constexpr (kExtra == ExtraProducts::kConstant) {
-            const uint32_t* m = reinterpret_cast<const uint32_t*>(
-                flags + tile % 2 * kTokens + kk * 16 + 2 * quad);
-            a[0] = g == 0 ? m[0] : 0u;
-            a[2] = g == 0 ? m[4] : 0u;
-            a[1] = a[3] = 0u;
-          }
+        };
+        uint32_t vb[kN][2];
+        if constexpr (kWgmma<kDim>) {
+          // The warpgroup's 64 rows (4 warp + j, m) at once per j, B the
+          // values straight from the staged tile: 16 tokens further on is
+          // two row groups, 32 kDim bytes.
+          uint32_t a[4][4];
 #pragma unroll
-          for (int n = 0; n < kN; ++n) warp::mma_16816<T>(extra[n], a, vb[n]);
-          warp::mma_16816<T>(extra[kN], a, zb);
+          for (int j = 0; j < 4; ++j) feature_a(j, a[j]);
+          warp::wgmma_fence();
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            warp::wgmma_rs<T, kEv, warp::Major::kMN>(acc[j], a[j],
+                                                     values + kk * 2 * kDim);
+          warp::wgmma_commit();
+#pragma unroll
+          for (int j = 0; j < 4; ++j) z_column_product(j, a[j]);
+        } else {
+          value_fragments(vb);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            uint32_t a[4];
+            feature_a(j, a);
+#pragma unroll
+            for (int n = 0; n < kN; ++n)
+              warp::mma_16816<T>(acc[j][n], a, vb[n]);
+            z_column_product(j, a);
+          }
         }
+        const auto extra_step = [&](auto role_of_warp) {
+          constexpr ExtraProducts kRole = decltype(role_of_warp)::value;
+          if constexpr (kRole == ExtraProducts::kZPairs) {
+            // z (m, l) += sum_t k_tm k_tl, l in n8 tile `warp`
+            const uint32_t kb[2] = {warp == 0 ? kl[0] : kl[2],
+                                    warp == 0 ? kl[1] : kl[3]};
+            warp::mma_16816<T>(extra[0], km, kb);
+          } else if constexpr (kRole != ExtraProducts::kNone) {
+            // Linear: A = K[L]^T (= km, L = M). Constant: A = the token
+            // flags as row 0 (tokens 2 quad + {0, 1}, + 8), so z counts the
+            // valid keys.
+            uint32_t ea[4] = {km[0], km[1], km[2], km[3]};
+            if constexpr (kRole == ExtraProducts::kConstant) {
+              const uint32_t* m = reinterpret_cast<const uint32_t*>(
+                  flags + tile % 2 * kTokens + kk * 16 + 2 * quad);
+              ea[0] = g == 0 ? m[0] : 0u;
+              ea[2] = g == 0 ? m[4] : 0u;
+              ea[1] = ea[3] = 0u;
+            }
+            if constexpr (kWgmma<kDim>) value_fragments(vb);
+#pragma unroll
+            for (int n = 0; n < kN; ++n)
+              warp::mma_16816<T>(extra[n], ea, vb[n]);
+            warp::mma_16816<T>(extra[kN], ea, zb);
+          }
+        };
+        using Extra = ExtraProducts;
+        if constexpr (kExtra == Extra::kAny) {
+          switch (role) {
+            case Extra::kZPairs:
+              if constexpr (!kQuery)
+                extra_step(std::integral_constant<Extra, Extra::kZPairs>());
+              break;
+            case Extra::kLinear:
+              extra_step(std::integral_constant<Extra, Extra::kLinear>());
+              break;
+            case Extra::kConstant:
+              extra_step(std::integral_constant<Extra, Extra::kConstant>());
+              break;
+            default:
+              break;
+          }
+        } else {
+          extra_step(extra_products);
+        }
+        // At most this step's products in flight: the previous step's A
+        // registers are free again.
+        if constexpr (kWgmma<kDim>) warp::wgmma_wait<1>();
       }
+      // The stage's values are read until its last products land.
+      if constexpr (kWgmma<kDim>) warp::wgmma_wait<0>();
     };
     // The query side's z column is a constant where there is one value tile.
     using Extra = ExtraProducts;
     using ZColumn = std::bool_constant<kQuery && Blocks::kValueTiles == 1>;
-    switch (role) {
-      case Extra::kZPairs:
-        if constexpr (!kQuery)
-          products(std::integral_constant<Extra, Extra::kZPairs>(), ZColumn());
-        break;
-      case Extra::kLinear:
-        products(std::integral_constant<Extra, Extra::kLinear>(), ZColumn());
-        break;
-      case Extra::kConstant:
-        products(std::integral_constant<Extra, Extra::kConstant>(), ZColumn());
-        break;
-      case Extra::kNone:
-        products(std::integral_constant<Extra, Extra::kNone>(), ZColumn());
-        break;
+    if constexpr (kWgmma<kDim>) {
+      products(std::integral_constant<Extra, Extra::kAny>(), ZColumn());
+    } else {
+      switch (role) {
+        case Extra::kZPairs:
+          if constexpr (!kQuery)
+            products(std::integral_constant<Extra, Extra::kZPairs>(),
+                     ZColumn());
+          break;
+        case Extra::kLinear:
+          products(std::integral_constant<Extra, Extra::kLinear>(), ZColumn());
+          break;
+        case Extra::kConstant:
+          products(std::integral_constant<Extra, Extra::kConstant>(),
+                   ZColumn());
+          break;
+        default:
+          products(std::integral_constant<Extra, Extra::kNone>(), ZColumn());
+          break;
+      }
     }
     __syncthreads();  // every warp is done with this stage before its refill
   }
@@ -886,12 +985,17 @@ __global__ void finalize_state_mma_kernel(const float* partial, int64_t splits,
     const int col = static_cast<int>(i % e1);
     const int64_t f = i / e1 % features, bh = i / (e1 * features);
     if (head_scales != nullptr) sum *= head_scales[bh];
-    T* op = operand + bh * Blocks::kRows * width + (col == 0 ? d : col - 1);
+    // Column col - 1 of row r, z (col 0) in column d; in core matrices.
+    T* head = operand + bh * Blocks::kRows * width;
+    const int column = col == 0 ? d : col - 1;
+    const auto op = [&](int64_t r) -> T& {
+      return head[tile_offset<width, TileLayout::kCoreMatrices>(
+          static_cast<int>(r), column)];
+    };
     if (f < linear_feature_offset()) {
-      op[Blocks::kConstantRow * width] =
-          Num<T>::narrow(w.constant * scale * sum);
+      op(Blocks::kConstantRow) = Num<T>::narrow(w.constant * scale * sum);
     } else if (f < pair_feature_offset(d)) {
-      op[(Blocks::kLinearRow + f - linear_feature_offset()) * width] =
+      op(Blocks::kLinearRow + f - linear_feature_offset()) =
           Num<T>::narrow(w.linear * scale * sum);
     } else {
       const int64_t pair = f - pair_feature_offset(d);
@@ -903,21 +1007,20 @@ __global__ void finalize_state_mma_kernel(const float* partial, int64_t splits,
                            : l / 16 == m / 16 ? w.same_block
                                               : w.other_block;
       const T value = Num<T>::narrow(weight * scale * sum);
-      op[(block + l % 16 * 16 + m % 16) * width] = value;
-      if (l != m && l / 16 == m / 16)
-        op[(block + m % 16 * 16 + l % 16) * width] = value;
+      op(block + l % 16 * 16 + m % 16) = value;
+      if (l != m && l / 16 == m / 16) op(block + m % 16 * 16 + l % 16) = value;
     }
   }
 }
 
 // A head's operand, kStages stages of kStage elements, streamed through two
 // shared buffers by 16-byte cp.async. next() waits for stage s, the only copy
-// group in
-// flight (with the first stage, whatever the block staged before start()),
-// and after the barrier, which also tells that every warp is done with stage
-// s - 1, refills that stage's buffer with stage s + 1: its copy overlaps the
-// products of stage s, at one barrier per stage. No copy is in flight after
-// the last stage.
+// group in flight (with the first stage, whatever the block staged before
+// start()), and for this thread's wgmma products (the ones reading stage
+// s - 1), and after the barrier, which also tells that every warp is done
+// with stage s - 1, refills that stage's buffer with stage s + 1: its copy
+// overlaps the products of stage s, at one barrier per stage. No copy is in
+// flight after the last stage.
 template <typename T, int kStage, int kStages>
 struct StageStream {
   static constexpr int kChunks = kStage / 8;  // 16-byte copies per stage
@@ -946,6 +1049,7 @@ struct StageStream {
   }
   __device__ __forceinline__ const T* next() {
     warp::cp_async_wait<0>();
+    warp::wgmma_wait<0>();
     __syncthreads();
     if (stage + 1 < kStages) {
       load(stage + 1);
@@ -1041,7 +1145,7 @@ constexpr size_t apply_mma_smem() {
 template <int kDim, bool kQuery>
 constexpr size_t reduce_mma_smem() {
   constexpr size_t tokens = kTokenTile<kDim>;
-  return (4 * tokens * (kDim + 8) + (kQuery ? 4 : 2) * tokens) * 2;
+  return (4 * tokens * kDim + (kQuery ? 4 : 2) * tokens) * 2;
 }
 
 template <typename T, int kDim, ApplyOutput kOut>
@@ -1070,32 +1174,53 @@ __global__ void __launch_bounds__(kThreads)
   }
   stream.start();  // the rows land with stage 0
 
-  float o[kFrags][kDim / 8][4] = {};
-  float z[kFrags][4] = {};
+  // o (the kDim / 8 value tiles) and z (the last tile: the denominator in
+  // its column 0; a gradient has none) side by side, as one wgmma product
+  // of N = width fills them.
+  float acc[kFrags][kDim / 8 + 1][4] = {};
   // This lane's ldmatrix rows: A fragments of the warp's queries, B (.trans)
-  // of 16 operand rows and of their z column.
+  // of 16 operand rows and of their z column (the operand in core matrices,
+  // TileLayout::kCoreMatrices).
   const T* q_a = qs + (warp_row + lane % 16) * width + lane / 16 * 8;
-  const int b_row = (lane % 8 + lane / 8 % 2 * 8) * width;
-  const int b_col = lane / 16 * 8;
-  // 16 operand rows times the A fragments: o += A values, z += A z-column
-  // (the denominator; a gradient has none).
+  // (col a multiple of 8: whole core matrices, so offsets add.)
+  const int b_lane = tile_offset<width, TileLayout::kCoreMatrices>(
+      lane % 8 + lane / 8 % 2 * 8, lane / 16 * 8);
+  const auto b_at = [&](int col) {
+    return b_lane + tile_offset<width, TileLayout::kCoreMatrices>(0, col);
+  };
+  // 16 operand rows times the A fragments: o += A values, z += A z-column.
   const auto product = [&](const uint32_t (&a)[kFrags][4], const T* rows) {
+    if constexpr (kWgmma<kDim>) {
+      // The warpgroup's 64 rows per fragment; B straight from the stage.
+      const uint64_t desc =
+          warp::matrix_descriptor(warp::shared_address(rows), 16 * width, 128);
+      warp::wgmma_fence();
 #pragma unroll
-    for (int n = 0; n < kDim / 16; ++n) {
-      uint32_t f[4];
-      warp::ldmatrix<4, true>(f, rows + b_row + n * 16 + b_col);
-      const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+      for (int fr = 0; fr < kFrags; ++fr)
+        warp::wgmma_rs<T, kGradient ? kDim : width, warp::Major::kMN>(
+            acc[fr], a[fr], desc);
+      warp::wgmma_commit();
+      // The previous product's A registers are free again.
+      warp::wgmma_wait<1>();
+    } else {
 #pragma unroll
-      for (int fr = 0; fr < kFrags; ++fr) {
-        warp::mma_16816<T>(o[fr][2 * n], a[fr], lo);
-        warp::mma_16816<T>(o[fr][2 * n + 1], a[fr], hi);
+      for (int n = 0; n < kDim / 16; ++n) {
+        uint32_t f[4];
+        warp::ldmatrix<4, true>(f, rows + b_at(n * 16));
+        const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+#pragma unroll
+        for (int fr = 0; fr < kFrags; ++fr) {
+          warp::mma_16816<T>(acc[fr][2 * n], a[fr], lo);
+          warp::mma_16816<T>(acc[fr][2 * n + 1], a[fr], hi);
+        }
       }
-    }
-    if constexpr (!kGradient) {
-      uint32_t f[2];
-      warp::ldmatrix<2, true>(f, rows + b_row + kDim);
+      if constexpr (!kGradient) {
+        uint32_t f[2];
+        warp::ldmatrix<2, true>(f, rows + b_at(kDim));
 #pragma unroll
-      for (int fr = 0; fr < kFrags; ++fr) warp::mma_16816<T>(z[fr], a[fr], f);
+        for (int fr = 0; fr < kFrags; ++fr)
+          warp::mma_16816<T>(acc[fr][kDim / 8], a[fr], f);
+      }
     }
   };
 
@@ -1155,6 +1280,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+  warp::wgmma_wait<0>();  // the last products, before the epilogue reads them
   const float grad_scale =
       kGradient && p.grad_scale != nullptr ? p.grad_scale[bh] : 1.f;
 #pragma unroll
@@ -1169,7 +1295,8 @@ __global__ void __launch_bounds__(kThreads)
             row < p.tokens && p.mask.key_valid(b, row) ? grad_scale : 0.f;
       } else {
         // den of rows g, g + 8 sits in column 0 of z: lane 4 g.
-        const float row_sum = __shfl_sync(0xffffffffu, z[fr][2 * r], g * 4);
+        const float row_sum =
+            __shfl_sync(0xffffffffu, acc[fr][kDim / 8][2 * r], g * 4);
         scale[r] = row < p.tokens
                        ? p.sigma.at(b, h, row) * safe_reciprocal(row_sum)
                        : 0.f;
@@ -1177,7 +1304,7 @@ __global__ void __launch_bounds__(kThreads)
           den[bh * p.tokens + row] = row_sum / p.state_scale;
       }
     }
-    store_rows<T, kDim>(out + bh * p.tokens * p.e, o[fr], row0, p.tokens, p.e,
+    store_rows<T, kDim>(out + bh * p.tokens * p.e, acc[fr], row0, p.tokens, p.e,
                         scale, lane);
   }
 }
@@ -1215,10 +1342,15 @@ struct DxTilesArgs {
 // features), and B the tiles W[.][.][c]: g = S y' and its contraction with x
 // in one product, with no per-element work beside the tensor cores and the z
 // column one more tile (c = e).
+// A tile is kDim x kDim in core matrices (TileLayout::kCoreMatrices): rows p
+// are B's columns n, so B is K-major for wgmma, and ldmatrix reads it without
+// bank conflicts.
 template <int kDim>
 struct GradientTiles {
-  static constexpr int kPitch = kDim + 8;      // ldmatrix rows in 8 banks
-  static constexpr int kTile = kDim * kPitch;  // elements of one tile
+  static constexpr int kTile = kDim * kDim;  // elements of one tile
+  TS_HOST_DEVICE static constexpr int at(int p, int q) {
+    return tile_offset<kDim, TileLayout::kCoreMatrices>(p, q);
+  }
   // e + 1 pair tiles (c = 0 .. e - 1 the values, c = e the z column), then
   // the linear tile Wl[p][c], c < e
   static constexpr int kTiles = kDim + 2;
@@ -1229,7 +1361,7 @@ struct GradientTiles {
   static constexpr int kStoredTiles = kStages * kStageTiles;
 };
 
-// The tiles (B H, kStoredTiles, kDim, kPitch) of a state (B H, F, e + 1): the
+// The tiles (B H, kStoredTiles, kDim x kDim) of a state (B H, F, e + 1): the
 // pair tiles W[p][q][c] = (p == q ? diagonal : other) S_pq[c], the linear tile
 // linear S_linear[p][c], times head_scales[bh] (null: 1), rounded to T; the
 // linear z column S_linear[p][z] likewise into linear_z (B H, kDim), float.
@@ -1259,8 +1391,8 @@ __global__ void gradient_tiles_kernel(const float* state, int64_t count,
       value = linear * row[q + 1];
       if (q == 0) linear_z[bh * d + p] = linear * factor * row[0];
     }
-    tiles[(bh * Tiles::kStoredTiles + t) * Tiles::kTile + p * Tiles::kPitch +
-          q] = Num<T>::narrow(factor * value);
+    tiles[(bh * Tiles::kStoredTiles + t) * Tiles::kTile + Tiles::at(p, q)] =
+        Num<T>::narrow(factor * value);
   }
 }
 
@@ -1322,27 +1454,45 @@ __global__ void __launch_bounds__(kThreads)
   const int row_g = warp_row + g;  // fragment fr: + 16 fr, and + 8
   // ldmatrix rows of B (rows p, 16 columns from a tile's column 16 k):
   // matrices {rows +0, +8} x {columns +0, +8}, registers {0, 1} n8 tile
-  // p0 .. p0 + 7, {2, 3} the next.
-  const int b_row =
-      (lane % 8 + lane / 16 * 8) * Tiles::kPitch + lane / 8 % 2 * 8;
+  // p0 .. p0 + 7, {2, 3} the next (p0, q0 multiples of 8: whole core
+  // matrices, so offsets add).
+  const int b_lane = Tiles::at(lane % 8 + lane / 16 * 8, lane / 8 % 2 * 8);
+  const auto b_at = [&](int p0, int q0) { return b_lane + Tiles::at(p0, q0); };
   float dx[kFrags][kN][4] = {};
   // dx += A B^T for one tile, A of kSlices k-steps per fragment: every B
   // fragment feeds all fragments.
   const auto tile_product = [&](const uint32_t (&a)[kFrags][kSlices][4],
                                 const T* tile) {
+    if constexpr (kWgmma<kDim>) {
+      // The warpgroup's 64 tokens per fragment, all kDim columns p at once;
+      // k-step k starts 2 core matrices (256 bytes) further on.
+      const uint64_t desc =
+          warp::matrix_descriptor(warp::shared_address(tile), 128, 16 * kDim);
+      warp::wgmma_fence();
 #pragma unroll
-    for (int k = 0; k < kSlices; ++k)
+      for (int k = 0; k < kSlices; ++k)
 #pragma unroll
-      for (int n = 0; n < kDim / 16; ++n) {
-        uint32_t f[4];
-        warp::ldmatrix<4>(f, tile + n * 16 * Tiles::kPitch + b_row + 16 * k);
-        const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+        for (int fr = 0; fr < kFrags; ++fr)
+          warp::wgmma_rs<T, kDim, warp::Major::kK>(dx[fr], a[fr][k],
+                                                   desc + 16 * k);
+      warp::wgmma_commit();
+      // The previous tile's A registers are free again.
+      warp::wgmma_wait<1>();
+    } else {
 #pragma unroll
-        for (int fr = 0; fr < kFrags; ++fr) {
-          warp::mma_16816<T>(dx[fr][2 * n], a[fr][k], lo);
-          warp::mma_16816<T>(dx[fr][2 * n + 1], a[fr][k], hi);
+      for (int k = 0; k < kSlices; ++k)
+#pragma unroll
+        for (int n = 0; n < kDim / 16; ++n) {
+          uint32_t f[4];
+          warp::ldmatrix<4>(f, tile + b_at(n * 16, 16 * k));
+          const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+#pragma unroll
+          for (int fr = 0; fr < kFrags; ++fr) {
+            warp::mma_16816<T>(dx[fr][2 * n], a[fr][k], lo);
+            warp::mma_16816<T>(dx[fr][2 * n + 1], a[fr][k], hi);
+          }
         }
-      }
+    }
   };
   // Pair tile c with A = x times y'_t[c] of its rows: half `high` of
   // pairs[fr][r] holds y'_t[c] of row 16 fr + g + 8 r (mul2_half multiplies
@@ -1410,6 +1560,7 @@ __global__ void __launch_bounds__(kThreads)
       tile_product(yf, tile);
     }
   }
+  warp::wgmma_wait<0>();  // the last products, before the epilogue reads them
   // The linear z column: dx[p] += w_t linear_z[p]; then the gradients'
   // scale (float16) on the rows that exist (zero for padded keys).
   const float* lz = linear_z + bh * kDim;
@@ -1548,7 +1699,7 @@ void mma_dx_tiles(const DxTilesArgs<T>& p, const at::Tensor& state,
   const int64_t bh = state.size(0) * state.size(1);
   const auto options = grad_x.options();
   at::Tensor tiles =
-      at::zeros({bh, Tiles::kStoredTiles, kDim, Tiles::kPitch}, options);
+      at::zeros({bh, Tiles::kStoredTiles, Tiles::kTile}, options);
   at::Tensor linear_z = at::empty({bh, kDim}, options.dtype(at::kFloat));
   const int64_t count = bh * Tiles::kTiles * kDim * kDim;
   gradient_tiles_kernel<T, kDim>

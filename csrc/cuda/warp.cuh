@@ -27,9 +27,11 @@
 // descriptor. Warp w holds rows 16 w .. 16 w + 15 of A and D, in exactly the
 // A and C fragments above (D's n8 tiles in order), so a warp's mma.sync code
 // keeps its fragments. B (k x n) lies in 8x8 core matrices of 128 contiguous
-// bytes, no swizzle: with n contiguous ("MN-major", imm-trans-b = 1)
-// element (k, n) is at
-//   start + (k / 8) LBO + (n / 8) SBO + 16 (k % 8) + 2 (n % 8)  bytes,
+// bytes, no swizzle, element (k, n) at
+//   n contiguous (MN-major):  start + (k / 8) LBO + (n / 8) SBO
+//                                   + 16 (k % 8) + 2 (n % 8)  bytes,
+//   k contiguous (K-major):   start + (k / 8) LBO + (n / 8) SBO
+//                                   + 16 (n % 8) + 2 (k % 8)  bytes,
 // the descriptor holding start, LBO and SBO in 16-byte units
 // (bits 0-13, 16-29, 32-45; layout type 0 in bits 62-63).
 // The product runs asynchronously: D and the registers of A belong to it
@@ -50,6 +52,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "matrix_descriptor.cuh"
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(TAYLORSHIFT_EMULATE_WGMMA)
 #define TAYLORSHIFT_WGMMA 1
 #endif
@@ -60,15 +64,6 @@ inline constexpr bool kWgmma = true;
 #else
 inline constexpr bool kWgmma = false;
 #endif
-
-// The descriptor of a no-swizzle B operand at byte offset `start` of shared
-// memory (see above): LBO and SBO in bytes, multiples of 16.
-__host__ __device__ constexpr uint64_t matrix_descriptor(uint32_t start,
-                                                         uint32_t lbo,
-                                                         uint32_t sbo) {
-  return uint64_t(start >> 4 & 0x3fff) | uint64_t(lbo >> 4 & 0x3fff) << 16 |
-         uint64_t(sbo >> 4 & 0x3fff) << 32;
-}
 }  // namespace taylorshift::cuda_kernels::warp
 
 #ifndef TAYLORSHIFT_EMULATION
@@ -251,75 +246,104 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 
 // The warpgroup's D (64 x kN) += A (64 x 16, registers) B (16 x kN, shared,
-// MN-major, `desc`); this warp's part of D is d, its part of A is a.
+// laid out as kMajor says, `desc`); this warp's part of D is the first kN / 8
+// n8 tiles of d, its part of A is a. The shapes the kernels use: kN in
+// {16, 24, 32, 40, 64, 72, 128, 136}.
 #define TS_WGMMA_D8(n) \
   "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])
-template <typename T, int kN>
-__device__ __forceinline__ void wgmma_rs(float (&d)[kN / 8][4],
+#define TS_WGMMA_RS_TYPE(N, TYPE, TRANS, REGS, A, DESC, ...)          \
+  asm volatile(                                                       \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                      \
+      "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE \
+      " {" REGS "}, {" A "}, " DESC ", p, 1, 1, " TRANS ";\n}\n"      \
+      : __VA_ARGS__                                                   \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+#define TS_WGMMA_RS(N, REGS, A, DESC, ...)                        \
+  if constexpr (kBf16 && kMajor == Major::kMN) {                  \
+    TS_WGMMA_RS_TYPE(N, "bf16", "1", REGS, A, DESC, __VA_ARGS__); \
+  } else if constexpr (kBf16) {                                   \
+    TS_WGMMA_RS_TYPE(N, "bf16", "0", REGS, A, DESC, __VA_ARGS__); \
+  } else if constexpr (kMajor == Major::kMN) {                    \
+    TS_WGMMA_RS_TYPE(N, "f16", "1", REGS, A, DESC, __VA_ARGS__);  \
+  } else {                                                        \
+    TS_WGMMA_RS_TYPE(N, "f16", "0", REGS, A, DESC, __VA_ARGS__);  \
+  }
+template <typename T, int kN, Major kMajor, int kTiles>
+__device__ __forceinline__ void wgmma_rs(float (&d)[kTiles][4],
                                          const uint32_t (&a)[4],
                                          uint64_t desc) {
+  static_assert(kTiles >= kN / 8, "D: the first kN / 8 n8 tiles of d");
 #ifdef TAYLORSHIFT_WGMMA
-  static_assert(kN == 16 || kN == 32 || kN == 64);
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   static_assert(kBf16 || std::is_same_v<T, __half>);
   if constexpr (kN == 16) {
-    if constexpr (kBf16)
-      asm volatile(
-          "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-          "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-          "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, "
-          "1, 1;\n}\n"
-          : TS_WGMMA_D8(0), TS_WGMMA_D8(1)
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-    else
-      asm volatile(
-          "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-          "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
-          "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, "
-          "1, 1;\n}\n"
-          : TS_WGMMA_D8(0), TS_WGMMA_D8(1)
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    TS_WGMMA_RS(16, "%0, %1, %2, %3, %4, %5, %6, %7", "%8, %9, %10, %11", "%12",
+                TS_WGMMA_D8(0), TS_WGMMA_D8(1))
+  } else if constexpr (kN == 24) {
+    TS_WGMMA_RS(24, "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11",
+                "%12, %13, %14, %15", "%16", TS_WGMMA_D8(0), TS_WGMMA_D8(1),
+                TS_WGMMA_D8(2))
   } else if constexpr (kN == 32) {
-    if constexpr (kBf16)
-      asm volatile(
-          "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-          "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-          "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, "
-          "%15}, {%16, %17, %18, %19}, %20, p, 1, 1, 1;\n}\n"
-          : TS_WGMMA_D8(0), TS_WGMMA_D8(1), TS_WGMMA_D8(2), TS_WGMMA_D8(3)
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-    else
-      asm volatile(
-          "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-          "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
-          "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, "
-          "%15}, {%16, %17, %18, %19}, %20, p, 1, 1, 1;\n}\n"
-          : TS_WGMMA_D8(0), TS_WGMMA_D8(1), TS_WGMMA_D8(2), TS_WGMMA_D8(3)
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    TS_WGMMA_RS(
+        32,
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15",
+        "%16, %17, %18, %19", "%20", TS_WGMMA_D8(0), TS_WGMMA_D8(1),
+        TS_WGMMA_D8(2), TS_WGMMA_D8(3))
+  } else if constexpr (kN == 40) {
+    TS_WGMMA_RS(40,
+                "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, "
+                "%14, %15, %16, %17, %18, %19",
+                "%20, %21, %22, %23", "%24", TS_WGMMA_D8(0), TS_WGMMA_D8(1),
+                TS_WGMMA_D8(2), TS_WGMMA_D8(3), TS_WGMMA_D8(4))
+  } else if constexpr (kN == 64) {
+    TS_WGMMA_RS(64,
+                "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, "
+                "%14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, "
+                "%26, %27, %28, %29, %30, %31",
+                "%32, %33, %34, %35", "%36", TS_WGMMA_D8(0), TS_WGMMA_D8(1),
+                TS_WGMMA_D8(2), TS_WGMMA_D8(3), TS_WGMMA_D8(4), TS_WGMMA_D8(5),
+                TS_WGMMA_D8(6), TS_WGMMA_D8(7))
+  } else if constexpr (kN == 72) {
+    TS_WGMMA_RS(72,
+                "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, "
+                "%14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, "
+                "%26, %27, %28, %29, %30, %31, %32, %33, %34, %35",
+                "%36, %37, %38, %39", "%40", TS_WGMMA_D8(0), TS_WGMMA_D8(1),
+                TS_WGMMA_D8(2), TS_WGMMA_D8(3), TS_WGMMA_D8(4), TS_WGMMA_D8(5),
+                TS_WGMMA_D8(6), TS_WGMMA_D8(7), TS_WGMMA_D8(8))
+  } else if constexpr (kN == 128) {
+    TS_WGMMA_RS(
+        128,
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+        "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "
+        "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, "
+        "%58, %59, %60, %61, %62, %63",
+        "%64, %65, %66, %67", "%68", TS_WGMMA_D8(0), TS_WGMMA_D8(1),
+        TS_WGMMA_D8(2), TS_WGMMA_D8(3), TS_WGMMA_D8(4), TS_WGMMA_D8(5),
+        TS_WGMMA_D8(6), TS_WGMMA_D8(7), TS_WGMMA_D8(8), TS_WGMMA_D8(9),
+        TS_WGMMA_D8(10), TS_WGMMA_D8(11), TS_WGMMA_D8(12), TS_WGMMA_D8(13),
+        TS_WGMMA_D8(14), TS_WGMMA_D8(15))
+  } else if constexpr (kN == 136) {
+    TS_WGMMA_RS(
+        136,
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+        "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "
+        "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, "
+        "%58, %59, %60, %61, %62, %63, %64, %65, %66, %67",
+        "%68, %69, %70, %71", "%72", TS_WGMMA_D8(0), TS_WGMMA_D8(1),
+        TS_WGMMA_D8(2), TS_WGMMA_D8(3), TS_WGMMA_D8(4), TS_WGMMA_D8(5),
+        TS_WGMMA_D8(6), TS_WGMMA_D8(7), TS_WGMMA_D8(8), TS_WGMMA_D8(9),
+        TS_WGMMA_D8(10), TS_WGMMA_D8(11), TS_WGMMA_D8(12), TS_WGMMA_D8(13),
+        TS_WGMMA_D8(14), TS_WGMMA_D8(15), TS_WGMMA_D8(16))
   } else {
-    if constexpr (kBf16)
-      asm volatile(
-          "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-          "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-          "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, "
-          "%15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, "
-          "%28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-          : TS_WGMMA_D8(0), TS_WGMMA_D8(1), TS_WGMMA_D8(2), TS_WGMMA_D8(3),
-            TS_WGMMA_D8(4), TS_WGMMA_D8(5), TS_WGMMA_D8(6), TS_WGMMA_D8(7)
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-    else
-      asm volatile(
-          "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-          "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-          "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, "
-          "%15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, "
-          "%28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-          : TS_WGMMA_D8(0), TS_WGMMA_D8(1), TS_WGMMA_D8(2), TS_WGMMA_D8(3),
-            TS_WGMMA_D8(4), TS_WGMMA_D8(5), TS_WGMMA_D8(6), TS_WGMMA_D8(7)
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    static_assert(kN == 16, "a shape the kernels use");
   }
 #endif
 }
+#undef TS_WGMMA_RS
+#undef TS_WGMMA_RS_TYPE
 #undef TS_WGMMA_D8
 
 }  // namespace taylorshift::cuda_kernels::warp

@@ -13,7 +13,8 @@ Used as a pytest plugin (-p emulate) it builds and loads the emulation after tay
 (one OS thread per emulated CUDA thread): use it on small shapes. What it cannot check: timing,
 real warp scheduling and memory ordering beyond __syncthreads, register/shared-memory limits.
 TS_EMULATION_SMEM and TS_EMULATION_SMS override the device's shared memory per block and
-multiprocessor count, to reach the smaller tiles and other token splits.
+multiprocessor count, to reach the smaller tiles and other token splits. TS_EMULATION_WGMMA=1 builds
+the kernels as nvcc's sm_90a pass does, on wgmma (in a folder of its own under the build folder).
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ def build(build_dir: str | os.PathLike | None = None):
     build_dir = Path(
         build_dir or os.environ.get("TS_EMULATION_BUILD", "/tmp/taylorshift_emulation")
     )
+    cflags = ["-std=c++20", "-O1", "-w"]
+    if os.environ.get("TS_EMULATION_WGMMA") == "1":
+        build_dir = build_dir / "wgmma"
+        cflags.append("-DTAYLORSHIFT_EMULATE_WGMMA")
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = []
     for name in SOURCES:
@@ -98,7 +103,7 @@ def build(build_dir: str | os.PathLike | None = None):
         name="taylorshift_cuda_emulation",
         sources=sources,
         build_directory=str(build_dir),
-        extra_cflags=["-std=c++20", "-O1", "-w", f"-I{cuda_include}"],
+        extra_cflags=[*cflags, f"-I{cuda_include}"],
         verbose=False,
     )
     module.set_props(

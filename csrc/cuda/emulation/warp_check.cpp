@@ -73,22 +73,24 @@ void wgmma_layouts(const char* name) {
   report(name, cases, bad);
 }
 
-// A no-swizzle MN-major B operand (N x 16 in CuTe's (n, k) order) at the
-// start of shared memory: CuTe's make_gmma_desc of it against
-// matrix_descriptor(0, lbo, sbo), and every element's address as
+// A no-swizzle B operand (N x 16 in CuTe's (n, k) order, n or k contiguous
+// as kMajor says) at the start of shared memory: CuTe's make_gmma_desc of it
+// against matrix_descriptor(0, lbo, sbo), and every element's address as
 // layout::descriptor_offset decodes CuTe's descriptor against CuTe's layout.
 // (On the host CuTe cannot convert a shared pointer and takes start 0.)
-template <typename Layout>
+template <warp::Major kMajor, typename Layout>
 void descriptor(const char* name, Layout layout, uint32_t lbo, uint32_t sbo) {
   using bf16 = cutlass::bfloat16_t;
+  constexpr bool kMN = kMajor == warp::Major::kMN;
   const auto tensor = make_tensor(
       make_smem_ptr(reinterpret_cast<const bf16*>(emu::smem)), layout);
   const uint64_t desc =
-      SM90::GMMA::make_gmma_desc<SM90::GMMA::Major::MN>(tensor);
+      SM90::GMMA::make_gmma_desc<kMN ? SM90::GMMA::Major::MN
+                                     : SM90::GMMA::Major::K>(tensor);
   long cases = 1, bad = desc != warp::matrix_descriptor(0, lbo, sbo);
   for (int n = 0; n < size<0>(layout); ++n)
     for (int k = 0; k < 16; ++k, ++cases)
-      bad += warp::layout::descriptor_offset(desc, true, k, n) !=
+      bad += warp::layout::descriptor_offset(desc, kMN, k, n) !=
              2 * uint32_t(layout(n, k));
   report(name, cases, bad);
 }
@@ -185,11 +187,13 @@ void mma_product(const char* name) {
 }
 
 // D = A B + C on wgmma: a warpgroup holding A (64 x 16) in registers and B
-// (16 x kN) in the kernels' value-tile layout (8x8 core matrices, token
-// groups 16 kN bytes apart); D unchanged until the wait, then against a
-// double-precision product.
-template <typename T, int kN>
+// (16 x kN) in the kernels' core-matrix tiles (TileLayout::kCoreMatrices):
+// MN-major, B's rows k in row groups 16 kN bytes apart; K-major, B's columns
+// n as tile rows, in row groups 32 bytes apart. D unchanged until the wait,
+// then against a double-precision product.
+template <typename T, int kN, warp::Major kMajor>
 void wgmma_product(const char* name) {
+  constexpr bool kMN = kMajor == warp::Major::kMN;
   float A[64][16], B[16][kN], C[64][kN], D[64][kN];
   for (int i = 0; i < 64; ++i)
     for (int k = 0; k < 16; ++k)
@@ -209,7 +213,8 @@ void wgmma_product(const char* name) {
         if (t == 0)
           for (int k = 0; k < 16; ++k)
             for (int j = 0; j < kN; ++j)
-              b_tile[k / 8 * 8 * kN + j / 8 * 64 + k % 8 * 8 + j % 8] =
+              b_tile[kMN ? k / 8 * 8 * kN + j / 8 * 64 + k % 8 * 8 + j % 8
+                         : j / 8 * 8 * 16 + k / 8 * 64 + j % 8 * 8 + k % 8] =
                   warp::detail::from_float<T>(B[k][j]);
         emu::sync();
         uint32_t a[4];
@@ -224,7 +229,10 @@ void wgmma_product(const char* name) {
           d[i / 4][i % 4] = C[e.row][e.col];
         }
         warp::wgmma_fence();
-        warp::wgmma_rs<T, kN>(d, a, warp::matrix_descriptor(128, 16 * kN, 128));
+        warp::wgmma_rs<T, kN, kMajor>(
+            d, a,
+            kMN ? warp::matrix_descriptor(128, 16 * kN, 128)
+                : warp::matrix_descriptor(128, 128, 16 * 16));
         warp::wgmma_commit();
         for (int i = 0; i < kN / 2; ++i) {
           const auto e = warp::layout::wgmma_d(t, i);
@@ -380,22 +388,39 @@ int main() {
       "layout_SM90_64x32x16_F32F16F16_RS");
   wgmma_layouts<MMA_Traits<MMA_64x64x16_F32BF16BF16_RS<Major::K, Major::MN>>>(
       "layout_SM90_64x64x16_F32BF16BF16_RS");
-  // CuTe's canonical atom tiled to the operand (n groups 128 bytes apart),
-  // and the kernels' value tiles (token groups 16 N bytes apart).
+  // CuTe's canonical atoms tiled to the operand, and the kernels' tiles in
+  // core matrices: the reduce's value tiles (MN-major, token groups 16 N
+  // bytes apart) and the dx kernel's gradient tiles (K-major, their rows n in
+  // groups 16 kDim bytes apart).
   using bf16 = cutlass::bfloat16_t;
-  descriptor("descriptor_MN_INTER_atom_64x16",
-             tile_to_shape(Layout_MN_INTER_Atom<bf16>{}, Shape<_64, _16>{}),
-             1024, 128);
-  descriptor("descriptor_value_tile_16",
-             make_layout(Shape<Shape<_8, _2>, Shape<_8, _2>>{},
-                         Stride<Stride<_1, _64>, Stride<_8, _128>>{}),
-             256, 128);
-  descriptor("descriptor_value_tile_64",
-             make_layout(Shape<Shape<_8, _8>, Shape<_8, _2>>{},
-                         Stride<Stride<_1, _64>, Stride<_8, _512>>{}),
-             1024, 128);
-  wgmma_product<__nv_bfloat16, 16>("wgmma_64x16x16_bf16");
-  wgmma_product<__half, 32>("wgmma_64x32x16_f16");
-  wgmma_product<__nv_bfloat16, 64>("wgmma_64x64x16_bf16");
+  descriptor<warp::Major::kMN>(
+      "descriptor_MN_INTER_atom_64x16",
+      tile_to_shape(Layout_MN_INTER_Atom<bf16>{}, Shape<_64, _16>{}), 1024,
+      128);
+  descriptor<warp::Major::kK>(
+      "descriptor_K_INTER_atom_64x16",
+      tile_to_shape(Layout_K_INTER_Atom<bf16>{}, Shape<_64, _16>{}), 1024, 128);
+  descriptor<warp::Major::kMN>(
+      "descriptor_value_tile_16",
+      make_layout(Shape<Shape<_8, _2>, Shape<_8, _2>>{},
+                  Stride<Stride<_1, _64>, Stride<_8, _128>>{}),
+      256, 128);
+  descriptor<warp::Major::kMN>(
+      "descriptor_value_tile_64",
+      make_layout(Shape<Shape<_8, _8>, Shape<_8, _2>>{},
+                  Stride<Stride<_1, _64>, Stride<_8, _512>>{}),
+      1024, 128);
+  descriptor<warp::Major::kK>(
+      "descriptor_gradient_tile_64",
+      make_layout(Shape<Shape<_8, _8>, Shape<_8, _2>>{},
+                  Stride<Stride<_8, _512>, Stride<_1, _64>>{}),
+      128, 1024);
+  wgmma_product<__nv_bfloat16, 16, warp::Major::kMN>("wgmma_64x16x16_bf16");
+  wgmma_product<__half, 32, warp::Major::kMN>("wgmma_64x32x16_f16");
+  wgmma_product<__nv_bfloat16, 64, warp::Major::kMN>("wgmma_64x64x16_bf16");
+  wgmma_product<__nv_bfloat16, 72, warp::Major::kMN>("wgmma_64x72x16_bf16");
+  wgmma_product<__half, 64, warp::Major::kK>("wgmma_64x64x16_f16_kmajor");
+  wgmma_product<__nv_bfloat16, 136, warp::Major::kK>(
+      "wgmma_64x136x16_bf16_kmajor");
   return failures;
 }

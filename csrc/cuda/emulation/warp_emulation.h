@@ -10,8 +10,9 @@
 // so an early read sees the 0xff fill of shared memory: NaN). A wgmma lands
 // in its accumulators at the wgmma_wait that covers it, as late as the
 // hardware may; changing its B operand's shared memory or its accumulators
-// before then, or issuing it without a wgmma_fence since the last commit,
-// aborts.
+// before then (a cp.async into that memory is refused at its issue, as it
+// may land at once), or issuing it without a wgmma_fence since the last
+// commit, aborts.
 #pragma once
 
 #include <algorithm>
@@ -22,6 +23,8 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include "../matrix_descriptor.cuh"
 
 namespace taylorshift::cuda_kernels::warp {
 
@@ -149,6 +152,8 @@ struct Product {
   std::vector<float> d_at_issue;
   float a[2][16];  // rows g and g + 8 of the warp's 16 rows
   uint64_t desc;
+  bool mn_major;
+  uint32_t b_first, b_last;  // the bytes B spans in shared memory
   std::vector<uint16_t> b;   // k x N, as read at the issue
   float (*value)(uint16_t);  // to_float of the operand type
 };
@@ -156,19 +161,26 @@ inline thread_local std::vector<Product> open_products;
 inline thread_local std::vector<std::vector<Product>> committed_products;
 inline thread_local bool fenced = false;
 
-// B (16 x n, MN-major) read through the descriptor.
-inline std::vector<uint16_t> read_b(uint64_t desc, int n) {
+// B (16 x n) read through the descriptor.
+inline std::vector<uint16_t> read_b(uint64_t desc, bool mn_major, int n) {
   std::vector<uint16_t> b(16 * n);
   for (int k = 0; k < 16; ++k)
     for (int c = 0; c < n; ++c) {
       const unsigned char* e =
-          emu::smem + layout::descriptor_offset(desc, true, k, c);
+          emu::smem + layout::descriptor_offset(desc, mn_major, k, c);
       if (!in_shared(e, 2)) fail("wgmma B operand outside shared memory");
       std::memcpy(&b[k * n + c], e, 2);
     }
   return b;
 }
 }  // namespace detail
+
+// A shared address as the hardware's shared window sees it: the offset from
+// the start of shared memory.
+inline uint32_t shared_address(const void* p) {
+  if (!detail::in_shared(p, 1)) detail::fail("not a shared address");
+  return uint32_t(static_cast<const unsigned char*>(p) - emu::smem);
+}
 
 template <typename T>
 uint32_t pack(float lo, float hi) {
@@ -269,6 +281,16 @@ inline void cp_async_16(void* dst, const void* src, bool valid) {
       (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0))
     detail::fail(
         "cp.async needs 16-byte aligned source and shared destination");
+  // The copy may land at once: not into a B operand still being read.
+  const uint32_t first = uint32_t(static_cast<unsigned char*>(dst) - emu::smem);
+  const auto overlaps = [&](const detail::Product& p) {
+    return first < p.b_last && first + 16 > p.b_first;
+  };
+  for (const auto& group : detail::committed_products)
+    for (const auto& p : group)
+      if (overlaps(p)) detail::fail("cp.async into a wgmma operand in flight");
+  for (const auto& p : detail::open_products)
+    if (overlaps(p)) detail::fail("cp.async into a wgmma operand in flight");
   detail::open_group.push_back({dst, src, valid});
 }
 
@@ -300,9 +322,9 @@ inline void wgmma_commit() {
 
 // This warp's part of the warpgroup's product: its rows of D depend on its
 // rows of A and on B alone, so the warp's 32 lanes suffice to compute it.
-template <typename T, int kN>
-void wgmma_rs(float (&d)[kN / 8][4], const uint32_t (&a)[4], uint64_t desc) {
-  static_assert(kN == 16 || kN == 32 || kN == 64);
+template <typename T, int kN, Major kMajor, int kTiles>
+void wgmma_rs(float (&d)[kTiles][4], const uint32_t (&a)[4], uint64_t desc) {
+  static_assert(kN % 8 == 0 && kN <= 256 && kTiles >= kN / 8);
   if (!detail::fenced)
     detail::fail("wgmma issued without a wgmma_fence since the last commit");
   if ((desc >> 62) != 0) detail::fail("wgmma descriptor with a swizzle");
@@ -332,7 +354,10 @@ void wgmma_rs(float (&d)[kN / 8][4], const uint32_t (&a)[4], uint64_t desc) {
   std::memcpy(p.a[0], A[g], sizeof(p.a[0]));
   std::memcpy(p.a[1], A[g + 8], sizeof(p.a[1]));
   p.desc = desc;
-  p.b = detail::read_b(desc, kN);
+  p.mn_major = kMajor == Major::kMN;
+  p.b_first = layout::descriptor_offset(desc, p.mn_major, 0, 0);
+  p.b_last = layout::descriptor_offset(desc, p.mn_major, 15, kN - 1) + 1;
+  p.b = detail::read_b(desc, p.mn_major, kN);
   p.value = &detail::to_float<T>;
   detail::open_products.push_back(std::move(p));
 }
@@ -344,7 +369,7 @@ void wgmma_wait() {
   while (detail::committed_products.size() > size_t(kPending)) {
     for (const detail::Product& p : detail::committed_products.front()) {
       const int n = 2 * p.count;
-      if (detail::read_b(p.desc, n) != p.b)
+      if (detail::read_b(p.desc, p.mn_major, n) != p.b)
         detail::fail("wgmma B operand changed before its wait");
       if (!p.chained && !std::equal(p.d, p.d + p.count, p.d_at_issue.begin()))
         detail::fail("wgmma accumulators changed before its wait");
