@@ -406,16 +406,23 @@ struct RowCopies {
   const T* fallback;  // a valid address for the copies that read nothing
   int64_t step;       // kStep rows, in elements
   int64_t left;       // rows from copy 0's row of the current tile to `total`
-  int row;            // copy 0's row in the tile
   int offset;         // copy 0's place in the shared tile
   bool col_valid;
 
+  // This thread's row of copy 0.
+  // (threadIdx.x unsigned: the divisions are shifts.)
+  static __device__ __forceinline__ int first_row() {
+    const unsigned t = threadIdx.x;
+    return kLayout == TileLayout::kPadded ? t / kChunks
+                                          : t % 8 + 8 * (t / (8 * kChunks));
+  }
+
   __device__ __forceinline__ RowCopies(const TokenRows<T>& rows, int64_t b,
                                        int64_t h, int64_t t0, int64_t total) {
-    const int t = threadIdx.x;
-    const bool padded = kLayout == TileLayout::kPadded;
-    row = padded ? t / kChunks : t % 8 + 8 * (t / (8 * kChunks));
-    const int col = (padded ? t % kChunks : t / 8 % kChunks) * 8;
+    const unsigned t = threadIdx.x;
+    const int row = first_row();
+    const int col =
+        (kLayout == TileLayout::kPadded ? t % kChunks : t / 8 % kChunks) * 8;
     src = rows.row(b, h, t0) + row * rows.stride_t + col;
     fallback = rows.data;
     step = kStep * rows.stride_t;
@@ -525,8 +532,9 @@ struct KeyCopies {
     };
 #pragma unroll
     for (int s = 0; s < Copies::kCopies; ++s) {
-      const bool key = padding == nullptr ? k.row_valid(s)
-                                          : valid(k.row + s * Copies::kStep);
+      const bool key = padding == nullptr
+                           ? k.row_valid(s)
+                           : valid(Copies::first_row() + s * Copies::kStep);
       k.copy(k_dst, s, key);
       if constexpr (kValues) v.copy(v_dst, s, key);
     }
