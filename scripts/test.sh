@@ -31,10 +31,12 @@ if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 
   PYTHONPATH=csrc/cuda/emulation python -m pytest -p emulate -q -p no:cacheprovider \
     tests/test_forward.py tests/test_masks.py tests/test_gradients.py tests/test_cuda.py \
     tests/test_numerics_edge.py
-  # Hopper's wgmma kernels: the efficient 16-bit kernels as nvcc's sm_90a pass builds them
-  # (warp.cuh), under their operator tests (about 5 minutes).
+  # Hopper's wgmma kernels: the kernels as nvcc's sm_90a pass builds them (warp.cuh), under the
+  # tests that reach their wgmma products: the efficient 16-bit kernels, the direct forward from
+  # d = 64 on without an attn_mask (about 6 minutes).
   TS_EMULATION_WGMMA=1 PYTHONPATH=csrc/cuda/emulation python -m pytest -p emulate -q \
-    -p no:cacheprovider tests/test_cuda.py -k "efficient and (bfloat16 or float16)"
+    -p no:cacheprovider tests/test_cuda.py -k "(efficient and (bfloat16 or float16) and not coefficients) or \
+    (direct_operator and (64 or 128) and not attn_mask and not all) or (direct_causal and 128)"
   # Taylor orders: direct mode's any-order kernels, and CUDA's order 1 through the order-2
   # efficient kernels (small shapes: about a minute).
   PYTHONPATH=csrc/cuda/emulation python -m pytest -p emulate -q -p no:cacheprovider \

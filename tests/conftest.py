@@ -27,6 +27,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # and shapes (EMULATION_SAMPLED) unless TS_EMULATION_EXHAUSTIVE=1.
 EMULATED = not torch.cuda.is_available() and "emulate" in sys.modules
 EMULATION_SAMPLED = EMULATED and os.environ.get("TS_EMULATION_EXHAUSTIVE") != "1"
+# The emulation built as nvcc's sm_90a pass builds the kernels (csrc/cuda/emulation/emulate.py).
+EMULATED_WGMMA = EMULATED and os.environ.get("TS_EMULATION_WGMMA") == "1"
 MODES = ("direct", "efficient")
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -26,7 +26,7 @@ import itertools
 
 import pytest
 import torch
-from ts_testing import EMULATED, EMULATION_SAMPLED, error_bound, max_error
+from ts_testing import EMULATED, EMULATED_WGMMA, EMULATION_SAMPLED, error_bound, max_error
 
 import taylorshift
 from taylorshift import reference
@@ -228,7 +228,10 @@ def test_direct_order_2_coefficients(dtype, coefficients):
 # 128 take minutes each; TS_EMULATION_EXHAUSTIVE=1 runs them; see also the loss-scale test below)
 # and key padding at d = 16, whose reduce stages 128 keys per tile (two words of validity bits).
 EFFICIENT_CASES = operator_grid(EFFICIENT_MASKS, (torch.bfloat16,))
-for case in ((torch.float16, 32, "key_padding"), (torch.bfloat16, 16, "key_padding")):
+EXTRA_CASES = [(torch.float16, 32, "key_padding"), (torch.bfloat16, 16, "key_padding")]
+if EMULATED_WGMMA:  # built as the sm_90a pass builds it: d = 64 too, the wgmma kernels' main shape
+    EXTRA_CASES.append((torch.bfloat16, 64, "key_padding"))
+for case in EXTRA_CASES:
     if case not in EFFICIENT_CASES:
         EFFICIENT_CASES.append(case)
 
