@@ -371,7 +371,9 @@ void wgmma_wait() {
       const int n = 2 * p.count;
       if (detail::read_b(p.desc, p.mn_major, n) != p.b)
         detail::fail("wgmma B operand changed before its wait");
-      if (!p.chained && !std::equal(p.d, p.d + p.count, p.d_at_issue.begin()))
+      // Bit for bit: a NaN accumulator is unchanged if its bits are.
+      if (!p.chained &&
+          std::memcmp(p.d, p.d_at_issue.data(), sizeof(float) * p.count) != 0)
         detail::fail("wgmma accumulators changed before its wait");
       for (int i = 0; i < p.count; ++i) {
         const layout::Coord e = layout::wgmma_d(t, i);
