@@ -33,7 +33,7 @@ if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 
     tests/test_numerics_edge.py
   # Hopper's wgmma kernels: the kernels as nvcc's sm_90a pass builds them (warp.cuh), under the
   # tests that reach their wgmma products: the efficient 16-bit kernels, the direct forward from
-  # d = 64 on without an attn_mask (about 6 minutes).
+  # d = 64 on without an attn_mask (about 4 minutes).
   TS_EMULATION_WGMMA=1 PYTHONPATH=csrc/cuda/emulation python -m pytest -p emulate -q \
     -p no:cacheprovider tests/test_cuda.py -k "(efficient and (bfloat16 or float16) and not coefficients) or \
     (direct_operator and (64 or 128) and not attn_mask and not all) or (direct_causal and 128)"
