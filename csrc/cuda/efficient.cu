@@ -609,6 +609,7 @@ EfficientArgs<T, Acc> make_args(const at::Tensor& x, const at::Tensor& y,
 //   buffers of kStageRows rows, one stage ahead of the products
 //   (OperandStream); the pair rows run as one flat loop over stages, so
 //   nothing but the stage's own work repeats per stage.
+
 // Whether the kernels of head dim kDim issue their big products as wgmma: on
 // sm_90a from d = 32 on. At d = 16 a product is 16 or 24 columns wide, too
 // narrow to amortise the fence, commit and wait around it: its main loops
