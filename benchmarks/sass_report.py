@@ -311,10 +311,6 @@ def tensor_weight(opcode: str) -> int:
     return 0
 
 
-def is_tensor_op(opcode: str) -> bool:
-    return tensor_weight(opcode) > 0
-
-
 def main_loop(kernel: Kernel) -> tuple[int, int, bool]:
     """(instructions, HMMA, whether the whole kernel was counted) of the main loop as defined in
     the module docstring."""

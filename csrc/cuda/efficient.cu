@@ -565,7 +565,7 @@ EfficientArgs<T, Acc> make_args(const at::Tensor& x, const at::Tensor& y,
 // mirror l < m, and the query side weights every entry by a (pairs l != m
 // then get a + a = 2a, as phi requires).
 //
-// On sm_90a (kWgmma) the same kernels issue their big products as
+// On sm_90a (kWgmmaProducts) the same kernels issue their big products as
 // wgmma, A still the feature fragments each warp builds in registers (the
 // warpgroup's 64 rows are the 4 warps' 16), B straight from the staged tile,
 // which is why every such tile lies in core matrices
@@ -616,7 +616,7 @@ EfficientArgs<T, Acc> make_args(const at::Tensor& x, const at::Tensor& y,
 // issue more instructions per tensor-core op than on mma.sync
 // (benchmarks/results/sass_wgmma.md).
 template <int kDim>
-constexpr bool kWgmma = warp::kWgmma && kDim >= 32;
+constexpr bool kWgmmaProducts = warp::kWgmma && kDim >= 32;
 
 // Tokens per staged tile of the reduce: 128 at d = 16, where a tile of 64
 // holds too few products (48 HMMA) to amortise its copies and barrier.
@@ -743,6 +743,8 @@ __global__ void __launch_bounds__(kThreads)
       warp::cp_async_wait<0>();
     }
     __syncthreads();
+    // kt carries km's lane offset: with both offsets added per load instead,
+    // ptxas schedules the d = 16 reduce's loop at 5.1 instr/HMMA, not 4.7.
     const T* kt = ks + tile % 2 * kTile + km_lane;
     const T* vt = vs + tile % 2 * kTile;
     // wgmma's B operand: the stage's values from column col0 on.
@@ -809,7 +811,7 @@ __global__ void __launch_bounds__(kThreads)
           }
         };
         uint32_t vb[kN][2];
-        if constexpr (kWgmma<kDim>) {
+        if constexpr (kWgmmaProducts<kDim>) {
           // The warpgroup's 64 rows (4 warp + j, m) at once per j, B the
           // values straight from the staged tile: 16 tokens further on is
           // two row groups, 32 kDim bytes.
@@ -855,7 +857,7 @@ __global__ void __launch_bounds__(kThreads)
               ea[2] = g == 0 ? m[4] : 0u;
               ea[1] = ea[3] = 0u;
             }
-            if constexpr (kWgmma<kDim>) value_fragments(vb);
+            if constexpr (kWgmmaProducts<kDim>) value_fragments(vb);
 #pragma unroll
             for (int n = 0; n < kN; ++n)
               warp::mma_16816<T>(extra[n], ea, vb[n]);
@@ -883,15 +885,15 @@ __global__ void __launch_bounds__(kThreads)
         }
         // At most this step's products in flight: the previous step's A
         // registers are free again.
-        if constexpr (kWgmma<kDim>) warp::wgmma_wait<1>();
+        if constexpr (kWgmmaProducts<kDim>) warp::wgmma_wait<1>();
       }
       // The stage's values are read until its last products land.
-      if constexpr (kWgmma<kDim>) warp::wgmma_wait<0>();
+      if constexpr (kWgmmaProducts<kDim>) warp::wgmma_wait<0>();
     };
     // The query side's z column is a constant where there is one value tile.
     using Extra = ExtraProducts;
     using ZColumn = std::bool_constant<kQuery && Blocks::kValueTiles == 1>;
-    if constexpr (kWgmma<kDim>) {
+    if constexpr (kWgmmaProducts<kDim>) {
       products(std::integral_constant<Extra, Extra::kAny>(), ZColumn());
     } else {
       switch (role) {
@@ -1191,7 +1193,7 @@ __global__ void __launch_bounds__(kThreads)
   };
   // 16 operand rows times the A fragments: o += A values, z += A z-column.
   const auto product = [&](const uint32_t (&a)[kFrags][4], const T* rows) {
-    if constexpr (kWgmma<kDim>) {
+    if constexpr (kWgmmaProducts<kDim>) {
       // The warpgroup's 64 rows per fragment; B straight from the stage.
       const uint64_t desc =
           warp::matrix_descriptor(warp::shared_address(rows), 16 * width, 128);
@@ -1464,7 +1466,7 @@ __global__ void __launch_bounds__(kThreads)
   // fragment feeds all fragments.
   const auto tile_product = [&](const uint32_t (&a)[kFrags][kSlices][4],
                                 const T* tile) {
-    if constexpr (kWgmma<kDim>) {
+    if constexpr (kWgmmaProducts<kDim>) {
       // The warpgroup's 64 tokens per fragment, all kDim columns p at once;
       // k-step k starts 2 core matrices (256 bytes) further on.
       const uint64_t desc =
