@@ -249,8 +249,9 @@ at::Tensor attention_composite(
         "taylorshift", f.order,
         q.is_cuda() ? kMaxEfficientOrderCuda : kMaxEfficientOrder);
     auto [q_hat, k_hat] = logit_factors(q, k, temperature, normalize, scale);
-    // The CPU has kernels (cpu/causal.cpp); other devices run the ATen form.
-    if (q.device().is_cpu())
+    // The CPU and CUDA have kernels (cpu/causal.cpp, cuda/causal.cu); other
+    // devices run the ATen form.
+    if (q.device().is_cpu() || q.device().is_cuda())
       return std::get<0>(
           causal_efficient_forward(q_hat, k_hat, v, key_padding_mask, options));
     return std::get<0>(

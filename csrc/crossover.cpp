@@ -77,14 +77,18 @@ bool prefer_efficient(int64_t queries, int64_t keys, int64_t head_dim,
 // tiles cost about 1.35 times the direct kernels': the crossovers measured by
 // benchmarks/bench_causal.py (N = 512-1024 at d = 16, 2048 at d = 32,
 // 4096-8192 at d = 64; 2 threads) give 1.2-1.45, and 1.35 puts them at 797,
-// 1913 and 6230. Other devices run the ATen form, not measured: FLOP parity.
+// 1913 and 6230. CUDA (cuda/causal.cu: the efficient and direct kernels on
+// the chunks, order 1 at order 2's cost as above) and the ATen form of other
+// devices are not measured: FLOP parity.
 bool prefer_efficient_causal(int64_t tokens, int64_t head_dim,
                              int64_t value_dim, c10::DeviceType device,
                              int order) {
   if (!efficient_supports(order, device)) return false;
   const double cost = device == c10::DeviceType::CPU ? 1.35 : 1.0;
+  const int kernel_order =
+      device == c10::DeviceType::CUDA ? std::max(order, 2) : order;
   const double chunked =
-      flops(true, tokens, tokens, head_dim, value_dim, false, order) +
+      flops(true, tokens, tokens, head_dim, value_dim, false, kernel_order) +
       2.0 * double(tokens) * double(kCausalChunk) *
           double(head_dim + value_dim + 1);
   return chunked * cost <

@@ -312,6 +312,78 @@ def test_direct_attn_mask_whole_tiles_skipped_or_unmasked(dtype, d):
     check_operator("direct", dtype, d, "blocks", shape=(1, 2, 140, 130))
 
 
+def reference_chunk_states(k, v, kpm, chunks):
+    """The state before each chunk of 128 tokens, (B, H, chunks, F, e + 1), in float64."""
+    return torch.stack(
+        [
+            reference_state(
+                k[:, :, : 128 * c], v[:, :, : 128 * c], None if kpm is None else kpm[:, : 128 * c]
+            )
+            for c in range(chunks)
+        ],
+        2,
+    )
+
+
+# Causal efficient (csrc/cuda/causal.cu): the register-resident kernels (16-bit, d = e in 16, 32,
+# 64, 128) and the shared-memory ones (the others), with and without key padding, at a length
+# whose last chunk is partial. Order 1 runs the order-2 kernels with zero pair weights.
+CAUSAL_CASES = [
+    (torch.bfloat16, 16, "key_padding", COEFFICIENTS),
+    (torch.float16, 32, "none", COEFFICIENTS),
+    (torch.bfloat16, 16, "none", (0.0, 1.0, 1.0)),
+    (torch.float32, 8, "key_padding", COEFFICIENTS),
+    (torch.float64, 5, "key_padding", COEFFICIENTS),
+]
+if EMULATED_WGMMA or not EMULATED:
+    CAUSAL_CASES.append((torch.bfloat16, 64, "key_padding", COEFFICIENTS))
+
+
+@pytest.mark.parametrize("dtype,d,mask_case,coefficients", CAUSAL_CASES, ids=str)
+def test_causal_efficient_operator(dtype, d, mask_case, coefficients):
+    """Against causal direct in float64, within 2x PyTorch's error in dtype (float64: 1e-12)."""
+    batch, heads, tokens = 2, 1, 300  # three chunks, the last one partial
+    q, k, v = make_factors(batch, heads, tokens, tokens, d, d, dtype, seed=21)
+    kpm, _, _ = make_masks(mask_case, batch, heads, tokens, tokens)
+    coefficients = list(coefficients)
+    order_1 = coefficients[0] == 0.0  # the op takes order 1 as [b, c]
+    op_coefficients = coefficients[1:] if order_1 else coefficients
+    out, den, states = ops.causal_efficient_forward(q, k, v, kpm, True, op_coefficients)
+    assert out.shape == (batch, heads, tokens, d) and den.shape == (batch, heads, tokens)
+
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    out64, den64 = reference_outputs(*leaves64, kpm, None, True, coefficients=coefficients)
+    leaves_low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out_low = reference_outputs(*leaves_low, kpm, None, True, coefficients=coefficients)[0]
+    assert_close_to_reference("causal out", out, out64, out_low.detach(), dtype)
+    if dtype == torch.float64:  # the chunked form is exact: 1e-12 of the outputs' scale
+        assert max_error(out, out64) <= 1e-12 * out64.abs().max().item()
+    den_rtol = max(8 * torch.finfo(dtype).eps, 1e-12)
+    torch.testing.assert_close(den.double(), den64.detach(), rtol=den_rtol, atol=0, msg="den")
+    exact_states = reference_chunk_states(k, v, kpm, 3)
+    if order_1:  # the states keep the 1 + d rows of psi = [1 | k]
+        exact_states = exact_states[:, :, :, : 1 + d]
+    assert states.shape == exact_states.shape
+    eps = torch.finfo(dtype).eps
+    assert max_error(states, exact_states) <= 4 * eps * exact_states.abs().max().item() + 1e-12
+
+    grad_out = torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(22), dtype=torch.float64
+    )
+    grad_out = grad_out.to(device=q.device, dtype=dtype)
+    grads = ops.causal_efficient_backward(
+        grad_out, q, k, v, out, den, states, kpm, True, op_coefficients
+    )
+    exact = torch.autograd.grad(out64, leaves64, grad_out.double())
+    approx = torch.autograd.grad(out_low, leaves_low, grad_out)
+    for name, got, ex, ap in zip(("dq", "dk", "dv"), grads, exact, approx):
+        assert got.dtype == dtype
+        assert_close_to_reference(f"causal {name}", got, ex, ap, dtype)
+    if kpm is not None:  # the fully padded batch: zero outputs, den, gradients
+        assert (out[-1] == 0).all() and (den[-1] == 0).all()
+        assert all((g[-1] == 0).all() for g in grads)
+
+
 @pytest.mark.parametrize("mode", ("direct", "efficient"))
 @pytest.mark.parametrize(
     "shape,d,e",

@@ -646,6 +646,34 @@ at::Tensor backward_row_scalars(const at::Tensor& grad_out,
                                 const at::Tensor& out, const at::Tensor& den,
                                 const at::Tensor& sigma);
 
+// The operators' kernels after their checks, on the logits' factors (the
+// CUDA device current), for causal.cu as well as the operators:
+// - sigma: the output scales of the rows (B, H, M), as output_scales;
+// - scalars: backward_row_scalars of the rows;
+// - chunks (efficient): 0, or causal.cu's chunks as heads, `chunks` of them
+//   in a row per sequence (efficient.cu, states_before_chunks): the returned
+//   state is then the state each chunk's queries read.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_rows(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& sigma,
+    const Coefficients& f, int64_t chunks);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_rows(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& state, const at::Tensor& scalars,
+    const std::optional<at::Tensor>& key_padding_mask, const Coefficients& f,
+    int64_t chunks);
+std::tuple<at::Tensor, at::Tensor> direct_forward_rows(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& attn_mask, bool causal,
+    const at::Tensor& sigma, const Coefficients& f);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_rows(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& scalars,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& attn_mask, bool causal,
+    const at::Tensor& sigma, const Coefficients& f);
+
 // Checks shared by every CUDA operator: device placement, supported sizes.
 void check_cuda_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor& v,

@@ -1519,25 +1519,18 @@ int64_t blocks_for(int64_t tokens, int tile) {
   return (tokens + tile - 1) / tile;
 }
 
-std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> direct_forward_rows(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
-    c10::ArrayRef<double> coefficients) {
-  const Coefficients f = polynomial_of(coefficients);
-  check_forward_arguments("taylorshift::direct_forward", q, k, v,
-                          key_padding_mask, attn_mask,
-                          schema_options(causal, output_scale, coefficients));
-  check_cuda_inputs("taylorshift::direct_forward", q, k, v, {},
-                    key_padding_mask, attn_mask);
-  const c10::cuda::CUDAGuard guard(q.device());
+    const std::optional<at::Tensor>& attn_mask, bool causal,
+    const at::Tensor& sigma, const Coefficients& f) {
   at::Tensor out =
       at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor den = at::empty({q.size(0), q.size(1), q.size(2)},
                              q.options().dtype(accumulate_dtype(q)));
   if (den.numel() == 0) return {out, den};
-  const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
-                                         attn_mask, causal, output_scale);
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   const MaskMode mode = mask_mode(attn_mask);
   if (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) {
@@ -1571,19 +1564,12 @@ std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
   return {out, den};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_rows(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
+    const at::Tensor& v, const at::Tensor& scalars,
     const std::optional<at::Tensor>& key_padding_mask,
-    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
-    c10::ArrayRef<double> coefficients) {
-  const Coefficients f = polynomial_of(coefficients);
-  check_backward_arguments("taylorshift::direct_backward", grad_out, q, k, v,
-                           out, den, std::nullopt, key_padding_mask, attn_mask,
-                           schema_options(causal, output_scale, coefficients));
-  check_cuda_inputs("taylorshift::direct_backward", q, k, v,
-                    {&grad_out, &out, &den}, key_padding_mask, attn_mask);
-  const c10::cuda::CUDAGuard guard(q.device());
+    const std::optional<at::Tensor>& attn_mask, bool causal,
+    const at::Tensor& sigma, const Coefficients& f) {
   // Contiguous gradients whatever the inputs' strides, as the Meta kernels.
   at::Tensor grad_q = at::empty(q.sizes(), q.options()),
              grad_k = at::empty(k.sizes(), k.options()),
@@ -1591,9 +1577,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
   if (q.numel() == 0 || k.numel() == 0) {
     return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
   }
-  const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
-                                         attn_mask, causal, output_scale);
-  const at::Tensor scalars = backward_row_scalars(grad_out, out, den, sigma);
   const Mask mask = make_mask(key_padding_mask, attn_mask, causal);
   if ((q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) &&
       vertex_form(f)) {
@@ -1644,6 +1627,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
         }
       });
   return {grad_q, grad_k, grad_v};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> direct_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
+    c10::ArrayRef<double> coefficients) {
+  check_forward_arguments("taylorshift::direct_forward", q, k, v,
+                          key_padding_mask, attn_mask,
+                          schema_options(causal, output_scale, coefficients));
+  check_cuda_inputs("taylorshift::direct_forward", q, k, v, {},
+                    key_padding_mask, attn_mask);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
+                                         attn_mask, causal, output_scale);
+  return direct_forward_rows(q, k, v, key_padding_mask, attn_mask, causal,
+                             sigma, polynomial_of(coefficients));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& attn_mask, bool causal, bool output_scale,
+    c10::ArrayRef<double> coefficients) {
+  check_backward_arguments("taylorshift::direct_backward", grad_out, q, k, v,
+                           out, den, std::nullopt, key_padding_mask, attn_mask,
+                           schema_options(causal, output_scale, coefficients));
+  check_cuda_inputs("taylorshift::direct_backward", q, k, v,
+                    {&grad_out, &out, &den}, key_padding_mask, attn_mask);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
+                                         attn_mask, causal, output_scale);
+  const at::Tensor scalars = backward_row_scalars(grad_out, out, den, sigma);
+  return direct_backward_rows(grad_out, q, k, v, scalars, key_padding_mask,
+                              attn_mask, causal, sigma,
+                              polynomial_of(coefficients));
 }
 
 }  // namespace

@@ -1616,11 +1616,13 @@ __global__ void finalize_dstate_mma_kernel(const float* partial, int64_t splits,
 }
 
 // Runs state_reduce_mma_kernel over `tokens`; returns the partial sums
-// (`out` itself when there is one split) and the number of splits.
+// (`out` itself when there is one split, as `one_split` asks) and the number
+// of splits.
 template <typename T, int kDim, bool kQuery>
 std::pair<at::Tensor, int64_t> mma_state_reduce(StateMmaArgs<T> args,
                                                 bool masked, int64_t bh,
-                                                at::Tensor& out) {
+                                                at::Tensor& out,
+                                                bool one_split = false) {
   using Blocks = PairBlocks<kDim>;
   args.features = feature_count<int64_t>(kDim);
   const auto reduce = kQuery ? state_reduce_mma_kernel<T, kDim, kQuery, false>
@@ -1640,8 +1642,10 @@ std::pair<at::Tensor, int64_t> mma_state_reduce(StateMmaArgs<T> args,
   const int64_t base = Blocks::kPairs * Blocks::kValueTiles * bh;
   const int64_t token_tiles =
       (args.tokens + kTokenTile<kDim> - 1) / kTokenTile<kDim>;
-  int64_t splits = std::clamp<int64_t>(capacity / base, 1,
-                                       std::max<int64_t>(1, token_tiles));
+  int64_t splits =
+      one_split ? 1
+                : std::clamp<int64_t>(capacity / base, 1,
+                                      std::max<int64_t>(1, token_tiles));
   const int64_t chunk_tiles =
       std::max<int64_t>(1, (token_tiles + splits - 1) / splits);
   splits = std::max<int64_t>(1, (token_tiles + chunk_tiles - 1) / chunk_tiles);
@@ -1723,12 +1727,39 @@ void mma_dx_tiles(const DxTilesArgs<T>& p, const at::Tensor& state,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Runs the register-resident forward for d = e = kDim (see above).
+// Causal (causal.cu): with chunks > 0, the heads here are the chunks of C
+// tokens of causal.cu's sequences, `chunks` heads in a row per sequence. The
+// queries of chunk c read the state of the chunks before it, S_{<c}: the
+// exclusive prefix sum of the chunks' states. The keys of chunk c reach the
+// queries of every later chunk, so their gradients read dS_{>c}: the
+// exclusive suffix sum of the chunks' dS. Both sums run over whole chunks in
+// order, never a total minus a part (which loses low-precision accuracy),
+// in place on (heads, 1, F, e + 1).
+void states_before_chunks(at::Tensor& state, int64_t chunks) {
+  const at::Tensor rows =
+      state.view({-1, chunks, state.size(2) * state.size(3)});
+  if (chunks > 1)
+    rows.narrow(1, 1, chunks - 1).copy_(rows.narrow(1, 0, chunks - 1).cumsum(1));
+  rows.select(1, 0).zero_();
+}
+
+void states_after_chunks(at::Tensor& dstate, int64_t chunks) {
+  const at::Tensor rows =
+      dstate.view({-1, chunks, dstate.size(2) * dstate.size(3)});
+  if (chunks > 1)
+    rows.narrow(1, 0, chunks - 1)
+        .copy_(rows.narrow(1, 1, chunks - 1).flip(1).cumsum(1).flip(1));
+  rows.select(1, chunks - 1).zero_();
+}
+
+// Runs the register-resident forward for d = e = kDim (see above); chunks as
+// states_before_chunks.
 template <typename T, int kDim>
 void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const Mask& mask, bool masked, const at::Tensor& sigma,
                  double a, double b, double c, float state_scale,
-                 at::Tensor& out, at::Tensor& den, at::Tensor& state) {
+                 int64_t chunks, at::Tensor& out, at::Tensor& den,
+                 at::Tensor& state) {
   using Blocks = PairBlocks<kDim>;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t bh = q.size(0) * q.size(1);
@@ -1741,10 +1772,13 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   args.heads = q.size(1);
   args.tokens = k.size(2);
   args.mask = mask;
+  // Causal: one split, so that the chunks' states are whole before their
+  // prefix sum (a chunk is one or two token tiles).
   const std::pair<at::Tensor, int64_t> reduced =
-      mma_state_reduce<T, kDim, false>(args, masked, bh, state);
+      mma_state_reduce<T, kDim, false>(args, masked, bh, state, chunks > 0);
   const at::Tensor& partial = reduced.first;
   const int64_t splits = reduced.second;
+  if (chunks > 0) states_before_chunks(state, chunks);
 
   const at::Tensor operand =
       state_operand<T, kDim>(partial, splits, &state, query_weights(a, b, c),
@@ -1808,8 +1842,8 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& state, const at::Tensor& scalars,
                   const Mask& mask, bool masked, double a, double b, double c,
-                  at::Tensor& dstate, at::Tensor& grad_q, at::Tensor& grad_k,
-                  at::Tensor& grad_v) {
+                  int64_t chunks, at::Tensor& dstate, at::Tensor& grad_q,
+                  at::Tensor& grad_k, at::Tensor& grad_v) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t bh = q.size(0) * q.size(1), queries = q.size(2),
                 keys = k.size(2);
@@ -1829,6 +1863,12 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
     dz_exponent = float16_scale_exponent(
         at::maximum((scalars.select(-1, 0).abs() * gy_largest).amax(-1),
                     scalars.select(-1, 1).abs().amax(-1)));
+    // Causal chunks: dS_{>c} sums the chunks' dS, so every chunk of a
+    // sequence takes the scale of its largest dz.
+    if (chunks > 0)
+      dz_exponent =
+          dz_exponent.view({-1, chunks}).amin(1, true).expand({-1, chunks})
+              .reshape(-1);
     dz_scale = power_of_two(dz_exponent);
     // The state operand is the state times query weights up to max(|c|,
     // |b|, 2|a|).
@@ -1868,6 +1908,7 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
                    dstate.data_ptr<float>(), static_cast<float>(a),
                    static_cast<float>(b), static_cast<float>(c));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (chunks > 0) states_after_chunks(dstate, chunks);
   // The gradients' scales: dq is a product of dz and the state's tiles; dk
   // and dv of v and k with dS's tiles and operand.
   at::Tensor dstate_scale, grad_q_scale, grad_kv_scale;
@@ -1945,12 +1986,13 @@ template <typename T>
 bool try_mma_forward(const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const Mask& mask, bool masked,
                      const at::Tensor& sigma, double a, double b, double c,
-                     float state_scale, at::Tensor& out, at::Tensor& den,
-                     at::Tensor& state) {
+                     float state_scale, int64_t chunks, at::Tensor& out,
+                     at::Tensor& den, at::Tensor& state) {
   if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
     return with_mma_dim(q.size(3), v.size(3), [&](auto dim) {
       mma_forward<T, decltype(dim)::value>(q, k, v, mask, masked, sigma, a, b,
-                                           c, state_scale, out, den, state);
+                                           c, state_scale, chunks, out, den,
+                                           state);
     });
   } else {
     return false;
@@ -1965,13 +2007,14 @@ bool try_mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
                       const at::Tensor& k, const at::Tensor& v,
                       const at::Tensor& state, const at::Tensor& scalars,
                       const Mask& mask, bool masked, double a, double b,
-                      double c, at::Tensor& dstate, at::Tensor& grad_q,
-                      at::Tensor& grad_k, at::Tensor& grad_v) {
+                      double c, int64_t chunks, at::Tensor& dstate,
+                      at::Tensor& grad_q, at::Tensor& grad_k,
+                      at::Tensor& grad_v) {
   if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
     return with_mma_dim(q.size(3), v.size(3), [&](auto dim) {
       mma_backward<T, decltype(dim)::value>(grad_out, q, k, v, state, scalars,
-                                            mask, masked, a, b, c, dstate,
-                                            grad_q, grad_k, grad_v);
+                                            mask, masked, a, b, c, chunks,
+                                            dstate, grad_q, grad_k, grad_v);
     });
   } else {
     return false;
@@ -2062,22 +2105,15 @@ QuadraticCoefficients quadratic_coefficients(const char* op,
   return {f.order == 2 ? f.of_degree(2) : 0.0, f.of_degree(1), f.of_degree(0)};
 }
 
-// The forward on the logits' factors q and k as given.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_factors(
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_rows(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
-    c10::ArrayRef<double> coefficients) {
-  const KernelOptions options =
-      schema_options(false, output_scale, coefficients);
-  check_forward_arguments("taylorshift::efficient_forward", q, k, v,
-                          key_padding_mask, std::nullopt, options);
-  const QuadraticCoefficients f2 = quadratic_coefficients(
-      "taylorshift::efficient_forward", options.coefficients);
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& sigma,
+    const Coefficients& f, int64_t chunks) {
+  const QuadraticCoefficients f2 =
+      quadratic_coefficients("taylorshift::efficient_forward", f);
   const double a = f2.a, b = f2.b, c = f2.c;
-  const int order = options.coefficients.order;
-  check_cuda_inputs("taylorshift::efficient_forward", q, k, v, {},
-                    key_padding_mask, std::nullopt);
-  const c10::cuda::CUDAGuard guard(q.device());
   const auto acc_options = q.options().dtype(accumulate_dtype(q));
   at::Tensor out =
       at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
@@ -2086,27 +2122,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_factors(
       at::empty({q.size(0), q.size(1), feature_count(q.size(3)), v.size(3) + 1},
                 acc_options);
   if (state.numel() == 0)
-    return {out, den, state.narrow(2, 0, feature_count(q.size(3), order))};
-  const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
-                                         std::nullopt, false, output_scale);
+    return {out, den, state.narrow(2, 0, feature_count(q.size(3), f.order))};
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
   // The apply's state operand is multiplied by 2^-ceil(log2 N), see
-  // efficient_apply_kernel.
-  const double state_scale =
-      std::ldexp(1.0, -static_cast<int>(std::ceil(std::log2(std::max<double>(
-                          1.0, static_cast<double>(k.size(2)))))));
+  // efficient_apply_kernel; causal chunks' states sum the keys of all the
+  // chunks before.
+  const double keys =
+      static_cast<double>(k.size(2)) * static_cast<double>(std::max<int64_t>(1, chunks));
+  const double state_scale = std::ldexp(
+      1.0, -static_cast<int>(std::ceil(std::log2(std::max(1.0, keys)))));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "efficient_forward_cuda", [&] {
         using T = typename Native<scalar_t>::type;
         using Acc = typename Num<T>::acc;
         if (try_mma_forward<T>(q, k, v, mask, key_padding_mask.has_value(),
                                sigma, a, b, c, static_cast<float>(state_scale),
-                               out, den, state))
+                               chunks, out, den, state))
           return;
         // Other dtypes and head dims: the shared-memory kernels, reading
         // q, k, v through their strides.
         feature_reduce<T, Acc, false>(make_args<T, Acc>(k, v, v, mask, a, b, c),
                                       state);
+        if (chunks > 0) states_before_chunks(state, chunks);
         if (q.size(2) == 0) return;
         auto args = make_args<T, Acc>(q, v, v, mask, a, b, c);
         args.state_scale = static_cast<Acc>(state_scale);
@@ -2128,39 +2165,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_factors(
             args, reinterpret_cast<T*>(out.data_ptr()), den.data_ptr<Acc>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-  if (order == 1)
+  if (f.order == 1)
     return {out, den,
-            state.narrow(2, 0, feature_count(q.size(3), order)).contiguous()};
+            state.narrow(2, 0, feature_count(q.size(3), f.order)).contiguous()};
   return {out, den, state};
 }
 
-// The backward on the logits' factors q and k as given.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_factors(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_rows(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
-    const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
-    bool output_scale, c10::ArrayRef<double> coefficients) {
-  const KernelOptions options =
-      schema_options(false, output_scale, coefficients);
-  check_backward_arguments("taylorshift::efficient_backward", grad_out, q, k, v,
-                           out, den, state, key_padding_mask, std::nullopt,
-                           options);
-  const QuadraticCoefficients f2 = quadratic_coefficients(
-      "taylorshift::efficient_backward", options.coefficients);
+    const at::Tensor& v, const at::Tensor& state, const at::Tensor& scalars,
+    const std::optional<at::Tensor>& key_padding_mask, const Coefficients& f,
+    int64_t chunks) {
+  const QuadraticCoefficients f2 =
+      quadratic_coefficients("taylorshift::efficient_backward", f);
   const double a = f2.a, b = f2.b, c = f2.c;
-  const int order = options.coefficients.order;
-  check_cuda_inputs("taylorshift::efficient_backward", q, k, v,
-                    {&grad_out, &out, &den, &state}, key_padding_mask,
-                    std::nullopt);
-  TORCH_CHECK(state.scalar_type() == accumulate_dtype(q) && state.dim() == 4 &&
-                  state.size(2) == feature_count(q.size(3), order) &&
-                  state.size(3) == v.size(3) + 1,
-              "taylorshift::efficient_backward: state must be (B, H, F, e + 1)"
-              " in the accumulation dtype");
-  const c10::cuda::CUDAGuard guard(q.device());
   // Order 1: the order-2 state with zero pair rows (a = 0 never reads them).
   const at::Tensor sc =
-      order == 1
+      f.order == 1
           ? at::cat({state, at::zeros({state.size(0), state.size(1),
                                        pair_count(q.size(3)), state.size(3)},
                                       state.options())},
@@ -2173,9 +2194,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_factors(
   if (q.numel() == 0 || k.numel() == 0) {
     return {grad_q.zero_(), grad_k.zero_(), grad_v.zero_()};
   }
-  const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
-                                         std::nullopt, false, output_scale);
-  const at::Tensor scalars = backward_row_scalars(grad_out, out, den, sigma);
   at::Tensor dstate = at::empty_like(sc);
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -2185,8 +2203,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_factors(
         using Acc = typename Num<T>::acc;
         using Op = typename Num<T>::derived;
         if (try_mma_backward<T>(grad_out, q, k, v, sc, scalars, mask,
-                                key_padding_mask.has_value(), a, b, c, dstate,
-                                grad_q, grad_k, grad_v))
+                                key_padding_mask.has_value(), a, b, c, chunks,
+                                dstate, grad_q, grad_k, grad_v))
           return;
         // Other dtypes and head dims: the shared-memory kernels, reading
         // q, k, v and grad_out through their strides.
@@ -2196,6 +2214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_factors(
         auto query_args = make_args<T, Acc>(q, grad_out, v, mask, a, b, c);
         query_args.scalars = scalars.data_ptr<Acc>();
         feature_reduce<T, Acc, true>(query_args, dstate);
+        if (chunks > 0) states_after_chunks(dstate, chunks);
         for (bool key_side : {false, true}) {
           auto args =
               key_side ? make_args<T, Acc>(k, v, v, mask, a, b, c) : query_args;
@@ -2227,6 +2246,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_factors(
         }
       });
   return {grad_q, grad_k, grad_v};
+}
+
+namespace {
+
+// The forward on the logits' factors q and k as given.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_factors(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+    c10::ArrayRef<double> coefficients) {
+  const KernelOptions options =
+      schema_options(false, output_scale, coefficients);
+  check_forward_arguments("taylorshift::efficient_forward", q, k, v,
+                          key_padding_mask, std::nullopt, options);
+  quadratic_coefficients("taylorshift::efficient_forward",
+                         options.coefficients);
+  check_cuda_inputs("taylorshift::efficient_forward", q, k, v, {},
+                    key_padding_mask, std::nullopt);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
+                                         std::nullopt, false, output_scale);
+  return efficient_forward_rows(q, k, v, key_padding_mask, sigma,
+                                options.coefficients, 0);
+}
+
+// The backward on the logits' factors q and k as given.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_factors(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& den,
+    const at::Tensor& state, const std::optional<at::Tensor>& key_padding_mask,
+    bool output_scale, c10::ArrayRef<double> coefficients) {
+  const KernelOptions options =
+      schema_options(false, output_scale, coefficients);
+  check_backward_arguments("taylorshift::efficient_backward", grad_out, q, k, v,
+                           out, den, state, key_padding_mask, std::nullopt,
+                           options);
+  quadratic_coefficients("taylorshift::efficient_backward",
+                         options.coefficients);
+  const int order = options.coefficients.order;
+  check_cuda_inputs("taylorshift::efficient_backward", q, k, v,
+                    {&grad_out, &out, &den, &state}, key_padding_mask,
+                    std::nullopt);
+  TORCH_CHECK(state.scalar_type() == accumulate_dtype(q) && state.dim() == 4 &&
+                  state.size(2) == feature_count(q.size(3), order) &&
+                  state.size(3) == v.size(3) + 1,
+              "taylorshift::efficient_backward: state must be (B, H, F, e + 1)"
+              " in the accumulation dtype");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
+                                         std::nullopt, false, output_scale);
+  const at::Tensor scalars = backward_row_scalars(grad_out, out, den, sigma);
+  return efficient_backward_rows(grad_out, q, k, v, state, scalars,
+                                 key_padding_mask, options.coefficients, 0);
 }
 
 // normalize=True: the kernels above read the logits' factors from memory, so

@@ -25,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CUDA_DIR = HERE.parent
-SOURCES = ("common.cuh", "common.cu", "direct.cu", "efficient.cu", "normalize.cu")
+SOURCES = ("common.cuh", "common.cu", "direct.cu", "efficient.cu", "normalize.cu", "causal.cu")
 
 
 def host_source(text: str) -> str:
