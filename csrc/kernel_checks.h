@@ -225,6 +225,34 @@ inline void check_efficient_order(const char* op, int order, int limit) {
 }
 
 // `t` has the given sizes, dtype and q's device.
+// The causal efficient operators (cpu/causal.cpp, cuda/causal.cu): query i
+// and key i are the same token, and the order is one of the device's
+// efficient kernels (up to max_order).
+inline void check_causal_arguments(const char* op, const at::Tensor& q,
+                                   const at::Tensor& k,
+                                   const KernelOptions& options,
+                                   int max_order) {
+  TORCH_CHECK_VALUE(q.size(2) == k.size(2), op,
+                    ": q and k must hold the same tokens (M = N), got ",
+                    q.size(2), " and ", k.size(2));
+  check_efficient_order(op, options.coefficients.order, max_order);
+}
+
+// Their backward's states: the forward's, (B, H, chunks, F, e + 1), the
+// state before each chunk of kCausalChunk tokens.
+inline void check_causal_states(const char* op, const at::Tensor& states,
+                                const at::Tensor& q, const at::Tensor& v,
+                                int order) {
+  TORCH_CHECK_VALUE(
+      states.dim() == 5 && states.size(0) == q.size(0) &&
+          states.size(1) == q.size(1) &&
+          states.size(2) == (q.size(2) + kCausalChunk - 1) / kCausalChunk &&
+          states.size(3) == feature_count(q.size(3), order) &&
+          states.size(4) == v.size(3) + 1,
+      op, ": states must be the forward's, (B, H, chunks, F, e + 1), got ",
+      shape_string(states));
+}
+
 inline void check_operand(const char* op, const char* name, const at::Tensor& t,
                           c10::SymIntArrayRef sizes, at::ScalarType dtype,
                           const at::Tensor& q) {

@@ -384,6 +384,26 @@ def test_causal_efficient_operator(dtype, d, mask_case, coefficients):
         assert all((g[-1] == 0).all() for g in grads)
 
 
+@pytest.mark.parametrize("shape", [(0, 2, 5), (2, 1, 1), (1, 1, 128)], ids=str)
+def test_causal_efficient_small_and_empty(shape):
+    """No batch, one token, exactly one chunk: forward and gradients through the
+    functional (autograd over causal_efficient_forward/backward) against causal direct."""
+    batch, heads, tokens = shape
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = (torch.randn(batch, heads, tokens, 16, generator=gen) for _ in range(3))
+    q, k, v = (t.to(DEVICE, torch.bfloat16).requires_grad_() for t in (q, k, v))
+    got = taylorshift.taylor_shift_attention(q, k, v, causal=True, mode="efficient")
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = taylorshift.taylor_shift_attention(*leaves, causal=True, mode="direct")
+    assert got.shape == exact.shape and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), exact, rtol=2e-2, atol=2e-2)
+    grads = torch.autograd.grad(got.sum(), (q, k, v))
+    exact_grads = torch.autograd.grad(exact.sum(), leaves)
+    for g, ex in zip(grads, exact_grads):
+        assert g.shape == ex.shape
+        torch.testing.assert_close(g.double(), ex, rtol=5e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("mode", ("direct", "efficient"))
 @pytest.mark.parametrize(
     "shape,d,e",

@@ -366,14 +366,6 @@ CausalHead<T> causal_head(const at::Tensor& q, const at::Tensor& k,
   return t;
 }
 
-void check_causal_arguments(const char* op, const at::Tensor& q,
-                            const at::Tensor& k, const KernelOptions& options) {
-  TORCH_CHECK_VALUE(q.size(2) == k.size(2), op,
-                    ": q and k must hold the same tokens (M = N), got ",
-                    q.size(2), " and ", k.size(2));
-  check_efficient_order(op, options.coefficients.order, kMaxEfficientOrder);
-}
-
 // A forward's arguments checked, read in the accumulation dtype (q, k, v),
 // with their sizes.
 struct CausalInputs {
@@ -392,7 +384,7 @@ CausalInputs causal_inputs(const char* op, const at::Tensor& q_in,
   in.options = schema_options(true, output_scale, coefficients);
   check_forward_arguments(op, q_in, k_in, v_in, key_padding_mask, std::nullopt,
                           in.options);
-  check_causal_arguments(op, q_in, k_in, in.options);
+  check_causal_arguments(op, q_in, k_in, in.options, kMaxEfficientOrder);
   in.q = compute_operand(q_in);
   in.k = compute_operand(k_in);
   in.v = compute_operand(v_in);
@@ -448,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_backward_cpu(
   check_backward_arguments(op, grad_out_in, q_in, k_in, v_in, out_in, den_in,
                            std::nullopt, key_padding_mask, std::nullopt,
                            options);
-  check_causal_arguments(op, q_in, k_in, options);
+  check_causal_arguments(op, q_in, k_in, options, kMaxEfficientOrder);
   const at::Tensor q = compute_operand(q_in), k = compute_operand(k_in),
                    v = compute_operand(v_in),
                    grad_out = compute_operand(grad_out_in);
@@ -458,12 +450,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_backward_cpu(
                    states = states_in.to(compute).contiguous();
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3),
                 e = v.size(3), F = feature_count(d, options.coefficients.order);
-  TORCH_CHECK_VALUE(
-      states.dim() == 5 && states.size(0) == B && states.size(1) == H &&
-          states.size(2) == blocks_of(L, kChunk) && states.size(3) == F &&
-          states.size(4) == e + 1,
-      op, ": states must be the forward's, (B, H, chunks, F, e + 1), got ",
-      shape_string(states_in));
+  check_causal_states(op, states_in, q_in, v_in, options.coefficients.order);
   at::Tensor grad_q = at::empty({B, H, L, d}, compute),
              grad_k = at::empty({B, H, L, d}, compute),
              grad_v = at::empty({B, H, L, e}, compute);

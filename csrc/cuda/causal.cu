@@ -17,7 +17,8 @@
 //   (M = N = C), T_i = sum_{j in c, j <= i} f(x_ij) u_j, as t_i = T_i[0] and
 //   T_i[1:] / t_i.
 // Both run with sigma = 1 and are added as z_i = A_i + T_i:
-//   den_i = a_i + t_i,   y_i = sigma_i (a_i A_i[1:]/a_i + t_i T_i[1:]/t_i) / den_i.
+//   den_i = a_i + t_i,   y_i = sigma_i (a_i A_i[1:]/a_i + t_i T_i[1:]/t_i) /
+//   den_i.
 // The backward differentiates z_i = A_i + T_i: both terms see the same
 // dz_i = [-dl_i | rs_i gY_i] (backward_row_scalars of the merged out and
 // den), so the efficient backward (whose dS becomes the suffix sum dS_{>c})
@@ -39,9 +40,7 @@ namespace {
 
 constexpr int64_t kChunk = kCausalChunk;
 
-int64_t chunk_count(int64_t tokens) {
-  return std::max<int64_t>(1, (tokens + kChunk - 1) / kChunk);
-}
+int64_t chunk_count(int64_t tokens) { return (tokens + kChunk - 1) / kChunk; }
 
 // (B, H, N, x) -> (B H n, 1, C, x): zeros after the last token, each chunk a
 // head of its own.
@@ -78,10 +77,9 @@ ChunkRows chunk_rows(const at::Tensor& q,
                      bool output_scale, int64_t chunks) {
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
   const auto acc = q.options().dtype(accumulate_dtype(q));
-  const at::Tensor valid =
-      key_padding_mask
-          ? key_padding_mask->logical_not()
-          : at::ones({B, N}, q.options().dtype(at::kBool));
+  const at::Tensor valid = key_padding_mask
+                               ? key_padding_mask->logical_not()
+                               : at::ones({B, N}, q.options().dtype(at::kBool));
   ChunkRows rows;
   if (key_padding_mask || N % kChunk != 0) {
     rows.key_padding = at::constant_pad_nd(valid, {0, chunks * kChunk - N})
@@ -100,28 +98,26 @@ ChunkRows chunk_rows(const at::Tensor& q,
   return rows;
 }
 
-void check_causal_inputs(const char* op, const at::Tensor& q,
-                         const at::Tensor& k) {
-  TORCH_CHECK_VALUE(q.size(2) == k.size(2), op,
-                    ": causal efficient attention needs as many queries as "
-                    "keys (M = N), got M = ",
-                    q.size(2), ", N = ", k.size(2));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
     c10::ArrayRef<double> coefficients) {
   constexpr const char* op = "taylorshift::causal_efficient_forward";
-  const KernelOptions options = schema_options(true, output_scale, coefficients);
+  const KernelOptions options =
+      schema_options(true, output_scale, coefficients);
   check_forward_arguments(op, q, k, v, key_padding_mask, std::nullopt, options);
-  const Coefficients& f = options.coefficients;
-  check_efficient_order(op, f.order, kMaxEfficientOrderCuda);
+  check_causal_arguments(op, q, k, options, kMaxEfficientOrderCuda);
   check_cuda_inputs(op, q, k, v, {}, key_padding_mask, std::nullopt);
-  check_causal_inputs(op, q, k);
+  const Coefficients& f = options.coefficients;
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
   const int64_t n = chunk_count(N);
+  if (q.numel() == 0 || v.numel() == 0)
+    return {
+        at::zeros({B, H, N, v.size(3)}, q.options()),
+        at::zeros({B, H, N}, q.options().dtype(accumulate_dtype(q))),
+        at::zeros({B, H, n, feature_count(q.size(3), f.order), v.size(3) + 1},
+                  q.options().dtype(accumulate_dtype(q)))};
   const ChunkRows rows = chunk_rows(q, key_padding_mask, output_scale, n);
   const at::Tensor qc = to_chunks(q, n), kc = to_chunks(k, n),
                    vc = to_chunks(v, n);
@@ -129,9 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_forward_cuda(
       at::ones({1, 1, 1}, rows.sigma.options()).expand({B * H * n, 1, kChunk});
   auto [state_out, state_den, states] =
       efficient_forward_rows(qc, kc, vc, rows.key_padding, ones, f, n);
-  auto [chunk_out, chunk_den] =
-      direct_forward_rows(qc, kc, vc, rows.key_padding, std::nullopt, true,
-                          ones, f);
+  auto [chunk_out, chunk_den] = direct_forward_rows(
+      qc, kc, vc, rows.key_padding, std::nullopt, true, ones, f);
   // z = A + T (header); a row that sees no key has den = 0 and outputs 0.
   const at::Tensor den = state_den + chunk_den;
   const at::Tensor numerator =
@@ -154,26 +149,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_backward_cuda(
     const at::Tensor& states, const std::optional<at::Tensor>& key_padding_mask,
     bool output_scale, c10::ArrayRef<double> coefficients) {
   constexpr const char* op = "taylorshift::causal_efficient_backward";
-  const KernelOptions options = schema_options(true, output_scale, coefficients);
+  const KernelOptions options =
+      schema_options(true, output_scale, coefficients);
   check_backward_arguments(op, grad_out, q, k, v, out, den, std::nullopt,
                            key_padding_mask, std::nullopt, options);
-  const Coefficients& f = options.coefficients;
-  check_efficient_order(op, f.order, kMaxEfficientOrderCuda);
+  check_causal_arguments(op, q, k, options, kMaxEfficientOrderCuda);
   check_cuda_inputs(op, q, k, v, {&grad_out, &out, &den, &states},
                     key_padding_mask, std::nullopt);
-  check_causal_inputs(op, q, k);
+  const Coefficients& f = options.coefficients;
+  check_causal_states(op, states, q, v, f.order);
+  const c10::cuda::CUDAGuard guard(q.device());
+  if (q.numel() == 0 || v.numel() == 0)
+    return {at::zeros_like(q, at::MemoryFormat::Contiguous),
+            at::zeros_like(k, at::MemoryFormat::Contiguous),
+            at::zeros_like(v, at::MemoryFormat::Contiguous)};
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
   const int64_t n = chunk_count(N);
-  TORCH_CHECK_VALUE(
-      states.scalar_type() == accumulate_dtype(q) && states.dim() == 5 &&
-          states.size(0) == B && states.size(1) == H && states.size(2) == n &&
-          states.size(3) == feature_count(q.size(3), f.order) &&
-          states.size(4) == v.size(3) + 1,
-      op,
-      ": states must be causal_efficient_forward's (B, H, chunks, F, e + 1) "
-      "in the accumulation dtype, got ",
-      states.sizes(), " ", states.scalar_type());
-  const c10::cuda::CUDAGuard guard(q.device());
   const ChunkRows rows = chunk_rows(q, key_padding_mask, output_scale, n);
   const at::Tensor qc = to_chunks(q, n), kc = to_chunks(k, n),
                    vc = to_chunks(v, n), gc = to_chunks(grad_out, n),
@@ -182,12 +173,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_backward_cuda(
   const at::Tensor scalars =
       backward_row_scalars(gc, oc, row_chunks(den, n), sigma);
   const at::Tensor chunk_states =
-      states.reshape({B * H * n, 1, states.size(3), states.size(4)});
+      states.to(accumulate_dtype(q))
+          .reshape({B * H * n, 1, states.size(3), states.size(4)});
   auto [state_q, state_k, state_v] = efficient_backward_rows(
       gc, qc, kc, vc, chunk_states, scalars, rows.key_padding, f, n);
-  auto [chunk_q, chunk_k, chunk_v] =
-      direct_backward_rows(gc, qc, kc, vc, scalars, rows.key_padding,
-                           std::nullopt, true, sigma, f);
+  auto [chunk_q, chunk_k, chunk_v] = direct_backward_rows(
+      gc, qc, kc, vc, scalars, rows.key_padding, std::nullopt, true, sigma, f);
   return {from_chunks(state_q.add_(chunk_q), q),
           from_chunks(state_k.add_(chunk_k), k),
           from_chunks(state_v.add_(chunk_v), v)};

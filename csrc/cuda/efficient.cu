@@ -1642,10 +1642,10 @@ std::pair<at::Tensor, int64_t> mma_state_reduce(StateMmaArgs<T> args,
   const int64_t base = Blocks::kPairs * Blocks::kValueTiles * bh;
   const int64_t token_tiles =
       (args.tokens + kTokenTile<kDim> - 1) / kTokenTile<kDim>;
-  int64_t splits =
-      one_split ? 1
-                : std::clamp<int64_t>(capacity / base, 1,
-                                      std::max<int64_t>(1, token_tiles));
+  int64_t splits = one_split
+                       ? 1
+                       : std::clamp<int64_t>(capacity / base, 1,
+                                             std::max<int64_t>(1, token_tiles));
   const int64_t chunk_tiles =
       std::max<int64_t>(1, (token_tiles + splits - 1) / splits);
   splits = std::max<int64_t>(1, (token_tiles + chunk_tiles - 1) / chunk_tiles);
@@ -1739,7 +1739,8 @@ void states_before_chunks(at::Tensor& state, int64_t chunks) {
   const at::Tensor rows =
       state.view({-1, chunks, state.size(2) * state.size(3)});
   if (chunks > 1)
-    rows.narrow(1, 1, chunks - 1).copy_(rows.narrow(1, 0, chunks - 1).cumsum(1));
+    rows.narrow(1, 1, chunks - 1)
+        .copy_(rows.narrow(1, 0, chunks - 1).cumsum(1));
   rows.select(1, 0).zero_();
 }
 
@@ -1866,9 +1867,10 @@ void mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
     // Causal chunks: dS_{>c} sums the chunks' dS, so every chunk of a
     // sequence takes the scale of its largest dz.
     if (chunks > 0)
-      dz_exponent =
-          dz_exponent.view({-1, chunks}).amin(1, true).expand({-1, chunks})
-              .reshape(-1);
+      dz_exponent = dz_exponent.view({-1, chunks})
+                        .amin(1, true)
+                        .expand({-1, chunks})
+                        .reshape(-1);
     dz_scale = power_of_two(dz_exponent);
     // The state operand is the state times query weights up to max(|c|,
     // |b|, 2|a|).
@@ -2127,8 +2129,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_rows(
   // The apply's state operand is multiplied by 2^-ceil(log2 N), see
   // efficient_apply_kernel; causal chunks' states sum the keys of all the
   // chunks before.
-  const double keys =
-      static_cast<double>(k.size(2)) * static_cast<double>(std::max<int64_t>(1, chunks));
+  const double keys = static_cast<double>(k.size(2)) *
+                      static_cast<double>(std::max<int64_t>(1, chunks));
   const double state_scale = std::ldexp(
       1.0, -static_cast<int>(std::ceil(std::log2(std::max(1.0, keys)))));
   AT_DISPATCH_FLOATING_TYPES_AND2(
