@@ -9,6 +9,11 @@ and the reference is skipped where its N x d^2 features would pass --reference-l
 says which. Writes CSV and markdown (with GPU name, torch and CUDA versions, date).
 
     python benchmarks/bench_gpu.py --out benchmarks/results
+
+--causal times causal attention instead: taylorshift's causal direct and causal efficient
+(csrc/cuda/causal.cu) against SDPA's flash backend with is_causal=True (the paper's reference has
+no causal form). Causal direct and SDPA are counted at half the direct algorithm's FLOPs (the lower
+triangle), causal efficient at the efficient algorithm's (its chunks' triangles left out).
 """
 
 from __future__ import annotations
@@ -36,14 +41,23 @@ IMPLEMENTATIONS = ("direct", "efficient", "sdpa", "reference")
 PASSES = ("fwd", "fwd+bwd")
 
 
-def attention(implementation):
+def implementations(causal):
+    """In the order run() measures them: the issue's targets first, the paper's reference last."""
+    return (
+        ("efficient", "sdpa", "direct") if causal else ("efficient", "sdpa", "direct", "reference")
+    )
+
+
+def attention(implementation, causal=False):
     if implementation in ("direct", "efficient"):
-        return lambda q, k, v: taylorshift.taylor_shift_attention(q, k, v, mode=implementation)
+        return lambda q, k, v: taylorshift.taylor_shift_attention(
+            q, k, v, causal=causal, mode=implementation
+        )
     if implementation == "sdpa":
 
         def sdpa(q, k, v):
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         return sdpa
 
@@ -76,7 +90,7 @@ def time_calls(fn, warmup=1, min_total_s=0.3, max_reps=20):
     return statistics.median(times)
 
 
-def measure(implementation, pass_, batch, heads, tokens, head_dim):
+def measure(implementation, pass_, batch, heads, tokens, head_dim, causal=False):
     """(ms, peak extra bytes) of one call, or raises torch.cuda.OutOfMemoryError."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     shape = (batch, heads, tokens, head_dim)
@@ -87,7 +101,7 @@ def measure(implementation, pass_, batch, heads, tokens, head_dim):
         for _ in range(3)
     )
     grad_out = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
-    fn = attention(implementation)
+    fn = attention(implementation, causal)
 
     def call():
         if pass_ == "fwd":
@@ -112,7 +126,7 @@ def run(args):
     deadline = time.monotonic() + args.budget_s
     # The issue's targets first (efficient and SDPA, d = 64, forward+backward), so that a short
     # --budget-s still measures them; the paper's reference last.
-    for implementation in ("efficient", "sdpa", "direct", "reference"):
+    for implementation in implementations(args.causal):
         for head_dim in sorted(args.head_dims, reverse=True):
             for pass_ in reversed(PASSES):
                 last_ms = None
@@ -145,7 +159,13 @@ def run(args):
                         continue
                     try:
                         ms, peak = measure(
-                            implementation, pass_, args.batch, args.heads, tokens, head_dim
+                            implementation,
+                            pass_,
+                            args.batch,
+                            args.heads,
+                            tokens,
+                            head_dim,
+                            args.causal,
                         )
                     except torch.cuda.OutOfMemoryError:
                         row["note"] = "out of memory"
@@ -155,6 +175,8 @@ def run(args):
                     work = flops(
                         mode, args.batch, args.heads, tokens, head_dim, backward=pass_ == "fwd+bwd"
                     )
+                    if args.causal and mode == "direct":
+                        work /= 2
                     row.update(ms=ms, tflops=work / (ms * 1e-3) / 1e12, peak_gb=peak / 1e9)
                     last_ms = ms
                     print(
@@ -171,6 +193,21 @@ def lookup(rows, impl, pass_, d, n):
         if (row["impl"], row["pass_"], row["d"], row["N"]) == (impl, pass_, d, n):
             return row
     return None
+
+
+def causal_summary(rows):
+    """Causal efficient against SDPA's causal flash attention, fwd+bwd, at every measured length."""
+    lines = []
+    for row in rows:
+        if row["impl"] != "efficient" or row["pass_"] != "fwd+bwd" or math.isnan(row["ms"]):
+            continue
+        sdpa = lookup(rows, "sdpa", "fwd+bwd", row["d"], row["N"])
+        if sdpa and not math.isnan(sdpa["ms"]):
+            lines.append(
+                f"causal efficient / SDPA causal fwd+bwd d={row['d']} N={row['N']}: "
+                f"{row['ms'] / sdpa['ms']:.2f}x the time"
+            )
+    return lines
 
 
 def summary(rows):
@@ -224,7 +261,8 @@ def write(rows, out_dir: Path, args):
     out_dir.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
     stamp = datetime.datetime.now(datetime.timezone.utc)
-    name = f"gpu_{props.name.replace(' ', '_')}_{stamp:%Y%m%d_%H%M}"
+    kind = "gpu_causal" if args.causal else "gpu"
+    name = f"{kind}_{props.name.replace(' ', '_')}_{stamp:%Y%m%d_%H%M}"
     header = [
         (
             f"GPU: {props.name} (sm_{props.major}{props.minor}, "
@@ -232,24 +270,26 @@ def write(rows, out_dir: Path, args):
         ),
         f"torch {torch.__version__}, CUDA {torch.version.cuda}, date {stamp:%Y-%m-%d %H:%M} UTC",
         (
-            f"B={args.batch}, H={args.heads}, bf16; ms = median of CUDA-event-timed calls; "
-            "TFLOP/s by docs/math.md §4 counts (SDPA counted as direct); peak = "
+            f"B={args.batch}, H={args.heads}, bf16{', causal' if args.causal else ''}; ms = "
+            "median of CUDA-event-timed calls; TFLOP/s by docs/math.md §4 counts (SDPA counted "
+            f"as direct{', causal ones at half' if args.causal else ''}); peak = "
             "max_memory_allocated above the inputs."
         ),
     ]
+    measured = [impl for impl in IMPLEMENTATIONS if impl in implementations(args.causal)]
     fields = ["impl", "pass_", "d", "N", "ms", "tflops", "peak_gb", "note"]
     with open(out_dir / f"{name}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     lines = ["# taylorshift GPU benchmark\n", *[f"{h}  " for h in header], ""]
-    lines += ["| d | pass | N | " + " | ".join(IMPLEMENTATIONS) + " |"]
-    lines += ["|---|---|---|" + "---|" * len(IMPLEMENTATIONS)]
+    lines += ["| d | pass | N | " + " | ".join(measured) + " |"]
+    lines += ["|---|---|---|" + "---|" * len(measured)]
     for d in args.head_dims:
         for pass_ in PASSES:
             for n in args.tokens:
                 cells = []
-                for impl in IMPLEMENTATIONS:
+                for impl in measured:
                     row = lookup(rows, impl, pass_, d, n)
                     if row is None or math.isnan(row["ms"]):
                         cells.append(row["note"] if row else "-")
@@ -258,7 +298,15 @@ def write(rows, out_dir: Path, args):
                             f"{row['ms']:.2f} ms, {row['tflops']:.0f} TF/s, {row['peak_gb']:.2f} GB"
                         )
                 lines.append(f"| {d} | {pass_} | {n} | " + " | ".join(cells) + " |")
-    lines += ["", "## Targets (issue 3)", "", *[f"- {s}" for s in summary(rows)]]
+    if args.causal:
+        lines += [
+            "",
+            "## Causal efficient against SDPA",
+            "",
+            *[f"- {s}" for s in causal_summary(rows)],
+        ]
+    else:
+        lines += ["", "## Targets (issue 3)", "", *[f"- {s}" for s in summary(rows)]]
     text = "\n".join(lines) + "\n"
     (out_dir / f"{name}.md").write_text(text)
     return text
@@ -281,6 +329,7 @@ def main():
     parser.add_argument("--reference-limit-gb", type=float, default=100.0)
     parser.add_argument("--budget-s", type=float, default=180.0, help="stop measuring after this")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--causal", action="store_true", help="causal attention (see above)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA GPU")

@@ -31,9 +31,15 @@ if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 
   PYTHONPATH=csrc/cuda/emulation python -m pytest -p emulate -q -p no:cacheprovider \
     tests/test_forward.py tests/test_masks.py tests/test_gradients.py tests/test_cuda.py \
     tests/test_numerics_edge.py
+  # Causal efficient on CUDA (csrc/cuda/causal.cu; test_cuda.py above runs its operators)
+  # through the functional: autograd, gradcheck, opcheck, torch.compile, NaN in padded keys, the
+  # states, the errors (about 3 minutes).
+  PYTHONPATH=csrc/cuda/emulation python -m pytest -p emulate -q -p no:cacheprovider \
+    tests/test_causal.py -k "gradcheck_operator or (opcheck and float32-key_padding_mask-transposed) \
+    or (compile and dynamic) or (non_finite and nan-efficient) or states_are or errors"
   # Hopper's wgmma kernels: the kernels as nvcc's sm_90a pass builds them (warp.cuh), under the
-  # tests that reach their wgmma products: the efficient 16-bit kernels, the direct forward from
-  # d = 64 on without an attn_mask (about 4 minutes).
+  # tests that reach their wgmma products: the efficient 16-bit kernels (causal too), the direct
+  # forward from d = 64 on without an attn_mask (about 5 minutes).
   TS_EMULATION_WGMMA=1 PYTHONPATH=csrc/cuda/emulation python -m pytest -p emulate -q \
     -p no:cacheprovider tests/test_cuda.py -k "(efficient and (bfloat16 or float16) and not coefficients) or \
     (direct_operator and (64 or 128) and not attn_mask and not all) or (direct_causal and 128)"
