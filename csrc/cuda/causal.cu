@@ -16,18 +16,26 @@
 // - the chunk's triangle: the causal direct kernels on each chunk alone
 //   (M = N = C), T_i = sum_{j in c, j <= i} f(x_ij) u_j, as t_i = T_i[0] and
 //   T_i[1:] / t_i.
-// Both run with sigma = 1 and are added as z_i = A_i + T_i:
-//   den_i = a_i + t_i,   y_i = sigma_i (a_i A_i[1:]/a_i + t_i T_i[1:]/t_i) /
-//   den_i.
+// Both run with sigma = 1, and their outputs are added as z_i = A_i + T_i:
+//   den_i = a_i + t_i,
+//   y_i = sigma_i (a_i (A_i[1:] / a_i) + t_i (T_i[1:] / t_i)) / den_i,
+// a term's output being 0 where its denominator is 0 (chunk 0 has no state
+// term). Each term's output is rounded to the inputs' dtype once before the
+// merge, one rounding more than one fused kernel would make (the tests hold
+// the result to twice PyTorch's own error in that dtype).
+//
 // The backward differentiates z_i = A_i + T_i: both terms see the same
 // dz_i = [-dl_i | rs_i gY_i] (backward_row_scalars of the merged out and
 // den), so the efficient backward (whose dS becomes the suffix sum dS_{>c})
 // and the causal direct backward on each chunk take the same scalars, and
 // the gradients are their sums.
 //
-// Memory: the inputs in chunks (a copy of q, k, v, and in the backward of
-// grad_out and out) and the states S_{<c}, n F (e + 1) floats per head,
-// which the forward returns for the backward as the CPU's kernels do.
+// Memory, beyond the inputs in chunks (copies of q, k, v, and in the backward
+// of grad_out and out): per chunk, its state S_{<c} (F (e + 1) floats, which
+// the forward returns for the backward, as the CPU's kernels do) and the
+// apply's operand of it in the inputs' dtype; the backward's dS_{>c} and the
+// gradient tiles likewise. That is N / C times a non-causal call's state:
+// at d = e = 64, 0.56 MB of states per chunk, 286 MB per head at N = 65536.
 #include <torch/library.h>
 
 #include "../kernel_checks.h"
