@@ -299,14 +299,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_step_composite(
   check_operand("taylorshift.causal_step", "valid_keys", valid_keys, {B},
                 at::kLong, q);
   auto [q_hat, k_hat] = logit_factors(q, k, temperature, normalize, scale);
-  // Without gradients, the CPU's kernels (cpu/causal.cpp) continue from the
-  // state; with them, or elsewhere, the ATen form, which autograd follows.
+  // Without gradients, the CPU's and CUDA's kernels (cpu/causal.cpp,
+  // cuda/causal.cu) continue from the state; with them, or on other devices,
+  // the ATen form, which autograd follows.
   const bool differentiable =
       at::GradMode::is_enabled() &&
       (q.requires_grad() || k.requires_grad() || v.requires_grad() ||
        state.requires_grad() || (temperature && temperature->requires_grad()));
   const KernelOptions options{f, true, output_scale};
-  if (q.device().is_cpu() && !differentiable)
+  if ((q.device().is_cpu() || q.device().is_cuda()) && !differentiable)
     return causal_efficient_step(q_hat, k_hat, v, state, valid_keys,
                                  key_padding_mask, options);
   return causal_continue(q_hat, k_hat, v, key_padding_mask, options, state,

@@ -42,8 +42,9 @@ TORCH_LIBRARY(taylorshift, m) {
       "causal_efficient_forward(Tensor q, Tensor k, Tensor v, "
       "Tensor? key_padding_mask, bool output_scale, float[] coefficients) -> "
       "(Tensor out, Tensor den, Tensor states)");
-  // Decoding without autograd (the CPU's kernels; causal_step picks it when
-  // no gradient is needed): the forward above after a state and a count.
+  // Decoding without autograd (the CPU's and CUDA's kernels; causal_step picks
+  // it when no gradient is needed): the forward above after a state and a
+  // count.
   m.def(
       "causal_efficient_step(Tensor q, Tensor k, Tensor v, Tensor state, "
       "Tensor valid_keys, Tensor? key_padding_mask, bool output_scale, "

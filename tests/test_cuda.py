@@ -404,6 +404,47 @@ def test_causal_efficient_small_and_empty(shape):
         torch.testing.assert_close(g.double(), ex, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize(
+    "dtype,d,order",
+    [(torch.bfloat16, 16, 2), (torch.float16, 32, 2), (torch.float32, 8, 1), (torch.float64, 5, 2)],
+    ids=str,
+)
+def test_causal_state_steps_on_the_kernels(dtype, d, order):
+    """CausalState without gradients continues from its state on the kernels
+    (causal_efficient_step): a prompt of 200 tokens (two chunks, the second partial), then steps of
+    one and of 60 tokens, with key padding, against causal direct over all of them in float64
+    (float64: to 1e-12; the others: within 2x PyTorch's own error in the dtype + 2 ulp)."""
+    batch, heads, tokens = 2, 2, 261
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = (torch.randn(batch, heads, tokens, d, generator=gen) for _ in range(3))
+    temperature = 0.4 + 0.5 * torch.rand(heads, generator=gen)  # order 1: 1 + x > 0
+    kpm = torch.rand(batch, tokens, generator=gen) < 0.3
+    kpm[:, 0] = False
+    kpm[1, 200:] = True  # batch row 1: its steps see only padding
+    q, k, v, temperature = (t.to(DEVICE, dtype) for t in (q, k, v, temperature))
+    kpm = kpm.to(DEVICE)
+    state = taylorshift.CausalState(batch, heads, d, d, dtype=dtype, device=DEVICE, order=order)
+    outputs = []
+    with torch.no_grad():
+        for start, stop in ((0, 200), (200, 201), (201, 261)):
+            part = slice(start, stop)
+            outputs.append(
+                state.step(q[:, :, part], k[:, :, part], v[:, :, part], temperature, kpm[:, part])
+            )
+    got = torch.cat(outputs, 2)
+    options = {"causal": True, "mode": "direct", "key_padding_mask": kpm, "order": order}
+    exact = taylorshift.taylor_shift_attention(
+        *(t.double() for t in (q, k, v, temperature)), **options
+    )
+    if dtype == torch.float64:
+        assert max_error(got, exact) <= 1e-12 * exact.abs().max().item()
+    else:
+        approx = taylorshift.taylor_shift_attention(q, k, v, temperature, **options)
+        assert_close_to_reference("steps", got, exact, approx, dtype)
+    assert state.tokens == tokens
+    assert state.valid_keys.tolist() == (~kpm).sum(1).tolist()
+
+
 @pytest.mark.parametrize("mode", ("direct", "efficient"))
 @pytest.mark.parametrize(
     "shape,d,e",

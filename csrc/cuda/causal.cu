@@ -74,7 +74,8 @@ at::Tensor row_chunks(const at::Tensor& rows, int64_t chunks) {
 
 // What both passes read: the chunks' key padding, the last chunk's missing
 // tokens counted as padding (nullopt where no key is padded), and sigma_i
-// (B, H, N) of N_i, the unpadded keys up to i.
+// (B, H, N) of N_i, the unpadded keys up to i, those before a decoding step
+// (keys_before, (B,)) included.
 struct ChunkRows {
   std::optional<at::Tensor> key_padding;  // (B H n, C)
   at::Tensor sigma;                       // (B, H, N), accumulation dtype
@@ -82,7 +83,8 @@ struct ChunkRows {
 
 ChunkRows chunk_rows(const at::Tensor& q,
                      const std::optional<at::Tensor>& key_padding_mask,
-                     bool output_scale, int64_t chunks) {
+                     bool output_scale, int64_t chunks,
+                     const at::Tensor& keys_before = {}) {
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
   const auto acc = q.options().dtype(accumulate_dtype(q));
   const at::Tensor valid = key_padding_mask
@@ -96,14 +98,48 @@ ChunkRows chunk_rows(const at::Tensor& q,
                            .expand({B, H, chunks * kChunk})
                            .reshape({-1, kChunk});
   }
-  rows.sigma =
-      output_scale
-          ? (valid.to(acc.dtype()).cumsum(1) / static_cast<double>(q.size(3)))
-                .sqrt()
-                .unsqueeze(1)
-                .expand({B, H, N})
-          : at::ones({1, 1, 1}, acc).expand({B, H, N});
+  if (!output_scale) {
+    rows.sigma = at::ones({1, 1, 1}, acc).expand({B, H, N});
+    return rows;
+  }
+  at::Tensor seen = valid.to(acc.dtype()).cumsum(1);
+  if (keys_before.defined())
+    seen = seen + keys_before.to(acc.dtype()).unsqueeze(1);
+  rows.sigma = (seen / static_cast<double>(q.size(3)))
+                   .sqrt()
+                   .unsqueeze(1)
+                   .expand({B, H, N});
   return rows;
+}
+
+// The forward of the header on q, k, v (B, H, N, d / e) with rows as
+// chunk_rows makes them and chunks.count = n: out, den (B, H, N) and the
+// state each chunk's queries read, (B H n, 1, F, e + 1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunked_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const ChunkRows& rows, const Coefficients& f, const CausalChunks& chunks) {
+  const int64_t n = chunks.count;
+  const at::Tensor qc = to_chunks(q, n), kc = to_chunks(k, n),
+                   vc = to_chunks(v, n);
+  const at::Tensor ones =
+      at::ones({1, 1, 1}, rows.sigma.options()).expand({qc.size(0), 1, kChunk});
+  auto [state_out, state_den, states] =
+      efficient_forward_rows(qc, kc, vc, rows.key_padding, ones, f, chunks);
+  auto [chunk_out, chunk_den] = direct_forward_rows(
+      qc, kc, vc, rows.key_padding, std::nullopt, true, ones, f);
+  // z = A + T (header); a row that sees no key has den = 0 and outputs 0.
+  const at::Tensor den = state_den + chunk_den;
+  const at::Tensor numerator =
+      state_out.to(den.scalar_type()) * state_den.unsqueeze(-1) +
+      chunk_out.to(den.scalar_type()) * chunk_den.unsqueeze(-1);
+  const at::Tensor sees_keys = den != 0;
+  const at::Tensor factor = at::where(
+      sees_keys, at::reciprocal(at::where(sees_keys, den, at::ones_like(den))),
+      at::zeros_like(den));
+  const at::Tensor sigma = row_chunks(rows.sigma, n);
+  const at::Tensor out =
+      (numerator * (factor * sigma).unsqueeze(-1)).to(q.scalar_type());
+  return {from_chunks(out, q), from_chunks(den, q), states};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_forward_cuda(
@@ -127,28 +163,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_forward_cuda(
         at::zeros({B, H, n, feature_count(q.size(3), f.order), v.size(3) + 1},
                   q.options().dtype(accumulate_dtype(q)))};
   const ChunkRows rows = chunk_rows(q, key_padding_mask, output_scale, n);
-  const at::Tensor qc = to_chunks(q, n), kc = to_chunks(k, n),
-                   vc = to_chunks(v, n);
-  const at::Tensor ones =
-      at::ones({1, 1, 1}, rows.sigma.options()).expand({B * H * n, 1, kChunk});
-  auto [state_out, state_den, states] =
-      efficient_forward_rows(qc, kc, vc, rows.key_padding, ones, f, n);
-  auto [chunk_out, chunk_den] = direct_forward_rows(
-      qc, kc, vc, rows.key_padding, std::nullopt, true, ones, f);
-  // z = A + T (header); a row that sees no key has den = 0 and outputs 0.
-  const at::Tensor den = state_den + chunk_den;
-  const at::Tensor numerator =
-      state_out.to(den.scalar_type()) * state_den.unsqueeze(-1) +
-      chunk_out.to(den.scalar_type()) * chunk_den.unsqueeze(-1);
-  const at::Tensor sees_keys = den != 0;
-  const at::Tensor factor = at::where(
-      sees_keys, at::reciprocal(at::where(sees_keys, den, at::ones_like(den))),
-      at::zeros_like(den));
-  const at::Tensor sigma = row_chunks(rows.sigma, n);
-  const at::Tensor out =
-      (numerator * (factor * sigma).unsqueeze(-1)).to(q.scalar_type());
-  return {from_chunks(out, q), from_chunks(den, q),
-          states.view({B, H, n, states.size(2), states.size(3)})};
+  auto [out, den, states] = chunked_forward(q, k, v, rows, f, CausalChunks{n});
+  return {out, den, states.view({B, H, n, states.size(2), states.size(3)})};
+}
+
+// Decoding without autograd: the forward after the tokens that `state`
+// (B, H, F, e + 1) and valid_keys (B,) hold, its chunks' states started from
+// `state`; returns the tokens' outputs and the state and count after them
+// (new tensors; the inputs are not written).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_step_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& state, const at::Tensor& valid_keys,
+    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+    c10::ArrayRef<double> coefficients) {
+  constexpr const char* op = "taylorshift::causal_efficient_step";
+  const KernelOptions options =
+      schema_options(true, output_scale, coefficients);
+  check_forward_arguments(op, q, k, v, key_padding_mask, std::nullopt, options);
+  check_causal_arguments(op, q, k, options, kMaxEfficientOrderCuda);
+  check_cuda_inputs(op, q, k, v, {&state, &valid_keys}, key_padding_mask,
+                    std::nullopt);
+  const Coefficients& f = options.coefficients;
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3),
+                e = v.size(3), F = feature_count(d, f.order);
+  check_operand(op, "state", state, {B, H, F, e + 1}, accumulate_dtype(q), q);
+  check_operand(op, "valid_keys", valid_keys, {B}, at::kLong, q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor valid = key_padding_mask
+                               ? key_padding_mask->logical_not()
+                               : at::ones({B, N}, q.options().dtype(at::kBool));
+  const at::Tensor seen = valid_keys + valid.sum(1);
+  if (q.numel() == 0 || v.numel() == 0)
+    return {at::zeros({B, H, N, e}, q.options()),
+            state.clone(at::MemoryFormat::Contiguous), seen};
+  const int64_t n = chunk_count(N);
+  const ChunkRows rows =
+      chunk_rows(q, key_padding_mask, output_scale, n, valid_keys);
+  // The kernels' states have order 2's rows (order 1: zero pair rows).
+  const at::Tensor before =
+      at::constant_pad_nd(state, {0, 0, 0, feature_count(d) - F})
+          .reshape({B * H, feature_count(d), e + 1});
+  CausalChunks chunks{n, &before};
+  at::Tensor after;
+  chunks.after = &after;
+  // float16's operand scale needs a bound on the keys before: one host sync.
+  if (q.scalar_type() == at::kHalf)
+    chunks.keys_before = valid_keys.max().item<int64_t>();
+  at::Tensor out = std::get<0>(chunked_forward(q, k, v, rows, f, chunks));
+  return {out, after.narrow(1, 0, F).reshape({B, H, F, e + 1}).contiguous(),
+          seen};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_backward_cuda(
@@ -195,6 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(taylorshift, CUDA, m) {
+  m.impl("causal_efficient_step", TORCH_FN(causal_efficient_step_cuda));
   m.impl("causal_efficient_forward", TORCH_FN(causal_efficient_forward_cuda));
   m.impl("causal_efficient_backward", TORCH_FN(causal_efficient_backward_cuda));
 }

@@ -646,17 +646,30 @@ at::Tensor backward_row_scalars(const at::Tensor& grad_out,
                                 const at::Tensor& out, const at::Tensor& den,
                                 const at::Tensor& sigma);
 
+// causal.cu's chunks as the efficient kernels' heads (efficient.cu,
+// states_before_chunks): `count` heads in a row per sequence (0: not
+// causal); `before`, where not null, the state before a sequence's first
+// chunk (sequences, F, e + 1) with order 2's F rows; `after`, where not null,
+// receives the state after its last chunk, the same way.
+// keys_before bounds the keys `before` sums (float16's operand scale).
+struct CausalChunks {
+  int64_t count = 0;
+  const at::Tensor* before = nullptr;
+  at::Tensor* after = nullptr;
+  int64_t keys_before = 0;
+};
+
 // The operators' kernels after their checks, on the logits' factors (the
 // CUDA device current), for causal.cu as well as the operators:
 // - sigma: the output scales of the rows (B, H, M), as output_scales;
 // - scalars: backward_row_scalars of the rows;
-// - chunks (efficient): 0, or causal.cu's chunks as heads, `chunks` of them
-//   in a row per sequence (efficient.cu, states_before_chunks): the returned
-//   state is then the state each chunk's queries read.
+// - chunks (efficient): causal.cu's chunks, above; the state the forward
+//   returns is then the state each chunk's queries read, and the backward's
+//   chunks the forward's count.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_rows(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& sigma,
-    const Coefficients& f, int64_t chunks);
+    const Coefficients& f, const CausalChunks& chunks = {});
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_backward_rows(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& state, const at::Tensor& scalars,

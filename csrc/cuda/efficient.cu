@@ -1734,14 +1734,22 @@ void mma_dx_tiles(const DxTilesArgs<T>& p, const at::Tensor& state,
 // queries of every later chunk, so their gradients read dS_{>c}: the
 // exclusive suffix sum of the chunks' dS. Both sums run over whole chunks in
 // order, never a total minus a part (which loses low-precision accuracy),
-// in place on (heads, 1, F, e + 1).
-void states_before_chunks(at::Tensor& state, int64_t chunks) {
-  const at::Tensor rows =
-      state.view({-1, chunks, state.size(2) * state.size(3)});
-  if (chunks > 1)
-    rows.narrow(1, 1, chunks - 1)
-        .copy_(rows.narrow(1, 0, chunks - 1).cumsum(1));
+// in place on (heads, 1, F, e + 1). A decoding step starts from the state
+// of the tokens before it (chunks.before) and returns the state after its
+// last chunk (chunks.after).
+void states_before_chunks(at::Tensor& state, const CausalChunks& chunks) {
+  const int64_t n = chunks.count;
+  const at::Tensor rows = state.view({-1, n, state.size(2) * state.size(3)});
+  const at::Tensor through = rows.cumsum(1);  // S_{<= c}
+  if (chunks.after != nullptr) {
+    *chunks.after =
+        through.select(1, n - 1).view({-1, state.size(2), state.size(3)});
+    if (chunks.before != nullptr) chunks.after->add_(*chunks.before);
+  }
+  if (n > 1) rows.narrow(1, 1, n - 1).copy_(through.narrow(1, 0, n - 1));
   rows.select(1, 0).zero_();
+  if (chunks.before != nullptr)
+    rows.add_(chunks.before->reshape({-1, 1, rows.size(2)}));
 }
 
 void states_after_chunks(at::Tensor& dstate, int64_t chunks) {
@@ -1759,7 +1767,7 @@ template <typename T, int kDim>
 void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const Mask& mask, bool masked, const at::Tensor& sigma,
                  double a, double b, double c, float state_scale,
-                 int64_t chunks, at::Tensor& out, at::Tensor& den,
+                 const CausalChunks& chunks, at::Tensor& out, at::Tensor& den,
                  at::Tensor& state) {
   using Blocks = PairBlocks<kDim>;
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -1776,10 +1784,11 @@ void mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   // Causal: one split, so that the chunks' states are whole before their
   // prefix sum (a chunk is one or two token tiles).
   const std::pair<at::Tensor, int64_t> reduced =
-      mma_state_reduce<T, kDim, false>(args, masked, bh, state, chunks > 0);
+      mma_state_reduce<T, kDim, false>(args, masked, bh, state,
+                                       chunks.count > 0);
   const at::Tensor& partial = reduced.first;
   const int64_t splits = reduced.second;
-  if (chunks > 0) states_before_chunks(state, chunks);
+  if (chunks.count > 0) states_before_chunks(state, chunks);
 
   const at::Tensor operand =
       state_operand<T, kDim>(partial, splits, &state, query_weights(a, b, c),
@@ -1988,8 +1997,8 @@ template <typename T>
 bool try_mma_forward(const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const Mask& mask, bool masked,
                      const at::Tensor& sigma, double a, double b, double c,
-                     float state_scale, int64_t chunks, at::Tensor& out,
-                     at::Tensor& den, at::Tensor& state) {
+                     float state_scale, const CausalChunks& chunks,
+                     at::Tensor& out, at::Tensor& den, at::Tensor& state) {
   if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
     return with_mma_dim(q.size(3), v.size(3), [&](auto dim) {
       mma_forward<T, decltype(dim)::value>(q, k, v, mask, masked, sigma, a, b,
@@ -2112,7 +2121,7 @@ QuadraticCoefficients quadratic_coefficients(const char* op,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_rows(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& sigma,
-    const Coefficients& f, int64_t chunks) {
+    const Coefficients& f, const CausalChunks& chunks) {
   const QuadraticCoefficients f2 =
       quadratic_coefficients("taylorshift::efficient_forward", f);
   const double a = f2.a, b = f2.b, c = f2.c;
@@ -2128,9 +2137,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_rows(
   const Mask mask = make_mask(key_padding_mask, std::nullopt, false);
   // The apply's state operand is multiplied by 2^-ceil(log2 N), see
   // efficient_apply_kernel; causal chunks' states sum the keys of all the
-  // chunks before.
-  const double keys = static_cast<double>(k.size(2)) *
-                      static_cast<double>(std::max<int64_t>(1, chunks));
+  // chunks before, and of the tokens before a decoding step.
+  const double keys =
+      static_cast<double>(k.size(2)) *
+          static_cast<double>(std::max<int64_t>(1, chunks.count)) +
+      static_cast<double>(chunks.keys_before);
   const double state_scale = std::ldexp(
       1.0, -static_cast<int>(std::ceil(std::log2(std::max(1.0, keys)))));
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -2145,7 +2156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_rows(
         // q, k, v through their strides.
         feature_reduce<T, Acc, false>(make_args<T, Acc>(k, v, v, mask, a, b, c),
                                       state);
-        if (chunks > 0) states_before_chunks(state, chunks);
+        if (chunks.count > 0) states_before_chunks(state, chunks);
         if (q.size(2) == 0) return;
         auto args = make_args<T, Acc>(q, v, v, mask, a, b, c);
         args.state_scale = static_cast<Acc>(state_scale);
@@ -2269,7 +2280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> efficient_forward_factors(
   const at::Tensor sigma = output_scales(q, k.size(2), key_padding_mask,
                                          std::nullopt, false, output_scale);
   return efficient_forward_rows(q, k, v, key_padding_mask, sigma,
-                                options.coefficients, 0);
+                                options.coefficients);
 }
 
 // The backward on the logits' factors q and k as given.
