@@ -32,11 +32,13 @@ if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 
     tests/test_forward.py tests/test_masks.py tests/test_gradients.py tests/test_cuda.py \
     tests/test_numerics_edge.py
   # Causal efficient on CUDA (csrc/cuda/causal.cu; test_cuda.py above runs its operators)
-  # through the functional: autograd, gradcheck, opcheck, torch.compile, NaN in padded keys, the
-  # states, the errors (about 3 minutes).
+  # through the functional and CausalState: autograd, gradcheck, opcheck, torch.compile, NaN in
+  # padded keys, the states, the errors, decoding steps against the ATen form (about 3 minutes).
   PYTHONPATH=csrc/cuda/emulation python -m pytest -p emulate -q -p no:cacheprovider \
-    tests/test_causal.py -k "gradcheck_operator or (opcheck and float32-key_padding_mask-transposed) \
-    or (compile and dynamic) or (non_finite and nan-efficient) or states_are or errors"
+    tests/test_causal.py tests/test_decoding.py -k "gradcheck_operator or \
+    (opcheck and float32-key_padding_mask-transposed) or (compile and dynamic) or \
+    (non_finite and nan-efficient) or states_are or test_errors or kernels_and_aten_form_agree \
+    or step_operator_opcheck"
   # Hopper's wgmma kernels: the kernels as nvcc's sm_90a pass builds them (warp.cuh), under the
   # tests that reach their wgmma products: the efficient 16-bit kernels (causal too), the direct
   # forward from d = 64 on without an attn_mask (about 5 minutes).
