@@ -142,16 +142,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunked_forward(
   return {from_chunks(out, q), from_chunks(den, q), states};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_forward_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// The forward's and the step's checks (`others`: the step's state and
+// count); returns the options.
+KernelOptions check_forward_inputs(
+    const char* op, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, std::initializer_list<const at::Tensor*> others,
     const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
     c10::ArrayRef<double> coefficients) {
-  constexpr const char* op = "taylorshift::causal_efficient_forward";
   const KernelOptions options =
       schema_options(true, output_scale, coefficients);
   check_forward_arguments(op, q, k, v, key_padding_mask, std::nullopt, options);
   check_causal_arguments(op, q, k, options, kMaxEfficientOrderCuda);
-  check_cuda_inputs(op, q, k, v, {}, key_padding_mask, std::nullopt);
+  check_cuda_inputs(op, q, k, v, others, key_padding_mask, std::nullopt);
+  return options;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, bool output_scale,
+    c10::ArrayRef<double> coefficients) {
+  const KernelOptions options =
+      check_forward_inputs("taylorshift::causal_efficient_forward", q, k, v, {},
+                           key_padding_mask, output_scale, coefficients);
   const Coefficients& f = options.coefficients;
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
@@ -178,11 +190,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_step_cuda(
     c10::ArrayRef<double> coefficients) {
   constexpr const char* op = "taylorshift::causal_efficient_step";
   const KernelOptions options =
-      schema_options(true, output_scale, coefficients);
-  check_forward_arguments(op, q, k, v, key_padding_mask, std::nullopt, options);
-  check_causal_arguments(op, q, k, options, kMaxEfficientOrderCuda);
-  check_cuda_inputs(op, q, k, v, {&state, &valid_keys}, key_padding_mask,
-                    std::nullopt);
+      check_forward_inputs(op, q, k, v, {&state, &valid_keys}, key_padding_mask,
+                           output_scale, coefficients);
   const Coefficients& f = options.coefficients;
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3),
                 e = v.size(3), F = feature_count(d, f.order);
