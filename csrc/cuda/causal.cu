@@ -73,12 +73,12 @@ at::Tensor row_chunks(const at::Tensor& rows, int64_t chunks) {
 }
 
 // What both passes read: the chunks' key padding, the last chunk's missing
-// tokens counted as padding (nullopt where no key is padded), and sigma_i
-// (B, H, N) of N_i, the unpadded keys up to i, those before a decoding step
-// (keys_before, (B,)) included.
+// tokens counted as padding (nullopt where no key is padded), and sigma_i of
+// N_i, the unpadded keys up to i, those before a decoding step (keys_before,
+// (B,)) included.
 struct ChunkRows {
   std::optional<at::Tensor> key_padding;  // (B H n, C)
-  at::Tensor sigma;                       // (B, H, N), accumulation dtype
+  at::Tensor sigma;  // (B H n, 1, C), row_chunks's layout, accumulation dtype
 };
 
 ChunkRows chunk_rows(const at::Tensor& q,
@@ -99,16 +99,17 @@ ChunkRows chunk_rows(const at::Tensor& q,
                            .reshape({-1, kChunk});
   }
   if (!output_scale) {
-    rows.sigma = at::ones({1, 1, 1}, acc).expand({B, H, N});
+    rows.sigma = at::ones({1, 1, 1}, acc).expand({B * H * chunks, 1, kChunk});
     return rows;
   }
   at::Tensor seen = valid.to(acc.dtype()).cumsum(1);
   if (keys_before.defined())
     seen = seen + keys_before.to(acc.dtype()).unsqueeze(1);
-  rows.sigma = (seen / static_cast<double>(q.size(3)))
-                   .sqrt()
-                   .unsqueeze(1)
-                   .expand({B, H, N});
+  rows.sigma = row_chunks((seen / static_cast<double>(q.size(3)))
+                              .sqrt()
+                              .unsqueeze(1)
+                              .expand({B, H, N}),
+                          chunks);
   return rows;
 }
 
@@ -132,13 +133,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunked_forward(
   const at::Tensor numerator =
       state_out.to(den.scalar_type()) * state_den.unsqueeze(-1) +
       chunk_out.to(den.scalar_type()) * chunk_den.unsqueeze(-1);
-  const at::Tensor sees_keys = den != 0;
-  const at::Tensor factor = at::where(
-      sees_keys, at::reciprocal(at::where(sees_keys, den, at::ones_like(den))),
-      at::zeros_like(den));
-  const at::Tensor sigma = row_chunks(rows.sigma, n);
-  const at::Tensor out =
-      (numerator * (factor * sigma).unsqueeze(-1)).to(q.scalar_type());
+  const at::Tensor factor =
+      at::where(den != 0, den.reciprocal(), at::zeros_like(den)) * rows.sigma;
+  const at::Tensor out = (numerator * factor.unsqueeze(-1)).to(q.scalar_type());
   return {from_chunks(out, q), from_chunks(den, q), states};
 }
 
@@ -249,16 +246,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_efficient_backward_cuda(
   const at::Tensor qc = to_chunks(q, n), kc = to_chunks(k, n),
                    vc = to_chunks(v, n), gc = to_chunks(grad_out, n),
                    oc = to_chunks(out, n);
-  const at::Tensor sigma = row_chunks(rows.sigma, n);
   const at::Tensor scalars =
-      backward_row_scalars(gc, oc, row_chunks(den, n), sigma);
+      backward_row_scalars(gc, oc, row_chunks(den, n), rows.sigma);
   const at::Tensor chunk_states =
       states.to(accumulate_dtype(q))
           .reshape({B * H * n, 1, states.size(3), states.size(4)});
   auto [state_q, state_k, state_v] = efficient_backward_rows(
       gc, qc, kc, vc, chunk_states, scalars, rows.key_padding, f, n);
   auto [chunk_q, chunk_k, chunk_v] = direct_backward_rows(
-      gc, qc, kc, vc, scalars, rows.key_padding, std::nullopt, true, sigma, f);
+      gc, qc, kc, vc, scalars, rows.key_padding, std::nullopt, true, f);
   return {from_chunks(state_q.add_(chunk_q), q),
           from_chunks(state_k.add_(chunk_k), k),
           from_chunks(state_v.add_(chunk_v), v)};

@@ -685,7 +685,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_rows(
     const at::Tensor& v, const at::Tensor& scalars,
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal,
-    const at::Tensor& sigma, const Coefficients& f);
+    const Coefficients& f);
 
 // Checks shared by every CUDA operator: device placement, supported sizes.
 void check_cuda_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,

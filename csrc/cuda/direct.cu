@@ -1510,7 +1510,7 @@ DirectArgs<T, Acc> make_args(const at::Tensor& q, const at::Tensor& k,
   args.d = static_cast<int>(q.size(3));
   args.e = static_cast<int>(v.size(3));
   args.mask = mask;
-  args.sigma = row_values<Acc>(sigma);
+  if (sigma.defined()) args.sigma = row_values<Acc>(sigma);  // forward only
   args.f = f.cast<Acc>();
   return args;
 }
@@ -1569,7 +1569,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_rows(
     const at::Tensor& v, const at::Tensor& scalars,
     const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_mask, bool causal,
-    const at::Tensor& sigma, const Coefficients& f) {
+    const Coefficients& f) {
   // Contiguous gradients whatever the inputs' strides, as the Meta kernels.
   at::Tensor grad_q = at::empty(q.sizes(), q.options()),
              grad_k = at::empty(k.sizes(), k.options()),
@@ -1597,7 +1597,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_rows(
         using T = typename Native<scalar_t>::type;
         using Acc = typename Num<T>::acc;
         using Op = typename Num<T>::derived;
-        auto args = make_args<T, Acc>(q, k, v, mask, sigma, f);
+        auto args = make_args<T, Acc>(q, k, v, mask, at::Tensor(), f);
         args.grad_out = token_rows<T>(grad_out, grad_out.size(3));
         args.scalars = scalars.data_ptr<Acc>();
         const int64_t bh = q.size(0) * q.size(1);
@@ -1664,8 +1664,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward_cuda(
                                          attn_mask, causal, output_scale);
   const at::Tensor scalars = backward_row_scalars(grad_out, out, den, sigma);
   return direct_backward_rows(grad_out, q, k, v, scalars, key_padding_mask,
-                              attn_mask, causal, sigma,
-                              polynomial_of(coefficients));
+                              attn_mask, causal, polynomial_of(coefficients));
 }
 
 }  // namespace
